@@ -1,0 +1,48 @@
+"""grokxform: optax-style composable gradient transformations for PyTorch, with the Grokfast family
+(Lee et al. 2024, arXiv:2405.20233) rebuilt from primitives.
+
+    import grokxform as gx
+    tx = gx.grokadamw(lr=1e-3)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val_loss)
+    params = gx.apply_updates(params, updates)
+"""
+
+from grokxform import signals
+from grokxform.base import (
+    EmptyState,
+    GradientTransformation,
+    Params,
+    Schedule,
+    State,
+    Updates,
+    apply_updates,
+    chain,
+    identity,
+    named_chain,
+)
+from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma
+from grokxform.transforms import *  # noqa: F403
+from grokxform.transforms import __all__ as _transforms_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "Params",
+    "Schedule",
+    "State",
+    "Updates",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "grokadamw",
+    "grokadamw_compat",
+    "grokfast_ema",
+    "grokfast_ma",
+    "identity",
+    "named_chain",
+    "signals",
+    *_transforms_all,
+]

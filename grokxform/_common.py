@@ -1,0 +1,124 @@
+"""Private helpers shared by the transforms: argument checks, scalars, leaf-wise maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from grokxform import tree as _tree
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_scalar(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` if the Python number ``value`` is outside the range.
+
+    Tensors are accepted unchecked (checking one would synchronise with the device and break
+    ``torch.func.vmap``); ``inject_hyperparams`` checks their initial values.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{fn}: {name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
+        return
+    if not is_number(value):
+        raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{fn}: {name} must not be NaN")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        rng = f"in {lo}, {hi}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}"
+        )
+        raise ValueError(f"{fn}: {name} must be {rng}, got {value}")
+
+
+def f64(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` as a 0-d float64 tensor on ``device`` (scalar maths that decides accuracy)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float64)
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def scalar_for(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A hyperparameter ready to multiply ``like``: numbers stay numbers, tensors take its dtype."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=like.device, dtype=like.dtype)
+    return x
+
+
+def counter(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 step counter at zero."""
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def state_dtype_for(leaf: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a state tensor of ``leaf`` is kept in: ``dtype`` if given, else the leaf's own
+    dtype promoted to at least float32 (a bfloat16 EMA would lose its small increments)."""
+    if dtype is not None:
+        return dtype
+    if leaf.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return leaf.dtype
+
+
+def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
+    """Zeros shaped like each leaf of ``params`` (``None`` leaves stay ``None``)."""
+    return _tree.tree_map(
+        lambda p: None if p is None else torch.zeros_like(p, dtype=state_dtype_for(p, dtype)), params
+    )
+
+
+def counters_like_tree(params: Any) -> Any:
+    """One 0-d int64 counter per leaf of ``params``, on the leaf's device."""
+    return _tree.tree_map(lambda p: None if p is None else counter(p.device), params)
+
+
+def map_present(
+    fn: Callable[..., tuple[Any, ...]],
+    updates: Any,
+    state_trees: Sequence[Any],
+    transform: str,
+    *,
+    shape_tree: int = 1,
+) -> tuple[Any, ...]:
+    """Apply ``fn(i, g, *state_leaves) -> (u, *new_state_leaves)`` to each leaf with a gradient.
+
+    A ``None`` gradient passes ``None`` on and keeps that leaf's state objects as they are.
+    The updates must have the structure of ``state_trees[0]``: an error names the first path that
+    differs, or whose shape differs from that of ``state_trees[shape_tree]`` (the first tree
+    holds the per-leaf counters). Returns ``(updates_tree, *state_trees)``.
+    """
+    spec = _tree.check_structure(updates, state_trees[0], f"{transform} state", "gradient", shapes=False)
+    _tree.check_structure(updates, state_trees[shape_tree], f"{transform} state", "gradient")
+    g_leaves, _ = _tree.flatten(updates)
+    s_leaves = [_tree.flatten(t)[0] for t in state_trees]
+    outs: list[list[Any]] = [[] for _ in range(1 + len(state_trees))]
+    for i, g in enumerate(g_leaves):
+        olds = [s[i] for s in s_leaves]
+        if g is None:
+            res: tuple[Any, ...] = (None, *olds)
+        elif any(o is None for o in olds):
+            name = _tree.path_names(updates)[i]
+            raise ValueError(f"{transform}: the gradient at path {name!r} has no state (its param was None at init)")
+        else:
+            res = fn(i, g, *olds)
+        for out, r in zip(outs, res):
+            out.append(r)
+    return tuple(_tree.unflatten(o, spec) for o in outs)

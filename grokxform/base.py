@@ -1,0 +1,140 @@
+"""The one abstraction: a pair of pure functions ``(init, update)`` over pytrees of tensors.
+
+A :class:`GradientTransformation` turns a tree of gradients into a tree of updates::
+
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, **extra)
+    params = apply_updates(params, updates)
+
+``update`` never mutates its inputs and never returns a state tensor as an update. Extra keyword
+arguments (``train_loss=``, ``val_loss=``, ``grokking_signal=``...) flow through every combinator;
+each transform takes what it needs and ignores the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, Union
+
+import torch
+
+from grokxform import tree as _tree
+
+Params = Any
+"""A pytree of tensors (``dict(model.named_parameters())`` is the common case)."""
+Updates = Any
+"""A pytree with the structure of the params; a ``None`` leaf means "no gradient"."""
+State = Any
+"""A pytree of NamedTuples / dicts / tuples of tensors."""
+Scalar = Union[float, int, torch.Tensor]
+"""A hyperparameter: a Python number or a 0-d tensor (batched under ``torch.func.vmap``)."""
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+"""A function of the 0-d int64 step count (0 at the first update) returning a 0-d tensor."""
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> State: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: State, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, State]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(updates, state, params=None, **extra)``."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+def identity() -> GradientTransformation:
+    """The transform that returns its input: ``u = g``."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: State, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, State]:
+        del params, extra
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order: ``u = t_n(...t_2(t_1(g)))``. State: a tuple, one per transform.
+
+    Example::
+
+        tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain: argument {i} is {type(t).__name__}, not a GradientTransformation")
+
+    def init(params: Params) -> tuple[State, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, tuple[State, ...]]:
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(
+                f"chain: the state must be a tuple of {len(transforms)} states, got {type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, tuple) else "")
+            )
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, **extra)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """Like :func:`chain`, with state a dict keyed by name: ``state["adam"].mu``.
+
+    Example::
+
+        tx = named_chain(("adam", scale_by_adam()), ("lr", scale_by_learning_rate(1e-3)))
+    """
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"named_chain: names must be unique, got {names}")
+    for n, t in named:
+        if not isinstance(n, str) or not isinstance(t, GradientTransformation):
+            raise TypeError(f"named_chain: expected (str, GradientTransformation) pairs, got ({n!r}, {t!r})")
+
+    def init(params: Params) -> dict[str, State]:
+        return {n: t.init(params) for n, t in named}
+
+    def update(
+        updates: Updates, state: dict[str, State], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, dict[str, State]]:
+        if not isinstance(state, dict) or list(state) != names:
+            got = list(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"named_chain: the state must be a dict with keys {names}, got {got}")
+        new_state = {}
+        for n, t in named:
+            updates, new_state[n] = t.update(updates, state[n], params, **extra)
+        return updates, new_state
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure."""
+    spec = _tree.check_structure(updates, params, "params", "updates")
+    p_leaves, _ = _tree.flatten(params)
+    u_leaves, _ = _tree.flatten(updates)
+    out = [p if u is None or p is None else p + u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    return _tree.unflatten(out, spec)

@@ -1,0 +1,247 @@
+"""Ready-made optimizers: each is a ``named_chain`` of the public primitives, nothing else, so a
+user can rebuild any of them by hand (the tests do, bit for bit) and ablate one piece.
+
+================  ===========================================================================
+``adamw``          torch.optim.AdamW (to 1e-12 in float64)
+``grokfast_ema``   official ``gradfilter_ema`` in front of AdamW (or of Adam + coupled L2)
+``grokfast_ma``    official ``gradfilter_ma`` in front of AdamW (or of Adam + coupled L2)
+``grokadamw``      GrokAdamW as its README describes it: global clip, signal of the losses
+``grokadamw_compat``  the numbers of the ``grokadamw==0.1.2`` package
+================  ===========================================================================
+
+The Grokfast paper's setting (``torch.optim.Adam(weight_decay=wd)`` after the filter, β=(0.9,
+0.98), ``LambdaLR(min(1, t/10))``) is ``grokfast_ema(lr=linear_warmup(1e-3, 10), betas=(0.9, 0.98),
+weight_decay=0.005, weight_decay_mode="coupled")`` (λ=2, α=0.98), and likewise for MA.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import torch
+
+from grokxform import _common as C
+from grokxform.base import GradientTransformation, Scalar, Schedule, named_chain
+from grokxform.signals import SignalFn
+from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
+from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
+from grokxform.transforms.filters import amplify, ema_filter, ma_filter
+from grokxform.transforms.schedules import scale_by_learning_rate
+from grokxform.transforms.weight_decay import Mask, decoupled_weight_decay
+
+LearningRate = Union[Scalar, Schedule]
+WeightDecayMode = Literal["decoupled", "coupled"]
+
+
+def _betas(fn: str, betas: Any) -> tuple[Scalar, Scalar]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
+    C.check_scalar(fn, "betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    C.check_scalar(fn, "betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    return betas[0], betas[1]
+
+
+def _adam_with_decay(
+    fn: str,
+    pre: list[tuple[str, GradientTransformation]],
+    adam: GradientTransformation,
+    lr: LearningRate,
+    weight_decay: Scalar,
+    mode: WeightDecayMode,
+    mask: Mask,
+) -> GradientTransformation:
+    """``pre`` → (L2 →) Adam (→ decoupled decay) → −lr."""
+    if mode not in ("decoupled", "coupled"):
+        raise ValueError(f"{fn}: weight_decay_mode must be 'decoupled' or 'coupled', got {mode!r}")
+    C.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
+    decay = ("weight_decay", decoupled_weight_decay(weight_decay, mask=mask))
+    steps = [*pre]
+    if mode == "coupled":
+        steps.append(decay)
+    steps.append(("adam", adam))
+    if mode == "decoupled":
+        steps.append(decay)
+    steps.append(("lr", _lr(fn, lr)))
+    return named_chain(*steps)
+
+
+def _lr(fn: str, lr: LearningRate) -> GradientTransformation:
+    if not callable(lr) or isinstance(lr, torch.Tensor):
+        C.check_scalar(fn, "lr", lr, low=0.0)
+    return scale_by_learning_rate(lr)
+
+
+def adamw(
+    lr: LearningRate = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    *,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """AdamW (Loshchilov & Hutter), as torch.optim.AdamW: ``θ ← θ − η·(adam(g) + wd·θ)``.
+
+    Chain: ``adam`` → ``weight_decay`` → ``lr``. Defaults are torch's.
+
+    Example::
+
+        tx = adamw(lr=3e-4, weight_decay=0.1)
+    """
+    b1, b2 = _betas("adamw", betas)
+    adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
+    return _adam_with_decay("adamw", [], adam, lr, weight_decay, "decoupled", weight_decay_mask)
+
+
+def grokfast_ema(
+    lr: LearningRate = 1e-3,
+    alpha: Scalar = 0.98,
+    lamb: Scalar = 2.0,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    *,
+    weight_decay_mode: WeightDecayMode = "decoupled",
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Grokfast-EMA (official ``gradfilter_ema``) in front of AdamW.
+
+    ``μ ← α·μ + (1−α)·g`` (μ seeded with the first gradient), ``ĝ = g + λ·μ``, then AdamW; with
+    ``weight_decay_mode="coupled"``, Adam with L2 ``ĝ + wd·θ`` as the paper ran it.
+    Chain: ``grokfast`` → ``adam`` → ``weight_decay`` → ``lr`` (``weight_decay`` before ``adam``
+    when coupled). α=0.98, λ=2 are ``gradfilter_ema``'s defaults; the paper's modular runs use
+    them with wd 0.005 (coupled).
+
+    Example::
+
+        tx = grokfast_ema(lr=1e-3, alpha=0.98, lamb=2.0, weight_decay=0.005, weight_decay_mode="coupled")
+    """
+    b1, b2 = _betas("grokfast_ema", betas)
+    pre = [("grokfast", amplify(ema_filter(alpha, init="first", state_dtype=state_dtype), lamb))]
+    adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
+    return _adam_with_decay("grokfast_ema", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)
+
+
+def grokfast_ma(
+    lr: LearningRate = 1e-3,
+    window_size: int = 100,
+    lamb: Scalar = 5.0,
+    filter_type: Literal["mean", "sum"] = "mean",
+    warmup: bool = True,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    *,
+    weight_decay_mode: WeightDecayMode = "decoupled",
+    weight_decay_mask: Mask = None,
+    window_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Grokfast-MA (official ``gradfilter_ma``) in front of AdamW.
+
+    ``ĝ = g + λ·mean(last w gradients)`` (after w−1 unfiltered steps with ``warmup``), then AdamW;
+    ``weight_decay_mode="coupled"`` gives Adam with L2 as in the paper. w=100, λ=5, ``"mean"``,
+    warm-up on are ``gradfilter_ma``'s defaults. ``window_dtype=torch.bfloat16`` halves the
+    window's memory (w copies of the gradients).
+    Chain: ``grokfast`` → ``adam`` → ``weight_decay`` → ``lr``.
+
+    Example::
+
+        tx = grokfast_ma(lr=1e-3, window_size=100, lamb=5.0, weight_decay=0.01, weight_decay_mode="coupled")
+    """
+    b1, b2 = _betas("grokfast_ma", betas)
+    filt = ma_filter(window_size, filter_type, warmup, window_dtype=window_dtype)
+    pre = [("grokfast", amplify(filt, lamb))]
+    adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
+    return _adam_with_decay("grokfast_ma", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)
+
+
+def _clip_enabled(fn: str, gradient_clipping: Scalar) -> bool:
+    C.check_scalar(fn, "gradient_clipping", gradient_clipping, low=0.0)
+    return isinstance(gradient_clipping, torch.Tensor) or gradient_clipping > 0
+
+
+def grokadamw(
+    lr: LearningRate = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    alpha_init: Scalar = 0.98,
+    lamb: Scalar = 2.0,
+    gamma: float = 0.1,
+    grokking_signal_fns: list[SignalFn] | SignalFn | None = None,
+    grokking_signal_decay_rate: Scalar = 0.1,
+    gradient_clipping: Scalar = 1.0,
+    *,
+    layer: Union[Literal["index", "depth"], LayerFn] = "depth",
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """GrokAdamW as its README states the maths, done right.
+
+    1. ``clip``: one global norm, ``g ← g·min(1, c/(‖g‖+1e−6))`` (``clip_grad_norm_(parameters)``);
+       off when ``gradient_clipping`` is 0.
+    2. ``grokfast``: ``α_t = α_init·exp(−κ·GS_t)``, ``μ ← α_t·μ + (1−α_t)·g`` (μ_0 = 0),
+       ``ĝ = g + λ·μ``. GS_t: ``grokking_signal=`` passed to ``update``, else the mean of
+       ``grokking_signal_fns(train_loss, val_loss[, step])``, else the loss gap
+       ``max(0, L_val−L_train)/max(L_val, L_train)`` of ``train_loss=``/``val_loss=``, else 0.
+    3. ``adam``: β1_l = β1·(1−γ)^l per layer l (``layer="depth"``: the block number in the path;
+       ``"index"``: GrokAdamW's tensor index), each bias-corrected with its own β1.
+    4. ``weight_decay``: decoupled, ``+wd·θ``.   5. ``lr``: ``−η``.
+
+    Example::
+
+        tx = grokadamw(lr=1e-3)
+        updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val_loss)
+    """
+    b1, b2 = _betas("grokadamw", betas)
+    C.check_scalar("grokadamw", "alpha_init", alpha_init, low=0.0, high=1.0, high_open=True)
+    C.check_scalar("grokadamw", "gamma", gamma, low=0.0, high=1.0)
+    steps: list[tuple[str, GradientTransformation]] = []
+    if _clip_enabled("grokadamw", gradient_clipping):
+        steps.append(("clip", clip_by_global_norm(gradient_clipping)))
+    ema = ema_filter(
+        alpha_init,
+        init="zeros",
+        signal_fns=grokking_signal_fns,
+        signal_decay_rate=grokking_signal_decay_rate,
+        state_dtype=state_dtype,
+    )
+    steps.append(("grokfast", amplify(ema, lamb)))
+    beta1 = layerwise_beta(b1, gamma, layer) if gamma != 0 else b1
+    adam = scale_by_adam(beta1, b2, eps, state_dtype=state_dtype)
+    return _adam_with_decay("grokadamw", steps, adam, lr, weight_decay, "decoupled", weight_decay_mask)
+
+
+def grokadamw_compat(
+    lr: LearningRate = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    alpha_init: Scalar = 0.98,
+    lamb: Scalar = 2.0,
+    gamma: float = 0.1,
+    grokking_signal_fns: list[SignalFn] | SignalFn | None = None,
+    grokking_signal_decay_rate: Scalar = 0.1,
+    gradient_clipping: Scalar = 1.0,
+) -> GradientTransformation:
+    """The numbers of ``grokadamw==0.1.2``'s ``GrokAdamW`` (its code, not its README).
+
+    Differences from :func:`grokadamw`, all kept on purpose for reproduction: the clip is per
+    tensor; β1_i = β1·(1−γ)^i with i the index of the tensor among those with a gradient;
+    the bias correction uses the base β1 and ε is added before it,
+    ``θ ← θ − η·√(1−β2^t)/(1−β1^t)·m/(√v+ε)``; signal functions are called with no argument
+    (functions of the losses work too). One param group: the index runs over the whole tree.
+    """
+    b1, b2 = _betas("grokadamw_compat", betas)
+    C.check_scalar("grokadamw_compat", "gamma", gamma, low=0.0, high=1.0)
+    steps: list[tuple[str, GradientTransformation]] = []
+    if _clip_enabled("grokadamw_compat", gradient_clipping):
+        steps.append(("clip", clip_by_tensor_norm(gradient_clipping)))
+    ema = ema_filter(
+        alpha_init, init="zeros", signal_fns=grokking_signal_fns, signal_decay_rate=grokking_signal_decay_rate
+    )
+    steps.append(("grokfast", amplify(ema, lamb)))
+    adam = scale_by_adam(layerwise_beta(b1, gamma, "index"), b2, eps, eps_placement="raw", bias_correction_b1=b1)
+    return _adam_with_decay("grokadamw_compat", steps, adam, lr, weight_decay, "decoupled", None)

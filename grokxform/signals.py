@@ -1,0 +1,115 @@
+"""The grokking signal GS_t and the EMA momentum it drives, α_t = α_init·exp(−κ·GS_t).
+
+Everything is computed in-graph from tensors, so a compiled step does not recompile when the
+losses change. The losses reach the transforms as extra keyword arguments of ``update``::
+
+    updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val_loss)
+
+or the signal is passed directly with ``grokking_signal=...``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+SignalFn = Callable[..., Any]
+"""``fn(train_loss, val_loss)``, ``fn(train_loss, val_loss, step)`` or ``fn()`` (grokadamw 0.1.2's
+form); returns a number, a 0-d tensor, or ``None`` (ignored)."""
+
+
+def loss_gap_signal(train_loss: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
+    """GS = max(0, L_val − L_train) / max(L_val, L_train), and 0 where both losses are ≤ 0.
+
+    The default signal of GrokAdamW (its code's ``_default_grokking_signal``), as tensor maths.
+    """
+    gap = torch.clamp(val_loss - train_loss, min=0.0)
+    top = torch.maximum(val_loss, train_loss)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(top > 0, gap / safe, torch.zeros_like(top))
+
+
+def _arity(fn: SignalFn) -> int:
+    """How many positional arguments ``fn`` takes (0, 2 or 3)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 2
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()) or len(params) >= 3:
+        return 3
+    if len(params) in (0, 2):
+        return len(params)
+    raise TypeError(
+        f"grokking signal function {getattr(fn, '__name__', fn)!r} must take (train_loss, val_loss),"
+        " (train_loss, val_loss, step) or no argument"
+    )
+
+
+def check_signal_fns(fns: Sequence[SignalFn] | None) -> tuple[tuple[SignalFn, int], ...]:
+    """Validate signal functions and record how each is called."""
+    if fns is None:
+        return ()
+    if callable(fns):
+        fns = [fns]
+    out = []
+    for f in fns:
+        if not callable(f):
+            raise TypeError(f"grokking_signal_fns: {f!r} is not callable")
+        out.append((f, _arity(f)))
+    return tuple(out)
+
+
+def _as_f64(x: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def compute_signal(
+    fns: tuple[tuple[SignalFn, int], ...],
+    step: torch.Tensor,
+    device: torch.device,
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    """GS_t as a 0-d float64 tensor.
+
+    Precedence: ``grokking_signal=`` passed to ``update``; else the mean of the signal functions'
+    non-``None`` results; else, with no functions, :func:`loss_gap_signal` of ``train_loss=`` and
+    ``val_loss=``; else 0 (α stays α_init). Functions that need losses are skipped on a step
+    that passes none.
+    """
+    direct = extra.get("grokking_signal")
+    if direct is not None:
+        return _as_f64(direct, device)
+    train, val = extra.get("train_loss"), extra.get("val_loss")
+    have_losses = train is not None and val is not None
+    if fns:
+        values = []
+        for fn, arity in fns:
+            if arity == 0:
+                v = fn()
+            elif not have_losses:
+                continue
+            elif arity == 2:
+                v = fn(_as_f64(train, device), _as_f64(val, device))
+            else:
+                v = fn(_as_f64(train, device), _as_f64(val, device), step)
+            if v is not None:
+                values.append(_as_f64(v, device))
+        if not values:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack(values).mean()
+    if have_losses:
+        return loss_gap_signal(_as_f64(train, device), _as_f64(val, device))
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
+def adapted_alpha(alpha_init: Any, decay_rate: Any, signal: torch.Tensor) -> torch.Tensor:
+    """α_t = α_init·exp(−κ·GS_t), in float64."""
+    a0 = alpha_init.to(torch.float64) if isinstance(alpha_init, torch.Tensor) else float(alpha_init)
+    k = decay_rate.to(torch.float64) if isinstance(decay_rate, torch.Tensor) else float(decay_rate)
+    return a0 * torch.exp(-k * signal)

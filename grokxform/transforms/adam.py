@@ -1,0 +1,166 @@
+"""Adam's normalised direction, and per-leaf β1 decayed with depth (``layerwise_beta``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Union
+
+import torch
+
+from grokxform import _common as C
+from grokxform import tree as _tree
+from grokxform.base import GradientTransformation, Params, Scalar, Updates
+
+LayerFn = Callable[[str, int], int]
+"""``fn(path, index) -> layer``: ``path`` is the leaf's dotted name, ``index`` its position."""
+
+
+@dataclass(frozen=True)
+class LayerwiseBeta:
+    """Per-leaf β1: ``β1_l = b1·(1−γ)^l``, ``l`` given by ``layer``. Made by :func:`layerwise_beta`."""
+
+    b1: float
+    gamma: float
+    layer: Union[Literal["index", "depth"], LayerFn]
+
+    def layers(self, paths: Sequence[str], present: Sequence[bool]) -> list[int]:
+        """The layer number of each leaf."""
+        if self.layer == "index":
+            out, i = [], 0
+            for ok in present:
+                out.append(i)
+                i += ok
+            return out
+        if self.layer == "depth":
+            return [_depth(p) for p in paths]
+        return [int(self.layer(p, i)) for i, p in enumerate(paths)]
+
+    def values(self, paths: Sequence[str], present: Sequence[bool]) -> list[float]:
+        """β1 of each leaf (Python floats: they are fixed by the tree's structure)."""
+        return [self.b1 * (1.0 - self.gamma) ** layer for layer in self.layers(paths, present)]
+
+
+_INT = re.compile(r"^\d+$")
+
+
+def _depth(path: str) -> int:
+    """The block depth in a dotted path: its first integer component (``blocks.3.attn.w`` -> 3),
+    0 for leaves outside numbered blocks (embeddings, final norms and heads)."""
+    for part in path.split("."):
+        if _INT.match(part):
+            return int(part)
+    return 0
+
+
+def layerwise_beta(
+    b1: float = 0.9,
+    gamma: float = 0.1,
+    layer: Union[Literal["index", "depth"], LayerFn] = "depth",
+) -> LayerwiseBeta:
+    """β1 decayed with depth, ``β1_l = b1·(1−γ)^l``, as a per-leaf hyperparameter of
+    :func:`scale_by_adam` (pass it as ``b1``).
+
+    ``layer`` says what l is:
+
+    - ``"index"``: the leaf's position among the leaves that have a gradient this step (GrokAdamW's
+      code: its ``enumerate`` over the tensors of a param group);
+    - ``"depth"``: the block number read from the path (first integer component, e.g.
+      ``"blocks.3.mlp.weight"`` -> 3; 0 without one);
+    - a function ``fn(path, index) -> int``.
+
+    Example::
+
+        tx = scale_by_adam(b1=layerwise_beta(0.9, gamma=0.1, layer="depth"))
+    """
+    C.check_scalar("layerwise_beta", "b1", b1, low=0.0, high=1.0, high_open=True)
+    C.check_scalar("layerwise_beta", "gamma", gamma, low=0.0, high=1.0)
+    if isinstance(b1, torch.Tensor) or isinstance(gamma, torch.Tensor):
+        raise TypeError("layerwise_beta: b1 and gamma must be Python numbers (they fix per-leaf constants)")
+    if layer not in ("index", "depth") and not callable(layer):
+        raise ValueError(f"layerwise_beta: layer must be 'index', 'depth' or a function, got {layer!r}")
+    return LayerwiseBeta(float(b1), float(gamma), layer)
+
+
+class ScaleByAdamState(NamedTuple):
+    """``count``: per-leaf steps (0-d int64); ``mu``: first moments; ``nu``: second moments."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam(
+    b1: Union[Scalar, LayerwiseBeta] = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    eps_placement: Literal["corrected", "raw"] = "corrected",
+    bias_correction_b1: Scalar | None = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Adam's bias-corrected, normalised direction (no learning rate, no sign flip).
+
+    ``m_t = β1·m_{t−1} + (1−β1)·g``, ``v_t = β2·v_{t−1} + (1−β2)·g²`` and, with per-leaf step t,
+
+    - ``eps_placement="corrected"`` (torch.optim.Adam/AdamW):
+      ``u = (m_t / (1−β1^t)) / (√v_t / √(1−β2^t) + ε)``;
+    - ``eps_placement="raw"`` (GrokAdamW 0.1.2): ``u = √(1−β2^t)/(1−β1^t) · m_t / (√v_t + ε)``.
+
+    ``b1`` may be a :class:`LayerwiseBeta` (see :func:`layerwise_beta`): each leaf then has its own
+    β1, and its bias correction uses that β1 unless ``bias_correction_b1`` names another (GrokAdamW
+    0.1.2 corrects with the base β1). The bias corrections are computed in float64. The step count
+    is per leaf, as in torch.optim: a leaf with a ``None`` gradient keeps m, v and t.
+    State: :class:`ScaleByAdamState`; moments in ``state_dtype`` (default: the param's dtype,
+    float32 for 16-bit params).
+
+    Example::
+
+        tx = chain(scale_by_adam(0.9, 0.999), scale_by_learning_rate(1e-3))   # Adam
+    """
+    if not isinstance(b1, LayerwiseBeta):
+        C.check_scalar("scale_by_adam", "b1", b1, low=0.0, high=1.0, high_open=True)
+    C.check_scalar("scale_by_adam", "b2", b2, low=0.0, high=1.0, high_open=True)
+    C.check_scalar("scale_by_adam", "eps", eps, low=0.0)
+    if bias_correction_b1 is not None:
+        C.check_scalar("scale_by_adam", "bias_correction_b1", bias_correction_b1, low=0.0, high=1.0, high_open=True)
+    if eps_placement not in ("corrected", "raw"):
+        raise ValueError(f"scale_by_adam: eps_placement must be 'corrected' or 'raw', got {eps_placement!r}")
+
+    def init_fn(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=C.counters_like_tree(params),
+            mu=C.zeros_like_tree(params, state_dtype),
+            nu=C.zeros_like_tree(params, state_dtype),
+        )
+
+    def update_fn(
+        updates: Updates, state: ScaleByAdamState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, ScaleByAdamState]:
+        del params, extra
+        if isinstance(b1, LayerwiseBeta):
+            present = [g is not None for g in _tree.flatten(updates)[0]]
+            betas1: list[Any] = b1.values(_tree.path_names(updates), present)
+        else:
+            betas1 = [b1] * len(_tree.flatten(updates)[0])
+
+        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...]:
+            beta1 = betas1[i]
+            gs = g.to(m.dtype)
+            m1 = m * C.scalar_for(beta1, m) + gs * C.scalar_for(1.0 - beta1, m)
+            v1 = v * C.scalar_for(b2, v) + gs * gs * C.scalar_for(1.0 - b2, v)
+            t = (c + 1).to(torch.float64)
+            bc_b1 = beta1 if bias_correction_b1 is None else bias_correction_b1
+            bc1 = 1.0 - C.f64(bc_b1, m.device) ** t
+            bc2_sqrt = torch.sqrt(1.0 - C.f64(b2, m.device) ** t)
+            if eps_placement == "corrected":
+                u = (m1 / bc1.to(m.dtype)) / (v1.sqrt() / bc2_sqrt.to(m.dtype) + C.scalar_for(eps, m))
+            else:
+                u = (bc2_sqrt / bc1).to(m.dtype) * (m1 / (v1.sqrt() + C.scalar_for(eps, m)))
+            return u.to(g.dtype), c + 1, m1, v1
+
+        out, count, mu, nu = C.map_present(leaf, updates, (state.count, state.mu, state.nu), "scale_by_adam")
+        return out, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init_fn, update_fn)

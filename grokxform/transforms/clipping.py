@@ -1,0 +1,90 @@
+"""Gradient clipping by norm: one norm over all leaves, or one per leaf."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from grokxform import _common as C
+from grokxform import tree as _tree
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates
+
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
+
+
+def _norm_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """``norm``: the global gradient norm of the last step; ``scale``: the factor applied."""
+
+    norm: torch.Tensor
+    scale: torch.Tensor
+
+
+def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
+    """``u = g·min(1, c / (‖g‖ + 1e−6))`` with ``‖g‖ = √(Σ_leaves ‖g_leaf‖²)``: one norm over all
+    leaves, as ``torch.nn.utils.clip_grad_norm_``. Norms are taken in float32 (float64 if any
+    gradient is float64). State: :class:`ClipByGlobalNormState`, the norm and the scale for logging.
+
+    Example::
+
+        tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    """
+    C.check_scalar("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
+
+    def init_fn(params: Params) -> ClipByGlobalNormState:
+        leaves = [p for p in _tree.flatten(params)[0] if isinstance(p, torch.Tensor)]
+        dt = _norm_dtype(leaves)
+        dev = _tree.first_device(params)
+        return ClipByGlobalNormState(torch.zeros((), dtype=dt, device=dev), torch.ones((), dtype=dt, device=dev))
+
+    def update_fn(
+        updates: Updates, state: ClipByGlobalNormState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, ClipByGlobalNormState]:
+        del params, extra
+        leaves, spec = _tree.flatten(updates)
+        present = [g for g in leaves if g is not None]
+        if not present:
+            return updates, state
+        dt = state.norm.dtype
+        norms = [torch.linalg.vector_norm(g, dtype=dt).to(state.norm.device) for g in present]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        scale = torch.clamp(C.scalar_for(max_norm, norm) / (norm + _CLIP_EPS), max=1.0)
+        out = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in leaves]
+        return _tree.unflatten(out, spec), ClipByGlobalNormState(norm, scale)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
+    """``u_i = g_i·min(1, c / (‖g_i‖ + 1e−6))`` for each leaf on its own (GrokAdamW 0.1.2's clip,
+    ``clip_grad_norm_`` called once per tensor). Stateless.
+
+    Example::
+
+        tx = chain(clip_by_tensor_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    """
+    C.check_scalar("clip_by_tensor_norm", "max_norm", max_norm, low=0.0, low_open=True)
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del params, extra
+
+        def clip(g: torch.Tensor | None) -> torch.Tensor | None:
+            if g is None:
+                return None
+            norm = torch.linalg.vector_norm(g, dtype=_norm_dtype([g]))
+            scale = torch.clamp(C.scalar_for(max_norm, norm) / (norm + _CLIP_EPS), max=1.0)
+            return g * scale.to(g.dtype)
+
+        return _tree.tree_map(clip, updates), state
+
+    return GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,104 @@
+"""The learning rate, ``u = −η_t·u``, and schedules of the step written as tensor maths.
+
+A schedule is a function of the 0-d int64 step count t (0 at the first update) that returns a
+0-d tensor; being tensor maths, a compiled step does not recompile as η_t changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Union
+
+import torch
+
+from grokxform import _common as C
+from grokxform import tree as _tree
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Schedule, Updates
+
+
+class ScaleByScheduleState(NamedTuple):
+    """``count``: updates done (0-d int64), the argument of the schedule."""
+
+    count: torch.Tensor
+
+
+def scale_by_learning_rate(
+    learning_rate: Union[Scalar, Schedule], *, flip_sign: bool = True
+) -> GradientTransformation:
+    """``u = −η_t·u`` (``+η_t·u`` with ``flip_sign=False``).
+
+    ``learning_rate`` is a number, a 0-d tensor, or a schedule ``η(t)`` of the step count t = 0, 1,
+    ... (state :class:`ScaleByScheduleState`; stateless otherwise). For a learning rate that a
+    trainer changes between steps, or one per member of a vmapped ensemble, wrap the pipeline in
+    :func:`grokxform.inject_hyperparams`.
+
+    Example::
+
+        tx = chain(scale_by_adam(), scale_by_learning_rate(linear_warmup(1e-3, 10)))
+    """
+    is_schedule = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
+    if not is_schedule:
+        C.check_scalar("scale_by_learning_rate", "learning_rate", learning_rate, low=0.0)
+    sign = -1.0 if flip_sign else 1.0
+
+    def init_fn(params: Params) -> ScaleByScheduleState | EmptyState:
+        return ScaleByScheduleState(C.counter(_tree.first_device(params))) if is_schedule else EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
+        del params, extra
+        if is_schedule:
+            lr = learning_rate(state.count)  # type: ignore[operator]
+            new_state: Any = ScaleByScheduleState(state.count + 1)
+        else:
+            lr, new_state = learning_rate, state
+        factor = sign * lr
+
+        def scale(u: torch.Tensor | None) -> torch.Tensor | None:
+            return None if u is None else u * C.scalar_for(factor, u)
+
+        return _tree.tree_map(scale, updates), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def constant_schedule(value: float) -> Schedule:
+    """η(t) = value."""
+    C.check_scalar("constant_schedule", "value", value, low=0.0)
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        return torch.full((), float(value), dtype=torch.float64, device=count.device)
+
+    return schedule
+
+
+def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
+    """η(t) = peak·min(1, t / warmup_steps): the Grokfast paper's ``LambdaLR(min(1, t/10))``
+    (t = 0 gives 0)."""
+    C.check_scalar("linear_warmup", "peak", peak, low=0.0)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"linear_warmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        return float(peak) * torch.clamp(count.to(torch.float64) / warmup_steps, max=1.0)
+
+    return schedule
+
+
+def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int, end: float = 0.0) -> Schedule:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``end`` at
+    ``decay_steps`` (total), constant after: η(t) = end + (peak−end)·(1+cos(π·p))/2."""
+    C.check_scalar("warmup_cosine_decay", "peak", peak, low=0.0)
+    C.check_scalar("warmup_cosine_decay", "end", end, low=0.0)
+    if not (isinstance(warmup_steps, int) and isinstance(decay_steps, int)) or not 0 <= warmup_steps < decay_steps:
+        raise ValueError(
+            f"warmup_cosine_decay: need ints 0 <= warmup_steps < decay_steps, got {warmup_steps!r}, {decay_steps!r}"
+        )
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        t = count.to(torch.float64)
+        warm = float(peak) * t / max(warmup_steps, 1)
+        frac = torch.clamp((t - warmup_steps) / (decay_steps - warmup_steps), min=0.0, max=1.0)
+        cos = end + (peak - end) * 0.5 * (1.0 + torch.cos(math.pi * frac))
+        return torch.where(t < warmup_steps, warm, cos)
+
+    return schedule

@@ -1,0 +1,84 @@
+"""Pytree helpers over ``torch.utils._pytree``, with ``None`` as a leaf ("no gradient")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as _pt
+
+TreeSpec = _pt.TreeSpec
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
+    """Leaves (``None`` included) and the structure of ``tree``."""
+    return _pt.tree_flatten(tree, is_leaf=_is_none)
+
+
+def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> Any:
+    return _pt.tree_unflatten(list(leaves), spec)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``fn`` over the leaves of ``tree`` (and of the trees in ``rest``, same structure)."""
+    return _pt.tree_map(fn, tree, *rest, is_leaf=_is_none)
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_names(tree: Any) -> list[str]:
+    """Dotted names of the leaves: ``{"blocks": [{"w": t}]}`` gives ``["blocks.0.w"]``."""
+    with_path, _ = _pt.tree_flatten_with_path(tree, is_leaf=_is_none)
+    return [".".join(_key_name(k) for k in path) or "<root>" for path, _ in with_path]
+
+
+def check_structure(
+    tree: Any, reference: Any, reference_name: str, tree_name: str, *, shapes: bool = True
+) -> TreeSpec:
+    """Return the common structure, or raise ``ValueError`` naming the first path that differs.
+
+    With ``shapes``, tensor leaves must also agree in shape.
+    """
+    leaves, spec = flatten(tree)
+    ref_leaves, ref_spec = flatten(reference)
+    if spec != ref_spec:
+        names, ref_names = path_names(tree), path_names(reference)
+        missing = [n for n in ref_names if n not in set(names)]
+        extra = [n for n in names if n not in set(ref_names)]
+        if missing:
+            detail = f"path {missing[0]!r} of the {reference_name} is missing from the {tree_name}"
+        elif extra:
+            detail = f"path {extra[0]!r} of the {tree_name} is not in the {reference_name}"
+        else:
+            diff = next((a for a, b in zip(names, ref_names) if a != b), names[0] if names else "<root>")
+            detail = f"the containers differ at or around path {diff!r}"
+        raise ValueError(
+            f"the {tree_name} tree does not match the {reference_name} tree: {detail}"
+            f" ({len(names)} leaves vs {len(ref_names)})"
+        )
+    for i, (a, b) in enumerate(zip(leaves, ref_leaves) if shapes else ()):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            name = path_names(tree)[i]
+            raise ValueError(
+                f"the {tree_name} leaf at path {name!r} has shape {tuple(a.shape)} but the"
+                f" {reference_name} has shape {tuple(b.shape)}"
+            )
+    return spec
+
+
+def first_device(tree: Any) -> torch.device:
+    """The device of the first tensor leaf (the CPU for a tree without tensors)."""
+    for leaf in flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
