@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Union
@@ -42,14 +41,11 @@ class LayerwiseBeta:
         return [self.b1 * (1.0 - self.gamma) ** layer for layer in self.layers(paths, present)]
 
 
-_INT = re.compile(r"^\d+$")
-
-
 def _depth(path: str) -> int:
     """The block depth in a dotted path: its first integer component (``blocks.3.attn.w`` -> 3),
     0 for leaves outside numbered blocks (embeddings, final norms and heads)."""
     for part in path.split("."):
-        if _INT.match(part):
+        if part.isdigit():
             return int(part)
     return 0
 

@@ -50,9 +50,18 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
         tx = chain(scale_by_adam(), decoupled_weight_decay(0.01, mask=no_norms), scale_by_learning_rate(1e-3))
     """
     C.check_scalar("decoupled_weight_decay", "weight_decay", weight_decay, low=0.0)
+    # The mask depends only on the tree's paths: resolved once per structure (at init), so that
+    # a compiled update reads a constant instead of tracing the pattern matching.
+    resolved: dict[tuple[str, ...], list[bool]] = {}
+
+    def selection(params: Params) -> list[bool]:
+        key = tuple(_tree.path_names(params))
+        if key not in resolved:
+            resolved[key] = resolve_mask(mask, params, "decoupled_weight_decay")
+        return resolved[key]
 
     def init_fn(params: Params) -> EmptyState:
-        resolve_mask(mask, params, "decoupled_weight_decay")
+        selection(params)
         return EmptyState()
 
     def update_fn(
@@ -62,7 +71,7 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
         if params is None:
             raise ValueError("decoupled_weight_decay: update needs params (pass params=...)")
         spec = _tree.check_structure(updates, params, "params", "gradient")
-        selected = resolve_mask(mask, params, "decoupled_weight_decay")
+        selected = selection(params)
         u_leaves, _ = _tree.flatten(updates)
         p_leaves, _ = _tree.flatten(params)
         out = [
