@@ -27,7 +27,8 @@ from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
 from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import amplify, ema_filter, ma_filter
 from grokxform.transforms.schedules import scale_by_learning_rate
-from grokxform.transforms.weight_decay import Mask, decoupled_weight_decay
+from grokxform.transforms.masks import Mask
+from grokxform.transforms.weight_decay import decoupled_weight_decay
 
 LearningRate = Union[Scalar, Schedule]
 WeightDecayMode = Literal["decoupled", "coupled"]
