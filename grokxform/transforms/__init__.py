@@ -1,6 +1,14 @@
 """The primitives: one small module per idea."""
 
 from grokxform.transforms.adam import LayerwiseBeta, ScaleByAdamState, layerwise_beta, scale_by_adam
+from grokxform.transforms.combinators import (
+    ApplyIfFiniteState,
+    MultiSteps,
+    MultiStepsState,
+    apply_if_finite,
+    masked,
+    partition,
+)
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.schedules import (
@@ -14,6 +22,12 @@ from grokxform.transforms.weight_decay import decoupled_weight_decay
 from grokxform.transforms.wrappers import InjectHyperparamsState, inject_hyperparams
 
 __all__ = [
+    "ApplyIfFiniteState",
+    "MultiSteps",
+    "MultiStepsState",
+    "apply_if_finite",
+    "masked",
+    "partition",
     "ClipByGlobalNormState",
     "EmaFilterState",
     "InjectHyperparamsState",

@@ -1,0 +1,233 @@
+"""Wrappers that decide where and when an inner transform acts: ``masked``, ``partition``,
+``MultiSteps`` (gradient accumulation) and ``apply_if_finite``.
+
+Decisions that depend on tensor values (is this the k-th micro-step? is the gradient finite?) are
+made with ``torch.where`` over the results rather than Python ``if``: no host synchronisation, no
+graph break under ``torch.compile``, and they batch under ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
+
+import torch
+
+from grokxform import _common as C
+from grokxform import tree as _tree
+from grokxform.base import GradientTransformation, Params, Updates
+from grokxform.transforms.masks import Mask, mask_selector
+
+
+def _keep(tree: Any, selected: list[bool]) -> Any:
+    """``tree`` with the unselected leaves replaced by ``None``."""
+    leaves, spec = _tree.flatten(tree)
+    return _tree.unflatten([x if s else None for x, s in zip(leaves, selected)], spec)
+
+
+def _merge(base: Any, overlay: Any, selected: list[bool]) -> Any:
+    """Leaves of ``overlay`` where selected, of ``base`` elsewhere."""
+    b, spec = _tree.flatten(base)
+    o, _ = _tree.flatten(overlay)
+    return _tree.unflatten([y if s else x for x, y, s in zip(b, o, selected)], spec)
+
+
+def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
+    """``where(cond, new, old)`` leaf by leaf over two trees of the same structure."""
+
+    def pick(n: Any, o: Any) -> Any:
+        if isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor):
+            return torch.where(cond.to(n.device), n, o)
+        return n
+
+    return _tree.tree_map(pick, new, old)
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Apply ``inner`` to the selected leaves only; the others pass through unchanged.
+
+    ``mask``: glob patterns over dotted paths, ``fn(path, param) -> bool``, or a tree of bools.
+    The inner transform sees the unselected leaves as ``None`` (no gradient), so it keeps no
+    state for them. State: the inner state.
+
+    Example::
+
+        decay_matrices = masked(decoupled_weight_decay(0.1), lambda path, p: p.ndim >= 2)
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
+    selection = mask_selector(mask, "masked")
+
+    def init_fn(params: Params) -> Any:
+        return inner.init(_keep(params, selection(params)))
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
+        ref = params if params is not None else updates
+        sel = selection(ref)
+        inner_params = None if params is None else _keep(params, sel)
+        out, new_state = inner.update(_keep(updates, sel), state, inner_params, **extra)
+        return _merge(updates, out, sel), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+Labeler = Union[Callable[[str, torch.Tensor], str], Any]
+
+
+def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler) -> GradientTransformation:
+    """A different transform per label: each leaf goes through ``transforms[label(leaf)]`` alone.
+
+    ``labels``: ``fn(path, param) -> label`` or a tree of labels shaped like the params. State: a
+    dict label -> that transform's state (it sees the other labels' leaves as ``None``).
+
+    Example::
+
+        no_decay = lambda path, p: "plain" if p.ndim < 2 else "decayed"
+        tx = partition({"decayed": adamw(weight_decay=0.1), "plain": adamw(weight_decay=0.0)}, no_decay)
+    """
+    if not transforms:
+        raise ValueError("partition: transforms must not be empty")
+    for k, t in transforms.items():
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"partition: transforms[{k!r}] is not a GradientTransformation")
+    names = list(transforms)
+    resolved: dict[tuple[str, ...], list[str]] = {}
+
+    def leaf_labels(params: Params) -> list[str]:
+        key = tuple(_tree.path_names(params))
+        if key not in resolved:
+            leaves, spec = _tree.flatten(params)
+            if callable(labels):
+                got = [labels(n, p) for n, p in zip(key, leaves)]
+            else:
+                _tree.check_structure(labels, params, "params", "labels", shapes=False)
+                got = _tree.flatten(labels)[0]
+            for n, lab in zip(key, got):
+                if lab not in transforms:
+                    raise ValueError(f"partition: leaf {n!r} has label {lab!r}, which is not one of {names}")
+            resolved[key] = got
+        return resolved[key]
+
+    def init_fn(params: Params) -> dict[str, Any]:
+        labs = leaf_labels(params)
+        return {k: t.init(_keep(params, [lab == k for lab in labs])) for k, t in transforms.items()}
+
+    def update_fn(
+        updates: Updates, state: dict[str, Any], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, dict[str, Any]]:
+        if not isinstance(state, dict) or list(state) != names:
+            raise ValueError(f"partition: the state must be a dict with keys {names}")
+        labs = leaf_labels(params if params is not None else updates)
+        out, new_state = updates, {}
+        for k, t in transforms.items():
+            sel = [lab == k for lab in labs]
+            p = None if params is None else _keep(params, sel)
+            part, new_state[k] = t.update(_keep(updates, sel), state[k], p, **extra)
+            out = _merge(out, part, sel)
+        return out, new_state
+
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class MultiStepsState(NamedTuple):
+    """``mini_step``: micro-steps since the last real step (0-d int64); ``acc``: per-leaf gradient
+    sums; ``inner_state``; ``steps``: real steps taken (0-d int64)."""
+
+    mini_step: torch.Tensor
+    acc: Any
+    inner_state: Any
+    steps: torch.Tensor
+
+
+def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> GradientTransformation:  # noqa: N802
+    """Gradient accumulation: ``inner`` runs on the mean of every k gradients.
+
+    Micro-steps 1..k−1 add g to the accumulator and return zero updates; micro-step k returns
+    ``inner.update(mean of the k gradients)`` and resets the accumulator. Leaves with a ``None``
+    gradient add nothing (the mean still divides by k). State: :class:`MultiStepsState`.
+
+    Example::
+
+        tx = MultiSteps(adamw(lr=1e-3), every_k_schedule=4)   # one AdamW step per 4 micro-batches
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"MultiSteps: inner must be a GradientTransformation, got {type(inner).__name__}")
+    if isinstance(every_k_schedule, bool) or not isinstance(every_k_schedule, int) or every_k_schedule < 1:
+        raise ValueError(f"MultiSteps: every_k_schedule must be an int >= 1, got {every_k_schedule!r}")
+    k = every_k_schedule
+
+    def init_fn(params: Params) -> MultiStepsState:
+        dev = _tree.first_device(params)
+        return MultiStepsState(C.counter(dev), C.zeros_like_tree(params), inner.init(params), C.counter(dev))
+
+    def update_fn(
+        updates: Updates, state: MultiStepsState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, MultiStepsState]:
+        _tree.check_structure(updates, state.acc, "MultiSteps state", "gradient")
+        final = state.mini_step + 1 >= k
+        acc = _tree.tree_map(lambda g, a: a if g is None else a + g.to(a.dtype), updates, state.acc)
+        mean = _tree.tree_map(lambda g, a: None if g is None else (a / k).to(g.dtype), updates, acc)
+        out, inner_new = inner.update(mean, state.inner_state, params, **extra)
+        out = _tree.tree_map(lambda u: None if u is None else torch.where(final, u, torch.zeros_like(u)), out)
+        new_acc = _tree.tree_map(
+            lambda a: None if a is None else torch.where(final, torch.zeros_like(a), a), acc
+        )
+        return out, MultiStepsState(
+            mini_step=torch.where(final, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            acc=new_acc,
+            inner_state=_select(final, inner_new, state.inner_state),
+            steps=state.steps + final.to(state.steps.dtype),
+        )
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """``notfinite_count``: consecutive skipped steps; ``last_finite``: whether the last gradient
+    was finite; ``total_notfinite``: skipped steps in all; ``inner_state``."""
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: Any
+
+
+def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
+    """Skip steps whose gradient has a NaN or an infinity anywhere.
+
+    If every gradient leaf is finite: ``inner.update``. Otherwise the updates are zeros (so
+    ``apply_updates`` leaves the params bit for bit as they were), the inner state is kept as it was,
+    and the skip is counted. State: :class:`ApplyIfFiniteState`.
+
+    Example::
+
+        tx = apply_if_finite(grokadamw(lr=1e-3))
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init_fn(params: Params) -> ApplyIfFiniteState:
+        dev = _tree.first_device(params)
+        return ApplyIfFiniteState(C.counter(dev), torch.ones((), dtype=torch.bool, device=dev), C.counter(dev),
+                                  inner.init(params))
+
+    def update_fn(
+        updates: Updates, state: ApplyIfFiniteState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, ApplyIfFiniteState]:
+        dev = state.last_finite.device
+        present = [g for g in _tree.flatten(updates)[0] if g is not None]
+        finite = torch.ones((), dtype=torch.bool, device=dev)
+        for g in present:
+            finite = finite & torch.isfinite(g).all().to(dev)
+        out, inner_new = inner.update(updates, state.inner_state, params, **extra)
+        out = _tree.tree_map(lambda u: None if u is None else torch.where(finite.to(u.device), u, torch.zeros_like(u)), out)
+        skipped = (~finite).to(torch.int64)
+        return out, ApplyIfFiniteState(
+            notfinite_count=(state.notfinite_count + 1) * skipped,
+            last_finite=finite,
+            total_notfinite=state.total_notfinite + skipped,
+            inner_state=_select(finite, inner_new, state.inner_state),
+        )
+
+    return GradientTransformation(init_fn, update_fn)
