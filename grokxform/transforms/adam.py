@@ -79,6 +79,13 @@ def layerwise_beta(
     return LayerwiseBeta(float(b1), float(gamma), layer)
 
 
+def _pow(base: Scalar, t: torch.Tensor) -> torch.Tensor:
+    """``base ** t`` in float64 for a float64 tensor ``t`` (no host-to-device copy for a number)."""
+    if isinstance(base, torch.Tensor):
+        return base.to(device=t.device, dtype=torch.float64) ** t
+    return torch.pow(float(base), t)
+
+
 class ScaleByAdamState(NamedTuple):
     """``count``: per-leaf steps (0-d int64); ``mu``: first moments; ``nu``: second moments."""
 
@@ -148,8 +155,8 @@ def scale_by_adam(
             v1 = v * C.scalar_for(b2, v) + gs * gs * C.scalar_for(1.0 - b2, v)
             t = (c + 1).to(torch.float64)
             bc_b1 = beta1 if bias_correction_b1 is None else bias_correction_b1
-            bc1 = 1.0 - C.f64(bc_b1, m.device) ** t
-            bc2_sqrt = torch.sqrt(1.0 - C.f64(b2, m.device) ** t)
+            bc1 = 1.0 - _pow(bc_b1, t)
+            bc2_sqrt = torch.sqrt(1.0 - _pow(b2, t))
             if eps_placement == "corrected":
                 u = (m1 / bc1.to(m.dtype)) / (v1.sqrt() / bc2_sqrt.to(m.dtype) + C.scalar_for(eps, m))
             else:
