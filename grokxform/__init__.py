@@ -22,6 +22,8 @@ from grokxform.base import (
     named_chain,
 )
 from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma
+from grokxform.metrics import metrics
+from grokxform.optim import Optimizer
 from grokxform.transforms import *  # noqa: F403
 from grokxform.transforms import __all__ as _transforms_all
 
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmptyState",
+    "Optimizer",
+    "metrics",
     "GradientTransformation",
     "Params",
     "Schedule",

@@ -36,8 +36,8 @@ def check_scalar(
         return
     if not is_number(value):
         raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{fn}: {name} must not be NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
@@ -50,9 +50,10 @@ def check_scalar(
 
 
 def f64(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` as a 0-d float64 tensor on ``device`` (scalar maths that decides accuracy)."""
+    """``x`` as a new 0-d float64 tensor on ``device`` (never the caller's tensor: a state built
+    from it must not alias it)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.float64)
+        return x.to(device=device, dtype=torch.float64, copy=True)
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
@@ -80,9 +81,40 @@ def state_dtype_for(leaf: torch.Tensor, dtype: torch.dtype | None) -> torch.dtyp
 
 def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
     """Zeros shaped like each leaf of ``params`` (``None`` leaves stay ``None``)."""
+    check_gradients(params, "init", what="param")
     return _tree.tree_map(
         lambda p: None if p is None else torch.zeros_like(p, dtype=state_dtype_for(p, dtype)), params
     )
+
+
+def check_gradients(
+    updates: Any, transform: str, like: Any = None, *, what: str = "gradient", like_name: str = "state"
+) -> None:
+    """Raise naming the path unless each non-``None`` leaf of ``updates`` is a floating-point tensor
+    (``TypeError``) on the device of the matching tensor leaf of ``like`` (``ValueError``).
+
+    ``like`` (a tree of the same structure, or ``None``) is the state or the params the leaf meets;
+    a structure mismatch is left to :func:`grokxform.tree.check_structure`. Python-level checks only:
+    nothing is read from the device, so this is free under ``torch.compile`` and ``vmap``.
+    """
+    leaves = _tree.flatten(updates)[0]
+    refs = _tree.flatten(like)[0] if like is not None else []
+    if len(refs) != len(leaves):
+        refs = [None] * len(leaves)
+    for i, (g, ref) in enumerate(zip(leaves, refs)):
+        if g is None:
+            continue
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+            got = str(g.dtype) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise TypeError(
+                f"{transform}: the {what} at path {_tree.path_names(updates)[i]!r} must be a floating-point"
+                f" tensor, got {got}"
+            )
+        if isinstance(ref, torch.Tensor) and g.device != ref.device:
+            raise ValueError(
+                f"{transform}: the {what} at path {_tree.path_names(updates)[i]!r} is on {g.device} but the"
+                f" {like_name} it meets is on {ref.device}"
+            )
 
 
 def counters_like_tree(params: Any) -> Any:
@@ -107,6 +139,7 @@ def map_present(
     """
     spec = _tree.check_structure(updates, state_trees[0], f"{transform} state", "gradient", shapes=False)
     _tree.check_structure(updates, state_trees[shape_tree], f"{transform} state", "gradient")
+    check_gradients(updates, transform, state_trees[shape_tree])
     g_leaves, _ = _tree.flatten(updates)
     s_leaves = [_tree.flatten(t)[0] for t in state_trees]
     outs: list[list[Any]] = [[] for _ in range(1 + len(state_trees))]

@@ -12,7 +12,9 @@ from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Updates
 
-_STATIC_BY_DEFAULT = frozenset({"grokking_signal_fns", "signal_fns", "mask", "weight_decay_mask", "layer", "gamma"})
+_STATIC_BY_DEFAULT = frozenset(
+    {"grokking_signal_fns", "signal_fns", "mask", "weight_decay_mask", "layer", "gamma", "gradient_clipping"}
+)  # gradient_clipping: 0 switches the clip off, a decision a tensor cannot make without a sync
 
 
 class InjectHyperparamsState(NamedTuple):

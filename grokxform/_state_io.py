@@ -1,0 +1,167 @@
+"""State trees to and from plain containers, for checkpoints that ``torch.load(weights_only=True)``
+accepts, and per-parameter views of a state tree.
+
+A state tree holds NamedTuples, tuples, lists, dicts, tensors, ``None`` and Python scalars.
+``weights_only`` refuses NamedTuples (they need their class), so :func:`encode` writes each as
+``{TYPE_TAG: class name, "fields": {...}}``. :func:`decode` never imports a class by name: it reads
+the encoded tree against a *template*, a freshly initialised state of the same transform, checks
+that every container, key, shape and dtype agrees, and copies the saved values into the template.
+A checkpoint of another model or another transform therefore fails with the path of the first
+difference, before anything is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TYPE_TAG = "__grokxform_type__"
+"""The key that marks an encoded NamedTuple."""
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def encode(node: Any, path: str = "") -> Any:
+    """``node`` as plain dicts, lists, tuples, tensors and scalars.
+
+    Tensors are returned as they are (``torch.save`` copies them), except 0-d tensors, which are
+    cloned: hyperparameter tensors are refilled in place before every step, and a state dict must
+    not change after it is taken.
+    """
+    if isinstance(node, torch.Tensor):
+        t = node.detach()
+        return t.clone() if t.dim() == 0 else t
+    if isinstance(node, _SCALARS):
+        return node
+    if is_namedtuple(node):
+        fields = {f: encode(v, _join(path, f)) for f, v in zip(node._fields, node)}
+        return {TYPE_TAG: type(node).__name__, "fields": fields}
+    if isinstance(node, tuple):
+        return tuple(encode(v, _join(path, i)) for i, v in enumerate(node))
+    if isinstance(node, list):
+        return [encode(v, _join(path, i)) for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        bad = [k for k in node if not isinstance(k, (str, int))]
+        if bad:
+            raise TypeError(
+                f"state_dict: the state dict at {path or '<root>'!r} has a key {bad[0]!r} that is not a str or int"
+            )
+        return {k: encode(v, _join(path, k)) for k, v in node.items()}
+    raise TypeError(
+        f"state_dict: the state at {path or '<root>'!r} holds a {type(node).__name__}, which a"
+        " weights_only checkpoint cannot store"
+    )
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, dict) and TYPE_TAG in x:
+        return f"NamedTuple {x[TYPE_TAG]}"
+    if is_namedtuple(x):
+        return f"NamedTuple {type(x).__name__}"
+    if isinstance(x, torch.Tensor):
+        return "tensor"
+    return type(x).__name__
+
+
+class StateMismatchError(ValueError):
+    """A saved state does not fit the optimizer it is loaded into."""
+
+
+def decode(saved: Any, template: Any, where: str, path: str = "") -> Any:
+    """Rebuild ``saved`` (made by :func:`encode`) in the shape of ``template``.
+
+    Tensors are copied into new tensors like the template's (so they land on its devices); every
+    difference of container, key, length, shape or dtype raises :class:`StateMismatchError`
+    naming ``where`` and the path. Neither input is modified.
+    """
+    at = f"{where} at {path or '<root>'!r}"
+    if isinstance(template, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
+        if saved.shape != template.shape:
+            raise StateMismatchError(
+                f"{at}: the checkpoint has shape {tuple(saved.shape)}, this optimizer {tuple(template.shape)}"
+            )
+        if saved.dtype != template.dtype:
+            raise StateMismatchError(f"{at}: the checkpoint has dtype {saved.dtype}, this optimizer {template.dtype}")
+        # A fresh tensor, not the template's: a template may share one tensor between two leaves
+        # (a state seeded with a hyperparameter tensor), which must not receive two values.
+        return torch.empty_like(template).copy_(saved)
+    if template is None or isinstance(template, _SCALARS):
+        if type(saved) is not type(template):
+            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a {_kind(template)}")
+        return saved
+    if is_namedtuple(template):
+        name = type(template).__name__
+        if not (isinstance(saved, dict) and saved.get(TYPE_TAG) == name and isinstance(saved.get("fields"), dict)):
+            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a NamedTuple {name}")
+        fields = saved["fields"]
+        if list(fields) != list(template._fields):
+            raise StateMismatchError(
+                f"{at}: the checkpoint's {name} has fields {list(fields)}, this optimizer's {list(template._fields)}"
+            )
+        values = [decode(fields[f], v, where, _join(path, f)) for f, v in zip(template._fields, template)]
+        return type(template)(*values)
+    if isinstance(template, (tuple, list)):
+        if type(saved) is not type(template) or len(saved) != len(template):
+            got = f"{_kind(saved)} of length {len(saved)}" if isinstance(saved, (tuple, list)) else _kind(saved)
+            raise StateMismatchError(
+                f"{at}: the checkpoint has a {got}, this optimizer a {_kind(template)} of length {len(template)}"
+            )
+        out = [decode(s, t, where, _join(path, i)) for i, (s, t) in enumerate(zip(saved, template))]
+        return tuple(out) if isinstance(template, tuple) else out
+    if isinstance(template, dict):
+        if not isinstance(saved, dict) or TYPE_TAG in saved:
+            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a dict")
+        missing = [k for k in template if k not in saved]
+        extra = [k for k in saved if k not in template]
+        if missing or extra:
+            if missing:
+                detail = f"key {missing[0]!r} is missing from the checkpoint"
+            else:
+                detail = f"the checkpoint has an unknown key {extra[0]!r}"
+            raise StateMismatchError(
+                f"{at}: {detail} (checkpoint keys {list(saved)[:8]}, this optimizer's {list(template)[:8]})"
+            )
+        return {k: decode(saved[k], v, where, _join(path, k)) for k, v in template.items()}
+    raise StateMismatchError(f"{at}: this optimizer's state holds a {type(template).__name__}, which cannot be loaded")
+
+
+def per_param_views(state: Any, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of ``state`` that belong to each parameter, by parameter name.
+
+    A per-parameter tree is a dict whose keys are exactly ``names`` (the trees the transforms
+    build with the params' structure). Each tensor leaf found there is listed under its parameter
+    as ``{"adam.mu": t, "adam.nu": t, ...}``: the path in the state, the parameter's own key left
+    out, and the ``inner_state`` field of wrappers skipped.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    keys = set(names)
+
+    def walk(node: Any, path: str) -> None:
+        if is_namedtuple(node):
+            for f, v in zip(node._fields, node):
+                walk(v, path if f == "inner_state" else _join(path, f))
+        elif isinstance(node, (tuple, list)):
+            for i, v in enumerate(node):
+                walk(v, _join(path, i))
+        elif isinstance(node, dict):
+            if node and set(node) == keys:
+                for k, v in node.items():
+                    if isinstance(v, torch.Tensor):
+                        out[k][path or "state"] = v
+                return
+            for k, v in node.items():
+                walk(v, _join(path, k))
+
+    walk(state, "")
+    return out

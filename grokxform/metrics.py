@@ -1,0 +1,122 @@
+"""What a user logs (TensorBoard, W&B), read from any state tree with one call.
+
+``metrics(state)`` walks the state of a transformation (``chain`` tuples, ``named_chain`` dicts,
+``inject_hyperparams`` and other wrappers, at any depth) and returns a flat dict keyed by the
+path of each value in the state, ``/``-separated: ``named_chain`` names, ``chain`` indices and
+state field names, the ``inner_state`` field of wrappers left out. For ``grokadamw`` run through
+``grokxform.Optimizer`` (or ``inject_hyperparams(grokadamw)``)::
+
+    lr, weight_decay, lamb, ... the injected hyperparameters (values of the last step)
+    count                       the wrapper's step count
+    clip/norm, clip/scale       ‖g‖ over all leaves, and min(1, c/(‖g‖+1e−6))
+    grokfast/alpha              α_t = α·exp(−κ·GS_t)
+    grokfast/signal             the grokking signal GS_t
+    grokfast/step               the filter's step count
+    grokfast/mu_norm            ‖μ_t‖ over all leaves
+    grokfast/slow_norm          ‖λ·μ_t‖ = |λ|·‖μ_t‖, the amplified slow component that was added
+
+``slow_norm`` needs λ, which the filter's state does not hold: it is given when an enclosing
+``inject_hyperparams`` state has a ``lamb`` hyperparameter (``grokfast_ema``, ``grokadamw``).
+Besides these, every 0-d tensor field of any state NamedTuple is listed under its path, so the
+counters of other wrappers appear too. Per-parameter trees (moments, windows) are not listed.
+
+Values are detached copies (0-d tensors; no device synchronisation), or Python floats with
+``floats=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from grokxform import _state_io as S
+from grokxform.transforms.clipping import ClipByGlobalNormState
+from grokxform.transforms.filters import EmaFilterState
+
+Metrics = dict[str, Any]
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _tree_norm(tree: Any) -> torch.Tensor | None:
+    """√(Σ_leaves ‖leaf‖²) in float64 over the tensor leaves of ``tree``; ``None`` without any."""
+    leaves = [x for x in _leaves(tree) if isinstance(x, torch.Tensor) and x.numel() > 0]
+    if not leaves:
+        return None
+    dev = leaves[0].device
+    norms = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64).to(dev) for x in leaves])
+    return torch.linalg.vector_norm(norms)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
+
+
+def _ema(state: EmaFilterState, path: str, lamb: torch.Tensor | None, out: Metrics) -> None:
+    out[_key(path, "alpha")] = state.alpha
+    out[_key(path, "signal")] = state.signal
+    out[_key(path, "step")] = state.step
+    mu_norm = _tree_norm(state.mu)
+    if mu_norm is not None:
+        out[_key(path, "mu_norm")] = mu_norm
+        if lamb is not None:
+            out[_key(path, "slow_norm")] = lamb.detach().to(mu_norm.device, torch.float64).abs() * mu_norm
+
+
+def _walk(node: Any, path: str, lamb: torch.Tensor | None, out: Metrics) -> None:
+    if isinstance(node, EmaFilterState):
+        _ema(node, path, lamb, out)
+    elif isinstance(node, ClipByGlobalNormState):
+        out[_key(path, "norm")] = node.norm
+        out[_key(path, "scale")] = node.scale
+    elif S.is_namedtuple(node):
+        fields = dict(zip(node._fields, node))
+        hyper = fields.get("hyperparams")
+        if isinstance(hyper, dict) and "inner_state" in fields:
+            for name, value in hyper.items():
+                if isinstance(value, torch.Tensor):
+                    out[_key(path, name)] = value
+            if isinstance(hyper.get("lamb"), torch.Tensor):
+                lamb = hyper["lamb"]
+        for name, value in fields.items():
+            if name == "hyperparams" and isinstance(hyper, dict):
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.dim() == 0:
+                    out[_key(path, name)] = value
+            else:
+                _walk(value, path if name == "inner_state" else _key(path, name), lamb, out)
+    elif isinstance(node, (tuple, list)):
+        for i, value in enumerate(node):
+            _walk(value, _key(path, str(i)), lamb, out)
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            if not isinstance(value, torch.Tensor) and value is not None:
+                _walk(value, _key(path, str(name)), lamb, out)
+
+
+def metrics(state: Any, *, prefix: str = "", floats: bool = False) -> Metrics:
+    """The loggable scalars of ``state`` (see the module docs), keyed ``prefix + path``.
+
+    Example::
+
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val)
+        writer.add_scalars("optim", grokxform.metrics(state, floats=True), step)
+    """
+    if not isinstance(prefix, str):
+        raise TypeError(f"metrics: prefix must be a str, got {type(prefix).__name__}")
+    raw: Metrics = {}
+    _walk(state, "", None, raw)
+    out: Metrics = {}
+    for key, value in raw.items():
+        value = value.detach().clone()
+        out[prefix + key] = value.item() if floats and value.numel() == 1 else value
+    return out

@@ -1,0 +1,498 @@
+"""``grokxform.Optimizer``: any gradient transformation as a ``torch.optim.Optimizer``.
+
+Two ways to give the transformation, with different meanings of a param group's ``lr``:
+
+1. **A factory and its arguments** (recommended)::
+
+       opt = grokxform.Optimizer(model.named_parameters(), grokxform.grokadamw, lr=1e-3, weight_decay=0.01)
+
+   Every argument of the factory that has a default (``lr``, ``betas``, ``eps``, ``weight_decay``,
+   ``lamb``...) is a hyperparameter of each param group, as in ``torch.optim.AdamW``: the keyword
+   arguments set the defaults, a param group dict overrides them for its parameters. Each group
+   runs its own ``inject_hyperparams(factory)(**group_hyperparameters)``: the float
+   hyperparameters are 0-d float64 tensors in the group's state, refilled from the group's dict
+   before every step (``fill_``, no new graph), so ``torch.optim.lr_scheduler`` schedulers (all
+   of them, ``ReduceLROnPlateau`` and ``OneCycleLR`` included) change the learning rate exactly as
+   they do for torch's optimizers. A hyperparameter that is not a float (``betas``, a tuple; ints;
+   strings; functions) is fixed in the transform; when a scheduler changes it (``OneCycleLR``
+   cycles ``betas``), that group's transform is rebuilt with the new value, its state kept.
+
+2. **A ready** :class:`~grokxform.GradientTransformation`::
+
+       opt = grokxform.Optimizer(model.parameters(), grokxform.chain(...))
+
+   Its hyperparameters are fixed inside it. The only group hyperparameter is ``lr``, a
+   *multiplier* of the transform's updates, 1.0 by default: a scheduler then scales the whole
+   step (``LambdaLR(opt, f)`` multiplies it by f(t); ``OneCycleLR`` wants ``max_lr=1.0``). The
+   learning rate inside the transform is not touched; loggers that read ``param_groups[0]["lr"]``
+   see the multiplier.
+
+The tree. Each param group is one tree ``{name: param}`` handed to the transform, with the
+parameter names as keys when named parameters are given (``model.named_parameters()``, or
+``(name, param)`` pairs inside group dicts), so masks and depth rules that read paths work
+(``"blocks.3.attn.weight"``); unnamed parameters are named by their position, ``"0"``, ``"1"``...,
+counted across groups. Each group has its own state: reductions over the tree (the global clip
+norm) are per group; for one norm over the whole model use one group and express per-parameter
+differences with masks (``weight_decay_mask=``).
+
+A step: the gradients (``p.grad``; ``None`` for frozen parameters and those that got no gradient:
+no update, their state kept), ``updates, state = tx.update(grads, state, params, **extra)``,
+``p.add_(u)`` in place. ``step(train_loss=..., val_loss=...)`` passes the extra arguments to the
+transform (the grokking signal). A group none of whose parameters has a gradient is skipped. The
+state of a group is initialised at its first step. ``optimizer.state[p]`` lists the tensors of the
+group state that belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"``...), refreshed
+after every step; the group states themselves are ``optimizer.tx_states``. ``torch.amp.GradScaler``
+works (it unscales the ``.grad`` of the param groups, then calls ``step``).
+
+Checkpoints. ``state_dict()`` holds plain containers only (NamedTuples written as tagged dicts),
+so ``torch.load(path, weights_only=True)`` reads it; ``load_state_dict`` rebuilds the state against
+a freshly initialised one and raises, naming the mismatch, for another model (names, shapes) or
+another transform (factory, state structure), leaving the optimizer unchanged. Resuming is bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import torch
+
+from grokxform import _state_io as S
+from grokxform.base import GradientTransformation
+from grokxform.metrics import metrics as _metrics
+from grokxform.transforms.wrappers import inject_hyperparams
+
+Factory = Callable[..., GradientTransformation]
+ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
+
+_FORMAT_VERSION = 1
+_GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a fixed hyperparameter kept its value (tensors: only the very same object)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == does not give a bool
+        return False
+
+
+def _plain(x: Any) -> bool:
+    """Whether a group value can go into a ``weights_only`` checkpoint."""
+    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device, torch.Tensor)):
+        return True
+    if isinstance(x, (tuple, list)):
+        return all(_plain(v) for v in x)
+    return False
+
+
+def _factory_name(factory: Callable[..., Any]) -> str:
+    module = getattr(factory, "__module__", None) or ""
+    name = getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
+    return f"{module}.{name}" if module else name
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a grokxform transformation (see the module docs).
+
+    ``Optimizer(params, tx, **hyperparameters)``:
+
+    - ``params``: ``model.parameters()``, ``model.named_parameters()``, or a list of param group
+      dicts (``{"params": [...], "lr": 1e-2}``; the params of a group may be ``(name, param)``
+      pairs).
+    - ``tx``: a factory (``grokxform.adamw``, ``grokxform.grokadamw``, any function returning a
+      :class:`~grokxform.GradientTransformation`), whose arguments become the group
+      hyperparameters, defaults from ``hyperparameters``; or a ready transformation, with
+      ``lr`` (a multiplier of its updates, default 1.0) as the only hyperparameter.
+
+    ``step(closure=None, **extra)``: ``u = tx.update(g, state, θ, **extra)``, ``θ ← θ + u`` for every
+    parameter with a gradient; returns the closure's loss.
+
+    Example::
+
+        opt = grokxform.Optimizer(model.named_parameters(), grokxform.grokadamw, lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=1000)
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(train_loss=loss.detach(), val_loss=last_val_loss)
+            sched.step()
+    """
+
+    def __init__(self, params: ParamsArg, tx: Union[GradientTransformation, Factory], **hyperparameters: Any) -> None:
+        if isinstance(tx, GradientTransformation):
+            unknown = [k for k in hyperparameters if k != "lr"]
+            if unknown:
+                raise TypeError(
+                    f"Optimizer: {unknown[0]!r} is not a hyperparameter of a ready GradientTransformation (its"
+                    " hyperparameters are fixed inside it; only lr, a multiplier of its updates, is accepted)."
+                    " Pass a factory to set hyperparameters: Optimizer(params, grokxform.adamw, weight_decay=...)"
+                )
+            lr = hyperparameters.get("lr", 1.0)
+            self._check_value("lr", lr, "the lr multiplier")
+            defaults: dict[str, Any] = {"lr": float(lr) if _is_number(lr) else lr}
+            self._factory: Factory | None = None
+            self._fixed_tx: GradientTransformation | None = tx
+            self._hp_names: tuple[str, ...] = ("lr",)
+            self._float_defaults: frozenset[str] = frozenset({"lr"})
+            self.transform_name = "GradientTransformation"
+        elif callable(tx) and not isinstance(tx, torch.Tensor):
+            defaults = self._factory_defaults(tx, hyperparameters)
+            self._factory = tx
+            self._fixed_tx = None
+            self.transform_name = _factory_name(tx)
+            # Build once, so that bad hyperparameters fail here, named by the factory.
+            inject_hyperparams(tx)(**defaults)
+        else:
+            raise TypeError(
+                f"Optimizer: tx must be a GradientTransformation or a function returning one, got {type(tx).__name__}"
+            )
+        self._txs: list[GradientTransformation | None] = []
+        self._built_args: list[dict[str, Any] | None] = []
+        self.tx_states: list[Any] = []
+        """The state of each param group's transformation (``None`` before the group's first step)."""
+        self._names: list[list[str]] = []
+        super().__init__(params, defaults)
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _factory_defaults(self, factory: Factory, given: dict[str, Any]) -> dict[str, Any]:
+        try:
+            sig = inspect.signature(factory)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"Optimizer: cannot read the arguments of the factory {_factory_name(factory)}: {e}") from e
+        named = {
+            n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        unknown = [k for k in given if k not in named and not takes_any]
+        if unknown:
+            raise TypeError(
+                f"Optimizer: {_factory_name(factory)} has no argument {unknown[0]!r} (it takes {list(named)})"
+            )
+        missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
+        if missing:
+            raise TypeError(f"Optimizer: {_factory_name(factory)} needs the argument {missing[0]!r}")
+        defaults = {n: p.default for n, p in named.items() if p.default is not p.empty}
+        defaults.update(given)
+        self._hp_names = tuple(defaults)
+        self._float_defaults = frozenset(
+            n for n, p in named.items() if isinstance(p.default, float) or isinstance(given.get(n), float)
+        )
+        return {n: self._coerce(n, v) for n, v in defaults.items()}
+
+    def _coerce(self, name: str, value: Any) -> Any:
+        """An int given for a float hyperparameter (``weight_decay=0``) is that float, so that it is
+        injected as a tensor like the others."""
+        if name in self._float_defaults and _is_number(value) and not isinstance(value, float):
+            return float(value)
+        return value
+
+    @staticmethod
+    def _check_value(name: str, value: Any, what: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"Optimizer: {what} {name!r} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
+                )
+        elif not _is_number(value):
+            raise TypeError(f"Optimizer: {what} {name!r} must be a number, got {type(value).__name__}")
+        elif math.isnan(value):
+            raise ValueError(f"Optimizer: {what} {name!r} must not be NaN")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see ``torch.optim.Optimizer.add_param_group``); its keys other than
+        ``params`` must be hyperparameters of the transformation."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Optimizer: a param group must be a dict, got {type(param_group).__name__}")
+        g = len(self.param_groups)
+        for key in param_group:
+            if key in ("params", "param_names") or key in self._hp_names:
+                continue
+            if self._factory is None:
+                raise ValueError(
+                    f"Optimizer: param group {g} sets {key!r}, but a ready GradientTransformation takes no group"
+                    " hyperparameter other than lr (a multiplier of its updates); pass a factory to set others:"
+                    " Optimizer(params, grokxform.adamw, ...)"
+                )
+            raise ValueError(
+                f"Optimizer: param group {g} sets {key!r}, which is not an argument of {self.transform_name}"
+                f" (its hyperparameters: {list(self._hp_names)})"
+            )
+        for key in self._hp_names:
+            if key in param_group:
+                param_group[key] = self._coerce(key, param_group[key])
+        if self._factory is None and "lr" in param_group:
+            self._check_value("lr", param_group["lr"], "the lr multiplier")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            names = self._group_names(group, g)
+            tx, args = None, None
+            if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
+                args = self._group_args(group)
+                tx = inject_hyperparams(self._factory)(**args)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._names.append(names)
+        self._txs.append(tx)
+        self._built_args.append(args)
+        self.tx_states.append(None)
+
+    def _group_names(self, group: dict[str, Any], g: int) -> list[str]:
+        params = group["params"]
+        if "param_names" in group:
+            names = list(group["param_names"])
+            bad = [n for n in names if not isinstance(n, str)]
+            if bad:
+                raise TypeError(f"Optimizer: parameter names must be str, param group {g} has {bad[0]!r}")
+        else:
+            offset = sum(len(x["params"]) for x in self.param_groups[:-1])
+            names = [str(offset + i) for i in range(len(params))]
+        seen = {n for other in self._names for n in other}
+        for n in names:
+            if n in seen:
+                raise ValueError(f"Optimizer: the parameter name {n!r} appears twice (param group {g})")
+            seen.add(n)
+        for n, p in zip(names, params):
+            if p.is_sparse or p.is_complex():
+                kind = "sparse" if p.is_sparse else "complex"
+                raise TypeError(f"Optimizer: parameter {n!r} is {kind}, which is not supported")
+        return names
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _group_args(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {n: self._coerce(n, group[n]) for n in self._hp_names if n in group}
+
+    def _transform(self, g: int, group: dict[str, Any], state: Any) -> GradientTransformation:
+        """The group's transformation, (re)built from the group's hyperparameters when a fixed one
+        changed (or at the group's first step). Injected float values flow through the state."""
+        if self._factory is None:
+            assert self._fixed_tx is not None
+            return self._fixed_tx
+        args = self._group_args(group)
+        built, tx = self._built_args[g], self._txs[g]
+        if tx is not None and built is not None:
+            injected = set(getattr(state, "hyperparams", {})) if state is not None else set()
+            changed = [
+                n for n, v in args.items()
+                if (n not in injected or callable(v) or callable(built.get(n))) and not _same(v, built.get(n))
+            ]
+            if not changed and set(args) == set(built):
+                return tx
+        tx = inject_hyperparams(self._factory)(**args)
+        self._txs[g], self._built_args[g] = tx, args
+        return tx
+
+    def _fill_hyperparams(self, g: int, group: dict[str, Any], state: Any) -> None:
+        """Write the group's current values into the state's hyperparameter tensors (in place)."""
+        for name, slot in getattr(state, "hyperparams", {}).items():
+            if name not in group:
+                continue
+            value = group[name]
+            if isinstance(value, torch.Tensor):
+                if value is not slot:
+                    slot.copy_(value.detach().reshape(slot.shape))
+            elif _is_number(value):
+                slot.fill_(float(value))
+            elif callable(value):
+                continue  # a schedule of the step: evaluated by the transformation itself
+            else:
+                raise TypeError(
+                    f"Optimizer: param group {g} has {name}={value!r}; a float hyperparameter must stay a number"
+                )
+
+    def _step_group(self, g: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
+        names, params = self._names[g], group["params"]
+        grads: dict[str, torch.Tensor | None] = {}
+        for n, p in zip(names, params):
+            grad = p.grad
+            if grad is not None and grad.is_sparse:
+                raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
+            grads[n] = None if grad is None else grad.detach()
+        if all(v is None for v in grads.values()):
+            return
+        tree = {n: p.detach() for n, p in zip(names, params)}
+        state = self.tx_states[g]
+        tx = self._transform(g, group, state)
+        if state is None:
+            state = tx.init(tree)
+        self._fill_hyperparams(g, group, state)
+        updates, new_state = tx.update(grads, state, tree, **extra)
+        if not isinstance(updates, dict) or list(updates) != names:
+            raise ValueError(
+                f"Optimizer: the transformation of param group {g} returned updates that are not a dict"
+                " over its parameters"
+            )
+        scale = group["lr"] if self._factory is None else 1.0
+        for n, p in zip(names, params):
+            u = updates[n]
+            if u is None:
+                continue
+            if isinstance(scale, torch.Tensor):
+                u = u * scale.to(device=u.device, dtype=u.dtype)
+            elif scale != 1.0:
+                u = u * scale
+            p.add_(u.to(p.dtype))
+        self.tx_states[g] = new_state
+
+    def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        """One update of every param group; ``extra`` (``train_loss=``, ``val_loss=``,
+        ``grokking_signal=``...) reaches ``tx.update``. Returns ``closure()``'s value, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for g, group in enumerate(self.param_groups):
+                self._step_group(g, group, extra)
+        self._refresh_state_views()
+        return loss
+
+    def _refresh_state_views(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            state = self.tx_states[g]
+            if state is None:
+                continue
+            views = S.per_param_views(state, self._names[g])
+            for n, p in zip(self._names[g], group["params"]):
+                self.state[p].update(views[n])
+
+    def metrics(self, *, floats: bool = False) -> dict[str, Any]:
+        """:func:`grokxform.metrics.metrics` of every initialised group state (keys prefixed with
+        ``group{g}/`` when there are several groups)."""
+        out: dict[str, Any] = {}
+        several = len(self.param_groups) > 1
+        for g, state in enumerate(self.tx_states):
+            if state is not None:
+                out.update(_metrics(state, prefix=f"group{g}/" if several else "", floats=floats))
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """``{"state": [encoded state of each group, or None], "param_groups": [...], "grokxform":
+        {...}}``, plain containers only (``torch.load(weights_only=True)`` reads it). Group values
+        that a checkpoint cannot hold (functions, masks) are left out; loading keeps the current ones."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        groups = []
+        index = 0
+        for g, group in enumerate(self.param_groups):
+            saved = {
+                k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in group.items()
+                if k not in _GROUP_BOOKKEEPING and _plain(v)
+            }
+            n = len(group["params"])
+            saved["params"] = list(range(index, index + n))
+            saved["param_names"] = list(self._names[g])
+            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
+            index += n
+            groups.append(saved)
+        sd: dict[str, Any] = {
+            "state": [None if s is None else S.encode(s, f"group{g}") for g, s in enumerate(self.tx_states)],
+            "param_groups": groups,
+            "grokxform": {"version": _FORMAT_VERSION, "transform": self.transform_name},
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _check_checkpoint(self, sd: Any) -> None:
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"load_state_dict: expected a dict, got {type(sd).__name__}")
+        if "grokxform" not in sd:
+            torch_like = "param_groups" in sd
+            kind = "a torch.optim optimizer's state_dict" if torch_like else f"a dict with keys {list(sd)[:6]}"
+            raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
+        meta = sd["grokxform"]
+        if not isinstance(meta, Mapping) or meta.get("version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"load_state_dict: unsupported checkpoint format {meta!r} (this version reads {_FORMAT_VERSION})"
+            )
+        if meta.get("transform") != self.transform_name:
+            raise ValueError(
+                f"load_state_dict: the checkpoint is of an optimizer over {meta.get('transform')!r}, this one runs"
+                f" {self.transform_name!r}"
+            )
+        groups, states = sd.get("param_groups"), sd.get("state")
+        if not isinstance(groups, list) or not isinstance(states, list) or len(groups) != len(states):
+            raise ValueError("load_state_dict: 'param_groups' and 'state' must be lists of the same length")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"load_state_dict: the checkpoint has {len(groups)} param groups,"
+                f" this optimizer {len(self.param_groups)}"
+            )
+        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            names = list(saved.get("param_names", []))
+            if len(names) != len(group["params"]):
+                raise ValueError(
+                    f"load_state_dict: param group {g} has {len(names)} parameters in the checkpoint,"
+                    f" {len(group['params'])} here"
+                )
+            diff = next((i for i, (a, b) in enumerate(zip(names, self._names[g])) if a != b), None)
+            if diff is not None:
+                raise ValueError(
+                    f"load_state_dict: param group {g}, parameter {diff} is {names[diff]!r} in the checkpoint,"
+                    f" {self._names[g][diff]!r} here"
+                )
+            for n, shape, p in zip(names, saved.get("param_shapes", []), group["params"]):
+                if list(shape) != list(p.shape):
+                    raise ValueError(
+                        f"load_state_dict: parameter {n!r} has shape {tuple(shape)} in the checkpoint,"
+                        f" {tuple(p.shape)} here"
+                    )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict`. Everything is checked first; on a mismatch (another model,
+        another transform) a ``ValueError`` names it and the optimizer is left as it was."""
+        sd = state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, sd)
+            if result is not None:
+                sd = result
+        self._check_checkpoint(sd)
+        staged = []
+        for g, (saved_group, saved_state, group) in enumerate(zip(sd["param_groups"], sd["state"], self.param_groups)):
+            values = {k: v for k, v in saved_group.items() if k not in _GROUP_BOOKKEEPING}
+            new_group = {**group, **values}
+            tx, state, args = None, None, None
+            if saved_state is not None:
+                if self._factory is None:
+                    tx = self._fixed_tx
+                else:
+                    args = self._group_args(new_group)
+                    tx = inject_hyperparams(self._factory)(**args)
+                assert tx is not None
+                tree = {n: p.detach() for n, p in zip(self._names[g], group["params"])}
+                template = tx.init(tree)
+                state = S.decode(saved_state, template, f"load_state_dict: param group {g}'s state")
+            staged.append((values, tx, args, state))
+        for g, (values, tx, args, state) in enumerate(staged):
+            self.param_groups[g].update(values)
+            self._txs[g], self._built_args[g], self.tx_states[g] = tx, args, state
+        self.state.clear()
+        self._refresh_state_views()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        own = {k: v for k, v in self.__dict__.items() if k not in ("defaults", "state", "param_groups")}
+        return {**super().__getstate__(), **own}
