@@ -117,6 +117,15 @@ def check_gradients(
             )
 
 
+def check_state(state: Any, cls: type, transform: str) -> None:
+    """Raise ``TypeError`` unless ``state`` is a ``cls``, the state that ``transform``'s init makes
+    (a state of another transform would otherwise fail later on a missing attribute)."""
+    if not isinstance(state, cls):
+        raise TypeError(
+            f"{transform}: the state must be the {cls.__name__} made by {transform}'s init, got {type(state).__name__}"
+        )
+
+
 def counters_like_tree(params: Any) -> Any:
     """One 0-d int64 counter per leaf of ``params``, on the leaf's device."""
     return _tree.tree_map(lambda p: None if p is None else counter(p.device), params)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol, Union
 
 import torch
 
+from grokxform import _common
 from grokxform import tree as _tree
 
 Params = Any
@@ -134,6 +135,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure."""
     spec = _tree.check_structure(updates, params, "params", "updates")
+    _common.check_gradients(updates, "apply_updates", params, what="update", like_name="param")
     p_leaves, _ = _tree.flatten(params)
     u_leaves, _ = _tree.flatten(updates)
     out = [p if u is None or p is None else p + u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]

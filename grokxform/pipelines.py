@@ -236,6 +236,7 @@ def grokadamw_compat(
     (functions of the losses work too). One param group: the index runs over the whole tree.
     """
     b1, b2 = _betas("grokadamw_compat", betas)
+    C.check_scalar("grokadamw_compat", "alpha_init", alpha_init, low=0.0, high=1.0, high_open=True)
     C.check_scalar("grokadamw_compat", "gamma", gamma, low=0.0, high=1.0)
     steps: list[tuple[str, GradientTransformation]] = []
     if _clip_enabled("grokadamw_compat", gradient_clipping):

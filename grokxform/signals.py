@@ -109,7 +109,9 @@ def compute_signal(
 
 
 def adapted_alpha(alpha_init: Any, decay_rate: Any, signal: torch.Tensor) -> torch.Tensor:
-    """α_t = α_init·exp(−κ·GS_t), in float64."""
+    """α_t = α_init·exp(−κ·GS_t), in float64. A non-finite GS_t (a NaN or infinite loss) counts as
+    GS_t = 0, so α_t = α_init: one bad loss must not turn every leaf's EMA into NaN."""
     a0 = alpha_init.to(torch.float64) if isinstance(alpha_init, torch.Tensor) else float(alpha_init)
     k = decay_rate.to(torch.float64) if isinstance(decay_rate, torch.Tensor) else float(decay_rate)
+    signal = torch.where(torch.isfinite(signal), signal, torch.zeros_like(signal))
     return a0 * torch.exp(-k * signal)

@@ -142,6 +142,7 @@ def scale_by_adam(
         updates: Updates, state: ScaleByAdamState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ScaleByAdamState]:
         del params, extra
+        C.check_state(state, ScaleByAdamState, "scale_by_adam")
         if isinstance(b1, LayerwiseBeta):
             present = [g is not None for g in _tree.flatten(updates)[0]]
             betas1: list[Any] = b1.values(_tree.path_names(updates), present)

@@ -27,7 +27,16 @@ class ClipByGlobalNormState(NamedTuple):
 def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     """``u = g·min(1, c / (‖g‖ + 1e−6))`` with ``‖g‖ = √(Σ_leaves ‖g_leaf‖²)``: one norm over all
     leaves, as ``torch.nn.utils.clip_grad_norm_``. Norms are taken in float32 (float64 if any
-    gradient is float64). State: :class:`ClipByGlobalNormState`, the norm and the scale for logging.
+    param is float64). State: :class:`ClipByGlobalNormState`, the norm and the scale for logging.
+
+    Non-finite gradients: the scale is computed from the leaves whose values are all finite,
+    ``‖g‖_fin = √(Σ_{finite leaves} ‖g_leaf‖²)``, so a NaN or an infinity in one leaf leaves the
+    clipping of every other leaf exactly as if that leaf's gradient were zero (``clip_grad_norm_``
+    would make the scale NaN and spread it to all leaves). The non-finite leaf is multiplied by
+    the same scale, so it stays non-finite and only its own path is affected downstream. The
+    logged ``norm`` is the plain global norm over all leaves (NaN or inf on such a step, as
+    ``clip_grad_norm_`` reports it); ``scale`` is the factor applied. Wrap the pipeline in
+    :func:`grokxform.apply_if_finite` to skip such steps altogether.
 
     Example::
 
@@ -44,15 +53,29 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     def update_fn(
         updates: Updates, state: ClipByGlobalNormState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ClipByGlobalNormState]:
-        del params, extra
+        del extra
+        C.check_state(state, ClipByGlobalNormState, "clip_by_global_norm")
+        C.check_gradients(updates, "clip_by_global_norm", params, like_name="param")
         leaves, spec = _tree.flatten(updates)
         present = [g for g in leaves if g is not None]
         if not present:
             return updates, state
         dt = state.norm.dtype
-        norms = [torch.linalg.vector_norm(g, dtype=dt).to(state.norm.device) for g in present]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
-        scale = torch.clamp(C.scalar_for(max_norm, norm) / (norm + _CLIP_EPS), max=1.0)
+        dev = state.norm.device
+        for i, g in enumerate(leaves):  # leaves on several GPUs are fine; a state on another kind is not
+            if g is not None and g.device.type != dev.type:
+                raise ValueError(
+                    f"clip_by_global_norm: the gradient at path {_tree.path_names(updates)[i]!r} is on {g.device}"
+                    f" but the state is on {dev}"
+                )
+        # A gradient wider than the state's norm dtype is reduced in its own dtype, then narrowed.
+        norms = torch.stack(
+            [torch.linalg.vector_norm(g, dtype=torch.promote_types(dt, g.dtype)).to(device=dev, dtype=dt) for g in present]
+        )
+        finite = torch.stack([torch.isfinite(g).all().to(dev) for g in present])
+        norm = torch.linalg.vector_norm(norms)
+        norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, torch.zeros_like(norms)))
+        scale = torch.clamp(C.scalar_for(max_norm, norm_finite) / (norm_finite + _CLIP_EPS), max=1.0)
         out = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in leaves]
         return _tree.unflatten(out, spec), ClipByGlobalNormState(norm, scale)
 
@@ -76,7 +99,8 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     def update_fn(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
-        del params, extra
+        del extra
+        C.check_gradients(updates, "clip_by_tensor_norm", params, like_name="param")
 
         def clip(g: torch.Tensor | None) -> torch.Tensor | None:
             if g is None:

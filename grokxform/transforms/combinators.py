@@ -143,9 +143,11 @@ class MultiStepsState(NamedTuple):
 def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> GradientTransformation:  # noqa: N802
     """Gradient accumulation: ``inner`` runs on the mean of every k gradients.
 
-    Micro-steps 1..k−1 add g to the accumulator and return zero updates; micro-step k returns
-    ``inner.update(mean of the k gradients)`` and resets the accumulator. Leaves with a ``None``
-    gradient add nothing (the mean still divides by k). State: :class:`MultiStepsState`.
+    Micro-steps 1..k−1 add g to the accumulator and return zero updates (−0.0, so the params stay
+    bit for bit); micro-step k returns ``inner.update(mean of the k gradients)`` and resets the
+    accumulator. Leaves with a ``None`` gradient add nothing (the mean still divides by k); a leaf
+    whose gradient is ``None`` on micro-step k gets no update and keeps its sum, which is carried
+    into the next window rather than dropped. State: :class:`MultiStepsState`.
 
     Example::
 
@@ -169,9 +171,11 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
         acc = _tree.tree_map(lambda g, a: a if g is None else a + g.to(a.dtype), updates, state.acc)
         mean = _tree.tree_map(lambda g, a: None if g is None else (a / k).to(g.dtype), updates, acc)
         out, inner_new = inner.update(mean, state.inner_state, params, **extra)
-        out = _tree.tree_map(lambda u: None if u is None else torch.where(final, u, torch.zeros_like(u)), out)
+        # −0.0, not +0.0: θ + (−0.0) is θ bit for bit, also for θ = −0.0.
+        out = _tree.tree_map(lambda u: None if u is None else torch.where(final, u, torch.full_like(u, -0.0)), out)
+        # A leaf without a gradient on the k-th micro-step keeps its sum for the next window.
         new_acc = _tree.tree_map(
-            lambda a: None if a is None else torch.where(final, torch.zeros_like(a), a), acc
+            lambda g, a: a if g is None else torch.where(final, torch.zeros_like(a), a), updates, acc
         )
         return out, MultiStepsState(
             mini_step=torch.where(final, torch.zeros_like(state.mini_step), state.mini_step + 1),
@@ -196,9 +200,11 @@ class ApplyIfFiniteState(NamedTuple):
 def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     """Skip steps whose gradient has a NaN or an infinity anywhere.
 
-    If every gradient leaf is finite: ``inner.update``. Otherwise the updates are zeros (so
-    ``apply_updates`` leaves the params bit for bit as they were), the inner state is kept as it was,
-    and the skip is counted. State: :class:`ApplyIfFiniteState`.
+    If every gradient leaf is finite: ``inner.update``. Otherwise the updates are −0.0 (so
+    ``apply_updates`` leaves the params bit for bit as they were, −0.0 included), the inner state is
+    kept as it was, and the skip is counted. Only the gradients are checked: a non-finite loss or
+    signal passed as an extra argument is handled by the transform that reads it (the EMA filter
+    falls back to α_init). State: :class:`ApplyIfFiniteState`.
 
     Example::
 
@@ -221,7 +227,10 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         for g in present:
             finite = finite & torch.isfinite(g).all().to(dev)
         out, inner_new = inner.update(updates, state.inner_state, params, **extra)
-        out = _tree.tree_map(lambda u: None if u is None else torch.where(finite.to(u.device), u, torch.zeros_like(u)), out)
+        # −0.0, not +0.0: θ + (−0.0) is θ bit for bit, also for θ = −0.0.
+        out = _tree.tree_map(
+            lambda u: None if u is None else torch.where(finite.to(u.device), u, torch.full_like(u, -0.0)), out
+        )
         skipped = (~finite).to(torch.int64)
         return out, ApplyIfFiniteState(
             notfinite_count=(state.notfinite_count + 1) * skipped,

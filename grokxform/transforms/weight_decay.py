@@ -37,6 +37,7 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
         if params is None:
             raise ValueError("decoupled_weight_decay: update needs params (pass params=...)")
         spec = _tree.check_structure(updates, params, "params", "gradient")
+        C.check_gradients(updates, "decoupled_weight_decay", params, like_name="param")
         selected = selection(params)
         u_leaves, _ = _tree.flatten(updates)
         p_leaves, _ = _tree.flatten(params)

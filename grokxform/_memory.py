@@ -1,0 +1,101 @@
+"""Will a state fit? Bytes needed against bytes available, checked before anything is allocated.
+
+A windowed filter keeps w copies of the gradients: ``bytes = w × Σ_leaves numel × element size``.
+With w = 10⁴ on a model of 10⁸ float32 parameters that is 4 TB, and allocating it slot by slot
+would fail late (or push the host into swap). :func:`check_ma_window` raises first, saying how many
+bytes are needed and how many are available.
+
+Available bytes: on a CUDA device, the free device memory (``torch.cuda.mem_get_info``) plus what
+PyTorch's caching allocator holds reserved but unused; on the CPU, ``MemAvailable`` from
+``/proc/meminfo`` (else the available physical pages from ``os.sysconf``). On other devices
+(``meta``, ``mps``, ...) nothing is known and nothing is checked.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from grokxform import tree as _tree
+
+
+class StateTooLargeError(MemoryError):
+    """A transform's state would not fit in the memory available on its device."""
+
+
+def _cpu_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that a new allocation on ``device`` can use, or ``None`` where that is unknown."""
+    if device.type == "cpu":
+        return _cpu_available_bytes()
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + int(cached)
+    return None
+
+
+def _format(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**30:.3g} GiB)"
+
+
+def check_fits(needed: dict[torch.device, int], who: str, detail: str, advice: str) -> None:
+    """Raise :class:`StateTooLargeError` if ``needed[device]`` bytes exceed what ``device`` has.
+
+    ``detail`` says how the need was counted; ``advice`` what to do instead. Skipped while
+    ``torch.compile`` traces (reading the host's memory state is not graph code).
+    """
+    if torch.compiler.is_compiling():
+        return
+    for device, n in needed.items():
+        have = available_bytes(device)
+        if have is not None and n > have:
+            raise StateTooLargeError(
+                f"{who}: the state needs {_format(n)} on {device} ({detail}) but only {_format(have)}"
+                f" are available; {advice}"
+            )
+
+
+def check_ma_window(
+    params: Any, window_size: int, window_dtype: torch.dtype | None, accumulator_dtype: torch.dtype
+) -> None:
+    """Check, before ``ma_filter`` allocates it, that its state fits on each device of ``params``.
+
+    Per device: ``w × Σ numel × size(window dtype)`` for the window, plus
+    ``Σ numel × size(accumulator dtype)`` for the running sum.
+    """
+    numel: dict[torch.device, int] = {}
+    window: dict[torch.device, int] = {}
+    total: dict[torch.device, int] = {}
+    for p in _tree.flatten(params)[0]:
+        if not isinstance(p, torch.Tensor):
+            continue
+        n = p.numel()
+        item = (window_dtype or p.dtype).itemsize
+        numel[p.device] = numel.get(p.device, 0) + n
+        window[p.device] = window.get(p.device, 0) + window_size * n * item
+        total[p.device] = total.get(p.device, 0) + n * accumulator_dtype.itemsize
+    for device in numel:
+        check_fits(
+            {device: window[device] + total[device]},
+            "ma_filter",
+            f"a window of {window_size:,} gradients of {numel[device]:,} elements: {window[device]:,} bytes,"
+            f" plus the {accumulator_dtype} running sum: {total[device]:,} bytes",
+            "use a smaller window_size, window_dtype=torch.bfloat16 (half the bytes of float32), or an"
+            " EMA filter (one copy of the gradients)",
+        )
