@@ -11,6 +11,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from grokxform import _common as C
+from grokxform import _memory
 from grokxform import signals as _signals
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Scalar, Updates
@@ -71,6 +72,7 @@ def ema_filter(
         updates: Updates, state: EmaFilterState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmaFilterState]:
         del params
+        C.check_state(state, EmaFilterState, "ema_filter")
         dev = state.step.device
         gs = _signals.compute_signal(fns, state.step, dev, extra)
         a = _signals.adapted_alpha(alpha, signal_decay_rate, gs)
@@ -96,6 +98,14 @@ class MaFilterState(NamedTuple):
     count: Any
     window: tuple[Any, ...]
     total: Any
+
+
+class MaRingWindow(NamedTuple):
+    """Another layout of :class:`MaFilterState`'s window, used by :mod:`grokxform.fused`: one
+    ``[w, *shape]`` buffer per leaf whose slot ``count % w`` holds the oldest gradient. Same
+    numbers; the update writes one slot, so a compiled step can do it in place."""
+
+    buffers: Any
 
 
 def ma_filter(
@@ -132,6 +142,7 @@ def ma_filter(
     w = window_size
 
     def init_fn(params: Params) -> MaFilterState:
+        _memory.check_ma_window(params, w, window_dtype, accumulator_dtype)  # raises before allocating
         return MaFilterState(
             count=C.counters_like_tree(params),
             window=tuple(
@@ -145,13 +156,16 @@ def ma_filter(
         updates: Updates, state: MaFilterState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, MaFilterState]:
         del params, extra
-        if not isinstance(state.window, tuple) or len(state.window) != w:
+        C.check_state(state, MaFilterState, "ma_filter")
+        ring = isinstance(state.window, MaRingWindow)
+        if not ring and (not isinstance(state.window, tuple) or len(state.window) != w):
             raise ValueError(f"ma_filter: the state's window must be a tuple of {w} trees")
         spec = _tree.check_structure(updates, state.total, "ma_filter state", "gradient")
-        slots = [_tree.flatten(t)[0] for t in state.window]  # slots[k][i]: slot k of leaf i
+        slots = [] if ring else [_tree.flatten(t)[0] for t in state.window]  # slots[k][i]: slot k of leaf i
 
-        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, total: torch.Tensor, _: Any) -> tuple[Any, ...]:
-            oldest = slots[0][i]
+        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, total: torch.Tensor, buf: Any) -> tuple[Any, ...]:
+            slot = torch.remainder(c, w).reshape(1) if ring else None
+            oldest = buf.index_select(0, slot).squeeze(0) if ring else slots[0][i]
             stored = g.to(oldest.dtype, copy=True)
             new_total = total - oldest.to(total.dtype) + stored.to(total.dtype)
             c1 = c + 1
@@ -159,10 +173,15 @@ def ma_filter(
             out = avg.to(g.dtype)
             if warmup:
                 out = torch.where(c1 >= w, out, torch.zeros_like(out))
+            if ring:  # the ring buffer with the oldest slot overwritten (in place once compiled)
+                stored = buf.index_put((slot,), stored.unsqueeze(0))
             return out, c1, new_total, stored
 
         # The third tree stands in for the stored copies (leaves without a gradient store nothing).
-        out, count, total, stored = C.map_present(leaf, updates, (state.count, state.total, state.count), "ma_filter")
+        third = state.window.buffers if ring else state.count
+        out, count, total, stored = C.map_present(leaf, updates, (state.count, state.total, third), "ma_filter")
+        if ring:
+            return out, MaFilterState(count, MaRingWindow(stored), total)
         # Rotate the window of each leaf that got a gradient; the others keep their slots.
         present = [g is not None for g in _tree.flatten(updates)[0]]
         stored_leaves = _tree.flatten(stored)[0]

@@ -1,0 +1,547 @@
+"""Optimizer-step benchmark: grokxform (eager and fused) against torch.optim and the Grokfast prior art.
+
+One process, one device. First the copy bandwidth (bytes read + written by a large device copy),
+then, for each parameter set and dtype, the median time of one optimizer step (CUDA events around
+each step, >= 30 steps after warm-up), its ratio to ``torch.optim.AdamW(fused=True)`` and its
+fraction of the bandwidth floor ``bytes moved per step / bandwidth``. Also the first-step compile
+time of the fused rows, the recompile count over many steps with an lr schedule and a changing
+grokking signal, and the peak extra memory during a step. Prints a table; writes JSON.
+
+    python benchmarks/bench_step.py --sets small,gpt2 --dtypes fp32 --out results.json
+    python benchmarks/bench_step.py --device cpu --sets tiny --steps 3      # smoke test
+
+Rows (``--rows`` takes comma-separated glob patterns over the row names):
+``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
+``grokadamw-0.1.2``, ``grokfast-pytorch``, ``gx-<pipeline>-eager``, ``gx-<pipeline>-fused``
+and the fused variants ``gx-<pipeline>-fused-<variant>`` (``--variants``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import grokxform as gx
+from grokxform.fused import FusedStep
+
+# --------------------------------------------------------------------------------------------
+# Parameter sets: GPT-2-style trees (names carry the block index, so layer="depth" is meaningful).
+
+
+def _block(prefix: str, d: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        (f"{prefix}.ln_1.weight", (d,)),
+        (f"{prefix}.ln_1.bias", (d,)),
+        (f"{prefix}.attn.c_attn.weight", (d, 3 * d)),
+        (f"{prefix}.attn.c_attn.bias", (3 * d,)),
+        (f"{prefix}.attn.c_proj.weight", (d, d)),
+        (f"{prefix}.attn.c_proj.bias", (d,)),
+        (f"{prefix}.ln_2.weight", (d,)),
+        (f"{prefix}.ln_2.bias", (d,)),
+        (f"{prefix}.mlp.c_fc.weight", (d, 4 * d)),
+        (f"{prefix}.mlp.c_fc.bias", (4 * d,)),
+        (f"{prefix}.mlp.c_proj.weight", (4 * d, d)),
+        (f"{prefix}.mlp.c_proj.bias", (d,)),
+    ]
+
+
+def gpt_shapes(vocab: int, positions: int, d: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameter shapes of a GPT-2-style decoder (tied head): 12·layers + 4 tensors."""
+    shapes = [("wte.weight", (vocab, d)), ("wpe.weight", (positions, d))]
+    for i in range(layers):
+        shapes += _block(f"h.{i}", d)
+    return shapes + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+
+
+SETS: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
+    "tiny": lambda: gpt_shapes(64, 16, 16, 2),  # 28 tensors, ~8k params: CPU smoke test
+    "small": lambda: gpt_shapes(8192, 128, 256, 4),  # 52 tensors, 5.29M: launch-bound
+    "10m": lambda: gpt_shapes(4096, 256, 384, 5),  # 64 tensors, 10.5M
+    "gpt2": lambda: gpt_shapes(50257, 1024, 768, 12),  # 148 tensors, 124.44M: GPT-2 small
+    "1b": lambda: gpt_shapes(50257, 1024, 2048, 22),  # 268 tensors, 1.21B
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_tree(shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device: torch.device, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params, grads = {}, {}
+    for name, shape in shapes:
+        params[name] = (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype)
+        grads[name] = (torch.randn(shape, generator=gen, device=device) * 1e-3).to(dtype)
+    return params, grads
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+
+
+class Clock:
+    """Times one step: CUDA events on the GPU (the GPU timeline, launch gaps included), the host
+    clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pairs: list[Any] = []
+
+    def time(self, fn: Callable[[], Any]) -> None:
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            self.pairs.append((a, b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            self.pairs.append(time.perf_counter() - t0)
+
+    def median_ms(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return statistics.median(a.elapsed_time(b) for a, b in self.pairs)
+        return statistics.median(self.pairs) * 1e3
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 30) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` of ``nbytes`` (median of ``reps``)."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    clock = Clock(device)
+    for _ in range(reps):
+        clock.time(lambda: dst.copy_(src))
+    ms = clock.median_ms()
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows: each builds its optimizer over fresh params/grads and returns (step, reset, info).
+
+
+@dataclasses.dataclass
+class Ctx:
+    shapes: list[tuple[str, tuple[int, ...]]]
+    dtype: torch.dtype
+    device: torch.device
+    window: int
+    steps: int
+    warmup: int
+    slow_steps: int
+
+
+@dataclasses.dataclass
+class Built:
+    step: Callable[[], Any]
+    reset: Callable[[], Any] | None = None  # restores the grads that a step changed in place
+    warmup: int | None = None
+    steps: int | None = None
+    fused: FusedStep | None = None
+    keep: Any = None  # objects that must live as long as the row
+
+
+class _Holder(torch.nn.Module):
+    """An nn.Module over a params dict (for the optimizers and filters that take a model)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, p in params.items():
+            param = torch.nn.Parameter(p)
+            param.grad = grads[name]
+            self.register_parameter(name.replace(".", "_"), param)
+
+
+def _with_reset(model: _Holder, grads: dict[str, torch.Tensor]) -> Callable[[], None]:
+    saved = [g.clone() for g in grads.values()]
+    plist = list(model.parameters())
+
+    def reset() -> None:
+        for p, g in zip(plist, saved):
+            p.grad.copy_(g)
+
+    return reset
+
+
+def row_torch(kind: str) -> Callable[[Ctx], Built]:
+    def build(ctx: Ctx) -> Built:
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        model = _Holder(params, grads)
+        if kind == "compiled":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
+            step = torch.compile(opt.step)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **{kind: True})
+            step = opt.step
+        return Built(step=step, keep=(model, opt))
+
+    return build
+
+
+def row_official(kind: str) -> Callable[[Ctx], Built]:
+    from pytorch_optimizer.optimizer.grokfast import gradfilter_ema, gradfilter_ma
+
+    def build(ctx: Ctx) -> Built:
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        model = _Holder(params, grads)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=ctx.device.type == "cuda")
+        box: dict[str, Any] = {"g": None}
+
+        def step() -> None:
+            if kind == "ema":
+                box["g"] = gradfilter_ema(model, grads=box["g"], alpha=0.98, lamb=2.0)
+            else:
+                box["g"] = gradfilter_ma(model, grads=box["g"], window_size=ctx.window, lamb=5.0)
+            opt.step()
+
+        # MA: time the filtering steps, after the window has filled.
+        warm = ctx.window + 2 if kind == "ma" else None
+        return Built(step=step, reset=_with_reset(model, grads), warmup=warm, keep=(model, opt, box))
+
+    return build
+
+
+def row_grokadamw_pkg(ctx: Ctx) -> Built:
+    from grokadamw import GrokAdamW
+
+    params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+    model = _Holder(params, grads)
+    opt = GrokAdamW(model.parameters(), lr=1e-3)
+    return Built(step=opt.step, reset=_with_reset(model, grads), warmup=1, steps=ctx.slow_steps, keep=(model, opt))
+
+
+def row_grokfast_pytorch(ctx: Ctx) -> Built:
+    from grokfast_pytorch import GrokFastAdamW
+
+    params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+    model = _Holder(params, grads)
+    opt = GrokFastAdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    return Built(step=opt.step, reset=_with_reset(model, grads), keep=(model, opt))
+
+
+def pipeline(name: str, window: int) -> gx.GradientTransformation:
+    if name == "adamw":
+        return gx.adamw(lr=1e-3, weight_decay=0.01)
+    if name == "grokfast_ema":
+        return gx.grokfast_ema(lr=1e-3)
+    if name == "grokfast_ma":
+        return gx.grokfast_ma(lr=1e-3, window_size=window)
+    if name == "grokfast_ma_bf16w":
+        return gx.grokfast_ma(lr=1e-3, window_size=window, window_dtype=torch.bfloat16)
+    if name == "grokadamw":
+        return gx.grokadamw(lr=1e-3)
+    if name == "grokadamw_compat":
+        return gx.grokadamw_compat(lr=1e-3)
+    raise ValueError(f"unknown pipeline {name!r}")
+
+
+PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokadamw_compat")
+SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # name: FusedStep keyword arguments (options are merged over the defaults)
+    "": {},
+    "nograph": {"cuda_graph": False},
+    "nocombo": {"options": {"combo_kernels": False}},
+    "nocombo-nograph": {"options": {"combo_kernels": False}, "cuda_graph": False},
+}
+
+
+def row_gx_eager(name: str) -> Callable[[Ctx], Built]:
+    def build(ctx: Ctx) -> Built:
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        tx = pipeline(name, ctx.window)
+        box = {"p": params, "s": tx.init(params)}
+
+        def step() -> None:
+            u, box["s"] = tx.update(grads, box["s"], box["p"], **SIGNAL)
+            box["p"] = gx.apply_updates(box["p"], u)
+
+        return Built(step=step, keep=box)
+
+    return build
+
+
+def row_gx_fused(name: str, variant: str) -> Callable[[Ctx], Built]:
+    def build(ctx: Ctx) -> Built:
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        fs = FusedStep(pipeline(name, ctx.window), params, **VARIANTS[variant])
+        return Built(step=lambda: fs(grads, **SIGNAL), fused=fs, keep=(params, grads))
+
+    return build
+
+
+# Bytes per parameter that one step must move at least (each input read once, each output written
+# once), as a function of the param, grad, state and window item sizes.
+def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
+    adamw = 2 * pb + gb + 4 * sb
+    if row.startswith("torch-"):
+        return 2 * pb + gb + 4 * pb  # torch keeps its moments in the param dtype
+    if row == "official-ema":
+        return 2 * pb + gb + 4 * pb + 2 * gb  # μ in the grad dtype
+    if row == "official-ma":
+        return 2 * pb + gb + 4 * pb + 4 * gb  # one slot in, one out, a running sum (grad dtype)
+    if row == "grokfast-pytorch":
+        return 2 * pb + gb + 6 * pb
+    if row == "grokadamw-0.1.2":
+        return 2 * pb + 2 * gb + 6 * pb  # the clip reads g once more
+    pipe = row[3:].split("-")[0]
+    if pipe == "adamw":
+        return adamw
+    if pipe == "grokfast_ema":
+        return adamw + 2 * sb
+    if pipe == "grokfast_ma":
+        return adamw + 2 * gb + 16  # ring slot in/out (grad dtype), float64 running sum in/out
+    if pipe == "grokfast_ma_bf16w":
+        return adamw + 2 * 2 + 16
+    if pipe in ("grokadamw", "grokadamw_compat"):
+        return adamw + gb + 2 * sb  # the norm pass over g, and μ
+    raise ValueError(row)
+
+
+def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Callable[[Ctx], Built]]:
+    """Every row, in the order they run (the slow prior art last, so a time budget cuts those)."""
+    rows: dict[str, Callable[[Ctx], Built]] = {
+        "torch-fused": row_torch("fused"),
+        "torch-foreach": row_torch("foreach"),
+    }
+    for name in PIPELINES:
+        rows[f"gx-{name}-fused"] = row_gx_fused(name, "")
+        if name in variant_pipelines:
+            for v in variants:
+                rows[f"gx-{name}-fused-{v}"] = row_gx_fused(name, v)
+    for name in PIPELINES:
+        rows[f"gx-{name}-eager"] = row_gx_eager(name)
+    rows.update(
+        {
+            "official-ema": row_official("ema"),
+            "grokfast-pytorch": row_grokfast_pytorch,
+            "grokadamw-0.1.2": row_grokadamw_pkg,
+            "official-ma": row_official("ma"),
+            "torch-compiled": row_torch("compiled"),
+        }
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_params: int) -> dict[str, Any]:
+    dev = ctx.device
+    cuda = dev.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    out: dict[str, Any] = {"row": name}
+    built = build(ctx)
+    sync(dev)
+    t0 = time.perf_counter()
+    built.step()
+    sync(dev)
+    out["first_step_s"] = time.perf_counter() - t0
+    if built.reset:
+        built.reset()
+    for _ in range((built.warmup or ctx.warmup) - 1):
+        built.step()
+        if built.reset:
+            built.reset()
+    sync(dev)
+    if cuda:
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev)
+    n = built.steps or ctx.steps
+    for _ in range(n):
+        clock.time(built.step)
+        if built.reset:
+            built.reset()
+    ms = clock.median_ms()
+    out.update(ms=ms, steps=n)
+    if cuda:
+        out["peak_extra_MB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        out["allocated_MB"] = base / 2**20
+    if built.fused is not None:
+        fs = built.fused
+        out.update(
+            compile_s=fs.compile_seconds[0] if fs.compile_seconds else None,
+            compiles=fs.compiles,
+            captures=fs.captures,
+            cuda_graph=fs.uses_cuda_graph,
+        )
+    sb = 4 if name.startswith("gx-") else torch.finfo(ctx.dtype).bits // 8
+    pb = gb = torch.finfo(ctx.dtype).bits // 8
+    bpp = bytes_per_param(name, pb, gb, sb)
+    floor_ms = bpp * n_params / bw * 1e3
+    out.update(bytes_per_param=bpp, floor_ms=floor_ms, x_floor=ms / floor_ms, frac_bw=floor_ms / ms)
+    del built
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def recompile_check(ctx: Ctx, steps: int, cuda_graph: bool) -> dict[str, Any]:
+    """grokadamw with a warm-up-cosine lr schedule and a grokking signal that changes every step,
+    half of the steps passing floats, half tensors: how many compiles over ``steps`` steps."""
+    params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 1)
+    tx = gx.grokadamw(lr=gx.warmup_cosine_decay(1e-3, max(1, steps // 10), max(steps, 2)))
+    fs = FusedStep(tx, params, cuda_graph=cuda_graph if ctx.device.type == "cuda" else False)
+    t0 = time.perf_counter()
+    for t in range(steps):
+        tl, vl = 2.0 / (1 + t), 2.0 / (1 + 0.5 * t)
+        if t % 2:
+            fs(grads, train_loss=torch.tensor(tl, device=ctx.device), val_loss=torch.tensor(vl, device=ctx.device))
+        else:
+            fs(grads, train_loss=tl, val_loss=vl)
+    sync(ctx.device)
+    return {
+        "steps": steps,
+        "cuda_graph": fs.uses_cuda_graph,
+        "compiles": fs.compiles,
+        "recompiles": fs.compiles - 1,
+        "captures": fs.captures,
+        "compile_s": fs.compile_seconds,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    by = {}
+    for r in results:
+        by.setdefault((r["set"], r["dtype"]), []).append(r)
+    for (s, d), rows in by.items():
+        ref = next((r["ms"] for r in rows if r["row"] == "torch-fused" and "ms" in r), None)
+        print(f"\n== {s} {d}: {rows[0]['params'] / 1e6:.2f}M params, {rows[0]['tensors']} tensors ==")
+        print(f"{'row':34s} {'ms':>9s} {'/fusedAdamW':>11s} {'B/param':>7s} {'x floor':>8s} {'%bw':>5s} {'compile s':>9s} {'peak+MB':>8s}")
+        for r in rows:
+            if "ms" not in r:
+                print(f"{r['row']:34s} {r.get('error', r.get('skipped', ''))[:90]}")
+                continue
+            ratio = f"{r['ms'] / ref:.2f}" if ref else "-"
+            comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else ""
+            peak = f"{r['peak_extra_MB']:.0f}" if r.get("peak_extra_MB") is not None else ""
+            print(
+                f"{r['row']:34s} {r['ms']:9.3f} {ratio:>11s} {r['bytes_per_param']:7.0f} {r['x_floor']:8.2f}"
+                f" {100 * r['frac_bw']:5.0f} {comp:>9s} {peak:>8s}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sets", default="small,gpt2", help=f"comma list of {list(SETS)}")
+    ap.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16")
+    ap.add_argument("--rows", default="*", help="comma list of glob patterns over row names")
+    ap.add_argument("--skip", default="", help="comma list of glob patterns of rows to leave out")
+    ap.add_argument("--variants", default="", help=f"extra fused variants, comma list of {list(VARIANTS)[1:]}")
+    ap.add_argument("--variant-pipelines", default="grokadamw", help="pipelines that get the --variants")
+    ap.add_argument("--window", type=int, default=100, help="MA window (official and grokxform)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--slow-steps", type=int, default=3, help="timed steps of grokadamw 0.1.2")
+    ap.add_argument("--recompile-steps", type=int, default=1000, help="0: skip the recompile check")
+    ap.add_argument("--recompile-set", default=None, help="set of the recompile check (default: first set)")
+    ap.add_argument("--bandwidth-mb", type=int, default=2048)
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip rows once this much time has passed")
+    ap.add_argument("--out", default=None, help="JSON path")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device)
+    start = time.perf_counter()
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS or not v:
+            ap.error(f"--variants: unknown variant {v!r}")
+    rows = all_rows(variants, [p for p in args.variant_pipelines.split(",") if p])
+    pats = [p for p in args.rows.split(",") if p]
+    skips = [p for p in args.skip.split(",") if p]
+    chosen = [n for n in rows if any(fnmatch.fnmatch(n, p) for p in pats) and not any(fnmatch.fnmatch(n, p) for p in skips)]
+    sets = [s for s in args.sets.split(",") if s]
+    for s in sets:
+        if s not in SETS:
+            ap.error(f"--sets: unknown set {s!r}")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+
+    info: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    bw = copy_bandwidth(dev, (args.bandwidth_mb if dev.type == "cuda" else 64) * 2**20)
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"device {info['device']}, torch {info['torch']}, copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    results: list[dict[str, Any]] = []
+    doc = {**info, "rows": results}
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    if args.recompile_steps > 0:
+        rs = args.recompile_set or sets[0]
+        ctx = Ctx(SETS[rs](), torch.float32, dev, args.window, args.steps, args.warmup, args.slow_steps)
+        doc["recompile"] = []
+        for graph in ([False, True] if dev.type == "cuda" else [False]):
+            try:
+                rc = {"set": rs, **recompile_check(ctx, args.recompile_steps, graph)}
+            except Exception as e:  # noqa: BLE001
+                rc = {"set": rs, "cuda_graph": graph, "error": f"{type(e).__name__}: {e}"[:2000]}
+                traceback.print_exc()
+            doc["recompile"].append(rc)
+            print("recompile check:", rc, flush=True)
+        save()
+    for s in sets:
+        shapes = SETS[s]()
+        n_params = sum(math.prod(sh) for _, sh in shapes)
+        for d in dtypes:
+            ctx = Ctx(shapes, DTYPES[d], dev, args.window, args.steps, max(args.warmup, 2), args.slow_steps)
+            for name in chosen:
+                base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
+                if time.perf_counter() - start > args.budget_s:
+                    results.append({**base, "row": name, "skipped": "time budget"})
+                    continue
+                try:
+                    r = run_row(name, rows[name], ctx, bw, n_params)
+                except Exception as e:  # noqa: BLE001 - a row's failure is a result, the others go on
+                    r = {"row": name, "error": f"{type(e).__name__}: {e}"[:2000]}
+                    traceback.print_exc()
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                results.append({**base, **r})
+                msg = f"{r['ms']:.3f} ms" if "ms" in r else r.get("error", "")[:200]
+                print(f"[{time.perf_counter() - start:6.0f}s] {s} {d} {name}: {msg}", flush=True)
+                save()
+    doc["wall_s"] = time.perf_counter() - start
+    save()
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
