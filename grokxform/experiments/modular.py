@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
     mask (−∞ above the diagonal); heads concatenated, then ``out_proj``. Parameters:
     ``in_proj_weight`` (3D, D) Xavier-uniform, ``in_proj_bias`` zeros, ``out_proj`` a Linear with
     zero bias, as ``nn.MultiheadAttention`` initialises them. Runs on
-    ``F.scaled_dot_product_attention``; input ``(B, T, D)``.
+    plain attention maths (vmap-friendly); input ``(B, T, D)``.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -77,7 +77,12 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Written out rather than F.scaled_dot_product_attention: the fused attention kernels have
+        # no torch.func.vmap batching rule (a vmapped sweep would loop over members), and with
+        # four tokens the plain maths is as fast.
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.num_heads)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        a = scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
         return self.out_proj(a.transpose(1, 2).reshape(b, t, d))
 
 

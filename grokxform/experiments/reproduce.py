@@ -1,0 +1,177 @@
+"""The GPU reproduction of the paper's modular-arithmetic table, the sweep throughput, and the
+weight-decay / β1 ablation, as one script that writes JSON after each phase::
+
+    python -m grokxform.experiments.reproduce --out results/ --device cuda --phases paper,sweep,ablation
+
+- ``paper``: Grokfast-EMA and Grokfast-MA, one single run per seed (the plain training loop, as
+  a user would run it; wall clock measured), and the Adam baseline for the same seeds trained as
+  one vmapped program (capped at ``--baseline-steps``, default 50,000).
+- ``sweep``: a Grokfast-EMA grid α × λ × weight decay × seeds as one vmapped program, and the same
+  members' throughput when run one by one (the plain loop, and the vmapped code with one member):
+  the ratio is member-steps per second of the sweep over that of one-by-one.
+- ``ablation``: the question of seed 003: tune AdamW's (decoupled) weight decay and β1 for the
+  baseline with the same number of configurations and steps as a Grokfast-EMA grid, then compare
+  the best of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grokxform.experiments.modular import paper_setup
+from grokxform.experiments.optimizers import modular_optimizer
+from grokxform.experiments.sweep import SWEEP_FACTORIES, median_and_spread, sweep
+from grokxform.experiments.train import train
+from grokxform.transforms.schedules import linear_warmup
+
+PAPER_TABLE = {
+    "baseline": {"steps": 39890, "seconds": 5984},
+    "grokfast_ma": {"steps": 790, "seconds": 292},
+    "grokfast_ema": {"steps": 910, "seconds": 137},
+}
+"""The paper's iterations and wall clock (GTX 1080 Ti) to 95% validation accuracy."""
+
+
+def _env(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write(out: Path, name: str, payload: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out / name}", flush=True)
+
+
+def paper_rows(device: torch.device, seeds: list[int], max_steps: int) -> dict[str, Any]:
+    """Grokfast-EMA and -MA with the paper's settings: one plain single run per seed."""
+    rows: dict[str, Any] = {}
+    for name in ("grokfast_ema", "grokfast_ma"):
+        runs = []
+        for seed in seeds:
+            setup = paper_setup(seed, device=device)
+            res = train(setup.model, modular_optimizer(name), setup.data, steps=max_steps,
+                        generator=setup.generator, stop_at_target=True)
+            runs.append({"seed": seed, "steps_to_95": res.steps_to_target, "seconds_to_95": res.seconds_to_target,
+                         "steps": res.steps, "seconds": res.seconds, "curve": res.curves()})
+            print(name, seed, res.steps_to_target, res.seconds_to_target, flush=True)
+        rows[name] = {"runs": runs, "steps_to_95": median_and_spread([r["steps_to_95"] for r in runs]),
+                      "seconds_to_95": median_and_spread([r["seconds_to_95"] for r in runs]),
+                      "paper": PAPER_TABLE[name]}
+    return rows
+
+
+def baseline_row(device: torch.device, seeds: list[int], steps: int, seconds: float | None,
+                 compile: bool) -> dict[str, Any]:
+    """The Adam baseline (wd 0) for all seeds at once, as one vmapped program, capped."""
+    try:
+        base = sweep("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
+                     compile=compile, max_seconds=seconds)
+    except Exception as err:  # a compiler failure must not cost the row: run it eagerly
+        if not compile:
+            raise
+        print(f"baseline: compiled run failed ({type(err).__name__}: {err}); running eagerly", flush=True)
+        compile = False
+        base = sweep("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
+                     compile=False, max_seconds=seconds)
+    print("baseline", base.steps_to_target, base.steps, base.seconds, flush=True)
+    return {"vmapped": True, "compiled": compile, "steps_run": base.steps, "seconds": base.seconds,
+            "steps_to_95": median_and_spread(base.steps_to_target), "per_seed": base.steps_to_target,
+            "paper": PAPER_TABLE["baseline"], "eval_steps": base.eval_steps[::10],
+            "val_acc": base.val_acc[::10], "train_acc": base.train_acc[::10]}
+
+
+def sweep_throughput(device: torch.device, steps: int, single_steps: int, compile: bool,
+                     seconds: float | None = None) -> dict[str, Any]:
+    grid = {"alpha": [0.9, 0.95, 0.98], "lamb": [1.0, 2.0, 5.0], "weight_decay": [0.005, 0.01]}
+    seeds = [0, 1]
+    res = sweep("grokfast_ema", grid, seeds=seeds, steps=steps, device=device, compile=compile,
+                stop_when_all_reached=True, max_seconds=seconds)
+    n = len(res.members)
+    # one by one: a few members alone, the plain loop and the vmapped code with one member
+    singles = []
+    for m in res.members[:3]:
+        setup = paper_setup(m["seed"], device=device)
+        tx = SWEEP_FACTORIES["grokfast_ema"](lr=linear_warmup(1e-3, 10), alpha=m["alpha"], lamb=m["lamb"],
+                                              weight_decay=m["weight_decay"])
+        t0 = time.perf_counter()
+        r = train(setup.model, tx, setup.data, steps=single_steps, generator=setup.generator)
+        loop_s = time.perf_counter() - t0
+        one = sweep("grokfast_ema", {}, steps=single_steps, device=device, compile=compile,
+                    members=[m], stop_when_all_reached=False)
+        singles.append({"member": m, "loop_steps_per_s": r.steps / loop_s,
+                        "vmapped1_steps_per_s": one.steps / one.seconds})
+    best_single = max(max(s["loop_steps_per_s"], s["vmapped1_steps_per_s"]) for s in singles)
+    return {
+        "members": n, "grid": grid, "seeds": seeds, "steps_run": res.steps, "seconds": res.seconds,
+        "member_steps_per_s": res.member_steps_per_second, "singles": singles,
+        "best_single_steps_per_s": best_single,
+        "throughput_ratio": res.member_steps_per_second / best_single,
+        "result": res.to_json(),
+    }
+
+
+def ablation(device: torch.device, steps: int, compile: bool, seconds: float | None = None) -> dict[str, Any]:
+    seeds = [0, 1]
+    tuned = sweep("adamw", {"weight_decay": [0.1, 0.3, 1.0], "b1": [0.8, 0.9, 0.98]}, seeds=seeds,
+                  steps=steps, device=device, compile=compile, max_seconds=seconds)
+    grok = sweep("grokfast_ema", {"alpha": [0.9, 0.98, 0.99], "weight_decay": [0.001, 0.005, 0.01]},
+                 seeds=seeds, steps=steps, device=device, compile=compile, max_seconds=seconds)
+
+    def best(res: Any) -> dict[str, Any]:
+        configs: dict[tuple, list] = {}
+        for m, s in zip(res.members, res.steps_to_target):
+            key = tuple((k, v) for k, v in m.items() if k != "seed")
+            configs.setdefault(key, []).append(s)
+        table = [{"config": dict(k), **median_and_spread(v)} for k, v in configs.items()]
+        ranked = sorted(table, key=lambda r: (-r["reached"], r["median"] if r["median"] is not None else 1e12))
+        return {"table": table, "best": ranked[0]}
+
+    return {"budget_steps": steps, "seeds": seeds, "adamw_tuned": best(tuned), "grokfast_ema": best(grok),
+            "raw": {"adamw": tuned.to_json(), "grokfast_ema": grok.to_json()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--phases", default="paper,sweep,ablation,baseline", help="in the order to run them")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--max-steps", type=int, default=5000)
+    ap.add_argument("--baseline-steps", type=int, default=50_000)
+    ap.add_argument("--sweep-steps", type=int, default=3000)
+    ap.add_argument("--single-steps", type=int, default=200)
+    ap.add_argument("--ablation-steps", type=int, default=5000)
+    ap.add_argument("--phase-seconds", type=float, default=None, help="cap on each vmapped sweep's wall time")
+    ap.add_argument("--baseline-seconds", type=float, default=None, help="cap on the baseline's wall time")
+    ap.add_argument("--compile", default="baseline", help="phases whose vmapped steps are compiled")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    env = _env(device)
+    compiled = set(args.compile.split(","))
+    cap = args.phase_seconds
+    for phase in args.phases.split(","):
+        t0 = time.perf_counter()
+        if phase == "paper":
+            payload = {"seeds": seeds, **paper_rows(device, seeds, args.max_steps)}
+        elif phase == "baseline":
+            payload = {"seeds": seeds, "baseline": baseline_row(device, seeds, args.baseline_steps, args.baseline_seconds,
+                                                                "baseline" in compiled)}
+        elif phase == "sweep":
+            payload = sweep_throughput(device, args.sweep_steps, args.single_steps, "sweep" in compiled, cap)
+        elif phase == "ablation":
+            payload = ablation(device, args.ablation_steps, "ablation" in compiled, cap)
+        else:
+            raise SystemExit(f"unknown phase {phase!r}")
+        _write(args.out, f"{phase}.json", {**env, "phase_seconds": time.perf_counter() - t0, **payload})
+
+
+if __name__ == "__main__":
+    main()
