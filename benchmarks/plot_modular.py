@@ -1,0 +1,145 @@
+"""Plots and a markdown table from the GPU reproduction's JSON (``grokxform.experiments.reproduce``).
+
+    python benchmarks/plot_modular.py benchmarks/results/modular
+
+writes ``paper_curves.png``, ``sweep_heatmap.png``, ``ablation.png`` and ``summary.md`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fmt(stats: dict) -> str:
+    if stats["median"] is None:
+        return f"not reached ({stats['reached']}/{stats['of']})"
+    return f"{stats['median']:g} [{stats['min']:g}–{stats['max']:g}] ({stats['reached']}/{stats['of']})"
+
+
+def paper_curves(folder: Path) -> list[str]:
+    paper = json.loads((folder / "paper.json").read_text())
+    base = json.loads((folder / "baseline.json").read_text())["baseline"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {"grokfast_ema": "tab:red", "grokfast_ma": "tab:orange"}
+    for name, color in colors.items():
+        for i, run in enumerate(paper[name]["runs"]):
+            c = run["curve"]
+            ax.plot(c["step"], c["val_acc"], color=color, alpha=0.8, label=f"{name} val" if i == 0 else None)
+            ax.plot(c["step"], c["train_acc"], color=color, alpha=0.3, ls="--", label=f"{name} train" if i == 0 else None)
+    steps = base["eval_steps"]
+    for i in range(len(base["val_acc"][0])):
+        ax.plot(steps, [v[i] for v in base["val_acc"]], color="tab:blue", alpha=0.8, label="baseline val" if i == 0 else None)
+        ax.plot(steps, [v[i] for v in base["train_acc"]], color="tab:blue", alpha=0.3, ls="--",
+                label="baseline train" if i == 0 else None)
+    ax.axhline(0.95, color="gray", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"x·y mod 97, seeds {paper['seeds']} ({paper['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "paper_curves.png", dpi=120)
+    plt.close(fig)
+    lines = [
+        "| run | steps to 95% val acc: median [min–max] (reached) | seconds to 95%: median | paper (steps, s) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in ("baseline", "grokfast_ma", "grokfast_ema"):
+        if name == "baseline":
+            got = f"not reached in {base['steps_run']} steps ({len(base['per_seed'])} seeds, capped at {base['seconds']:.0f} s)"
+            if base["steps_to_95"]["median"] is not None:
+                got = _fmt(base["steps_to_95"])
+            secs = "—"
+            ref = base["paper"]
+        else:
+            got = _fmt(paper[name]["steps_to_95"])
+            secs = f"{paper[name]['seconds_to_95']['median']:.1f}"
+            ref = paper[name]["paper"]
+        lines.append(f"| {name} | {got} | {secs} | {ref['steps']}, {ref['seconds']} |")
+    return lines
+
+
+def sweep_heatmap(folder: Path) -> list[str]:
+    sw = json.loads((folder / "sweep.json").read_text())
+    res = sw["result"]
+    grid = sw["grid"]
+    alphas, lambs, wds = grid["alpha"], grid["lamb"], grid["weight_decay"]
+    fig, axes = plt.subplots(1, len(wds), figsize=(5 * len(wds), 4), squeeze=False)
+    cap = res["steps"]
+    for w_i, wd in enumerate(wds):
+        table = np.full((len(alphas), len(lambs)), np.nan)
+        for a_i, a in enumerate(alphas):
+            for l_i, lam in enumerate(lambs):
+                vals = [s if s is not None else np.nan for m, s in zip(res["members"], res["steps_to_target"])
+                        if m["alpha"] == a and m["lamb"] == lam and m["weight_decay"] == wd]
+                table[a_i, l_i] = np.nanmedian(vals) if not all(np.isnan(vals)) else np.nan
+        ax = axes[0][w_i]
+        im = ax.imshow(table, cmap="viridis_r", vmin=0, vmax=cap)
+        for a_i in range(len(alphas)):
+            for l_i in range(len(lambs)):
+                v = table[a_i, l_i]
+                ax.text(l_i, a_i, f">{cap}" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", color="w")
+        ax.set_xticks(range(len(lambs)), [f"λ={x:g}" for x in lambs])
+        ax.set_yticks(range(len(alphas)), [f"α={x:g}" for x in alphas])
+        ax.set_title(f"Grokfast-EMA, L2 wd={wd:g}: median steps to 95%")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(folder / "sweep_heatmap.png", dpi=120)
+    plt.close(fig)
+    singles = sw["singles"]
+    return [
+        f"Sweep: {sw['members']} members ({' × '.join(f'{k} {v}' for k, v in grid.items())} × seeds {sw['seeds']}) "
+        f"as one vmapped program on {sw['device']}: {sw['member_steps_per_s']:.0f} member-steps/s over "
+        f"{sw['steps_run']} steps; one by one: {sw['best_single_steps_per_s']:.1f} steps/s (best of the plain loop, "
+        f"{np.mean([s['loop_steps_per_s'] for s in singles]):.1f}, and the vmapped code with one member, "
+        f"{np.mean([s['vmapped1_steps_per_s'] for s in singles]):.1f}): **{sw['throughput_ratio']:.1f}×** the throughput.",
+    ]
+
+
+def ablation(folder: Path) -> list[str]:
+    ab = json.loads((folder / "ablation.json").read_text())
+    lines = [
+        f"Ablation (budget: {ab['raw']['adamw']['steps']} / {ab['raw']['grokfast_ema']['steps']} steps reached in the "
+        f"time cap, seeds {ab['seeds']}, same number of configurations each):",
+        "",
+        "| pipeline | configuration | steps to 95%: median [min–max] (reached) |",
+        "| --- | --- | --- |",
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (name, color) in enumerate((("adamw_tuned", "tab:blue"), ("grokfast_ema", "tab:red"))):
+        rows = ab[name]["table"]
+        for r in rows:
+            cfg = ", ".join(f"{a}={b:g}" for a, b in r["config"].items())
+            lines.append(f"| {name} | {cfg} | {_fmt(r)} |")
+        xs = [i + 0.4 * k for i in range(len(rows))]
+        ys = [r["median"] if r["median"] is not None else np.nan for r in rows]
+        ax.bar(xs, ys, width=0.4, color=color, label=name)
+    ax.set_ylabel("median steps to 95% val acc (missing: not reached)")
+    ax.set_xlabel("configuration index (see summary.md)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "ablation.png", dpi=120)
+    plt.close(fig)
+    b1, b2 = ab["adamw_tuned"]["best"], ab["grokfast_ema"]["best"]
+    lines += ["", f"Best tuned AdamW: {b1['config']} → {_fmt(b1)}; best Grokfast-EMA: {b2['config']} → {_fmt(b2)}."]
+    return lines
+
+
+def main(folder: str) -> None:
+    path = Path(folder)
+    lines = ["# Modular arithmetic on the GPU", ""]
+    lines += paper_curves(path) + [""] + sweep_heatmap(path) + [""] + ablation(path)
+    (path / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/modular")
