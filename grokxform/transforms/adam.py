@@ -79,11 +79,40 @@ def layerwise_beta(
     return LayerwiseBeta(float(b1), float(gamma), layer)
 
 
-def _pow(base: Scalar, t: torch.Tensor) -> torch.Tensor:
-    """``base ** t`` in float64 for a float64 tensor ``t`` (no host-to-device copy for a number)."""
-    if isinstance(base, torch.Tensor):
-        return base.to(device=t.device, dtype=torch.float64) ** t
-    return torch.pow(float(base), t)
+def _pow(bases: Sequence[Scalar], t: torch.Tensor) -> torch.Tensor:
+    """``bases[k] ** t[k]`` in float64 for the float64 vector ``t``: one op when every base is the
+    same number or tensor, else the bases stacked into a vector."""
+    first = bases[0]
+    if all(b is first for b in bases) or (C.is_number(first) and all(C.is_number(b) and b == first for b in bases)):
+        if isinstance(first, torch.Tensor):
+            return first.to(device=t.device, dtype=torch.float64) ** t
+        return torch.pow(float(first), t)
+    if all(C.is_number(b) for b in bases):
+        vec = torch.tensor([float(b) for b in bases], dtype=torch.float64, device=t.device)
+    else:
+        vec = torch.stack([C.f64(b, t.device) for b in bases])
+    return vec**t
+
+
+def _bias_corrections(
+    present: list[int], counts: list[torch.Tensor], betas1: list[Scalar], b2: Scalar
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per present leaf i: ``(1 − β1_i^t_i, √(1 − β2^t_i), t_i)`` with t_i = count_i + 1, in float64.
+
+    The scalars of all leaves on a device are computed as vectors (a handful of ops whatever the
+    number of leaves, which keeps the eager step's overhead and a compiled graph small).
+    """
+    out: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i in present:
+        by_device.setdefault(counts[i].device, []).append(i)
+    for idx in by_device.values():
+        c1 = torch.stack([counts[i] for i in idx]) + 1
+        t = c1.to(torch.float64)
+        bc1 = 1.0 - _pow([betas1[i] for i in idx], t)
+        bc2_sqrt = torch.sqrt(1.0 - _pow([b2], t))
+        out.update(zip(idx, zip(bc1.unbind(), bc2_sqrt.unbind(), c1.unbind())))
+    return out
 
 
 class ScaleByAdamState(NamedTuple):
@@ -143,26 +172,29 @@ def scale_by_adam(
     ) -> tuple[Updates, ScaleByAdamState]:
         del params, extra
         C.check_state(state, ScaleByAdamState, "scale_by_adam")
+        leaves = _tree.flatten(updates)[0]
         if isinstance(b1, LayerwiseBeta):
-            present = [g is not None for g in _tree.flatten(updates)[0]]
-            betas1: list[Any] = b1.values(_tree.path_names(updates), present)
+            betas1: list[Any] = b1.values(_tree.path_names(updates), [g is not None for g in leaves])
         else:
-            betas1 = [b1] * len(_tree.flatten(updates)[0])
+            betas1 = [b1] * len(leaves)
+        corrections = _bias_corrections(
+            [i for i, g in enumerate(leaves) if g is not None],
+            _tree.flatten(state.count)[0],
+            betas1 if bias_correction_b1 is None else [bias_correction_b1] * len(leaves),
+            b2,
+        )
 
         def leaf(i: int, g: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...]:
             beta1 = betas1[i]
             gs = g.to(m.dtype)
             m1 = m * C.scalar_for(beta1, m) + gs * C.scalar_for(1.0 - beta1, m)
             v1 = v * C.scalar_for(b2, v) + gs * gs * C.scalar_for(1.0 - b2, v)
-            t = (c + 1).to(torch.float64)
-            bc_b1 = beta1 if bias_correction_b1 is None else bias_correction_b1
-            bc1 = 1.0 - _pow(bc_b1, t)
-            bc2_sqrt = torch.sqrt(1.0 - _pow(b2, t))
+            bc1, bc2_sqrt, c1 = corrections[i]
             if eps_placement == "corrected":
                 u = (m1 / bc1.to(m.dtype)) / (v1.sqrt() / bc2_sqrt.to(m.dtype) + C.scalar_for(eps, m))
             else:
                 u = (bc2_sqrt / bc1).to(m.dtype) * (m1 / (v1.sqrt() + C.scalar_for(eps, m)))
-            return u.to(g.dtype), c + 1, m1, v1
+            return u.to(g.dtype), c1, m1, v1
 
         out, count, mu, nu = C.map_present(leaf, updates, (state.count, state.mu, state.nu), "scale_by_adam")
         return out, ScaleByAdamState(count, mu, nu)
