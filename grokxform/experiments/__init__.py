@@ -1,0 +1,35 @@
+"""Reproduction tasks of the Grokfast paper and the functional loop that trains them.
+
+- :mod:`~grokxform.experiments.modular`: x·y mod 97 and the paper's causal decoder.
+- :mod:`~grokxform.experiments.mnist`: Omnigrok's MNIST MLP, read from local IDX files.
+- :mod:`~grokxform.experiments.optimizers`: the optimizers of each run, by name.
+- :mod:`~grokxform.experiments.train`: ``train(model, tx, data, steps=...)``, any transform.
+- :mod:`~grokxform.experiments.cli`: the ``grokxform`` command (``grokxform demo``).
+"""
+
+from grokxform.experiments.data import TaskData
+from grokxform.experiments.mnist import load_mnist, make_mlp, mnist_data, mnist_setup, mse_one_hot, read_idx
+from grokxform.experiments.modular import Decoder, make_decoder, modular_data, paper_setup
+from grokxform.experiments.optimizers import MNIST_OPTIMIZERS, MODULAR_OPTIMIZERS, modular_optimizer
+from grokxform.experiments.train import EvalRecord, TrainResult, evaluate, train
+
+__all__ = [
+    "MNIST_OPTIMIZERS",
+    "MODULAR_OPTIMIZERS",
+    "Decoder",
+    "EvalRecord",
+    "TaskData",
+    "TrainResult",
+    "evaluate",
+    "load_mnist",
+    "make_decoder",
+    "make_mlp",
+    "mnist_data",
+    "mnist_setup",
+    "modular_data",
+    "modular_optimizer",
+    "mse_one_hot",
+    "paper_setup",
+    "read_idx",
+    "train",
+]
