@@ -1,0 +1,321 @@
+"""The ``grokxform`` command line: ``grokxform demo`` (more subcommands plug in the same way).
+
+``grokxform demo`` trains the paper's modular-arithmetic decoder (x·y mod 97, 50 % of the
+equations) with the four optimizers of
+:data:`~grokxform.experiments.optimizers.MODULAR_OPTIMIZERS`, each from the same seed (same
+init, split and batch order), each stopped at 95 % validation accuracy or at ``--steps``. It
+prints the steps and seconds each took to reach 95 %, and writes the train/val accuracy curves
+to a PNG (needs matplotlib: ``pip install grokxform[demo]``; without it the plot is skipped).
+
+Every subcommand is a :class:`Command` in :data:`COMMANDS`: ``register`` adds its arguments to
+an ``argparse`` sub-parser, ``run(args)`` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+import torch
+
+from grokxform.experiments.modular import paper_setup
+from grokxform.experiments.optimizers import MODULAR_OPTIMIZERS
+from grokxform.experiments.train import EvalRecord, TrainResult, train
+
+DEMO_STEPS = 1800
+"""Default step budget of each demo run (the baseline needs ~40k and is reported as not reached)."""
+DEMO_TARGET = 0.95
+"""Validation accuracy that counts as generalised."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _PrintProgress:
+    """A plain progress line every ~10 % of the budget, for when tqdm is not installed."""
+
+    def __init__(self, name: str, total: int, stream: TextIO) -> None:
+        self.name, self.total, self.stream = name, total, stream
+        self.every = max(1, total // 10)
+        self.next_at = self.every
+
+    def update(self, record: EvalRecord) -> None:
+        if record.step >= self.next_at or record.val_acc >= DEMO_TARGET:
+            print(
+                f"  [{self.name}] step {record.step:>6}/{self.total}  train acc {record.train_acc:.3f}"
+                f"  val acc {record.val_acc:.3f}  {record.seconds:6.1f} s",
+                file=self.stream,
+                flush=True,
+            )
+            while self.next_at <= record.step:
+                self.next_at += self.every
+
+    def close(self) -> None:
+        pass
+
+
+class _TqdmProgress:
+    def __init__(self, name: str, total: int, stream: TextIO) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{name:<13}", unit="step", file=stream, dynamic_ncols=True, leave=True)
+        self.done = 0
+
+    def update(self, record: EvalRecord) -> None:
+        self.bar.update(record.step - self.done)
+        self.done = record.step
+        self.bar.set_postfix(train=f"{record.train_acc:.3f}", val=f"{record.val_acc:.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(name: str, total: int, stream: TextIO, use_tqdm: bool) -> _PrintProgress | _TqdmProgress:
+    if use_tqdm:
+        try:
+            return _TqdmProgress(name, total, stream)
+        except ImportError:
+            pass
+    return _PrintProgress(name, total, stream)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(results: dict[str, TrainResult], budget: int, target: float = DEMO_TARGET) -> str:
+    """A plain-text table: per run, steps and seconds to ``target`` val accuracy (or "not
+    reached in N steps"), the final val accuracy, and the mean wall time per step."""
+    head = (f"run", f"steps to {target:.0%} val acc", "seconds to it", "final val acc", "ms / step")
+    rows = [head]
+    for name, r in results.items():
+        last = r.history[-1] if r.history else None
+        if r.reached:
+            steps, secs = str(r.steps_to_target), f"{r.seconds_to_target:.1f}"
+        else:
+            steps, secs = f"not reached in {budget} steps", "-"
+        rows.append(
+            (
+                name,
+                steps,
+                secs,
+                "-" if last is None else f"{last.val_acc:.3f}",
+                "-" if r.steps == 0 else f"{1000 * r.seconds / r.steps:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, TrainResult], path: Path, title: str, target: float = DEMO_TARGET) -> bool:
+    """Write train (dashed) and val (solid) accuracy against steps (log scale) to ``path``.
+
+    Returns False, writing nothing, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, r) in enumerate(results.items()):
+        c = r.curves()
+        color = colors[i % len(colors)]
+        ax.plot(c["step"], c["train_acc"], linestyle="--", color=color, alpha=0.7, label=f"{name} train")
+        ax.plot(c["step"], c["val_acc"], linestyle="-", color=color, label=f"{name} val")
+    ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimization steps")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="center left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _run_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODULAR_OPTIMIZERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--runs: unknown run(s) {unknown or [text]}; choose from {', '.join(MODULAR_OPTIMIZERS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--runs: a run is named twice in {text!r}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _threads(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def auto_threads() -> int:
+    """torch's default thread count, or 1 when the 1-minute load average says at least one other
+    job is already running.
+
+    torch's OpenMP threads spin at every barrier; when they share cores with other busy
+    processes, each of the many small ops of this model waits for a descheduled partner. On
+    the 2-core machine of ``docs/experiments.md`` a training step took 37 ms with 2 threads on an
+    idle CPU, 70 ms with 1 thread, and 0.9-2.9 s with 2 threads beside other jobs (1 thread:
+    0.07-0.36 s).
+    """
+    default = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return default
+    return 1 if default > 1 and load >= 1.0 else default
+
+
+def _register_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--steps", type=_positive_int, default=DEMO_STEPS, help=f"step budget of each run (default {DEMO_STEPS})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init, split and batch order (default 0)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("grokxform_demo.png"), help="PNG of the curves (default ./grokxform_demo.png)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--runs",
+        type=_run_names,
+        default=list(MODULAR_OPTIMIZERS),
+        help=f"comma-separated runs to train (default all: {','.join(MODULAR_OPTIMIZERS)})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        help="CPU threads for torch; 'auto' (default): torch's own choice (one per core), or 1 when"
+        " the CPU is already busy with other jobs",
+    )
+    parser.add_argument(
+        "--no-progress-bar", action="store_true", help="print progress lines instead of a tqdm bar"
+    )
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        print(f"grokxform demo: device {args.device!r} is not usable: {err}", file=sys.stderr)
+        return 2
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(auto_threads() if args.threads == "auto" else args.threads)
+    try:
+        return _demo(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _demo(args: argparse.Namespace, device: torch.device) -> int:
+    out, err = sys.stdout, sys.stderr
+    print(
+        f"grokxform demo: x*y mod 97, 50% train split, seed {args.seed}, device {device},"
+        f" {torch.get_num_threads()} CPU thread(s){' (auto)' if args.threads == 'auto' else ''},"
+        f" budget {args.steps} steps per run,"
+        f" stop at {DEMO_TARGET:.0%} val accuracy",
+        file=out,
+        flush=True,
+    )
+    results: dict[str, TrainResult] = {}
+    start = time.perf_counter()
+    for name in args.runs:
+        setup = paper_setup(args.seed, device)
+        bar = _progress(name, args.steps, err, use_tqdm=not args.no_progress_bar)
+        try:
+            results[name] = train(
+                setup.model,
+                MODULAR_OPTIMIZERS[name](),
+                setup.data,
+                steps=args.steps,
+                generator=setup.generator,
+                target_accuracy=DEMO_TARGET,
+                stop_at_target=True,
+                on_eval=bar.update,
+            )
+        finally:
+            bar.close()
+    total = time.perf_counter() - start
+    print("", file=out)
+    print(format_table(results, args.steps), file=out)
+    print(f"\ntotal wall time {total:.1f} s", file=out)
+    title = f"x·y mod 97, seed {args.seed}: train (dashed) and val (solid) accuracy"
+    if plot_curves(results, args.out, title):
+        print(f"curves written to {args.out}", file=out)
+    else:
+        print("matplotlib is not installed: no plot (pip install 'grokxform[demo]')", file=out)
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+class Command(NamedTuple):
+    """A subcommand: ``register`` adds its arguments to its sub-parser, ``run(args)`` returns the
+    exit status."""
+
+    name: str
+    help: str
+    register: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "demo",
+        "train baseline / Grokfast-EMA / Grokfast-MA / GrokAdamW on x*y mod 97 and compare",
+        _register_demo,
+        _run_demo,
+    ),
+]
+"""The subcommands; a new one (``sweep``...) is added by appending a :class:`Command` here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``grokxform`` parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="grokxform", description="grokxform experiments")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.register(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen subcommand; returns its exit status."""
+    args: Any = build_parser().parse_args(argv)
+    return int(args._run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
