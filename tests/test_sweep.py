@@ -53,6 +53,25 @@ def test_sweep_rejects_unknown_names():
         sweep("grokfast_ema", {"window_size": [3.0]}, steps=1)
 
 
+def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
+    import json
+
+    from grokxform.experiments import cli
+
+    prefix = tmp_path / "out" / "grid"
+    status = cli.main(["sweep", "--alpha", "0.9,0.98", "--lamb", "2", "--seeds", "0", "--steps", "2",
+                       "--device", "cpu", "--out", str(prefix)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "2 members" in printed and "member-steps/s" in printed
+    payload = json.loads(prefix.with_suffix(".json").read_text())
+    assert [m["alpha"] for m in payload["members"]] == [0.9, 0.98] and payload["steps"] == 2
+    assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["sweep", "--pipeline", "baseline", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
+                     "--out", str(prefix)]) == 2
+    assert "alpha" in capsys.readouterr().err
+
+
 def test_median_and_spread():
     assert median_and_spread([30, None, 10, 20]) == {"median": 20, "min": 10, "max": 30, "reached": 3, "of": 4}
     assert median_and_spread([None])["median"] is None

@@ -276,6 +276,119 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- sweep
+
+SWEEP_AXES = ("alpha", "lamb", "weight_decay", "b1", "alpha_init")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _register_sweep(parser: argparse.ArgumentParser) -> None:
+    from grokxform.experiments.sweep import SWEEP_FACTORIES
+
+    parser.add_argument("--pipeline", default="grokfast_ema", choices=sorted(SWEEP_FACTORIES),
+                        help="what every member trains with (default grokfast_ema, the paper's settings)")
+    for axis in SWEEP_AXES:
+        parser.add_argument(f"--{axis.replace('_', '-')}", type=_floats, default=None,
+                            help=f"comma-separated values of {axis} to sweep")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--steps", type=_positive_int, default=3000, help="step budget (default 3000)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
+    parser.add_argument("--out", type=Path, default=Path("grokxform_sweep"),
+                        help="prefix of the outputs: PREFIX.json and PREFIX.png (default ./grokxform_sweep)")
+
+
+def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path,
+                 title: str) -> bool:
+    """Median steps to the target over the first two swept axes (others and seeds pooled);
+    unreached cells read ">budget". Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    axes = [k for k in members[0] if k != "seed"] + ["seed"]
+    xk, yk = axes[0], axes[1]
+    xs = sorted({m[xk] for m in members})
+    ys = sorted({m[yk] for m in members})
+    cells = [[float("nan")] * len(xs) for _ in ys]
+    for j, yv in enumerate(ys):
+        for i, xv in enumerate(xs):
+            got = sorted(s for m, s in zip(members, steps) if m[xk] == xv and m[yk] == yv and s is not None)
+            if got:
+                cells[j][i] = float(got[len(got) // 2])
+    fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 2))
+    im = ax.imshow(cells, cmap="viridis_r", vmin=0, vmax=budget)
+    for j in range(len(ys)):
+        for i in range(len(xs)):
+            v = cells[j][i]
+            ax.text(i, j, f">{budget}" if v != v else f"{v:.0f}", ha="center", va="center", color="w")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set_xlabel(xk)
+    ax.set_ylabel(yk)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="median steps to target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from grokxform.experiments.sweep import sweep
+
+    grid = {axis: getattr(args, axis) for axis in SWEEP_AXES if getattr(args, axis) is not None}
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (ValueError, RuntimeError, AssertionError) as err:
+        print(f"grokxform sweep: {err}", file=sys.stderr)
+        return 2
+    n = len(seeds)
+    for values in grid.values():
+        n *= len(values)
+    print(f"grokxform sweep: {args.pipeline}, {n} members ({' x '.join(f'{k} {v}' for k, v in grid.items())}"
+          f" x seeds {seeds}) as one vmapped program on {device}, budget {args.steps} steps", flush=True)
+
+    def progress(step: int, accs: list[float]) -> None:
+        done = sum(a >= DEMO_TARGET for a in accs)
+        print(f"  step {step:>6}: val acc max {max(accs):.3f}, {done}/{len(accs)} at target", flush=True)
+
+    try:
+        result = sweep(args.pipeline, grid, seeds=seeds, steps=args.steps, device=device,
+                       compile=args.compile, on_eval=progress)
+    except ValueError as err:
+        print(f"grokxform sweep: {err}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"torch": torch.__version__, **result.to_json()}
+    Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1))
+    title = f"{args.pipeline}: median steps to {DEMO_TARGET:.0%} val acc (x*y mod 97)"
+    if len(result.members[0]) >= 2 and plot_heatmap(result.members, result.steps_to_target, result.steps,
+                                                     Path(f"{args.out}.png"), title):
+        print(f"heatmap written to {args.out}.png, results to {args.out}.json")
+    else:
+        print(f"results written to {args.out}.json (no heatmap: matplotlib missing or nothing swept)")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 class Command(NamedTuple):
@@ -294,6 +407,12 @@ COMMANDS: list[Command] = [
         "train baseline / Grokfast-EMA / Grokfast-MA / GrokAdamW on x*y mod 97 and compare",
         _register_demo,
         _run_demo,
+    ),
+    Command(
+        "sweep",
+        "train a hyperparameter grid x seeds of the modular task as one vmapped program; heatmap of steps to 95%",
+        _register_sweep,
+        _run_sweep,
     ),
 ]
 """The subcommands; a new one (``sweep``...) is added by appending a :class:`Command` here."""
