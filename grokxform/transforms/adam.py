@@ -172,6 +172,8 @@ def scale_by_adam(
     ) -> tuple[Updates, ScaleByAdamState]:
         del params, extra
         C.check_state(state, ScaleByAdamState, "scale_by_adam")
+        # The tree is checked before the per-leaf scalars are gathered (map_present checks again).
+        _tree.check_structure(updates, state.mu, "scale_by_adam state", "gradient")
         leaves = _tree.flatten(updates)[0]
         if isinstance(b1, LayerwiseBeta):
             betas1: list[Any] = b1.values(_tree.path_names(updates), [g is not None for g in leaves])
