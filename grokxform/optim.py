@@ -44,6 +44,12 @@ group state that belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"`
 after every step; the group states themselves are ``optimizer.tx_states``. ``torch.amp.GradScaler``
 works (it unscales the ``.grad`` of the param groups, then calls ``step``).
 
+Fast path. ``Optimizer(params, factory, fused=True, ...)`` runs each group's step through
+:class:`grokxform.fused.FusedStep` (one compiled, in-place step; CUDA graphs on one GPU): the
+hyperparameter tensors a scheduler fills are the ones the compiled step reads, so lr changes need no
+new graph; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it.
+``fused="aot_eager"`` runs the same trace op by op (tests on the CPU). Needs a factory.
+
 Checkpoints. ``state_dict()`` holds plain containers only (NamedTuples written as tagged dicts),
 so ``torch.load(path, weights_only=True)`` reads it; ``load_state_dict`` rebuilds the state against
 a freshly initialised one and raises, naming the mismatch, for another model (names, shapes) or
@@ -131,7 +137,23 @@ class Optimizer(torch.optim.Optimizer):
             sched.step()
     """
 
-    def __init__(self, params: ParamsArg, tx: Union[GradientTransformation, Factory], **hyperparameters: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsArg,
+        tx: Union[GradientTransformation, Factory],
+        *,
+        fused: Union[bool, str] = False,
+        **hyperparameters: Any,
+    ) -> None:
+        if fused not in (False, True, "inductor", "aot_eager", "eager"):
+            raise ValueError(f"Optimizer: fused must be False, True or a FusedStep backend name, got {fused!r}")
+        if fused and isinstance(tx, GradientTransformation):
+            raise ValueError(
+                "Optimizer: fused=... needs a factory (Optimizer(params, grokxform.grokadamw, fused=True, lr=...)):"
+                " the lr multiplier of a ready transformation cannot reach a compiled step"
+            )
+        self._fused_backend: str | None = None if not fused else ("inductor" if fused is True else str(fused))
+        self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
         if isinstance(tx, GradientTransformation):
             unknown = [k for k in hyperparameters if k != "lr"]
             if unknown:
@@ -332,6 +354,9 @@ class Optimizer(torch.optim.Optimizer):
         if state is None:
             state = tx.init(tree)
         self._fill_hyperparams(g, group, state)
+        if self._fused_backend is not None:
+            self.tx_states[g] = self._fused_step(g, tx, tree, state, grads, extra)
+            return
         updates, new_state = tx.update(grads, state, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(
@@ -349,6 +374,25 @@ class Optimizer(torch.optim.Optimizer):
                 u = u * scale
             p.add_(u.to(p.dtype))
         self.tx_states[g] = new_state
+
+    def _fused_step(
+        self, g: int, tx: GradientTransformation, tree: dict[str, torch.Tensor], state: Any,
+        grads: dict[str, torch.Tensor | None], extra: dict[str, Any],
+    ) -> Any:
+        """Run the group's step through :class:`grokxform.fused.FusedStep`: params and state are
+        updated in place by one compiled step; the hyperparameter tensors it reads are the ones
+        :meth:`_fill_hyperparams` just filled, so a scheduler changes the lr without a new graph.
+        Returns the state in the eager layout (for ``optimizer.state`` and ``state_dict``)."""
+        from grokxform.fused import FusedStep
+
+        built = self._fused_steps.get(g)
+        if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
+            built = (tx, FusedStep(tx, tree, state, backend=self._fused_backend))  # type: ignore[arg-type]
+            self._fused_steps[g] = built
+        fs = built[1]
+        self._fill_hyperparams(g, self.param_groups[g], fs.state)
+        fs(grads, **extra)
+        return fs.eager_state()
 
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
         """One update of every param group; ``extra`` (``train_loss=``, ``val_loss=``,
@@ -485,6 +529,7 @@ class Optimizer(torch.optim.Optimizer):
                 template = tx.init(tree)
                 state = S.decode(saved_state, template, f"load_state_dict: param group {g}'s state")
             staged.append((values, tx, args, state))
+        self._fused_steps.clear()  # a compiled step owns the state it adopted: adopt the loaded one
         for g, (values, tx, args, state) in enumerate(staged):
             self.param_groups[g].update(values)
             self._txs[g], self._built_args[g], self.tx_states[g] = tx, args, state
@@ -495,4 +540,5 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         own = {k: v for k, v in self.__dict__.items() if k not in ("defaults", "state", "param_groups")}
+        own["_fused_steps"] = {}  # compiled steps are rebuilt on the next step
         return {**super().__getstate__(), **own}

@@ -1,0 +1,81 @@
+"""``grokxform.Optimizer(..., fused=...)``: the compiled in-place step behind torch.optim's interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grokxform as gx
+
+F64 = torch.float64
+
+
+def model64(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(F64)
+
+
+def train(opt: torch.optim.Optimizer, model: torch.nn.Module, sched, steps: range) -> None:
+    for t in steps:
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(16, 5, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(train_loss=loss.detach(), val_loss=loss.detach() * 2)
+        sched.step()
+
+
+@pytest.mark.parametrize("factory,kwargs", [
+    (gx.grokadamw, {"lr": 1e-2}),
+    (gx.grokfast_ma, {"lr": 1e-2, "window_size": 3}),
+    (gx.adamw, {"lr": 1e-2, "weight_decay": 0.1}),
+])
+def test_fused_optimizer_equals_eager_and_never_recompiles(factory, kwargs):
+    runs = {}
+    for fused in (False, "aot_eager"):
+        model = model64()
+        opt = gx.Optimizer(model.named_parameters(), factory, fused=fused, **kwargs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))  # a new lr every step
+        train(opt, model, sched, range(8))
+        runs[fused] = (model, opt)
+    (m_e, o_e), (m_f, o_f) = runs[False], runs["aot_eager"]
+    for a, b in zip(m_e.parameters(), m_f.parameters()):
+        assert (a - b).abs().max().item() < 1e-13
+    fs = o_f._fused_steps[0][1]
+    assert fs.compiles == 1  # eight learning rates, eight signals, one graph
+    for p_e, p_f in zip(m_e.parameters(), m_f.parameters()):
+        for key, v in o_e.state[p_e].items():
+            assert (v.to(F64) - o_f.state[p_f][key].to(F64)).abs().max().item() < 1e-12, key
+
+
+def test_fused_optimizer_checkpoint_resumes_like_the_uninterrupted_run(tmp_path):
+    whole = model64()
+    opt = gx.Optimizer(whole.named_parameters(), gx.grokfast_ema, fused="aot_eager", lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    train(opt, whole, sched, range(10))
+
+    first = model64()
+    opt1 = gx.Optimizer(first.named_parameters(), gx.grokfast_ema, fused="aot_eager", lr=1e-2)
+    sched1 = torch.optim.lr_scheduler.LambdaLR(opt1, lambda t: 1.0 / (1 + t))
+    train(opt1, first, sched1, range(4))
+    torch.save({"m": first.state_dict(), "o": opt1.state_dict(), "s": sched1.state_dict()}, tmp_path / "c.pt")
+
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    second = model64(seed=1)
+    second.load_state_dict(ckpt["m"])
+    opt2 = gx.Optimizer(second.named_parameters(), gx.grokfast_ema, fused="aot_eager", lr=1e-2)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda t: 1.0 / (1 + t))
+    opt2.load_state_dict(ckpt["o"])
+    sched2.load_state_dict(ckpt["s"])
+    train(opt2, second, sched2, range(4, 10))
+    for a, b in zip(whole.parameters(), second.parameters()):
+        assert (a - b).abs().max().item() < 1e-13
+
+
+def test_fused_needs_a_factory_and_a_known_backend():
+    model = model64()
+    with pytest.raises(ValueError, match="factory"):
+        gx.Optimizer(model.parameters(), gx.adamw(), fused=True)
+    with pytest.raises(ValueError, match="fused"):
+        gx.Optimizer(model.parameters(), gx.adamw, fused="tensorrt")
