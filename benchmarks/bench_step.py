@@ -132,7 +132,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 30) -> float:
     for _ in range(reps):
         clock.time(lambda: dst.copy_(src))
     ms = clock.median_ms()
-    del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
 

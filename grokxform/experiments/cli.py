@@ -90,7 +90,7 @@ def _progress(name: str, total: int, stream: TextIO, use_tqdm: bool) -> _PrintPr
 def format_table(results: dict[str, TrainResult], budget: int, target: float = DEMO_TARGET) -> str:
     """A plain-text table: per run, steps and seconds to ``target`` val accuracy (or "not
     reached in N steps"), the final val accuracy, and the mean wall time per step."""
-    head = (f"run", f"steps to {target:.0%} val acc", "seconds to it", "final val acc", "ms / step")
+    head = ("run", f"steps to {target:.0%} val acc", "seconds to it", "final val acc", "ms / step")
     rows = [head]
     for name, r in results.items():
         last = r.history[-1] if r.history else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
