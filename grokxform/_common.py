@@ -99,6 +99,13 @@ def check_gradients(
     """
     leaves = _tree.flatten(updates)[0]
     refs = _tree.flatten(like)[0] if like is not None else []
+    _check_gradient_leaves(leaves, refs, updates, transform, what, like_name)
+
+
+def _check_gradient_leaves(
+    leaves: list[Any], refs: list[Any], updates: Any, transform: str, what: str = "gradient", like_name: str = "state"
+) -> None:
+    """:func:`check_gradients` on leaves already flattened (``updates`` only names paths in errors)."""
     if len(refs) != len(leaves):
         refs = [None] * len(leaves)
     for i, (g, ref) in enumerate(zip(leaves, refs)):
@@ -146,11 +153,18 @@ def map_present(
     differs, or whose shape differs from that of ``state_trees[shape_tree]`` (the first tree
     holds the per-leaf counters). Returns ``(updates_tree, *state_trees)``.
     """
-    spec = _tree.check_structure(updates, state_trees[0], f"{transform} state", "gradient", shapes=False)
-    _tree.check_structure(updates, state_trees[shape_tree], f"{transform} state", "gradient")
-    check_gradients(updates, transform, state_trees[shape_tree])
-    g_leaves, _ = _tree.flatten(updates)
-    s_leaves = [_tree.flatten(t)[0] for t in state_trees]
+    g_leaves, spec = _tree.flatten(updates)
+    flat = [_tree.flatten(t) for t in state_trees]
+    s_leaves = [leaves for leaves, _ in flat]
+    shaped = s_leaves[shape_tree]
+    if any(s != spec for _, s in flat) or any(
+        isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) and g.shape != r.shape
+        for g, r in zip(g_leaves, shaped)
+    ):  # the slow path, for an error that names the path
+        _tree.check_structure(updates, state_trees[0], f"{transform} state", "gradient", shapes=False)
+        _tree.check_structure(updates, state_trees[shape_tree], f"{transform} state", "gradient")
+        raise ValueError(f"{transform}: the state's trees do not match the gradient tree")
+    _check_gradient_leaves(g_leaves, shaped, updates, transform)
     outs: list[list[Any]] = [[] for _ in range(1 + len(state_trees))]
     for i, g in enumerate(g_leaves):
         olds = [s[i] for s in s_leaves]
