@@ -134,9 +134,13 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure."""
-    spec = _tree.check_structure(updates, params, "params", "updates")
-    _common.check_gradients(updates, "apply_updates", params, what="update", like_name="param")
-    p_leaves, _ = _tree.flatten(params)
-    u_leaves, _ = _tree.flatten(updates)
+    p_leaves, p_spec = _tree.flatten(params)
+    u_leaves, spec = _tree.flatten(updates)
+    if spec != p_spec or any(
+        isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor) and u.shape != p.shape
+        for u, p in zip(u_leaves, p_leaves)
+    ):
+        _tree.check_structure(updates, params, "params", "updates")  # raises, naming the path
+    _common._check_gradient_leaves(u_leaves, p_leaves, updates, "apply_updates", what="update", like_name="param")
     out = [p if u is None or p is None else p + u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
     return _tree.unflatten(out, spec)

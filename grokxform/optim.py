@@ -353,10 +353,10 @@ class Optimizer(torch.optim.Optimizer):
         tx = self._transform(g, group, state)
         if state is None:
             state = tx.init(tree)
-        self._fill_hyperparams(g, group, state)
-        if self._fused_backend is not None:
+        if self._fused_backend is not None:  # it fills the hyperparameters of the state it runs on
             self.tx_states[g] = self._fused_step(g, tx, tree, state, grads, extra)
             return
+        self._fill_hyperparams(g, group, state)
         updates, new_state = tx.update(grads, state, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(

@@ -172,16 +172,17 @@ def scale_by_adam(
     ) -> tuple[Updates, ScaleByAdamState]:
         del params, extra
         C.check_state(state, ScaleByAdamState, "scale_by_adam")
-        # The tree is checked before the per-leaf scalars are gathered (map_present checks again).
-        _tree.check_structure(updates, state.mu, "scale_by_adam state", "gradient")
-        leaves = _tree.flatten(updates)[0]
+        leaves, spec = _tree.flatten(updates)
+        counts, count_spec = _tree.flatten(state.count)
+        if spec != count_spec:  # before the counters are gathered by position; raises, naming the path
+            _tree.check_structure(updates, state.count, "scale_by_adam state", "gradient", shapes=False)
         if isinstance(b1, LayerwiseBeta):
             betas1: list[Any] = b1.values(_tree.path_names(updates), [g is not None for g in leaves])
         else:
             betas1 = [b1] * len(leaves)
         corrections = _bias_corrections(
             [i for i, g in enumerate(leaves) if g is not None],
-            _tree.flatten(state.count)[0],
+            counts,
             betas1 if bias_correction_b1 is None else [bias_correction_b1] * len(leaves),
             b2,
         )
