@@ -5,7 +5,14 @@ and a tree of params, owns (or adopts) the state, and each call does, in place,
 
     updates, state' = tx.update(grads, state, params, **extra);   θ ← θ + updates;   state ← state'
 
-with the numbers of the eager path. How:
+with the numbers of the eager path. Two engines:
+
+- **Kernels** (``backend="auto"`` on CUDA, or ``"triton"``): the standard pipelines (``adamw``,
+  ``grokfast_ema``, ``grokfast_ma``, ``grokadamw``) run as hand-written multi-tensor Triton kernels
+  over address tables of the leaves, behind a small Inductor-compiled scalar prologue
+  (:mod:`grokxform.kernels`): one pass over memory per step (two with a global clip), compiled
+  in seconds.
+- **Inductor** (any other chain, or ``backend="inductor"``), as follows.
 
 1. **Trace** the pure step once with ``make_fx`` on fake tensors: the transforms' Python (trees,
    paths, masks, per-leaf constants) runs natively, only tensor operations are recorded. The
@@ -54,7 +61,7 @@ from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates, apply_updates
 from grokxform.transforms.filters import MaFilterState, MaRingWindow
 
-Backend = Literal["inductor", "aot_eager", "eager"]
+Backend = Literal["auto", "triton", "inductor", "aot_eager", "eager"]
 CudaGraphMode = Union[bool, Literal["auto"]]
 
 DEFAULT_INDUCTOR_OPTIONS: dict[str, Any] = {
@@ -65,7 +72,7 @@ DEFAULT_INDUCTOR_OPTIONS: dict[str, Any] = {
 }
 """Inductor settings used unless ``options=`` says otherwise (keys this torch lacks are skipped)."""
 
-_BACKENDS = ("inductor", "aot_eager", "eager")
+_BACKENDS = ("auto", "triton", "inductor", "aot_eager", "eager")
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,8 +423,22 @@ def _inductor_options(options: Mapping[str, Any] | None, ring: bool) -> dict[str
     out = {k: v for k, v in DEFAULT_INDUCTOR_OPTIONS.items() if k in known}
     if ring:
         out.update({k: v for k, v in (("triton.autotune_pointwise", False), ("combo_kernels_autotune", 0)) if k in known})
-    out.update(options or {})
+    out.update({k: v for k, v in (options or {}).items() if k in known or not k.startswith("eager_numerics.")})
     return out
+
+
+class _KernelFn:
+    """A :class:`~grokxform.kernels.step.KernelStep` behind the compiled step's calling
+    convention, ``fn(*grads, *extras)``."""
+
+    def __init__(self, ks: Any, n_grads: int, names: tuple[str, ...]) -> None:
+        self.ks, self.n, self.names = ks, n_grads, names
+
+    def prepare(self, args: list[Any]) -> None:
+        self.ks.prepare(args[: self.n])
+
+    def __call__(self, *args: Any) -> None:
+        self.ks(list(args[: self.n]), dict(zip(self.names, args[self.n :])))
 
 
 class _Captured:
@@ -440,8 +461,14 @@ class FusedStep:
         state: a state of ``tx`` to adopt; its tensors are updated in place (the windows of
             ``ma_filter`` are copied once into the ring layout). ``None``: ``tx.init(params)``,
             built without allocating an eager window.
-        backend: ``"inductor"`` (the fast path), ``"aot_eager"`` (the same trace, run op by op:
-            quick to build, for tests on the CPU) or ``"eager"`` (the traced graph, uncompiled).
+        backend: ``"auto"`` (default): the Triton kernels of :mod:`grokxform.kernels` when the
+            chain is one of the standard pipelines (``adamw``, ``grokfast_ema``, ``grokfast_ma``,
+            ``grokadamw``, also under ``inject_hyperparams``) and every tensor is on one CUDA
+            device, else ``"inductor"``; ``"triton"``: the kernels or a ``ValueError`` saying why
+            not (on the CPU they run in Triton's interpreter with ``TRITON_INTERPRET=1``);
+            ``"inductor"``: the traced chain compiled by Inductor (any chain); ``"aot_eager"``
+            (the same trace, run op by op: quick to build, for tests on the CPU) or ``"eager"``
+            (the traced graph, uncompiled).
         cuda_graph: capture the step into a CUDA graph after ``warmup_steps`` calls and replay
             it (``"auto"``: when every tensor is on one CUDA device). The captured step reads
             the gradients from the tensors of the capturing call; later gradients that are other
@@ -455,6 +482,8 @@ class FusedStep:
             gradients and set of extra arguments; it never grows with the step count).
         captures: how many CUDA graphs were captured.
         compile_seconds: the wall time of each compile.
+        engine: what ran the last pattern built: ``"triton"``, ``"inductor"``, ``"aot_eager"``
+            or ``"eager"``; ``fallback_reason`` says why ``"auto"`` did not use the kernels.
 
     Entry point for other front ends (``grokxform.Optimizer``): build
     ``FusedStep(tx, params_tree, state_tree)``, call it with the gradient tree and the extra
@@ -468,7 +497,7 @@ class FusedStep:
         params: Params,
         state: State | None = None,
         *,
-        backend: Backend = "inductor",
+        backend: Backend = "auto",
         cuda_graph: CudaGraphMode = "auto",
         options: Mapping[str, Any] | None = None,
         warmup_steps: int = 1,
@@ -507,7 +536,7 @@ class FusedStep:
             raise ValueError(f"FusedStep: cuda_graph=True needs every tensor on one CUDA device, got {sorted(map(str, devices))}")
         self._cuda_graph = bool(cuda_graph) and on_one_gpu and backend != "eager"
         self._backend = backend
-        self._options = _inductor_options(options, _has_ring(state)) if backend == "inductor" else {}
+        self._options = _inductor_options(options, _has_ring(state)) if backend in ("auto", "inductor") else {}
         self._default_options = options is None
         self._warmup = warmup_steps
         self._fns: dict[Any, tuple[Any, list[int], list[int]]] = {}
@@ -517,6 +546,8 @@ class FusedStep:
         self.compiles = 0
         self.captures = 0
         self.compile_seconds: list[float] = []
+        self.engine: str | None = None
+        self.fallback_reason: str | None = None
 
     # -- public views -------------------------------------------------------------------------
 
@@ -577,23 +608,57 @@ class FusedStep:
 
     def _build(self, key: Any, grads: list[torch.Tensor], xs: list[torch.Tensor]) -> tuple[Any, list[int], list[int]]:
         mask, names = key
+        if self._backend in ("auto", "triton"):
+            kernel = self._kernel_step(mask, grads, names, xs)
+            if kernel is not None:
+                self.compiles += 1
+                self.engine = "triton"
+                self._fns[key] = (kernel, [], [])
+                return self._fns[key]
+        self.engine = "inductor" if self._backend == "auto" else self._backend
         step, p_pos, s_pos = _make_step(self._tx, self._p_leaves, self._p_spec, self._s_leaves, self._s_spec, mask, names)
         args = self._args(p_pos, grads, s_pos, xs)
         t0 = time.perf_counter()
         try:
-            fn = _compile(step, args, self._backend, self._options)
+            fn = _compile(step, args, self._engine_backend(), self._options)
         except Exception as e:  # noqa: BLE001 - only the optional horizontal fusion is retried
             if not self._default_options or not self._options.get("combo_kernels"):
                 raise
             warnings.warn(f"FusedStep: compiling with combo_kernels failed ({type(e).__name__}: {e}); retrying without")
             self._options = {**self._options, "combo_kernels": False}
-            fn = _compile(step, args, self._backend, self._options)
+            fn = _compile(step, args, self._engine_backend(), self._options)
         self.compile_seconds.append(time.perf_counter() - t0)
         self.compiles += 1
         self._fns[key] = (fn, p_pos, s_pos)
         return self._fns[key]
 
+    def _engine_backend(self) -> str:
+        return "inductor" if self._backend == "auto" else self._backend
+
+    def _kernel_step(
+        self, mask: tuple[bool, ...], grads: list[torch.Tensor], names: tuple[str, ...], xs: list[torch.Tensor]
+    ) -> Any:
+        """The Triton kernel step for this pattern, or ``None`` (``"auto"``: Inductor then)."""
+        from grokxform.kernels import step as kstep
+
+        try:
+            if self._backend == "auto" and self._device.type != "cuda":
+                raise kstep.KernelUnsupported("backend='auto' uses the kernels on CUDA only")
+            if not kstep.available(self._device):
+                raise kstep.KernelUnsupported(f"Triton cannot run on {self._device} here")
+            t0 = time.perf_counter()
+            ks = kstep.build(self._tx, self._p_leaves, self._p_spec, self._state, mask, grads, names, xs)
+            self.compile_seconds.append(time.perf_counter() - t0)
+        except kstep.KernelUnsupported as e:
+            if self._backend == "triton":
+                raise ValueError(f"FusedStep(backend='triton'): {e}") from None
+            self.fallback_reason = str(e)
+            return None
+        return _KernelFn(ks, len(grads), names)
+
     def _capture(self, fn: Any, args: list[Any], grads: list[torch.Tensor]) -> _Captured:
+        if isinstance(fn, _KernelFn):  # address tables are host-to-device copies: not inside the capture
+            fn.prepare(list(args))
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
             fn(*args)
@@ -678,7 +743,7 @@ def compile_step(
     params: Params,
     state: State | None = None,
     *,
-    backend: Backend = "inductor",
+    backend: Backend = "auto",
     cuda_graph: CudaGraphMode = "auto",
     options: Mapping[str, Any] | None = None,
 ) -> FusedStep:

@@ -45,10 +45,12 @@ after every step; the group states themselves are ``optimizer.tx_states``. ``tor
 works (it unscales the ``.grad`` of the param groups, then calls ``step``).
 
 Fast path. ``Optimizer(params, factory, fused=True, ...)`` runs each group's step through
-:class:`grokxform.fused.FusedStep` (one compiled, in-place step; CUDA graphs on one GPU): the
+:class:`grokxform.fused.FusedStep` (``backend="auto"``: the Triton kernels for the standard
+pipelines on CUDA, else one Inductor-compiled step; in place; CUDA graphs on one GPU): the
 hyperparameter tensors a scheduler fills are the ones the compiled step reads, so lr changes need no
 new graph; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it.
-``fused="aot_eager"`` runs the same trace op by op (tests on the CPU). Needs a factory.
+``fused=`` also takes a backend name (``"triton"``, ``"inductor"``; ``"aot_eager"`` runs the
+trace op by op, for tests on the CPU). Needs a factory.
 
 Checkpoints. ``state_dict()`` holds plain containers only (NamedTuples written as tagged dicts),
 so ``torch.load(path, weights_only=True)`` reads it; ``load_state_dict`` rebuilds the state against
@@ -145,14 +147,14 @@ class Optimizer(torch.optim.Optimizer):
         fused: Union[bool, str] = False,
         **hyperparameters: Any,
     ) -> None:
-        if fused not in (False, True, "inductor", "aot_eager", "eager"):
+        if fused not in (False, True, "auto", "triton", "inductor", "aot_eager", "eager"):
             raise ValueError(f"Optimizer: fused must be False, True or a FusedStep backend name, got {fused!r}")
         if fused and isinstance(tx, GradientTransformation):
             raise ValueError(
                 "Optimizer: fused=... needs a factory (Optimizer(params, grokxform.grokadamw, fused=True, lr=...)):"
                 " the lr multiplier of a ready transformation cannot reach a compiled step"
             )
-        self._fused_backend: str | None = None if not fused else ("inductor" if fused is True else str(fused))
+        self._fused_backend: str | None = None if not fused else ("auto" if fused is True else str(fused))
         self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
         if isinstance(tx, GradientTransformation):
             unknown = [k for k in hyperparameters if k != "lr"]
