@@ -263,6 +263,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nograph": {"cuda_graph": False},
     "nocombo": {"options": {"combo_kernels": False}},
     "nocombo-nograph": {"options": {"combo_kernels": False}, "cuda_graph": False},
+    "inductor": {"backend": "inductor"},
+    "triton-nograph": {"backend": "triton", "cuda_graph": False},
 }
 
 
@@ -388,6 +390,7 @@ def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_par
             compiles=fs.compiles,
             captures=fs.captures,
             cuda_graph=fs.uses_cuda_graph,
+            engine=fs.engine,
         )
     sb = 4 if name.startswith("gx-") else torch.finfo(ctx.dtype).bits // 8
     pb = gb = torch.finfo(ctx.dtype).bits // 8
@@ -464,8 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recompile-set", default=None, help="set of the recompile check (default: first set)")
     ap.add_argument("--bandwidth-mb", type=int, default=2048)
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip rows once this much time has passed")
+    ap.add_argument("--block", type=int, default=None, help="elements per program of the Triton kernels")
+    ap.add_argument("--warps", type=int, default=None, help="warps per program of the Triton kernels")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
+    from grokxform.kernels import step as kstep
+
+    kstep.BLOCK = args.block or kstep.BLOCK
+    kstep.NUM_WARPS = args.warps or kstep.NUM_WARPS
 
     dev = torch.device(args.device)
     start = time.perf_counter()
@@ -489,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
+        "kernel_block": kstep.BLOCK,
+        "kernel_warps": kstep.NUM_WARPS,
     }
     bw = copy_bandwidth(dev, (args.bandwidth_mb if dev.type == "cuda" else 64) * 2**20)
     info["copy_bandwidth_GBps"] = bw / 1e9
