@@ -67,19 +67,23 @@ def paper_rows(device: torch.device, seeds: list[int], max_steps: int) -> dict[s
     return rows
 
 
+def _sweep_or_eager(name: str, grid: dict[str, list[Any]], **kw: Any) -> tuple[Any, bool]:
+    """``sweep(name, grid, **kw)``; if the compiled run fails, the same run eagerly (a compiler
+    failure must not cost the row). Returns the result and whether it ran compiled."""
+    try:
+        return sweep(name, grid, **kw), bool(kw.get("compile"))
+    except Exception as err:
+        if not kw.get("compile"):
+            raise
+        print(f"{name}: compiled run failed ({type(err).__name__}: {err}); running eagerly", flush=True)
+        return sweep(name, grid, **{**kw, "compile": False}), False
+
+
 def baseline_row(device: torch.device, seeds: list[int], steps: int, seconds: float | None,
                  compile: bool) -> dict[str, Any]:
     """The Adam baseline (wd 0) for all seeds at once, as one vmapped program, capped."""
-    try:
-        base = sweep("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
-                     compile=compile, max_seconds=seconds)
-    except Exception as err:  # a compiler failure must not cost the row: run it eagerly
-        if not compile:
-            raise
-        print(f"baseline: compiled run failed ({type(err).__name__}: {err}); running eagerly", flush=True)
-        compile = False
-        base = sweep("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
-                     compile=False, max_seconds=seconds)
+    base, compile = _sweep_or_eager("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
+                                    compile=compile, max_seconds=seconds)
     print("baseline", base.steps_to_target, base.steps, base.seconds, flush=True)
     return {"vmapped": True, "compiled": compile, "steps_run": base.steps, "seconds": base.seconds,
             "steps_to_95": median_and_spread(base.steps_to_target), "per_seed": base.steps_to_target,
@@ -91,8 +95,8 @@ def sweep_throughput(device: torch.device, steps: int, single_steps: int, compil
                      seconds: float | None = None) -> dict[str, Any]:
     grid = {"alpha": [0.9, 0.95, 0.98], "lamb": [1.0, 2.0, 5.0], "weight_decay": [0.005, 0.01]}
     seeds = [0, 1]
-    res = sweep("grokfast_ema", grid, seeds=seeds, steps=steps, device=device, compile=compile,
-                stop_when_all_reached=True, max_seconds=seconds)
+    res, compile = _sweep_or_eager("grokfast_ema", grid, seeds=seeds, steps=steps, device=device, compile=compile,
+                                   stop_when_all_reached=True, max_seconds=seconds)
     n = len(res.members)
     # one by one: a few members alone, the plain loop and the vmapped code with one member
     singles = []
@@ -106,23 +110,26 @@ def sweep_throughput(device: torch.device, steps: int, single_steps: int, compil
         one = sweep("grokfast_ema", {}, steps=single_steps, device=device, compile=compile,
                     members=[m], stop_when_all_reached=False)
         singles.append({"member": m, "loop_steps_per_s": r.steps / loop_s,
-                        "vmapped1_steps_per_s": one.steps / one.seconds})
-    best_single = max(max(s["loop_steps_per_s"], s["vmapped1_steps_per_s"]) for s in singles)
+                        "vmapped1_steps_per_s": one.steps / one.seconds,
+                        "vmapped1_steady_steps_per_s": one.steady_member_steps_per_second})
+    best_single = max(max(s["loop_steps_per_s"], s["vmapped1_steady_steps_per_s"]) for s in singles)
     return {
-        "members": n, "grid": grid, "seeds": seeds, "steps_run": res.steps, "seconds": res.seconds,
-        "member_steps_per_s": res.member_steps_per_second, "singles": singles,
+        "members": n, "grid": grid, "seeds": seeds, "compiled": compile, "steps_run": res.steps, "seconds": res.seconds,
+        "member_steps_per_s": res.member_steps_per_second,
+        "steady_member_steps_per_s": res.steady_member_steps_per_second, "singles": singles,
         "best_single_steps_per_s": best_single,
-        "throughput_ratio": res.member_steps_per_second / best_single,
+        "throughput_ratio": res.steady_member_steps_per_second / best_single,
+        "throughput_ratio_with_compile": res.member_steps_per_second / best_single,
         "result": res.to_json(),
     }
 
 
 def ablation(device: torch.device, steps: int, compile: bool, seconds: float | None = None) -> dict[str, Any]:
     seeds = [0, 1]
-    tuned = sweep("adamw", {"weight_decay": [0.1, 0.3, 1.0], "b1": [0.8, 0.9, 0.98]}, seeds=seeds,
-                  steps=steps, device=device, compile=compile, max_seconds=seconds)
-    grok = sweep("grokfast_ema", {"alpha": [0.9, 0.98, 0.99], "weight_decay": [0.001, 0.005, 0.01]},
-                 seeds=seeds, steps=steps, device=device, compile=compile, max_seconds=seconds)
+    tuned, compiled = _sweep_or_eager("adamw", {"weight_decay": [0.1, 0.3, 1.0], "b1": [0.8, 0.9, 0.98]}, seeds=seeds,
+                                      steps=steps, device=device, compile=compile, max_seconds=seconds)
+    grok, compiled2 = _sweep_or_eager("grokfast_ema", {"alpha": [0.9, 0.98, 0.99], "weight_decay": [0.001, 0.005, 0.01]},
+                                      seeds=seeds, steps=steps, device=device, compile=compile, max_seconds=seconds)
 
     def best(res: Any) -> dict[str, Any]:
         configs: dict[tuple, list] = {}
@@ -133,7 +140,8 @@ def ablation(device: torch.device, steps: int, compile: bool, seconds: float | N
         ranked = sorted(table, key=lambda r: (-r["reached"], r["median"] if r["median"] is not None else 1e12))
         return {"table": table, "best": ranked[0]}
 
-    return {"budget_steps": steps, "seeds": seeds, "adamw_tuned": best(tuned), "grokfast_ema": best(grok),
+    return {"budget_steps": steps, "seeds": seeds, "compiled": [compiled, compiled2],
+            "steps_run": [tuned.steps, grok.steps], "adamw_tuned": best(tuned), "grokfast_ema": best(grok),
             "raw": {"adamw": tuned.to_json(), "grokfast_ema": grok.to_json()}}
 
 

@@ -101,11 +101,21 @@ class SweepResult:
     device: str = "cpu"
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     """The final params, stacked: ``params[name][m]`` is member m's."""
+    first_epoch_steps: int = 0
+    first_epoch_seconds: float = 0.0
+    """Steps and wall seconds up to the first evaluation (they hold a compile, if any)."""
 
     @property
     def member_steps_per_second(self) -> float:
-        """Throughput: members × steps / wall seconds (evaluations included)."""
+        """Throughput: members × steps / wall seconds (evaluations and any compile included)."""
         return len(self.members) * self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_member_steps_per_second(self) -> float:
+        """Throughput after the first epoch: members × steps / wall seconds, evaluations included,
+        the one-time compile and warm-up of the first epoch left out."""
+        steps, secs = self.steps - self.first_epoch_steps, self.seconds - self.first_epoch_seconds
+        return len(self.members) * steps / secs if steps > 0 and secs > 0 else float("nan")
 
     def table(self) -> str:
         """One line per member: hyperparameters and steps to the target."""
@@ -125,6 +135,9 @@ class SweepResult:
             "steps": self.steps,
             "seconds": self.seconds,
             "member_steps_per_second": self.member_steps_per_second,
+            "steady_member_steps_per_second": self.steady_member_steps_per_second,
+            "first_epoch_steps": self.first_epoch_steps,
+            "first_epoch_seconds": self.first_epoch_seconds,
             "eval_steps": self.eval_steps,
             "val_acc": self.val_acc,
             "train_acc": self.train_acc,
@@ -267,6 +280,8 @@ def sweep(
             val_loss = v_loss.to(torch.float64)
             accs = v_acc.tolist()
             now = time.perf_counter() - start
+            if not result.eval_steps:
+                result.first_epoch_steps, result.first_epoch_seconds = step, now
             result.eval_steps.append(step)
             result.val_acc.append(accs)
             result.train_acc.append((correct_sum.double() / seen).tolist())
