@@ -275,3 +275,15 @@ def test_compiled_scalar_prologue_matches(name: str, dtype: torch.dtype, monkeyp
     p_e, s_e, p_f, fused = _run(make(), dtype, 1 if bf16 and not INTERPRETED else 5, None, signal)
     _close(p_e, p_f, exact=bf16 and INTERPRETED, rtol=2**-7 if bf16 else 2e-6, atol=1e-4 if bf16 else 1e-6)
     _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
+
+
+def test_a_pipeline_built_inside_torch_compile_records_no_spec() -> None:
+    """Building a transform in a traced function (a vmapped sweep does) must not write to the
+    kernel registry, which Dynamo cannot trace."""
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x: torch.Tensor) -> torch.Tensor:
+        gx.grokadamw(lr=1e-3)
+        return x + 1
+
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
