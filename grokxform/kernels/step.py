@@ -1,17 +1,19 @@
 """The kernel step: a pipeline with an :class:`AdamFamilySpec` run as multi-tensor Triton kernels.
 
-Per call, on the device and without a host sync (so it can be captured in a CUDA graph):
+Per call, on the device and without a host sync (so the whole step can be captured in a CUDA
+graph), in launch order:
 
-1. the scalars of the step — bias corrections ``1−β1_l^t``, ``√(1−β2^t)`` in float64 per leaf,
-   α_t of the grokking signal, the learning rate of a schedule, the MA slot and divisor — are a
-   few vector ops over the leaves, written into the dynamic columns of a ``[n_leaves, N_COLS]``
-   table (the constant columns are filled once);
-2. with a global clip, :func:`~grokxform.kernels._triton.sumsq_kernel` sums g² per block, the
-   blocks of a leaf are summed in a fixed order (deterministic), and the clip factor follows;
-3. :func:`~grokxform.kernels._triton.adam_family_kernel` updates EMA/MA state, m, v and θ in
-   place, one launch per group of leaves with the same dtypes;
-4. the step counters (``_foreach_add_``) and the logged scalars (norm, scale, α, signal) are
-   written back into the state.
+1. with a global clip, :func:`~grokxform.kernels._triton.sumsq_kernel` writes Σg² and a count of
+   non-finite values per block of each leaf;
+2. :func:`~grokxform.kernels._triton.fetch_add_kernel` gathers every step counter of the chain
+   (old values) and adds one to each;
+3. the scalar prologue — the clip factor (the blocks of a leaf summed in a fixed order), the bias
+   corrections ``1−β1_l^t`` and ``√(1−β2^t)`` in float64 per leaf, α_t of the grokking signal, a
+   schedule's η_t, the MA slot and divisor — writes the dynamic columns of each group's
+   ``[n_leaves, N_COLS]`` table and the state's logged scalars (clip norm and scale, α, signal);
+   ordinary torch code, compiled by Inductor on CUDA;
+4. :func:`~grokxform.kernels._triton.adam_family_kernel` updates EMA/MA state, m, v and θ in
+   place, one launch per group of leaves with the same dtypes.
 
 The state is the fused layout's (:func:`grokxform.fused.to_fused_layout`): the same tensors the
 eager transforms use, with MA windows as ring buffers. :class:`grokxform.fused.FusedStep`
@@ -97,7 +99,7 @@ class _Group:
     grad_key: tuple[int, ...] = ()
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
@@ -155,7 +157,10 @@ class KernelStep:
         self._all_names, self._mask = names, mask
         params = [p_leaves[i] for i in present]
         adam = chain_state["adam"]
-        leaf = lambda tree: [_tree.flatten(tree)[0][i] for i in present]  # noqa: E731
+        def leaf(tree: Any) -> list[Any]:  # the leaves of ``tree`` at the present positions
+            leaves = _tree.flatten(tree)[0]
+            return [leaves[i] for i in present]
+
         self._m, self._v, self._adam_counts = leaf(adam.mu), leaf(adam.nu), leaf(adam.count)
         self._mu = self._ema_counts = self._ring = self._total = self._ma_counts = None
         if isinstance(filt, EmaSpec):
@@ -185,7 +190,6 @@ class KernelStep:
         from grokxform.kernels import _triton as K  # Triton is imported only here
 
         self._K = K
-        self._params = params
         self._wd_on = [resolve_mask(spec.weight_decay_mask, _tree.unflatten(p_leaves, p_spec), "kernel")[i] for i in present]
         betas = self._betas1()
         if any(isinstance(b, torch.Tensor) for b in betas):
@@ -277,8 +281,7 @@ class KernelStep:
         """Columns that no step changes: Python-number hyperparameters, the mask."""
         K, spec, dev = self._K, self._spec0, self._device
         for grp in groups:
-            P, G, E, S, W = grp.dtypes
-            n = len(grp.pos)
+            _, G, _, S, _ = grp.dtypes
             cols = grp.cols
             cols[:, K.C["clip_scale"]] = 1.0
             cols[:, K.C["ma_divisor"]] = 1.0
@@ -298,7 +301,6 @@ class KernelStep:
                 )
             if not callable(spec.lr) and not isinstance(spec.lr, torch.Tensor):
                 cols[:, K.C["neg_lr"]] = _like(-1.0 * spec.lr, G, dev)
-            del n, P, E, W
 
     def _betas1(self, spec: AdamFamilySpec | None = None) -> list[Any]:
         """β1 of each present leaf (a :class:`LayerwiseBeta` numbers leaves as the eager step does)."""
@@ -342,7 +344,7 @@ class KernelStep:
                     G_DT=K.tl_dtype(grp.dtypes[1]), BLOCK=self._block, num_warps=self._warps,
                 )
         n_cnt = self._cnt.numel()
-        K.fetch_add_kernel[(triton_cdiv(n_cnt, 256),)](self._cnt_table, self._cnt, n_cnt, BLOCK=256)
+        K.fetch_add_kernel[(_cdiv(n_cnt, 256),)](self._cnt_table, self._cnt, n_cnt, BLOCK=256)
         self._prologue(*self._pro_inputs, *(extras[n] for n in self._extra_names))
         kind = 1 if isinstance(spec.filter, EmaSpec) else 2 if isinstance(spec.filter, MaSpec) else 0
         exact = {} if interpreting() else {"enable_fp_fusion": False}  # eager rounds a·b, then adds c
