@@ -22,6 +22,7 @@ builds a :class:`KernelStep` for ``backend="triton"`` (or ``"auto"`` on CUDA).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -65,11 +66,7 @@ def available(device: torch.device) -> bool:
     the Triton interpreter, for CPU tensors)."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def _like(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -190,8 +187,9 @@ class KernelStep:
         from grokxform.kernels import _triton as K  # Triton is imported only here
 
         self._K = K
-        self._wd_on = [resolve_mask(spec.weight_decay_mask, _tree.unflatten(p_leaves, p_spec), "kernel")[i] for i in present]
-        betas = self._betas1()
+        selected = resolve_mask(spec.weight_decay_mask, _tree.unflatten(p_leaves, p_spec), "kernel")
+        self._wd_on = [selected[i] for i in present]
+        self._betas = betas = self._betas1()
         if any(isinstance(b, torch.Tensor) for b in betas):
             self._b1_vec: Any = None  # recomputed each step from the spec's tensors
         elif all(b == betas[0] for b in betas):
@@ -293,7 +291,7 @@ class KernelStep:
                     cols[:, K.C[name]] = _like(value, dt, dev)
             if not isinstance(spec.b2, torch.Tensor):
                 cols[:, K.C["one_minus_b2"]] = _like(1.0 - spec.b2, S, dev)
-            betas = self._betas1()
+            betas = self._betas
             if all(not isinstance(b, torch.Tensor) for b in betas):
                 cols[:, K.C["b1"]] = torch.tensor([float(betas[k]) for k in grp.pos], dtype=torch.float32, device=dev)
                 cols[:, K.C["one_minus_b1"]] = torch.tensor(
