@@ -19,7 +19,9 @@ from typing import Any, NamedTuple, Protocol, Union
 import torch
 
 from grokxform import _common
+from grokxform import declarations as _decl
 from grokxform import tree as _tree
+from grokxform.elements import Inputs, Outputs, TracedRule
 
 Params = Any
 """A pytree of tensors (``dict(model.named_parameters())`` is the common case)."""
@@ -67,7 +69,7 @@ def identity() -> GradientTransformation:
         del params, extra
         return updates, state
 
-    return GradientTransformation(init, update)
+    return _decl.declare(GradientTransformation(init, update), _decl.Sequence((), ()))
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -98,7 +100,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    members = tuple(_decl.declaration_of(t) for t in transforms)
+    return _decl.declare(GradientTransformation(init, update), _decl.Sequence(tuple(range(len(transforms))), members))
 
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -129,7 +132,8 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
             updates, new_state[n] = t.update(updates, state[n], params, **extra)
         return updates, new_state
 
-    return GradientTransformation(init, update)
+    members = tuple(_decl.declaration_of(t) for _, t in named)
+    return _decl.declare(GradientTransformation(init, update), _decl.Sequence(tuple(names), members))
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -142,5 +146,48 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     ):
         _tree.check_structure(updates, params, "params", "updates")  # raises, naming the path
     _common._check_gradient_leaves(u_leaves, p_leaves, updates, "apply_updates", what="update", like_name="param")
-    out = [p if u is None or p is None else p + u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    out = list(p_leaves)
+    pairs = [(i, p, u) for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if u is not None and p is not None]
+    if _decl.foreach_ok([t for _, p, u in pairs for t in (p, u)]):
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k, (_, p, u) in enumerate(pairs):
+            groups.setdefault((p.device, p.dtype, u.dtype), []).append(k)
+        for (_, pdt, _), ks in groups.items():
+            new = torch._foreach_add([pairs[k][1] for k in ks], [pairs[k][2].to(pdt) for k in ks])
+            for k, t in zip(ks, new):
+                out[pairs[k][0]] = t
+    else:
+        for i, p, u in pairs:
+            out[i] = p + u.to(p.dtype)
     return _tree.unflatten(out, spec)
+
+
+def elementwise(
+    name: str,
+    init: InitFn,
+    rule: Callable[[Inputs, Inputs], Outputs],
+    scalar_names: tuple[str, ...],
+    scalars: _decl.ScalarRule,
+    **fields: Any,
+) -> GradientTransformation:
+    """A primitive from its two rules: ``GradientTransformation(init, update)`` whose ``update``
+    runs the element rule ``rule`` (:mod:`grokxform.elements`) with the per-step scalars of
+    ``scalars`` over the leaves, multi-tensor, and whose declaration
+    (:class:`~grokxform.declarations.Elementwise`, ``fields`` its other fields) lets the engine
+    fuse it with the rest of a chain.
+
+    Example (a scaled sign-free step, "u = c·g", as a user's own primitive)::
+
+        def rule(v, sc):
+            return {"out": v.x * sc.c}
+
+        def scale(c: float) -> GradientTransformation:
+            return elementwise("scale", lambda params: EmptyState(), rule, ("c",), lambda ctx: ({"c": c}, {}))
+    """
+    decl = _decl.Elementwise(name, TracedRule(rule, scalar_names), scalars, **fields)
+
+    def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
+        return decl.update(updates, state, params, **extra)
+
+    update.__qualname__ = update.__name__ = f"{name}.update"
+    return _decl.declare(GradientTransformation(init, update), decl)

@@ -69,8 +69,10 @@ from typing import Any, Union
 import torch
 
 from grokxform import _state_io as S
-from grokxform.base import GradientTransformation
+from grokxform.base import GradientTransformation, chain
+from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.metrics import metrics as _metrics
+from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.wrappers import inject_hyperparams
 
 Factory = Callable[..., GradientTransformation]
@@ -78,6 +80,11 @@ ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], It
 
 _FORMAT_VERSION = 1
 _GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes")
+
+
+def _multiplier(lr: Any) -> GradientTransformation:
+    """``u·lr``: the lr multiplier of a ready transformation, as the last member of its fused step."""
+    return scale_by_learning_rate(lr, flip_sign=False)
 
 
 def _is_number(x: Any) -> bool:
@@ -144,18 +151,25 @@ class Optimizer(torch.optim.Optimizer):
         params: ParamsArg,
         tx: Union[GradientTransformation, Factory],
         *,
-        fused: Union[bool, str] = False,
+        fused: Union[bool, str, None] = None,
         **hyperparameters: Any,
     ) -> None:
-        if fused not in (False, True, "auto", "triton", "inductor", "aot_eager", "eager"):
-            raise ValueError(f"Optimizer: fused must be False, True or a FusedStep backend name, got {fused!r}")
-        if fused and isinstance(tx, GradientTransformation):
+        if fused not in (None, False, True, "auto", "triton", "inductor", "aot_eager", "eager"):
             raise ValueError(
-                "Optimizer: fused=... needs a factory (Optimizer(params, grokxform.grokadamw, fused=True, lr=...)):"
-                " the lr multiplier of a ready transformation cannot reach a compiled step"
+                "Optimizer: fused must be None (the fastest exact path: the engine on CUDA), False (eager),"
+                f" True or a FusedStep backend name, got {fused!r}"
             )
-        self._fused_backend: str | None = None if not fused else ("auto" if fused is True else str(fused))
+        self._fused = fused
         self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
+        self._eager_groups: set[int] = set()
+        self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
+        self._views_of: dict[int, int] = {}
+        self.engines: list[str | None] = []
+        """What ran each param group's last step: ``"triton"`` (the engine's kernels), ``"inductor"``,
+        ``"aot_eager"`` or ``"eager"`` (the compiled fallbacks of :class:`~grokxform.fused.FusedStep`),
+        or ``"foreach"`` (the eager, multi-tensor ``tx.update``); ``None`` before its first step."""
+        self.fallback_reasons: list[str | None] = []
+        """Why a group runs ``"foreach"`` on CUDA under the default ``fused=None``."""
         if isinstance(tx, GradientTransformation):
             unknown = [k for k in hyperparameters if k != "lr"]
             if unknown:
@@ -185,8 +199,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         self._txs: list[GradientTransformation | None] = []
         self._built_args: list[dict[str, Any] | None] = []
-        self.tx_states: list[Any] = []
-        """The state of each param group's transformation (``None`` before the group's first step)."""
+        self._states: list[Any] = []
         self._names: list[list[str]] = []
         super().__init__(params, defaults)
 
@@ -274,7 +287,9 @@ class Optimizer(torch.optim.Optimizer):
         self._names.append(names)
         self._txs.append(tx)
         self._built_args.append(args)
-        self.tx_states.append(None)
+        self._states.append(None)
+        self.engines.append(None)
+        self.fallback_reasons.append(None)
 
     def _group_names(self, group: dict[str, Any], g: int) -> list[str]:
         params = group["params"]
@@ -328,73 +343,149 @@ class Optimizer(torch.optim.Optimizer):
             if name not in group:
                 continue
             value = group[name]
-            if isinstance(value, torch.Tensor):
-                if value is not slot:
-                    slot.copy_(value.detach().reshape(slot.shape))
-            elif _is_number(value):
-                slot.fill_(float(value))
-            elif callable(value):
+            if callable(value) and not isinstance(value, torch.Tensor):
                 continue  # a schedule of the step: evaluated by the transformation itself
-            else:
+            if not isinstance(value, torch.Tensor) and not _is_number(value):
                 raise TypeError(
                     f"Optimizer: param group {g} has {name}={value!r}; a float hyperparameter must stay a number"
                 )
+            self._fill(g, name, slot, value)
+
+    def _fill(self, g: int, name: str, slot: torch.Tensor, value: Any) -> None:
+        """``slot ← value``, skipped when a number has not changed since it was written there (a
+        fill is a device launch)."""
+        if isinstance(value, torch.Tensor):
+            if value is not slot:
+                slot.copy_(value.detach().reshape(slot.shape))
+            return
+        last = self._filled.get((g, name))
+        if last is None or last[0] is not slot or last[1] != value:
+            slot.fill_(float(value))
+            self._filled[(g, name)] = (slot, value)
 
     def _step_group(self, g: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
-        names, params = self._names[g], group["params"]
-        grads: dict[str, torch.Tensor | None] = {}
-        for n, p in zip(names, params):
-            grad = p.grad
-            if grad is not None and grad.is_sparse:
-                raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
-            grads[n] = None if grad is None else grad.detach()
-        if all(v is None for v in grads.values()):
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(x is None for x in grads):
             return
-        tree = {n: p.detach() for n, p in zip(names, params)}
-        state = self.tx_states[g]
+        for n, x in zip(self._names[g], grads):
+            if x is not None and x.is_sparse:
+                raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
+        grads = [None if x is None else x.detach() for x in grads]
+        built = self._fused_steps.get(g)
+        state = built[1].state if built is not None else self._states[g]
+        if built is not None and self._factory is None:
+            state = state[0]
         tx = self._transform(g, group, state)
+        backend = None if g in self._eager_groups else self._backend(g, params)
+        if backend is not None:
+            if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
+                built = self._build_fused(g, tx, state, backend)
+            try:
+                self._fused_step(g, built[1], grads, extra)
+                return
+            except _EngineUnavailable as e:  # the default path: this chain runs eagerly
+                if self._fused is not None:
+                    raise
+                self._leave_engine(g, str(e))
+                state = self._states[g]
+        self._eager_step(g, group, tx, state, grads, extra)
+
+    def _eager_step(
+        self, g: int, group: dict[str, Any], tx: GradientTransformation, state: Any, grads: list[Any],
+        extra: dict[str, Any],
+    ) -> None:
+        names, params = self._names[g], group["params"]
+        tree = {n: p.detach() for n, p in zip(names, params)}
         if state is None:
             state = tx.init(tree)
-        if self._fused_backend is not None:  # it fills the hyperparameters of the state it runs on
-            self.tx_states[g] = self._fused_step(g, tx, tree, state, grads, extra)
-            return
         self._fill_hyperparams(g, group, state)
-        updates, new_state = tx.update(grads, state, tree, **extra)
+        updates, new_state = tx.update(dict(zip(names, grads)), state, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(
                 f"Optimizer: the transformation of param group {g} returned updates that are not a dict"
                 " over its parameters"
             )
         scale = group["lr"] if self._factory is None else 1.0
+        if isinstance(scale, torch.Tensor) or scale != 1.0:  # the multiplier, rounded to the updates' dtype
+            scale = scale.detach() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
         for n, p in zip(names, params):
             u = updates[n]
             if u is None:
                 continue
             if isinstance(scale, torch.Tensor):
                 u = u * scale.to(device=u.device, dtype=u.dtype)
-            elif scale != 1.0:
-                u = u * scale
             p.add_(u.to(p.dtype))
-        self.tx_states[g] = new_state
+        self._states[g] = new_state
+        self.engines[g] = "foreach"
 
-    def _fused_step(
-        self, g: int, tx: GradientTransformation, tree: dict[str, torch.Tensor], state: Any,
-        grads: dict[str, torch.Tensor | None], extra: dict[str, Any],
-    ) -> Any:
-        """Run the group's step through :class:`grokxform.fused.FusedStep`: params and state are
-        updated in place by one compiled step; the hyperparameter tensors it reads are the ones
-        :meth:`_fill_hyperparams` just filled, so a scheduler changes the lr without a new graph.
-        Returns the state in the eager layout (for ``optimizer.state`` and ``state_dict``)."""
+    def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
+        """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
+        if self._fused is False:
+            return None
+        if self._fused is None:  # the engine on CUDA, eager elsewhere
+            devices = {p.device for p in params}
+            if len(devices) != 1 or next(iter(devices)).type != "cuda":
+                return None
+            return "triton"
+        return "auto" if self._fused is True else str(self._fused)
+
+    def _build_fused(self, g: int, tx: GradientTransformation, state: Any, backend: str) -> tuple[Any, Any]:
+        """Group ``g``'s :class:`~grokxform.fused.FusedStep`, adopting ``state`` (a ready
+        transformation runs with its lr multiplier as a last member)."""
         from grokxform.fused import FusedStep
 
-        built = self._fused_steps.get(g)
-        if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
-            built = (tx, FusedStep(tx, tree, state, backend=self._fused_backend))  # type: ignore[arg-type]
-            self._fused_steps[g] = built
-        fs = built[1]
-        self._fill_hyperparams(g, self.param_groups[g], fs.state)
-        fs(grads, **extra)
-        return fs.eager_state()
+        tree = {n: p.detach() for n, p in zip(self._names[g], self.param_groups[g]["params"])}
+        if state is None:
+            state = tx.init(tree)
+        run, adopted = tx, state
+        if self._factory is None:  # the multiplier lives in the state, where a compiled step reads it
+            mult = inject_hyperparams(_multiplier)(lr=1.0)
+            run = chain(tx, mult)
+            adopted = (state, mult.init(tree))
+        built = (tx, FusedStep(run, tree, adopted, backend=backend))  # type: ignore[arg-type]
+        self._fused_steps[g] = built
+        self._views_of.pop(g, None)
+        return built
+
+    def _fused_step(self, g: int, fs: Any, grads: list[Any], extra: dict[str, Any]) -> None:
+        """Group ``g``'s step through its :class:`~grokxform.fused.FusedStep`: params and state are
+        updated in place; the hyperparameter tensors it reads are the ones :meth:`_fill_hyperparams`
+        fills, so a scheduler changes the lr without a new graph."""
+        group = self.param_groups[g]
+        if self._factory is None:
+            self._fill(g, "lr", fs.state[1].hyperparams["lr"], group["lr"])
+        else:
+            self._fill_hyperparams(g, group, fs.state)
+        fs.step_leaves(grads, extra)
+        self.engines[g] = fs.engine
+
+    def _leave_engine(self, g: int, reason: str) -> None:
+        """Run group ``g`` eagerly from now on (the engine cannot run its chain): its state, in
+        the eager layout, goes back to ``tx.update``."""
+        built = self._fused_steps.pop(g, None)
+        if built is not None:
+            self._states[g] = self._live_state(g, built)
+        self._eager_groups.add(g)
+        self.fallback_reasons[g] = reason
+        self._views_of.pop(g, None)
+
+    def _live_state(self, g: int, built: tuple[Any, Any] | None) -> Any:
+        """Group ``g``'s state in the eager layout (a fused step's tensors are the live ones; its
+        MA windows are given as copies of the ring slots)."""
+        if built is None:
+            return self._states[g]
+        from grokxform.fused import to_eager_layout
+
+        live = built[1].state[0] if self._factory is None else built[1].state
+        return to_eager_layout(live)
+
+    @property
+    def tx_states(self) -> list[Any]:
+        """The state of each param group's transformation (``None`` before the group's first step), in
+        the eager layout: ``tx.update`` takes it. For a group run by a fused step its tensors are
+        the live ones, updated in place by each step (MA windows are views of the ring buffers)."""
+        return [self._live_state(g, self._fused_steps.get(g)) for g in range(len(self.param_groups))]
 
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
         """One update of every param group; ``extra`` (``train_loss=``, ``val_loss=``,
@@ -410,11 +501,18 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _refresh_state_views(self) -> None:
+        """``self.state[p]``: the state tensors of each parameter, refreshed when a group's state
+        object changed (every eager step; once for a fused step, whose tensors stay in place and
+        whose MA window is one ring buffer per parameter, ``"grokfast.window.buffers"``)."""
         for g, group in enumerate(self.param_groups):
-            state = self.tx_states[g]
-            if state is None:
+            built = self._fused_steps.get(g)
+            live = built[1].state if built is not None else self._states[g]
+            if live is None or self._views_of.get(g) == id(live):
                 continue
-            views = S.per_param_views(state, self._names[g])
+            self._views_of[g] = id(live)
+            if built is not None and self._factory is None:
+                live = live[0]
+            views = S.per_param_views(live, self._names[g])
             for n, p in zip(self._names[g], group["params"]):
                 self.state[p].update(views[n])
 
@@ -531,16 +629,18 @@ class Optimizer(torch.optim.Optimizer):
                 template = tx.init(tree)
                 state = S.decode(saved_state, template, f"load_state_dict: param group {g}'s state")
             staged.append((values, tx, args, state))
-        self._fused_steps.clear()  # a compiled step owns the state it adopted: adopt the loaded one
+        self._fused_steps.clear()  # a fused step owns the state it adopted: adopt the loaded one
         for g, (values, tx, args, state) in enumerate(staged):
             self.param_groups[g].update(values)
-            self._txs[g], self._built_args[g], self.tx_states[g] = tx, args, state
+            self._txs[g], self._built_args[g], self._states[g] = tx, args, state
         self.state.clear()
+        self._views_of.clear()
         self._refresh_state_views()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         own = {k: v for k, v in self.__dict__.items() if k not in ("defaults", "state", "param_groups")}
-        own["_fused_steps"] = {}  # compiled steps are rebuilt on the next step
+        own["_states"] = self.tx_states  # fused steps are rebuilt on the next step, from these
+        own["_fused_steps"], own["_views_of"], own["_filled"] = {}, {}, {}
         return {**super().__getstate__(), **own}

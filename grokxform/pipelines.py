@@ -22,9 +22,6 @@ import torch
 
 from grokxform import _common as C
 from grokxform.base import GradientTransformation, Scalar, Schedule, named_chain
-from grokxform.kernels.spec import AdamFamilySpec, EmaSpec, MaSpec
-from grokxform.kernels.spec import register as register_kernel
-from grokxform.signals import check_signal_fns
 from grokxform.signals import SignalFn
 from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
 from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
@@ -53,10 +50,8 @@ def _adam_with_decay(
     weight_decay: Scalar,
     mode: WeightDecayMode,
     mask: Mask,
-    kernel: dict[str, Any] | None = None,
 ) -> GradientTransformation:
-    """``pre`` → (L2 →) Adam (→ decoupled decay) → −lr. ``kernel``: the fields of its
-    :class:`~grokxform.kernels.spec.AdamFamilySpec` beyond lr and decay (``None``: no kernel step)."""
+    """``pre`` → (L2 →) Adam (→ decoupled decay) → −lr."""
     if mode not in ("decoupled", "coupled"):
         raise ValueError(f"{fn}: weight_decay_mode must be 'decoupled' or 'coupled', got {mode!r}")
     C.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
@@ -68,11 +63,7 @@ def _adam_with_decay(
     if mode == "decoupled":
         steps.append(decay)
     steps.append(("lr", _lr(fn, lr)))
-    tx = named_chain(*steps)
-    if kernel is None:
-        return tx
-    spec = AdamFamilySpec(lr=lr, weight_decay=weight_decay, weight_decay_mask=mask, coupled=mode == "coupled", **kernel)
-    return register_kernel(tx, spec)
+    return named_chain(*steps)
 
 
 def _lr(fn: str, lr: LearningRate) -> GradientTransformation:
@@ -100,8 +91,7 @@ def adamw(
     """
     b1, b2 = _betas("adamw", betas)
     adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
-    kernel = {"b1": b1, "b2": b2, "eps": eps}
-    return _adam_with_decay("adamw", [], adam, lr, weight_decay, "decoupled", weight_decay_mask, kernel)
+    return _adam_with_decay("adamw", [], adam, lr, weight_decay, "decoupled", weight_decay_mask)
 
 
 def grokfast_ema(
@@ -131,8 +121,7 @@ def grokfast_ema(
     b1, b2 = _betas("grokfast_ema", betas)
     pre = [("grokfast", amplify(ema_filter(alpha, init="first", state_dtype=state_dtype), lamb))]
     adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
-    kernel = {"b1": b1, "b2": b2, "eps": eps, "filter": EmaSpec(alpha, "first", (), 0.0), "lamb": lamb}
-    return _adam_with_decay("grokfast_ema", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask, kernel)
+    return _adam_with_decay("grokfast_ema", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)
 
 
 def grokfast_ma(
@@ -166,9 +155,7 @@ def grokfast_ma(
     filt = ma_filter(window_size, filter_type, warmup, window_dtype=window_dtype)
     pre = [("grokfast", amplify(filt, lamb))]
     adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
-    kernel = {"b1": b1, "b2": b2, "eps": eps, "filter": MaSpec(window_size, filter_type, warmup, torch.float64),
-              "lamb": lamb}
-    return _adam_with_decay("grokfast_ma", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask, kernel)
+    return _adam_with_decay("grokfast_ma", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)
 
 
 def _clip_enabled(fn: str, gradient_clipping: Scalar) -> bool:
@@ -225,12 +212,7 @@ def grokadamw(
     steps.append(("grokfast", amplify(ema, lamb)))
     beta1 = layerwise_beta(b1, gamma, layer) if gamma != 0 else b1
     adam = scale_by_adam(beta1, b2, eps, state_dtype=state_dtype)
-    kernel = {
-        "b1": beta1, "b2": b2, "eps": eps, "lamb": lamb,
-        "clip": gradient_clipping if steps[0][0] == "clip" else None,
-        "filter": EmaSpec(alpha_init, "zeros", check_signal_fns(grokking_signal_fns), grokking_signal_decay_rate),
-    }
-    return _adam_with_decay("grokadamw", steps, adam, lr, weight_decay, "decoupled", weight_decay_mask, kernel)
+    return _adam_with_decay("grokadamw", steps, adam, lr, weight_decay, "decoupled", weight_decay_mask)
 
 
 def grokadamw_compat(

@@ -13,7 +13,8 @@ import torch
 
 import grokxform as gx
 from grokxform import tree as T
-from grokxform.fused import FusedStep, _inplace_scatters, compile_step, init_state, to_eager_layout, to_fused_layout
+from grokxform.engine.traced import inplace_scatters as _inplace_scatters
+from grokxform.fused import FusedStep, compile_step, init_state, to_eager_layout, to_fused_layout
 from grokxform.transforms.filters import MaFilterState, MaRingWindow
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -44,9 +44,13 @@ def test_fused_optimizer_equals_eager_and_never_recompiles(factory, kwargs):
         assert (a - b).abs().max().item() < 1e-13
     fs = o_f._fused_steps[0][1]
     assert fs.compiles == 1  # eight learning rates, eight signals, one graph
+    # The group states in the eager layout (the fused step keeps MA windows as ring buffers).
+    for v_e, v_f in zip(gx.tree.flatten(o_e.tx_states)[0], gx.tree.flatten(o_f.tx_states)[0]):
+        assert (v_e.to(F64) - v_f.to(F64)).abs().max().item() < 1e-12
     for p_e, p_f in zip(m_e.parameters(), m_f.parameters()):
         for key, v in o_e.state[p_e].items():
-            assert (v.to(F64) - o_f.state[p_f][key].to(F64)).abs().max().item() < 1e-12, key
+            if not key.startswith("grokfast.window"):
+                assert (v.to(F64) - o_f.state[p_f][key].to(F64)).abs().max().item() < 1e-12, key
 
 
 def test_fused_optimizer_checkpoint_resumes_like_the_uninterrupted_run(tmp_path):
@@ -73,9 +77,21 @@ def test_fused_optimizer_checkpoint_resumes_like_the_uninterrupted_run(tmp_path)
         assert (a - b).abs().max().item() < 1e-13
 
 
-def test_fused_needs_a_factory_and_a_known_backend():
-    model = model64()
-    with pytest.raises(ValueError, match="factory"):
-        gx.Optimizer(model.parameters(), gx.adamw(), fused=True)
+def test_a_ready_transformation_runs_fused_with_its_lr_multiplier():
+    runs = {}
+    for fused in (False, "aot_eager"):
+        model = model64()
+        opt = gx.Optimizer(model.parameters(), gx.grokadamw(lr=1e-2), fused=fused, lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))  # the multiplier changes
+        train(opt, model, sched, range(6))
+        runs[fused] = (model, opt)
+    (m_e, o_e), (m_f, o_f) = runs[False], runs["aot_eager"]
+    for a, b in zip(m_e.parameters(), m_f.parameters()):
+        assert (a - b).abs().max().item() < 1e-13
+    assert o_f.engines == ["aot_eager"] and o_f._fused_steps[0][1].compiles == 1
+    assert o_e.engines == ["foreach"]
+
+
+def test_fused_takes_a_known_backend():
     with pytest.raises(ValueError, match="fused"):
-        gx.Optimizer(model.parameters(), gx.adamw, fused="tensorrt")
+        gx.Optimizer(model64().parameters(), gx.adamw, fused="tensorrt")

@@ -9,8 +9,9 @@ from typing import Any, Literal, NamedTuple, Union
 import torch
 
 from grokxform import _common as C
-from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Scalar, Updates
+from grokxform.base import GradientTransformation, Params, Scalar, elementwise
+from grokxform.declarations import ScalarContext
+from grokxform.elements import Inputs, Outputs, Val
 
 LayerFn = Callable[[str, int], int]
 """``fn(path, index) -> layer``: ``path`` is the leaf's dotted name, ``index`` its position."""
@@ -81,38 +82,20 @@ def layerwise_beta(
 
 def _pow(bases: Sequence[Scalar], t: torch.Tensor) -> torch.Tensor:
     """``bases[k] ** t[k]`` in float64 for the float64 vector ``t``: one op when every base is the
-    same number or tensor, else the bases stacked into a vector."""
+    same number or tensor, else the bases as a vector (numbers: a constant kept per device, so that
+    no step copies from the host)."""
+    if not bases:
+        return torch.ones_like(t)
     first = bases[0]
     if all(b is first for b in bases) or (C.is_number(first) and all(C.is_number(b) and b == first for b in bases)):
         if isinstance(first, torch.Tensor):
             return first.to(device=t.device, dtype=torch.float64) ** t
         return torch.pow(float(first), t)
     if all(C.is_number(b) for b in bases):
-        vec = torch.tensor([float(b) for b in bases], dtype=torch.float64, device=t.device)
+        vec = C.constant_vector(tuple(float(b) for b in bases), t.device)
     else:
         vec = torch.stack([C.f64(b, t.device) for b in bases])
     return vec**t
-
-
-def _bias_corrections(
-    present: list[int], counts: list[torch.Tensor], betas1: list[Scalar], b2: Scalar
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per present leaf i: ``(1 − β1_i^t_i, √(1 − β2^t_i), t_i)`` with t_i = count_i + 1, in float64.
-
-    The scalars of all leaves on a device are computed as vectors (a handful of ops whatever the
-    number of leaves, which keeps the eager step's overhead and a compiled graph small).
-    """
-    out: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    by_device: dict[torch.device, list[int]] = {}
-    for i in present:
-        by_device.setdefault(counts[i].device, []).append(i)
-    for idx in by_device.values():
-        c1 = torch.stack([counts[i] for i in idx]) + 1
-        t = c1.to(torch.float64)
-        bc1 = 1.0 - _pow([betas1[i] for i in idx], t)
-        bc2_sqrt = torch.sqrt(1.0 - _pow([b2], t))
-        out.update(zip(idx, zip(bc1.unbind(), bc2_sqrt.unbind(), c1.unbind())))
-    return out
 
 
 class ScaleByAdamState(NamedTuple):
@@ -160,6 +143,9 @@ def scale_by_adam(
     if eps_placement not in ("corrected", "raw"):
         raise ValueError(f"scale_by_adam: eps_placement must be 'corrected' or 'raw', got {eps_placement!r}")
 
+    layerwise = isinstance(b1, LayerwiseBeta)
+    correction_b1 = bias_correction_b1
+
     def init_fn(params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(
             count=C.counters_like_tree(params),
@@ -167,39 +153,53 @@ def scale_by_adam(
             nu=C.zeros_like_tree(params, state_dtype),
         )
 
-    def update_fn(
-        updates: Updates, state: ScaleByAdamState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, ScaleByAdamState]:
-        del params, extra
-        C.check_state(state, ScaleByAdamState, "scale_by_adam")
-        leaves, spec = _tree.flatten(updates)
-        counts, count_spec = _tree.flatten(state.count)
-        if spec != count_spec:  # before the counters are gathered by position; raises, naming the path
-            _tree.check_structure(updates, state.count, "scale_by_adam state", "gradient", shapes=False)
-        if isinstance(b1, LayerwiseBeta):
-            betas1: list[Any] = b1.values(_tree.path_names(updates), [g is not None for g in leaves])
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        if layerwise:
+            every = b1.values(ctx.paths, ctx.present)  # type: ignore[union-attr]
+            betas1: Any = [every[i] for i in ctx.index]
+            one_minus_b1: Any = [1.0 - b for b in betas1]
         else:
-            betas1 = [b1] * len(leaves)
-        corrections = _bias_corrections(
-            [i for i, g in enumerate(leaves) if g is not None],
-            counts,
-            betas1 if bias_correction_b1 is None else [bias_correction_b1] * len(leaves),
-            b2,
-        )
+            betas1, one_minus_b1 = b1, 1.0 - b1  # type: ignore[operator]
+        t = (ctx.counts + 1).to(torch.float64)  # type: ignore[operator]
+        bases = [correction_b1] * ctx.n if correction_b1 is not None else (
+            betas1 if isinstance(betas1, list) else [betas1] * ctx.n)
+        bc1 = 1.0 - _pow(bases, t)
+        bc2_sqrt = torch.sqrt(1.0 - _pow([b2], t))
+        values: dict[str, Any] = {"b1": betas1, "one_minus_b1": one_minus_b1, "b2": b2, "one_minus_b2": 1.0 - b2,
+                                  "eps": eps}
+        if eps_placement == "corrected":
+            values.update(bc1=bc1, bc2_sqrt=bc2_sqrt)
+        else:
+            values["ratio"] = bc2_sqrt / bc1
+        return values, {}
 
-        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...]:
-            beta1 = betas1[i]
-            gs = g.to(m.dtype)
-            m1 = m * C.scalar_for(beta1, m) + gs * C.scalar_for(1.0 - beta1, m)
-            v1 = v * C.scalar_for(b2, v) + gs * gs * C.scalar_for(1.0 - b2, v)
-            bc1, bc2_sqrt, c1 = corrections[i]
-            if eps_placement == "corrected":
-                u = (m1 / bc1.to(m.dtype)) / (v1.sqrt() / bc2_sqrt.to(m.dtype) + C.scalar_for(eps, m))
-            else:
-                u = (bc2_sqrt / bc1).to(m.dtype) * (m1 / (v1.sqrt() + C.scalar_for(eps, m)))
-            return u.to(g.dtype), c1, m1, v1
+    rule, names = (_adam_corrected, _CORRECTED) if eps_placement == "corrected" else (_adam_raw, _RAW)
+    return elementwise(
+        "scale_by_adam", init_fn, rule, names, scalars, state_type=ScaleByAdamState, fields=("mu", "nu"), count="count"
+    )
 
-        out, count, mu, nu = C.map_present(leaf, updates, (state.count, state.mu, state.nu), "scale_by_adam")
-        return out, ScaleByAdamState(count, mu, nu)
 
-    return GradientTransformation(init_fn, update_fn)
+_CORRECTED = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "bc1", "bc2_sqrt")
+_RAW = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "ratio")
+
+
+def _moments(v: Inputs, sc: Inputs) -> tuple[Val, Val]:
+    """m_t = β1·m + (1−β1)·g, v_t = β2·v + (1−β2)·g², in the moments' dtype."""
+    g = v.x.to(v.mu.dtype)
+    m = v.mu * sc.b1 + g * sc.one_minus_b1
+    nu = v.nu * sc.b2 + g * g * sc.one_minus_b2
+    return m, nu
+
+
+def _adam_corrected(v: Inputs, sc: Inputs) -> Outputs:
+    """u = (m_t / (1−β1^t)) / (√v_t / √(1−β2^t) + ε)."""
+    m, nu = _moments(v, sc)
+    u = (m / sc.bc1) / (nu.sqrt() / sc.bc2_sqrt + sc.eps)
+    return {"out": u.to(v.x.dtype), "mu": m, "nu": nu}
+
+
+def _adam_raw(v: Inputs, sc: Inputs) -> Outputs:
+    """u = √(1−β2^t)/(1−β1^t) · m_t / (√v_t + ε)."""
+    m, nu = _moments(v, sc)
+    u = sc.ratio * (m / (nu.sqrt() + sc.eps))
+    return {"out": u.to(v.x.dtype), "mu": m, "nu": nu}

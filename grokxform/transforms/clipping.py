@@ -8,7 +8,9 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates, elementwise
+from grokxform.declarations import ScalarContext
+from grokxform.elements import Inputs, Outputs
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
 
@@ -26,8 +28,9 @@ class ClipByGlobalNormState(NamedTuple):
 
 def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     """``u = g·min(1, c / (‖g‖ + 1e−6))`` with ``‖g‖ = √(Σ_leaves ‖g_leaf‖²)``: one norm over all
-    leaves, as ``torch.nn.utils.clip_grad_norm_``. Norms are taken in float32 (float64 if any
-    param is float64). State: :class:`ClipByGlobalNormState`, the norm and the scale for logging.
+    leaves, as ``torch.nn.utils.clip_grad_norm_``. Each leaf's norm is taken in float32 (float64
+    for float64 leaves), the global norm in the state's dtype (float64 if any param is float64).
+    State: :class:`ClipByGlobalNormState`, the norm and the scale for logging.
 
     Non-finite gradients: the scale is computed from the leaves whose values are all finite,
     ``‖g‖_fin = √(Σ_{finite leaves} ‖g_leaf‖²)``, so a NaN or an infinity in one leaf leaves the
@@ -50,36 +53,33 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         dev = _tree.first_device(params)
         return ClipByGlobalNormState(torch.zeros((), dtype=dt, device=dev), torch.ones((), dtype=dt, device=dev))
 
-    def update_fn(
-        updates: Updates, state: ClipByGlobalNormState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, ClipByGlobalNormState]:
-        del extra
-        C.check_state(state, ClipByGlobalNormState, "clip_by_global_norm")
-        C.check_gradients(updates, "clip_by_global_norm", params, like_name="param")
-        leaves, spec = _tree.flatten(updates)
-        present = [g for g in leaves if g is not None]
-        if not present:
-            return updates, state
-        dt = state.norm.dtype
+    def check(updates: Updates, state: ClipByGlobalNormState, params: Params | None) -> None:
         dev = state.norm.device
-        for i, g in enumerate(leaves):  # leaves on several GPUs are fine; a state on another kind is not
+        for i, g in enumerate(_tree.flatten(updates)[0]):  # leaves on several GPUs are fine, another kind is not
             if g is not None and g.device.type != dev.type:
                 raise ValueError(
                     f"clip_by_global_norm: the gradient at path {_tree.path_names(updates)[i]!r} is on {g.device}"
                     f" but the state is on {dev}"
                 )
-        # A gradient wider than the state's norm dtype is reduced in its own dtype, then narrowed.
-        norms = torch.stack(
-            [torch.linalg.vector_norm(g, dtype=torch.promote_types(dt, g.dtype)).to(device=dev, dtype=dt) for g in present]
-        )
-        finite = torch.stack([torch.isfinite(g).all().to(dev) for g in present])
+
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        dt, dev = ctx.state.norm.dtype, ctx.state.norm.device
+        norms = ctx.reduced["norm"].to(device=dev, dtype=dt)
+        finite = ctx.reduced["finite"].to(dev)
         norm = torch.linalg.vector_norm(norms)
         norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, torch.zeros_like(norms)))
         scale = torch.clamp(C.scalar_for(max_norm, norm_finite) / (norm_finite + _CLIP_EPS), max=1.0)
-        out = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in leaves]
-        return _tree.unflatten(out, spec), ClipByGlobalNormState(norm, scale)
+        return {"scale": scale}, {"norm": norm, "scale": scale}
 
-    return GradientTransformation(init_fn, update_fn)
+    return elementwise(
+        "clip_by_global_norm", init_fn, _scale, ("scale",), scalars, state_type=ClipByGlobalNormState,
+        reduce=("norm", "finite"), check=check,
+    )
+
+
+def _scale(v: Inputs, sc: Inputs) -> Outputs:
+    """u = g·scale."""
+    return {"out": v.x * sc.scale}
 
 
 def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
@@ -96,19 +96,8 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update_fn(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del extra
-        C.check_gradients(updates, "clip_by_tensor_norm", params, like_name="param")
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        norms = ctx.reduced["norm"]
+        return {"scale": torch.clamp(C.scalar_for(max_norm, norms) / (norms + _CLIP_EPS), max=1.0)}, {}
 
-        def clip(g: torch.Tensor | None) -> torch.Tensor | None:
-            if g is None:
-                return None
-            norm = torch.linalg.vector_norm(g, dtype=_norm_dtype([g]))
-            scale = torch.clamp(C.scalar_for(max_norm, norm) / (norm + _CLIP_EPS), max=1.0)
-            return g * scale.to(g.dtype)
-
-        return _tree.tree_map(clip, updates), state
-
-    return GradientTransformation(init_fn, update_fn)
+    return elementwise("clip_by_tensor_norm", init_fn, _scale, ("scale",), scalars, reduce=("norm",))

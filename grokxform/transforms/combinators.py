@@ -16,6 +16,8 @@ import torch
 from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Updates
+from grokxform.declarations import Accumulate, IfFinite, Masked, Partition, declaration_of, declare
+from grokxform.elements import Inputs, Outputs, TracedRule
 from grokxform.transforms.masks import Mask, mask_selector
 
 
@@ -68,7 +70,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         out, new_state = inner.update(_keep(updates, sel), state, inner_params, **extra)
         return _merge(updates, out, sel), new_state
 
-    return GradientTransformation(init_fn, update_fn)
+    return declare(GradientTransformation(init_fn, update_fn), Masked(declaration_of(inner), selection))
 
 
 Labeler = Union[Callable[[str, torch.Tensor], str], Any]
@@ -126,8 +128,8 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
             out = _merge(out, part, sel)
         return out, new_state
 
-
-    return GradientTransformation(init_fn, update_fn)
+    members = {k: declaration_of(t) for k, t in transforms.items()}
+    return declare(GradientTransformation(init_fn, update_fn), Partition(members, leaf_labels))
 
 
 class MultiStepsState(NamedTuple):
@@ -184,7 +186,16 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
             steps=state.steps + final.to(state.steps.dtype),
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return declare(GradientTransformation(init_fn, update_fn), Accumulate(declaration_of(inner), k, _ACCUMULATE))
+
+
+def _accumulate(v: Inputs, sc: Inputs) -> Outputs:
+    """The sum of the micro-steps' gradients and their mean over k (in the gradient's dtype)."""
+    acc = v.acc + v.x.to(v.acc.dtype)
+    return {"acc": acc, "mean": (acc / sc.k).to(v.x.dtype)}
+
+
+_ACCUMULATE = TracedRule(_accumulate, ("k",))
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -239,4 +250,4 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             inner_state=_select(finite, inner_new, state.inner_state),
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return declare(GradientTransformation(init_fn, update_fn), IfFinite(declaration_of(inner)))

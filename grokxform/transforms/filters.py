@@ -14,7 +14,17 @@ from grokxform import _common as C
 from grokxform import _memory
 from grokxform import signals as _signals
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Scalar, Updates
+from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise
+from grokxform.declarations import (
+    Amplify,
+    MaRingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
+    ScalarContext,
+    WindowField,
+    declaration_of,
+    declare,
+    run_rule,
+)
+from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
 
 
 class EmaFilterState(NamedTuple):
@@ -68,26 +78,35 @@ def ema_filter(
             signal=torch.zeros((), dtype=torch.float64, device=dev),
         )
 
-    def update_fn(
-        updates: Updates, state: EmaFilterState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmaFilterState]:
-        del params
-        C.check_state(state, EmaFilterState, "ema_filter")
-        dev = state.step.device
-        gs = _signals.compute_signal(fns, state.step, dev, extra)
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        st = ctx.state
+        gs = _signals.compute_signal(fns, st.step, ctx.device, ctx.extra)
         a = _signals.adapted_alpha(alpha, signal_decay_rate, gs)
-        one_minus_a = 1.0 - a
+        values = {"alpha": a, "one_minus_alpha": 1.0 - a}
+        if init == "first":
+            values["first"] = ctx.counts == 0
+        return values, {"step": st.step + 1, "alpha": a, "signal": gs}
 
-        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, mu: torch.Tensor) -> tuple[Any, ...]:
-            gs_ = g.to(mu.dtype)
-            blended = mu * a.to(mu.dtype) + gs_ * one_minus_a.to(mu.dtype)
-            new_mu = torch.where(c == 0, gs_, blended) if init == "first" else blended
-            return new_mu.to(g.dtype, copy=True), c + 1, new_mu
+    rule = _ema_first if init == "first" else _ema
+    names = ("alpha", "one_minus_alpha", "first") if init == "first" else ("alpha", "one_minus_alpha")
+    return elementwise(
+        "ema_filter", init_fn, rule, names, scalars, state_type=EmaFilterState, fields=("mu",), count="count",
+        unsupported="its grokking signal functions run Python each step" if fns else None,
+    )
 
-        out, count, mu = C.map_present(leaf, updates, (state.count, state.mu), "ema_filter")
-        return out, EmaFilterState(state.step + 1, count, mu, a, gs)
 
-    return GradientTransformation(init_fn, update_fn)
+def _ema(v: Inputs, sc: Inputs) -> Outputs:
+    """μ_t = α_t·μ + (1−α_t)·g; the output is μ_t in the gradient's dtype."""
+    g = v.x.to(v.mu.dtype)
+    mu = v.mu * sc.alpha + g * sc.one_minus_alpha
+    return {"out": mu.to(v.x.dtype), "mu": mu}
+
+
+def _ema_first(v: Inputs, sc: Inputs) -> Outputs:
+    """As :func:`_ema`, with μ_1 = g_1 on a leaf's first step."""
+    g = v.x.to(v.mu.dtype)
+    mu = where(sc.first, g, v.mu * sc.alpha + g * sc.one_minus_alpha)
+    return {"out": mu.to(v.x.dtype), "mu": mu}
 
 
 class MaFilterState(NamedTuple):
@@ -98,14 +117,6 @@ class MaFilterState(NamedTuple):
     count: Any
     window: tuple[Any, ...]
     total: Any
-
-
-class MaRingWindow(NamedTuple):
-    """Another layout of :class:`MaFilterState`'s window, used by :mod:`grokxform.fused`: one
-    ``[w, *shape]`` buffer per leaf whose slot ``count % w`` holds the oldest gradient. Same
-    numbers; the update writes one slot, so a compiled step can do it in place."""
-
-    buffers: Any
 
 
 def ma_filter(
@@ -152,47 +163,29 @@ def ma_filter(
             total=C.zeros_like_tree(params, accumulator_dtype),
         )
 
-    def update_fn(
-        updates: Updates, state: MaFilterState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, MaFilterState]:
-        del params, extra
-        C.check_state(state, MaFilterState, "ma_filter")
-        ring = isinstance(state.window, MaRingWindow)
-        if not ring and (not isinstance(state.window, tuple) or len(state.window) != w):
-            raise ValueError(f"ma_filter: the state's window must be a tuple of {w} trees")
-        spec = _tree.check_structure(updates, state.total, "ma_filter state", "gradient")
-        slots = [] if ring else [_tree.flatten(t)[0] for t in state.window]  # slots[k][i]: slot k of leaf i
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        c1 = ctx.counts + 1  # type: ignore[operator]
+        values: dict[str, Any] = {}
+        if filter_type == "mean":
+            values["divisor"] = torch.clamp(c1, max=w).to(accumulator_dtype)
+        if warmup:
+            values["on"] = c1 >= w
+        return values, {}
 
-        def leaf(i: int, g: torch.Tensor, c: torch.Tensor, total: torch.Tensor, buf: Any) -> tuple[Any, ...]:
-            slot = torch.remainder(c, w).reshape(1) if ring else None
-            oldest = buf.index_select(0, slot).squeeze(0) if ring else slots[0][i]
-            stored = g.to(oldest.dtype, copy=True)
-            new_total = total - oldest.to(total.dtype) + stored.to(total.dtype)
-            c1 = c + 1
-            avg = new_total / torch.clamp(c1, max=w).to(total.dtype) if filter_type == "mean" else new_total
-            out = avg.to(g.dtype)
-            if warmup:
-                out = torch.where(c1 >= w, out, torch.zeros_like(out))
-            if ring:  # the ring buffer with the oldest slot overwritten (in place once compiled)
-                stored = buf.index_put((slot,), stored.unsqueeze(0))
-            return out, c1, new_total, stored
+    def rule(v: Inputs, sc: Inputs) -> Outputs:
+        """S_t = S − g_{t−w} + g_t (in the accumulator dtype); A_t = S_t/n_t; 0 during warm-up."""
+        stored = v.x.to(v.window.dtype)
+        total = v.total - v.window.to(v.total.dtype) + stored.to(v.total.dtype)
+        out = (total / sc.divisor if filter_type == "mean" else total).to(v.x.dtype)
+        if warmup:
+            out = where(sc.on, out, 0.0)
+        return {"out": out, "total": total, "window": stored}
 
-        # The third tree stands in for the stored copies (leaves without a gradient store nothing).
-        third = state.window.buffers if ring else state.count
-        out, count, total, stored = C.map_present(leaf, updates, (state.count, state.total, third), "ma_filter")
-        if ring:
-            return out, MaFilterState(count, MaRingWindow(stored), total)
-        # Rotate the window of each leaf that got a gradient; the others keep their slots.
-        present = [g is not None for g in _tree.flatten(updates)[0]]
-        stored_leaves = _tree.flatten(stored)[0]
-        new_slots = [
-            [slots[k + 1][i] if ok else slots[k][i] for i, ok in enumerate(present)] for k in range(w - 1)
-        ]
-        new_slots.append([stored_leaves[i] if ok else slots[w - 1][i] for i, ok in enumerate(present)])
-        window = tuple(_tree.unflatten(leaves, spec) for leaves in new_slots)
-        return out, MaFilterState(count, window, total)
-
-    return GradientTransformation(init_fn, update_fn)
+    names = (("divisor",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
+    return elementwise(
+        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total",), count="count",
+        window=WindowField("window", w),
+    )
 
 
 def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTransformation:
@@ -209,15 +202,28 @@ def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTrans
         raise TypeError(f"amplify: filter must be a GradientTransformation, got {type(filter).__name__}")
     C.check_scalar("amplify", "lamb", lamb)
 
+    traced = TracedRule(_amplify, ("lamb",))
+
     def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
         slow, new_state = filter.update(updates, state, params, **extra)
         spec = _tree.check_structure(slow, updates, "gradient", "filter output")
         g_leaves, _ = _tree.flatten(updates)
         s_leaves, _ = _tree.flatten(slow)
-        out = [
-            None if g is None else g + s.to(g.dtype) * C.scalar_for(lamb, g)
-            for g, s in zip(g_leaves, s_leaves)
-        ]
+        index = [i for i, g in enumerate(g_leaves) if g is not None]
+        got = run_rule(
+            traced,
+            {"x": [g_leaves[i] for i in index], "slow": [s_leaves[i] for i in index]},
+            Scalars({"lamb": lamb}, len(index)),
+        )
+        out = list(g_leaves)
+        for k, i in enumerate(index):
+            out[i] = got["out"][k]
         return _tree.unflatten(out, spec), new_state
 
-    return GradientTransformation(filter.init, update_fn)
+    tx = GradientTransformation(filter.init, update_fn)
+    return declare(tx, Amplify(declaration_of(filter), traced, lamb))
+
+
+def _amplify(v: Inputs, sc: Inputs) -> Outputs:
+    """ĝ = g + λ·s in the gradient's dtype."""
+    return {"out": v.x + v.slow.to(v.x.dtype) * sc.lamb}

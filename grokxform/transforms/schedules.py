@@ -13,7 +13,9 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Schedule, Updates
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Schedule, elementwise
+from grokxform.declarations import ScalarContext
+from grokxform.elements import Inputs, Outputs
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -44,21 +46,21 @@ def scale_by_learning_rate(
     def init_fn(params: Params) -> ScaleByScheduleState | EmptyState:
         return ScaleByScheduleState(C.counter(_tree.first_device(params))) if is_schedule else EmptyState()
 
-    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
-        del params, extra
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
         if is_schedule:
-            lr = learning_rate(state.count)  # type: ignore[operator]
-            new_state: Any = ScaleByScheduleState(state.count + 1)
-        else:
-            lr, new_state = learning_rate, state
-        factor = sign * lr
+            count = ctx.state.count
+            return {"factor": sign * learning_rate(count)}, {"count": count + 1}  # type: ignore[operator]
+        return {"factor": sign * learning_rate}, {}  # type: ignore[operator]
 
-        def scale(u: torch.Tensor | None) -> torch.Tensor | None:
-            return None if u is None else u * C.scalar_for(factor, u)
+    return elementwise(
+        "scale_by_learning_rate", init_fn, _scale, ("factor",), scalars,
+        state_type=ScaleByScheduleState if is_schedule else None,
+    )
 
-        return _tree.tree_map(scale, updates), new_state
 
-    return GradientTransformation(init_fn, update_fn)
+def _scale(v: Inputs, sc: Inputs) -> Outputs:
+    """u·(∓η_t)."""
+    return {"out": v.x * sc.factor}
 
 
 def constant_schedule(value: float) -> Schedule:

@@ -6,9 +6,11 @@ from typing import Any
 
 
 from grokxform import _common as C
-from grokxform import tree as _tree
-from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, elementwise
+from grokxform.declarations import ScalarContext
+from grokxform.elements import Inputs, Outputs
 from grokxform.transforms.masks import Mask, mask_selector
+
 
 def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) -> GradientTransformation:
     """``u = u + wd·θ`` on the leaves selected by ``mask``; the others pass unchanged. Stateless.
@@ -29,21 +31,14 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
         selection(params)
         return EmptyState()
 
-    def update_fn(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del extra
-        if params is None:
-            raise ValueError("decoupled_weight_decay: update needs params (pass params=...)")
-        spec = _tree.check_structure(updates, params, "params", "gradient")
-        C.check_gradients(updates, "decoupled_weight_decay", params, like_name="param")
-        selected = selection(params)
-        u_leaves, _ = _tree.flatten(updates)
-        p_leaves, _ = _tree.flatten(params)
-        out = [
-            u if u is None or not sel else u + p.to(u.dtype) * C.scalar_for(weight_decay, u)
-            for u, p, sel in zip(u_leaves, p_leaves, selected)
-        ]
-        return _tree.unflatten(out, spec), state
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"wd": weight_decay}, {}
 
-    return GradientTransformation(init_fn, update_fn)
+    return elementwise(
+        "decoupled_weight_decay", init_fn, _decay, ("wd",), scalars, needs_params=True, select=selection
+    )
+
+
+def _decay(v: Inputs, sc: Inputs) -> Outputs:
+    """u + wd·θ in the update's dtype."""
+    return {"out": v.x + v.param.to(v.x.dtype) * sc.wd}

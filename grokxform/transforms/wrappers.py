@@ -11,8 +11,7 @@ import torch
 from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Updates
-from grokxform.kernels.spec import InjectedSpec
-from grokxform.kernels.spec import register as register_kernel
+from grokxform.declarations import Injected, declare
 
 _STATIC_BY_DEFAULT = frozenset(
     {"grokking_signal_fns", "signal_fns", "mask", "weight_decay_mask", "layer", "gamma", "gradient_clipping"}
@@ -101,8 +100,10 @@ def inject_hyperparams(
             updates, inner = factory(**static, **hp).update(updates, state.inner_state, params, **extra)
             return updates, InjectHyperparamsState(state.count + 1, hp, inner)
 
-        tx = GradientTransformation(init_fn, update_fn)
-        return register_kernel(tx, InjectedSpec(factory, static, current, tuple(schedules)))
+        def build(hp: dict[str, torch.Tensor]) -> GradientTransformation:
+            return factory(**static, **hp)
+
+        return declare(GradientTransformation(init_fn, update_fn), Injected(build, current, tuple(schedules)))
 
     wrapped.__name__ = f"inject_hyperparams({getattr(factory, '__name__', 'factory')})"
     wrapped.__doc__ = factory.__doc__

@@ -1,13 +1,17 @@
-"""The Triton kernel step (``FusedStep(backend="triton")``) against the eager transforms.
+"""The engine (``FusedStep(backend="triton")``): any chain of declared transforms as generated
+multi-tensor kernels, against the eager transforms.
 
 On a machine without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 set here before Triton is imported); the same tests run the compiled kernels on a GPU (``-m gpu``
-adds the CUDA-graph and large-tensor cases).
+adds the CUDA-graph, bit-for-bit and large-tensor cases).
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
+import re
 
 import torch
 
@@ -21,7 +25,6 @@ pytest.importorskip("triton")
 import grokxform as gx  # noqa: E402
 from grokxform import tree as T  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
-from grokxform.kernels.spec import spec_of  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,7 +47,15 @@ def _losses(t: int) -> dict[str, torch.Tensor]:
     return {"train_loss": torch.tensor(2.0 / (t + 1), device=DEVICE), "val_loss": torch.tensor(2.5, device=DEVICE)}
 
 
+def _user_chain() -> gx.GradientTransformation:
+    return gx.chain(
+        gx.amplify(gx.ema_filter(0.95), 1.5), gx.clip_by_global_norm(1.0), gx.scale_by_adam(0.9, 0.98),
+        gx.decoupled_weight_decay(0.01), gx.scale_by_learning_rate(1e-3),
+    )
+
+
 CASES = {
+    # the pipelines
     "adamw": (lambda: gx.adamw(lr=1e-2, weight_decay=0.1), False),
     "adamw_masked": (lambda: gx.adamw(lr=gx.linear_warmup(1e-2, 3), weight_decay_mask=["*.w"]), False),
     "grokfast_ema": (lambda: gx.grokfast_ema(lr=1e-2, alpha=0.9), False),
@@ -58,14 +69,31 @@ CASES = {
     "grokadamw_noclip": (lambda: gx.grokadamw(lr=1e-2, gradient_clipping=0.0), True),
     "grokadamw_index": (lambda: gx.grokadamw(lr=1e-2, layer="index", weight_decay_mask=["h.*"]), True),
     "grokadamw_layer_fn": (lambda: gx.grokadamw(lr=1e-2, layer=lambda path, i: i % 3), True),
+    "grokadamw_compat": (lambda: gx.grokadamw_compat(lr=1e-2, gradient_clipping=0.3), True),
     "inject": (lambda: gx.inject_hyperparams(gx.grokadamw)(lr=gx.warmup_cosine_decay(1e-2, 2, 20), lamb=1.5,
                                                            weight_decay=0.05), True),
     "inject_ema": (lambda: gx.inject_hyperparams(gx.grokfast_ema)(lr=1e-2, alpha=0.95, eps=1e-6), False),
+    # chains no pipeline builds, and every combinator
+    "user_chain": (_user_chain, False),
+    "amplify_ma_then_clip": (lambda: gx.chain(gx.amplify(gx.ma_filter(2), 3.0), gx.clip_by_global_norm(0.5),
+                                              gx.scale_by_adam(), gx.scale_by_learning_rate(1e-2)), False),
+    "two_clips": (lambda: gx.chain(gx.clip_by_tensor_norm(2.0), gx.scale_by_adam(), gx.clip_by_global_norm(0.1),
+                                   gx.scale_by_learning_rate(1e-2)), False),
+    "masked": (lambda: gx.chain(gx.scale_by_adam(), gx.masked(gx.decoupled_weight_decay(0.3), ["h.*"]),
+                                gx.masked(gx.amplify(gx.ema_filter(0.9), 2.0), lambda path, p: p.ndim >= 2),
+                                gx.scale_by_learning_rate(1e-2)), False),
+    "partition": (lambda: gx.partition({"big": gx.grokadamw(lr=1e-2), "small": gx.adamw(lr=3e-2, weight_decay=0.0)},
+                                       lambda path, p: "big" if p.numel() > 100 else "small"), True),
+    "multisteps": (lambda: gx.MultiSteps(gx.grokfast_ema(lr=1e-2), 2), False),
+    "apply_if_finite": (lambda: gx.apply_if_finite(gx.grokadamw(lr=1e-2)), True),
+    "named_schedule": (lambda: gx.named_chain(("adam", gx.scale_by_adam(b1=gx.layerwise_beta(0.9, 0.2))),
+                                              ("lr", gx.scale_by_learning_rate(gx.warmup_cosine_decay(1e-2, 1, 9)))),
+                       False),
 }
 
 
 def _run(tx: gx.GradientTransformation, dtype: torch.dtype, steps: int, none_at=None, signal: bool = False,
-         **kw):
+         poison=None, **kw):
     params = _params(dtype)
     p_e = dict(params)
     s_e = tx.init(p_e)
@@ -73,6 +101,8 @@ def _run(tx: gx.GradientTransformation, dtype: torch.dtype, steps: int, none_at=
     fused = FusedStep(tx, p_f, backend="triton", **kw)
     for t in range(steps):
         g = _grads(params, t, (none_at or {}).get(t, ()))
+        if poison is not None:
+            poison(t, g)
         extra = _losses(t) if signal else {}
         u, s_e = tx.update(g, s_e, p_e, **extra)
         p_e = gx.apply_updates(p_e, u)
@@ -95,20 +125,20 @@ def _close(a, b, exact: bool, rtol: float = 2e-6, atol: float = 1e-6) -> None:
 
 def _state_tol(bf16: bool) -> dict[str, float]:
     """State built from bfloat16 gradients: on a GPU, a clip factor one float32 bit away from
-    eager's can move one bfloat16 rounding of g·scale, so there within one bfloat16 rounding of
-    g (two in v, which holds g²)."""
+    eager's (another reduction order) can move one bfloat16 rounding of g·scale, so there within
+    one bfloat16 rounding of g (two in v, which holds g²)."""
     return {"rtol": 2**-6, "atol": 1e-5} if bf16 and not INTERPRETED else {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_kernel_step_matches_eager(name: str, dtype: torch.dtype) -> None:
+def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
     make, signal = CASES[name]
     bf16 = dtype == torch.bfloat16
-    # bfloat16 params are rounded as the eager ops round them: equal in the interpreter. On a GPU the
-    # compiled scalar prologue (the clip factor's reduction order, libdevice maths) may differ from
-    # eager's kernels in the last float32 bit; that can flip one bfloat16 rounding of θ + u, and
-    # flips compound over steps, so there one step is compared, within one rounding.
+    # bfloat16 params are rounded as the eager ops round them: equal in the interpreter. On a GPU a
+    # reduction (the clip's norm) sums in another order than eager, which can flip one bfloat16
+    # rounding of θ + u, and flips compound over steps, so there one step is compared, within one
+    # rounding. (Without a reduction the GPU is bit for bit too: test_gpu_bit_for_bit.)
     steps, none_at = (1, None) if bf16 and not INTERPRETED else (6, {2: ("h.1.w",), 3: ("h.1.w", "ln.w")})
     p_e, s_e, p_f, fused = _run(make(), dtype, steps, none_at, signal)
     assert fused.engine == "triton" and fused.compiles == (1 if steps == 1 else 3)  # one per None pattern
@@ -120,6 +150,19 @@ def test_ma_ring_wraps_many_times() -> None:
     p_e, s_e, p_f, fused = _run(gx.grokfast_ma(lr=1e-2, window_size=3), torch.float32, 11)
     _close(p_e, p_f, exact=False)
     _close(s_e, fused.eager_state(), exact=False)
+
+
+def test_apply_if_finite_skips_a_non_finite_step_in_the_kernels() -> None:
+    def poison(t: int, g: dict) -> None:
+        if t == 2:
+            g["h.0.b"] = g["h.0.b"].clone()
+            g["h.0.b"][1, 2] = float("inf")
+
+    tx = gx.apply_if_finite(gx.grokadamw(lr=1e-2))
+    p_e, s_e, p_f, fused = _run(tx, torch.float32, 5, signal=True, poison=poison)
+    _close(p_e, p_f, exact=False)
+    _close(s_e, fused.eager_state(), exact=False, rtol=1e-5, atol=1e-6)
+    assert int(fused.state.total_notfinite) == 1 and int(fused.state.inner_state["adam"].count["h.0.w"]) == 4
 
 
 def test_one_non_finite_leaf_leaves_the_others_clipped_as_eager() -> None:
@@ -143,13 +186,23 @@ def test_one_non_finite_leaf_leaves_the_others_clipped_as_eager() -> None:
     assert torch.isnan(fused.state["clip"].norm)
 
 
+@pytest.mark.parametrize("name, passes", [("adamw", 1), ("grokfast_ma", 1), ("grokadamw", 2), ("user_chain", 2),
+                                          ("two_clips", 3), ("apply_if_finite", 3)])
+def test_one_pass_over_memory_two_with_a_reduction(name: str, passes: int) -> None:
+    """The step is one kernel per group of leaves, plus one before each reduction (the clip)."""
+    _, _, _, fused = _run(CASES[name][0](), torch.float32, 1, signal=CASES[name][1])
+    (fn,) = fused._fns.values()
+    assert fn.step.plan.passes == passes
+    assert {p for grp in fn.step._groups for p in grp.kernels} == set(range(passes))
+
+
 def test_optimizer_fused_triton_follows_a_scheduler() -> None:
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DEVICE)
 
     a, b = model(), model()
-    oa = gx.Optimizer(a.parameters(), gx.grokadamw, lr=1e-2, weight_decay=0.05)
+    oa = gx.Optimizer(a.parameters(), gx.grokadamw, fused=False, lr=1e-2, weight_decay=0.05)
     ob = gx.Optimizer(b.parameters(), gx.grokadamw, fused="triton", lr=1e-2, weight_decay=0.05)
     sa = torch.optim.lr_scheduler.StepLR(oa, 2, 0.5)
     sb = torch.optim.lr_scheduler.StepLR(ob, 2, 0.5)
@@ -167,48 +220,61 @@ def test_optimizer_fused_triton_follows_a_scheduler() -> None:
     assert fs.engine == "triton" and fs.compiles == 1
 
 
+def _own_update(updates, state, params=None, **extra):
+    return gx.tree.tree_map(lambda g: None if g is None else g * 0.5, updates), state
+
+
 @pytest.mark.parametrize(
     "make, why",
     [
-        (lambda: gx.grokadamw_compat(lr=1e-2), "no kernel spec"),
-        (lambda: gx.chain(gx.scale_by_adam(), gx.scale_by_learning_rate(1e-3)), "no kernel spec"),
-        (lambda: gx.grokadamw(grokking_signal_fns=[lambda: 0.5]), "signal functions"),
+        (lambda: gx.chain(gx.scale_by_adam(), gx.GradientTransformation(lambda p: (), _own_update)),
+         r"member 1 has no declaration"),
+        (lambda: gx.grokadamw(grokking_signal_fns=[lambda: 0.5]), r"'grokfast'.*signal functions"),
     ],
 )
-def test_triton_backend_names_what_it_cannot_run(make, why: str) -> None:
-    fused = FusedStep(make(), _params(torch.float32), backend="triton")
+def test_what_the_engine_cannot_run_is_named(make, why: str) -> None:
+    tx = make()
+    params = _params(torch.float32)
     with pytest.raises(ValueError, match=why):
-        fused(_grads(_params(torch.float32), 0))
+        FusedStep(tx, params, backend="triton")(_grads(params, 0))
+    auto = FusedStep(tx, {n: p.clone() for n, p in params.items()}, backend="auto")
+    auto(_grads(params, 0))  # the compiled fallback runs it, and says why
+    assert auto.engine == "inductor"
+    if DEVICE == "cuda":
+        assert re.search(why, auto.fallback_reason)
 
 
-def test_float64_params_are_refused_by_the_kernels() -> None:
-    params = {n: p.double() for n, p in _params(torch.float32).items()}
-    fused = FusedStep(gx.adamw(), params, backend="triton")
-    with pytest.raises(ValueError, match="dtypes"):
-        fused({n: torch.ones_like(p) for n, p in params.items()})
-
-
-def test_only_the_pipelines_carry_a_spec() -> None:
-    assert spec_of(gx.grokadamw()) is not None and spec_of(gx.adamw()) is not None
-    assert spec_of(gx.grokadamw_compat()) is None
-    assert spec_of(gx.chain(gx.scale_by_adam())) is None
+def test_the_math_does_not_import_its_engines() -> None:
+    """transforms/, pipelines.py and the layers below them never import the engine, the fused
+    step or the optimizer: the engine reads what the primitives declare, not the reverse."""
+    root = pathlib.Path(gx.__file__).parent
+    files = [*(root / "transforms").glob("*.py"), *(root / n for n in
+             ("pipelines.py", "base.py", "declarations.py", "elements.py", "tree.py", "_common.py", "signals.py"))]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for n in names:
+                assert not n.startswith(("grokxform.engine", "grokxform.fused", "grokxform.optim")), (f.name, n)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="what backend='auto' does on the CPU")
-def test_auto_on_the_cpu_never_picks_the_kernels() -> None:
-    fused = FusedStep(gx.adamw(lr=1e-2), _params(torch.float32), backend="auto")
-    assert fused._kernel_step((True,) * 6, [], (), []) is None
-    assert "CUDA only" in fused.fallback_reason
+def test_auto_on_the_cpu_takes_the_compiled_fallback_and_says_why() -> None:
+    params = _params(torch.float32)
+    auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto", options={"combo_kernels": False})
+    auto(_grads(params, 0))
+    assert auto.engine == "inductor" and "CUDA only" in auto.fallback_reason
 
 
 # --------------------------------------------------------------------------------------------
-# GPU: the compiled kernels, CUDA graphs, offsets past 2^31.
+# GPU: the compiled kernels, CUDA graphs, exactness, offsets past 2^31.
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("name", ["adamw", "grokfast_ema_coupled", "grokfast_ma", "grokadamw", "inject"])
-def test_auto_uses_the_kernels_with_a_cuda_graph(name: str) -> None:
+@pytest.mark.parametrize("name", ["adamw", "grokfast_ema_coupled", "grokfast_ma", "grokadamw", "inject", "user_chain",
+                                  "multisteps", "partition"])
+def test_auto_uses_the_engine_with_a_cuda_graph(name: str) -> None:
     make, signal = CASES[name]
     params = _params(torch.float32)
     tx = make()
@@ -216,7 +282,7 @@ def test_auto_uses_the_kernels_with_a_cuda_graph(name: str) -> None:
     s_e = tx.init(p_e)
     fused = FusedStep(tx, p_f)  # backend="auto"
     for t in range(8):
-        g = _grads(params, t)  # new tensors each step: copied into the captured ones
+        g = _grads(params, t)  # new tensors each step: read where they are
         extra = _losses(t) if signal else {}
         u, s_e = tx.update(g, s_e, p_e, **extra)
         p_e = gx.apply_updates(p_e, u)
@@ -228,7 +294,18 @@ def test_auto_uses_the_kernels_with_a_cuda_graph(name: str) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_kernels_and_inductor_agree() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["adamw", "grokfast_ema", "grokfast_ma_coupled", "inject_ema", "masked"])
+def test_gpu_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    """Without a reduction, every op of the kernel rounds as the eager CUDA op does: equal."""
+    p_e, s_e, p_f, fused = _run(CASES[name][0](), dtype, 6, {2: ("h.1.w",)})
+    _close(p_e, p_f, exact=True)
+    _close(s_e, fused.eager_state(), exact=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_engine_and_inductor_agree() -> None:
     tx = gx.grokadamw(lr=gx.warmup_cosine_decay(1e-2, 3, 30))
     params = _params(torch.float32)
     a = FusedStep(tx, {n: p.clone() for n, p in params.items()}, backend="triton")
@@ -262,23 +339,9 @@ def test_ring_offsets_beyond_int32() -> None:
     assert ring[w - 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["grokadamw", "inject", "grokfast_ma"])
-def test_compiled_scalar_prologue_matches(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prologue as the GPU runs it: traced with make_fx and compiled by Inductor."""
-    from grokxform.kernels import step as kstep
-
-    monkeypatch.setattr(kstep, "COMPILE_PROLOGUE", True)
-    make, signal = CASES[name]
-    bf16 = dtype == torch.bfloat16
-    p_e, s_e, p_f, fused = _run(make(), dtype, 1 if bf16 and not INTERPRETED else 5, None, signal)
-    _close(p_e, p_f, exact=bf16 and INTERPRETED, rtol=2**-7 if bf16 else 2e-6, atol=1e-4 if bf16 else 1e-6)
-    _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
-
-
-def test_a_pipeline_built_inside_torch_compile_records_no_spec() -> None:
-    """Building a transform in a traced function (a vmapped sweep does) must not write to the
-    kernel registry, which Dynamo cannot trace."""
+def test_a_pipeline_built_inside_torch_compile_works() -> None:
+    """Building a transform in a traced function (a vmapped sweep does) records its declaration
+    on a function object only; Dynamo traces it."""
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,452 @@
+"""Declarations: what a transform says about its own maths, so that any engine can run it.
+
+A :class:`~grokxform.GradientTransformation` is a pair ``(init, update)``. A *declared* one also
+says what its ``update`` computes, as data that lives on the ``update`` function
+(:func:`declare`, :func:`declaration_of`):
+
+- a primitive is :class:`Elementwise`: a per-element rule (:mod:`grokxform.elements`), a per-step
+  scalar rule (ordinary torch code: bias corrections, α_t from the signal, the clip factor...), the
+  fields of its state, and the per-leaf reductions of its input it needs first (the clip's norms);
+- a combinator is a node over its members' declarations: :class:`Sequence` (``chain``,
+  ``named_chain``), :class:`Amplify`, :class:`Masked`, :class:`Partition`, :class:`Injected`
+  (``inject_hyperparams``), :class:`Accumulate` (``MultiSteps``) and :class:`IfFinite`
+  (``apply_if_finite``).
+
+The eager ``update`` of a primitive is :meth:`Elementwise.update`: it runs the same two rules with
+``torch._foreach_*`` ops over the leaves grouped by device and dtype (one tensor at a time under
+``torch.func`` transforms and autograd). The engine (:mod:`grokxform.engine`) reads the same
+declarations and composes them, in the chain's order, into multi-tensor kernels. A transform
+without a declaration still works everywhere; the engine then falls back and says why.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Union
+
+import torch
+
+from grokxform import _common as C
+from grokxform import tree as _tree
+from grokxform.elements import Program, Scalars, TracedRule, run_foreach, run_leaf
+
+# --------------------------------------------------------------------------------------------
+# Attaching a declaration to a transform.
+
+_ATTR = "__grokxform_declaration__"
+
+
+def declare(tx: Any, declaration: Declaration) -> Any:
+    """Record on ``tx.update`` that ``tx`` computes what ``declaration`` says; returns ``tx``.
+
+    The transform stays a plain ``(init, update)`` pair; a user's own transform can be declared
+    the same way (see ``docs/fast_path.md``)."""
+    setattr(tx.update, _ATTR, declaration)
+    return tx
+
+
+def declaration_of(tx: Any) -> Declaration | None:
+    """The declaration of ``tx``, or ``None`` for a transform that has none."""
+    return getattr(tx.update, _ATTR, None)
+
+
+# --------------------------------------------------------------------------------------------
+# State layouts.
+
+
+class MaRingWindow(NamedTuple):
+    """The ring layout of a windowed state field (``ma_filter``'s window), used by the fused
+    step: one ``[w, *shape]`` buffer per leaf whose slot ``count % w`` holds the oldest gradient.
+    The eager layout is a tuple of w trees, oldest first. Same numbers; an update writes one slot,
+    so a compiled step can do it in place."""
+
+    buffers: Any
+
+
+@dataclass(frozen=True)
+class WindowField:
+    """A state field holding the last ``size`` values per leaf (eager: a tuple of ``size`` trees,
+    oldest first; fused: :class:`MaRingWindow`). The element rule reads the oldest value as input
+    ``"window"`` and returns the value to store as output ``"window"``."""
+
+    name: str
+    size: int
+
+
+# --------------------------------------------------------------------------------------------
+# The scalar rule's view of a step.
+
+
+@dataclass
+class ScalarContext:
+    """What a primitive's scalar rule sees, for its ``n`` leaves with a gradient.
+
+    ``state``: the primitive's state before the step. ``counts``: the per-leaf step counts before
+    the step (1-d int64, ``n`` values; ``None`` without a count field). ``reduced``: the per-leaf
+    reductions of the input it declared (``"norm"``: 2-norms, float32 or float64; ``"finite"``:
+    bool). ``paths`` / ``present``: the dotted path of every leaf of the tree and whether it takes
+    part this step (its positions are ``index``). ``extra``: ``update``'s keyword arguments.
+    """
+
+    state: Any
+    counts: torch.Tensor | None
+    reduced: dict[str, torch.Tensor]
+    paths: list[str]
+    present: list[bool]
+    index: list[int]
+    extra: dict[str, Any]
+    device: torch.device
+
+    @property
+    def n(self) -> int:
+        return len(self.index)
+
+
+ScalarRule = Callable[[ScalarContext], tuple[Mapping[str, Any], Mapping[str, Any]]]
+"""``rule(ctx) -> (scalars, new_globals)``: the element rule's scalars (see
+:class:`~grokxform.elements.Scalars`) and the new values of the state's 0-d fields."""
+
+
+# --------------------------------------------------------------------------------------------
+# The nodes.
+
+
+@dataclass(frozen=True, eq=False)
+class Elementwise:
+    """A primitive that acts on each leaf element by element.
+
+    ``rule(v, sc) -> {"out": ..., <field>: ...}``: the element rule; its inputs are ``v.x`` (the
+    incoming update), ``v.param`` (with ``needs_params``), one value per name in ``fields`` (the
+    per-leaf state tensors) and ``v.window`` (the oldest value of the window field); its outputs
+    are ``"out"`` and the new value of each field (``"window"``: the value to store).
+    ``scalars``: the scalar rule. ``count``: the field of per-leaf int64 step counts (each leaf
+    with a gradient adds one). ``reduce``: per-leaf reductions of the input needed by the scalar
+    rule (``"norm"``, ``"finite"``). ``select(params) -> [bool]``: the leaves it acts on (the
+    others pass through unchanged). ``state_type``: its state class (``None``: stateless).
+    """
+
+    name: str
+    rule: TracedRule
+    scalars: ScalarRule
+    state_type: type | None = None
+    fields: tuple[str, ...] = ()
+    count: str | None = None
+    window: WindowField | None = None
+    reduce: tuple[str, ...] = ()
+    needs_params: bool = False
+    select: Callable[[Any], list[bool]] | None = None
+    check: Callable[[Any, Any, Any], None] | None = None
+    """``check(updates, state, params)``: validation beyond the generic checks (raises)."""
+    unsupported: str | None = None
+    """Why an engine that captures the step (a CUDA graph) cannot run it, if it cannot."""
+
+    def input_names(self) -> tuple[str, ...]:
+        names = ("x",) + (("param",) if self.needs_params else ()) + self.fields
+        return names + (("window",) if self.window is not None else ())
+
+    def update(self, updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        """The eager update: both rules over the leaves, multi-tensor."""
+        return _run_elementwise(self, updates, state, params, extra)
+
+
+@dataclass(frozen=True, eq=False)
+class Sequence:
+    """``chain`` (``keys`` are 0, 1, ...; state a tuple) or ``named_chain`` (``keys`` are the
+    names; state a dict): the members in order. A member without a declaration is ``None``."""
+
+    keys: tuple[Any, ...]
+    members: tuple[Union["Declaration", None], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Amplify:
+    """``amplify(filter, lamb)``: ``out = combine(x, filter(x))`` per element; state: the filter's."""
+
+    inner: Union["Declaration", None]
+    rule: TracedRule
+    """inputs ``x``, ``slow``; output ``out``; scalar ``lamb``."""
+    lamb: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Masked:
+    """``masked(inner, mask)``: ``inner`` on the selected leaves (``select(params)``), the others unchanged."""
+
+    inner: Union["Declaration", None]
+    select: Callable[[Any], list[bool]]
+
+
+@dataclass(frozen=True, eq=False)
+class Partition:
+    """``partition(transforms, labels)``: leaf i goes through ``members[labels(params)[i]]``."""
+
+    members: dict[str, Union["Declaration", None]]
+    labels: Callable[[Any], list[str]]
+
+
+@dataclass(frozen=True, eq=False)
+class Injected:
+    """``inject_hyperparams(factory)(...)``: the inner transform is ``build(hp)`` with
+    ``hp = current(state.count, state.hyperparams)`` (schedules evaluated at the count)."""
+
+    build: Callable[[dict[str, torch.Tensor]], Any]
+    current: Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    schedules: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Accumulate:
+    """``MultiSteps(inner, k)``: ``inner`` runs on the mean of every k gradients (``rule``: inputs
+    ``x``, ``acc``; outputs ``acc`` (the new sum) and ``mean``)."""
+
+    inner: Union["Declaration", None]
+    every: int
+    rule: TracedRule
+
+
+@dataclass(frozen=True, eq=False)
+class IfFinite:
+    """``apply_if_finite(inner)``: ``inner``'s step where every gradient is finite, else none."""
+
+    inner: Union["Declaration", None]
+
+
+Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite]
+
+
+# --------------------------------------------------------------------------------------------
+# Running an element rule eagerly over the leaves.
+
+
+def _wrapped(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (
+        torch._C._functorch.is_functorch_wrapped_tensor(t) or (t.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def foreach_ok(tensors: Seq[Any], sc: Scalars | None = None) -> bool:
+    """Whether ``torch._foreach_*`` ops may run: not while a graph is traced (``torch.compile``,
+    which fuses the per-leaf ops itself and may be tracing a ``vmap``; ``make_fx``), and no tensor
+    is wrapped by a ``torch.func`` transform (vmap, grad) or tracked by autograd. Otherwise the
+    rule runs one leaf at a time, with ops that every transform supports."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or any(_wrapped(t) for t in tensors):
+        return False
+    return sc is None or not any(_wrapped(v) for v in sc.values.values())
+
+
+def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> dict[str, list[torch.Tensor]]:
+    """Run ``rule`` over ``n`` leaves: ``inputs[name][k]`` is input ``name`` of leaf k (tensors).
+    Leaves are grouped by device and the dtypes of their inputs; each group runs as
+    ``torch._foreach_*`` ops (or one leaf at a time, see :func:`foreach_ok`). Returns, per
+    output, the ``n`` results in order."""
+    names = list(inputs)
+    n = sc.n
+    columns = [inputs[name] for name in names]
+    result: dict[str, list[Any]] = {}
+    if n == 0:
+        return defaultdict(list)
+    flat = [t for col in columns for t in col]
+    if foreach_ok(flat, sc):
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k in range(n):
+            key = (columns[0][k].device, *(col[k].dtype for col in columns))
+            groups.setdefault(key, []).append(k)
+        for key, idx in groups.items():
+            prog = rule.program(dict(zip(names, key[1:])))
+            got = run_foreach(prog, {name: [col[k] for k in idx] for name, col in zip(names, columns)}, sc, idx)
+            for name, vals in got.items():
+                slot = result.setdefault(name, [None] * n)
+                for k, v in zip(idx, vals):
+                    slot[k] = v
+        return result
+    for k in range(n):
+        prog = rule.program({name: col[k].dtype for name, col in zip(names, columns)})
+        got = run_leaf(prog, {name: col[k] for name, col in zip(names, columns)}, sc, k)
+        for name, v in got.items():
+            result.setdefault(name, [None] * n)[k] = v
+    return result
+
+
+def reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-leaf reductions of ``xs`` as 1-d tensors on ``device``: ``"norm"`` (the 2-norm, in
+    float32, float64 for float64 leaves; float64 if any leaf is) and ``"finite"`` (whether every
+    value is finite)."""
+    out: dict[str, torch.Tensor] = {}
+    if not kinds:
+        return out
+    wide = any(x.dtype == torch.float64 for x in xs)
+    norm_dtype = torch.float64 if wide else torch.float32
+    if foreach_ok(xs) and xs:
+        norms: list[Any] = [None] * len(xs)
+        maxes: list[Any] = [None] * len(xs)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k, x in enumerate(xs):
+            groups.setdefault((x.device, x.dtype), []).append(k)
+        for (_, dt), idx in groups.items():
+            sub = [xs[k] for k in idx]
+            if "norm" in kinds:
+                for k, v in zip(idx, torch._foreach_norm(sub, 2, dtype=torch.promote_types(dt, torch.float32))):
+                    norms[k] = v
+            if "finite" in kinds:  # the largest |x| (nan or inf where a value is); empty leaves are finite
+                full = [k for k in idx if xs[k].numel()]
+                for k, v in zip(full, torch._foreach_norm([xs[k] for k in full], float("inf")) if full else []):
+                    maxes[k] = v
+        if "norm" in kinds:
+            out["norm"] = torch.stack([v.to(device=device, dtype=norm_dtype) for v in norms])
+        if "finite" in kinds:
+            out["finite"] = torch.stack([
+                torch.ones((), dtype=torch.bool, device=device) if v is None else torch.isfinite(v).to(device)
+                for v in maxes
+            ])
+        return out
+    if "norm" in kinds:
+        out["norm"] = torch.stack([
+            torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)).to(device, norm_dtype)
+            for x in xs
+        ]) if xs else torch.zeros(0, dtype=norm_dtype, device=device)
+    if "finite" in kinds:
+        out["finite"] = torch.stack([torch.isfinite(x).all().to(device) for x in xs]) if xs else torch.ones(
+            0, dtype=torch.bool, device=device)
+    return out
+
+
+def _leaves(tree: Any, spec: Any, updates: Any, what: str, name: str) -> list[Any]:
+    leaves, s = _tree.flatten(tree)
+    if s != spec:
+        _tree.check_structure(updates, tree, f"{name} state", "gradient", shapes=False)
+        raise ValueError(f"{name}: the state's {what} does not match the gradient tree")
+    return leaves
+
+
+def _run_elementwise(
+    decl: Elementwise, updates: Any, state: Any, params: Any, extra: dict[str, Any]
+) -> tuple[Any, Any]:
+    name = decl.name
+    if decl.state_type is not None:
+        C.check_state(state, decl.state_type, name)
+    if decl.needs_params and params is None:
+        raise ValueError(f"{name}: update needs params (pass params=...)")
+    g_leaves, spec = _tree.flatten(updates)
+    field_leaves = {f: _leaves(getattr(state, f), spec, updates, f, name) for f in decl.fields}
+    counts = _leaves(getattr(state, decl.count), spec, updates, decl.count, name) if decl.count else None
+    window = getattr(state, decl.window.name) if decl.window is not None else None
+    ring = isinstance(window, MaRingWindow)
+    if window is not None and not ring and (not isinstance(window, tuple) or len(window) != decl.window.size):
+        raise ValueError(f"{name}: the state's window must be a tuple of {decl.window.size} trees")
+    slots = [] if window is None or ring else [_tree.flatten(t)[0] for t in window]
+    buffers = _leaves(window.buffers, spec, updates, "window", name) if ring else None
+    shaped = next(iter(field_leaves.values()), None)
+    p_leaves = None
+    if decl.needs_params:
+        _tree.check_structure(updates, params, "params", "gradient")
+        p_leaves = _tree.flatten(params)[0]
+    if shaped is not None:
+        if any(isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) and g.shape != r.shape
+               for g, r in zip(g_leaves, shaped)):
+            _tree.check_structure(updates, getattr(state, decl.fields[0]), f"{name} state", "gradient")
+        C._check_gradient_leaves(g_leaves, shaped, updates, name)
+    else:
+        refs = p_leaves if p_leaves is not None else (_tree.flatten(params)[0] if params is not None else [])
+        C._check_gradient_leaves(g_leaves, refs, updates, name, like_name="param")
+    if decl.check is not None:
+        decl.check(updates, state, params)
+    selected = decl.select(params if params is not None else updates) if decl.select is not None else None
+    index = [i for i, g in enumerate(g_leaves) if g is not None and (selected is None or selected[i])]
+    for i in index:
+        missing = any(f[i] is None for f in field_leaves.values()) or (counts is not None and counts[i] is None)
+        if missing:
+            path = _tree.path_names(updates)[i]
+            raise ValueError(f"{name}: the gradient at path {path!r} has no state (its param was None at init)")
+    xs = [g_leaves[i] for i in index]
+    if not index and decl.reduce:
+        return updates, state
+    device = state_device(state, xs)
+    cnt = torch.stack([counts[i] for i in index]) if counts is not None and index else None
+    if counts is not None and not index:
+        cnt = torch.zeros(0, dtype=torch.int64, device=device)
+    present = [False] * len(g_leaves)
+    for i in index:
+        present[i] = True
+    ctx = ScalarContext(
+        state=state, counts=cnt, reduced=reductions(decl.reduce, xs, device),
+        paths=_tree.path_names(updates), present=present, index=index, extra=extra, device=device,
+    )
+    values, new_globals = decl.scalars(ctx)
+    sc = Scalars(values, len(index))
+    inputs: dict[str, list[Any]] = {"x": xs}
+    if decl.needs_params:
+        inputs["param"] = [p_leaves[i] for i in index]
+    for f in decl.fields:
+        inputs[f] = [field_leaves[f][i] for i in index]
+    if decl.window is not None:
+        if ring:
+            slot = [torch.remainder(counts[i], decl.window.size).reshape(1) for i in index]
+            inputs["window"] = [buffers[i].index_select(0, s).squeeze(0) for i, s in zip(index, slot)]
+        else:
+            inputs["window"] = [slots[0][i] for i in index]
+    got = run_rule(decl.rule, inputs, sc)
+    out = list(g_leaves)
+    for k, i in enumerate(index):
+        out[i] = got["out"][k]
+    changes: dict[str, Any] = dict(new_globals)
+    for f in decl.fields:
+        new = list(field_leaves[f])
+        for k, i in enumerate(index):
+            new[i] = got[f][k]
+        changes[f] = _tree.unflatten(new, spec)
+    if counts is not None:
+        new_counts = list(counts)
+        bumped = torch._foreach_add([counts[i] for i in index], 1) if foreach_ok(
+            [counts[i] for i in index]) and index else [counts[i] + 1 for i in index]
+        for k, i in enumerate(index):
+            new_counts[i] = bumped[k]
+        changes[decl.count] = _tree.unflatten(new_counts, spec)
+    if decl.window is not None:
+        stored = got["window"]
+        if ring:
+            new_buffers = list(buffers)
+            for k, i in enumerate(index):
+                new_buffers[i] = buffers[i].index_put((slot[k],), stored[k].unsqueeze(0))
+            changes[decl.window.name] = MaRingWindow(_tree.unflatten(new_buffers, spec))
+        else:  # rotate the window of each leaf that got a value; the others keep their slots
+            w = decl.window.size
+            stored_at = dict(zip(index, stored))
+            new_slots = [
+                [slots[k + 1][i] if present[i] else slots[k][i] for i in range(len(g_leaves))] for k in range(w - 1)
+            ]
+            new_slots.append([stored_at[i] if present[i] else slots[w - 1][i] for i in range(len(g_leaves))])
+            changes[decl.window.name] = tuple(_tree.unflatten(s, spec) for s in new_slots)
+    return _tree.unflatten(out, spec), state._replace(**changes) if changes else state
+
+
+def state_device(state: Any, fallback: list[torch.Tensor]) -> torch.device:
+    """The device of a state's 0-d fields (its first tensor), else of the first of ``fallback``."""
+    if isinstance(state, tuple):
+        for v in state:
+            if isinstance(v, torch.Tensor):
+                return v.device
+    for t in fallback:
+        return t.device
+    return _tree.first_device(state)
+
+
+__all__ = [
+    "Accumulate",
+    "Amplify",
+    "Declaration",
+    "Elementwise",
+    "IfFinite",
+    "Injected",
+    "MaRingWindow",
+    "Masked",
+    "Partition",
+    "Program",
+    "ScalarContext",
+    "Sequence",
+    "WindowField",
+    "declaration_of",
+    "declare",
+    "run_rule",
+]

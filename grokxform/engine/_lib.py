@@ -1,0 +1,31 @@
+"""Triton helpers that the generated kernels call (Triton is imported here, and only when the
+engine builds a step)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast_to(x, DT: tl.constexpr):
+    """A float32 value stored as ``DT``, rounded to nearest even (written out for bfloat16, whose
+    conversion the Triton interpreter truncates)."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """A float32 value rounded to ``DT`` and back: what an eager op computing in ``DT`` stores."""
+    return cast_to(x, DT).to(tl.float32)
+
+
+@triton.jit
+def pointer(table, leaf, DT: tl.constexpr):
+    """The address of leaf ``leaf`` in an int64 address table, as a pointer to ``DT``."""
+    return tl.load(table + leaf).to(tl.pointer_type(DT))

@@ -1,0 +1,362 @@
+"""Triton source for one group of leaves and one pass of a plan.
+
+The kernel is multi-tensor: program ``i`` handles ``BLOCK`` elements of one leaf (``ITEM_LEAF[i]``
+from ``ITEM_START[i]``); every tensor is reached through an int64 table of addresses indexed by the
+leaf, so nothing is gathered into a flat buffer. The body is the plan's element programs
+(:class:`~grokxform.elements.Program`) in the chain's order, each operation written as the eager
+op computes it: in float32 (float64 for float64 values), then rounded to the value's dtype
+(``round_to``), with correctly rounded division and square root, and no fused multiply-add (the
+step is compiled with ``enable_fp_fusion=False``). Scalars are read from a constant table
+(``CONST``: the Python numbers of the rules) and from the buffers the scalar prologue fills
+before each pass (``SC0``, ``SC1``...), per leaf through the position table ``POS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grokxform.elements import Program, ScalarRef
+from grokxform.engine import plan as P
+
+_TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
+       torch.float64: "tl.float64"}
+
+
+def tl_name(dtype: torch.dtype) -> str:
+    return _TL[dtype]
+
+
+def _compute(dtype: torch.dtype) -> str:
+    return "tl.float64" if dtype == torch.float64 else "tl.float32"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a scalar lives: ``kind`` (number, numbers, tensor, tensors), buffer (``"CONST"`` or
+    ``"SC<stage>"``) and offset."""
+
+    kind: str
+    buf: str
+    off: int
+
+
+class Stop(Exception):
+    """Raised when the pass's reduction point has been emitted."""
+
+
+@dataclass
+class Value:
+    name: str
+    dtype: torch.dtype
+
+
+class Emitter:
+    """Emits the body of one kernel: the program of the leaf ``leaf`` (every leaf of the group
+    runs the same program) for pass ``pass_index``."""
+
+    def __init__(
+        self,
+        leaf: int,
+        pass_index: int,
+        main: bool,
+        dtype_of: Callable[[str], torch.dtype],
+        slot_of: Callable[[Any, str], Slot],
+        col_of: Callable[[Any], int],
+        constant: Callable[[float], int],
+        role_of: Callable[[Any, str], str],
+    ) -> None:
+        self.leaf, self.pass_index, self.main = leaf, pass_index, main
+        self.dtype_of, self.slot_of, self.col_of, self.constant, self.role_of = (
+            dtype_of, slot_of, col_of, constant, role_of)
+        self.lines: list[str] = []
+        self.roles: list[str] = []
+        self._n = 0
+        self._cache: dict[Any, str] = {}
+        self.guards: list[str] = []
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def var(self, prefix: str = "v") -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def table(self, role: str) -> str:
+        if role not in self.roles:
+            self.roles.append(role)
+        return f"T_{role}"
+
+    def cached(self, key: Any, make: Callable[[], str]) -> str:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def pos(self, node: Any) -> str:
+        def make() -> str:
+            v = self.var("pos")
+            self.line(f"{v} = tl.load(POS + leaf * NPOS + {self.col_of(node)})")
+            return v
+
+        return self.cached(("pos", id(node)), make)
+
+    def raw_scalar(self, node: Any, name: str) -> str:
+        """The scalar as stored (float64)."""
+        slot = self.slot_of(node, name)
+
+        def make() -> str:
+            v = self.var("s")
+            index = f"{slot.off}" if slot.kind in ("number", "tensor") else f"{slot.off} + {self.pos(node)}"
+            self.line(f"{v} = tl.load({slot.buf} + {index})")
+            return v
+
+        return self.cached(("raw", id(node), name), make)
+
+    def scalar(self, node: Any, name: str, dtype: torch.dtype) -> str:
+        """The scalar as an op on a ``dtype`` value uses it (see :mod:`grokxform.elements`)."""
+        slot = self.slot_of(node, name)
+
+        def make() -> str:
+            raw = self.raw_scalar(node, name)
+            if dtype == torch.float64:
+                return raw
+            v = self.var("s")
+            if slot.kind in ("tensor", "tensors") and dtype != torch.float32:
+                self.line(f"{v} = round_to({raw}.to(tl.float32), {tl_name(dtype)})")
+            else:
+                self.line(f"{v} = {raw}.to(tl.float32)")
+            return v
+
+        return self.cached(("scalar", id(node), name, dtype), make)
+
+    def flag(self, node: Any, name: str) -> str:
+        return self.cached(("flag", id(node), name), lambda: f"({self.raw_scalar(node, name)} != 0)")
+
+    def lanes(self, node: Any, name: str) -> str:
+        """The flag as a block of lanes (a store mask cannot take a scalar flag in the interpreter)."""
+        return self.cached(("lanes", id(node), name), lambda: f"((offs * 0 + {self.raw_scalar(node, name)}) != 0)")
+
+    def number(self, x: float, dtype: torch.dtype) -> str:
+        def make() -> str:
+            v = self.var("c")
+            self.line(f"{v} = tl.load(CONST + {self.constant(x)}).to({_compute(dtype)})")
+            return v
+
+        return self.cached(("num", float(x).hex(), dtype == torch.float64), make)
+
+    def rounded(self, expr: str, dtype: torch.dtype) -> Value:
+        v = self.var()
+        if dtype in (torch.float32, torch.float64):
+            self.line(f"{v} = {expr}")
+        else:
+            self.line(f"{v} = round_to({expr}, {tl_name(dtype)})")
+        return Value(v, dtype)
+
+    def load(self, role: str, dtype: torch.dtype, offset: str = "") -> Value:
+        table = self.table(role)
+        v = self.var("x")
+        self.line(
+            f"{v} = tl.load(pointer({table}, leaf, {tl_name(dtype)}) + {offset}offs, mask=msk, other=0.0)"
+            f".to({_compute(dtype)})"
+        )
+        return Value(v, dtype)
+
+    def store(self, role: str, value: Value, offset: str = "") -> None:
+        table = self.table(role)
+        mask = " & ".join(["msk", *self.guards])
+        store = value.name if value.dtype in (torch.float32, torch.float64) else (
+            f"cast_to({value.name}, {tl_name(value.dtype)})")
+        self.line(f"tl.store(pointer({table}, leaf, {tl_name(value.dtype)}) + {offset}offs, {store}, mask={mask})")
+
+    # -- element programs -----------------------------------------------------------------------
+
+    def run(self, prog: Program, inputs: dict[str, Value], node: Any) -> dict[str, Value]:
+        vals: list[Value] = [inputs[name] for name in prog.inputs]
+        for op in prog.ops:
+            a = op.args
+            dt = op.dtype
+            if op.kind == "where":
+                cond = self.flag(node, a[0].name)
+                x = vals[a[1]]
+                y = vals[a[2]].name if isinstance(a[2], int) else self.number(a[2][1], dt)
+                v = self.var()
+                self.line(f"{v} = tl.where({cond}, {x.name}, {y})")
+                vals.append(Value(v, dt))
+                continue
+            x = vals[a[0]]
+            if op.kind == "cast":
+                vals.append(self.run_cast(x, dt))
+                continue
+            if op.kind == "sqrt":
+                sqrt = "tl.sqrt_rn" if dt != torch.float64 else "tl.sqrt"
+                vals.append(self.rounded(f"{sqrt}({x.name})", dt))
+                continue
+            if op.kind == "neg":
+                vals.append(self.rounded(f"-{x.name}", dt))
+                continue
+            y = a[1]
+            if isinstance(y, int):
+                ys = vals[y].name
+            elif isinstance(y, ScalarRef):
+                ys = self.scalar(node, y.name, dt)
+            else:
+                ys = self.number(y[1], dt)
+            div = "tl.div_rn({}, {})" if dt != torch.float64 else "({} / {})"  # float32 '/' is approximate
+            expr = {
+                "add": f"{x.name} + {ys}",
+                "sub": f"{x.name} - {ys}",
+                "mul": f"{x.name} * {ys}",
+                "div": div.format(x.name, ys),
+                "rsub": f"{ys} - {x.name}",
+                "rdiv": div.format(ys, x.name),
+            }[op.kind]
+            vals.append(self.rounded(expr, dt))
+        return {name: vals[v] for name, v in prog.outputs.items()}
+
+    def reduce(self, x: Value) -> None:
+        """Σx² (float32) and the count of non-finite values of this block, at the item's slot."""
+        self.line(f"r = tl.where(msk, {x.name}, 0.0).to(tl.float32)")
+        self.line("rsq = tl.sum(r * r, axis=0)")
+        bad = f"(({x.name} != {x.name}) | (tl.abs({x.name}) == float('inf'))) & msk"
+        self.line(f"rbad = tl.sum(({bad}).to(tl.int32), axis=0)")
+        self.line("rslot = leaf * CHUNKS + start // BLOCK")
+        self.line("tl.store(RSQ + rslot, rsq)")
+        self.line("tl.store(RBAD + rslot, rbad)")
+
+    def finish(self, u: Value) -> None:
+        """θ ← θ + u, in the param's dtype (as ``apply_updates``)."""
+        p = self.param()
+        step = self.run_cast(u, p.dtype)
+        self.store("P", self.rounded(f"{p.name} + {step.name}", p.dtype))
+
+    def run_cast(self, x: Value, dtype: torch.dtype) -> Value:
+        if x.dtype == dtype:
+            return x
+        src = x.name if _compute(x.dtype) == _compute(dtype) else f"{x.name}.to({_compute(dtype)})"
+        return self.rounded(src, dtype)
+
+    # -- the plan -------------------------------------------------------------------------------
+
+    def node(self, node: P.Node, x: Value) -> Value:
+        leaf = self.leaf
+        if isinstance(node, P.Seq):
+            for kid in node.children:
+                x = self.node(kid, x)
+            return x
+        if isinstance(node, P.Mask):
+            return self.node(node.inner, x) if leaf in node.selected else x
+        if isinstance(node, P.Part):
+            return self.node(node.members[node.labels[leaf]], x)
+        if isinstance(node, P.Inject):
+            return self.node(node.inner, x)
+        if isinstance(node, P.Amp):
+            if leaf not in node.leaves:
+                return x
+            slow = self.node(node.inner, x)
+            prog = node.rule.program({"x": x.dtype, "slow": slow.dtype})
+            return self.run(prog, {"x": x, "slow": slow}, node)["out"]
+        if isinstance(node, P.Member):
+            return self.member(node, x)
+        if isinstance(node, P.Accum):
+            acc = self.load(self.role_of(node, "acc"), self.dtype_of(self.role_of(node, "acc")))
+            prog = node.decl.rule.program({"x": x.dtype, "acc": acc.dtype})
+            got = self.run(prog, {"x": x, "acc": acc}, node)
+            final = self.flag(node, "final")
+            self.guards.append(self.lanes(node, "final"))
+            y = self.node(node.inner, got["mean"])
+            self.guards.pop()
+            if self.main:
+                zero = self.number(0.0, acc.dtype)
+                kept = self.var()
+                self.line(f"{kept} = tl.where({final}, {zero}, {got['acc'].name})")
+                self.store(self.role_of(node, "acc"), Value(kept, acc.dtype))
+            return self._skip(final, y)
+        if isinstance(node, P.Finite):
+            if node.reduction == self.pass_index:
+                self.reduce(x)
+                raise Stop
+            finite = self.flag(node, "finite")
+            self.guards.append(self.lanes(node, "finite"))
+            y = self.node(node.inner, x)
+            self.guards.pop()
+            return self._skip(finite, y)
+        raise AssertionError(type(node))
+
+    def _skip(self, cond: str, y: Value) -> Value:
+        """``y`` where ``cond``, else −0.0 (θ + (−0.0) is θ bit for bit)."""
+        v = self.var()
+        self.line(f"{v} = tl.where({cond}, {y.name}, {self.number(-0.0, y.dtype)})")
+        return Value(v, y.dtype)
+
+    def member(self, m: P.Member, x: Value) -> Value:
+        if self.leaf not in m.leaves:
+            return x
+        if m.reduction == self.pass_index:
+            self.reduce(x)
+            raise Stop
+        decl = m.decl
+        inputs = {"x": x}
+        if decl.needs_params:
+            inputs["param"] = self.param()
+        for f in decl.fields:
+            role = self.role_of(m, f)
+            inputs[f] = self.load(role, self.dtype_of(role))
+        window = None
+        if decl.window is not None:
+            role = self.role_of(m, "window")
+            slot = self.cached(("slot", id(m)), lambda: self._slot(m))
+            window = f"{slot} * n + "
+            inputs["window"] = self.load(role, self.dtype_of(role), window)
+        prog = decl.rule.program({name: v.dtype for name, v in inputs.items()})
+        got = self.run(prog, inputs, m)
+        if self.main:
+            for f in decl.fields:
+                self.store(self.role_of(m, f), got[f])
+            if window is not None:
+                self.store(self.role_of(m, "window"), got["window"], window)
+        return got["out"]
+
+    def _slot(self, m: P.Member) -> str:
+        v = self.var("slot")
+        self.line(f"{v} = {self.raw_scalar(m, '__slot')}.to(tl.int64)")
+        return v
+
+    def param(self) -> Value:
+        dtype = self.dtype_of("P")
+        return Value(self.cached("param", lambda: self.load("P", dtype).name), dtype)
+
+
+def kernel_source(name: str, em: Emitter, passes: int) -> str:
+    """The module text of the kernel ``name`` whose body ``em`` emitted. Arguments: the work
+    items, the position and scalar tables, one address table per role (``em.roles``), the
+    reduction buffers and their row length."""
+    tables = "".join(f"T_{r}, " for r in em.roles)
+    scs = "".join(f"SC{k}, " for k in range(passes))
+    args = (f"ITEM_LEAF, ITEM_START, NUMEL, POS, CONST, {scs}{tables}RSQ, RBAD, CHUNKS, "
+            "NPOS: tl.constexpr, BLOCK: tl.constexpr")
+    body = [
+        "item = tl.program_id(0)",
+        "leaf = tl.load(ITEM_LEAF + item)",
+        "start = tl.load(ITEM_START + item)",
+        "n = tl.load(NUMEL + leaf)",
+        "offs = start + tl.arange(0, BLOCK).to(tl.int64)",
+        "msk = offs < n",
+        *em.lines,
+    ]
+    text = [
+        "import triton",
+        "import triton.language as tl",
+        "from grokxform.engine._lib import cast_to, pointer, round_to",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({args}):",
+        *(f"    {line}" for line in body),
+        "",
+    ]
+    return "\n".join(text)

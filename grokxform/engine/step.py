@@ -1,0 +1,498 @@
+"""The engine's in-place step of any declared chain: a scalar prologue and generated multi-tensor
+Triton kernels, one pass over memory (two with a reduction such as the global clip).
+
+Per call, on the device and without a host synchronisation (so the whole step can be captured
+into a CUDA graph):
+
+1. the step counters of every primitive are read (one gather per primitive);
+2. for each stage: the scalar rules of the nodes of that stage run (ordinary torch ops on a few
+   scalars: bias corrections, α_t from the signal, the schedule's η_t, the clip factor...) and
+   their tensor results are packed into one float64 buffer;
+3. each pass launches one generated kernel per group of leaves (leaves that run the same program
+   with the same dtypes); a reduction pass writes Σx² and a count of non-finite values per block,
+   which the next stage sums per leaf in a fixed order (deterministic, no atomics); the last pass
+   updates params and state in place;
+4. counters and the state's 0-d fields (α, the clip norm, counts of wrappers...) are written back.
+
+:class:`EngineStep` is built per pattern of ``None`` gradients by :class:`grokxform.fused.FusedStep`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grokxform import declarations as D
+from grokxform import tree as _tree
+from grokxform.elements import Scalars
+from grokxform.engine import codegen as G
+from grokxform.engine import plan as P
+
+BLOCK = 1024
+"""Elements per program (one work item)."""
+NUM_WARPS = 4
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_FLOATS = (*_FLOATS, torch.float64)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the engine can run on ``device``: Triton installed, and a CUDA device (or the Triton
+    interpreter, for CPU tensors)."""
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def cache_dir() -> str:
+    """Where generated kernel modules are written (``GROKXFORM_CACHE_DIR``, else a folder in the
+    user's cache)."""
+    root = os.environ.get("GROKXFORM_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "grokxform", "kernels")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:
+        root = os.path.join(tempfile.gettempdir(), "grokxform-kernels")
+        os.makedirs(root, exist_ok=True)
+    return root
+
+
+_MODULES: dict[str, Any] = {}
+
+
+def load_kernel(source: str, name: str) -> Any:
+    """The Triton kernel ``name`` defined by ``source`` (written once to the cache folder and
+    imported: Triton reads a kernel's source from its file)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    mod_name = f"grokxform_kernel_{digest}"
+    mod = _MODULES.get(mod_name)
+    if mod is None:
+        path = os.path.join(cache_dir(), f"{mod_name}.py")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[mod_name] = mod
+    return getattr(mod, name)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Leaves that run the same program with the same dtypes: one launch per pass."""
+
+    leaves: list[int]
+    roles: dict[str, list[torch.Tensor]]
+    dtypes: dict[str, torch.dtype]
+    numel: torch.Tensor
+    item_leaf: torch.Tensor
+    item_start: torch.Tensor
+    pos: torch.Tensor
+    chunks: int
+    n_items: int
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)
+    kernels: dict[int, tuple[Any, list[str]]] = field(default_factory=dict)
+    rsq: dict[int, torch.Tensor] = field(default_factory=dict)
+    rbad: dict[int, torch.Tensor] = field(default_factory=dict)
+    red_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    grad_key: tuple[int, ...] = ()
+
+
+def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+class EngineStep:
+    """The in-place step of the declared transform ``tx`` for one pattern of ``None`` gradients.
+
+    ``EngineStep(tx, p_tree, state, grads, extras)`` raises :class:`~grokxform.engine.plan.Unsupported`
+    when a member has no declaration or a tensor is out of reach (the message says which);
+    ``step(extras)`` then updates the params and the state in place, after :meth:`prepare`
+    pointed the kernels at this step's gradients.
+    """
+
+    def __init__(
+        self, tx: Any, p_tree: Any, state: Any, grads: list[Any], extras: dict[str, torch.Tensor],
+        *, block: int | None = None, num_warps: int | None = None,
+    ) -> None:
+        self.decl = D.declaration_of(tx)
+        self.state = state
+        self.plan = plan = P.make_plan(self.decl, state, p_tree, grads)
+        self.block = block or BLOCK
+        self.num_warps = num_warps or NUM_WARPS
+        present = [grads[i] for i in plan.leaves]
+        self.device = present[0].device
+        self._check_tensors(plan, state)
+        self._nodes_by_stage: list[list[Any]] = [[] for _ in range(plan.passes)]
+        for node in plan.nodes:
+            self._nodes_by_stage[node.stage].append(node)
+        self._member_col = {id(m): k for k, m in enumerate(plan.members)}
+        self._present = {id(m): [False] * len(plan.paths) for m in plan.members}
+        for m in plan.members:
+            for i in m.leaves:
+                self._present[id(m)][i] = True
+        # The layout of the scalars: one run of the prologue, with stand-in reductions.
+        self._constants: list[float] = []
+        self._const_index: dict[str, int] = {}
+        self._slots: dict[tuple[int, str], G.Slot] = {}
+        self._dyn: list[list[tuple[int, str]]] = [[] for _ in range(plan.passes)]
+        self._sc: list[torch.Tensor] = []
+        stand_in = {
+            id(r): {"norm": torch.ones(len(r.leaves), device=self.device),
+                    "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device)}
+            for r in plan.reductions
+        }
+        with torch.no_grad():
+            self._run(extras, stand_in)
+        self._groups = self._make_groups(plan)
+        self.const = torch.tensor(self._constants or [0.0], dtype=torch.float64, device=self.device)
+        self._interp = interpreting()
+
+    # -- build --------------------------------------------------------------------------------
+
+    def _check_tensors(self, plan: P.Plan, state: Any) -> None:
+        dev = self.device
+        for i in plan.leaves:
+            p, g = plan.params[i], plan.grads[i]
+            name = plan.paths[i]
+            if not isinstance(p, torch.Tensor) or p.dtype not in _FLOATS or g.dtype not in _FLOATS:
+                got = f"{getattr(p, 'dtype', type(p).__name__)}/{g.dtype}"
+                raise P.Unsupported(f"the param/gradient dtypes at {name!r} are {got} (the kernels take 16/32-bit floats)")
+            if p.device != dev or g.device != dev:
+                raise P.Unsupported("every tensor must be on one device")
+            if not p.is_contiguous() or not g.is_contiguous():
+                raise P.Unsupported(f"the param or gradient at {name!r} is not contiguous")
+        for m in plan.members:
+            tensors = [t for v in m.fields.values() for t in v] + (m.window or [])
+            for t in tensors:
+                if t.device != dev or t.dtype not in _STATE_FLOATS or not t.is_contiguous():
+                    raise P.Unsupported(f"{m.where}: a state tensor is not a contiguous float tensor on {dev}")
+        for t in _tree.flatten(state)[0]:
+            if isinstance(t, torch.Tensor) and t.device != dev:
+                raise P.Unsupported(f"a state tensor is on {t.device}, the params on {dev}")
+
+    def _role(self, node: Any, name: str) -> str:
+        return f"N{self.plan.nodes.index(node)}_{name}"
+
+    def _leaf_roles(self, plan: P.Plan, leaf: int) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
+        """The tensors the program of ``leaf`` reads and writes, by role, and its program key."""
+        roles = {"P": plan.params[leaf], "G": plan.grads[leaf]}
+        key: list[Any] = []
+        for k, node in enumerate(plan.nodes):
+            if isinstance(node, P.Member):
+                inside = leaf in node.leaves
+                if inside:
+                    j = node.leaves.index(leaf)
+                    for f, ts in node.fields.items():
+                        roles[self._role(node, f)] = ts[j]
+                    if node.window is not None:
+                        roles[self._role(node, "window")] = node.window[j]
+            elif isinstance(node, (P.Amp, P.Accum, P.Finite)):
+                inside = leaf in node.leaves
+                if inside and isinstance(node, P.Accum):
+                    roles[self._role(node, "acc")] = node.acc[node.leaves.index(leaf)]
+            else:  # Inject: no per-leaf work
+                inside = True
+            key.append(inside)
+        key.extend((r, t.dtype) for r, t in sorted(roles.items()))
+        return roles, tuple(key)
+
+    def _make_groups(self, plan: P.Plan) -> list[_Group]:
+        by: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        for leaf in plan.leaves:
+            roles, key = self._leaf_roles(plan, leaf)
+            by.setdefault(key, []).append((leaf, roles))
+        groups = []
+        dev, block = self.device, self.block
+        i64 = {"dtype": torch.int64, "device": dev}
+        for entries in by.values():
+            leaves = [leaf for leaf, _ in entries]
+            role_names = list(entries[0][1])
+            roles = {r: [e[1][r] for e in entries] for r in role_names}
+            numels = [plan.params[leaf].numel() for leaf in leaves]
+            chunks = max(1, max(math.ceil(n / block) for n in numels))
+            item_leaf, item_start = [], []
+            for j, n in enumerate(numels):
+                for c in range(math.ceil(n / block)):
+                    item_leaf.append(j)
+                    item_start.append(c * block)
+            n_cols = max(1, len(plan.members))
+            pos = [[0] * n_cols for _ in leaves]
+            for j, leaf in enumerate(leaves):
+                for k, m in enumerate(plan.members):
+                    if leaf in m.leaves:
+                        pos[j][k] = m.leaves.index(leaf)
+            grp = _Group(
+                leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
+                numel=torch.tensor(numels, **i64), item_leaf=torch.tensor(item_leaf or [0], **i64),
+                item_start=torch.tensor(item_start or [0], **i64), pos=torch.tensor(pos, **i64), chunks=chunks,
+                n_items=len(item_leaf),
+            )
+            for r, ts in roles.items():
+                if r != "G":
+                    grp.tables[r] = _addresses(ts, dev)
+            self._point_grads(grp, roles["G"])
+            self._codegen(grp)
+            groups.append(grp)
+        return groups
+
+    def _codegen(self, grp: _Group) -> None:
+        plan = self.plan
+        leaf = grp.leaves[0]
+        for p in range(plan.passes):
+            main = p == plan.passes - 1
+            if not main and not self._in_reduction(plan.reductions[p], leaf):
+                continue
+            em = G.Emitter(
+                leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant,
+                lambda node, name: self._role(node, name),
+            )
+            x = em.load("G", grp.dtypes["G"])
+            try:
+                out = em.node(plan.root, x)
+                em.finish(out)
+            except G.Stop:
+                pass
+            name = f"step_pass{p}"
+            source = G.kernel_source(name, em, plan.passes)
+            grp.kernels[p] = (load_kernel(source, name), list(em.roles))
+            if not main:
+                n = len(grp.leaves) * grp.chunks
+                red = plan.reductions[p]
+                grp.rsq[p] = torch.zeros(n, dtype=torch.float32, device=self.device)
+                grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
+                grp.red_index[p] = torch.tensor([red.leaves.index(leaf) for leaf in grp.leaves], device=self.device)
+
+    def _in_reduction(self, node: Any, leaf: int) -> bool:
+        return leaf in node.leaves
+
+    def _col(self, node: Any) -> int:
+        return self._member_col[id(node)]
+
+    def _slot(self, node: Any, name: str) -> G.Slot:
+        try:
+            return self._slots[(id(node), name)]
+        except KeyError:
+            raise P.Unsupported(f"{getattr(node, 'where', 'a node')}: its rule reads a scalar {name!r} that its"
+                                " scalar rule does not give") from None
+
+    def _constant(self, x: float) -> int:
+        key = float(x).hex()
+        if key not in self._const_index:
+            self._const_index[key] = len(self._constants)
+            self._constants.append(float(x))
+        return self._const_index[key]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def prepare(self, grads: list[torch.Tensor]) -> None:
+        """Point the kernels at this step's gradients (the leaves with a gradient, in tree order):
+        when they are other tensors than last time, their address tables are rewritten (a small
+        host-to-device copy: call this outside a CUDA graph capture)."""
+        by_leaf = dict(zip(self.plan.leaves, grads))
+        for grp in self._groups:
+            self._point_grads(grp, [by_leaf[leaf] for leaf in grp.leaves])
+
+    def _point_grads(self, grp: _Group, grads: list[torch.Tensor]) -> None:
+        key = tuple(g.data_ptr() for g in grads)
+        if key == grp.grad_key:
+            return
+        dt = grp.dtypes["G"]
+        for g in grads:
+            if g.dtype != dt or g.device != self.device or not g.is_contiguous():
+                raise P.Unsupported("a gradient changed its dtype, device or layout between steps")
+        table = torch.tensor(key, dtype=torch.int64)
+        if "G" in grp.tables:
+            grp.tables["G"].copy_(table)
+        else:
+            grp.tables["G"] = table.to(self.device)
+        grp.grad_key = key
+
+    def __call__(self, extras: dict[str, torch.Tensor]) -> None:
+        """One step, in place (no host synchronisation; capturable into a CUDA graph)."""
+        self._run(extras)
+
+    def _run(self, extras: dict[str, torch.Tensor], stand_in: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+        """The step; with ``stand_in`` (reductions to use instead of launching) only the scalar
+        layout is recorded: nothing is launched or written."""
+        plan = self.plan
+        layout = stand_in is not None
+        decls = {id(node): d for node, d in P.rebind(plan.root, self.decl, self.state)}
+        cnt = {
+            id(m): torch.stack(m.counts) if m.counts else torch.zeros(0, dtype=torch.int64, device=self.device)
+            for m in plan.members if m.counts is not None
+        }
+        reduced: dict[int, dict[str, torch.Tensor]] = {}
+        flags: dict[tuple[int, str], torch.Tensor] = {}
+        writes: list[tuple[torch.Tensor, torch.Tensor, tuple[P.Flag, ...]]] = []
+        bumps: list[tuple[list[torch.Tensor], tuple[P.Flag, ...]]] = []
+        for stage in range(plan.passes):
+            values = {
+                id(node): self._scalars(node, decls, cnt, reduced, extras, flags, writes, bumps)
+                for node in self._nodes_by_stage[stage]
+            }
+            if layout:
+                self._record(stage, values)
+            else:
+                parts = [values[key][name].reshape(-1) for key, name in self._dyn[stage]]
+                if parts:
+                    torch.cat(parts, out=self._sc[stage])
+            if stage < plan.passes - 1:
+                red = plan.reductions[stage]
+                if layout:
+                    reduced[id(red)] = stand_in[id(red)]  # type: ignore[index]
+                else:
+                    for grp in self._groups:
+                        if stage in grp.kernels:
+                            self._launch(grp, stage)
+                    reduced[id(red)] = self._finalize(red, stage)
+            elif not layout:
+                for grp in self._groups:
+                    self._launch(grp, stage)
+        if not layout:
+            self._write_back(writes, bumps, flags)
+
+    def _scalars(
+        self, node: Any, decls: dict[int, Any], cnt: dict[int, torch.Tensor], reduced: dict[int, dict[str, torch.Tensor]],
+        extras: dict[str, torch.Tensor], flags: dict[tuple[int, str], torch.Tensor],
+        writes: list[Any], bumps: list[Any],
+    ) -> dict[str, Any]:
+        """The scalars of ``node`` this step; its state updates go to ``writes`` / ``bumps``."""
+        if isinstance(node, P.Member):
+            if not node.leaves and node.decl.reduce:
+                return {}  # a reduction over nothing changes nothing (as eager)
+            decl = decls[id(node)]
+            counts = cnt.get(id(node))
+            ctx = D.ScalarContext(
+                state=node.state, counts=counts, reduced=reduced.get(id(node), {}), paths=self.plan.paths,
+                present=self._present[id(node)], index=node.leaves, extra=extras, device=self.device,
+            )
+            values, new = decl.scalars(ctx)
+            values = dict(values)
+            if node.window is not None:
+                values["__slot"] = torch.remainder(counts, decl.window.size)
+            writes.extend((getattr(node.state, f), v, node.guards) for f, v in new.items())
+            if node.counts:
+                bumps.append((node.counts, node.guards))
+            return values
+        if isinstance(node, P.Amp):
+            return {"lamb": decls[id(node)].lamb}
+        if isinstance(node, P.Accum):
+            st, k = node.state, node.decl.every
+            final = st.mini_step + 1 >= k
+            flags[(id(node), "final")] = final
+            writes.append((st.mini_step, torch.where(final, torch.zeros_like(st.mini_step), st.mini_step + 1), node.guards))
+            writes.append((st.steps, st.steps + final.to(st.steps.dtype), node.guards))
+            return {"k": float(k), "final": final}
+        if isinstance(node, P.Finite):
+            st = node.state
+            finite = reduced[id(node)]["finite"].all()
+            flags[(id(node), "finite")] = finite
+            skipped = (~finite).to(torch.int64)
+            writes.append((st.notfinite_count, (st.notfinite_count + 1) * skipped, node.guards))
+            writes.append((st.last_finite, finite, node.guards))
+            writes.append((st.total_notfinite, st.total_notfinite + skipped, node.guards))
+            return {"finite": finite}
+        if isinstance(node, P.Inject):
+            st, hp = node.state, decls[id(node)]
+            writes.append((st.count, st.count + 1, node.guards))
+            writes.extend((st.hyperparams[n], hp[n], node.guards) for n in node.decl.schedules)
+            return {}
+        raise AssertionError(type(node))
+
+    def _record(self, stage: int, values: dict[int, dict[str, Any]]) -> None:
+        """Give every scalar of this stage its place: numbers in the constant table, tensors in
+        the stage's buffer."""
+        off = 0
+        for node in self._nodes_by_stage[stage]:
+            vals = values[id(node)]
+            sc = Scalars(vals, len(node.leaves) if isinstance(node, P.Member) else 0)
+            for name in vals:
+                kind = sc.kind(name)
+                if kind == "number":
+                    slot = G.Slot(kind, "CONST", self._constant(sc.values[name]))
+                elif kind == "numbers":
+                    first = len(self._constants)
+                    self._constants.extend(sc.values[name])
+                    slot = G.Slot(kind, "CONST", first)
+                else:
+                    slot = G.Slot(kind, f"SC{stage}", off)
+                    self._dyn[stage].append((id(node), name))
+                    off += sc.values[name].numel()
+                self._slots[(id(node), name)] = slot
+        self._sc.append(torch.zeros(max(1, off), dtype=torch.float64, device=self.device))
+
+    def _write_back(
+        self, writes: list[Any], bumps: list[Any], flags: dict[tuple[int, str], torch.Tensor]
+    ) -> None:
+        def guard(gs: tuple[P.Flag, ...]) -> torch.Tensor:
+            out = flags[(id(gs[0].node), gs[0].name)]
+            for g in gs[1:]:
+                out = out & flags[(id(g.node), g.name)]
+            return out
+
+        by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for dst, src, gs in writes:
+            if src is dst:
+                continue
+            src = src.to(dst.dtype).reshape(dst.shape)
+            if gs:
+                src = torch.where(guard(gs), src, dst)
+            d, s = by_dtype.setdefault(dst.dtype, ([], []))
+            d.append(dst)
+            s.append(src)
+        for d, s in by_dtype.values():
+            torch._foreach_copy_(d, s)
+        plain = [c for counts, gs in bumps if not gs for c in counts]
+        if plain:
+            torch._foreach_add_(plain, 1)
+        for counts, gs in bumps:
+            if gs:
+                torch._foreach_add_(counts, guard(gs).to(torch.int64))
+
+    def _launch(self, grp: _Group, p: int) -> None:
+        if p not in grp.kernels or grp.n_items == 0:
+            return
+        fn, roles = grp.kernels[p]
+        tables = [grp.tables[r] for r in roles]
+        rsq = grp.rsq.get(p, self.const)
+        rbad = grp.rbad.get(p, self.const)
+        extra = {} if self._interp else {"enable_fp_fusion": False}
+        fn[(grp.n_items,)](
+            grp.item_leaf, grp.item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
+            grp.chunks, NPOS=grp.pos.shape[1], BLOCK=self.block, num_warps=self.num_warps, **extra,
+        )
+
+    def _finalize(self, red: Any, p: int) -> dict[str, torch.Tensor]:
+        """The per-leaf norms and finite flags of reduction ``p``, in the order of its node's leaves."""
+        n = len(red.leaves)
+        sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+        bad = torch.zeros(n, dtype=torch.int32, device=self.device)
+        for grp in self._groups:
+            if p not in grp.rsq:
+                continue
+            rows = len(grp.leaves)
+            s = grp.rsq[p].view(rows, grp.chunks).sum(1)
+            b = grp.rbad[p].view(rows, grp.chunks).sum(1, dtype=torch.int32)
+            sq.index_copy_(0, grp.red_index[p], s)
+            bad.index_copy_(0, grp.red_index[p], b)
+        return {"norm": sq.sqrt(), "finite": bad == 0}
