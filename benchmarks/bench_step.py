@@ -1,19 +1,30 @@
-"""Optimizer-step benchmark: grokxform (eager and fused) against torch.optim and the Grokfast prior art.
+"""Optimizer-step benchmark: grokxform (as users call it) against torch.optim and the Grokfast prior art.
 
 One process, one device. First the copy bandwidth (bytes read + written by a large device copy),
 then, for each parameter set and dtype, the median time of one optimizer step (CUDA events around
-each step, >= 30 steps after warm-up), its ratio to ``torch.optim.AdamW(fused=True)`` and its
-fraction of the bandwidth floor ``bytes moved per step / bandwidth``. Also the first-step compile
-time of the fused rows, the recompile count over many steps with an lr schedule and a changing
-grokking signal, and the peak extra memory during a step. Prints a table; writes JSON.
+each step on the GPU, the host clock on the CPU, >= 30 steps after warm-up), its ratio to
+``torch.optim.AdamW(fused=True)`` (``foreach`` on the CPU) and its fraction of the bandwidth floor
+``bytes moved per step / bandwidth``. Also the first-step time (which holds any compile), the
+recompile count over many steps with an lr schedule and a changing grokking signal, and the peak
+extra memory during a step. Prints a table; writes JSON.
 
-    python benchmarks/bench_step.py --sets small,gpt2 --dtypes fp32 --out results.json
-    python benchmarks/bench_step.py --device cpu --sets tiny --steps 3      # smoke test
+    python benchmarks/bench_step.py --sets decoder,gpt2 --dtypes fp32 --out results.json
+    python benchmarks/bench_step.py --device cpu --threads 1 --sets decoder --rows 'torch-*,gx-adamw-*'
 
-Rows (``--rows`` takes comma-separated glob patterns over the row names):
-``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
-``grokadamw-0.1.2``, ``grokfast-pytorch``, ``gx-<pipeline>-eager``, ``gx-<pipeline>-fused``
-and the fused variants ``gx-<pipeline>-fused-<variant>`` (``--variants``).
+Rows (``--rows`` takes comma-separated glob patterns over the row names), per pipeline
+(``adamw``, ``grokfast_ema``, ``grokfast_ma``, ``grokadamw``, ``grokadamw_compat``... and
+``userchain``, a chain no pipeline builds):
+
+- ``gx-<pipeline>-optim``: ``grokxform.Optimizer(named_params, factory)`` with default arguments,
+  ``opt.step()`` (the engine on CUDA, eager on the CPU);
+- ``gx-<pipeline>-eager``: the functional ``tx.update`` + ``apply_updates``, never compiled;
+- ``gx-<pipeline>-fused``: ``FusedStep(tx, params)`` with default arguments, and its variants
+  ``gx-<pipeline>-fused-<variant>`` (``--variants``);
+- ``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
+  ``grokadamw-0.1.2``, ``grokfast-pytorch``.
+
+``--cold`` points Triton's and grokxform's kernel caches at empty folders first, so first steps
+include every compile.
 """
 
 from __future__ import annotations
@@ -25,9 +36,11 @@ import fnmatch
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -36,6 +49,8 @@ from typing import Any
 import torch
 
 import grokxform as gx
+from grokxform.engine import step as engine_step
+from grokxform.experiments.modular import make_decoder
 from grokxform.fused import FusedStep
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +82,14 @@ def gpt_shapes(vocab: int, positions: int, d: int, layers: int) -> list[tuple[st
     return shapes + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
 
 
+def decoder_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """The Grokfast paper's modular-arithmetic decoder: 422,784 parameters in 29 tensors."""
+    return [(n, tuple(p.shape)) for n, p in make_decoder(seed=0).named_parameters()]
+
+
 SETS: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
     "tiny": lambda: gpt_shapes(64, 16, 16, 2),  # 28 tensors, ~8k params: CPU smoke test
+    "decoder": decoder_shapes,  # 29 tensors, 0.42M: the paper's model, launch-bound on a GPU
     "small": lambda: gpt_shapes(8192, 128, 256, 4),  # 52 tensors, 5.29M: launch-bound
     "10m": lambda: gpt_shapes(4096, 256, 384, 5),  # 64 tensors, 10.5M
     "gpt2": lambda: gpt_shapes(50257, 1024, 768, 12),  # 148 tensors, 124.44M: GPT-2 small
@@ -157,6 +178,7 @@ class Built:
     warmup: int | None = None
     steps: int | None = None
     fused: FusedStep | None = None
+    optim: gx.Optimizer | None = None
     keep: Any = None  # objects that must live as long as the row
 
 
@@ -198,9 +220,9 @@ def row_torch(kind: str) -> Callable[[Ctx], Built]:
 
 
 def row_official(kind: str) -> Callable[[Ctx], Built]:
-    from pytorch_optimizer.optimizer.grokfast import gradfilter_ema, gradfilter_ma
-
     def build(ctx: Ctx) -> Built:
+        from pytorch_optimizer.optimizer.grokfast import gradfilter_ema, gradfilter_ma
+
         params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
         model = _Holder(params, grads)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=ctx.device.type == "cuda")
@@ -251,10 +273,30 @@ def pipeline(name: str, window: int) -> gx.GradientTransformation:
         return gx.grokadamw(lr=1e-3)
     if name == "grokadamw_compat":
         return gx.grokadamw_compat(lr=1e-3)
+    if name == "userchain":
+        return user_chain()
     raise ValueError(f"unknown pipeline {name!r}")
 
 
-PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokadamw_compat")
+def user_chain() -> gx.GradientTransformation:
+    """A chain no pipeline builds: amplified EMA, then a global clip, Adam (β2 0.98), decay, lr."""
+    return gx.chain(
+        gx.amplify(gx.ema_filter(0.95), 1.5), gx.clip_by_global_norm(1.0), gx.scale_by_adam(0.9, 0.98),
+        gx.decoupled_weight_decay(0.01), gx.scale_by_learning_rate(1e-3),
+    )
+
+
+FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, Any]]] = {
+    # what gx.Optimizer(named_params, factory, **kwargs) runs for each pipeline row
+    "adamw": (gx.adamw, {"lr": 1e-3, "weight_decay": 0.01}),
+    "grokfast_ema": (gx.grokfast_ema, {"lr": 1e-3}),
+    "grokfast_ma": (gx.grokfast_ma, {"lr": 1e-3}),
+    "grokfast_ma_bf16w": (gx.grokfast_ma, {"lr": 1e-3, "window_dtype": torch.bfloat16}),
+    "grokadamw": (gx.grokadamw, {"lr": 1e-3}),
+    "grokadamw_compat": (gx.grokadamw_compat, {"lr": 1e-3}),
+}
+
+PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokadamw_compat", "userchain")
 SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -292,6 +334,33 @@ def row_gx_fused(name: str, variant: str) -> Callable[[Ctx], Built]:
     return build
 
 
+def row_gx_optim(name: str) -> Callable[[Ctx], Built]:
+    """``gx.Optimizer`` with default arguments over named parameters (depth rules see the block
+    numbers), stepped with the losses as 0-d tensors (``loss.detach()``), as a training loop does."""
+
+    def build(ctx: Ctx) -> Built:
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        named = []
+        for n, p in params.items():
+            param = torch.nn.Parameter(p)
+            param.grad = grads[n]
+            named.append((n, param))
+        if name == "userchain":
+            opt = gx.Optimizer(named, user_chain())
+        else:
+            factory, kwargs = FACTORIES[name]
+            kwargs = {**kwargs, "window_size": ctx.window} if factory is gx.grokfast_ma else kwargs
+            opt = gx.Optimizer(named, factory, **kwargs)
+        sig = {k: torch.tensor(v, device=ctx.device) for k, v in SIGNAL.items()}
+
+        def step() -> None:
+            opt.step(**sig)
+
+        return Built(step=step, optim=opt, keep=(named, opt))
+
+    return build
+
+
 # Bytes per parameter that one step must move at least (each input read once, each output written
 # once), as a function of the param, grad, state and window item sizes.
 def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
@@ -317,6 +386,8 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
         return adamw + 2 * 2 + 16
     if pipe in ("grokadamw", "grokadamw_compat"):
         return adamw + gb + 2 * sb  # the norm pass over g, and μ
+    if pipe == "userchain":
+        return adamw + gb + 3 * sb  # the clip's pass reads g and μ (g + λ·μ comes first), then μ in/out
     raise ValueError(row)
 
 
@@ -326,6 +397,8 @@ def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Cal
         "torch-fused": row_torch("fused"),
         "torch-foreach": row_torch("foreach"),
     }
+    for name in PIPELINES:
+        rows[f"gx-{name}-optim"] = row_gx_optim(name)
     for name in PIPELINES:
         rows[f"gx-{name}-fused"] = row_gx_fused(name, "")
         if name in variant_pipelines:
@@ -383,6 +456,15 @@ def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_par
     if cuda:
         out["peak_extra_MB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         out["allocated_MB"] = base / 2**20
+    if built.optim is not None:
+        opt = built.optim
+        out["engine"] = opt.engines[0]
+        if opt.fallback_reasons[0]:
+            out["fallback_reason"] = opt.fallback_reasons[0]
+        steps_built = list(opt._fused_steps.values())
+        if steps_built:
+            fs = steps_built[0][1]
+            out.update(compiles=fs.compiles, captures=fs.captures, cuda_graph=fs.uses_cuda_graph)
     if built.fused is not None:
         fs = built.fused
         out.update(
@@ -402,6 +484,27 @@ def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_par
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def profile_row(build: Callable[[Ctx], Built], ctx: Ctx, steps: int = 5) -> dict[str, Any]:
+    """The device kernels of ``steps`` steps (after warm-up), by total time: what a step is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    built = build(ctx)
+    for _ in range(max(ctx.warmup, 3)):
+        built.step()
+    sync(ctx.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            built.step()
+        sync(ctx.device)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels.setdefault(e.name[:90], []).append(e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3)
+    rows = sorted(((sum(v) / steps, len(v) / steps, k) for k, v in kernels.items()), reverse=True)
+    return {"per_step_ms": sum(r[0] for r in rows), "kernels_per_step": sum(r[1] for r in rows),
+            "top": [{"ms": round(ms, 4), "calls": calls, "kernel": k} for ms, calls, k in rows[:25]]}
 
 
 def recompile_check(ctx: Ctx, steps: int, cuda_graph: bool) -> dict[str, Any]:
@@ -435,8 +538,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
         by.setdefault((r["set"], r["dtype"]), []).append(r)
     for (s, d), rows in by.items():
         ref = next((r["ms"] for r in rows if r["row"] == "torch-fused" and "ms" in r), None)
+        ref = ref or next((r["ms"] for r in rows if r["row"] == "torch-foreach" and "ms" in r), None)
         print(f"\n== {s} {d}: {rows[0]['params'] / 1e6:.2f}M params, {rows[0]['tensors']} tensors ==")
-        print(f"{'row':34s} {'ms':>9s} {'/fusedAdamW':>11s} {'B/param':>7s} {'x floor':>8s} {'%bw':>5s} {'compile s':>9s} {'peak+MB':>8s}")
+        print(f"{'row':34s} {'ms':>9s} {'/torchAdamW':>11s} {'B/param':>7s} {'x floor':>8s} {'%bw':>5s} {'compile s':>9s} {'peak+MB':>8s}")
         for r in rows:
             if "ms" not in r:
                 print(f"{r['row']:34s} {r.get('error', r.get('skipped', ''))[:90]}")
@@ -467,14 +571,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recompile-set", default=None, help="set of the recompile check (default: first set)")
     ap.add_argument("--bandwidth-mb", type=int, default=2048)
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip rows once this much time has passed")
-    ap.add_argument("--block", type=int, default=None, help="elements per program of the Triton kernels")
-    ap.add_argument("--warps", type=int, default=None, help="warps per program of the Triton kernels")
+    ap.add_argument("--block", type=int, default=None, help="elements per program of the engine's kernels")
+    ap.add_argument("--warps", type=int, default=None, help="warps per program of the engine's kernels")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
+    ap.add_argument("--profile", default="", help="comma list of rows whose device kernels to list (first set)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
-    from grokxform.kernels import step as kstep
-
-    kstep.BLOCK = args.block or kstep.BLOCK
-    kstep.NUM_WARPS = args.warps or kstep.NUM_WARPS
+    engine_step.BLOCK = args.block or engine_step.BLOCK
+    engine_step.NUM_WARPS = args.warps or engine_step.NUM_WARPS
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cold:
+        cold = tempfile.mkdtemp(prefix="grokxform-cold-")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cold, "triton")
+        os.environ["GROKXFORM_CACHE_DIR"] = os.path.join(cold, "grokxform")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cold, "inductor")
 
     dev = torch.device(args.device)
     start = time.perf_counter()
@@ -498,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
-        "kernel_block": kstep.BLOCK,
-        "kernel_warps": kstep.NUM_WARPS,
+        "kernel_block": engine_step.BLOCK,
+        "kernel_warps": engine_step.NUM_WARPS,
+        "threads": torch.get_num_threads(),
+        "cold_caches": args.cold,
     }
     bw = copy_bandwidth(dev, (args.bandwidth_mb if dev.type == "cuda" else 64) * 2**20)
     info["copy_bandwidth_GBps"] = bw / 1e9
@@ -547,6 +661,17 @@ def main(argv: list[str] | None = None) -> int:
                 msg = f"{r['ms']:.3f} ms" if "ms" in r else r.get("error", "")[:200]
                 print(f"[{time.perf_counter() - start:6.0f}s] {s} {d} {name}: {msg}", flush=True)
                 save()
+    if args.profile and dev.type == "cuda":
+        shapes = SETS[sets[0]]()
+        ctx = Ctx(shapes, DTYPES[dtypes[0]], dev, args.window, args.steps, max(args.warmup, 2), args.slow_steps)
+        doc["profiles"] = {}
+        for name in [r for r in args.profile.split(",") if r]:
+            prof = doc["profiles"][name] = profile_row(rows[name], ctx)
+            print(f"\nprofile {sets[0]} {name}: {prof['per_step_ms']:.3f} ms of kernels,"
+                  f" {prof['kernels_per_step']:.0f} kernels per step")
+            for k in prof["top"][:12]:
+                print(f"  {k['ms']:8.4f} ms  x{k['calls']:<5.0f} {k['kernel']}")
+        save()
     doc["wall_s"] = time.perf_counter() - start
     save()
     print_table(results)

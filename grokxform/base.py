@@ -148,7 +148,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     _common._check_gradient_leaves(u_leaves, p_leaves, updates, "apply_updates", what="update", like_name="param")
     out = list(p_leaves)
     pairs = [(i, p, u) for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if u is not None and p is not None]
-    if _decl.foreach_ok([t for _, p, u in pairs for t in (p, u)]):
+    if pairs and _decl.foreach_ok([*pairs[0][1:], *pairs[-1][1:]]):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for k, (_, p, u) in enumerate(pairs):
             groups.setdefault((p.device, p.dtype, u.dtype), []).append(k)

@@ -88,20 +88,30 @@ class ScalarContext:
     reductions of the input it declared (``"norm"``: 2-norms, float32 or float64; ``"finite"``:
     bool). ``paths`` / ``present``: the dotted path of every leaf of the tree and whether it takes
     part this step (its positions are ``index``). ``extra``: ``update``'s keyword arguments.
+    ``device``: where the rule's tensors go.
     """
 
     state: Any
     counts: torch.Tensor | None
     reduced: dict[str, torch.Tensor]
-    paths: list[str]
     present: list[bool]
     index: list[int]
     extra: dict[str, Any]
     device: torch.device
+    tree: Any = None
+    """The tree whose leaf paths are :attr:`paths` (the gradients or the params)."""
+    known_paths: list[str] | None = None
 
     @property
     def n(self) -> int:
         return len(self.index)
+
+    @property
+    def paths(self) -> list[str]:
+        """The dotted path of every leaf of the tree (computed when a rule asks)."""
+        if self.known_paths is None:
+            self.known_paths = _tree.path_names(self.tree)
+        return self.known_paths
 
 
 ScalarRule = Callable[[ScalarContext], tuple[Mapping[str, Any], Mapping[str, Any]]]
@@ -230,7 +240,8 @@ def foreach_ok(tensors: Seq[Any], sc: Scalars | None = None) -> bool:
     """Whether ``torch._foreach_*`` ops may run: not while a graph is traced (``torch.compile``,
     which fuses the per-leaf ops itself and may be tracing a ``vmap``; ``make_fx``), and no tensor
     is wrapped by a ``torch.func`` transform (vmap, grad) or tracked by autograd. Otherwise the
-    rule runs one leaf at a time, with ops that every transform supports."""
+    rule runs one leaf at a time, with ops that every transform supports. (A transform wraps all
+    the leaves it maps over, so the first tensor of each input stands for the others.)"""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or any(_wrapped(t) for t in tensors):
         return False
     return sc is None or not any(_wrapped(v) for v in sc.values.values())
@@ -247,8 +258,7 @@ def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> 
     result: dict[str, list[Any]] = {}
     if n == 0:
         return defaultdict(list)
-    flat = [t for col in columns for t in col]
-    if foreach_ok(flat, sc):
+    if foreach_ok([col[0] for col in columns] + [col[-1] for col in columns], sc):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for k in range(n):
             key = (columns[0][k].device, *(col[k].dtype for col in columns))
@@ -354,11 +364,12 @@ def _run_elementwise(
         decl.check(updates, state, params)
     selected = decl.select(params if params is not None else updates) if decl.select is not None else None
     index = [i for i, g in enumerate(g_leaves) if g is not None and (selected is None or selected[i])]
-    for i in index:
-        missing = any(f[i] is None for f in field_leaves.values()) or (counts is not None and counts[i] is None)
-        if missing:
-            path = _tree.path_names(updates)[i]
-            raise ValueError(f"{name}: the gradient at path {path!r} has no state (its param was None at init)")
+    for f in [*field_leaves.values(), *([counts] if counts is not None else [])]:
+        if any(x is None for x in f):
+            missing = next((i for i in index if f[i] is None), None)
+            if missing is not None:
+                path = _tree.path_names(updates)[missing]
+                raise ValueError(f"{name}: the gradient at path {path!r} has no state (its param was None at init)")
     xs = [g_leaves[i] for i in index]
     if not index and decl.reduce:
         return updates, state
@@ -371,7 +382,7 @@ def _run_elementwise(
         present[i] = True
     ctx = ScalarContext(
         state=state, counts=cnt, reduced=reductions(decl.reduce, xs, device),
-        paths=_tree.path_names(updates), present=present, index=index, extra=extra, device=device,
+        tree=updates, present=present, index=index, extra=extra, device=device,
     )
     values, new_globals = decl.scalars(ctx)
     sc = Scalars(values, len(index))
@@ -398,8 +409,9 @@ def _run_elementwise(
         changes[f] = _tree.unflatten(new, spec)
     if counts is not None:
         new_counts = list(counts)
-        bumped = torch._foreach_add([counts[i] for i in index], 1) if foreach_ok(
-            [counts[i] for i in index]) and index else [counts[i] + 1 for i in index]
+        present_counts = [counts[i] for i in index]
+        bumped = torch._foreach_add(present_counts, 1) if index and foreach_ok(present_counts[:1]) else [
+            c + 1 for c in present_counts]
         for k, i in enumerate(index):
             new_counts[i] = bumped[k]
         changes[decl.count] = _tree.unflatten(new_counts, spec)
@@ -418,7 +430,10 @@ def _run_elementwise(
             ]
             new_slots.append([stored_at[i] if present[i] else slots[w - 1][i] for i in range(len(g_leaves))])
             changes[decl.window.name] = tuple(_tree.unflatten(s, spec) for s in new_slots)
-    return _tree.unflatten(out, spec), state._replace(**changes) if changes else state
+    if not changes:
+        return _tree.unflatten(out, spec), state
+    new_state = type(state)(*(changes.get(f, v) for f, v in zip(state._fields, state)))  # no _replace: Dynamo
+    return _tree.unflatten(out, spec), new_state
 
 
 def state_device(state: Any, fallback: list[torch.Tensor]) -> torch.device:

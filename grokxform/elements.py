@@ -57,7 +57,7 @@ class ScalarRef:
             " the finished value)"
         )
 
-    __neg__ = __abs__ = __pow__ = __rpow__ = _no_maths
+    __neg__ = __abs__ = __pow__ = __rpow__ = __rsub__ = __rtruediv__ = _no_maths
 
     def __add__(self, other: Any) -> Any:
         return _reverse(other, "add", self)
@@ -76,7 +76,7 @@ class ScalarRef:
 
 def _reverse(val: Any, kind: str, scalar: ScalarRef) -> Val:
     if not isinstance(val, Val):
-        raise TypeError(f"scalar {scalar.name!r} can only be combined with an element value, got {type(val).__name__}")
+        scalar._no_maths()
     return val._op(kind, scalar)
 
 
@@ -329,8 +329,15 @@ class Scalars:
 
     def group(self, name: str, dtype: torch.dtype, device: Any, idx: Sequence[int]) -> Any:
         """The scalar of the leaves ``idx`` as a ``torch._foreach_*`` op takes it (a number, a list of
-        numbers, a 0-d tensor or a list of 0-d tensors)."""
+        numbers, a 0-d tensor or a list of 0-d tensors). On the CPU a tensor scalar, already rounded
+        to ``dtype``, is read as numbers: the same values, and the ops' scalar overloads."""
         v = self.cast(name, dtype, device)
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype != torch.bool:
+            key = (name, dtype, "host")
+            host = self._cast.get(key)
+            if host is None:
+                host = self._cast[key] = v.tolist()
+            v = host
         if isinstance(v, list):
             return [v[i] for i in idx]
         if isinstance(v, torch.Tensor) and v.dim() == 1:
@@ -395,6 +402,9 @@ def run_leaf(
     return _distinct(prog, vals, torch.clone)
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _binary(kind: str, x: list[torch.Tensor], y: Any, inplace: bool) -> list[torch.Tensor]:
     """``x ∘ y`` (``kind`` add/sub/mul/div) with a foreach op; in place on ``x`` if ``inplace``."""
     if kind == "sub" and isinstance(y, torch.Tensor):  # no Tensor overload of sub: x + (−1)·s is x − s exactly
@@ -408,12 +418,16 @@ def _binary(kind: str, x: list[torch.Tensor], y: Any, inplace: bool) -> list[tor
 
 
 def run_foreach(
-    prog: Program, inputs: Mapping[str, list[torch.Tensor]], sc: Scalars, idx: Sequence[int]
+    prog: Program, inputs: Mapping[str, list[torch.Tensor]], sc: Scalars, idx: Sequence[int],
+    owned: frozenset[str] = frozenset(),
 ) -> dict[str, list[torch.Tensor]]:
     """Run ``prog`` over lists of tensors (one list per input, each list of one dtype, all on one
     device) with ``torch._foreach_*`` ops; ``idx`` are the positions of the listed leaves among the
-    scalars' leaves. A temporary is updated in place at its last use; no input is written."""
+    scalars' leaves. A temporary is updated in place at its last use, and so is an input named in
+    ``owned`` (one whose old values nobody needs after the step: a state the caller overwrites);
+    no other input is written."""
     n_in = len(prog.inputs)
+    mutable = [name in owned for name in prog.inputs]
     vals: list[Any] = [inputs[name] for name in prog.inputs]
     first = vals[0] if vals else []
     device = first[0].device if first else None
@@ -432,7 +446,9 @@ def run_foreach(
                 vals.append([torch.where(c, t, torch.full_like(t, a[2][1])) for c, t in zip(conds, xs)])
             continue
         x = vals[a[0]]
-        mine = a[0] >= n_in and last[a[0]] == k  # a temporary read for the last time: reuse it
+        # A value read for the last time is reused in place; not in 16-bit dtypes, where torch's
+        # in-place multiplication by a number rounds the number to the dtype first.
+        mine = (a[0] >= n_in or mutable[a[0]]) and last[a[0]] == k and op.dtype in _WIDE
         if kind == "sqrt":
             r = (torch._foreach_sqrt_(x), x)[1] if mine else torch._foreach_sqrt(x)
         elif kind == "neg":

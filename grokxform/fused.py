@@ -53,10 +53,11 @@ from grokxform.engine import traced as _traced
 from grokxform.engine.layout import init_state, to_eager_layout, to_fused_layout
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
 
-Backend = Literal["auto", "triton", "inductor", "aot_eager", "eager"]
+Backend = Literal["auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"]
 CudaGraphMode = Union[bool, Literal["auto"]]
 
-_BACKENDS = ("auto", "triton", "inductor", "aot_eager", "eager")
+_BACKENDS = ("auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager")
+_ENGINE_BACKENDS = ("auto", "engine", "triton", "foreach")
 
 __all__ = [
     "DEFAULT_INDUCTOR_OPTIONS",
@@ -79,6 +80,7 @@ class _EngineFn:
 
     def __init__(self, step: Any, names: tuple[str, ...]) -> None:
         self.step, self.names = step, names
+        self.capturable = step.backend == "triton"  # the foreach backend reads flags on the host
 
     def prepare(self, grads: list[torch.Tensor]) -> None:
         self.step.prepare(grads)
@@ -122,11 +124,14 @@ class FusedStep:
             built without allocating an eager window.
         backend: ``"auto"`` (default): the engine's generated kernels when every member of the
             chain is declared and every tensor is on one CUDA device, else ``"inductor"``
-            (:attr:`fallback_reason` says why); ``"triton"``: the engine or a ``ValueError``
-            saying why not (on the CPU its kernels run in Triton's interpreter with
-            ``TRITON_INTERPRET=1``); ``"inductor"``: the traced chain compiled by Inductor (any
-            chain); ``"aot_eager"`` (the same trace, run op by op: quick to build, for tests on
-            the CPU) or ``"eager"`` (the traced graph, uncompiled).
+            (:attr:`fallback_reason` says why); ``"triton"``: the engine's kernels or
+            :class:`EngineUnavailable` saying why not (on the CPU they run in Triton's
+            interpreter with ``TRITON_INTERPRET=1``); ``"foreach"``: the engine's plan run in
+            place with ``torch._foreach_*`` ops (any device, no compile); ``"engine"``: the
+            kernels where they run, else foreach (what ``grokxform.Optimizer`` uses by default);
+            ``"inductor"``: the traced chain compiled by Inductor (any chain); ``"aot_eager"``
+            (the same trace, run op by op: quick to build, for tests on the CPU) or ``"eager"``
+            (the traced graph, uncompiled).
         cuda_graph: capture the step into a CUDA graph after ``warmup_steps`` calls and replay
             it (``"auto"``: when every tensor is on one CUDA device). An engine step reads each
             call's gradients where they are; a traced step copies gradients that are other
@@ -140,8 +145,9 @@ class FusedStep:
         captures: how many CUDA graphs were captured.
         compile_seconds: the wall time of each build (the engine's kernels are compiled by
             Triton at their first launch, which the first call's time includes).
-        engine: what ran the last pattern built: ``"triton"``, ``"inductor"``, ``"aot_eager"``
-            or ``"eager"``; ``fallback_reason`` says why ``"auto"`` did not use the engine.
+        engine: what ran the last pattern built: ``"triton"``, ``"foreach"``, ``"inductor"``,
+            ``"aot_eager"`` or ``"eager"``; ``fallback_reason`` says why ``"auto"`` did not use
+            the engine.
 
     Entry point for other front ends (``grokxform.Optimizer``): build
     ``FusedStep(tx, params_tree, state_tree)``, call it with the gradient tree (or
@@ -255,7 +261,7 @@ class FusedStep:
             cap.graph.replay()
             return
         runs = self._runs.get(key, 0)
-        if self._cuda_graph and runs >= self._warmup:
+        if self._cuda_graph and runs >= self._warmup and getattr(fn, "capturable", True):
             self._check_grads(g_leaves)
             self._graphs[key] = cap = self._capture(fn, present, list(xs.values()))
             cap.graph.replay()
@@ -270,15 +276,15 @@ class FusedStep:
     def _build(self, key: Any, g_leaves: list[Any], xs: dict[str, torch.Tensor]) -> Any:
         mask, names = key
         t0 = time.perf_counter()
-        if self._backend in ("auto", "triton"):
+        if self._backend in _ENGINE_BACKENDS:
             fn = self._engine_step(g_leaves, names, xs)
             if fn is not None:
                 self.compile_seconds.append(time.perf_counter() - t0)
                 self.compiles += 1
-                self.engine = "triton"
+                self.engine = fn.step.backend
                 self._fns[key] = fn
                 return fn
-        backend = "inductor" if self._backend in ("auto", "triton") else self._backend
+        backend = "inductor" if self._backend in _ENGINE_BACKENDS else self._backend
         self.engine = backend
         step, p_pos, s_pos = _traced.make_step(
             self._tx, self._p_leaves, self._p_spec, self._s_leaves, self._s_spec, mask, names
@@ -303,22 +309,32 @@ class FusedStep:
         return fn
 
     def _engine_step(self, g_leaves: list[Any], names: tuple[str, ...], xs: dict[str, torch.Tensor]) -> Any:
-        """The engine's step for this pattern, or ``None`` (``"auto"``: Inductor then)."""
+        """The engine's step for this pattern, or ``None`` (``"auto"``: Inductor then).
+
+        ``"triton"``: generated kernels (CUDA, or Triton's interpreter on the CPU); ``"foreach"``:
+        the plan with in-place foreach ops; ``"engine"``: kernels where they can run, else foreach;
+        ``"auto"``: kernels on CUDA."""
         from grokxform import engine
 
-        try:
-            if self._backend == "auto" and self._device.type != "cuda":
-                raise engine.Unsupported("backend='auto' uses the engine on CUDA only")
-            if not engine.available(self._device):
-                raise engine.Unsupported(f"Triton cannot run on {self._device} here")
-            with torch.no_grad():
-                step = engine.EngineStep(self._tx, self._params, self._state, g_leaves, xs)
-        except engine.Unsupported as e:
-            if self._backend == "triton":
-                raise EngineUnavailable(f"FusedStep(backend='triton'): {e}") from None
-            self.fallback_reason = str(e)
-            return None
-        return _EngineFn(step, names)
+        kinds = {"triton": ["triton"], "foreach": ["foreach"], "auto": ["triton"],
+                 "engine": ["triton", "foreach"] if self._device.type == "cuda" else ["foreach"]}[self._backend]
+        reasons = []
+        for kind in kinds:
+            try:
+                if kind == "triton" and self._backend == "auto" and self._device.type != "cuda":
+                    raise engine.Unsupported("backend='auto' uses the engine on CUDA only")
+                if kind == "triton" and not engine.available(self._device):
+                    raise engine.Unsupported(f"Triton cannot run on {self._device} here")
+                with torch.no_grad():
+                    step = engine.EngineStep(self._tx, self._params, self._state, g_leaves, xs, backend=kind)
+                return _EngineFn(step, names)
+            except engine.Unsupported as e:
+                reasons.append(str(e))
+        reason = "; ".join(dict.fromkeys(reasons))
+        if self._backend != "auto":
+            raise EngineUnavailable(f"FusedStep(backend={self._backend!r}): {reason}") from None
+        self.fallback_reason = reason
+        return None
 
     def _capture(self, fn: Any, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> _Captured:
         engine = isinstance(fn, _EngineFn)
@@ -332,6 +348,9 @@ class FusedStep:
     def _stage_grads(self, cap: _Captured, grads: list[torch.Tensor], fn: Any) -> None:
         if len(grads) != len(cap.grads):
             raise ValueError("FusedStep: the number of gradients changed for a captured step")
+        if cap.engine:  # the kernels read the gradients through address tables: repoint them if needed
+            fn.prepare(grads)
+            return
         for static, g in zip(cap.grads, grads):
             if g is static:
                 continue
@@ -340,10 +359,8 @@ class FusedStep:
                     f"FusedStep: a gradient of {g.dtype}{list(g.shape)} meets a captured step compiled for"
                     f" {static.dtype}{list(static.shape)}"
                 )
-            if not cap.engine and g.data_ptr() != static.data_ptr():
+            if g.data_ptr() != static.data_ptr():
                 static.copy_(g)
-        if cap.engine:
-            fn.prepare(grads)
 
     def _stage_extras(self, extra: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Copy each extra argument into a persistent device tensor (the compiled step reads
@@ -360,8 +377,9 @@ class FusedStep:
             buf = self._extras.get(name)
             if isinstance(value, torch.Tensor):
                 v = value.detach()
-                if buf is None:
-                    buf = self._extras[name] = torch.empty(v.shape, dtype=v.dtype, device=self._device)
+                if buf is None:  # floats kept as float64, the dtype the scalar rules compute in
+                    dtype = torch.float64 if v.is_floating_point() else v.dtype
+                    buf = self._extras[name] = torch.empty(v.shape, dtype=dtype, device=self._device)
                 elif v.shape != buf.shape:
                     raise ValueError(
                         f"FusedStep: extra argument {name}= had shape {list(buf.shape)}, now {list(v.shape)}"

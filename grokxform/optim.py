@@ -154,7 +154,7 @@ class Optimizer(torch.optim.Optimizer):
         fused: Union[bool, str, None] = None,
         **hyperparameters: Any,
     ) -> None:
-        if fused not in (None, False, True, "auto", "triton", "inductor", "aot_eager", "eager"):
+        if fused not in (None, False, True, "auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"):
             raise ValueError(
                 "Optimizer: fused must be None (the fastest exact path: the engine on CUDA), False (eager),"
                 f" True or a FusedStep backend name, got {fused!r}"
@@ -371,7 +371,6 @@ class Optimizer(torch.optim.Optimizer):
         for n, x in zip(self._names[g], grads):
             if x is not None and x.is_sparse:
                 raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
-        grads = [None if x is None else x.detach() for x in grads]
         built = self._fused_steps.get(g)
         state = built[1].state if built is not None else self._states[g]
         if built is not None and self._factory is None:
@@ -400,6 +399,7 @@ class Optimizer(torch.optim.Optimizer):
         if state is None:
             state = tx.init(tree)
         self._fill_hyperparams(g, group, state)
+        grads = [None if x is None else x.detach() for x in grads]
         updates, new_state = tx.update(dict(zip(names, grads)), state, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(
@@ -423,11 +423,8 @@ class Optimizer(torch.optim.Optimizer):
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
         if self._fused is False:
             return None
-        if self._fused is None:  # the engine on CUDA, eager elsewhere
-            devices = {p.device for p in params}
-            if len(devices) != 1 or next(iter(devices)).type != "cuda":
-                return None
-            return "triton"
+        if self._fused is None:  # the engine: its kernels on CUDA, its foreach backend elsewhere
+            return "engine" if len({p.device for p in params}) == 1 else None
         return "auto" if self._fused is True else str(self._fused)
 
     def _build_fused(self, g: int, tx: GradientTransformation, state: Any, backend: str) -> tuple[Any, Any]:

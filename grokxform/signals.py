@@ -28,8 +28,8 @@ def loss_gap_signal(train_loss: torch.Tensor, val_loss: torch.Tensor) -> torch.T
     """
     gap = torch.clamp(val_loss - train_loss, min=0.0)
     top = torch.maximum(val_loss, train_loss)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    return torch.where(top > 0, gap / safe, torch.zeros_like(top))
+    positive = top > 0
+    return torch.where(positive, gap / torch.where(positive, top, 1.0), 0.0)  # no 0/0, also for autograd
 
 
 def _arity(fn: SignalFn) -> int:
@@ -67,6 +67,13 @@ def _as_f64(x: Any, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=torch.float64).reshape(())
     return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def has_signal(fns: tuple[tuple[SignalFn, int], ...], extra: dict[str, Any]) -> bool:
+    """Whether :func:`compute_signal` can give anything but 0 this step."""
+    return bool(fns) or extra.get("grokking_signal") is not None or (
+        extra.get("train_loss") is not None and extra.get("val_loss") is not None
+    )
 
 
 def compute_signal(
@@ -113,5 +120,5 @@ def adapted_alpha(alpha_init: Any, decay_rate: Any, signal: torch.Tensor) -> tor
     GS_t = 0, so α_t = α_init: one bad loss must not turn every leaf's EMA into NaN."""
     a0 = alpha_init.to(torch.float64) if isinstance(alpha_init, torch.Tensor) else float(alpha_init)
     k = decay_rate.to(torch.float64) if isinstance(decay_rate, torch.Tensor) else float(decay_rate)
-    signal = torch.where(torch.isfinite(signal), signal, torch.zeros_like(signal))
+    signal = torch.where(torch.isfinite(signal), signal, 0.0)
     return a0 * torch.exp(-k * signal)

@@ -15,12 +15,39 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+_FLAT_SPECS: dict[tuple[Any, ...], TreeSpec] = {}
+_FLAT_KEYS: dict[int, tuple[TreeSpec, tuple[Any, ...]]] = {}
+
+
+def _flat_dict(tree: Any) -> bool:
+    """Whether ``tree`` is a plain dict of tensors and ``None`` (``{name: param}``, the common tree),
+    outside a ``torch.compile`` trace (which sees the general path)."""
+    return (
+        type(tree) is dict
+        and not torch.compiler.is_compiling()
+        and all(v is None or isinstance(v, torch.Tensor) for v in tree.values())
+    )
+
+
 def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     """Leaves (``None`` included) and the structure of ``tree``."""
+    if _flat_dict(tree):  # the same leaves and spec as torch's pytree, without its per-node Python
+        keys = tuple(tree)
+        spec = _FLAT_SPECS.get(keys)
+        if spec is None:
+            spec = _pt.tree_flatten(dict.fromkeys(keys), is_leaf=_is_none)[1]
+            if len(_FLAT_SPECS) < 1024:
+                _FLAT_SPECS[keys] = spec
+                _FLAT_KEYS[id(spec)] = (spec, keys)
+        return list(tree.values()), spec
     return _pt.tree_flatten(tree, is_leaf=_is_none)
 
 
 def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> Any:
+    if not torch.compiler.is_compiling():
+        flat = _FLAT_KEYS.get(id(spec))
+        if flat is not None and flat[0] is spec:
+            return dict(zip(flat[1], leaves))
     return _pt.tree_unflatten(list(leaves), spec)
 
 
@@ -38,6 +65,8 @@ def _key_name(key: Any) -> str:
 
 def path_names(tree: Any) -> list[str]:
     """Dotted names of the leaves: ``{"blocks": [{"w": t}]}`` gives ``["blocks.0.w"]``."""
+    if _flat_dict(tree):
+        return [str(k) for k in tree]
     with_path, _ = _pt.tree_flatten_with_path(tree, is_leaf=_is_none)
     return [".".join(_key_name(k) for k in path) or "<root>" for path, _ in with_path]
 

@@ -93,12 +93,12 @@ CASES = {
 
 
 def _run(tx: gx.GradientTransformation, dtype: torch.dtype, steps: int, none_at=None, signal: bool = False,
-         poison=None, **kw):
+         poison=None, backend: str = "triton", **kw):
     params = _params(dtype)
     p_e = dict(params)
     s_e = tx.init(p_e)
     p_f = {n: p.clone() for n, p in params.items()}
-    fused = FusedStep(tx, p_f, backend="triton", **kw)
+    fused = FusedStep(tx, p_f, backend=backend, **kw)
     for t in range(steps):
         g = _grads(params, t, (none_at or {}).get(t, ()))
         if poison is not None:
@@ -146,6 +146,18 @@ def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
     _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_foreach_backend_is_eager_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    """The engine's foreach backend (the optimizer's path where no kernel runs) runs the eager
+    programs, scalar rules and reductions in place: the same numbers, bit for bit."""
+    make, signal = CASES[name]
+    p_e, s_e, p_f, fused = _run(make(), dtype, 6, {2: ("h.1.w",), 3: ("h.1.w", "ln.w")}, signal, backend="foreach")
+    assert fused.engine == "foreach" and fused.compiles == 3
+    _close(p_e, p_f, exact=True)
+    _close(s_e, fused.eager_state(), exact=True)
+
+
 def test_ma_ring_wraps_many_times() -> None:
     p_e, s_e, p_f, fused = _run(gx.grokfast_ma(lr=1e-2, window_size=3), torch.float32, 11)
     _close(p_e, p_f, exact=False)
@@ -163,6 +175,24 @@ def test_apply_if_finite_skips_a_non_finite_step_in_the_kernels() -> None:
     _close(p_e, p_f, exact=False)
     _close(s_e, fused.eager_state(), exact=False, rtol=1e-5, atol=1e-6)
     assert int(fused.state.total_notfinite) == 1 and int(fused.state.inner_state["adam"].count["h.0.w"]) == 4
+
+
+def test_a_reduction_over_leaves_of_many_blocks() -> None:
+    """Leaves longer than a block of either pass: the clip's norm sums every block of each leaf."""
+    tx = gx.grokadamw(lr=1e-2, gradient_clipping=0.5)
+    g = torch.Generator().manual_seed(5)
+    params = {"h.0.w": torch.randn(9000, generator=g).to(DEVICE), "h.1.w": torch.randn(4097, generator=g).to(DEVICE),
+              "b": torch.randn(3, generator=g).to(DEVICE)}
+    p_e, p_f = dict(params), {n: p.clone() for n, p in params.items()}
+    s_e = tx.init(p_e)
+    fused = FusedStep(tx, p_f, backend="triton")
+    for t in range(3):
+        grads = {n: torch.randn(p.shape, generator=g).to(DEVICE) * (t + 1) for n, p in params.items()}
+        u, s_e = tx.update(grads, s_e, p_e)
+        p_e = gx.apply_updates(p_e, u)
+        fused(grads)
+    _close(p_e, p_f, exact=False)
+    torch.testing.assert_close(fused.state["clip"].norm, s_e["clip"].norm, rtol=1e-6, atol=0)
 
 
 def test_one_non_finite_leaf_leaves_the_others_clipped_as_eager() -> None:

@@ -320,3 +320,18 @@ def test_graph_and_no_graph_agree_and_never_recompile() -> None:
         b(g, **x)
     assert (a.compiles, a.captures, b.compiles, b.captures) == (1, 1, 1, 0)
     _assert_trees_close(a.params, b.params, rtol=0, atol=0)
+
+
+def test_step_counters_live_in_one_buffer_and_stay_exact() -> None:
+    """The fused layout keeps each tree of per-leaf step counters in one int64 buffer (the leaves
+    are views of it): a step reads and bumps them with one op each. A leaf without a gradient keeps
+    its count."""
+    tx = gx.grokfast_ema(lr=1e-2)
+    params = _params()
+    fused = FusedStep(tx, {n: p.clone() for n, p in params.items()}, backend="aot_eager")
+    counts = list(fused.state["adam"].count.values())
+    base = counts[0].untyped_storage().data_ptr()
+    assert all(c.untyped_storage().data_ptr() == base and c.storage_offset() == k for k, c in enumerate(counts))
+    p_e, s_e, p_f, fused = _run_both(tx, params, 4, {2: ("h.0.b",)}, backend="aot_eager")
+    assert {n: int(c) for n, c in fused.state["adam"].count.items()} == {n: int(c) for n, c in s_e["adam"].count.items()}
+    assert int(fused.state["adam"].count["h.0.b"]) == 3

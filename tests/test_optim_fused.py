@@ -95,3 +95,30 @@ def test_a_ready_transformation_runs_fused_with_its_lr_multiplier():
 def test_fused_takes_a_known_backend():
     with pytest.raises(ValueError, match="fused"):
         gx.Optimizer(model64().parameters(), gx.adamw, fused="tensorrt")
+
+
+def test_fused_ma_steps_never_rebuild_the_eager_window(monkeypatch):
+    """A fused step keeps the MA window as one ring buffer per parameter and updates it in place;
+    the eager layout (w views per parameter) is built only when someone reads the state. Building
+    it every step made ``grokfast_ma`` with ``fused=True`` slower than eager (37 ms a step on a
+    29-tensor model with w=100)."""
+    from grokxform.engine import layout
+
+    calls = []
+    real = layout._to_eager
+    monkeypatch.setattr(layout, "_to_eager", lambda st: calls.append(1) or real(st))
+    model = model64()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokfast_ma, fused="aot_eager", lr=1e-2, window_size=100)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    train(opt, model, sched, range(5))
+    assert calls == []
+    ref = model64()
+    opt_e = gx.Optimizer(ref.named_parameters(), gx.grokfast_ma, fused=False, lr=1e-2, window_size=100)
+    train(opt_e, ref, torch.optim.lr_scheduler.LambdaLR(opt_e, lambda t: 1.0), range(5))
+    sd, sd_e = opt.state_dict(), opt_e.state_dict()  # the eager layout, on demand
+    assert calls
+    window, window_e = sd["state"][0]["fields"]["inner_state"]["grokfast"]["fields"]["window"], \
+        sd_e["state"][0]["fields"]["inner_state"]["grokfast"]["fields"]["window"]
+    for slot, slot_e in zip(window, window_e):
+        for n in slot:
+            assert (slot[n] - slot_e[n]).abs().max().item() < 1e-13

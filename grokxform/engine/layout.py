@@ -108,13 +108,49 @@ def _to_eager(st: MaFilterState) -> MaFilterState:
 
 def to_fused_layout(state: State, *, _lazy: dict[int, torch.Tensor] | None = None) -> State:
     """``state`` with each :class:`MaFilterState` window in the ring layout (a copy of the
-    windows; every other leaf is the same tensor). Numbers are unchanged."""
+    windows) and each tree of per-leaf step counters in one int64 buffer (its leaves are views of
+    it: a step reads and bumps all of them with one op each). Every other leaf is the same tensor.
+    Numbers are unchanged."""
     lazy = _lazy or {}
-    return torch.utils._pytree.tree_map(
+    state = torch.utils._pytree.tree_map(
         lambda x: _to_ring(x, lazy) if isinstance(x, MaFilterState) else _materialize(x, lazy),
         state,
         is_leaf=_is_ma_state,
     )
+    return _home_counters(state)
+
+
+def _counters(values: list[Any]) -> bool:
+    """Whether ``values`` are per-leaf step counters (0-d int64 tensors on one device, or ``None``)."""
+    ts = [v for v in values if v is not None]
+    return len(ts) >= 2 and all(
+        isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.int64 and t.device == ts[0].device
+        for t in ts
+    )
+
+
+def _homed(values: list[Any]) -> list[Any]:
+    """The counters as consecutive views of one new buffer (``None`` stays ``None``)."""
+    ts = [v for v in values if v is not None]
+    views = iter(torch.stack(ts).unbind())
+    return [None if v is None else next(views) for v in values]
+
+
+def _home_counters(node: Any) -> Any:
+    if isinstance(node, MaRingWindow) or isinstance(node, torch.Tensor) or node is None:
+        return node
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a state NamedTuple
+        return type(node)(*(_home_counters(v) for v in node))
+    if isinstance(node, dict):
+        values = list(node.values())
+        if _counters(values):
+            return dict(zip(node, _homed(values)))
+        return {k: _home_counters(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        if _counters(list(node)):
+            return type(node)(_homed(list(node)))
+        return type(node)(_home_counters(v) for v in node)
+    return node
 
 
 def to_eager_layout(state: State) -> State:

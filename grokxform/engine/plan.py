@@ -80,6 +80,8 @@ class Inject:
     guards: tuple[Flag, ...]
     where: str
     stage: int = 0
+    built: tuple[Any, Any, Any] | None = None
+    """(the hyperparameter tensors' ids, the inner declaration built from them, the declaration)."""
 
 
 @dataclass(eq=False)
@@ -296,7 +298,12 @@ def rebind(node: Node, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
     elif isinstance(node, Inject):
         hp = decl.current(state.count, state.hyperparams)
         yield node, hp
-        yield from rebind(node.inner, D.declaration_of(decl.build(hp)), state.inner_state)
+        # The inner transform is rebuilt only when a hyperparameter is another tensor (a schedule's
+        # value): the stored ones are filled in place, and the transform reads them as they are.
+        key = tuple(id(v) for v in hp.values())
+        if node.built is None or node.built[0] != key or node.built[2] is not decl:
+            node.built = (key, D.declaration_of(decl.build(hp)), decl)
+        yield from rebind(node.inner, node.built[1], state.inner_state)
     elif isinstance(node, (Accum, Finite)):
         yield node, decl
         yield from rebind(node.inner, decl.inner, state.inner_state)

@@ -34,10 +34,13 @@ from grokxform import declarations as D
 from grokxform import tree as _tree
 from grokxform.elements import Scalars
 from grokxform.engine import codegen as G
+from grokxform.engine import foreach as F
 from grokxform.engine import plan as P
 
 BLOCK = 1024
-"""Elements per program (one work item)."""
+"""Elements per program (one work item) of the pass that writes."""
+REDUCE_BLOCK = 4096
+"""Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_FLOATS = (*_FLOATS, torch.float64)
@@ -104,17 +107,42 @@ class _Group:
     roles: dict[str, list[torch.Tensor]]
     dtypes: dict[str, torch.dtype]
     numel: torch.Tensor
-    item_leaf: torch.Tensor
-    item_start: torch.Tensor
+    items: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]]
+    """Per block size: the work items (leaf, start), their count and the most blocks of one leaf."""
     pos: torch.Tensor
-    chunks: int
-    n_items: int
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     kernels: dict[int, tuple[Any, list[str]]] = field(default_factory=dict)
     rsq: dict[int, torch.Tensor] = field(default_factory=dict)
     rbad: dict[int, torch.Tensor] = field(default_factory=dict)
     red_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    idx: dict[int, list[int]] = field(default_factory=dict)
+    """Per node: the positions of the group's leaves among the node's leaves (its per-leaf scalars)."""
     grad_key: tuple[int, ...] = ()
+
+
+def _items(numels: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The work items of leaves of ``numels`` elements in blocks of ``block``: (leaf, start) tables,
+    their count and the most blocks of one leaf (the row length of the reduction buffers)."""
+    leaf, start = [], []
+    for j, n in enumerate(numels):
+        for c in range(math.ceil(n / block)):
+            leaf.append(j)
+            start.append(c * block)
+    chunks = max(1, max((math.ceil(n / block) for n in numels), default=1))
+    i64 = {"dtype": torch.int64, "device": device}
+    return torch.tensor(leaf or [0], **i64), torch.tensor(start or [0], **i64), len(leaf), chunks
+
+
+def _as_vector(counts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The counters as one int64 vector view when they are consecutive in one buffer (the fused
+    layout homes them so), else ``None``."""
+    first = counts[0]
+    storage, off = first.untyped_storage().data_ptr(), first.storage_offset()
+    for k, c in enumerate(counts):
+        if c.dtype != torch.int64 or c.dim() != 0 or c.untyped_storage().data_ptr() != storage or (
+                c.storage_offset() != off + k):
+            return None
+    return first.as_strided((len(counts),), (1,), off)
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -132,20 +160,28 @@ class EngineStep:
 
     def __init__(
         self, tx: Any, p_tree: Any, state: Any, grads: list[Any], extras: dict[str, torch.Tensor],
-        *, block: int | None = None, num_warps: int | None = None,
+        *, backend: str = "triton", block: int | None = None, num_warps: int | None = None,
     ) -> None:
+        if backend not in ("triton", "foreach"):
+            raise ValueError(f"EngineStep: backend must be 'triton' or 'foreach', got {backend!r}")
+        self.backend = backend
         self.decl = D.declaration_of(tx)
         self.state = state
         self.plan = plan = P.make_plan(self.decl, state, p_tree, grads)
         self.block = block or BLOCK
+        self.reduce_block = REDUCE_BLOCK
         self.num_warps = num_warps or NUM_WARPS
         present = [grads[i] for i in plan.leaves]
         self.device = present[0].device
         self._check_tensors(plan, state)
+        self._node_of = {id(node): node for node in plan.nodes}
         self._nodes_by_stage: list[list[Any]] = [[] for _ in range(plan.passes)]
         for node in plan.nodes:
             self._nodes_by_stage[node.stage].append(node)
+        cuda = self.device.type == "cuda" and backend == "triton"
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(4)] if cuda else []
         self._member_col = {id(m): k for k, m in enumerate(plan.members)}
+        self._counts = {id(m): _as_vector(m.counts) for m in plan.members if m.counts}
         self._present = {id(m): [False] * len(plan.paths) for m in plan.members}
         for m in plan.members:
             for i in m.leaves:
@@ -161,8 +197,9 @@ class EngineStep:
                     "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device)}
             for r in plan.reductions
         }
-        with torch.no_grad():
-            self._run(extras, stand_in)
+        if backend == "triton":
+            with torch.no_grad():
+                self._run(extras, stand_in)
         self._groups = self._make_groups(plan)
         self.const = torch.tensor(self._constants or [0.0], dtype=torch.float64, device=self.device)
         self._interp = interpreting()
@@ -171,10 +208,11 @@ class EngineStep:
 
     def _check_tensors(self, plan: P.Plan, state: Any) -> None:
         dev = self.device
+        floats = _FLOATS if self.backend == "triton" else (*_FLOATS, torch.float64)
         for i in plan.leaves:
             p, g = plan.params[i], plan.grads[i]
             name = plan.paths[i]
-            if not isinstance(p, torch.Tensor) or p.dtype not in _FLOATS or g.dtype not in _FLOATS:
+            if not isinstance(p, torch.Tensor) or p.dtype not in floats or g.dtype not in floats:
                 got = f"{getattr(p, 'dtype', type(p).__name__)}/{g.dtype}"
                 raise P.Unsupported(f"the param/gradient dtypes at {name!r} are {got} (the kernels take 16/32-bit floats)")
             if p.device != dev or g.device != dev:
@@ -229,12 +267,6 @@ class EngineStep:
             role_names = list(entries[0][1])
             roles = {r: [e[1][r] for e in entries] for r in role_names}
             numels = [plan.params[leaf].numel() for leaf in leaves]
-            chunks = max(1, max(math.ceil(n / block) for n in numels))
-            item_leaf, item_start = [], []
-            for j, n in enumerate(numels):
-                for c in range(math.ceil(n / block)):
-                    item_leaf.append(j)
-                    item_start.append(c * block)
             n_cols = max(1, len(plan.members))
             pos = [[0] * n_cols for _ in leaves]
             for j, leaf in enumerate(leaves):
@@ -243,15 +275,19 @@ class EngineStep:
                         pos[j][k] = m.leaves.index(leaf)
             grp = _Group(
                 leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
-                numel=torch.tensor(numels, **i64), item_leaf=torch.tensor(item_leaf or [0], **i64),
-                item_start=torch.tensor(item_start or [0], **i64), pos=torch.tensor(pos, **i64), chunks=chunks,
-                n_items=len(item_leaf),
+                numel=torch.tensor(numels, **i64), pos=torch.tensor(pos, **i64),
+                items={b: _items(numels, b, dev) for b in {block, self.reduce_block}},
             )
-            for r, ts in roles.items():
-                if r != "G":
-                    grp.tables[r] = _addresses(ts, dev)
-            self._point_grads(grp, roles["G"])
-            self._codegen(grp)
+            grp.idx = {
+                id(node): [node.leaves.index(leaf) if isinstance(node.leaves, list) else j for j, leaf in enumerate(leaves)]
+                for node in plan.nodes if hasattr(node, "leaves") and leaves[0] in node.leaves
+            }
+            if self.backend == "triton":
+                for r, ts in roles.items():
+                    if r != "G":
+                        grp.tables[r] = _addresses(ts, dev)
+                self._point_grads(grp, roles["G"])
+                self._codegen(grp)
             groups.append(grp)
         return groups
 
@@ -276,7 +312,7 @@ class EngineStep:
             source = G.kernel_source(name, em, plan.passes)
             grp.kernels[p] = (load_kernel(source, name), list(em.roles))
             if not main:
-                n = len(grp.leaves) * grp.chunks
+                n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
                 grp.rsq[p] = torch.zeros(n, dtype=torch.float32, device=self.device)
                 grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
@@ -310,16 +346,22 @@ class EngineStep:
         host-to-device copy: call this outside a CUDA graph capture)."""
         by_leaf = dict(zip(self.plan.leaves, grads))
         for grp in self._groups:
-            self._point_grads(grp, [by_leaf[leaf] for leaf in grp.leaves])
+            if self.backend == "foreach":
+                grp.roles["G"] = [by_leaf[leaf] for leaf in grp.leaves]
+            else:
+                self._point_grads(grp, [by_leaf[leaf] for leaf in grp.leaves])
 
     def _point_grads(self, grp: _Group, grads: list[torch.Tensor]) -> None:
         key = tuple(g.data_ptr() for g in grads)
         if key == grp.grad_key:
             return
         dt = grp.dtypes["G"]
-        for g in grads:
-            if g.dtype != dt or g.device != self.device or not g.is_contiguous():
-                raise P.Unsupported("a gradient changed its dtype, device or layout between steps")
+        for g, p in zip(grads, grp.roles["P"]):
+            if g.dtype != dt or g.device != self.device or g.shape != p.shape or not g.is_contiguous():
+                raise ValueError(
+                    f"a gradient of {g.dtype}{list(g.shape)} on {g.device} meets a step built for"
+                    f" {dt}{list(p.shape)} on {self.device} (contiguous)"
+                )
         table = torch.tensor(key, dtype=torch.int64)
         if "G" in grp.tables:
             grp.tables["G"].copy_(table)
@@ -337,26 +379,37 @@ class EngineStep:
         plan = self.plan
         layout = stand_in is not None
         decls = {id(node): d for node, d in P.rebind(plan.root, self.decl, self.state)}
-        cnt = {
-            id(m): torch.stack(m.counts) if m.counts else torch.zeros(0, dtype=torch.int64, device=self.device)
-            for m in plan.members if m.counts is not None
-        }
+        cnt = {id(m): torch.stack(m.counts) if self._counts[id(m)] is None else self._counts[id(m)]
+               for m in plan.members if m.counts}
+        cnt.update({id(m): torch.zeros(0, dtype=torch.int64, device=self.device)
+                    for m in plan.members if m.counts is not None and not m.counts})
         reduced: dict[int, dict[str, torch.Tensor]] = {}
         flags: dict[tuple[int, str], torch.Tensor] = {}
         writes: list[tuple[torch.Tensor, torch.Tensor, tuple[P.Flag, ...]]] = []
-        bumps: list[tuple[list[torch.Tensor], tuple[P.Flag, ...]]] = []
+        bumps: list[tuple[list[torch.Tensor], Any, tuple[P.Flag, ...]]] = []
+        scalars: dict[int, Scalars] = {}
         for stage in range(plan.passes):
-            values = {
-                id(node): self._scalars(node, decls, cnt, reduced, extras, flags, writes, bumps)
-                for node in self._nodes_by_stage[stage]
-            }
+            values = self._branches(
+                self._nodes_by_stage[stage],
+                lambda node: self._scalars(node, decls, cnt, reduced, extras, flags, writes, bumps),
+            )
+            last = stage == plan.passes - 1
+            if self.backend == "foreach":  # the plan run with foreach ops, in place
+                scalars.update({key: Scalars(v, len(getattr(self._node_of[key], "leaves", ()))) for key, v in values.items()})
+                if last:
+                    for grp in self._groups:
+                        F.GroupPass(self, grp, stage, scalars, flags).run()
+                else:
+                    reduced[id(plan.reductions[stage])] = self._foreach_reduce(plan.reductions[stage], stage,
+                                                                                scalars, flags)
+                continue
             if layout:
                 self._record(stage, values)
             else:
                 parts = [values[key][name].reshape(-1) for key, name in self._dyn[stage]]
                 if parts:
                     torch.cat(parts, out=self._sc[stage])
-            if stage < plan.passes - 1:
+            if not last:
                 red = plan.reductions[stage]
                 if layout:
                     reduced[id(red)] = stand_in[id(red)]  # type: ignore[index]
@@ -371,6 +424,37 @@ class EngineStep:
         if not layout:
             self._write_back(writes, bumps, flags)
 
+    def _foreach_reduce(
+        self, red: Any, p: int, scalars: dict[int, Scalars], flags: dict[tuple[int, str], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The reductions of pass ``p`` on the foreach backend: the eager path's own, on the values
+        each group reaches at the reduction point, in the order of the node's leaves."""
+        at = {}
+        for grp in self._groups:
+            if grp.leaves[0] in red.leaves:
+                at.update(zip(grp.leaves, F.GroupPass(self, grp, p, scalars, flags).reduce_input()))
+        kinds = red.decl.reduce if isinstance(red, P.Member) else ("finite",)
+        return D.reductions(kinds, [at[leaf] for leaf in red.leaves], self.device)
+
+    def _branches(self, nodes: list[Any], scalars: Any) -> dict[int, dict[str, Any]]:
+        """``scalars(node)`` for each node of a stage. On CUDA the nodes' rules run on side streams
+        (they are independent), so a captured step holds them as parallel branches: the prologue
+        takes the time of its longest rule, not of all its small kernels in a row."""
+        if not self._streams or len(nodes) < 2:
+            return {id(node): scalars(node) for node in nodes}
+        main = torch.cuda.current_stream(self.device)
+        out, used = {}, []
+        for k, node in enumerate(nodes):
+            side = self._streams[k % len(self._streams)]
+            if side not in used:
+                side.wait_stream(main)
+                used.append(side)
+            with torch.cuda.stream(side):
+                out[id(node)] = scalars(node)
+        for side in used:
+            main.wait_stream(side)
+        return out
+
     def _scalars(
         self, node: Any, decls: dict[int, Any], cnt: dict[int, torch.Tensor], reduced: dict[int, dict[str, torch.Tensor]],
         extras: dict[str, torch.Tensor], flags: dict[tuple[int, str], torch.Tensor],
@@ -383,7 +467,7 @@ class EngineStep:
             decl = decls[id(node)]
             counts = cnt.get(id(node))
             ctx = D.ScalarContext(
-                state=node.state, counts=counts, reduced=reduced.get(id(node), {}), paths=self.plan.paths,
+                state=node.state, counts=counts, reduced=reduced.get(id(node), {}), known_paths=self.plan.paths,
                 present=self._present[id(node)], index=node.leaves, extra=extras, device=self.device,
             )
             values, new = decl.scalars(ctx)
@@ -392,7 +476,7 @@ class EngineStep:
                 values["__slot"] = torch.remainder(counts, decl.window.size)
             writes.extend((getattr(node.state, f), v, node.guards) for f, v in new.items())
             if node.counts:
-                bumps.append((node.counts, node.guards))
+                bumps.append((node.counts, self._counts[id(node)], node.guards))
             return values
         if isinstance(node, P.Amp):
             return {"lamb": decls[id(node)].lamb}
@@ -462,37 +546,49 @@ class EngineStep:
             s.append(src)
         for d, s in by_dtype.values():
             torch._foreach_copy_(d, s)
-        plain = [c for counts, gs in bumps if not gs for c in counts]
+        plain = [c for counts, vec, gs in bumps if not gs and vec is None for c in counts]
         if plain:
             torch._foreach_add_(plain, 1)
-        for counts, gs in bumps:
-            if gs:
-                torch._foreach_add_(counts, guard(gs).to(torch.int64))
+        for counts, vec, gs in bumps:  # + 1 (where the wrapper's flag is set), no host read: capturable
+            step = guard(gs).to(torch.int64) if gs else 1
+            if vec is not None:
+                vec.add_(step)
+            elif gs:
+                torch._foreach_copy_(counts, (torch.stack(counts) + step).unbind())
 
     def _launch(self, grp: _Group, p: int) -> None:
-        if p not in grp.kernels or grp.n_items == 0:
+        main = p == self.plan.passes - 1
+        block, warps = (self.block, self.num_warps) if main else (self.reduce_block, 2 * self.num_warps)
+        item_leaf, item_start, n_items, chunks = grp.items[block]
+        if p not in grp.kernels or n_items == 0:
             return
         fn, roles = grp.kernels[p]
         tables = [grp.tables[r] for r in roles]
         rsq = grp.rsq.get(p, self.const)
         rbad = grp.rbad.get(p, self.const)
         extra = {} if self._interp else {"enable_fp_fusion": False}
-        fn[(grp.n_items,)](
-            grp.item_leaf, grp.item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
-            grp.chunks, NPOS=grp.pos.shape[1], BLOCK=self.block, num_warps=self.num_warps, **extra,
+        fn[(n_items,)](
+            item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
+            chunks, NPOS=grp.pos.shape[1], BLOCK=block, num_warps=warps, **extra,
         )
 
     def _finalize(self, red: Any, p: int) -> dict[str, torch.Tensor]:
-        """The per-leaf norms and finite flags of reduction ``p``, in the order of its node's leaves."""
+        """The per-leaf norms and finite flags of reduction ``p``, in the order of its node's leaves
+        (each leaf's blocks summed in a fixed order: deterministic)."""
+        groups = [grp for grp in self._groups if p in grp.rsq]
+        if len(groups) == 1 and groups[0].leaves == red.leaves:  # one group, in order
+            grp = groups[0]
+            rows = len(grp.leaves)
+            chunks = grp.items[self.reduce_block][3]
+            sq = grp.rsq[p].view(rows, chunks).sum(1)
+            bad = grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32)
+            return {"norm": sq.sqrt(), "finite": bad == 0}
         n = len(red.leaves)
         sq = torch.zeros(n, dtype=torch.float32, device=self.device)
         bad = torch.zeros(n, dtype=torch.int32, device=self.device)
-        for grp in self._groups:
-            if p not in grp.rsq:
-                continue
+        for grp in groups:
             rows = len(grp.leaves)
-            s = grp.rsq[p].view(rows, grp.chunks).sum(1)
-            b = grp.rbad[p].view(rows, grp.chunks).sum(1, dtype=torch.int32)
-            sq.index_copy_(0, grp.red_index[p], s)
-            bad.index_copy_(0, grp.red_index[p], b)
+            chunks = grp.items[self.reduce_block][3]
+            sq.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks).sum(1))
+            bad.index_copy_(0, grp.red_index[p], grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32))
         return {"norm": sq.sqrt(), "finite": bad == 0}

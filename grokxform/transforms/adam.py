@@ -120,7 +120,8 @@ def scale_by_adam(
     ``m_t = β1·m_{t−1} + (1−β1)·g``, ``v_t = β2·v_{t−1} + (1−β2)·g²`` and, with per-leaf step t,
 
     - ``eps_placement="corrected"`` (torch.optim.Adam/AdamW):
-      ``u = (m_t / (1−β1^t)) / (√v_t / √(1−β2^t) + ε)``;
+      ``u = (m_t / (1−β1^t)) / (√v_t / √(1−β2^t) + ε)``, computed as
+      ``(m_t·c1) / (√v_t·c2 + ε)`` with the inverses c1, c2 of the corrections taken in float64;
     - ``eps_placement="raw"`` (GrokAdamW 0.1.2): ``u = √(1−β2^t)/(1−β1^t) · m_t / (√v_t + ε)``.
 
     ``b1`` may be a :class:`LayerwiseBeta` (see :func:`layerwise_beta`): each leaf then has its own
@@ -160,17 +161,17 @@ def scale_by_adam(
             one_minus_b1: Any = [1.0 - b for b in betas1]
         else:
             betas1, one_minus_b1 = b1, 1.0 - b1  # type: ignore[operator]
-        t = (ctx.counts + 1).to(torch.float64)  # type: ignore[operator]
+        t = ctx.counts.to(torch.float64) + 1.0  # type: ignore[union-attr]
         bases = [correction_b1] * ctx.n if correction_b1 is not None else (
             betas1 if isinstance(betas1, list) else [betas1] * ctx.n)
         bc1 = 1.0 - _pow(bases, t)
-        bc2_sqrt = torch.sqrt(1.0 - _pow([b2], t))
+        bc2 = 1.0 - _pow([b2], t)
         values: dict[str, Any] = {"b1": betas1, "one_minus_b1": one_minus_b1, "b2": b2, "one_minus_b2": 1.0 - b2,
                                   "eps": eps}
         if eps_placement == "corrected":
-            values.update(bc1=bc1, bc2_sqrt=bc2_sqrt)
+            values.update(inv_bc1=torch.reciprocal(bc1), inv_bc2_sqrt=torch.rsqrt(bc2))
         else:
-            values["ratio"] = bc2_sqrt / bc1
+            values["ratio"] = torch.sqrt(bc2) / bc1
         return values, {}
 
     rule, names = (_adam_corrected, _CORRECTED) if eps_placement == "corrected" else (_adam_raw, _RAW)
@@ -179,7 +180,7 @@ def scale_by_adam(
     )
 
 
-_CORRECTED = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "bc1", "bc2_sqrt")
+_CORRECTED = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "inv_bc1", "inv_bc2_sqrt")
 _RAW = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "ratio")
 
 
@@ -192,9 +193,10 @@ def _moments(v: Inputs, sc: Inputs) -> tuple[Val, Val]:
 
 
 def _adam_corrected(v: Inputs, sc: Inputs) -> Outputs:
-    """u = (m_t / (1−β1^t)) / (√v_t / √(1−β2^t) + ε)."""
+    """u = (m_t·(1−β1^t)⁻¹) / (√v_t·(√(1−β2^t))⁻¹ + ε), the inverses in float64 (one division per
+    element)."""
     m, nu = _moments(v, sc)
-    u = (m / sc.bc1) / (nu.sqrt() / sc.bc2_sqrt + sc.eps)
+    u = (m * sc.inv_bc1) / (nu.sqrt() * sc.inv_bc2_sqrt + sc.eps)
     return {"out": u.to(v.x.dtype), "mu": m, "nu": nu}
 
 

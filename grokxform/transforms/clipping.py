@@ -67,7 +67,7 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         norms = ctx.reduced["norm"].to(device=dev, dtype=dt)
         finite = ctx.reduced["finite"].to(dev)
         norm = torch.linalg.vector_norm(norms)
-        norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, torch.zeros_like(norms)))
+        norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, 0.0))
         scale = torch.clamp(C.scalar_for(max_norm, norm_finite) / (norm_finite + _CLIP_EPS), max=1.0)
         return {"scale": scale}, {"norm": norm, "scale": scale}
 

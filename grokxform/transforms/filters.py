@@ -78,11 +78,18 @@ def ema_filter(
             signal=torch.zeros((), dtype=torch.float64, device=dev),
         )
 
+    fixed = not any(isinstance(x, torch.Tensor) for x in (alpha, signal_decay_rate))
+
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
         st = ctx.state
-        gs = _signals.compute_signal(fns, st.step, ctx.device, ctx.extra)
-        a = _signals.adapted_alpha(alpha, signal_decay_rate, gs)
-        values = {"alpha": a, "one_minus_alpha": 1.0 - a}
+        if fixed and not _signals.has_signal(fns, ctx.extra):  # GS_t = 0: α_t = α, without the maths
+            gs = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            a = torch.full((), float(alpha), dtype=torch.float64, device=ctx.device)
+            values = {"alpha": a, "one_minus_alpha": torch.full_like(a, 1.0 - float(alpha))}
+        else:
+            gs = _signals.compute_signal(fns, st.step, ctx.device, ctx.extra)
+            a = _signals.adapted_alpha(alpha, signal_decay_rate, gs)
+            values = {"alpha": a, "one_minus_alpha": 1.0 - a}
         if init == "first":
             values["first"] = ctx.counts == 0
         return values, {"step": st.step + 1, "alpha": a, "signal": gs}
@@ -166,22 +173,22 @@ def ma_filter(
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
         c1 = ctx.counts + 1  # type: ignore[operator]
         values: dict[str, Any] = {}
-        if filter_type == "mean":
-            values["divisor"] = torch.clamp(c1, max=w).to(accumulator_dtype)
+        if filter_type == "mean":  # 1/n_t, n_t = min(t, w), in the accumulator's dtype
+            values["inv_n"] = 1.0 / torch.clamp(c1, max=w).to(accumulator_dtype)
         if warmup:
             values["on"] = c1 >= w
         return values, {}
 
     def rule(v: Inputs, sc: Inputs) -> Outputs:
-        """S_t = S − g_{t−w} + g_t (in the accumulator dtype); A_t = S_t/n_t; 0 during warm-up."""
+        """S_t = S − g_{t−w} + g_t (in the accumulator dtype); A_t = S_t·(1/n_t); 0 during warm-up."""
         stored = v.x.to(v.window.dtype)
         total = v.total - v.window.to(v.total.dtype) + stored.to(v.total.dtype)
-        out = (total / sc.divisor if filter_type == "mean" else total).to(v.x.dtype)
+        out = (total * sc.inv_n if filter_type == "mean" else total).to(v.x.dtype)
         if warmup:
             out = where(sc.on, out, 0.0)
         return {"out": out, "total": total, "window": stored}
 
-    names = (("divisor",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
+    names = (("inv_n",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
     return elementwise(
         "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total",), count="count",
         window=WindowField("window", w),
