@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -153,45 +152,3 @@ def check_state(state: Any, cls: type, transform: str) -> None:
 def counters_like_tree(params: Any) -> Any:
     """One 0-d int64 counter per leaf of ``params``, on the leaf's device."""
     return _tree.tree_map(lambda p: None if p is None else counter(p.device), params)
-
-
-def map_present(
-    fn: Callable[..., tuple[Any, ...]],
-    updates: Any,
-    state_trees: Sequence[Any],
-    transform: str,
-    *,
-    shape_tree: int = 1,
-) -> tuple[Any, ...]:
-    """Apply ``fn(i, g, *state_leaves) -> (u, *new_state_leaves)`` to each leaf with a gradient.
-
-    A ``None`` gradient passes ``None`` on and keeps that leaf's state objects as they are.
-    The updates must have the structure of ``state_trees[0]``: an error names the first path that
-    differs, or whose shape differs from that of ``state_trees[shape_tree]`` (the first tree
-    holds the per-leaf counters). Returns ``(updates_tree, *state_trees)``.
-    """
-    g_leaves, spec = _tree.flatten(updates)
-    flat = [_tree.flatten(t) for t in state_trees]
-    s_leaves = [leaves for leaves, _ in flat]
-    shaped = s_leaves[shape_tree]
-    if any(s != spec for _, s in flat) or any(
-        isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) and g.shape != r.shape
-        for g, r in zip(g_leaves, shaped)
-    ):  # the slow path, for an error that names the path
-        _tree.check_structure(updates, state_trees[0], f"{transform} state", "gradient", shapes=False)
-        _tree.check_structure(updates, state_trees[shape_tree], f"{transform} state", "gradient")
-        raise ValueError(f"{transform}: the state's trees do not match the gradient tree")
-    _check_gradient_leaves(g_leaves, shaped, updates, transform)
-    outs: list[list[Any]] = [[] for _ in range(1 + len(state_trees))]
-    for i, g in enumerate(g_leaves):
-        olds = [s[i] for s in s_leaves]
-        if g is None:
-            res: tuple[Any, ...] = (None, *olds)
-        elif any(o is None for o in olds):
-            name = _tree.path_names(updates)[i]
-            raise ValueError(f"{transform}: the gradient at path {name!r} has no state (its param was None at init)")
-        else:
-            res = fn(i, g, *olds)
-        for out, r in zip(outs, res):
-            out.append(r)
-    return tuple(_tree.unflatten(o, spec) for o in outs)

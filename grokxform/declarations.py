@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Union
 
 import torch
@@ -273,9 +273,9 @@ def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> 
         return result
     for k in range(n):
         prog = rule.program({name: col[k].dtype for name, col in zip(names, columns)})
-        got = run_leaf(prog, {name: col[k] for name, col in zip(names, columns)}, sc, k)
-        for name, v in got.items():
-            result.setdefault(name, [None] * n)[k] = v
+        one = run_leaf(prog, {name: col[k] for name, col in zip(names, columns)}, sc, k)
+        for name, t in one.items():
+            result.setdefault(name, [None] * n)[k] = t
     return result
 
 
@@ -341,12 +341,13 @@ def _run_elementwise(
     g_leaves, spec = _tree.flatten(updates)
     field_leaves = {f: _leaves(getattr(state, f), spec, updates, f, name) for f in decl.fields}
     counts = _leaves(getattr(state, decl.count), spec, updates, decl.count, name) if decl.count else None
-    window = getattr(state, decl.window.name) if decl.window is not None else None
+    wf = decl.window
+    window = getattr(state, wf.name) if wf is not None else None
     ring = isinstance(window, MaRingWindow)
-    if window is not None and not ring and (not isinstance(window, tuple) or len(window) != decl.window.size):
-        raise ValueError(f"{name}: the state's window must be a tuple of {decl.window.size} trees")
+    if wf is not None and not ring and (not isinstance(window, tuple) or len(window) != wf.size):
+        raise ValueError(f"{name}: the state's window must be a tuple of {wf.size} trees")
     slots = [] if window is None or ring else [_tree.flatten(t)[0] for t in window]
-    buffers = _leaves(window.buffers, spec, updates, "window", name) if ring else None
+    buffers = _leaves(window.buffers, spec, updates, "window", name) if isinstance(window, MaRingWindow) else []
     shaped = next(iter(field_leaves.values()), None)
     p_leaves = None
     if decl.needs_params:
@@ -364,9 +365,9 @@ def _run_elementwise(
         decl.check(updates, state, params)
     selected = decl.select(params if params is not None else updates) if decl.select is not None else None
     index = [i for i, g in enumerate(g_leaves) if g is not None and (selected is None or selected[i])]
-    for f in [*field_leaves.values(), *([counts] if counts is not None else [])]:
-        if any(x is None for x in f):
-            missing = next((i for i in index if f[i] is None), None)
+    for column in [*field_leaves.values(), *([counts] if counts is not None else [])]:
+        if any(x is None for x in column):
+            missing = next((i for i in index if column[i] is None), None)
             if missing is not None:
                 path = _tree.path_names(updates)[missing]
                 raise ValueError(f"{name}: the gradient at path {path!r} has no state (its param was None at init)")
@@ -387,14 +388,16 @@ def _run_elementwise(
     values, new_globals = decl.scalars(ctx)
     sc = Scalars(values, len(index))
     inputs: dict[str, list[Any]] = {"x": xs}
-    if decl.needs_params:
+    if p_leaves is not None:
         inputs["param"] = [p_leaves[i] for i in index]
     for f in decl.fields:
         inputs[f] = [field_leaves[f][i] for i in index]
-    if decl.window is not None:
+    ring_slots: list[torch.Tensor] = []
+    if wf is not None:
         if ring:
-            slot = [torch.remainder(counts[i], decl.window.size).reshape(1) for i in index]
-            inputs["window"] = [buffers[i].index_select(0, s).squeeze(0) for i, s in zip(index, slot)]
+            assert counts is not None
+            ring_slots = [torch.remainder(counts[i], wf.size).reshape(1) for i in index]
+            inputs["window"] = [buffers[i].index_select(0, s).squeeze(0) for i, s in zip(index, ring_slots)]
         else:
             inputs["window"] = [slots[0][i] for i in index]
     got = run_rule(decl.rule, inputs, sc)
@@ -407,7 +410,7 @@ def _run_elementwise(
         for k, i in enumerate(index):
             new[i] = got[f][k]
         changes[f] = _tree.unflatten(new, spec)
-    if counts is not None:
+    if counts is not None and decl.count is not None:
         new_counts = list(counts)
         present_counts = [counts[i] for i in index]
         bumped = torch._foreach_add(present_counts, 1) if index and foreach_ok(present_counts[:1]) else [
@@ -415,21 +418,21 @@ def _run_elementwise(
         for k, i in enumerate(index):
             new_counts[i] = bumped[k]
         changes[decl.count] = _tree.unflatten(new_counts, spec)
-    if decl.window is not None:
+    if wf is not None:
         stored = got["window"]
         if ring:
             new_buffers = list(buffers)
             for k, i in enumerate(index):
-                new_buffers[i] = buffers[i].index_put((slot[k],), stored[k].unsqueeze(0))
-            changes[decl.window.name] = MaRingWindow(_tree.unflatten(new_buffers, spec))
+                new_buffers[i] = buffers[i].index_put((ring_slots[k],), stored[k].unsqueeze(0))
+            changes[wf.name] = MaRingWindow(_tree.unflatten(new_buffers, spec))
         else:  # rotate the window of each leaf that got a value; the others keep their slots
-            w = decl.window.size
+            w = wf.size
             stored_at = dict(zip(index, stored))
             new_slots = [
                 [slots[k + 1][i] if present[i] else slots[k][i] for i in range(len(g_leaves))] for k in range(w - 1)
             ]
             new_slots.append([stored_at[i] if present[i] else slots[w - 1][i] for i in range(len(g_leaves))])
-            changes[decl.window.name] = tuple(_tree.unflatten(s, spec) for s in new_slots)
+            changes[wf.name] = tuple(_tree.unflatten(s, spec) for s in new_slots)
     if not changes:
         return _tree.unflatten(out, spec), state
     new_state = type(state)(*(changes.get(f, v) for f, v in zip(state._fields, state)))  # no _replace: Dynamo

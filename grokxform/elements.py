@@ -405,6 +405,14 @@ def run_leaf(
 _WIDE = (torch.float32, torch.float64)
 
 
+def _unary(kind: str, x: list[torch.Tensor], inplace: bool) -> list[torch.Tensor]:
+    """``sqrt`` or ``neg`` of ``x`` with a foreach op; in place on ``x`` if ``inplace``."""
+    if inplace:
+        getattr(torch, f"_foreach_{kind}_")(x)
+        return x
+    return list(getattr(torch, f"_foreach_{kind}")(x))
+
+
 def _binary(kind: str, x: list[torch.Tensor], y: Any, inplace: bool) -> list[torch.Tensor]:
     """``x ∘ y`` (``kind`` add/sub/mul/div) with a foreach op; in place on ``x`` if ``inplace``."""
     if kind == "sub" and isinstance(y, torch.Tensor):  # no Tensor overload of sub: x + (−1)·s is x − s exactly
@@ -414,7 +422,7 @@ def _binary(kind: str, x: list[torch.Tensor], y: Any, inplace: bool) -> list[tor
     if inplace:
         getattr(torch, f"_foreach_{kind}_")(x, y, **extra)
         return x
-    return getattr(torch, f"_foreach_{kind}")(x, y, **extra)
+    return list(getattr(torch, f"_foreach_{kind}")(x, y, **extra))
 
 
 def run_foreach(
@@ -449,10 +457,9 @@ def run_foreach(
         # A value read for the last time is reused in place; not in 16-bit dtypes, where torch's
         # in-place multiplication by a number rounds the number to the dtype first.
         mine = (a[0] >= n_in or mutable[a[0]]) and last[a[0]] == k and op.dtype in _WIDE
-        if kind == "sqrt":
-            r = (torch._foreach_sqrt_(x), x)[1] if mine else torch._foreach_sqrt(x)
-        elif kind == "neg":
-            r = (torch._foreach_neg_(x), x)[1] if mine else torch._foreach_neg(x)
+        r: list[torch.Tensor]
+        if kind in ("sqrt", "neg"):
+            r = _unary(kind, x, mine)
         elif kind == "cast":
             r = [t.to(op.dtype) for t in x]
         else:
@@ -460,8 +467,7 @@ def run_foreach(
             if kind in ("add", "sub", "mul", "div"):
                 r = _binary(kind, x, y, mine)
             elif kind == "rsub":  # s − x = (−x) + s exactly
-                r = (torch._foreach_neg_(x), x)[1] if mine else torch._foreach_neg(x)
-                r = _binary("add", r, y, True)
+                r = _binary("add", _unary("neg", x, mine), y, True)
             else:  # rdiv: s / x
                 ys = y if isinstance(y, list) else [y] * len(x)
                 r = [(s if isinstance(s, torch.Tensor) else torch.full_like(t, s)) / t for s, t in zip(ys, x)]

@@ -84,7 +84,7 @@ def _to_ring(st: MaFilterState, lazy: dict[int, torch.Tensor]) -> MaFilterState:
         raise ValueError("an ma_filter state's window must be a non-empty tuple of trees")
     counts, spec = _tree.flatten(st.count)
     slot_leaves = [_tree.flatten(t)[0] for t in st.window]
-    rings = []
+    rings: list[torch.Tensor | None] = []
     for i, c in enumerate(counts):
         if c is None:
             rings.append(None)

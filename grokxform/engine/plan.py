@@ -47,7 +47,6 @@ class Member:
     guards: tuple[Flag, ...]
     stage: int = 0
     reduction: int | None = None
-    col: int = 0
 
 
 @dataclass(eq=False)
@@ -94,7 +93,6 @@ class Accum:
     guards: tuple[Flag, ...]
     where: str
     stage: int = 0
-    col: int = 0
 
 
 @dataclass(eq=False)
@@ -114,6 +112,8 @@ class Seq:
 
 
 Node = Union[Member, Amp, Mask, Part, Inject, Accum, Finite, Seq]
+Staged = Union[Member, Amp, Inject, Accum, Finite]
+"""The nodes that have scalars (a stage)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,8 +129,8 @@ class Flag:
 class Plan:
     root: Node
     members: list[Member]
-    nodes: list[Node]
-    """Every node with scalars (members and wrappers), in program order."""
+    nodes: list[Staged]
+    """Every node with scalars (members and wrappers), in the order they are planned."""
     reductions: list[Union[Member, Finite]]
     leaves: list[int]
     """The positions of the leaves with a gradient (the step's work)."""
@@ -151,7 +151,7 @@ class _Ctx:
     paths: list[str]
     spec: Any
     members: list[Member] = field(default_factory=list)
-    nodes: list[Node] = field(default_factory=list)
+    nodes: list[Staged] = field(default_factory=list)
     reductions: list[Union[Member, Finite]] = field(default_factory=list)
 
 
@@ -195,44 +195,43 @@ def _walk(decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ct
     if isinstance(decl, D.Elementwise):
         return _member(decl, state, active, guards, ctx, where)
     if isinstance(decl, D.Amplify):
-        node = Amp(_walk(decl.inner, state, active, guards, ctx, where), decl.rule, decl.lamb, set(active), where)
-        node.stage = len(ctx.reductions)
-        ctx.nodes.append(node)
-        return node
+        amp = Amp(_walk(decl.inner, state, active, guards, ctx, where), decl.rule, decl.lamb, set(active), where)
+        amp.stage = len(ctx.reductions)
+        ctx.nodes.append(amp)
+        return amp
     if isinstance(decl, D.Masked):
         sel = decl.select(ctx.p_tree)
         chosen = [i for i in active if sel[i]]
         return Mask(_walk(decl.inner, state, chosen, guards, ctx, where), set(chosen))
     if isinstance(decl, D.Partition):
         labels = decl.labels(ctx.p_tree)
-        kids = {
+        parts = {
             label: _walk(d, state[label], [i for i in active if labels[i] == label], guards, ctx, _name(where, label))
             for label, d in decl.members.items()
         }
-        return Part(kids, labels)
+        return Part(parts, labels)
     if isinstance(decl, D.Injected):
         hp = decl.current(state.count, state.hyperparams)
         inner = D.declaration_of(decl.build(hp))
-        node = Inject(Seq([]), decl, state, guards, where)
-        ctx.nodes.append(node)
-        node.inner = _walk(inner, state.inner_state, active, guards, ctx, where)
-        return node
+        inject = Inject(Seq([]), decl, state, guards, where, built=(tuple(id(v) for v in hp.values()), inner, decl))
+        ctx.nodes.append(inject)
+        inject.inner = _walk(inner, state.inner_state, active, guards, ctx, where)
+        return inject
     if isinstance(decl, D.Accumulate):
         acc = _leaf_list(state.acc, ctx, where, "accumulator")
-        node = Accum(Seq([]), decl, state, list(active), [acc[i] for i in active], guards, where)
-        node.stage = len(ctx.reductions)
-        node.col = len(ctx.nodes)
-        ctx.nodes.append(node)
-        node.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(node, "final")), ctx, where)
-        return node
+        accum = Accum(Seq([]), decl, state, list(active), [acc[i] for i in active], guards, where)
+        accum.stage = len(ctx.reductions)
+        ctx.nodes.append(accum)
+        accum.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(accum, "final")), ctx, where)
+        return accum
     if isinstance(decl, D.IfFinite):
-        node = Finite(Seq([]), state, list(active), guards, where)
-        node.reduction = len(ctx.reductions)
-        ctx.reductions.append(node)
-        node.stage = len(ctx.reductions)
-        ctx.nodes.append(node)
-        node.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(node, "finite")), ctx, where)
-        return node
+        finite = Finite(Seq([]), state, list(active), guards, where)
+        finite.reduction = len(ctx.reductions)
+        ctx.reductions.append(finite)
+        finite.stage = len(ctx.reductions)
+        ctx.nodes.append(finite)
+        finite.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(finite, "finite")), ctx, where)
+        return finite
     raise Unsupported(f"{where}: no engine support for {type(decl).__name__}")
 
 
@@ -271,7 +270,6 @@ def _member(
         node.reduction = len(ctx.reductions)
         ctx.reductions.append(node)
     node.stage = len(ctx.reductions)
-    node.col = len(ctx.nodes)
     ctx.members.append(node)
     ctx.nodes.append(node)
     return node

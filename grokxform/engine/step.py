@@ -129,8 +129,8 @@ def _items(numels: list[int], block: int, device: torch.device) -> tuple[torch.T
             leaf.append(j)
             start.append(c * block)
     chunks = max(1, max((math.ceil(n / block) for n in numels), default=1))
-    i64 = {"dtype": torch.int64, "device": device}
-    return torch.tensor(leaf or [0], **i64), torch.tensor(start or [0], **i64), len(leaf), chunks
+    leaf_t = torch.tensor(leaf or [0], dtype=torch.int64, device=device)
+    return leaf_t, torch.tensor(start or [0], dtype=torch.int64, device=device), len(leaf), chunks
 
 
 def _as_vector(counts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -255,17 +255,16 @@ class EngineStep:
         return roles, tuple(key)
 
     def _make_groups(self, plan: P.Plan) -> list[_Group]:
-        by: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        by: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor]]]] = {}  # key -> (leaf, its roles)
         for leaf in plan.leaves:
-            roles, key = self._leaf_roles(plan, leaf)
-            by.setdefault(key, []).append((leaf, roles))
+            leaf_roles, key = self._leaf_roles(plan, leaf)
+            by.setdefault(key, []).append((leaf, leaf_roles))
         groups = []
         dev, block = self.device, self.block
-        i64 = {"dtype": torch.int64, "device": dev}
         for entries in by.values():
             leaves = [leaf for leaf, _ in entries]
             role_names = list(entries[0][1])
-            roles = {r: [e[1][r] for e in entries] for r in role_names}
+            roles: dict[str, list[torch.Tensor]] = {r: [e[1][r] for e in entries] for r in role_names}
             numels = [plan.params[leaf].numel() for leaf in leaves]
             n_cols = max(1, len(plan.members))
             pos = [[0] * n_cols for _ in leaves]
@@ -275,7 +274,8 @@ class EngineStep:
                         pos[j][k] = m.leaves.index(leaf)
             grp = _Group(
                 leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
-                numel=torch.tensor(numels, **i64), pos=torch.tensor(pos, **i64),
+                numel=torch.tensor(numels, dtype=torch.int64, device=dev),
+                pos=torch.tensor(pos, dtype=torch.int64, device=dev),
                 items={b: _items(numels, b, dev) for b in {block, self.reduce_block}},
             )
             grp.idx = {
@@ -379,8 +379,11 @@ class EngineStep:
         plan = self.plan
         layout = stand_in is not None
         decls = {id(node): d for node, d in P.rebind(plan.root, self.decl, self.state)}
-        cnt = {id(m): torch.stack(m.counts) if self._counts[id(m)] is None else self._counts[id(m)]
-               for m in plan.members if m.counts}
+        cnt: dict[int, torch.Tensor] = {}
+        for m in plan.members:
+            if m.counts:
+                vec = self._counts[id(m)]
+                cnt[id(m)] = torch.stack(m.counts) if vec is None else vec
         cnt.update({id(m): torch.zeros(0, dtype=torch.int64, device=self.device)
                     for m in plan.members if m.counts is not None and not m.counts})
         reduced: dict[int, dict[str, torch.Tensor]] = {}
@@ -429,7 +432,7 @@ class EngineStep:
     ) -> dict[str, torch.Tensor]:
         """The reductions of pass ``p`` on the foreach backend: the eager path's own, on the values
         each group reaches at the reduction point, in the order of the node's leaves."""
-        at = {}
+        at: dict[int, torch.Tensor] = {}
         for grp in self._groups:
             if grp.leaves[0] in red.leaves:
                 at.update(zip(grp.leaves, F.GroupPass(self, grp, p, scalars, flags).reduce_input()))
@@ -472,7 +475,7 @@ class EngineStep:
             )
             values, new = decl.scalars(ctx)
             values = dict(values)
-            if node.window is not None:
+            if node.window is not None and counts is not None and decl.window is not None:
                 values["__slot"] = torch.remainder(counts, decl.window.size)
             writes.extend((getattr(node.state, f), v, node.guards) for f, v in new.items())
             if node.counts:

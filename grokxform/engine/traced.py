@@ -117,7 +117,9 @@ def inplace_scatters(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or node.target is not aten.copy_.default:
             continue
         dst, src = node.args[0], node.args[1]
-        if not isinstance(src, torch.fx.Node) or src.target is not aten.index_put.default or src.args[0] is not dst:
+        if not isinstance(dst, torch.fx.Node) or not isinstance(src, torch.fx.Node):
+            continue
+        if src.target is not aten.index_put.default or src.args[0] is not dst:
             continue
         if len(src.users) != 1 or node.users:
             continue
