@@ -507,6 +507,39 @@ def profile_row(build: Callable[[Ctx], Built], ctx: Ctx, steps: int = 5) -> dict
             "top": [{"ms": round(ms, 4), "calls": calls, "kernel": k} for ms, calls, k in rows[:25]]}
 
 
+def run_interleaved(names: list[str], rows: dict[str, Callable[[Ctx], Built]], ctx: Ctx, bw: float,
+                    n_params: int) -> list[dict[str, Any]]:
+    """The rows' steps taken in turn (one step of each row per round), so that every row sees the
+    same machine: on a shared CPU the ratios then hold when its speed drifts."""
+    built = {name: rows[name](ctx) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(ctx.warmup):
+        for b in built.values():
+            b.step()
+            if b.reset:
+                b.reset()
+    for _ in range(ctx.steps):
+        for name, b in built.items():
+            t0 = time.perf_counter()
+            b.step()
+            times[name].append(time.perf_counter() - t0)
+            if b.reset:
+                b.reset()
+    out = []
+    for name in names:
+        ms = statistics.median(times[name]) * 1e3
+        bpp = bytes_per_param(name, *(torch.finfo(ctx.dtype).bits // 8,) * 2, 4 if name.startswith("gx-") else
+                              torch.finfo(ctx.dtype).bits // 8)
+        floor_ms = bpp * n_params / bw * 1e3
+        row = {"row": name, "ms": ms, "steps": ctx.steps, "interleaved": True, "bytes_per_param": bpp,
+               "floor_ms": floor_ms, "x_floor": ms / floor_ms, "frac_bw": floor_ms / ms}
+        opt = built[name].optim
+        if opt is not None:
+            row["engine"] = opt.engines[0]
+        out.append(row)
+    return out
+
+
 def recompile_check(ctx: Ctx, steps: int, cuda_graph: bool) -> dict[str, Any]:
     """grokadamw with a warm-up-cosine lr schedule and a grokking signal that changes every step,
     half of the steps passing floats, half tensors: how many compiles over ``steps`` steps."""
@@ -575,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", type=int, default=None, help="warps per program of the engine's kernels")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
+    ap.add_argument("--interleave", action="store_true",
+                    help="take the rows' steps in turn (for a shared CPU); no first-step or memory figures")
     ap.add_argument("--profile", default="", help="comma list of rows whose device kernels to list (first set)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
@@ -644,6 +679,13 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(math.prod(sh) for _, sh in shapes)
         for d in dtypes:
             ctx = Ctx(shapes, DTYPES[d], dev, args.window, args.steps, max(args.warmup, 2), args.slow_steps)
+            if args.interleave:
+                base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
+                for r in run_interleaved(chosen, rows, ctx, bw, n_params):
+                    results.append({**base, **r})
+                    print(f"{s} {d} {r['row']}: {r['ms']:.3f} ms (interleaved)", flush=True)
+                save()
+                continue
             for name in chosen:
                 base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
                 if time.perf_counter() - start > args.budget_s:

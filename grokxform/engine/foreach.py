@@ -122,8 +122,8 @@ class GroupPass:
                 self.store(grp.roles[role(m, f)], got[f])
             if slots:
                 self.store(slots, got["window"])
-        out = got["out"]
-        return out, id(out) not in self._lists and not any(out is v for v in inputs.values())
+        out = got["out"]  # a temporary, unless it is an input that was not ours to write
+        return out, id(out) not in self._lists and all(out is not v for n, v in inputs.items() if n not in mine)
 
     def accumulate(self, node: P.Accum, x: list[torch.Tensor], owned: bool) -> tuple[list[torch.Tensor], bool]:
         if self.leaf not in node.leaves:
