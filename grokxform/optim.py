@@ -36,21 +36,25 @@ norm) are per group; for one norm over the whole model use one group and express
 differences with masks (``weight_decay_mask=``).
 
 A step: the gradients (``p.grad``; ``None`` for frozen parameters and those that got no gradient:
-no update, their state kept), ``updates, state = tx.update(grads, state, params, **extra)``,
-``p.add_(u)`` in place. ``step(train_loss=..., val_loss=...)`` passes the extra arguments to the
-transform (the grokking signal). A group none of whose parameters has a gradient is skipped. The
-state of a group is initialised at its first step. ``optimizer.state[p]`` lists the tensors of the
-group state that belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"``...), refreshed
-after every step; the group states themselves are ``optimizer.tx_states``. ``torch.amp.GradScaler``
-works (it unscales the ``.grad`` of the param groups, then calls ``step``).
+no update, their state kept) go through the group's transformation, ``θ ← θ + u``.
+``step(train_loss=..., val_loss=...)`` passes the extra arguments to the transform (the grokking
+signal). A group none of whose parameters has a gradient is skipped. The state of a group is
+initialised at its first step. ``optimizer.state[p]`` lists the tensors of the group state that
+belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"``...); the group states themselves
+are ``optimizer.tx_states`` (in the eager layout). ``torch.amp.GradScaler`` works (it unscales the
+``.grad`` of the param groups, then calls ``step``).
 
-Fast path. ``Optimizer(params, factory, fused=True, ...)`` runs each group's step through
-:class:`grokxform.fused.FusedStep` (``backend="auto"``: the Triton kernels for the standard
-pipelines on CUDA, else one Inductor-compiled step; in place; CUDA graphs on one GPU): the
-hyperparameter tensors a scheduler fills are the ones the compiled step reads, so lr changes need no
-new graph; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it.
-``fused=`` also takes a backend name (``"triton"``, ``"inductor"``; ``"aot_eager"`` runs the
-trace op by op, for tests on the CPU). Needs a factory.
+Engines. By default (``fused=None``) each group's step is the engine's
+(:class:`grokxform.fused.FusedStep` with ``backend="engine"``, ``docs/fast_path.md``): the chain's
+declared primitives as generated Triton kernels on CUDA (captured in a CUDA graph), or as the same
+plan run with in-place ``torch._foreach_*`` ops elsewhere; params and state are updated in place.
+The hyperparameter tensors a scheduler fills are the ones the step reads, so lr changes need no
+new step; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it. A
+chain the engine cannot run (a transform without a declaration) runs the eager, multi-tensor
+``tx.update`` instead (``optimizer.fallback_reasons``); ``fused=False`` asks for that path.
+``fused=True`` is ``FusedStep(backend="auto")`` (the engine on CUDA, else an Inductor-compiled
+step); ``fused=`` also takes a backend name (``"triton"``, ``"foreach"``, ``"inductor"``;
+``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
 
 Checkpoints. ``state_dict()`` holds plain containers only (NamedTuples written as tagged dicts),
 so ``torch.load(path, weights_only=True)`` reads it; ``load_state_dict`` rebuilds the state against
@@ -165,11 +169,13 @@ class Optimizer(torch.optim.Optimizer):
         self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         self._views_of: dict[int, int] = {}
         self.engines: list[str | None] = []
-        """What ran each param group's last step: ``"triton"`` (the engine's kernels), ``"inductor"``,
-        ``"aot_eager"`` or ``"eager"`` (the compiled fallbacks of :class:`~grokxform.fused.FusedStep`),
-        or ``"foreach"`` (the eager, multi-tensor ``tx.update``); ``None`` before its first step."""
+        """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
+        ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
+        ``"eager"`` (the traced fallbacks of :class:`~grokxform.fused.FusedStep`), or ``"tx.update"``
+        (the eager, multi-tensor ``tx.update``); ``None`` before its first step."""
         self.fallback_reasons: list[str | None] = []
-        """Why a group runs ``"foreach"`` on CUDA under the default ``fused=None``."""
+        """Why a group runs ``"tx.update"`` under the default ``fused=None`` (the engine cannot run
+        its chain: a transform without a declaration...)."""
         if isinstance(tx, GradientTransformation):
             unknown = [k for k in hyperparameters if k != "lr"]
             if unknown:
@@ -417,7 +423,7 @@ class Optimizer(torch.optim.Optimizer):
                 u = u * scale.to(device=u.device, dtype=u.dtype)
             p.add_(u.to(p.dtype))
         self._states[g] = new_state
-        self.engines[g] = "foreach"
+        self.engines[g] = "tx.update"
 
     def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""

@@ -89,7 +89,7 @@ def test_a_ready_transformation_runs_fused_with_its_lr_multiplier():
     for a, b in zip(m_e.parameters(), m_f.parameters()):
         assert (a - b).abs().max().item() < 1e-13
     assert o_f.engines == ["aot_eager"] and o_f._fused_steps[0][1].compiles == 1
-    assert o_e.engines == ["foreach"]
+    assert o_e.engines == ["tx.update"]
 
 
 def test_fused_takes_a_known_backend():
