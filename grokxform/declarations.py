@@ -30,7 +30,7 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.elements import Program, Scalars, TracedRule, run_foreach, run_leaf
+from grokxform.elements import Scalars, TracedRule, run_foreach, run_leaf
 
 # --------------------------------------------------------------------------------------------
 # Attaching a declaration to a transform.
@@ -303,13 +303,14 @@ def reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) ->
                 full = [k for k in idx if xs[k].numel()]
                 for k, v in zip(full, torch._foreach_norm([xs[k] for k in full], float("inf")) if full else []):
                     maxes[k] = v
+        # (leaves may sit on several devices: each value is moved, a no-op on one device)
         if "norm" in kinds:
             out["norm"] = torch.stack([v.to(device=device, dtype=norm_dtype) for v in norms])
         if "finite" in kinds:
-            out["finite"] = torch.stack([
-                torch.ones((), dtype=torch.bool, device=device) if v is None else torch.isfinite(v).to(device)
-                for v in maxes
-            ])
+            zero = torch.zeros((), dtype=norm_dtype, device=device)
+            out["finite"] = torch.isfinite(
+                torch.stack([zero if v is None else v.to(device=device, dtype=norm_dtype) for v in maxes])
+            )
         return out
     if "norm" in kinds:
         out["norm"] = torch.stack([
@@ -460,7 +461,6 @@ __all__ = [
     "MaRingWindow",
     "Masked",
     "Partition",
-    "Program",
     "ScalarContext",
     "Sequence",
     "WindowField",

@@ -1,13 +1,13 @@
 """The per-element language in which each primitive writes its maths once.
 
-A primitive's per-element update is an ordinary Python function over :class:`Val` values (one
-element of a tensor, of a known dtype) and :class:`ScalarRef` names (per-step scalars such as α_t or
-a bias correction)::
+A primitive's per-element update is an ordinary Python function of its inputs (:class:`Val`
+values: one element of a tensor, of a known dtype) and its scalars (:class:`ScalarRef` names of
+per-step values such as α_t or a bias correction), both read as attributes::
 
-    def ema_elements(x: Val, st: Inputs, sc: Inputs) -> Outputs:
-        g = x.to(st.mu.dtype)
-        mu = st.mu * sc.alpha + g * sc.one_minus_alpha
-        return {"out": mu.to(x.dtype), "mu": mu}
+    def ema_elements(v: Inputs, sc: Inputs) -> Outputs:    # v.x: the update, v.mu: the state
+        g = v.x.to(v.mu.dtype)
+        mu = v.mu * sc.alpha + g * sc.one_minus_alpha
+        return {"out": mu.to(v.x.dtype), "mu": mu}
 
 It is traced once per combination of input dtypes into a :class:`Program`: a straight list of
 operations, each rounded to the dtype of its result, exactly as an eager torch op rounds. The same
@@ -195,9 +195,6 @@ class Inputs:
         except KeyError:
             raise AttributeError(f"no input named {name!r} (have {sorted(self._items)})") from None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
-
 
 Outputs = Mapping[str, Val]
 
@@ -207,12 +204,10 @@ class Program:
     """An element rule traced for given input dtypes: inputs are value ids ``0..len(inputs)-1``."""
 
     inputs: tuple[str, ...]
-    input_dtypes: tuple[torch.dtype, ...]
     ops: tuple[Op, ...]
     outputs: dict[str, int]
     dtypes: tuple[torch.dtype, ...]
-    scalars: tuple[str, ...]
-    """The names of the scalars the program reads."""
+    """The dtype of every value: the inputs', then each op's result."""
 
     def last_uses(self) -> list[int]:
         """For each value id, the index of the last op reading it (``len(ops)`` for outputs)."""
@@ -224,9 +219,6 @@ class Program:
         for v in self.outputs.values():
             last[v] = len(self.ops)
         return last
-
-
-ElementRule = Callable[..., Outputs]
 
 
 def trace(
@@ -241,8 +233,7 @@ def trace(
         if not isinstance(v, Val) or v._t is not tracer:
             raise TypeError(f"element rule: output {name!r} is not an element value of this trace")
         outputs[name] = v.id
-    used = sorted({a.name for op in tracer.ops for a in op.args if isinstance(a, ScalarRef)})
-    return Program(tuple(inputs), tuple(inputs.values()), tuple(tracer.ops), outputs, tuple(tracer.dtypes), tuple(used))
+    return Program(tuple(inputs), tuple(tracer.ops), outputs, tuple(tracer.dtypes))
 
 
 class TracedRule:
@@ -467,7 +458,7 @@ def run_foreach(
             if kind in ("add", "sub", "mul", "div"):
                 r = _binary(kind, x, y, mine)
             elif kind == "rsub":  # s − x = (−x) + s exactly
-                r = _binary("add", _unary("neg", x, mine), y, True)
+                r = _binary("add", _unary("neg", x, mine), y, op.dtype in _WIDE)
             else:  # rdiv: s / x
                 ys = y if isinstance(y, list) else [y] * len(x)
                 r = [(s if isinstance(s, torch.Tensor) else torch.full_like(t, s)) / t for s, t in zip(ys, x)]

@@ -175,6 +175,11 @@ class EngineStep:
         self.device = present[0].device
         self._check_tensors(plan, state)
         self._node_of = {id(node): node for node in plan.nodes}
+        self._node_index = {id(node): k for k, node in enumerate(plan.nodes)}
+        self._position = {  # a leaf's position among a node's leaves (the index of its per-leaf scalars)
+            id(node): {leaf: k for k, leaf in enumerate(node.leaves)} for node in plan.nodes
+            if isinstance(getattr(node, "leaves", None), list)
+        }
         self._nodes_by_stage: list[list[Any]] = [[] for _ in range(plan.passes)]
         for node in plan.nodes:
             self._nodes_by_stage[node.stage].append(node)
@@ -229,7 +234,7 @@ class EngineStep:
                 raise P.Unsupported(f"a state tensor is on {t.device}, the params on {dev}")
 
     def _role(self, node: Any, name: str) -> str:
-        return f"N{self.plan.nodes.index(node)}_{name}"
+        return f"N{self._node_index[id(node)]}_{name}"
 
     def _leaf_roles(self, plan: P.Plan, leaf: int) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
         """The tensors the program of ``leaf`` reads and writes, by role, and its program key."""
@@ -239,7 +244,7 @@ class EngineStep:
             if isinstance(node, P.Member):
                 inside = leaf in node.leaves
                 if inside:
-                    j = node.leaves.index(leaf)
+                    j = self._position[id(node)][leaf]
                     for f, ts in node.fields.items():
                         roles[self._role(node, f)] = ts[j]
                     if node.window is not None:
@@ -247,7 +252,7 @@ class EngineStep:
             elif isinstance(node, (P.Amp, P.Accum, P.Finite)):
                 inside = leaf in node.leaves
                 if inside and isinstance(node, P.Accum):
-                    roles[self._role(node, "acc")] = node.acc[node.leaves.index(leaf)]
+                    roles[self._role(node, "acc")] = node.acc[self._position[id(node)][leaf]]
             else:  # Inject: no per-leaf work
                 inside = True
             key.append(inside)
@@ -270,8 +275,9 @@ class EngineStep:
             pos = [[0] * n_cols for _ in leaves]
             for j, leaf in enumerate(leaves):
                 for k, m in enumerate(plan.members):
-                    if leaf in m.leaves:
-                        pos[j][k] = m.leaves.index(leaf)
+                    where = self._position[id(m)].get(leaf)
+                    if where is not None:
+                        pos[j][k] = where
             grp = _Group(
                 leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
                 numel=torch.tensor(numels, dtype=torch.int64, device=dev),
@@ -279,8 +285,9 @@ class EngineStep:
                 items={b: _items(numels, b, dev) for b in {block, self.reduce_block}},
             )
             grp.idx = {
-                id(node): [node.leaves.index(leaf) if isinstance(node.leaves, list) else j for j, leaf in enumerate(leaves)]
-                for node in plan.nodes if hasattr(node, "leaves") and leaves[0] in node.leaves
+                id(node): [self._position[id(node)][leaf] if id(node) in self._position else j
+                           for j, leaf in enumerate(leaves)]
+                for node in plan.nodes if leaves[0] in getattr(node, "leaves", ())
             }
             if self.backend == "triton":
                 for r, ts in roles.items():
@@ -296,12 +303,9 @@ class EngineStep:
         leaf = grp.leaves[0]
         for p in range(plan.passes):
             main = p == plan.passes - 1
-            if not main and not self._in_reduction(plan.reductions[p], leaf):
+            if not main and leaf not in plan.reductions[p].leaves:
                 continue
-            em = G.Emitter(
-                leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant,
-                lambda node, name: self._role(node, name),
-            )
+            em = G.Emitter(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role)
             x = em.load("G", grp.dtypes["G"])
             try:
                 out = em.node(plan.root, x)
@@ -316,10 +320,7 @@ class EngineStep:
                 red = plan.reductions[p]
                 grp.rsq[p] = torch.zeros(n, dtype=torch.float32, device=self.device)
                 grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
-                grp.red_index[p] = torch.tensor([red.leaves.index(leaf) for leaf in grp.leaves], device=self.device)
-
-    def _in_reduction(self, node: Any, leaf: int) -> bool:
-        return leaf in node.leaves
+                grp.red_index[p] = torch.tensor([self._position[id(red)][leaf] for leaf in grp.leaves], device=self.device)
 
     def _col(self, node: Any) -> int:
         return self._member_col[id(node)]
