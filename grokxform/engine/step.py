@@ -178,7 +178,7 @@ class EngineStep:
         self._node_index = {id(node): k for k, node in enumerate(plan.nodes)}
         self._position = {  # a leaf's position among a node's leaves (the index of its per-leaf scalars)
             id(node): {leaf: k for k, leaf in enumerate(node.leaves)} for node in plan.nodes
-            if isinstance(getattr(node, "leaves", None), list)
+            if isinstance(node, (P.Member, P.Accum, P.Finite))
         }
         self._nodes_by_stage: list[list[Any]] = [[] for _ in range(plan.passes)]
         for node in plan.nodes:
