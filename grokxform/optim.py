@@ -75,6 +75,7 @@ import torch
 from grokxform import _state_io as S
 from grokxform.base import GradientTransformation, chain
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
+from grokxform.fused import FusedStep, to_eager_layout
 from grokxform.metrics import metrics as _metrics
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.wrappers import inject_hyperparams
@@ -167,7 +168,7 @@ class Optimizer(torch.optim.Optimizer):
         self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
         self._eager_groups: set[int] = set()
         self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
-        self._views_of: dict[int, int] = {}
+        self._views_of: dict[int, Any] = {}  # the state object each group's views were read from
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
         ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
@@ -436,8 +437,6 @@ class Optimizer(torch.optim.Optimizer):
     def _build_fused(self, g: int, tx: GradientTransformation, state: Any, backend: str) -> tuple[Any, Any]:
         """Group ``g``'s :class:`~grokxform.fused.FusedStep`, adopting ``state`` (a ready
         transformation runs with its lr multiplier as a last member)."""
-        from grokxform.fused import FusedStep
-
         tree = {n: p.detach() for n, p in zip(self._names[g], self.param_groups[g]["params"])}
         if state is None:
             state = tx.init(tree)
@@ -475,11 +474,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _live_state(self, g: int, built: tuple[Any, Any] | None) -> Any:
         """Group ``g``'s state in the eager layout (a fused step's tensors are the live ones; its
-        MA windows are given as copies of the ring slots)."""
+        MA windows are given as views of the ring slots)."""
         if built is None:
             return self._states[g]
-        from grokxform.fused import to_eager_layout
-
         live = built[1].state[0] if self._factory is None else built[1].state
         return to_eager_layout(live)
 
@@ -510,9 +507,9 @@ class Optimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             built = self._fused_steps.get(g)
             live = built[1].state if built is not None else self._states[g]
-            if live is None or self._views_of.get(g) == id(live):
+            if live is None or self._views_of.get(g) is live:
                 continue
-            self._views_of[g] = id(live)
+            self._views_of[g] = live
             if built is not None and self._factory is None:
                 live = live[0]
             views = S.per_param_views(live, self._names[g])

@@ -16,7 +16,7 @@ weight_decay=0.005, weight_decay_mode="coupled")`` (λ=2, α=0.98), and likewise
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import torch
 
@@ -210,7 +210,7 @@ def grokadamw(
         state_dtype=state_dtype,
     )
     steps.append(("grokfast", amplify(ema, lamb)))
-    beta1 = layerwise_beta(b1, gamma, layer) if gamma != 0 else b1
+    beta1 = layerwise_beta(cast(float, b1), gamma, layer) if gamma != 0 else b1
     adam = scale_by_adam(beta1, b2, eps, state_dtype=state_dtype)
     return _adam_with_decay("grokadamw", steps, adam, lr, weight_decay, "decoupled", weight_decay_mask)
 
@@ -245,5 +245,5 @@ def grokadamw_compat(
         alpha_init, init="zeros", signal_fns=grokking_signal_fns, signal_decay_rate=grokking_signal_decay_rate
     )
     steps.append(("grokfast", amplify(ema, lamb)))
-    adam = scale_by_adam(layerwise_beta(b1, gamma, "index"), b2, eps, eps_placement="raw", bias_correction_b1=b1)
+    adam = scale_by_adam(layerwise_beta(cast(float, b1), gamma, "index"), b2, eps, eps_placement="raw", bias_correction_b1=b1)
     return _adam_with_decay("grokadamw_compat", steps, adam, lr, weight_decay, "decoupled", None)

@@ -144,8 +144,7 @@ def scale_by_adam(
     if eps_placement not in ("corrected", "raw"):
         raise ValueError(f"scale_by_adam: eps_placement must be 'corrected' or 'raw', got {eps_placement!r}")
 
-    layerwise = isinstance(b1, LayerwiseBeta)
-    correction_b1 = bias_correction_b1
+    layerwise = b1 if isinstance(b1, LayerwiseBeta) else None
 
     def init_fn(params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -155,14 +154,14 @@ def scale_by_adam(
         )
 
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        if layerwise:
-            every = b1.values(ctx.paths, ctx.present)  # type: ignore[union-attr]
+        if layerwise is not None:
+            every = layerwise.values(ctx.paths, ctx.present)
             betas1: Any = [every[i] for i in ctx.index]
             one_minus_b1: Any = [1.0 - b for b in betas1]
         else:
             betas1, one_minus_b1 = b1, 1.0 - b1  # type: ignore[operator]
         t = ctx.counts.to(torch.float64) + 1.0  # type: ignore[union-attr]
-        bases = [correction_b1] * ctx.n if correction_b1 is not None else (
+        bases = [bias_correction_b1] * ctx.n if bias_correction_b1 is not None else (
             betas1 if isinstance(betas1, list) else [betas1] * ctx.n)
         bc1 = 1.0 - _pow(bases, t)
         bc2 = 1.0 - _pow([b2], t)

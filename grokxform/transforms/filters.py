@@ -85,7 +85,7 @@ def ema_filter(
         if fixed and not _signals.has_signal(fns, ctx.extra):  # GS_t = 0: α_t = α, without the maths
             gs = torch.zeros((), dtype=torch.float64, device=ctx.device)
             a = torch.full((), float(alpha), dtype=torch.float64, device=ctx.device)
-            values = {"alpha": a, "one_minus_alpha": torch.full_like(a, 1.0 - float(alpha))}
+            values: dict[str, Any] = {"alpha": a, "one_minus_alpha": torch.full_like(a, 1.0 - float(alpha))}
         else:
             gs = _signals.compute_signal(fns, st.step, ctx.device, ctx.extra)
             a = _signals.adapted_alpha(alpha, signal_decay_rate, gs)
@@ -171,7 +171,8 @@ def ma_filter(
         )
 
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        c1 = ctx.counts + 1  # type: ignore[operator]
+        assert ctx.counts is not None  # declared with count="count"
+        c1 = ctx.counts + 1
         values: dict[str, Any] = {}
         if filter_type == "mean":  # 1/n_t, n_t = min(t, w), in the accumulator's dtype
             values["inv_n"] = 1.0 / torch.clamp(c1, max=w).to(accumulator_dtype)

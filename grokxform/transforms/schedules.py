@@ -21,7 +21,7 @@ from grokxform.elements import Inputs, Outputs
 class ScaleByScheduleState(NamedTuple):
     """``count``: updates done (0-d int64), the argument of the schedule."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
 
 
 def scale_by_learning_rate(

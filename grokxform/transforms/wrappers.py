@@ -23,7 +23,7 @@ class InjectHyperparamsState(NamedTuple):
     0-d float64 tensor, the values used by the last step (or the next one, before any step);
     ``inner_state``: the wrapped transform's state."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
     hyperparams: dict[str, torch.Tensor]
     inner_state: Any
 
