@@ -9,7 +9,7 @@ weight-decay / β1 ablation, as one script that writes JSON after each phase::
 - ``sweep``: a Grokfast-EMA grid α × λ × weight decay × seeds as one vmapped program, and the same
   members' throughput when run one by one (the plain loop, and the vmapped code with one member):
   the ratio is member-steps per second of the sweep over that of one-by-one.
-- ``ablation``: the question of seed 003: tune AdamW's (decoupled) weight decay and β1 for the
+- ``ablation``: does Grokfast still win against a tuned baseline? Tune AdamW's (decoupled) weight decay and β1 for the
   baseline with the same number of configurations and steps as a Grokfast-EMA grid, then compare
   the best of each.
 """
