@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -11,7 +12,32 @@ from grokxform import tree as _tree
 
 
 def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number that is not a bool: Python's ``int``/``float`` and NumPy's scalars alike."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def plain_number(x: Any) -> Any:
+    """A NumPy scalar as the Python number of the same value (``np.float32(0.1)`` -> ``float``,
+    ``np.int64(3)`` -> ``int``); anything else unchanged."""
+    if is_number(x) and type(x) not in (int, float):
+        return int(x) if isinstance(x, numbers.Integral) else float(x)
+    return x
+
+
+def check_int(fn: str, name: str, value: Any, *, low: int) -> int:
+    """``value`` as an ``int`` (NumPy integers too), or ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_bool(fn: str, name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``, else ``TypeError`` naming ``name`` (``"no"`` is not false)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+    return value
 
 
 def check_scalar(

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 
@@ -145,6 +145,9 @@ class Elementwise:
     count: str | None = None
     window: WindowField | None = None
     reduce: tuple[str, ...] = ()
+    reduce_scope: Literal["tree", "leaf"] = "tree"
+    """``"tree"``: the scalar rule combines the per-leaf reductions over the tree (a global norm);
+    ``"leaf"``: each leaf's reduction serves that leaf alone."""
     needs_params: bool = False
     select: Callable[[Any], list[bool]] | None = None
     check: Callable[[Any, Any, Any], None] | None = None
@@ -204,6 +207,8 @@ class Injected:
     build: Callable[[dict[str, torch.Tensor]], Any]
     current: Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     schedules: tuple[str, ...]
+    example: Callable[[], Any]
+    """The inner transform built with the initial values (its structure is every step's)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -321,6 +326,55 @@ def reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) ->
         out["finite"] = torch.stack([torch.isfinite(x).all().to(device) for x in xs]) if xs else torch.ones(
             0, dtype=torch.bool, device=device)
     return out
+
+
+GLOBAL_NORM = "global_grad_norm"
+"""``update``'s keyword argument that gives :func:`~grokxform.clip_by_global_norm` the norm of the
+whole gradient when the tree is a part of it."""
+GLOBAL_FINITE = "global_grad_finite"
+"""``update``'s keyword argument that tells :func:`~grokxform.apply_if_finite` whether the whole
+gradient is finite when the tree is a part of it."""
+
+
+def whole_gradient_reductions(leaves: Seq[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The reductions of a gradient made of several trees (the param groups of one optimizer), as
+    ``update`` keyword arguments for each tree: ``global_grad_norm``, the pair ``(‖g‖, ‖g‖_fin)``
+    that :func:`~grokxform.clip_by_global_norm` computes over one tree (per-leaf norms in float32,
+    float64 if any leaf is; ``‖g‖_fin`` over the leaves whose values are all finite), and
+    ``global_grad_finite``, whether every value is finite. ``None`` leaves are skipped."""
+    xs = [x for x in leaves if x is not None]
+    device = xs[0].device if xs else torch.device("cpu")
+    red = reductions(("norm", "finite"), xs, device)
+    norms, finite = red["norm"], red["finite"]
+    pair = torch.stack([torch.linalg.vector_norm(norms), torch.linalg.vector_norm(torch.where(finite, norms, 0.0))])
+    return {GLOBAL_NORM: pair, GLOBAL_FINITE: finite.all()}
+
+
+def tree_reductions(decl: Any, *, on_gradient: bool = True) -> list[tuple[str, bool]]:
+    """The reductions over the whole tree that the declared transform ``decl`` makes, in order:
+    ``(name, on_gradient)`` for each, ``on_gradient`` saying whether it reads the incoming
+    gradient of every leaf as it is (first in the chain, with no mask, partition or accumulation
+    above it). Per-leaf reductions (``clip_by_tensor_norm``) are not listed; nor is anything
+    inside a member without a declaration."""
+    if decl is None:
+        return []
+    if isinstance(decl, Elementwise):
+        return [(decl.name, on_gradient)] if decl.reduce and decl.reduce_scope == "tree" else []
+    if isinstance(decl, Sequence):
+        return [r for k, m in enumerate(decl.members) for r in tree_reductions(m, on_gradient=on_gradient and k == 0)]
+    if isinstance(decl, Amplify):
+        return tree_reductions(decl.inner, on_gradient=on_gradient)
+    if isinstance(decl, Masked):
+        return tree_reductions(decl.inner, on_gradient=False)
+    if isinstance(decl, Partition):
+        return [r for m in decl.members.values() for r in tree_reductions(m, on_gradient=False)]
+    if isinstance(decl, Injected):
+        return tree_reductions(declaration_of(decl.example()), on_gradient=on_gradient)
+    if isinstance(decl, Accumulate):
+        return tree_reductions(decl.inner, on_gradient=False)
+    if isinstance(decl, IfFinite):
+        return [("apply_if_finite", on_gradient), *tree_reductions(decl.inner, on_gradient=on_gradient)]
+    raise TypeError(f"not a declaration: {type(decl).__name__}")
 
 
 def _leaves(tree: Any, spec: Any, updates: Any, what: str, name: str) -> list[Any]:
@@ -452,6 +506,8 @@ def state_device(state: Any, fallback: list[torch.Tensor]) -> torch.device:
 
 
 __all__ = [
+    "GLOBAL_FINITE",
+    "GLOBAL_NORM",
     "Accumulate",
     "Amplify",
     "Declaration",
@@ -467,4 +523,6 @@ __all__ = [
     "declaration_of",
     "declare",
     "run_rule",
+    "tree_reductions",
+    "whole_gradient_reductions",
 ]

@@ -33,6 +33,7 @@ Rules of the language (what makes the engine's kernels round as eager does):
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -111,6 +112,7 @@ class Val:
     """One element of a tensor, of dtype ``dtype``, while an element rule is traced."""
 
     __slots__ = ("_t", "id", "dtype")
+    __array_ufunc__ = None  # ``np.float32(2) * v`` defers to ``v.__rmul__``
 
     def __init__(self, tracer: _Tracer, id: int, dtype: torch.dtype) -> None:
         self._t, self.id, self.dtype = tracer, id, dtype
@@ -126,7 +128,7 @@ class Val:
             return other.id
         if isinstance(other, ScalarRef):
             return other
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
             return ("num", float(other))
         raise TypeError(f"element rule: cannot {kind} a value and a {type(other).__name__}")
 
@@ -278,10 +280,10 @@ class Scalars:
                         f" got shape {tuple(v.shape)}"
                     )
             elif isinstance(v, (list, tuple)):
-                if len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                if len(v) != n or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
                     raise ValueError(f"scalar {name!r}: a list must hold one number per leaf ({n})")
                 v = [float(x) for x in v]
-            elif isinstance(v, (int, float)):
+            elif isinstance(v, numbers.Real):
                 v = float(v)
             else:
                 raise TypeError(

@@ -29,11 +29,15 @@ Two ways to give the transformation, with different meanings of a param group's 
 
 The tree. Each param group is one tree ``{name: param}`` handed to the transform, with the
 parameter names as keys when named parameters are given (``model.named_parameters()``, or
-``(name, param)`` pairs inside group dicts), so masks and depth rules that read paths work
-(``"blocks.3.attn.weight"``); unnamed parameters are named by their position, ``"0"``, ``"1"``...,
-counted across groups. Each group has its own state: reductions over the tree (the global clip
-norm) are per group; for one norm over the whole model use one group and express per-parameter
-differences with masks (``weight_decay_mask=``).
+``(name, param)`` pairs inside group dicts, or a ``"param_names"`` list), so masks and depth rules
+that read paths work (``"blocks.3.attn.weight"``). Unnamed parameters (``model.parameters()``, the
+groups that transformers' ``Trainer`` builds) take their names from ``module=model`` when it is
+given, else their position, ``"0"``, ``"1"``..., counted across groups; a depth rule
+(``layerwise_beta(layer="depth")``, GrokAdamW's default) refuses positions, since they are not
+module paths. Each group has its own state, but a reduction over the tree (the global clip norm,
+``apply_if_finite``'s check) spans every group that steps, as ``clip_grad_norm_(parameters)``
+does: groups change hyperparameters, not the scope of a reduction. A chain whose reduction reads
+its input after other members changed it cannot span groups and raises with several of them.
 
 A step: the gradients (``p.grad``; ``None`` for frozen parameters and those that got no gradient:
 no update, their state kept) go through the group's transformation, ``θ ← θ + u``.
@@ -72,7 +76,9 @@ from typing import Any, Union
 
 import torch
 
+from grokxform import _common as C
 from grokxform import _state_io as S
+from grokxform import declarations as D
 from grokxform.base import GradientTransformation, chain
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep, to_eager_layout
@@ -92,8 +98,7 @@ def _multiplier(lr: Any) -> GradientTransformation:
     return scale_by_learning_rate(lr, flip_sign=False)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+_is_number = C.is_number
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -134,7 +139,12 @@ class Optimizer(torch.optim.Optimizer):
     - ``tx``: a factory (``grokxform.adamw``, ``grokxform.grokadamw``, any function returning a
       :class:`~grokxform.GradientTransformation`), whose arguments become the group
       hyperparameters, defaults from ``hyperparameters``; or a ready transformation, with
-      ``lr`` (a multiplier of its updates, default 1.0) as the only hyperparameter.
+      ``lr`` (a multiplier of its updates, a finite number >= 0, default 1.0) as the only
+      hyperparameter.
+    - ``fused``: the engine (``None``, the default), ``False`` (eager ``tx.update``) or a
+      :class:`~grokxform.fused.FusedStep` backend (see the module docs).
+    - ``module``: the ``nn.Module`` the parameters belong to; unnamed parameters given here take
+      their names from ``module.named_parameters()`` (for depth rules and masks that read paths).
 
     ``step(closure=None, **extra)``: ``u = tx.update(g, state, θ, **extra)``, ``θ ← θ + u`` for every
     parameter with a gradient; returns the closure's loss.
@@ -157,6 +167,7 @@ class Optimizer(torch.optim.Optimizer):
         tx: Union[GradientTransformation, Factory],
         *,
         fused: Union[bool, str, None] = None,
+        module: torch.nn.Module | None = None,
         **hyperparameters: Any,
     ) -> None:
         if fused not in (None, False, True, "auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"):
@@ -169,6 +180,7 @@ class Optimizer(torch.optim.Optimizer):
         self._eager_groups: set[int] = set()
         self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         self._views_of: dict[int, Any] = {}  # the state object each group's views were read from
+        self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
         ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
@@ -208,7 +220,14 @@ class Optimizer(torch.optim.Optimizer):
         self._built_args: list[dict[str, Any] | None] = []
         self._states: list[Any] = []
         self._names: list[list[str]] = []
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"Optimizer: module must be a torch.nn.Module, got {type(module).__name__}")
+        # The module's names for the unnamed params given here (not kept: groups added later name theirs).
+        self._module_names: dict[int, str] | None = (
+            None if module is None else {id(p): n for n, p in module.named_parameters()}
+        )
         super().__init__(params, defaults)
+        self._module_names = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -240,6 +259,7 @@ class Optimizer(torch.optim.Optimizer):
     def _coerce(self, name: str, value: Any) -> Any:
         """An int given for a float hyperparameter (``weight_decay=0``) is that float, so that it is
         injected as a tensor like the others."""
+        value = C.plain_number(value)  # NumPy scalars as Python numbers
         if name in self._float_defaults and _is_number(value) and not isinstance(value, float):
             return float(value)
         return value
@@ -253,8 +273,8 @@ class Optimizer(torch.optim.Optimizer):
                 )
         elif not _is_number(value):
             raise TypeError(f"Optimizer: {what} {name!r} must be a number, got {type(value).__name__}")
-        elif math.isnan(value):
-            raise ValueError(f"Optimizer: {what} {name!r} must not be NaN")
+        elif not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"Optimizer: {what} {name!r} must be a finite number >= 0, got {value}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer.add_param_group``); its keys other than
@@ -305,6 +325,14 @@ class Optimizer(torch.optim.Optimizer):
             bad = [n for n in names if not isinstance(n, str)]
             if bad:
                 raise TypeError(f"Optimizer: parameter names must be str, param group {g} has {bad[0]!r}")
+        elif self._module_names is not None:
+            outside = next((i for i, p in enumerate(params) if id(p) not in self._module_names), None)
+            if outside is not None:
+                raise ValueError(
+                    f"Optimizer: parameter {outside} of param group {g} is not a parameter of the module given"
+                    " as module= (its names come from module.named_parameters())"
+                )
+            names = [self._module_names[id(p)] for p in params]
         else:
             offset = sum(len(x["params"]) for x in self.param_groups[:-1])
             names = [str(offset + i) for i in range(len(params))]
@@ -379,9 +407,7 @@ class Optimizer(torch.optim.Optimizer):
             if x is not None and x.is_sparse:
                 raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
         built = self._fused_steps.get(g)
-        state = built[1].state if built is not None else self._states[g]
-        if built is not None and self._factory is None:
-            state = state[0]
+        state = self._group_state(g)
         tx = self._transform(g, group, state)
         backend = None if g in self._eager_groups else self._backend(g, params)
         if backend is not None:
@@ -396,6 +422,14 @@ class Optimizer(torch.optim.Optimizer):
                 self._leave_engine(g, str(e))
                 state = self._states[g]
         self._eager_step(g, group, tx, state, grads, extra)
+
+    def _group_state(self, g: int) -> Any:
+        """Group ``g``'s transform state as its transform takes it (a fused step's, without the lr
+        multiplier it chains to a ready transformation); ``None`` before the first step."""
+        built = self._fused_steps.get(g)
+        if built is None:
+            return self._states[g]
+        return built[1].state[0] if self._factory is None else built[1].state
 
     def _eager_step(
         self, g: int, group: dict[str, Any], tx: GradientTransformation, state: Any, grads: list[Any],
@@ -414,6 +448,8 @@ class Optimizer(torch.optim.Optimizer):
                 " over its parameters"
             )
         scale = group["lr"] if self._factory is None else 1.0
+        if self._factory is None:
+            self._check_value("lr", scale, "the lr multiplier")
         if isinstance(scale, torch.Tensor) or scale != 1.0:  # the multiplier, rounded to the updates' dtype
             scale = scale.detach() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
         for n, p in zip(names, params):
@@ -456,6 +492,7 @@ class Optimizer(torch.optim.Optimizer):
         fills, so a scheduler changes the lr without a new graph."""
         group = self.param_groups[g]
         if self._factory is None:
+            self._check_value("lr", group["lr"], "the lr multiplier")
             self._fill(g, "lr", fs.state[1].hyperparams["lr"], group["lr"])
         else:
             self._fill_hyperparams(g, group, fs.state)
@@ -495,10 +532,46 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
+            extra = self._whole_gradient(extra)
             for g, group in enumerate(self.param_groups):
                 self._step_group(g, group, extra)
         self._refresh_state_views()
         return loss
+
+    def _whole_gradient(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """With several param groups, a reduction over the tree (the global clip norm,
+        ``apply_if_finite``'s check) spans all of them, as one ``clip_grad_norm_(parameters)``
+        does: the reductions of the whole gradient go to every group's ``update``
+        (:func:`grokxform.declarations.whole_gradient_reductions`). Groups change
+        hyperparameters, never the scope of a reduction."""
+        stepping = [g for g, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
+        if len(stepping) < 2:
+            return extra
+        names: set[str] = set()
+        for g in stepping:
+            tx = self._transform(g, self.param_groups[g], self._group_state(g))
+            cached = self._reductions_of.get(g)
+            if cached is None or cached[0] is not tx:
+                cached = self._reductions_of[g] = (tx, D.tree_reductions(D.declaration_of(tx)))
+            for name, on_gradient in cached[1]:
+                if not on_gradient:
+                    raise ValueError(
+                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that does"
+                        " not read the gradients as they come (other members change them first, or a mask or"
+                        " partition selects some leaves), so it cannot span several param groups. Use one param"
+                        " group and give per-parameter differences as masks (weight_decay_mask=...), or put the"
+                        " reduction first in the chain"
+                    )
+                names.add(name)
+        if not names:
+            return extra
+        whole = D.whole_gradient_reductions(
+            [p.grad for g in stepping for p in self.param_groups[g]["params"]]
+        )
+        wanted = {D.GLOBAL_NORM} if "clip_by_global_norm" in names else set()
+        if "apply_if_finite" in names:
+            wanted.add(D.GLOBAL_FINITE)
+        return {**{k: v for k, v in whole.items() if k in wanted}, **extra}
 
     def _refresh_state_views(self) -> None:
         """``self.state[p]``: the state tensors of each parameter, refreshed when a group's state

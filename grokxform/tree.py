@@ -89,12 +89,9 @@ def check_structure(
         elif extra:
             detail = f"path {extra[0]!r} of the {tree_name} is not in the {reference_name}"
         else:
-            diff = next((a for a, b in zip(names, ref_names) if a != b), names[0] if names else "<root>")
-            detail = f"the containers differ at or around path {diff!r}"
-        raise ValueError(
-            f"the {tree_name} tree does not match the {reference_name} tree: {detail}"
-            f" ({len(names)} leaves vs {len(ref_names)})"
-        )
+            detail = _spec_difference(spec, ref_spec, tree_name, reference_name, "")
+        counts = f" ({len(names)} leaves vs {len(ref_names)})" if len(names) != len(ref_names) else ""
+        raise ValueError(f"the {tree_name} tree does not match the {reference_name} tree: {detail}{counts}")
     for i, (a, b) in enumerate(zip(leaves, ref_leaves) if shapes else ()):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
             name = path_names(tree)[i]
@@ -103,6 +100,29 @@ def check_structure(
                 f" {reference_name} has shape {tuple(b.shape)}"
             )
     return spec
+
+
+def _spec_difference(a: TreeSpec, b: TreeSpec, a_name: str, b_name: str, path: str) -> str:
+    """Why two structures with the same leaf paths differ: the first container whose type or key
+    order is not the same."""
+    where = f"at path {path!r}" if path else "at the root"
+    if a.type is not b.type:
+        kinds = (getattr(a.type, "__name__", "a leaf"), getattr(b.type, "__name__", "a leaf"))
+        return f"{where} the container types differ: {kinds[0]} in the {a_name}, {kinds[1]} in the {b_name}"
+    if a.context != b.context:
+        keys_a, keys_b = list(a.context or ()), list(b.context or ())
+        if sorted(map(str, keys_a)) == sorted(map(str, keys_b)):
+            return (
+                f"{where} the keys are the same but in another order ({keys_a} vs {keys_b}); the trees of one"
+                " transform keep the key order of the params given to init"
+            )
+        return f"{where} the {a_name} has keys {keys_a} where the {b_name} has {keys_b}"
+    keys = list(a.context) if isinstance(a.context, (list, tuple)) else list(range(a.num_children))
+    for i, key in enumerate(keys[: a.num_children]):
+        ca, cb = a.child(i), b.child(i)
+        if ca != cb:
+            return _spec_difference(ca, cb, a_name, b_name, f"{path}.{key}" if path else str(key))
+    return f"{where} the containers differ"
 
 
 def first_device(tree: Any) -> torch.device:

@@ -232,8 +232,8 @@ def test_optimizer_fused_triton_follows_a_scheduler() -> None:
         return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DEVICE)
 
     a, b = model(), model()
-    oa = gx.Optimizer(a.parameters(), gx.grokadamw, fused=False, lr=1e-2, weight_decay=0.05)
-    ob = gx.Optimizer(b.parameters(), gx.grokadamw, fused="triton", lr=1e-2, weight_decay=0.05)
+    oa = gx.Optimizer(a.named_parameters(), gx.grokadamw, fused=False, lr=1e-2, weight_decay=0.05)
+    ob = gx.Optimizer(b.named_parameters(), gx.grokadamw, fused="triton", lr=1e-2, weight_decay=0.05)
     sa = torch.optim.lr_scheduler.StepLR(oa, 2, 0.5)
     sb = torch.optim.lr_scheduler.StepLR(ob, 2, 0.5)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -248,6 +248,41 @@ def test_optimizer_fused_triton_follows_a_scheduler() -> None:
         torch.testing.assert_close(pb, pa, rtol=2e-6, atol=1e-6)
     fs = ob._fused_steps[0][1]
     assert fs.engine == "triton" and fs.compiles == 1
+
+
+def test_optimizer_groups_share_the_clip_and_the_finite_check_in_the_kernels() -> None:
+    """Two param groups: one clip norm over both and one finiteness check, in the kernels as eagerly."""
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DEVICE)
+
+    def groups(m: torch.nn.Module) -> list[dict]:
+        ps = list(m.parameters())
+        return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+
+    runs = []
+    for fused in (False, "triton"):
+        m = model()
+        def safe_grokadamw(weight_decay: float = 0.0) -> gx.GradientTransformation:
+            return gx.apply_if_finite(gx.grokadamw(lr=1e-2, weight_decay=weight_decay, gradient_clipping=0.1))
+
+        opt = gx.Optimizer(groups(m), safe_grokadamw, module=m, fused=fused)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        for t in range(4):
+            opt.zero_grad()
+            (m(x).square().mean() * 100).backward()
+            if t == 2:
+                list(m.parameters())[-1].grad[0] = float("inf")  # in the second group: no group steps
+            opt.step()
+        runs.append((m, opt))
+    (ma, _), (mb, ob) = runs
+    assert ob.engines == ["triton", "triton"]
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=2e-6, atol=1e-6)
+    m = ob.metrics(floats=True)
+    norms = sorted(k for k in m if k.endswith("clip/norm"))
+    assert len(norms) == 2 and m[norms[0]] == m[norms[1]]
+    assert [s.inner_state.total_notfinite.item() for s in ob.tx_states] == [1, 1]
 
 
 def _own_update(updates, state, params=None, **extra):

@@ -81,7 +81,7 @@ def test_a_ready_transformation_runs_fused_with_its_lr_multiplier():
     runs = {}
     for fused in (False, "aot_eager"):
         model = model64()
-        opt = gx.Optimizer(model.parameters(), gx.grokadamw(lr=1e-2), fused=fused, lr=0.5)
+        opt = gx.Optimizer(model.named_parameters(), gx.grokadamw(lr=1e-2), fused=fused, lr=0.5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))  # the multiplier changes
         train(opt, model, sched, range(6))
         runs[fused] = (model, opt)

@@ -35,23 +35,24 @@ def test_optimizer_equals_functional(leaves, name, missing, seed):
 
     # functional
     tx = PIPELINES[name]()
-    params = {str(i): p.clone() for i, p in enumerate(init)}
+    names = [f"blocks.{i}.w" for i in range(len(init))]  # module paths: grokadamw's β1 is by depth
+    params = {n: p.clone() for n, p in zip(names, init)}
     state = tx.init(params)
     for t, skip in enumerate(missing):
-        g = {str(i): (None if skip[i] else grads[t][i]) for i in range(len(init))}
+        g = {n: (None if skip[i] else grads[t][i]) for i, n in enumerate(names)}
         u, state = tx.update(g, state, params, train_loss=torch.tensor(0.5), val_loss=torch.tensor(1.0 + t))
         params = gx.apply_updates(params, u)
 
     # the same transform behind torch.optim's interface
     tensors = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = gx.Optimizer(tensors, PIPELINES[name]())
+    opt = gx.Optimizer(list(zip(names, tensors)), PIPELINES[name]())
     for t, skip in enumerate(missing):
         for i, p in enumerate(tensors):
             p.grad = None if skip[i] else grads[t][i].clone()
         opt.step(train_loss=torch.tensor(0.5), val_loss=torch.tensor(1.0 + t))
 
     for i, p in enumerate(tensors):
-        assert torch.equal(p.detach(), params[str(i)]), f"{name}: leaf {i} differs"
+        assert torch.equal(p.detach(), params[names[i]]), f"{name}: leaf {i} differs"
 
 
 @pytest.mark.parametrize("name", ["adamw", "grokadamw", "grokfast_ema"])

@@ -317,7 +317,7 @@ BAD_HYPERPARAMETERS: list[tuple[Callable[..., Any], dict[str, Any], type[Excepti
     (gx.linear_warmup, {"peak": INF, "warmup_steps": 3}, ValueError, "peak"),
     (gx.warmup_cosine_decay, {"peak": 1.0, "warmup_steps": 5, "decay_steps": 5}, ValueError, "warmup_steps"),
     (MultiSteps, {"inner": gx.identity(), "every_k_schedule": 0}, ValueError, "every_k_schedule"),
-    (MultiSteps, {"inner": gx.identity(), "every_k_schedule": 1.5}, ValueError, "every_k_schedule"),
+    (MultiSteps, {"inner": gx.identity(), "every_k_schedule": 1.5}, TypeError, "every_k_schedule"),
     (MultiSteps, {"inner": None, "every_k_schedule": 2}, TypeError, "inner"),
     (apply_if_finite, {"inner": gx.adamw}, TypeError, "inner"),
     (masked, {"inner": "adam", "mask": ["*"]}, TypeError, "inner"),

@@ -133,14 +133,16 @@ def _regressor_class() -> type:
 
 
 def _fit_lightning(
-    root: Path, feed_signal: bool, max_steps: int, *, save_every: int = 0, ckpt_path: Path | None = None
+    root: Path, feed_signal: bool, max_steps: int, *, save_every: int = 0, ckpt_path: Path | None = None,
+    cls: type | None = None,
 ) -> tuple[Any, Any]:
-    """Seed, build the module, ``trainer.fit`` it; returns (module, trainer)."""
+    """Seed, build the module (``cls``, a subclass of the regressor, or the regressor), ``trainer.fit``
+    it; returns (module, trainer)."""
     L = pytest.importorskip("lightning")
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(0 if ckpt_path is None else 1, verbose=False)  # a resumed run must not rely on the init
-    module = _regressor_class()(feed_signal)
+    module = (cls or _regressor_class())(feed_signal)
     callbacks = []
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=save_every, save_top_k=-1))
@@ -228,6 +230,32 @@ def test_lightning_resume_is_bit_for_bit(tmp_path: Path, feed_signal: bool) -> N
 
 # -- transformers ------------------------------------------------------------------------------
 
+def _unnamed_regressor(module_names: bool) -> type:
+    """The regressor whose ``configure_optimizers`` passes ``self.parameters()`` (no names), with
+    ``module=self`` or without it."""
+
+    class Unnamed(_regressor_class()):  # type: ignore[misc]
+        def configure_optimizers(self) -> Any:
+            kw = {"module": self} if module_names else {}
+            opt = gx.Optimizer(self.parameters(), gx.grokadamw, lr=LR, **kw)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Unnamed
+
+
+def test_lightning_unnamed_parameters_take_the_module_names(tmp_path: Path) -> None:
+    """``Optimizer(self.parameters(), grokadamw, module=self)`` in ``configure_optimizers`` is the
+    named run bit for bit (β1 by depth from "net.0.weight"...); without ``module=`` the depth rule
+    refuses the positions, saying how to name them."""
+    named, _ = _fit_lightning(tmp_path / "named", feed_signal=False, max_steps=6)
+    unnamed, trainer = _fit_lightning(tmp_path / "unnamed", feed_signal=False, max_steps=6, cls=_unnamed_regressor(True))
+    _assert_same(dict(unnamed.named_parameters()), dict(named.named_parameters()), "params")
+    assert trainer.optimizers[0]._names == [[n for n, _ in unnamed.named_parameters()]]
+    with pytest.raises(ValueError, match=r"named by its position.*module=model"):
+        _fit_lightning(tmp_path / "positions", feed_signal=False, max_steps=2, cls=_unnamed_regressor(False))
+
+
 SEQ = 16
 
 
@@ -279,6 +307,48 @@ def _train_hf(out: Path, max_steps: int, save_steps: int, resume: Path | None = 
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Progressions(), optimizers=(opt, sched))
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     return model, opt, trainer
+
+
+def _hf_model_and_args(out: Path, max_steps: int) -> tuple[Any, Any]:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    transformers.set_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=SEQ,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, save_strategy="no",
+        logging_steps=1, max_grad_norm=0.0, weight_decay=0.1, report_to=[], use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    return transformers.GPT2LMHeadModel(config), args
+
+
+def test_transformers_trainer_built_optimizer_keeps_depth_and_one_clip(tmp_path: Path) -> None:
+    """The Trainer builds the optimizer itself (``optimizer_cls_and_kwargs``): two param groups
+    (decay / no decay) of unnamed parameters. With ``module=model`` the leaves carry the module
+    paths, and the clip takes one norm over both groups: the run equals one group whose decay split
+    is a ``weight_decay_mask``."""
+    transformers = pytest.importorskip("transformers")
+    model, args = _hf_model_and_args(tmp_path / "groups", 4)
+    kwargs = {"tx": gx.grokadamw, "module": model, "lr": LR, "gradient_clipping": 0.05}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Progressions(),
+                                   optimizer_cls_and_kwargs=(gx.Optimizer, kwargs))
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert len(opt.param_groups) == 2 and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert sorted(n for names in opt._names for n in names) == sorted(n for n, _ in model.named_parameters())
+    m = opt.metrics(floats=True)
+    assert m["group0/clip/norm"] == m["group1/clip/norm"] and m["group0/clip/scale"] < 1.0
+
+    reference, args = _hf_model_and_args(tmp_path / "mask", 4)
+    decay = set(transformers.Trainer(model=reference, args=args).get_decay_parameter_names(reference))
+    one = gx.Optimizer(reference.named_parameters(), gx.grokadamw, lr=LR, weight_decay=0.1, gradient_clipping=0.05,
+                       weight_decay_mask=lambda name, p: name in decay)
+    transformers.Trainer(model=reference, args=args, train_dataset=_Progressions(), optimizers=(one, None)).train()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _step_losses(trainer: Any) -> dict[int, float]:

@@ -494,6 +494,9 @@ class EngineStep:
         if isinstance(node, P.Finite):
             st = node.state
             finite = reduced[id(node)]["finite"].all()
+            whole = extras.get(D.GLOBAL_FINITE)
+            if whole is not None:  # the tree is a part of the gradient (see apply_if_finite)
+                finite = finite & whole.to(finite.device, torch.bool).reshape(())
             flags[(id(node), "finite")] = finite
             skipped = (~finite).to(torch.int64)
             writes.append((st.notfinite_count, (st.notfinite_count + 1) * skipped, node.guards))

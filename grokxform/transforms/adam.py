@@ -34,6 +34,15 @@ class LayerwiseBeta:
                 i += ok
             return out
         if self.layer == "depth":
+            unnamed = next((p for p in paths if p.isdigit()), None)
+            if unnamed is not None:
+                raise ValueError(
+                    "layerwise_beta(layer='depth') reads the block number from each leaf's module path"
+                    f" ('blocks.3.attn.weight' -> 3), but the leaf {unnamed!r} is named by its position (unnamed"
+                    " parameters, or a list of tensors). Name the leaves: Optimizer(model.named_parameters(), ...),"
+                    " Optimizer(params, ..., module=model), or a dict tree {name: param}; or pass layer='index'"
+                    " (the tensor's position, as GrokAdamW's code) or a function fn(path, index) -> layer"
+                )
             return [_depth(p) for p in paths]
         return [int(self.layer(p, i)) for i, p in enumerate(paths)]
 
@@ -64,7 +73,9 @@ def layerwise_beta(
     - ``"index"``: the leaf's position among the leaves that have a gradient this step (GrokAdamW's
       code: its ``enumerate`` over the tensors of a param group);
     - ``"depth"``: the block number read from the path (first integer component, e.g.
-      ``"blocks.3.mlp.weight"`` -> 3; 0 without one);
+      ``"blocks.3.mlp.weight"`` -> 3; 0 without one). A leaf named only by its position (``"7"``:
+      the parameters were given unnamed, or the tree is a list) raises ``ValueError``: depth needs
+      module paths (``model.named_parameters()``, ``Optimizer(..., module=model)``);
     - a function ``fn(path, index) -> int``.
 
     Example::

@@ -9,7 +9,7 @@ import torch
 from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates, elementwise
-from grokxform.declarations import ScalarContext
+from grokxform.declarations import GLOBAL_NORM, ScalarContext
 from grokxform.elements import Inputs, Outputs
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
@@ -41,6 +41,13 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     ``clip_grad_norm_`` reports it); ``scale`` is the factor applied. Wrap the pipeline in
     :func:`grokxform.apply_if_finite` to skip such steps altogether.
 
+    A tree that is part of a larger gradient (the param groups of one
+    :class:`~grokxform.Optimizer`, which passes it for you): ``update(..., global_grad_norm=n)``
+    gives the norm of the whole, a number or tensor, or the pair ``(‖g‖, ‖g‖_fin)`` as a
+    2-element tensor; the scale then uses it instead of the tree's own norm (every
+    ``clip_by_global_norm`` of the chain does: give it to chains whose clip reads the gradients).
+    :func:`grokxform.declarations.whole_gradient_reductions` computes it.
+
     Example::
 
         tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
@@ -64,10 +71,15 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
 
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
         dt, dev = ctx.state.norm.dtype, ctx.state.norm.device
-        norms = ctx.reduced["norm"].to(device=dev, dtype=dt)
-        finite = ctx.reduced["finite"].to(dev)
-        norm = torch.linalg.vector_norm(norms)
-        norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, 0.0))
+        whole = ctx.extra.get(GLOBAL_NORM)
+        if whole is not None:  # the tree is a part of the gradient: the norm of the whole is given
+            both = torch.as_tensor(whole).to(device=dev, dtype=dt).reshape(-1)
+            norm, norm_finite = both[0], both[-1]
+        else:
+            norms = ctx.reduced["norm"].to(device=dev, dtype=dt)
+            finite = ctx.reduced["finite"].to(dev)
+            norm = torch.linalg.vector_norm(norms)
+            norm_finite = torch.linalg.vector_norm(torch.where(finite, norms, 0.0))
         scale = torch.clamp(C.scalar_for(max_norm, norm_finite) / (norm_finite + _CLIP_EPS), max=1.0)
         return {"scale": scale}, {"norm": norm, "scale": scale}
 
@@ -100,4 +112,6 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         norms = ctx.reduced["norm"]
         return {"scale": torch.clamp(C.scalar_for(max_norm, norms) / (norms + _CLIP_EPS), max=1.0)}, {}
 
-    return elementwise("clip_by_tensor_norm", init_fn, _scale, ("scale",), scalars, reduce=("norm",))
+    return elementwise(
+        "clip_by_tensor_norm", init_fn, _scale, ("scale",), scalars, reduce=("norm",), reduce_scope="leaf"
+    )

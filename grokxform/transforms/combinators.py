@@ -16,7 +16,7 @@ import torch
 from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Updates
-from grokxform.declarations import Accumulate, IfFinite, Masked, Partition, declaration_of, declare
+from grokxform.declarations import GLOBAL_FINITE, Accumulate, IfFinite, Masked, Partition, declaration_of, declare
 from grokxform.elements import Inputs, Outputs, TracedRule
 from grokxform.transforms.masks import Mask, mask_selector
 
@@ -157,9 +157,7 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"MultiSteps: inner must be a GradientTransformation, got {type(inner).__name__}")
-    if isinstance(every_k_schedule, bool) or not isinstance(every_k_schedule, int) or every_k_schedule < 1:
-        raise ValueError(f"MultiSteps: every_k_schedule must be an int >= 1, got {every_k_schedule!r}")
-    k = every_k_schedule
+    k = C.check_int("MultiSteps", "every_k_schedule", every_k_schedule, low=1)
 
     def init_fn(params: Params) -> MultiStepsState:
         dev = _tree.first_device(params)
@@ -215,7 +213,10 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     ``apply_updates`` leaves the params bit for bit as they were, −0.0 included), the inner state is
     kept as it was, and the skip is counted. Only the gradients are checked: a non-finite loss or
     signal passed as an extra argument is handled by the transform that reads it (the EMA filter
-    falls back to α_init). State: :class:`ApplyIfFiniteState`.
+    falls back to α_init). A tree that is part of a larger gradient (the param groups of one
+    :class:`~grokxform.Optimizer`, which passes it for you): ``update(..., global_grad_finite=b)``
+    says whether the whole is finite, and a step is taken only when it is. State:
+    :class:`ApplyIfFiniteState`.
 
     Example::
 
@@ -237,6 +238,9 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         finite = torch.ones((), dtype=torch.bool, device=dev)
         for g in present:
             finite = finite & torch.isfinite(g).all().to(dev)
+        whole = extra.get(GLOBAL_FINITE)
+        if whole is not None:  # the tree is a part of the gradient: the whole must be finite
+            finite = finite & torch.as_tensor(whole).to(dev, torch.bool).reshape(())
         out, inner_new = inner.update(updates, state.inner_state, params, **extra)
         # −0.0, not +0.0: θ + (−0.0) is θ bit for bit, also for θ = −0.0.
         out = _tree.tree_map(

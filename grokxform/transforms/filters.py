@@ -151,10 +151,8 @@ def ma_filter(
 
         tx = amplify(ma_filter(window_size=100), lamb=5.0)   # official gradfilter_ma
     """
-    if isinstance(window_size, bool) or not isinstance(window_size, int):
-        raise TypeError(f"ma_filter: window_size must be an int, got {type(window_size).__name__}")
-    if window_size < 1:
-        raise ValueError(f"ma_filter: window_size must be >= 1, got {window_size}")
+    window_size = C.check_int("ma_filter", "window_size", window_size, low=1)
+    C.check_bool("ma_filter", "warmup", warmup)
     if filter_type not in ("mean", "sum"):
         raise ValueError(f"ma_filter: filter_type must be 'mean' or 'sum', got {filter_type!r}")
     w = window_size

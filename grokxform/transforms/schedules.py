@@ -77,8 +77,7 @@ def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
     """η(t) = peak·min(1, t / warmup_steps): the Grokfast paper's ``LambdaLR(min(1, t/10))``
     (t = 0 gives 0)."""
     C.check_scalar("linear_warmup", "peak", peak, low=0.0)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"linear_warmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
+    warmup_steps = C.check_int("linear_warmup", "warmup_steps", warmup_steps, low=1)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         return float(peak) * torch.clamp(count.to(torch.float64) / warmup_steps, max=1.0)
@@ -91,7 +90,9 @@ def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int, end: f
     ``decay_steps`` (total), constant after: η(t) = end + (peak−end)·(1+cos(π·p))/2."""
     C.check_scalar("warmup_cosine_decay", "peak", peak, low=0.0)
     C.check_scalar("warmup_cosine_decay", "end", end, low=0.0)
-    if not (isinstance(warmup_steps, int) and isinstance(decay_steps, int)) or not 0 <= warmup_steps < decay_steps:
+    warmup_steps = C.check_int("warmup_cosine_decay", "warmup_steps", warmup_steps, low=0)
+    decay_steps = C.check_int("warmup_cosine_decay", "decay_steps", decay_steps, low=1)
+    if not warmup_steps < decay_steps:
         raise ValueError(
             f"warmup_cosine_decay: need ints 0 <= warmup_steps < decay_steps, got {warmup_steps!r}, {decay_steps!r}"
         )

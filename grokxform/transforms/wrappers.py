@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -62,6 +63,8 @@ def inject_hyperparams(
                 static[name] = value
             elif isinstance(value, float) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
                 numeric[name] = value
+            elif C.is_number(value) and not isinstance(value, numbers.Integral):  # NumPy's float32...
+                numeric[name] = float(value)
             elif callable(value) and not isinstance(value, (GradientTransformation, torch.Tensor, type)):
                 schedules[name] = value
             else:
@@ -70,12 +73,14 @@ def inject_hyperparams(
             if isinstance(value, torch.Tensor) and value.dim() != 0:
                 raise ValueError(f"inject_hyperparams: {name} must be a 0-d tensor, got shape {tuple(value.shape)}")
         zero = torch.zeros((), dtype=torch.int64)
-        # Build once with plain values so that invalid hyperparameters fail here, by name.
-        factory(
-            **static,
-            **{n: float(v) for n, v in numeric.items()},
-            **{n: float(s(zero)) for n, s in schedules.items()},
-        )
+        def example() -> GradientTransformation:
+            return factory(
+                **static,
+                **{n: float(v) for n, v in numeric.items()},
+                **{n: float(s(zero)) for n, s in schedules.items()},
+            )
+
+        example()  # built once with plain values, so that invalid hyperparameters fail here, by name
 
         def current(state_count: torch.Tensor, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             hp = {n: stored[n] for n in numeric}
@@ -103,7 +108,7 @@ def inject_hyperparams(
         def build(hp: dict[str, torch.Tensor]) -> GradientTransformation:
             return factory(**static, **hp)
 
-        return declare(GradientTransformation(init_fn, update_fn), Injected(build, current, tuple(schedules)))
+        return declare(GradientTransformation(init_fn, update_fn), Injected(build, current, tuple(schedules), example))
 
     wrapped.__name__ = f"inject_hyperparams({getattr(factory, '__name__', 'factory')})"
     wrapped.__doc__ = factory.__doc__
