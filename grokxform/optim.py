@@ -73,6 +73,7 @@ from typing import Any, Union
 import torch
 
 from grokxform import _state_io as S
+from grokxform import distributed as _dist
 from grokxform.base import GradientTransformation, chain
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep, to_eager_layout
@@ -478,7 +479,11 @@ class Optimizer(torch.optim.Optimizer):
         if built is None:
             return self._states[g]
         live = built[1].state[0] if self._factory is None else built[1].state
-        return to_eager_layout(live)
+        return _dist.shard_like(to_eager_layout(live), self._shard_specs(g))
+
+    def _shard_specs(self, g: int) -> dict[str, Any]:
+        """The layout of each parameter of group ``g`` (``None`` for a plain tensor)."""
+        return {n: _dist.shard_of(p) for n, p in zip(self._names[g], self.param_groups[g]["params"])}
 
     @property
     def tx_states(self) -> list[Any]:
