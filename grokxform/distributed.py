@@ -87,6 +87,22 @@ def local_shape(spec: LeafShard) -> torch.Size:
     return torch.Size(shape)
 
 
+def full(t: Any) -> Any:
+    """A DTensor gathered whole (a collective: every rank of its mesh must call it); anything
+    else as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_piece(whole: torch.Tensor, spec: LeafShard) -> torch.Tensor:
+    """This rank's part of ``whole`` (a tensor of the global shape) for layout ``spec``: a slice,
+    no communication."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)
+    index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    return whole[index] if index else whole
+
+
 def check_meshes(specs: Sequence[LeafShard | None], what: str) -> Any:
     """The one mesh of the sharded leaves (``None`` if none is sharded); several raise."""
     meshes = [s.mesh for s in specs if s is not None]
