@@ -39,11 +39,11 @@ def _join(path: str, key: Any) -> str:
 
 
 def encode(node: Any, path: str = "") -> Any:
-    """``node`` as plain dicts, lists, tuples, tensors and scalars.
+    """``node`` as plain dicts, lists, tuples, tensors and scalars: the earlier checkpoint layout
+    (one encoded tree per param group), and a plain form of a state to compare.
 
-    Tensors are returned as they are (``torch.save`` copies them), except 0-d tensors, which are
-    cloned: hyperparameter tensors are refilled in place before every step, and a state dict must
-    not change after it is taken.
+    Tensors are returned as they are (references, as :func:`param_entries` gives them), except
+    0-d tensors, which are cloned: hyperparameter tensors are refilled in place before every step.
     """
     if isinstance(node, torch.Tensor):
         t = node.detach()

@@ -22,11 +22,11 @@ import grokxform as gx
 STEPS, SAVE_AT, BATCH = 6, 3, 16
 
 PIPELINES: dict[str, Any] = {
-    "adamw": lambda: (gx.adamw, dict(lr=1e-2, weight_decay=0.01)),
-    "grokfast_ema": lambda: (gx.grokfast_ema, dict(lr=1e-2, weight_decay=0.01)),
-    "grokfast_ma": lambda: (gx.grokfast_ma, dict(lr=1e-2, window_size=4)),
-    # max_grad_norm well below the gradient norm: the clip acts at every step
-    "grokadamw": lambda: (gx.grokadamw, dict(lr=1e-2, gradient_clipping=0.05)),
+    "adamw": lambda: (gx.adamw, {"lr": 1e-2, "weight_decay": 0.01}),
+    "grokfast_ema": lambda: (gx.grokfast_ema, {"lr": 1e-2, "weight_decay": 0.01}),
+    "grokfast_ma": lambda: (gx.grokfast_ma, {"lr": 1e-2, "window_size": 4}),
+    # a clip threshold well below the gradient norm: the clip acts at every step
+    "grokadamw": lambda: (gx.grokadamw, {"lr": 1e-2, "gradient_clipping": 0.05}),
 }
 
 

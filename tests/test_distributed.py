@@ -18,7 +18,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).parent))
-import dist_cases as cases  # noqa: E402
+import dist_cases as cases
 
 TOL = 1e-6
 
@@ -104,3 +104,40 @@ def test_functional_api_on_dtensors_keeps_state_sharded(runs: dict[str, Any]) ->
         assert f["state_sharded"] and f["state_leaves"] > 0
         for got, want in zip(f["updates"], runs["functional"]):
             assert _max_diff(got, want) <= TOL
+
+
+@pytest.mark.parametrize("name", list(cases.PIPELINES))
+def test_dcp_state_dict_of_a_fresh_optimizer_leaves_params_alone(name: str) -> None:
+    """``get_optimizer_state_dict`` on an optimizer that has not stepped runs one step with zero
+    gradients and lr 0 (as for torch.optim) to create the state: the parameters do not move, and
+    the state dict has every parameter's entry, keyed by its name."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    m = cases.model()
+    before = cases.full_params(m)
+    opt = cases.optimizer(m, name)
+    osd = get_optimizer_state_dict(m, opt)
+    assert _max_diff(cases.full_params(m), before) == 0.0
+    assert set(osd["state"]) == set(before)
+    assert all(p.grad is None for p in m.parameters())
+    assert opt.param_groups[0]["lr"] == 1e-2
+    set_optimizer_state_dict(m, opt, osd)  # and it loads back
+    assert set(opt.state_dict()["state"]) == set(range(len(before)))
+
+
+def test_set_optimizer_state_dict_refuses_another_transform() -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    m = cases.model()
+    opt = cases.optimizer(m, "grokadamw")
+    cases.train(m, opt, 0, 2)
+    osd = get_optimizer_state_dict(m, opt)
+    other = cases.optimizer(m, "adamw")
+    with pytest.raises(ValueError, match="over 'grokxform.pipelines.grokadamw', this one runs 'grokxform.pipelines.adamw'"):
+        set_optimizer_state_dict(m, other, osd)

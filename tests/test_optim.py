@@ -473,6 +473,60 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path: Any) -> None:
     assert sum(k.startswith("grokfast.window.") for k in expected["opt_b"]["state"][0]) == 3
 
 
+def test_checkpoint_of_the_earlier_layout_still_loads() -> None:
+    """A checkpoint of format 1 (one encoded state tree per group) resumes as the current one does."""
+    model = make_model()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-2)
+    backward(model, opt, 0)
+    opt.step(train_loss=1.0, val_loss=2.0)
+    group = {k: v for k, v in opt.state_dict()["param_groups"][0].items() if not k.startswith("grokxform_")}
+    old = roundtrip({"state": [_state_io.encode(opt.tx_states[0])], "param_groups": [group],
+                     "grokxform": {"version": 1, "transform": "grokxform.pipelines.grokadamw"}})
+    twin_model = make_model()
+    twin = gx.Optimizer(twin_model.named_parameters(), gx.grokadamw, lr=1e-2)
+    twin.load_state_dict(old)
+    twin_model.load_state_dict(model.state_dict())
+    for m, o in ((model, opt), (twin_model, twin)):
+        backward(m, o, 1)
+        o.step(train_loss=1.0, val_loss=2.0)
+    assert max_diff(model, twin_model) == 0.0
+    assert_tree_equal(twin.state_dict()["state"], opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_state_dict_tensors_are_the_optimizers_own_as_in_torch(fused: Any) -> None:
+    """As with torch.optim: the state tensors of a state dict are the optimizer's, so under the
+    engine (which updates them in place) they follow later steps, as torch.optim.AdamW's do;
+    ``copy.deepcopy`` keeps a snapshot; 0-d values (counts, hyperparameters) are copies. The
+    eager path replaces its state each step, so there the dict keeps the values it was taken with."""
+    import copy
+
+    model, ref = make_model(), make_model()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokfast_ma, lr=1e-2, window_size=3, fused=fused)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for o, m in ((opt, model), (torch_opt, ref)):
+        backward(m, o, 0)
+        o.step()
+    sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
+    snap = copy.deepcopy(sd)
+    for t in (1, 2):
+        for o, m in ((opt, model), (torch_opt, ref)):
+            backward(m, o, t)
+            o.step()
+    entry, kept = sd["state"][0], snap["state"][0]
+    changed = {k for k in entry if not torch.equal(entry[k], kept[k])}
+    big = {k for k, v in entry.items() if v.dim() > 0}
+    assert big and "inner_state.adam.mu" in big
+    live = opt.state[model[0].weight]["adam.mu"]
+    if fused is None:  # the engine: the dict's tensors are the live ones
+        assert {"inner_state.adam.mu", "inner_state.adam.nu", "inner_state.grokfast.total"} <= changed <= big
+        assert torch.equal(entry["inner_state.adam.mu"], live)
+    else:
+        assert changed == set()
+        assert not torch.equal(entry["inner_state.adam.mu"], live)
+    assert torch.equal(torch_opt.state_dict()["state"][0]["exp_avg"], torch_sd["state"][0]["exp_avg"])  # torch: live too
+
+
 def test_state_dict_is_weights_only_and_its_hyperparameters_are_copies() -> None:
     model = make_model()
     opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-2)
