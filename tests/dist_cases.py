@@ -122,6 +122,28 @@ def sharded(name: str, rank: int, world: int, how: str, ckpt: str | None = None,
     return full_params(m)
 
 
+def full_state_resume(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """FSDP2: the whole (gathered) model and optimizer state dicts at ``SAVE_AT``, set into a fresh
+    sharded run that continues to ``STEPS``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def fresh() -> tuple[torch.nn.Module, gx.Optimizer]:
+        m = model()
+        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        return m, optimizer(m, name)
+
+    m, opt = fresh()
+    train(m, opt, 0, SAVE_AT, rank, world)
+    full = StateDictOptions(full_state_dict=True)
+    msd, osd = get_state_dict(m, opt, options=full)
+    m, opt = fresh()
+    set_state_dict(m, opt, model_state_dict=msd, optim_state_dict=osd, options=full)
+    train(m, opt, SAVE_AT, STEPS, rank, world)
+    return full_params(m)
+
+
 def all_reduces_per_step(name: str, rank: int, world: int) -> int:
     """How many all-reduces one ``opt.step()`` of an FSDP2 model makes."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -196,6 +218,7 @@ def main(out: str, ckpt1: str) -> None:
         results[f"resume_1to2/{name}"] = sharded(name, rank, world, "fsdp2", resume=os.path.join(ckpt1, name))
     results["fsdp2_eager/grokadamw"] = sharded("grokadamw", rank, world, "fsdp2", fused=False)
     results["fsdp2_eager/grokfast_ma"] = sharded("grokfast_ma", rank, world, "fsdp2", fused=False)
+    results["full_state/grokfast_ma"] = full_state_resume("grokfast_ma", rank, world)
     results["all_reduces/grokadamw"] = all_reduces_per_step("grokadamw", rank, world)
     results["all_reduces/adamw"] = all_reduces_per_step("adamw", rank, world)
     results["functional"] = functional(rank, world)

@@ -92,6 +92,13 @@ def test_resume_from_two_ranks_in_one_process(runs: dict[str, Any], name: str) -
     assert _max_diff(runs["resumed_2to1"][name], runs["reference"][name]) <= TOL
 
 
+def test_whole_state_dicts_set_into_a_sharded_run(runs: dict[str, Any]) -> None:
+    """Gathered (``full_state_dict=True``) model and optimizer state dicts set into a fresh FSDP2
+    run: each rank keeps its part, and the run continues to the uninterrupted one's parameters."""
+    for rank in runs["ranks"]:
+        assert _max_diff(rank["full_state/grokfast_ma"], runs["reference"]["grokfast_ma"]) <= TOL
+
+
 def test_clip_is_one_all_reduce_per_step(runs: dict[str, Any]) -> None:
     for rank in runs["ranks"]:
         assert rank["all_reduces/grokadamw"] == 1
