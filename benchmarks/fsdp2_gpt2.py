@@ -115,19 +115,22 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> float:
 
 
 def run(name: str, args: argparse.Namespace, device: torch.device, mesh: Any, data: list[torch.Tensor]) -> dict[str, Any]:
+    if device.type == "cuda":  # the previous run's model and state are gone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     m = build(args, device, mesh)
     opt = OPTIMIZERS[name](m)
     fb, st = [], []
     signal = torch.zeros((), device=device)
     extra = {"train_loss": signal, "val_loss": signal} if "grok" in name else {}
-    for i, seq in enumerate(data):
-        def fwd_bwd() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(m, seq)
-            loss.backward()
-            signal.copy_(loss.detach())
+    def fwd_bwd(seq: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(m, seq)
+        loss.backward()
+        signal.copy_(loss.detach())
 
-        t_fb = timed(device, fwd_bwd)
+    for i, seq in enumerate(data):
+        t_fb = timed(device, lambda: fwd_bwd(seq))  # noqa: B023 - called at once
         t_st = timed(device, lambda: opt.step(**extra))
         if i >= args.warmup:
             fb.append(t_fb)
@@ -136,10 +139,6 @@ def run(name: str, args: argparse.Namespace, device: torch.device, mesh: Any, da
     out = {"step_ms_median": statistics.median(st), "step_ms_min": min(st), "fwd_bwd_ms_median": statistics.median(fb),
            "train_step_ms_median": statistics.median(a + b for a, b in zip(fb, st)), "peak_mem_gib": peak,
            "engine": getattr(opt, "engines", None)}
-    del opt, m
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     return out
 
 
@@ -161,7 +160,6 @@ def agreement(args: argparse.Namespace, device: torch.device, mesh: Any, steps: 
                 p.grad = gxd.wrap(gxd.local_piece(whole, spec).contiguous(), spec)
             opt.step()
         finals.append({n: p.detach().full_tensor() for n, p in m.named_parameters()})
-        del opt, m
     return max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0])
 
 
@@ -177,7 +175,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world,))
