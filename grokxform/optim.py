@@ -526,7 +526,7 @@ class Optimizer(torch.optim.Optimizer):
             self._views_of[g] = live
             if built is not None and self._factory is None:
                 live = live[0]
-            views = S.per_param_views(live, self._names[g])
+            views = S.per_param_views(_dist.shard_like(live, self._shard_specs(g)), self._names[g])
             for n, p in zip(self._names[g], group["params"]):
                 self.state[p].update(views[n])
 

@@ -119,6 +119,9 @@ def sharded(name: str, rank: int, world: int, how: str, ckpt: str | None = None,
     if ckpt is not None:
         save(m, opt, ckpt)
     train(m, opt, SAVE_AT, STEPS, rank, world)
+    if how == "fsdp2":  # opt.state lists each parameter's state tensors as DTensors (ring buffers aside)
+        views = [(k, v) for st in opt.state.values() for k, v in st.items() if v.dim() > 0]
+        assert views and all(hasattr(v, "placements") for k, v in views if not k.endswith(".buffers")), views
     return full_params(m)
 
 
