@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from grokxform import distributed as _dist
+
 TYPE_TAG = "__grokxform_type__"
 """The key that marks an encoded NamedTuple."""
 
@@ -224,8 +226,6 @@ def param_entries(state: Any, names: list[str]) -> dict[str, dict[str, Any]]:
 def _fit(saved: Any, template: torch.Tensor, at: str) -> torch.Tensor:
     """A new tensor like ``template`` (its device, dtype and layout: a DTensor's local shard)
     holding ``saved``: a tensor of the same global shape, sharded or whole."""
-    from grokxform import distributed as _dist
-
     if not isinstance(saved, torch.Tensor):
         raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
     if saved.shape != template.shape:

@@ -124,7 +124,7 @@ def complete_reductions(
     :func:`grokxform.declarations.reductions` gives them) completed over the ranks: the norm of
     each whole leaf, whether all of it is finite. One all-reduce per sharded mesh dimension; the
     squared norms are summed in float64."""
-    mesh = check_meshes(specs, "clip_by_global_norm")
+    mesh = check_meshes(specs, "grokxform (a reduction over the leaves)")
     if mesh is None or not out:
         return out
     dims = [d for d in range(mesh.ndim) if any(s is not None and isinstance(s.placements[d], Shard) for s in specs)]
