@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases as cases
 
 TOL = 1e-6
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def _free_port() -> int:
