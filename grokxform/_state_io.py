@@ -1,6 +1,14 @@
 """State trees to and from plain containers, for checkpoints that ``torch.load(weights_only=True)``
 accepts, and per-parameter views of a state tree.
 
+The optimizer's checkpoint layout is torch.optim's (what ``torch.distributed.checkpoint`` reads):
+:func:`param_entries` gives each parameter a flat dict of its state, ``{path: leaf}``, the
+per-parameter tensors under their path in the state (the parameter's key left out) and every
+group-wide leaf (counts, hyperparameters, signals) repeated under ``"group." + path``, as torch
+repeats ``step`` for each parameter. :func:`from_param_entries` reads such dicts back against a
+template. Tensors are the state's own, not copies (torch.optim's convention), except 0-d tensors.
+The older encoded layout (:func:`encode` / :func:`decode`) is still read.
+
 A state tree holds NamedTuples, tuples, lists, dicts, tensors, ``None`` and Python scalars.
 ``weights_only`` refuses NamedTuples (they need their class), so :func:`encode` writes each as
 ``{TYPE_TAG: class name, "fields": {...}}``. :func:`decode` never imports a class by name: it reads
@@ -15,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from grokxform import distributed as _dist
 
 TYPE_TAG = "__grokxform_type__"
 """The key that marks an encoded NamedTuple."""
@@ -31,11 +41,11 @@ def _join(path: str, key: Any) -> str:
 
 
 def encode(node: Any, path: str = "") -> Any:
-    """``node`` as plain dicts, lists, tuples, tensors and scalars.
+    """``node`` as plain dicts, lists, tuples, tensors and scalars: the earlier checkpoint layout
+    (one encoded tree per param group), and a plain form of a state to compare.
 
-    Tensors are returned as they are (``torch.save`` copies them), except 0-d tensors, which are
-    cloned: hyperparameter tensors are refilled in place before every step, and a state dict must
-    not change after it is taken.
+    Tensors are returned as they are (references, as :func:`param_entries` gives them), except
+    0-d tensors, which are cloned: hyperparameter tensors are refilled in place before every step.
     """
     if isinstance(node, torch.Tensor):
         t = node.detach()
@@ -165,3 +175,114 @@ def per_param_views(state: Any, names: list[str]) -> dict[str, dict[str, torch.T
 
     walk(state, "")
     return out
+
+
+GROUP_PREFIX = "group."
+"""The key prefix of a group-wide state leaf in each parameter's checkpoint entry."""
+
+
+def _leaf_out(x: Any) -> Any:
+    """A state leaf as a checkpoint holds it: tensors detached (0-d ones copied: hyperparameter
+    tensors are refilled in place before every step)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        return t.clone() if t.dim() == 0 else t
+    return x
+
+
+def _walk_leaves(node: Any, names: set[str], path: str, param: str | None, fn: Any) -> Any:
+    """``node`` rebuilt with each leaf ``x`` replaced by ``fn(path, param, x)``: ``param`` is the
+    parameter a leaf belongs to (a leaf under a dict whose keys are the parameter names), ``path``
+    its path without that key."""
+    if is_namedtuple(node):
+        return type(node)(*(_walk_leaves(v, names, _join(path, f), param, fn) for f, v in zip(node._fields, node)))
+    if isinstance(node, (tuple, list)):
+        out = [_walk_leaves(v, names, _join(path, i), param, fn) for i, v in enumerate(node)]
+        return tuple(out) if isinstance(node, tuple) else out
+    if isinstance(node, dict):
+        if param is None and node and set(node) == names:
+            return {k: _walk_leaves(v, names, path, k, fn) for k, v in node.items()}
+        return {k: _walk_leaves(v, names, _join(path, k), param, fn) for k, v in node.items()}
+    return fn(path or "state", param, node)
+
+
+def param_entries(state: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each parameter's checkpoint entry ``{path: leaf}`` (see the module docs); ``None`` leaves
+    are left out."""
+    own: dict[str, dict[str, Any]] = {n: {} for n in names}
+    shared: dict[str, Any] = {}
+
+    def take(path: str, param: str | None, x: Any) -> Any:
+        if x is not None:
+            (own[param] if param is not None else shared)[path if param is not None else GROUP_PREFIX + path] = (
+                _leaf_out(x)
+            )
+        return x
+
+    _walk_leaves(state, set(names), "", None, take)
+    return {n: {**own[n], **shared} for n in names}
+
+
+def _fit(saved: Any, template: torch.Tensor, at: str) -> torch.Tensor:
+    """A new tensor like ``template`` (its device, dtype and layout: a DTensor's local shard)
+    holding ``saved``: a tensor of the same global shape, sharded or whole."""
+    if not isinstance(saved, torch.Tensor):
+        raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
+    if saved.shape != template.shape:
+        raise StateMismatchError(
+            f"{at}: the checkpoint has shape {tuple(saved.shape)}, this optimizer {tuple(template.shape)}"
+        )
+    if saved.dtype != template.dtype:
+        raise StateMismatchError(f"{at}: the checkpoint has dtype {saved.dtype}, this optimizer {template.dtype}")
+    spec = _dist.shard_of(template)
+    if spec is None:
+        return torch.empty_like(template).copy_(_dist.full(saved))
+    if _dist.shard_of(saved) == spec:
+        return torch.empty_like(template).copy_(saved)
+    piece = _dist.local_piece(_dist.full(saved), spec)  # a whole tensor: this rank's part of it
+    return _dist.wrap(torch.empty_like(_dist.local(template)).copy_(piece), spec)
+
+
+def from_param_entries(entries: dict[str, Any], template: Any, names: list[str], where: str) -> Any:
+    """The state rebuilt from parameter entries (made by :func:`param_entries`, possibly keyed
+    and resharded by ``torch.distributed.checkpoint``) in the shape of ``template``, a freshly
+    initialised state. A parameter without an entry keeps the template's values; group-wide
+    leaves are read from the first parameter that has an entry. Every key, shape and dtype is
+    checked; a difference raises :class:`StateMismatchError`. The inputs are not modified."""
+    given = [n for n in names if entries.get(n) is not None]
+    if not given:
+        raise StateMismatchError(f"{where}: no parameter has a state in the checkpoint")
+    first = entries[given[0]]
+
+    def fill(path: str, param: str | None, x: Any) -> Any:
+        if param is not None and entries.get(param) is None:
+            return x
+        entry, key = (entries[param], path) if param is not None else (first, GROUP_PREFIX + path)
+        at = f"{where}, parameter {param or given[0]!r}, {key!r}"
+        if x is None:
+            return None
+        if not isinstance(entry, dict) or key not in entry:
+            have = list(entry)[:8] if isinstance(entry, dict) else type(entry).__name__
+            raise StateMismatchError(f"{at}: missing from the checkpoint (it has {have})")
+        saved = entry[key]
+        if isinstance(x, torch.Tensor):
+            return _fit(saved, x, at)
+        if type(saved) is not type(x):
+            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a {_kind(x)}")
+        return saved
+
+    state = _walk_leaves(template, set(names), "", None, fill)
+    expected: dict[str, set[str]] = {n: set() for n in names}
+
+    def keys(path: str, param: str | None, x: Any) -> Any:
+        if x is not None:
+            for n in ([param] if param is not None else names):
+                expected[n].add(path if param is not None else GROUP_PREFIX + path)
+        return x
+
+    _walk_leaves(template, set(names), "", None, keys)
+    for n in given:
+        extra = sorted(set(entries[n]) - expected[n])
+        if extra:
+            raise StateMismatchError(f"{where}, parameter {n!r}: the checkpoint has an unknown entry {extra[0]!r}")
+    return state

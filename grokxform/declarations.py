@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple, Union
 import torch
 
 from grokxform import _common as C
+from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.elements import Scalars, TracedRule, run_foreach, run_leaf
 
@@ -284,10 +285,21 @@ def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> 
     return result
 
 
-def reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def reductions(
+    kinds: Seq[str], xs: list[torch.Tensor], device: torch.device,
+    shards: Seq[_dist.LeafShard | None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-leaf reductions of ``xs`` as 1-d tensors on ``device``: ``"norm"`` (the 2-norm, in
     float32, float64 for float64 leaves; float64 if any leaf is) and ``"finite"`` (whether every
-    value is finite)."""
+    value is finite). With ``shards`` (the layout of each leaf whose local shard ``xs`` holds),
+    the reductions are of the whole leaves (:func:`grokxform.distributed.complete_reductions`)."""
+    out = _local_reductions(kinds, xs, device)
+    if shards is not None and any(s is not None for s in shards):
+        out = _dist.complete_reductions(out, shards)
+    return out
+
+
+def _local_reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if not kinds:
         return out
@@ -426,7 +438,12 @@ def _run_elementwise(
             if missing is not None:
                 path = _tree.path_names(updates)[missing]
                 raise ValueError(f"{name}: the gradient at path {path!r} has no state (its param was None at init)")
-    xs = [g_leaves[i] for i in index]
+    # DTensor leaves (sharded params): the rule runs on the local shards, the results are
+    # DTensors laid out as the gradients; reductions are completed over the ranks.
+    shards = [_dist.shard_of(g) for g in g_leaves]
+    sharded = any(s is not None for s in shards)
+    lo = _dist.local
+    xs = [lo(g_leaves[i]) for i in index]
     if not index and decl.reduce:
         return updates, state
     device = state_device(state, xs)
@@ -437,25 +454,28 @@ def _run_elementwise(
     for i in index:
         present[i] = True
     ctx = ScalarContext(
-        state=state, counts=cnt, reduced=reductions(decl.reduce, xs, device),
+        state=state, counts=cnt,
+        reduced=reductions(decl.reduce, xs, device, [shards[i] for i in index] if sharded else None),
         tree=updates, present=present, index=index, extra=extra, device=device,
     )
     values, new_globals = decl.scalars(ctx)
     sc = Scalars(values, len(index))
     inputs: dict[str, list[Any]] = {"x": xs}
     if p_leaves is not None:
-        inputs["param"] = [p_leaves[i] for i in index]
+        inputs["param"] = [lo(p_leaves[i]) for i in index]
     for f in decl.fields:
-        inputs[f] = [field_leaves[f][i] for i in index]
+        inputs[f] = [lo(field_leaves[f][i]) for i in index]
     ring_slots: list[torch.Tensor] = []
     if wf is not None:
         if ring:
             assert counts is not None
             ring_slots = [torch.remainder(counts[i], wf.size).reshape(1) for i in index]
-            inputs["window"] = [buffers[i].index_select(0, s).squeeze(0) for i, s in zip(index, ring_slots)]
+            inputs["window"] = [lo(buffers[i]).index_select(0, s).squeeze(0) for i, s in zip(index, ring_slots)]
         else:
-            inputs["window"] = [slots[0][i] for i in index]
+            inputs["window"] = [lo(slots[0][i]) for i in index]
     got = run_rule(decl.rule, inputs, sc)
+    if sharded:
+        got = {key: [_dist.wrap(t, shards[i]) for t, i in zip(col, index)] for key, col in got.items()}
     out = list(g_leaves)
     for k, i in enumerate(index):
         out[i] = got["out"][k]
@@ -478,7 +498,10 @@ def _run_elementwise(
         if ring:
             new_buffers = list(buffers)
             for k, i in enumerate(index):
-                new_buffers[i] = buffers[i].index_put((ring_slots[k],), stored[k].unsqueeze(0))
+                new_buffers[i] = _dist.wrap(
+                    lo(buffers[i]).index_put((ring_slots[k],), lo(stored[k]).unsqueeze(0)),
+                    _dist.stacked(shards[i], wf.size),
+                )
             changes[wf.name] = MaRingWindow(_tree.unflatten(new_buffers, spec))
         else:  # rotate the window of each leaf that got a value; the others keep their slots
             w = wf.size

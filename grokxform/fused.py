@@ -47,6 +47,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
 from grokxform.engine import traced as _traced
@@ -183,6 +184,16 @@ class FusedStep:
         tensors = [p for p in p_leaves if isinstance(p, torch.Tensor)]
         if not tensors:
             raise ValueError("FusedStep: params has no tensor leaf")
+        # DTensor params (FSDP2, tensor parallel): the step runs on the local shards, its
+        # reductions completed over the ranks (grokxform.distributed); the state is of shards.
+        self._shards = [_dist.shard_of(p) for p in p_leaves]
+        if any(s is not None for s in self._shards):
+            if backend not in _ENGINE_BACKENDS:
+                raise ValueError(f"FusedStep: DTensor params run on the engine, not on backend={backend!r}")
+            _dist.check_meshes(self._shards, "FusedStep")
+            p_leaves = [_dist.local(p) for p in p_leaves]
+            params = _tree.unflatten(p_leaves, p_spec)
+            state = None if state is None else _dist.unshard_tree(state)
         self._tx = tx
         self._params = params
         self._p_leaves, self._p_spec = p_leaves, p_spec
@@ -198,7 +209,10 @@ class FusedStep:
         on_one_gpu = len(devices) == 1 and self._device.type == "cuda"
         if cuda_graph is True and not on_one_gpu:
             raise ValueError(f"FusedStep: cuda_graph=True needs every tensor on one CUDA device, got {sorted(map(str, devices))}")
-        self._cuda_graph = bool(cuda_graph) and on_one_gpu and backend != "eager"
+        sharded = any(sh is not None for sh in self._shards)
+        if cuda_graph is True and sharded:
+            raise ValueError("FusedStep: cuda_graph=True is not supported with DTensor params (the step all-reduces)")
+        self._cuda_graph = bool(cuda_graph) and on_one_gpu and backend != "eager" and not sharded
         self._backend = backend
         self._options = (
             _traced.inductor_options(options, _traced.has_ring(state)) if backend in ("auto", "inductor") else {}
@@ -247,6 +261,7 @@ class FusedStep:
     def step_leaves(self, g_leaves: list[Any], extra: Mapping[str, Any]) -> None:
         """The step with the gradients as the flat list of leaves of the params tree (``None``:
         no gradient), in tree order: what ``__call__`` does after flattening."""
+        g_leaves = [_dist.local(g) for g in g_leaves]
         mask = tuple(g is not None for g in g_leaves)
         present = [g for g in g_leaves if g is not None]
         xs = self._stage_extras(extra)
@@ -326,7 +341,9 @@ class FusedStep:
                 if kind == "triton" and not engine.available(self._device):
                     raise engine.Unsupported(f"Triton cannot run on {self._device} here")
                 with torch.no_grad():
-                    step = engine.EngineStep(self._tx, self._params, self._state, g_leaves, xs, backend=kind)
+                    step = engine.EngineStep(
+                        self._tx, self._params, self._state, g_leaves, xs, backend=kind, shards=self._shards
+                    )
                 return _EngineFn(step, names)
             except engine.Unsupported as e:
                 reasons.append(str(e))
@@ -412,6 +429,9 @@ class FusedStep:
             names = _tree.path_names(tree)
             for name, t in zip(names, leaves):
                 if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                    continue
+                t = getattr(t, "_local_tensor", t)  # a DTensor: the memory of its local shard
+                if t.numel() == 0:
                     continue
                 key = (t.device, t.data_ptr())
                 if key in seen:

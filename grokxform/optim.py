@@ -60,9 +60,11 @@ chain the engine cannot run (a transform without a declaration) runs the eager, 
 step); ``fused=`` also takes a backend name (``"triton"``, ``"foreach"``, ``"inductor"``;
 ``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
 
-Checkpoints. ``state_dict()`` holds plain containers only (NamedTuples written as tagged dicts),
-so ``torch.load(path, weights_only=True)`` reads it; ``load_state_dict`` rebuilds the state against
-a freshly initialised one and raises, naming the mismatch, for another model (names, shapes) or
+Checkpoints. ``state_dict()`` has torch.optim's layout (each parameter's state under its index;
+``torch.distributed.checkpoint`` reads it, sharded DTensor state included, ``docs/distributed.md``)
+and plain containers only, so ``torch.load(path, weights_only=True)`` reads it; its tensors are
+the optimizer's own, as torch.optim's are. ``load_state_dict`` rebuilds the state against a
+freshly initialised one and raises, naming the mismatch, for another model (names, shapes) or
 another transform (factory, state structure), leaving the optimizer unchanged. Resuming is bit
 for bit.
 """
@@ -79,6 +81,7 @@ import torch
 from grokxform import _common as C
 from grokxform import _state_io as S
 from grokxform import declarations as D
+from grokxform import distributed as _dist
 from grokxform.base import GradientTransformation, chain
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep, to_eager_layout
@@ -89,8 +92,15 @@ from grokxform.transforms.wrappers import inject_hyperparams
 Factory = Callable[..., GradientTransformation]
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
-_FORMAT_VERSION = 1
-_GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes")
+_FORMAT_VERSION = 2  # 1: one encoded state per group (still read); 2: torch.optim's layout
+_GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, left out of the checkpoint names
+
+
+def _canonical(name: str) -> str:
+    """A parameter name without the prefixes that DDP and ``torch.compile`` add (what
+    ``torch.distributed.checkpoint`` calls the FQN)."""
+    return ".".join(part for part in name.split(".") if part + "." not in _WRAPPER_PREFIXES)
 
 
 def _multiplier(lr: Any) -> GradientTransformation:
@@ -515,7 +525,11 @@ class Optimizer(torch.optim.Optimizer):
         if built is None:
             return self._states[g]
         live = built[1].state[0] if self._factory is None else built[1].state
-        return to_eager_layout(live)
+        return _dist.shard_like(to_eager_layout(live), self._shard_specs(g))
+
+    def _shard_specs(self, g: int) -> dict[str, Any]:
+        """The layout of each parameter of group ``g`` (``None`` for a plain tensor)."""
+        return {n: _dist.shard_of(p) for n, p in zip(self._names[g], self.param_groups[g]["params"])}
 
     @property
     def tx_states(self) -> list[Any]:
@@ -585,7 +599,7 @@ class Optimizer(torch.optim.Optimizer):
             self._views_of[g] = live
             if built is not None and self._factory is None:
                 live = live[0]
-            views = S.per_param_views(live, self._names[g])
+            views = S.per_param_views(_dist.shard_like(live, self._shard_specs(g)), self._names[g])
             for n, p in zip(self._names[g], group["params"]):
                 self.state[p].update(views[n])
 
@@ -602,56 +616,78 @@ class Optimizer(torch.optim.Optimizer):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"state": [encoded state of each group, or None], "param_groups": [...], "grokxform":
-        {...}}``, plain containers only (``torch.load(weights_only=True)`` reads it). Group values
+        """torch.optim's layout: ``{"state": {index: {path: tensor...}}, "param_groups": [...]}``,
+        which ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) reads.
+        Each parameter's entry holds its state tensors (``"inner_state.adam.mu"``...) and the
+        group-wide leaves (``"group.count"``, hyperparameters...). As with torch.optim, the
+        tensors are the optimizer's own, not copies (a step of the engine updates them in place;
+        ``copy.deepcopy`` the dict for a snapshot); 0-d tensors are copies. Plain containers only
+        (``torch.load(weights_only=True)`` reads it); DTensor state stays sharded. Group values
         that a checkpoint cannot hold (functions, masks) are left out; loading keeps the current ones."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         groups = []
+        state: dict[int, dict[str, Any]] = {}
         index = 0
-        for g, group in enumerate(self.param_groups):
+        for g, (group, tx_state) in enumerate(zip(self.param_groups, self.tx_states)):
             saved = {
                 k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                 for k, v in group.items()
                 if k not in _GROUP_BOOKKEEPING and _plain(v)
             }
-            n = len(group["params"])
-            saved["params"] = list(range(index, index + n))
-            saved["param_names"] = list(self._names[g])
+            ids = list(range(index, index + len(group["params"])))
+            saved["params"] = ids
+            saved["param_names"] = [_canonical(n) for n in self._names[g]]
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
-            index += n
+            saved["grokxform_version"] = _FORMAT_VERSION
+            saved["grokxform_transform"] = self.transform_name
+            index += len(ids)
             groups.append(saved)
-        sd: dict[str, Any] = {
-            "state": [None if s is None else S.encode(s, f"group{g}") for g, s in enumerate(self.tx_states)],
-            "param_groups": groups,
-            "grokxform": {"version": _FORMAT_VERSION, "transform": self.transform_name},
-        }
+            if tx_state is not None:
+                entries = S.param_entries(tx_state, self._names[g])
+                state.update({i: entries[n] for i, n in zip(ids, self._names[g])})
+        sd: dict[str, Any] = {"state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
 
-    def _check_checkpoint(self, sd: Any) -> None:
+    def _check_checkpoint(self, sd: Any) -> int:
+        """Check ``sd`` against this optimizer (nothing changed); its format version."""
         if not isinstance(sd, Mapping):
             raise TypeError(f"load_state_dict: expected a dict, got {type(sd).__name__}")
-        if "grokxform" not in sd:
-            torch_like = "param_groups" in sd
-            kind = "a torch.optim optimizer's state_dict" if torch_like else f"a dict with keys {list(sd)[:6]}"
-            raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
-        meta = sd["grokxform"]
-        if not isinstance(meta, Mapping) or meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"load_state_dict: unsupported checkpoint format {meta!r} (this version reads {_FORMAT_VERSION})"
+        groups, states = sd.get("param_groups"), sd.get("state")
+        if "grokxform" in sd:  # format 1
+            meta = sd["grokxform"]
+            version = meta.get("version") if isinstance(meta, Mapping) else None
+            transform = meta.get("transform") if isinstance(meta, Mapping) else None
+            if not isinstance(groups, list) or not isinstance(states, list) or len(groups) != len(states):
+                raise ValueError("load_state_dict: 'param_groups' and 'state' must be lists of the same length")
+            if version != 1:
+                raise ValueError(f"load_state_dict: unsupported checkpoint format {meta!r}")
+        else:
+            ours = isinstance(groups, list) and groups and all(
+                isinstance(x, Mapping) and "grokxform_version" in x for x in groups
             )
-        if meta.get("transform") != self.transform_name:
+            if not ours:
+                torch_like = "param_groups" in sd
+                kind = "a torch.optim optimizer's state_dict" if torch_like else f"a dict with keys {list(sd)[:6]}"
+                raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
+            assert isinstance(groups, list)
+            version, transform = groups[0]["grokxform_version"], groups[0].get("grokxform_transform")
+            if version != _FORMAT_VERSION:
+                raise ValueError(
+                    f"load_state_dict: unsupported checkpoint format {version!r} (this version reads 1 and"
+                    f" {_FORMAT_VERSION})"
+                )
+            if not isinstance(states, Mapping):
+                raise ValueError("load_state_dict: 'state' must be a dict of the parameters' states")
+        if transform != self.transform_name:
             raise ValueError(
-                f"load_state_dict: the checkpoint is of an optimizer over {meta.get('transform')!r}, this one runs"
+                f"load_state_dict: the checkpoint is of an optimizer over {transform!r}, this one runs"
                 f" {self.transform_name!r}"
             )
-        groups, states = sd.get("param_groups"), sd.get("state")
-        if not isinstance(groups, list) or not isinstance(states, list) or len(groups) != len(states):
-            raise ValueError("load_state_dict: 'param_groups' and 'state' must be lists of the same length")
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"load_state_dict: the checkpoint has {len(groups)} param groups,"
@@ -659,12 +695,13 @@ class Optimizer(torch.optim.Optimizer):
             )
         for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
             names = list(saved.get("param_names", []))
-            if len(names) != len(group["params"]):
+            if len(names) != len(group["params"]) or len(saved.get("params", names)) != len(names):
                 raise ValueError(
                     f"load_state_dict: param group {g} has {len(names)} parameters in the checkpoint,"
                     f" {len(group['params'])} here"
                 )
-            diff = next((i for i, (a, b) in enumerate(zip(names, self._names[g])) if a != b), None)
+            here = [_canonical(n) for n in self._names[g]]
+            diff = next((i for i, (a, b) in enumerate(zip(names, here)) if _canonical(a) != b), None)
             if diff is not None:
                 raise ValueError(
                     f"load_state_dict: param group {g}, parameter {diff} is {names[diff]!r} in the checkpoint,"
@@ -676,20 +713,30 @@ class Optimizer(torch.optim.Optimizer):
                         f"load_state_dict: parameter {n!r} has shape {tuple(shape)} in the checkpoint,"
                         f" {tuple(p.shape)} here"
                     )
+        return int(version)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict`. Everything is checked first; on a mismatch (another model,
-        another transform) a ``ValueError`` names it and the optimizer is left as it was."""
+        """Restore a :meth:`state_dict` (or one that ``torch.distributed.checkpoint`` rebuilt: the
+        state keyed by parameter names, resharded for this process). Everything is checked first; on
+        a mismatch (another model, another transform) a ``ValueError`` names it and the optimizer
+        is left as it was."""
         sd = state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, sd)
             if result is not None:
                 sd = result
-        self._check_checkpoint(sd)
+        version = self._check_checkpoint(sd)
         staged = []
-        for g, (saved_group, saved_state, group) in enumerate(zip(sd["param_groups"], sd["state"], self.param_groups)):
+        for g, (saved_group, group) in enumerate(zip(sd["param_groups"], self.param_groups)):
             values = {k: v for k, v in saved_group.items() if k not in _GROUP_BOOKKEEPING}
             new_group = {**group, **values}
+            if version == 1:
+                saved_state = sd["state"][g]
+            else:
+                keys = saved_group.get("params", list(range(len(group["params"]))))
+                saved_state = {n: sd["state"].get(k) for n, k in zip(self._names[g], keys)}
+                if all(v is None for v in saved_state.values()):
+                    saved_state = None
             tx, state, args = None, None, None
             if saved_state is not None:
                 if self._factory is None:
@@ -700,7 +747,11 @@ class Optimizer(torch.optim.Optimizer):
                 assert tx is not None
                 tree = {n: p.detach() for n, p in zip(self._names[g], group["params"])}
                 template = tx.init(tree)
-                state = S.decode(saved_state, template, f"load_state_dict: param group {g}'s state")
+                where = f"load_state_dict: param group {g}'s state"
+                if version == 1:
+                    state = S.decode(saved_state, template, where)
+                else:
+                    state = S.from_param_entries(saved_state, template, self._names[g], where)
             staged.append((values, tx, args, state))
         self._fused_steps.clear()  # a fused step owns the state it adopted: adopt the loaded one
         for g, (values, tx, args, state) in enumerate(staged):

@@ -469,21 +469,75 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path: Any) -> None:
     for key in ("a", "b", "opt_a", "opt_b"):
         assert_tree_equal(resumed[key], expected[key], key)
     # The state really is the trained one (not, say, two fresh optimizers).
-    assert int(expected["opt_a"]["state"][0]["fields"]["count"]) == 12
-    assert len(expected["opt_b"]["state"][0]["grokfast"]["fields"]["window"]) == 3
+    assert int(expected["opt_a"]["state"][0]["group.count"]) == 12
+    assert sum(k.startswith("grokfast.window.") for k in expected["opt_b"]["state"][0]) == 3
 
 
-def test_state_dict_is_weights_only_and_detached_from_training() -> None:
+def test_checkpoint_of_the_earlier_layout_still_loads() -> None:
+    """A checkpoint of format 1 (one encoded state tree per group) resumes as the current one does."""
+    model = make_model()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-2)
+    backward(model, opt, 0)
+    opt.step(train_loss=1.0, val_loss=2.0)
+    group = {k: v for k, v in opt.state_dict()["param_groups"][0].items() if not k.startswith("grokxform_")}
+    old = roundtrip({"state": [_state_io.encode(opt.tx_states[0])], "param_groups": [group],
+                     "grokxform": {"version": 1, "transform": "grokxform.pipelines.grokadamw"}})
+    twin_model = make_model()
+    twin = gx.Optimizer(twin_model.named_parameters(), gx.grokadamw, lr=1e-2)
+    twin.load_state_dict(old)
+    twin_model.load_state_dict(model.state_dict())
+    for m, o in ((model, opt), (twin_model, twin)):
+        backward(m, o, 1)
+        o.step(train_loss=1.0, val_loss=2.0)
+    assert max_diff(model, twin_model) == 0.0
+    assert_tree_equal(twin.state_dict()["state"], opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_state_dict_tensors_are_the_optimizers_own_as_in_torch(fused: Any) -> None:
+    """As with torch.optim: the state tensors of a state dict are the optimizer's, so under the
+    engine (which updates them in place) they follow later steps, as torch.optim.AdamW's do;
+    ``copy.deepcopy`` keeps a snapshot; 0-d values (counts, hyperparameters) are copies. The
+    eager path replaces its state each step, so there the dict keeps the values it was taken with."""
+    import copy
+
+    model, ref = make_model(), make_model()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokfast_ma, lr=1e-2, window_size=3, fused=fused)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for o, m in ((opt, model), (torch_opt, ref)):
+        backward(m, o, 0)
+        o.step()
+    sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
+    snap = copy.deepcopy(sd)
+    for t in (1, 2):
+        for o, m in ((opt, model), (torch_opt, ref)):
+            backward(m, o, t)
+            o.step()
+    entry, kept = sd["state"][0], snap["state"][0]
+    changed = {k for k in entry if not torch.equal(entry[k], kept[k])}
+    big = {k for k, v in entry.items() if v.dim() > 0}
+    assert big and "inner_state.adam.mu" in big
+    live = opt.state[model[0].weight]["adam.mu"]
+    if fused is None:  # the engine: the dict's tensors are the live ones
+        assert {"inner_state.adam.mu", "inner_state.adam.nu", "inner_state.grokfast.total"} <= changed <= big
+        assert torch.equal(entry["inner_state.adam.mu"], live)
+    else:
+        assert changed == set()
+        assert not torch.equal(entry["inner_state.adam.mu"], live)
+    assert torch.equal(torch_opt.state_dict()["state"][0]["exp_avg"], torch_sd["state"][0]["exp_avg"])  # torch: live too
+
+
+def test_state_dict_is_weights_only_and_its_hyperparameters_are_copies() -> None:
     model = make_model()
     opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-2)
     backward(model, opt, 0)
     opt.step(train_loss=1.0, val_loss=2.0)
     sd = opt.state_dict()
-    lr_then = sd["state"][0]["fields"]["hyperparams"]["lr"].clone()
+    lr_then = sd["state"][0]["group.hyperparams.lr"].clone()
     opt.param_groups[0]["lr"] = 5e-3
     backward(model, opt, 1)
     opt.step()
-    assert torch.equal(sd["state"][0]["fields"]["hyperparams"]["lr"], lr_then)  # taken, not aliased
+    assert torch.equal(sd["state"][0]["group.hyperparams.lr"], lr_then)  # 0-d tensors: copies
     loaded = roundtrip(sd)
     assert_tree_equal(loaded, sd)
     fresh_model = make_model()
@@ -543,9 +597,9 @@ def _trained(opt_factory: Callable[[nn.Module], gx.Optimizer], hidden: int = 8, 
         (lambda m: gx.Optimizer(m.parameters(), gx.grokadamw, layer="index"), {},
          r"parameter 0 is '0' in the checkpoint, '0.weight' here"),
         (lambda m: gx.Optimizer(m.named_parameters(), gx.adamw()), dict(ready=True),
-         r"state at '<root>': key 'clip' is missing from the checkpoint"),
+         r"parameter '0.weight', 'group.clip.norm': missing from the checkpoint"),
         (lambda m: gx.Optimizer(m.named_parameters(), gx.grokadamw(state_dtype=torch.float32)), dict(ready=True),
-         r"at 'grokfast.mu.0.weight': the checkpoint has dtype torch.float32, this optimizer torch.float64"),
+         r"parameter '0.weight', 'grokfast.mu': the checkpoint has dtype torch.float32, this optimizer torch.float64"),
         (lambda m: torch.optim.AdamW(m.parameters()), {}, r"torch.optim optimizer's state_dict"),
         (lambda m: gx.Optimizer([{"params": [p]} for p in m.parameters()], gx.grokadamw, layer="index"), {},
          r"checkpoint has 4 param groups, this optimizer 1"),

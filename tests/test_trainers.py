@@ -210,7 +210,7 @@ def test_lightning_resume_is_bit_for_bit(tmp_path: Path, feed_signal: bool) -> N
     ckpt = next((tmp_path / "full" / "ckpt").glob(f"*step={k}.ckpt"))
 
     raw = torch.load(ckpt, weights_only=True)  # the whole .ckpt is plain containers
-    assert raw["optimizer_states"][0]["grokxform"]["transform"] == "grokxform.pipelines.grokadamw"
+    assert raw["optimizer_states"][0]["param_groups"][0]["grokxform_transform"] == "grokxform.pipelines.grokadamw"
     assert raw["global_step"] == k
 
     resumed, resumed_trainer = _fit_lightning(tmp_path / "resumed", feed_signal, n, save_every=k, ckpt_path=ckpt)
@@ -369,7 +369,7 @@ def test_transformers_trainer_trains_and_resumes_bit_for_bit(tmp_path: Path) -> 
 
     ckpt = tmp_path / "full" / f"checkpoint-{k}"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)  # what Trainer reads back
-    assert saved["grokxform"]["transform"] == "grokxform.pipelines.grokadamw"
+    assert saved["param_groups"][0]["grokxform_transform"] == "grokxform.pipelines.grokadamw"
 
     resumed, opt_resumed, trainer_resumed = _train_hf(tmp_path / "resumed", n, k, resume=ckpt)
     assert trainer_resumed.state.global_step == n

@@ -161,10 +161,14 @@ class EngineStep:
     def __init__(
         self, tx: Any, p_tree: Any, state: Any, grads: list[Any], extras: dict[str, torch.Tensor],
         *, backend: str = "triton", block: int | None = None, num_warps: int | None = None,
+        shards: list[Any] | None = None,
     ) -> None:
         if backend not in ("triton", "foreach"):
             raise ValueError(f"EngineStep: backend must be 'triton' or 'foreach', got {backend!r}")
         self.backend = backend
+        self.shards = shards if shards is not None and any(x is not None for x in shards) else None
+        """The layout of each param leaf when the tensors are local shards of DTensors (``None``:
+        unsharded): the per-leaf reductions are then completed over the ranks."""
         self.decl = D.declaration_of(tx)
         self.state = state
         self.plan = plan = P.make_plan(self.decl, state, p_tree, grads)
@@ -422,6 +426,10 @@ class EngineStep:
                         if stage in grp.kernels:
                             self._launch(grp, stage)
                     reduced[id(red)] = self._finalize(red, stage)
+                    if self.shards is not None:
+                        reduced[id(red)] = D._dist.complete_reductions(
+                            reduced[id(red)], [self.shards[leaf] for leaf in red.leaves]
+                        )
             elif not layout:
                 for grp in self._groups:
                     self._launch(grp, stage)
@@ -438,7 +446,8 @@ class EngineStep:
             if grp.leaves[0] in red.leaves:
                 at.update(zip(grp.leaves, F.GroupPass(self, grp, p, scalars, flags).reduce_input()))
         kinds = red.decl.reduce if isinstance(red, P.Member) else ("finite",)
-        return D.reductions(kinds, [at[leaf] for leaf in red.leaves], self.device)
+        shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
+        return D.reductions(kinds, [at[leaf] for leaf in red.leaves], self.device, shards)
 
     def _branches(self, nodes: list[Any], scalars: Any) -> dict[int, dict[str, Any]]:
         """``scalars(node)`` for each node of a stage. On CUDA the nodes' rules run on side streams
