@@ -353,10 +353,12 @@ def whole_gradient_reductions(leaves: Seq[torch.Tensor | None]) -> dict[str, tor
     ``update`` keyword arguments for each tree: ``global_grad_norm``, the pair ``(‖g‖, ‖g‖_fin)``
     that :func:`~grokxform.clip_by_global_norm` computes over one tree (per-leaf norms in float32,
     float64 if any leaf is; ``‖g‖_fin`` over the leaves whose values are all finite), and
-    ``global_grad_finite``, whether every value is finite. ``None`` leaves are skipped."""
-    xs = [x for x in leaves if x is not None]
+    ``global_grad_finite``, whether every value is finite. ``None`` leaves are skipped; sharded
+    leaves (DTensors) count whole (one all-reduce)."""
+    given = [x for x in leaves if x is not None]
+    xs = [_dist.local(x) for x in given]
     device = xs[0].device if xs else torch.device("cpu")
-    red = reductions(("norm", "finite"), xs, device)
+    red = reductions(("norm", "finite"), xs, device, [_dist.shard_of(x) for x in given])
     norms, finite = red["norm"], red["finite"]
     pair = torch.stack([torch.linalg.vector_norm(norms), torch.linalg.vector_norm(torch.where(finite, norms, 0.0))])
     return {GLOBAL_NORM: pair, GLOBAL_FINITE: finite.all()}

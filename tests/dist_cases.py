@@ -45,9 +45,16 @@ def batch(t: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Te
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def optimizer(m: torch.nn.Module, name: str, **kw: Any) -> gx.Optimizer:
+def optimizer(m: torch.nn.Module, name: str, groups: bool = False, **kw: Any) -> gx.Optimizer:
+    """The pipeline over ``m``'s named parameters; with ``groups``, as transformers' Trainer builds
+    it: a decay and a no-decay group of unnamed parameters, named by ``module=``."""
     factory, hp = PIPELINES[name]()
-    return gx.Optimizer(m.named_parameters(), factory, **hp, **kw)
+    if not groups:
+        return gx.Optimizer(m.named_parameters(), factory, **hp, **kw)
+    decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in m.named_parameters() if not n.endswith("weight")]
+    split = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    return gx.Optimizer(split, factory, module=m, **hp, **kw)
 
 
 def train(m: torch.nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
@@ -219,6 +226,7 @@ def main(out: str, ckpt1: str) -> None:
         results[f"fsdp2/{name}"] = sharded(name, rank, world, "fsdp2", ckpt=os.path.join(out, f"ckpt2_{name}"))
         results[f"ddp/{name}"] = sharded(name, rank, world, "ddp")
         results[f"resume_1to2/{name}"] = sharded(name, rank, world, "fsdp2", resume=os.path.join(ckpt1, name))
+    results["fsdp2_groups/grokadamw"] = sharded("grokadamw", rank, world, "fsdp2", groups=True)
     results["fsdp2_eager/grokadamw"] = sharded("grokadamw", rank, world, "fsdp2", fused=False)
     results["fsdp2_eager/grokfast_ma"] = sharded("grokfast_ma", rank, world, "fsdp2", fused=False)
     results["full_state/grokfast_ma"] = full_state_resume("grokfast_ma", rank, world)

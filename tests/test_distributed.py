@@ -58,9 +58,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
         resumed = {name: cases.single(name, resume=str(out / f"ckpt2_{name}")) for name in cases.PIPELINES}
         functional = cases.functional_reference()
+        groups = cases.single("grokadamw", groups=True)
     finally:
         torch.set_num_threads(threads)
-    return {"reference": reference, "ranks": ranks, "resumed_2to1": resumed, "functional": functional}
+    return {"reference": reference, "ranks": ranks, "resumed_2to1": resumed, "functional": functional,
+            "groups": groups}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -78,6 +80,14 @@ def test_two_ranks_equal_one_process(runs: dict[str, Any], name: str, how: str) 
         got = rank[f"{how}/{name}"]
         assert _max_diff(got, ref) <= TOL, (how, name, _max_diff(got, ref))
         assert any((got[n] != cases.full_params(cases.model())[n]).any() for n in got)  # it trained
+
+
+def test_fsdp2_param_groups_share_one_clip(runs: dict[str, Any]) -> None:
+    """Two param groups (decay / no decay) under FSDP2: the clip's one norm spans the groups and
+    the ranks, as in one process."""
+    for rank in runs["ranks"]:
+        got = rank["fsdp2_groups/grokadamw"]
+        assert _max_diff(got, runs["groups"]) <= TOL, _max_diff(got, runs["groups"])
 
 
 @pytest.mark.parametrize("name", ["grokadamw", "grokfast_ma"])
