@@ -383,7 +383,8 @@ class Optimizer(torch.optim.Optimizer):
         if built is not None and self._factory is None:
             state = state[0]
         tx = self._transform(g, group, state)
-        backend = None if g in self._eager_groups else self._backend(g, params)
+        traced = built is None and torch.compiler.is_compiling()  # under torch.compile: tx.update, compiled by it
+        backend = None if g in self._eager_groups or traced else self._backend(g, params)
         if backend is not None:
             if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
                 built = self._build_fused(g, tx, state, backend)

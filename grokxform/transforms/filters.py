@@ -52,9 +52,12 @@ def ema_filter(
 
     - ``init="first"`` (official Grokfast): each leaf's μ is seeded with its first gradient, so
       step 1 gives μ_1 = g_1 (no bias correction). ``init="zeros"`` (GrokAdamW): μ_0 = 0.
-    - α_t = α·exp(−κ·GS_t) with κ = ``signal_decay_rate`` and GS_t the grokking signal
-      (:func:`grokxform.signals.compute_signal`: ``grokking_signal=``, the ``signal_fns``, or
-      the loss gap of ``train_loss=``/``val_loss=`` passed to ``update``). κ = 0: α_t = α.
+    - α_t = clamp(α·exp(−κ·GS_t), 0, 1) with κ = ``signal_decay_rate`` and GS_t the grokking
+      signal (:func:`grokxform.signals.compute_signal`: ``grokking_signal=``, the ``signal_fns``,
+      or the loss gap of ``train_loss=``/``val_loss=`` passed to ``update``). κ = 0: α_t = α.
+      The signal is data, so it is clamped, never refused: a negative GS_t (which would give
+      α_t > 1 and an EMA that grows without bound) holds μ at α_t = 1; a NaN or infinite one
+      counts as 0. Hyperparameters are refused instead: α outside [0, 1), κ < 0.
     - State: :class:`EmaFilterState`; μ in ``state_dtype`` (default: the gradient's dtype,
       promoted to float32 for 16-bit gradients). A leaf with a ``None`` gradient keeps its μ.
 
