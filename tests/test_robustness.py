@@ -154,3 +154,60 @@ def test_python_float_losses_do_not_recompile_optimizer_step() -> None:
         counts.append(cnt.frame_count)
     assert counts[-1] == counts[1], counts
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# One huge but finite gradient in the MA window.
+
+
+def _outputs(tx, params, grads: list[dict[str, torch.Tensor]], engine: str | None) -> list[dict[str, torch.Tensor]]:
+    """``tx``'s output at each step, on ``engine``. A fused step adds it to the params, which are
+    zero before each step, so the params after the step are the output itself."""
+    outs = []
+    if engine is None:
+        state = tx.init(params)
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            outs.append(u)
+        return outs
+    fused = FusedStep(tx, {n: torch.zeros_like(p) for n, p in params.items()}, backend=engine)
+    for g in grads:
+        for p in fused.params.values():
+            p.zero_()
+        fused(g)
+        outs.append({n: p.clone() for n, p in fused.params.items()})
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e or "eager")
+def test_ma_filter_recovers_exactly_once_a_spike_leaves_the_window(engine: str | None, dtype: torch.dtype) -> None:
+    """A 1e14 gradient among values near 0.01 (w = 5): from the step it leaves the window, the
+    output is the mean of the window's values computed directly: for float32 gradients bit for
+    bit fl32(exact sum · fl64(1/w)); for float64 ones within 4 ulp of the largest gradient (the
+    rounding of a float64 sum). A plain running sum stays wrong by ~1e-2 here, for ever."""
+    if engine == "triton" and dtype == torch.float64:
+        pytest.skip("the engine's kernels take 16/32-bit floats")
+    w, spike_at, steps = 5, 3, 13
+    params = {"a": torch.zeros(40, dtype=dtype, device=DEVICE), "b": torch.zeros(3, 4, dtype=dtype, device=DEVICE)}
+    gen = torch.Generator().manual_seed(7)
+    grads = []
+    for t in range(steps):
+        g = {n: (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.01).to(DEVICE, dtype)
+             for n, p in params.items()}
+        if t == spike_at:
+            g["a"][::3] = 1e14
+            g["b"][1] = -1e14
+        grads.append(g)
+    outs = _outputs(gx.ma_filter(w), params, grads, engine)
+    for t in range(spike_at + w, steps):
+        for n in params:
+            window = torch.stack([grads[k][n] for k in range(t - w + 1, t + 1)]).double()
+            if dtype == torch.float32:  # a sum of 5 float32 values of this range is exact in float64
+                want = (window.sum(0) * (1.0 / w)).to(dtype)
+                assert torch.equal(outs[t][n], want), (t, n, (outs[t][n] - want).abs().max())
+            else:
+                exact = torch.tensor([math.fsum(c) for c in window.reshape(w, -1).T.tolist()], dtype=torch.float64)
+                want = exact.reshape(window.shape[1:]).to(DEVICE) * (1.0 / w)
+                atol = 4 * torch.finfo(torch.float64).eps * float(window.abs().max())
+                torch.testing.assert_close(outs[t][n], want, rtol=0, atol=atol)
