@@ -30,9 +30,10 @@ def _has_triton() -> bool:
     return True
 
 
+NEEDS_TRITON = pytest.mark.skipif(not _has_triton(), reason="needs triton")
 ENGINES = [
     None,  # eager tx.update
-    pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="needs triton")),
+    pytest.param("triton", marks=NEEDS_TRITON),
     "foreach",
     "aot_eager",
 ]
@@ -179,15 +180,20 @@ def _outputs(tx, params, grads: list[dict[str, torch.Tensor]], engine: str | Non
     return outs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e or "eager")
+SPIKE_CASES = [
+    *[pytest.param(e, dt, id=f"{e or 'eager'}-{dn}") for e in (None, "foreach", "aot_eager")
+      for dt, dn in ((torch.float32, "fp32"), (torch.float64, "fp64"))],
+    pytest.param("triton", torch.float32, id="triton-fp32", marks=NEEDS_TRITON),  # kernels: 16/32-bit floats
+    pytest.param("inductor", torch.float32, id="inductor-fp32"),  # Inductor's C++ must not reassociate TwoSum
+]
+
+
+@pytest.mark.parametrize("engine, dtype", SPIKE_CASES)
 def test_ma_filter_recovers_exactly_once_a_spike_leaves_the_window(engine: str | None, dtype: torch.dtype) -> None:
     """A 1e14 gradient among values near 0.01 (w = 5): from the step it leaves the window, the
     output is the mean of the window's values computed directly: for float32 gradients bit for
     bit fl32(exact sum · fl64(1/w)); for float64 ones within 4 ulp of the largest gradient (the
     rounding of a float64 sum). A plain running sum stays wrong by ~1e-2 here, for ever."""
-    if engine == "triton" and dtype == torch.float64:
-        pytest.skip("the engine's kernels take 16/32-bit floats")
     w, spike_at, steps = 5, 3, 13
     params = {"a": torch.zeros(40, dtype=dtype, device=DEVICE), "b": torch.zeros(3, 4, dtype=dtype, device=DEVICE)}
     gen = torch.Generator().manual_seed(7)
