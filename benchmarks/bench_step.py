@@ -381,9 +381,9 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
     if pipe == "grokfast_ema":
         return adamw + 2 * sb
     if pipe == "grokfast_ma":
-        return adamw + 2 * gb + 16  # ring slot in/out (grad dtype), float64 running sum in/out
+        return adamw + 2 * gb + 32  # ring slot in/out (grad dtype), float64 running-sum pair (total, comp) in/out
     if pipe == "grokfast_ma_bf16w":
-        return adamw + 2 * 2 + 16
+        return adamw + 2 * 2 + 32
     if pipe in ("grokadamw", "grokadamw_compat"):
         return adamw + gb + 2 * sb  # the norm pass over g, and μ
     if pipe == "userchain":

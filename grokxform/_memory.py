@@ -77,7 +77,7 @@ def check_ma_window(
     """Check, before ``ma_filter`` allocates it, that its state fits on each device of ``params``.
 
     Per device: ``w × Σ numel × size(window dtype)`` for the window, plus
-    ``Σ numel × size(accumulator dtype)`` for the running sum.
+    ``2 × Σ numel × size(accumulator dtype)`` for the running sum and its compensation.
     """
     numel: dict[torch.device, int] = {}
     window: dict[torch.device, int] = {}
@@ -89,13 +89,13 @@ def check_ma_window(
         item = (window_dtype or p.dtype).itemsize
         numel[p.device] = numel.get(p.device, 0) + n
         window[p.device] = window.get(p.device, 0) + window_size * n * item
-        total[p.device] = total.get(p.device, 0) + n * accumulator_dtype.itemsize
+        total[p.device] = total.get(p.device, 0) + 2 * n * accumulator_dtype.itemsize
     for device in numel:
         check_fits(
             {device: window[device] + total[device]},
             "ma_filter",
             f"a window of {window_size:,} gradients of {numel[device]:,} elements: {window[device]:,} bytes,"
-            f" plus the {accumulator_dtype} running sum: {total[device]:,} bytes",
+            f" plus the {accumulator_dtype} running sum and its compensation: {total[device]:,} bytes",
             "use a smaller window_size, window_dtype=torch.bfloat16 (half the bytes of float32), or an"
             " EMA filter (one copy of the gradients)",
         )

@@ -9,7 +9,7 @@ state field names, the ``inner_state`` field of wrappers left out. For ``grokada
     lr, weight_decay, lamb, ... the injected hyperparameters (values of the last step)
     count                       the wrapper's step count
     clip/norm, clip/scale       ‖g‖ over all leaves, and min(1, c/(‖g‖+1e−6))
-    grokfast/alpha              α_t = α·exp(−κ·GS_t)
+    grokfast/alpha              α_t = clamp(α·exp(−κ·GS_t), 0, 1)
     grokfast/signal             the grokking signal GS_t
     grokfast/step               the filter's step count
     grokfast/mu_norm            ‖μ_t‖ over all leaves

@@ -419,7 +419,8 @@ class Optimizer(torch.optim.Optimizer):
         built = self._fused_steps.get(g)
         state = self._group_state(g)
         tx = self._transform(g, group, state)
-        backend = None if g in self._eager_groups else self._backend(g, params)
+        traced = built is None and torch.compiler.is_compiling()  # under torch.compile: tx.update, compiled by it
+        backend = None if g in self._eager_groups or traced else self._backend(g, params)
         if backend is not None:
             if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
                 built = self._build_fused(g, tx, state, backend)

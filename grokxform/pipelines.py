@@ -183,7 +183,8 @@ def grokadamw(
 
     1. ``clip``: one global norm, ``g ← g·min(1, c/(‖g‖+1e−6))`` (``clip_grad_norm_(parameters)``);
        off when ``gradient_clipping`` is 0.
-    2. ``grokfast``: ``α_t = α_init·exp(−κ·GS_t)``, ``μ ← α_t·μ + (1−α_t)·g`` (μ_0 = 0),
+    2. ``grokfast``: ``α_t = clamp(α_init·exp(−κ·GS_t), 0, 1)`` (a negative signal cannot push
+       α_t past 1), ``μ ← α_t·μ + (1−α_t)·g`` (μ_0 = 0),
        ``ĝ = g + λ·μ``. GS_t: ``grokking_signal=`` passed to ``update``, else the mean of
        ``grokking_signal_fns(train_loss, val_loss[, step])``, else the loss gap
        ``max(0, L_val−L_train)/max(L_val, L_train)`` of ``train_loss=``/``val_loss=``, else 0.

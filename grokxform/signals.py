@@ -1,4 +1,4 @@
-"""The grokking signal GS_t and the EMA momentum it drives, α_t = α_init·exp(−κ·GS_t).
+"""The grokking signal GS_t and the EMA momentum it drives, α_t = clamp(α_init·exp(−κ·GS_t), 0, 1).
 
 Everything is computed in-graph from tensors, so a compiled step does not recompile when the
 losses change. The losses reach the transforms as extra keyword arguments of ``update``::
@@ -64,9 +64,16 @@ def check_signal_fns(fns: Sequence[SignalFn] | None) -> tuple[tuple[SignalFn, in
 
 
 def _as_f64(x: Any, device: torch.device) -> torch.Tensor:
+    """``x`` (a 0-d tensor or a number) as a 0-d float64 tensor on ``device``.
+
+    A number is added to a zero tensor rather than wrapped by ``torch.tensor``: under
+    ``torch.compile`` an added Python float stays a graph input, while one wrapped into a new
+    tensor is burnt into the graph as a constant, so every new loss value would recompile.
+    """
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=torch.float64).reshape(())
-    return torch.tensor(float(x), dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return zero + (x if isinstance(x, (int, float)) and not isinstance(x, bool) else float(x))
 
 
 def has_signal(fns: tuple[tuple[SignalFn, int], ...], extra: dict[str, Any]) -> bool:
@@ -116,9 +123,16 @@ def compute_signal(
 
 
 def adapted_alpha(alpha_init: Any, decay_rate: Any, signal: torch.Tensor) -> torch.Tensor:
-    """α_t = α_init·exp(−κ·GS_t), in float64. A non-finite GS_t (a NaN or infinite loss) counts as
-    GS_t = 0, so α_t = α_init: one bad loss must not turn every leaf's EMA into NaN."""
+    """α_t = clamp(α_init·exp(−κ·GS_t), 0, 1), in float64.
+
+    The signal is data, so what it does to α is bounded here rather than refused: a negative
+    GS_t (the loss-gap signal is never negative, a user's signal may be) raises α_t towards 1 and
+    stops there (μ held, never amplified: μ_t stays a convex combination of gradients, so it
+    cannot grow without bound). A non-finite GS_t (a NaN or infinite loss) counts as GS_t = 0, so
+    α_t = α_init: one bad loss must not turn every leaf's EMA into NaN. Static hyperparameters
+    that would leave [0, 1] (α_init outside [0, 1), κ < 0) are refused when a transform is built.
+    """
     a0 = alpha_init.to(torch.float64) if isinstance(alpha_init, torch.Tensor) else float(alpha_init)
     k = decay_rate.to(torch.float64) if isinstance(decay_rate, torch.Tensor) else float(decay_rate)
     signal = torch.where(torch.isfinite(signal), signal, 0.0)
-    return a0 * torch.exp(-k * signal)
+    return torch.clamp(a0 * torch.exp(-k * signal), 0.0, 1.0)

@@ -104,7 +104,8 @@ BAD_LEAF_STATE = {
     "adamw": {"adam.mu.head", "adam.nu.head"},
     "grokfast_ema": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
     "grokfast_ema_coupled": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-    "grokfast_ma": {"grokfast.window.2.head", "grokfast.total.head", "adam.mu.head", "adam.nu.head"},
+    "grokfast_ma": {"grokfast.window.2.head", "grokfast.total.head", "grokfast.comp.head", "adam.mu.head",
+                    "adam.nu.head"},
     "grokadamw": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
     "grokadamw_compat": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
 }
@@ -509,7 +510,7 @@ def test_ma_window_larger_than_the_ram_fails_before_allocating(no_allocation: No
     assert have is not None and have > 0
     n = 1000
     w = max(10**7, 2 * have // (n * 4) + 1)  # float32 window: needs twice the available RAM, or more
-    needed = w * n * 4 + n * 8  # the window plus the float64 running sum
+    needed = w * n * 4 + n * 16  # the window plus the float64 running sum and its compensation
     for tx in (gx.ma_filter(w), gx.grokfast_ma(window_size=w)):
         with pytest.raises(MemoryError) as err:
             tx.init({"w": torch.ones(n)})
@@ -521,12 +522,12 @@ def test_ma_window_larger_than_the_ram_fails_before_allocating(no_allocation: No
 def test_ma_window_bytes_count_the_window_dtype_and_every_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 5_000)
     p = {"a": torch.ones(10), "b": torch.ones(3, 5, dtype=F64)}
-    # float32 a: 100·10·4, float64 b: 100·15·8, running sums: 25·8
-    with pytest.raises(_memory.StateTooLargeError, match=f"{100 * 10 * 4 + 100 * 15 * 8 + 25 * 8:,} bytes"):
+    # float32 a: 100·10·4, float64 b: 100·15·8, running sums and their compensations: 25·16
+    with pytest.raises(_memory.StateTooLargeError, match=f"{100 * 10 * 4 + 100 * 15 * 8 + 25 * 16:,} bytes"):
         gx.ma_filter(100).init(p)
-    with pytest.raises(MemoryError, match=f"{100 * 25 * 2 + 25 * 8:,} bytes"):
+    with pytest.raises(MemoryError, match=f"{100 * 25 * 2 + 25 * 16:,} bytes"):
         gx.ma_filter(100, window_dtype=BF16).init(p)
-    state = gx.ma_filter(10).init(p)  # 10·40 + 10·120 + 200 = 1800 bytes: fits
+    state = gx.ma_filter(10).init(p)  # 10·40 + 10·120 + 400 = 2000 bytes: fits
     assert len(state.window) == 10
 
 

@@ -24,7 +24,7 @@ from grokxform.declarations import (
     declare,
     run_rule,
 )
-from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
+from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, Val, where
 
 
 class EmaFilterState(NamedTuple):
@@ -52,9 +52,12 @@ def ema_filter(
 
     - ``init="first"`` (official Grokfast): each leaf's μ is seeded with its first gradient, so
       step 1 gives μ_1 = g_1 (no bias correction). ``init="zeros"`` (GrokAdamW): μ_0 = 0.
-    - α_t = α·exp(−κ·GS_t) with κ = ``signal_decay_rate`` and GS_t the grokking signal
-      (:func:`grokxform.signals.compute_signal`: ``grokking_signal=``, the ``signal_fns``, or
-      the loss gap of ``train_loss=``/``val_loss=`` passed to ``update``). κ = 0: α_t = α.
+    - α_t = clamp(α·exp(−κ·GS_t), 0, 1) with κ = ``signal_decay_rate`` and GS_t the grokking
+      signal (:func:`grokxform.signals.compute_signal`: ``grokking_signal=``, the ``signal_fns``,
+      or the loss gap of ``train_loss=``/``val_loss=`` passed to ``update``). κ = 0: α_t = α.
+      The signal is data, so it is clamped, never refused: a negative GS_t (which would give
+      α_t > 1 and an EMA that grows without bound) holds μ at α_t = 1; a NaN or infinite one
+      counts as 0. Hyperparameters are refused instead: α outside [0, 1), κ < 0.
     - State: :class:`EmaFilterState`; μ in ``state_dtype`` (default: the gradient's dtype,
       promoted to float32 for 16-bit gradients). A leaf with a ``None`` gradient keeps its μ.
 
@@ -118,12 +121,14 @@ def _ema_first(v: Inputs, sc: Inputs) -> Outputs:
 
 class MaFilterState(NamedTuple):
     """``count``: per-leaf updates; ``window``: a tuple of w trees shaped like the params, oldest
-    first (zeros until filled; each leaf rotates on its own steps); ``total``: per-leaf running
-    sum of the window, in the accumulator dtype."""
+    first (zeros until filled; each leaf rotates on its own steps); ``total`` and ``comp``: per
+    leaf, the running sum of the window as an unevaluated pair (the window's sum is
+    ``total + comp``), in the accumulator dtype."""
 
     count: Any
     window: tuple[Any, ...]
     total: Any
+    comp: Any
 
 
 def ma_filter(
@@ -143,9 +148,18 @@ def ma_filter(
 
     A ring buffer plus a running sum, ``S_t = S_{t−1} − g_{t−w} + g_t``: O(1) work per step
     whatever w is. The window rotates (the new state shares w−1 tensors with the old one, nothing
-    is mutated, each stored gradient is a copy); the running sum is kept in ``accumulator_dtype``
-    (float64 by default), so it does not drift over 10^5 steps. ``window_dtype=torch.bfloat16``
-    halves the window's memory. State: :class:`MaFilterState`.
+    is mutated, each stored gradient is a copy). ``window_dtype=torch.bfloat16`` halves the
+    window's memory. State: :class:`MaFilterState`.
+
+    The running sum is compensated: it is kept as a pair ``(total, comp)`` in
+    ``accumulator_dtype`` (float64 by default), and both the subtraction of g_{t−w} and the
+    addition of g_t are error-free (Knuth's TwoSum), their rounding errors going to ``comp``. So
+    the sum neither drifts over 10^5 steps nor remembers a value that has left the window: after
+    one huge gradient (1e14 among values near 1) the output is back to the mean of the window's
+    values, to the rounding of a float64 sum (bit for bit the float64 mean in float32 output),
+    from the step the spike leaves the window. (A plain running sum keeps the rounding error of
+    every step the spike spent in it, forever.) Only a sum that overflows the accumulator dtype
+    (values near 1e308) is beyond repair.
 
     Example::
 
@@ -166,6 +180,7 @@ def ma_filter(
                 for _ in range(w)
             ),
             total=C.zeros_like_tree(params, accumulator_dtype),
+            comp=C.zeros_like_tree(params, accumulator_dtype),
         )
 
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -179,19 +194,39 @@ def ma_filter(
         return values, {}
 
     def rule(v: Inputs, sc: Inputs) -> Outputs:
-        """S_t = S − g_{t−w} + g_t (in the accumulator dtype); A_t = S_t·(1/n_t); 0 during warm-up."""
+        """S_t = S − g_{t−w} + g_t as the pair (total, comp), both steps error-free (in the
+        accumulator dtype); A_t = (total + comp)·(1/n_t); 0 during warm-up."""
         stored = v.x.to(v.window.dtype)
-        total = v.total - v.window.to(v.total.dtype) + stored.to(v.total.dtype)
-        out = (total * sc.inv_n if filter_type == "mean" else total).to(v.x.dtype)
+        acc = v.total.dtype
+        total, gone = _two_diff(v.total, v.window.to(acc))
+        total, came = _two_sum(total, stored.to(acc))
+        comp = v.comp + (gone + came)
+        s = total + comp
+        out = (s * sc.inv_n if filter_type == "mean" else s).to(v.x.dtype)
         if warmup:
             out = where(sc.on, out, 0.0)
-        return {"out": out, "total": total, "window": stored}
+        return {"out": out, "total": total, "comp": comp, "window": stored}
 
     names = (("inv_n",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
     return elementwise(
-        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total",), count="count",
+        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total", "comp"), count="count",
         window=WindowField("window", w),
     )
+
+
+def _two_sum(a: Val, b: Val) -> tuple[Val, Val]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum: six
+    operations, whatever the magnitudes of a and b)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_diff(a: Val, b: Val) -> tuple[Val, Val]:
+    """``(s, e)`` with ``s = fl(a − b)`` and ``s + e = a − b`` exactly (TwoSum of a and −b)."""
+    s = a - b
+    bb = s - a
+    return s, (a - (s - bb)) - (b + bb)
 
 
 def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTransformation:
