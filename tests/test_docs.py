@@ -27,7 +27,7 @@ def _modules() -> list[str]:
 
 
 def test_every_public_name_is_on_the_api_page() -> None:
-    documented = set(re.findall(r"^::: grokxform\.(\w+)\s*$", API_PAGE.read_text(), flags=re.M))
+    documented = set(re.findall(r"^::: grokxform\.(\w+)\s*$", API_PAGE.read_text(), flags=re.MULTILINE))
     missing = sorted(set(gx.__all__) - documented)
     assert not missing, f"public names absent from docs/api.md: {missing}"
     extra = sorted(documented - set(gx.__all__))
@@ -44,7 +44,7 @@ def test_every_public_name_has_a_docstring(name: str) -> None:
             assert ">>> " in doc, f"grokxform.{name} has no runnable example"
     else:  # a type alias: documented by the string literal after its assignment
         source = (ROOT / "grokxform" / "base.py").read_text()
-        assert re.search(rf'^{name} = .*\n"""', source, flags=re.M), f"alias {name} has no docstring"
+        assert re.search(rf'^{name} = .*\n"""', source, flags=re.MULTILINE), f"alias {name} has no docstring"
 
 
 def _doctests() -> list[doctest.DocTest]:

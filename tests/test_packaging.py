@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sysconfig
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
