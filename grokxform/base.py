@@ -59,7 +59,7 @@ class EmptyState(NamedTuple):
 def identity() -> GradientTransformation:
     """The transform that returns its input: ``u = g``.
 
-    Example:
+    Examples:
         >>> tx = gx.identity()
         >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))
         >>> u["w"]
@@ -82,7 +82,7 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order: ``u = t_n(...t_2(t_1(g)))``. State: a tuple, one per transform.
 
-    Example:
+    Examples:
         >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale_by_adam(), gx.scale_by_learning_rate(1e-3))
         >>> state = tx.init({"w": torch.zeros(2)})
         >>> len(state)
@@ -116,7 +116,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Like :func:`chain`, with state a dict keyed by name: ``state["adam"].mu``.
 
-    Example:
+    Examples:
         >>> tx = gx.named_chain(("adam", gx.scale_by_adam()), ("lr", gx.scale_by_learning_rate(1e-3)))
         >>> state = tx.init({"w": torch.zeros(2)})
         >>> state["adam"].mu["w"]
@@ -150,7 +150,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure.
 
-    Example:
+    Examples:
         >>> gx.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
         {'w': tensor([1.5000, 0.0000])}
     """

@@ -433,7 +433,7 @@ def compile_step(
 ) -> FusedStep:
     """``FusedStep(tx, params, state, ...)``: the in-place step of ``tx`` (see :class:`FusedStep`).
 
-    Example:
+    Examples:
         >>> from grokxform.fused import compile_step
         >>> model = torch.nn.Linear(3, 1)
         >>> params = dict(model.named_parameters())

@@ -105,7 +105,7 @@ def _walk(node: Any, path: str, lamb: torch.Tensor | None, out: Metrics) -> None
 def metrics(state: Any, *, prefix: str = "", floats: bool = False) -> Metrics:
     """The loggable scalars of ``state`` (see the module docs), keyed ``prefix + path``.
 
-    Example:
+    Examples:
         >>> tx = gx.grokadamw(lr=1e-3)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)

@@ -139,7 +139,7 @@ class Optimizer(torch.optim.Optimizer):
     ``step(closure=None, **extra)``: ``u = tx.update(g, state, θ, **extra)``, ``θ ← θ + u`` for every
     parameter with a gradient; returns the closure's loss.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-3)
         >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)

@@ -85,7 +85,7 @@ def adamw(
 
     Chain: ``adam`` → ``weight_decay`` → ``lr``. Defaults are torch's.
 
-    Example:
+    Examples:
         >>> tx = gx.adamw(lr=0.1, weight_decay=0.0)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)
@@ -119,7 +119,7 @@ def grokfast_ema(
     when coupled). α=0.98, λ=2 are ``gradfilter_ema``'s defaults; the paper's modular runs use
     them with wd 0.005 (coupled).
 
-    Example:
+    Examples:
         >>> tx = gx.grokfast_ema(lr=1e-3, alpha=0.98, lamb=2.0, weight_decay=0.005, weight_decay_mode="coupled")
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)
@@ -157,7 +157,7 @@ def grokfast_ma(
     window's memory (w copies of the gradients).
     Chain: ``grokfast`` → ``adam`` → ``weight_decay`` → ``lr``.
 
-    Example:
+    Examples:
         >>> tx = gx.grokfast_ma(lr=1e-3, window_size=100, lamb=5.0, weight_decay=0.01, weight_decay_mode="coupled")
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)
@@ -206,7 +206,7 @@ def grokadamw(
        ``"index"``: GrokAdamW's tensor index), each bias-corrected with its own β1.
     4. ``weight_decay``: decoupled, ``+wd·θ``.   5. ``lr``: ``−η``.
 
-    Example:
+    Examples:
         >>> tx = gx.grokadamw(lr=1e-3)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)
@@ -255,7 +255,7 @@ def grokadamw_compat(
     ``θ ← θ − η·√(1−β2^t)/(1−β1^t)·m/(√v+ε)``; signal functions are called with no argument
     (functions of the losses work too). One param group: the index runs over the whole tree.
 
-    Example:
+    Examples:
         >>> tx = gx.grokadamw_compat(lr=1e-3)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)

@@ -67,7 +67,7 @@ def layerwise_beta(
       ``"blocks.3.mlp.weight"`` -> 3; 0 without one);
     - a function ``fn(path, index) -> int``.
 
-    Example:
+    Examples:
         >>> b1 = gx.layerwise_beta(0.9, gamma=0.1, layer="index")
         >>> tx = gx.scale_by_adam(b1=b1)                 # β1 = 0.9, 0.81, 0.729… by leaf
         >>> state = tx.init({"a": torch.zeros(1), "b": torch.zeros(1)})
@@ -135,7 +135,7 @@ def scale_by_adam(
     State: :class:`ScaleByAdamState`; moments in ``state_dtype`` (default: the param's dtype,
     float32 for 16-bit params).
 
-    Example:
+    Examples:
         >>> tx = gx.chain(gx.scale_by_adam(0.9, 0.999), gx.scale_by_learning_rate(1e-3))   # Adam
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)

@@ -41,7 +41,7 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     ``clip_grad_norm_`` reports it); ``scale`` is the factor applied. Wrap the pipeline in
     :func:`grokxform.apply_if_finite` to skip such steps altogether.
 
-    Example:
+    Examples:
         >>> tx = gx.clip_by_global_norm(1.0)
         >>> state = tx.init({"a": torch.zeros(1), "b": torch.zeros(1)})
         >>> u, state = tx.update({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, state)
@@ -89,7 +89,7 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     """``u_i = g_i·min(1, c / (‖g_i‖ + 1e−6))`` for each leaf on its own (GrokAdamW 0.1.2's clip,
     ``clip_grad_norm_`` called once per tensor). Stateless.
 
-    Example:
+    Examples:
         >>> tx = gx.clip_by_tensor_norm(1.0)
         >>> state = tx.init({"a": torch.zeros(2), "b": torch.zeros(1)})
         >>> u, state = tx.update({"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.5])}, state)

@@ -52,7 +52,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     The inner transform sees the unselected leaves as ``None`` (no gradient), so it keeps no
     state for them. State: the inner state.
 
-    Example:
+    Examples:
         >>> tx = gx.masked(gx.scale_by_learning_rate(0.1), lambda path, p: path == "W")
         >>> params = {"W": torch.ones(1), "b": torch.ones(1)}
         >>> u, _ = tx.update({"W": torch.ones(1), "b": torch.ones(1)}, tx.init(params), params)
@@ -85,7 +85,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
     ``labels``: ``fn(path, param) -> label`` or a tree of labels shaped like the params. State: a
     dict label -> that transform's state (it sees the other labels' leaves as ``None``).
 
-    Example:
+    Examples:
         >>> label = lambda path, p: "plain" if p.ndim < 2 else "decayed"
         >>> tx = gx.partition({"decayed": gx.adamw(weight_decay=0.1), "plain": gx.adamw(weight_decay=0.0)}, label)
         >>> params = {"W": torch.ones(2, 2), "b": torch.ones(2)}
@@ -157,7 +157,7 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
     whose gradient is ``None`` on micro-step k gets no update and keeps its sum, which is carried
     into the next window rather than dropped. State: :class:`MultiStepsState`.
 
-    Example:
+    Examples:
         >>> tx = gx.MultiSteps(gx.scale_by_learning_rate(1.0), every_k_schedule=2)   # one step per 2 micro-batches
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> u, state = tx.update({"w": torch.tensor([1.0])}, state)
@@ -229,7 +229,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     signal passed as an extra argument is handled by the transform that reads it (the EMA filter
     falls back to α_init). State: :class:`ApplyIfFiniteState`.
 
-    Example:
+    Examples:
         >>> tx = gx.apply_if_finite(gx.adamw(lr=1e-3))
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)

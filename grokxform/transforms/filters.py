@@ -58,7 +58,7 @@ def ema_filter(
     - State: :class:`EmaFilterState`; μ in ``state_dtype`` (default: the gradient's dtype,
       promoted to float32 for 16-bit gradients). A leaf with a ``None`` gradient keeps its μ.
 
-    Example:
+    Examples:
         >>> tx = gx.ema_filter(alpha=0.5)
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> s, state = tx.update({"w": torch.tensor([2.0])}, state)     # μ_1 = g_1
@@ -152,7 +152,7 @@ def ma_filter(
     (float64 by default), so it does not drift over 10^5 steps. ``window_dtype=torch.bfloat16``
     halves the window's memory. State: :class:`MaFilterState`.
 
-    Example:
+    Examples:
         >>> tx = gx.ma_filter(window_size=2)
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> for g in (1.0, 2.0, 6.0):
@@ -212,7 +212,7 @@ def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTrans
     The state is the filter's own (``state.mu`` for an EMA filter). Leaves with a ``None``
     gradient stay ``None``.
 
-    Example:
+    Examples:
         >>> tx = gx.amplify(gx.ema_filter(0.98), lamb=2.0)
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> u, state = tx.update({"w": torch.tensor([1.0])}, state)    # g + 2·μ_1 = 1 + 2·1

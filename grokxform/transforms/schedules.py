@@ -34,7 +34,7 @@ def scale_by_learning_rate(
     trainer changes between steps, or one per member of a vmapped ensemble, wrap the pipeline in
     :func:`grokxform.inject_hyperparams`.
 
-    Example:
+    Examples:
         >>> tx = gx.scale_by_learning_rate(gx.linear_warmup(1.0, 2))
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> for _ in range(3):
@@ -72,7 +72,7 @@ def _scale(v: Inputs, sc: Inputs) -> Outputs:
 def constant_schedule(value: float) -> Schedule:
     """η(t) = value.
 
-    Example:
+    Examples:
         >>> gx.constant_schedule(0.1)(torch.tensor(7))
         tensor(0.1000, dtype=torch.float64)
     """
@@ -88,7 +88,7 @@ def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
     """η(t) = peak·min(1, t / warmup_steps): the Grokfast paper's ``LambdaLR(min(1, t/10))``
     (t = 0 gives 0).
 
-    Example:
+    Examples:
         >>> lr = gx.linear_warmup(1e-3, warmup_steps=10)
         >>> [float(lr(torch.tensor(t))) for t in (0, 5, 10, 20)]
         [0.0, 0.0005, 0.001, 0.001]
@@ -107,7 +107,7 @@ def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int, end: f
     """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``end`` at
     ``decay_steps`` (total), constant after: η(t) = end + (peak−end)·(1+cos(π·p))/2.
 
-    Example:
+    Examples:
         >>> lr = gx.warmup_cosine_decay(1.0, warmup_steps=2, decay_steps=4)
         >>> [round(float(lr(torch.tensor(t))), 2) for t in range(6)]
         [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]

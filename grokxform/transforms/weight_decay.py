@@ -19,7 +19,7 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
     decay, ``θ ← θ − η·(adam + wd·θ)``; placed before Adam it is coupled L2 (``torch.optim.Adam``'s
     ``weight_decay``: ĝ = g + wd·θ), as the Grokfast paper ran it. Needs ``params``.
 
-    Example:
+    Examples:
         >>> matrices = lambda path, p: p.ndim >= 2            # decay matrices only
         >>> tx = gx.decoupled_weight_decay(0.5, mask=matrices)
         >>> params = {"W": torch.ones(1, 1), "b": torch.ones(1)}

@@ -42,7 +42,7 @@ def inject_hyperparams(
     arguments passed in the call are injected; ints, bools, strings, those in ``static_args`` and
     non-schedule callables such as ``grokking_signal_fns`` stay fixed.
 
-    Example:
+    Examples:
         >>> tx = gx.inject_hyperparams(gx.grokadamw)(lr=1e-3, lamb=2.0)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> state = tx.init(params)
