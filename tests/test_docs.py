@@ -72,3 +72,24 @@ def test_docstring_example(test: doctest.DocTest) -> None:
     out: list[str] = []
     result = runner.run(test, out=out.append, clear_globs=True)
     assert result.failed == 0, "".join(out)
+
+
+def test_every_notebook_and_page_is_in_the_site_nav() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text()
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 5
+    for name in notebooks:
+        assert f"notebooks/{name}" in nav, f"notebooks/{name} is not in the site nav"
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        if page.name != "distributed.md":  # its nav entry arrives with the page
+            assert f": {page.name}" in nav, f"docs/{page.name} is not in the site nav"
+
+
+def test_notebooks_are_committed_without_outputs() -> None:
+    import json
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        assert not [c for c in cells if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])], (
+            f"{path.name}: clear its outputs (the site build executes it)"
+        )
