@@ -6,12 +6,17 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import os
 import pkgutil
 import re
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # importing every module imports Triton: as tests/test_engine.py does
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 import grokxform as gx
 
