@@ -57,7 +57,14 @@ class EmptyState(NamedTuple):
 
 
 def identity() -> GradientTransformation:
-    """The transform that returns its input: ``u = g``."""
+    """The transform that returns its input: ``u = g``.
+
+    Examples:
+        >>> tx = gx.identity()
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))
+        >>> u["w"]
+        tensor([1.])
+    """
 
     def init(params: Params) -> EmptyState:
         del params
@@ -75,9 +82,11 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order: ``u = t_n(...t_2(t_1(g)))``. State: a tuple, one per transform.
 
-    Example::
-
-        tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    Examples:
+        >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale_by_adam(), gx.scale_by_learning_rate(1e-3))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> len(state)
+        3
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -107,9 +116,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Like :func:`chain`, with state a dict keyed by name: ``state["adam"].mu``.
 
-    Example::
-
-        tx = named_chain(("adam", scale_by_adam()), ("lr", scale_by_learning_rate(1e-3)))
+    Examples:
+        >>> tx = gx.named_chain(("adam", gx.scale_by_adam()), ("lr", gx.scale_by_learning_rate(1e-3)))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> state["adam"].mu["w"]
+        tensor([0., 0.])
     """
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -137,7 +148,12 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure."""
+    """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure.
+
+    Examples:
+        >>> gx.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
     p_leaves, p_spec = _tree.flatten(params)
     u_leaves, spec = _tree.flatten(updates)
     if spec != p_spec or any(

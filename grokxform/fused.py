@@ -453,10 +453,16 @@ def compile_step(
 ) -> FusedStep:
     """``FusedStep(tx, params, state, ...)``: the in-place step of ``tx`` (see :class:`FusedStep`).
 
-    Example::
-
-        step = compile_step(grokfast_ema(lr=1e-3), dict(model.named_parameters()))
-        step({n: p.grad for n, p in model.named_parameters()})
+    Examples:
+        >>> from grokxform.fused import compile_step
+        >>> model = torch.nn.Linear(3, 1)
+        >>> params = dict(model.named_parameters())
+        >>> step = compile_step(gx.grokfast_ema(lr=1e-3), params)
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> before = model.weight.detach().clone()
+        >>> step({n: p.grad for n, p in params.items()})           # θ updated in place
+        >>> bool((model.weight != before).all())
+        True
     """
     return FusedStep(tx, params, state, backend=backend, cuda_graph=cuda_graph, options=options)
 

@@ -105,11 +105,15 @@ def _walk(node: Any, path: str, lamb: torch.Tensor | None, out: Metrics) -> None
 def metrics(state: Any, *, prefix: str = "", floats: bool = False) -> Metrics:
     """The loggable scalars of ``state`` (see the module docs), keyed ``prefix + path``.
 
-    Example::
-
-        state = tx.init(params)
-        updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val)
-        writer.add_scalars("optim", grokxform.metrics(state, floats=True), step)
+    Examples:
+        >>> tx = gx.grokadamw(lr=1e-3)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> _, state = tx.update(grads, state, params, train_loss=0.1, val_loss=2.0)
+        >>> m = gx.metrics(state, floats=True)   # e.g. writer.add_scalars("optim", m, step)
+        >>> round(m["grokfast/alpha"], 4), m["grokfast/step"]    # α_t = 0.98·exp(−0.1·0.95)
+        (0.8912, 1)
     """
     if not isinstance(prefix, str):
         raise TypeError(f"metrics: prefix must be a str, got {type(prefix).__name__}")

@@ -159,16 +159,17 @@ class Optimizer(torch.optim.Optimizer):
     ``step(closure=None, **extra)``: ``u = tx.update(g, state, θ, **extra)``, ``θ ← θ + u`` for every
     parameter with a gradient; returns the closure's loss.
 
-    Example::
-
-        opt = grokxform.Optimizer(model.named_parameters(), grokxform.grokadamw, lr=1e-3)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=1000)
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step(train_loss=loss.detach(), val_loss=last_val_loss)
-            sched.step()
+    Examples:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-3)
+        >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> for _ in range(3):
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     opt.zero_grad()
+        ...     loss.backward()
+        ...     opt.step(train_loss=loss.detach(), val_loss=loss.detach())
+        ...     sched.step()
     """
 
     def __init__(

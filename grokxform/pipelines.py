@@ -85,9 +85,14 @@ def adamw(
 
     Chain: ``adam`` → ``weight_decay`` → ``lr``. Defaults are torch's.
 
-    Example::
-
-        tx = adamw(lr=3e-4, weight_decay=0.1)
+    Examples:
+        >>> tx = gx.adamw(lr=0.1, weight_decay=0.0)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["w"]                       # Adam's first step: −lr·sign(g)
+        tensor([-0.1000,  0.1000])
     """
     b1, b2 = _betas("adamw", betas)
     adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
@@ -114,9 +119,14 @@ def grokfast_ema(
     when coupled). α=0.98, λ=2 are ``gradfilter_ema``'s defaults; the paper's modular runs use
     them with wd 0.005 (coupled).
 
-    Example::
-
-        tx = grokfast_ema(lr=1e-3, alpha=0.98, lamb=2.0, weight_decay=0.005, weight_decay_mode="coupled")
+    Examples:
+        >>> tx = gx.grokfast_ema(lr=1e-3, alpha=0.98, lamb=2.0, weight_decay=0.005, weight_decay_mode="coupled")
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> state["grokfast"].mu["w"]         # the EMA starts at the first gradient
+        tensor([ 0.5000, -0.5000])
     """
     b1, b2 = _betas("grokfast_ema", betas)
     pre = [("grokfast", amplify(ema_filter(alpha, init="first", state_dtype=state_dtype), lamb))]
@@ -147,9 +157,14 @@ def grokfast_ma(
     window's memory (w copies of the gradients).
     Chain: ``grokfast`` → ``adam`` → ``weight_decay`` → ``lr``.
 
-    Example::
-
-        tx = grokfast_ma(lr=1e-3, window_size=100, lamb=5.0, weight_decay=0.01, weight_decay_mode="coupled")
+    Examples:
+        >>> tx = gx.grokfast_ma(lr=1e-3, window_size=100, lamb=5.0, weight_decay=0.01, weight_decay_mode="coupled")
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["w"].shape
+        torch.Size([2])
     """
     b1, b2 = _betas("grokfast_ma", betas)
     filt = ma_filter(window_size, filter_type, warmup, window_dtype=window_dtype)
@@ -192,10 +207,15 @@ def grokadamw(
        ``"index"``: GrokAdamW's tensor index), each bias-corrected with its own β1.
     4. ``weight_decay``: decoupled, ``+wd·θ``.   5. ``lr``: ``−η``.
 
-    Example::
-
-        tx = grokadamw(lr=1e-3)
-        updates, state = tx.update(grads, state, params, train_loss=loss, val_loss=val_loss)
+    Examples:
+        >>> tx = gx.grokadamw(lr=1e-3)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params, train_loss=torch.tensor(0.1), val_loss=torch.tensor(2.0))
+        >>> params = gx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.9990, -1.9990])
     """
     b1, b2 = _betas("grokadamw", betas)
     C.check_scalar("grokadamw", "alpha_init", alpha_init, low=0.0, high=1.0, high_open=True)
@@ -235,6 +255,15 @@ def grokadamw_compat(
     the bias correction uses the base β1 and ε is added before it,
     ``θ ← θ − η·√(1−β2^t)/(1−β1^t)·m/(√v+ε)``; signal functions are called with no argument
     (functions of the losses work too). One param group: the index runs over the whole tree.
+
+    Examples:
+        >>> tx = gx.grokadamw_compat(lr=1e-3)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params, train_loss=0.1, val_loss=2.0)
+        >>> updates["w"].shape
+        torch.Size([2])
     """
     b1, b2 = _betas("grokadamw_compat", betas)
     C.check_scalar("grokadamw_compat", "alpha_init", alpha_init, low=0.0, high=1.0, high_open=True)

@@ -78,9 +78,13 @@ def layerwise_beta(
       module paths (``model.named_parameters()``, ``Optimizer(..., module=model)``);
     - a function ``fn(path, index) -> int``.
 
-    Example::
-
-        tx = scale_by_adam(b1=layerwise_beta(0.9, gamma=0.1, layer="depth"))
+    Examples:
+        >>> b1 = gx.layerwise_beta(0.9, gamma=0.1, layer="index")
+        >>> tx = gx.scale_by_adam(b1=b1)                 # β1 = 0.9, 0.81, 0.729… by leaf
+        >>> state = tx.init({"a": torch.zeros(1), "b": torch.zeros(1)})
+        >>> u, state = tx.update({"a": torch.ones(1), "b": torch.ones(1)}, state)
+        >>> sorted(u)
+        ['a', 'b']
     """
     C.check_scalar("layerwise_beta", "b1", b1, low=0.0, high=1.0, high_open=True)
     C.check_scalar("layerwise_beta", "gamma", gamma, low=0.0, high=1.0)
@@ -142,9 +146,14 @@ def scale_by_adam(
     State: :class:`ScaleByAdamState`; moments in ``state_dtype`` (default: the param's dtype,
     float32 for 16-bit params).
 
-    Example::
-
-        tx = chain(scale_by_adam(0.9, 0.999), scale_by_learning_rate(1e-3))   # Adam
+    Examples:
+        >>> tx = gx.chain(gx.scale_by_adam(0.9, 0.999), gx.scale_by_learning_rate(1e-3))   # Adam
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["w"]
+        tensor([-0.0010,  0.0010])
     """
     if not isinstance(b1, LayerwiseBeta):
         C.check_scalar("scale_by_adam", "b1", b1, low=0.0, high=1.0, high_open=True)

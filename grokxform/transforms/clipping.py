@@ -48,9 +48,12 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     ``clip_by_global_norm`` of the chain does: give it to chains whose clip reads the gradients).
     :func:`grokxform.declarations.whole_gradient_reductions` computes it.
 
-    Example::
-
-        tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    Examples:
+        >>> tx = gx.clip_by_global_norm(1.0)
+        >>> state = tx.init({"a": torch.zeros(1), "b": torch.zeros(1)})
+        >>> u, state = tx.update({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, state)
+        >>> u["a"], u["b"]                # ‖g‖ = 5, scaled to norm 1
+        (tensor([0.6000]), tensor([0.8000]))
     """
     C.check_scalar("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
@@ -98,9 +101,12 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     """``u_i = g_i·min(1, c / (‖g_i‖ + 1e−6))`` for each leaf on its own (GrokAdamW 0.1.2's clip,
     ``clip_grad_norm_`` called once per tensor). Stateless.
 
-    Example::
-
-        tx = chain(clip_by_tensor_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    Examples:
+        >>> tx = gx.clip_by_tensor_norm(1.0)
+        >>> state = tx.init({"a": torch.zeros(2), "b": torch.zeros(1)})
+        >>> u, state = tx.update({"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.5])}, state)
+        >>> u["a"], u["b"]                # each tensor clipped on its own
+        (tensor([0.6000, 0.8000]), tensor([0.5000]))
     """
     C.check_scalar("clip_by_tensor_norm", "max_norm", max_norm, low=0.0, low_open=True)
 

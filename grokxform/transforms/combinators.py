@@ -52,9 +52,12 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     The inner transform sees the unselected leaves as ``None`` (no gradient), so it keeps no
     state for them. State: the inner state.
 
-    Example::
-
-        decay_matrices = masked(decoupled_weight_decay(0.1), lambda path, p: p.ndim >= 2)
+    Examples:
+        >>> tx = gx.masked(gx.scale_by_learning_rate(0.1), lambda path, p: path == "W")
+        >>> params = {"W": torch.ones(1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"W": torch.ones(1), "b": torch.ones(1)}, tx.init(params), params)
+        >>> u["W"], u["b"]                                     # unmasked leaves pass through
+        (tensor([-0.1000]), tensor([1.]))
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
@@ -82,10 +85,13 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
     ``labels``: ``fn(path, param) -> label`` or a tree of labels shaped like the params. State: a
     dict label -> that transform's state (it sees the other labels' leaves as ``None``).
 
-    Example::
-
-        no_decay = lambda path, p: "plain" if p.ndim < 2 else "decayed"
-        tx = partition({"decayed": adamw(weight_decay=0.1), "plain": adamw(weight_decay=0.0)}, no_decay)
+    Examples:
+        >>> label = lambda path, p: "plain" if p.ndim < 2 else "decayed"
+        >>> tx = gx.partition({"decayed": gx.adamw(weight_decay=0.1), "plain": gx.adamw(weight_decay=0.0)}, label)
+        >>> params = {"W": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> sorted(state)
+        ['decayed', 'plain']
     """
     if not transforms:
         raise ValueError("partition: transforms must not be empty")
@@ -151,9 +157,15 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
     whose gradient is ``None`` on micro-step k gets no update and keeps its sum, which is carried
     into the next window rather than dropped. State: :class:`MultiStepsState`.
 
-    Example::
-
-        tx = MultiSteps(adamw(lr=1e-3), every_k_schedule=4)   # one AdamW step per 4 micro-batches
+    Examples:
+        >>> tx = gx.MultiSteps(gx.scale_by_learning_rate(1.0), every_k_schedule=2)   # one step per 2 micro-batches
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.tensor([1.0])}, state)
+        >>> bool(u["w"].eq(0).all())      # accumulating: no step yet
+        True
+        >>> u, state = tx.update({"w": torch.tensor([3.0])}, state)
+        >>> u["w"]                       # −lr·mean(1, 3)
+        tensor([-2.])
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"MultiSteps: inner must be a GradientTransformation, got {type(inner).__name__}")
@@ -218,9 +230,13 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     says whether the whole is finite, and a step is taken only when it is. State:
     :class:`ApplyIfFiniteState`.
 
-    Example::
-
-        tx = apply_if_finite(grokadamw(lr=1e-3))
+    Examples:
+        >>> tx = gx.apply_if_finite(gx.adamw(lr=1e-3))
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> u, state = tx.update({"w": torch.tensor([float("nan"), 1.0])}, state, params)
+        >>> bool(u["w"].eq(0).all()), int(state.notfinite_count)   # step skipped, state kept
+        (True, 1)
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")

@@ -61,9 +61,14 @@ def ema_filter(
     - State: :class:`EmaFilterState`; μ in ``state_dtype`` (default: the gradient's dtype,
       promoted to float32 for 16-bit gradients). A leaf with a ``None`` gradient keeps its μ.
 
-    Example::
-
-        tx = amplify(ema_filter(alpha=0.98), lamb=2.0)   # official gradfilter_ema
+    Examples:
+        >>> tx = gx.ema_filter(alpha=0.5)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> s, state = tx.update({"w": torch.tensor([2.0])}, state)     # μ_1 = g_1
+        >>> s, state = tx.update({"w": torch.tensor([4.0])}, state)     # μ_2 = 0.5·2 + 0.5·4
+        >>> s["w"]
+        tensor([3.])
+        >>> official_gradfilter_ema = gx.amplify(gx.ema_filter(alpha=0.98), lamb=2.0)
     """
     C.check_scalar("ema_filter", "alpha", alpha, low=0.0, high=1.0, high_open=True)
     C.check_scalar("ema_filter", "signal_decay_rate", signal_decay_rate, low=0.0)
@@ -161,9 +166,14 @@ def ma_filter(
     every step the spike spent in it, forever.) Only a sum that overflows the accumulator dtype
     (values near 1e308) is beyond repair.
 
-    Example::
-
-        tx = amplify(ma_filter(window_size=100), lamb=5.0)   # official gradfilter_ma
+    Examples:
+        >>> tx = gx.ma_filter(window_size=2)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for g in (1.0, 2.0, 6.0):
+        ...     s, state = tx.update({"w": torch.tensor([g])}, state)
+        >>> s["w"]                              # the mean of the last two gradients
+        tensor([4.])
+        >>> official_gradfilter_ma = gx.amplify(gx.ma_filter(window_size=100), lamb=5.0)
     """
     window_size = C.check_int("ma_filter", "window_size", window_size, low=1)
     C.check_bool("ma_filter", "warmup", warmup)
@@ -235,9 +245,12 @@ def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTrans
     The state is the filter's own (``state.mu`` for an EMA filter). Leaves with a ``None``
     gradient stay ``None``.
 
-    Example::
-
-        tx = chain(amplify(ema_filter(0.98), lamb=2.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    Examples:
+        >>> tx = gx.amplify(gx.ema_filter(0.98), lamb=2.0)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.tensor([1.0])}, state)    # g + 2·μ_1 = 1 + 2·1
+        >>> u["w"]
+        tensor([3.])
     """
     if not isinstance(filter, GradientTransformation):
         raise TypeError(f"amplify: filter must be a GradientTransformation, got {type(filter).__name__}")

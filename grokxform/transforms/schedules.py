@@ -34,9 +34,15 @@ def scale_by_learning_rate(
     trainer changes between steps, or one per member of a vmapped ensemble, wrap the pipeline in
     :func:`grokxform.inject_hyperparams`.
 
-    Example::
-
-        tx = chain(scale_by_adam(), scale_by_learning_rate(linear_warmup(1e-3, 10)))
+    Examples:
+        >>> tx = gx.scale_by_learning_rate(gx.linear_warmup(1.0, 2))
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for _ in range(3):
+        ...     u, state = tx.update({"w": torch.ones(1)}, state)
+        ...     print(u["w"])
+        tensor([-0.])
+        tensor([-0.5000])
+        tensor([-1.])
     """
     is_schedule = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
     if not is_schedule:
@@ -64,7 +70,12 @@ def _scale(v: Inputs, sc: Inputs) -> Outputs:
 
 
 def constant_schedule(value: float) -> Schedule:
-    """η(t) = value."""
+    """η(t) = value.
+
+    Examples:
+        >>> gx.constant_schedule(0.1)(torch.tensor(7))
+        tensor(0.1000, dtype=torch.float64)
+    """
     C.check_scalar("constant_schedule", "value", value, low=0.0)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
@@ -75,7 +86,13 @@ def constant_schedule(value: float) -> Schedule:
 
 def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
     """η(t) = peak·min(1, t / warmup_steps): the Grokfast paper's ``LambdaLR(min(1, t/10))``
-    (t = 0 gives 0)."""
+    (t = 0 gives 0).
+
+    Examples:
+        >>> lr = gx.linear_warmup(1e-3, warmup_steps=10)
+        >>> [float(lr(torch.tensor(t))) for t in (0, 5, 10, 20)]
+        [0.0, 0.0005, 0.001, 0.001]
+    """
     C.check_scalar("linear_warmup", "peak", peak, low=0.0)
     warmup_steps = C.check_int("linear_warmup", "warmup_steps", warmup_steps, low=1)
 
@@ -87,7 +104,13 @@ def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
 
 def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int, end: float = 0.0) -> Schedule:
     """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``end`` at
-    ``decay_steps`` (total), constant after: η(t) = end + (peak−end)·(1+cos(π·p))/2."""
+    ``decay_steps`` (total), constant after: η(t) = end + (peak−end)·(1+cos(π·p))/2.
+
+    Examples:
+        >>> lr = gx.warmup_cosine_decay(1.0, warmup_steps=2, decay_steps=4)
+        >>> [round(float(lr(torch.tensor(t))), 2) for t in range(6)]
+        [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    """
     C.check_scalar("warmup_cosine_decay", "peak", peak, low=0.0)
     C.check_scalar("warmup_cosine_decay", "end", end, low=0.0)
     warmup_steps = C.check_int("warmup_cosine_decay", "warmup_steps", warmup_steps, low=0)

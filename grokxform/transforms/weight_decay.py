@@ -19,10 +19,13 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
     decay, ``θ ← θ − η·(adam + wd·θ)``; placed before Adam it is coupled L2 (``torch.optim.Adam``'s
     ``weight_decay``: ĝ = g + wd·θ), as the Grokfast paper ran it. Needs ``params``.
 
-    Example::
-
-        no_norms = lambda path, p: p.ndim >= 2          # decay matrices only
-        tx = chain(scale_by_adam(), decoupled_weight_decay(0.01, mask=no_norms), scale_by_learning_rate(1e-3))
+    Examples:
+        >>> matrices = lambda path, p: p.ndim >= 2            # decay matrices only
+        >>> tx = gx.decoupled_weight_decay(0.5, mask=matrices)
+        >>> params = {"W": torch.ones(1, 1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"W": torch.zeros(1, 1), "b": torch.zeros(1)}, tx.init(params), params)
+        >>> u["W"], u["b"]                                     # u + wd·θ on W only
+        (tensor([[0.5000]]), tensor([0.]))
     """
     C.check_scalar("decoupled_weight_decay", "weight_decay", weight_decay, low=0.0)
     selection = mask_selector(mask, "decoupled_weight_decay")

@@ -43,11 +43,15 @@ def inject_hyperparams(
     arguments passed in the call are injected; ints, bools, strings, those in ``static_args`` and
     non-schedule callables such as ``grokking_signal_fns`` stay fixed.
 
-    Example::
-
-        tx = inject_hyperparams(grokadamw)(lr=1e-3, lamb=2.0)
-        state = tx.init(params)
-        state.hyperparams["lr"].fill_(5e-4)      # takes effect at the next update
+    Examples:
+        >>> tx = gx.inject_hyperparams(gx.grokadamw)(lr=1e-3, lamb=2.0)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> _ = state.hyperparams["lr"].fill_(5e-4)      # takes effect at the next update
+        >>> grads = {"w": torch.tensor([0.5, -0.5])}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["w"]
+        tensor([-0.0005,  0.0005])
     """
     if not callable(factory):
         raise TypeError("inject_hyperparams: factory must be callable")

@@ -1,0 +1,100 @@
+"""The documentation: every public name on the API page with a docstring, and the docstring
+examples run as doctests (``torch`` and ``grokxform as gx`` in scope, as the API page says)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+import os
+import pkgutil
+import re
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # importing every module imports Triton: as tests/test_engine.py does
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+import grokxform as gx
+
+ROOT = Path(__file__).resolve().parents[1]
+API_PAGE = ROOT / "docs" / "api.md"
+
+
+def _modules() -> list[str]:
+    names = ["grokxform"]
+    for info in pkgutil.walk_packages(gx.__path__, "grokxform."):
+        names.append(info.name)
+    return sorted(names)
+
+
+def test_every_public_name_is_on_the_api_page() -> None:
+    documented = set(re.findall(r"^::: grokxform\.(\w+)\s*$", API_PAGE.read_text(), flags=re.MULTILINE))
+    missing = sorted(set(gx.__all__) - documented)
+    assert not missing, f"public names absent from docs/api.md: {missing}"
+    extra = sorted(documented - set(gx.__all__))
+    assert not extra, f"docs/api.md documents names that grokxform does not export: {extra}"
+
+
+@pytest.mark.parametrize("name", sorted(gx.__all__))
+def test_every_public_name_has_a_docstring(name: str) -> None:
+    obj = getattr(gx, name)
+    if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismodule(obj):
+        doc = inspect.getdoc(obj) or ""
+        assert len(doc) > 20, f"grokxform.{name} has no docstring"
+        if inspect.isfunction(obj):
+            assert ">>> " in doc, f"grokxform.{name} has no runnable example"
+    else:  # a type alias: documented by the string literal after its assignment
+        source = (ROOT / "grokxform" / "base.py").read_text()
+        assert re.search(rf'^{name} = .*\n"""', source, flags=re.MULTILINE), f"alias {name} has no docstring"
+
+
+def _doctests() -> list[doctest.DocTest]:
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    tests = []
+    for name in _modules():
+        module = importlib.import_module(name)
+        for t in finder.find(module, globs={"torch": torch, "gx": gx}):
+            if t.examples:
+                tests.append(t)
+    return sorted(tests, key=lambda t: t.name)
+
+
+DOCTESTS = _doctests()
+
+
+def test_doctests_are_collected() -> None:
+    assert len(DOCTESTS) >= 25
+
+
+@pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])
+def test_docstring_example(test: doctest.DocTest) -> None:
+    torch.manual_seed(0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out: list[str] = []
+    result = runner.run(test, out=out.append, clear_globs=True)
+    assert result.failed == 0, "".join(out)
+
+
+def test_every_notebook_and_page_is_in_the_site_nav() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text()
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 5
+    for name in notebooks:
+        assert f"notebooks/{name}" in nav, f"notebooks/{name} is not in the site nav"
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        if page.name != "distributed.md":  # its nav entry arrives with the page
+            assert f": {page.name}" in nav, f"docs/{page.name} is not in the site nav"
+
+
+def test_notebooks_are_committed_without_outputs() -> None:
+    import json
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        assert not [c for c in cells if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])], (
+            f"{path.name}: clear its outputs (the site build executes it)"
+        )
