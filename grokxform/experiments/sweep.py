@@ -229,6 +229,8 @@ def sweep(
     for m in member_list:
         if "seed" not in m or sorted(k for k in m if k != "seed") != sorted(hyper_names):
             raise ValueError(f"sweep: every member needs a seed and the hyperparameters {hyper_names}, got {m}")
+    for config in {tuple((k, m[k]) for k in hyper_names) for m in member_list}:  # each value's own checks
+        factory(lr=lr, **dict(config), **({"window_size": window_size} if pipeline == "grokfast_ma" else {}), **static)
     device = torch.device(device)
 
     # --- the members' models, data and shuffle streams, as the single-run setup draws them
