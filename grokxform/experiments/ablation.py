@@ -255,11 +255,11 @@ def report(folder: Path) -> list[str]:
     lines += ["", "## Every configuration, best first", "",
               "| configuration | steps to 95% val acc: median [min–max] (reached) |", "| --- | --- |"]
     lines += [f"| {label(r)} | {fmt(r)} |" for r in rows]
-    for fam in FAMILIES:
+    for fam, fam_name in FAMILIES.items():
         best = [r for r in rows if r["pipeline"] == fam]
         if best:
             lines.append("")
-            lines.append(f"Best {FAMILIES[fam]}: {label(best[0])} → {fmt(best[0])}; "
+            lines.append(f"Best {fam_name}: {label(best[0])} → {fmt(best[0])}; "
                          f"{sum(r['reached'] > 0 for r in best)} of {len(best)} configurations reach 95% on some seed.")
     (folder / "ablation_table.md").write_text("\n".join(lines) + "\n")
     plot(rows, folder / "grokadamw_ablation.png", p0["step_cap"],

@@ -14,6 +14,7 @@ an ``argparse`` sub-parser, ``run(args)`` returns the exit status.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -333,7 +334,7 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
-    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+    if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return values
 
@@ -367,11 +368,7 @@ def _cell_label(value: float, reached: int, of: int, budget: int) -> str:
 
 def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path,
                  title: str) -> bool:
-    """Median steps to the target of each configuration (over the seeds that reached it; the
-    count reached/seeds in each cell). The first swept axis runs along x, the others together
-    along y, so every configuration has a cell named on the axes. A cell no seed brought to the
-    target is hatched grey and reads "none in <budget>"; text is dark or light to suit its
-    cell. Returns False when matplotlib is missing."""
+    """Write :func:`heatmap_figure` to ``path``; False, writing nothing, when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -379,7 +376,21 @@ def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budge
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig = heatmap_figure(members, steps, budget, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], budget: int, title: str) -> Any:
+    """Median steps to the target of each configuration (over the seeds that reached it; the
+    count reached/seeds in each cell), as a matplotlib figure. The first swept axis runs along x,
+    the others together along y, so every configuration has a cell named on the axes. A cell no
+    seed brought to the target is hatched grey and reads "none in <budget>"; text is dark or
+    light to suit its cell."""
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     names = [k for k in members[0] if k != "seed"]
     xk, yks = names[0], names[1:]
@@ -413,13 +424,11 @@ def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budge
     ax.set_xticks(range(len(xs)), [f"{xk}={x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [", ".join(f"{k}={v:g}" for k, v in zip(yks, y)) or "-" for y in ys])
     ax.set_xlabel(xk)
-    ax.set_ylabel(", ".join(yks) if yks else "")
+    ax.set_ylabel(", ".join(yks))
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     fig.colorbar(im, ax=ax, label="median steps to target (seeds that reached it)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 class _SweepProgress:
