@@ -499,7 +499,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"torch": torch.__version__, **result.to_json()}
+    payload = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               **result.to_json()}
     Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1))
     title = f"{args.pipeline} on {task_name(args.task)}: median steps to {DEMO_TARGET:.0%} val acc, seeds {seeds}"
     if len(result.members[0]) >= 2 and plot_heatmap(result.members, result.steps_to_target, result.steps,
