@@ -54,7 +54,7 @@ def paper_rows(device: torch.device, seeds: list[int], max_steps: int, task: str
     """Grokfast-EMA and -MA with the paper's settings: one plain single run per seed."""
     rows: dict[str, Any] = {}
     for name in ("grokfast_ema", "grokfast_ma"):
-        runs = []
+        runs: list[dict[str, Any]] = []
         for seed in seeds:
             setup = paper_setup(seed, device=device, task=task)
             res = train(setup.model, modular_optimizer(name), setup.data, steps=max_steps,
