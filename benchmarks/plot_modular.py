@@ -18,6 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+SHORT = {"weight_decay": "wd", "b1": "β1", "alpha": "α", "lamb": "λ"}
+
+
 def _fmt(stats: dict) -> str:
     if stats["median"] is None:
         return f"not reached ({stats['reached']}/{stats['of']})"
@@ -43,8 +46,10 @@ def paper_curves(folder: Path) -> list[str]:
     ax.set_xscale("log")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"x·y mod 97, seeds {paper['seeds']} ({paper['device']})")
-    ax.legend(fontsize=8)
+    seeds = paper["seeds"]
+    span = f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+    ax.set_title(f"x·y mod 97: val (solid) and train (dashed) accuracy, seeds {span}\n{paper['device']}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(folder / "paper_curves.png", dpi=120)
     plt.close(fig)
@@ -94,7 +99,7 @@ def sweep_heatmap(folder: Path) -> list[str]:
         ax.set_facecolor("lightgray")  # not reached by any seed
         ax.set_xticks(range(len(lambs)), [f"λ={x:g}" for x in lambs])
         ax.set_yticks(range(len(alphas)), [f"α={x:g}" for x in alphas])
-        ax.set_title(f"Grokfast-EMA, L2 wd={wd:g}: median steps to 95%")
+        ax.set_title(f"Grokfast-EMA, L2 wd={wd:g}:\nmedian steps to 95% val acc", fontsize=10)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(folder / "sweep_heatmap.png", dpi=120)
@@ -123,18 +128,28 @@ def ablation(folder: Path) -> list[str]:
         "| pipeline | configuration | steps to 95%: median [min–max] (reached) |",
         "| --- | --- | --- |",
     ]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for k, (name, color) in enumerate((("adamw_tuned", "tab:blue"), ("grokfast_ema", "tab:red"))):
-        rows = ab[name]["table"]
-        for r in rows:
-            cfg = ", ".join(f"{a}={b:g}" for a, b in r["config"].items())
-            lines.append(f"| {name} | {cfg} | {_fmt(r)} |")
-        xs = [i + 0.4 * k for i in range(len(rows))]
-        ys = [r["median"] if r["median"] is not None else np.nan for r in rows]
-        ax.bar(xs, ys, width=0.4, color=color, label=name)
-    ax.set_ylabel("median steps to 95% val acc (missing: not reached)")
-    ax.set_xlabel("configuration index (see summary.md)")
-    ax.legend()
+    names = {"adamw_tuned": "AdamW", "grokfast_ema": "Grokfast-EMA"}
+    colors = {"adamw_tuned": "tab:blue", "grokfast_ema": "tab:red"}
+    shown = [(name, r) for name in names for r in ab[name]["table"]]
+    cap = max(ab["steps_run"])
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(shown) + 1.5))
+    for i, (name, r) in enumerate(shown):
+        cfg = ", ".join(f"{a}={b:g}" for a, b in r["config"].items())
+        lines.append(f"| {name} | {cfg} | {_fmt(r)} |")
+        if r["median"] is None:
+            ax.barh(i, cap, color="0.9", hatch="///", edgecolor="0.6")
+            ax.text(cap * 0.02, i, f"not reached in {cap} steps ({r['reached']}/{r['of']} seeds)", va="center", fontsize=8)
+        else:
+            ax.barh(i, r["median"], color=colors[name],
+                    xerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], error_kw={"lw": 0.8})
+            ax.text(r["max"] + cap * 0.01, i, f"{r['median']:g} ({r['reached']}/{r['of']})", va="center", fontsize=8)
+    ax.set_yticks(range(len(shown)),
+                  [f"{names[n]} " + ", ".join(f"{SHORT.get(a, a)}={b:g}" for a, b in r["config"].items()) for n, r in shown],
+                  fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, cap * 1.2)
+    ax.set_xlabel("steps to 95% val acc: median, whiskers min–max over the seeds that reached it")
+    ax.set_title(f"x·y mod 97: tuned AdamW against Grokfast-EMA, seeds {ab['seeds']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / "ablation.png", dpi=120)
     plt.close(fig)

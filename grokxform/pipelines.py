@@ -207,6 +207,11 @@ def grokadamw(
        ``"index"``: GrokAdamW's tensor index), each bias-corrected with its own β1.
     4. ``weight_decay``: decoupled, ``+wd·θ``.   5. ``lr``: ``−η``.
 
+    Starting point for grokking: ``weight_decay=1.0, alpha_init=0.9`` with the other defaults.
+    The default ``weight_decay=0.01`` did not grok x·y mod 97 in 3,000 steps (2 of 39 runs);
+    with 1.0 every run did, median 780 steps at ``alpha_init=0.9`` (890 at 0.98), and it held on
+    x−y and x/y mod 97 (lr 1e-3 with a 10-step warm-up, β = (0.9, 0.98); ``docs/results.md``).
+
     Examples:
         >>> tx = gx.grokadamw(lr=1e-3)
         >>> params = {"w": torch.tensor([1.0, -2.0])}

@@ -4,7 +4,10 @@
 - :mod:`~grokxform.experiments.mnist`: Omnigrok's MNIST MLP, read from local IDX files.
 - :mod:`~grokxform.experiments.optimizers`: the optimizers of each run, by name.
 - :mod:`~grokxform.experiments.train`: ``train(model, tx, data, steps=...)``, any transform.
-- :mod:`~grokxform.experiments.cli`: the ``grokxform`` command (``grokxform demo``).
+- :mod:`~grokxform.experiments.cli`: the ``grokxform`` command (``grokxform demo``, ``grokxform sweep``;
+  also ``python -m grokxform``).
+- :mod:`~grokxform.experiments.sweep`: a grid × seeds trained as one vmapped program.
+- :mod:`~grokxform.experiments.ablation`: GrokAdamW's pieces one at a time, beside Grokfast-EMA and AdamW.
 """
 
 from grokxform.experiments.data import TaskData

@@ -1,7 +1,7 @@
 """The ``grokxform`` command line: ``grokxform demo`` (more subcommands plug in the same way).
 
 ``grokxform demo`` trains the paper's modular-arithmetic decoder (x·y mod 97, 50 % of the
-equations) with the four optimizers of
+equations; ``--task`` picks another operation) with the four optimizers of
 :data:`~grokxform.experiments.optimizers.MODULAR_OPTIMIZERS`, each from the same seed (same
 init, split and batch order), each stopped at 95 % validation accuracy or at ``--steps``. It
 prints the steps and seconds each took to reach 95 %, and writes the train/val accuracy curves
@@ -14,6 +14,7 @@ an ``argparse`` sub-parser, ``run(args)`` returns the exit status.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple, TextIO
 
 import torch
 
-from grokxform.experiments.modular import paper_setup
+from grokxform.experiments.modular import TASKS, paper_setup, task_name
 from grokxform.experiments.optimizers import MODULAR_OPTIMIZERS
 from grokxform.experiments.train import EvalRecord, TrainResult, train
 
@@ -171,6 +172,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed (an integer >= 0), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a seed (an integer >= 0), got {value}")
+    return value
+
+
+def seeds_arg(text: str) -> list[int]:
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds such as 0,1,2, got {text!r}")
+    seeds = [_seed(t) for t in parts]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is named twice in {text!r}")
+    return seeds
+
+
 def _threads(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -197,7 +218,8 @@ def _register_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=_positive_int, default=DEMO_STEPS, help=f"step budget of each run (default {DEMO_STEPS})"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init, split and batch order (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the init, split and batch order (default 0)")
+    _add_task(parser)
     parser.add_argument(
         "--out", type=Path, default=Path("grokxform_demo.png"), help="PNG of the curves (default ./grokxform_demo.png)"
     )
@@ -208,6 +230,15 @@ def _register_demo(parser: argparse.ArgumentParser) -> None:
         default=list(MODULAR_OPTIMIZERS),
         help=f"comma-separated runs to train (default all: {','.join(MODULAR_OPTIMIZERS)})",
     )
+    _add_threads_and_progress(parser)
+
+
+def _add_task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="mul", choices=TASKS,
+                        help="the operation x∘y mod 97: mul (the paper's, default), add, sub or div")
+
+
+def _add_threads_and_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=_threads,
@@ -220,6 +251,14 @@ def _register_demo(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _set_threads(device: torch.device, threads: int | str) -> int:
+    """Set torch's CPU threads for a run on ``device``; returns the count to restore afterwards."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(auto_threads() if threads == "auto" else int(threads))
+    return before
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         device = torch.device(args.device)
@@ -227,9 +266,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     except (RuntimeError, AssertionError) as err:
         print(f"grokxform demo: device {args.device!r} is not usable: {err}", file=sys.stderr)
         return 2
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(auto_threads() if args.threads == "auto" else args.threads)
+    threads_before = _set_threads(device, args.threads)
     try:
         return _demo(args, device)
     finally:
@@ -239,7 +276,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace, device: torch.device) -> int:
     out, err = sys.stdout, sys.stderr
     print(
-        f"grokxform demo: x*y mod 97, 50% train split, seed {args.seed}, device {device},"
+        f"grokxform demo: {task_name(args.task)}, 50% train split, seed {args.seed}, device {device},"
         f" {torch.get_num_threads()} CPU thread(s){' (auto)' if args.threads == 'auto' else ''},"
         f" budget {args.steps} steps per run,"
         f" stop at {DEMO_TARGET:.0%} val accuracy",
@@ -249,7 +286,7 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
     results: dict[str, TrainResult] = {}
     start = time.perf_counter()
     for name in args.runs:
-        setup = paper_setup(args.seed, device)
+        setup = paper_setup(args.seed, device, task=args.task)
         bar = _progress(name, args.steps, err, use_tqdm=not args.no_progress_bar)
         try:
             results[name] = train(
@@ -265,10 +302,10 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
         finally:
             bar.close()
     total = time.perf_counter() - start
-    print("", file=out)
+    print(file=out)
     print(format_table(results, args.steps), file=out)
     print(f"\ntotal wall time {total:.1f} s", file=out)
-    title = f"x·y mod 97, seed {args.seed}: train (dashed) and val (solid) accuracy"
+    title = f"{task_name(args.task)}, seed {args.seed}: train (dashed) and val (solid) accuracy"
     if plot_curves(results, args.out, title):
         print(f"curves written to {args.out}", file=out)
     else:
@@ -278,7 +315,16 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
 
 # --------------------------------------------------------------------------- sweep
 
-SWEEP_AXES = ("alpha", "lamb", "weight_decay", "b1", "alpha_init")
+SWEEP_AXES = {
+    "alpha": "alpha",
+    "lamb": "lamb",
+    "weight_decay": "weight_decay",
+    "b1": "b1",
+    "alpha_init": "alpha_init",
+    "kappa": "grokking_signal_decay_rate",
+    "clip": "clip",
+}
+"""Sweep option (``--weight-decay``) → the pipeline's hyperparameter it sets."""
 
 
 def _floats(text: str) -> list[float]:
@@ -288,6 +334,8 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return values
 
 
@@ -296,21 +344,31 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--pipeline", default="grokfast_ema", choices=sorted(SWEEP_FACTORIES),
                         help="what every member trains with (default grokfast_ema, the paper's settings)")
+    helps = {"kappa": "grokadamw's grokking_signal_decay_rate κ (0: α fixed)", "clip": "grokadamw's global-norm clip (0: off)"}
     for axis in SWEEP_AXES:
         parser.add_argument(f"--{axis.replace('_', '-')}", type=_floats, default=None,
-                            help=f"comma-separated values of {axis} to sweep")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+                            help=f"comma-separated values of {helps.get(axis, axis)} to sweep")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="grokadamw's β1 decay with depth γ, fixed for all members (default 0.1)")
+    parser.add_argument("--seeds", type=seeds_arg, default=[0, 1], help="comma-separated seeds (default 0,1)")
     parser.add_argument("--steps", type=_positive_int, default=3000, help="step budget (default 3000)")
+    _add_task(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
     parser.add_argument("--out", type=Path, default=Path("grokxform_sweep"),
                         help="prefix of the outputs: PREFIX.json and PREFIX.png (default ./grokxform_sweep)")
+    _add_threads_and_progress(parser)
+
+
+def _cell_label(value: float, reached: int, of: int, budget: int) -> str:
+    if reached == 0:
+        return f"none in\n{budget}\n(0/{of})"
+    return f"{value:.0f}\n({reached}/{of})"
 
 
 def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path,
                  title: str) -> bool:
-    """Median steps to the target over the first two swept axes (others and seeds pooled);
-    unreached cells read ">budget". Returns False when matplotlib is missing."""
+    """Write :func:`heatmap_figure` to ``path``; False, writing nothing, when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -318,32 +376,93 @@ def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budge
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    axes = [k for k in members[0] if k != "seed"] + ["seed"]
-    xk, yk = axes[0], axes[1]
-    xs = sorted({m[xk] for m in members})
-    ys = sorted({m[yk] for m in members})
-    cells = [[float("nan")] * len(xs) for _ in ys]
-    for j, yv in enumerate(ys):
-        for i, xv in enumerate(xs):
-            got = sorted(s for m, s in zip(members, steps) if m[xk] == xv and m[yk] == yv and s is not None)
-            if got:
-                cells[j][i] = float(got[len(got) // 2])
-    fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 2))
-    im = ax.imshow(cells, cmap="viridis_r", vmin=0, vmax=budget)
-    for j in range(len(ys)):
-        for i in range(len(xs)):
-            v = cells[j][i]
-            ax.text(i, j, f">{budget}" if v != v else f"{v:.0f}", ha="center", va="center", color="w")
-    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
-    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set_xlabel(xk)
-    ax.set_ylabel(yk)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="median steps to target")
-    fig.tight_layout()
+    fig = heatmap_figure(members, steps, budget, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], budget: int, title: str) -> Any:
+    """Median steps to the target of each configuration (over the seeds that reached it; the
+    count reached/seeds in each cell), as a matplotlib figure. The first swept axis runs along x,
+    the others together along y, so every configuration has a cell named on the axes. A cell no
+    seed brought to the target is hatched grey and reads "none in <budget>"; text is dark or
+    light to suit its cell."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    names = [k for k in members[0] if k != "seed"]
+    xk, yks = names[0], names[1:]
+    xs = sorted({m[xk] for m in members})
+    ys = sorted({tuple(m[k] for k in yks) for m in members})
+    cells = [[float("nan")] * len(xs) for _ in ys]
+    counts = [[(0, 0)] * len(xs) for _ in ys]
+    for j, yv in enumerate(ys):
+        for i, xv in enumerate(xs):
+            mine = [s for m, s in zip(members, steps) if m[xk] == xv and tuple(m[k] for k in yks) == yv]
+            got = sorted(s for s in mine if s is not None)
+            counts[j][i] = (len(got), len(mine))
+            if got:
+                cells[j][i] = float(got[len(got) // 2])
+    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 3.2, 0.75 * len(ys) + 2.2))
+    ax.set_facecolor("0.88")
+    cmap = plt.get_cmap("viridis_r")
+    im = ax.imshow(cells, cmap=cmap, vmin=0, vmax=budget, aspect="auto")
+    for j in range(len(ys)):
+        for i in range(len(xs)):
+            v, (reached, of) = cells[j][i], counts[j][i]
+            if of == 0:
+                continue
+            if reached == 0:
+                ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, facecolor="0.88", hatch="//", edgecolor="0.7"))
+                color = "k"
+            else:
+                r, g, b, _ = cmap(v / budget)
+                color = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+            ax.text(i, j, _cell_label(v, reached, of, budget), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(xs)), [f"{xk}={x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [", ".join(f"{k}={v:g}" for k, v in zip(yks, y)) or "-" for y in ys])
+    ax.set_xlabel(xk)
+    ax.set_ylabel(", ".join(yks))
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    fig.colorbar(im, ax=ax, label="median steps to target (seeds that reached it)")
+    fig.tight_layout()
+    return fig
+
+
+class _SweepProgress:
+    """A tqdm bar over the step budget (or a line every ~10 %), with the best val accuracy and
+    how many members are at the target."""
+
+    def __init__(self, total: int, stream: TextIO, use_tqdm: bool) -> None:
+        self.total, self.stream, self.done, self.use_tqdm = total, stream, 0, use_tqdm
+        self.bar: Any = None
+        self.every = max(1, total // 10)
+        self.next_at = self.every
+
+    def update(self, step: int, accs: list[float]) -> None:
+        at = sum(a >= DEMO_TARGET for a in accs)
+        if self.use_tqdm and self.bar is None:  # opened at the first evaluation: errors come first, alone
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc="sweep", unit="step", file=self.stream, dynamic_ncols=True)
+            except ImportError:
+                self.use_tqdm = False
+        if self.bar is not None:
+            self.bar.update(step - self.done)
+            self.bar.set_postfix(best_val=f"{max(accs):.3f}", at_target=f"{at}/{len(accs)}", refresh=False)
+        elif step >= self.next_at or step >= self.total:
+            print(f"  step {step:>6}/{self.total}: val acc max {max(accs):.3f}, {at}/{len(accs)} at target",
+                  file=self.stream, flush=True)
+            while self.next_at <= step:
+                self.next_at += self.every
+        self.done = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -351,36 +470,40 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     from grokxform.experiments.sweep import sweep
 
-    grid = {axis: getattr(args, axis) for axis in SWEEP_AXES if getattr(args, axis) is not None}
+    grid = {SWEEP_AXES[axis]: getattr(args, axis) for axis in SWEEP_AXES if getattr(args, axis) is not None}
+    static = {} if args.gamma is None else {"gamma": args.gamma}
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         device = torch.device(args.device)
         torch.empty(0, device=device)
-    except (ValueError, RuntimeError, AssertionError) as err:
-        print(f"grokxform sweep: {err}", file=sys.stderr)
+    except (RuntimeError, AssertionError) as err:
+        print(f"grokxform sweep: device {args.device!r} is not usable: {err}", file=sys.stderr)
         return 2
+    seeds = args.seeds
     n = len(seeds)
     for values in grid.values():
         n *= len(values)
-    print(f"grokxform sweep: {args.pipeline}, {n} members ({' x '.join(f'{k} {v}' for k, v in grid.items())}"
-          f" x seeds {seeds}) as one vmapped program on {device}, budget {args.steps} steps", flush=True)
-
-    def progress(step: int, accs: list[float]) -> None:
-        done = sum(a >= DEMO_TARGET for a in accs)
-        print(f"  step {step:>6}: val acc max {max(accs):.3f}, {done}/{len(accs)} at target", flush=True)
-
+    threads_before = _set_threads(device, args.threads)
+    print(f"grokxform sweep: {args.pipeline} on {task_name(args.task)}, {n} members"
+          f" ({' x '.join(f'{k} {v}' for k, v in grid.items())} x seeds {seeds}) as one vmapped program on {device}"
+          f" ({torch.get_num_threads()} CPU thread(s)), budget {args.steps} steps", flush=True)
+    bar = _SweepProgress(args.steps, sys.stderr, use_tqdm=not args.no_progress_bar)
     try:
-        result = sweep(args.pipeline, grid, seeds=seeds, steps=args.steps, device=device,
-                       compile=args.compile, on_eval=progress)
+        result = sweep(args.pipeline, grid, seeds=seeds, steps=args.steps, device=device, task=args.task,
+                       static=static, compile=args.compile, on_eval=bar.update)
     except ValueError as err:
         print(f"grokxform sweep: {err}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
+        torch.set_num_threads(threads_before)
     print(result.table())
     print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"torch": torch.__version__, **result.to_json()}
+    payload = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               **result.to_json()}
     Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-    title = f"{args.pipeline}: median steps to {DEMO_TARGET:.0%} val acc (x*y mod 97)"
+    title = f"{args.pipeline} on {task_name(args.task)}: median steps to {DEMO_TARGET:.0%} val acc, seeds {seeds}"
     if len(result.members[0]) >= 2 and plot_heatmap(result.members, result.steps_to_target, result.steps,
                                                      Path(f"{args.out}.png"), title):
         print(f"heatmap written to {args.out}.png, results to {args.out}.json")
@@ -424,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # argparse %-formats help strings: a literal % ("95%") must be doubled.
+        p = sub.add_parser(cmd.name, help=cmd.help.replace("%", "%%"), description=cmd.help)
         cmd.register(p)
         p.set_defaults(_run=cmd.run)
     return parser

@@ -1,9 +1,12 @@
-"""The Grokfast paper's modular-arithmetic task (Lee et al. 2024, ``main.py``): ``x·y mod 97``.
+"""The Grokfast paper's modular-arithmetic task (Lee et al. 2024, ``main.py``): ``x·y mod 97``,
+and the same task with the other operations of :data:`TASKS` (``add``, ``sub``, ``div``), to test
+findings beyond the one task they were tuned on.
 
 Data: every equation ``x ∘ y = (x·y) mod p`` with ``x ∈ [0, p−1]`` and ``y ∈ [1, p−1]`` (p = 97:
 97·96 = 9312 equations), split at random 50/50 by a seed (4656 train / 4656 val). An equation is
 the token sequence ``(x, op, y, eq)`` with ``eq = p`` (97) and ``op = p+1`` (98), a vocabulary of
 p+2 = 99 tokens; the target is the result ``(x·y) mod p``, read from the last position only.
+Other tasks change only the result: ``x+y``, ``x−y`` or ``x·y⁻¹`` (y's inverse mod p) instead.
 
 Model: a causal decoder, token ``Embedding(99, 128)`` + position ``Embedding(5, 128)``, 2 blocks
 of width 128 with 4 heads, each block ``x = LN1(x); x = x + Attn(x); x = x + MLP(LN2(x))`` (the
@@ -38,18 +41,45 @@ VOCAB_SIZE = P + 2
 """Vocabulary: the residues 0..96, ``=`` and ``∘`` (99)."""
 SEQ_LEN = 5
 """Length of the position table (the paper's ``seq_len=5``; inputs use the first 4 positions)."""
+TASKS = ("mul", "add", "sub", "div")
+"""The operations ``x∘y mod p``: ``x·y`` (the paper's), ``x+y``, ``x−y``, ``x·y⁻¹``."""
+TASK_SYMBOLS = {"mul": "·", "add": "+", "sub": "−", "div": "/"}
+"""How each task's operation is written in titles (``x·y mod 97``)."""
 
 
-def equations(p: int = P) -> tuple[torch.Tensor, torch.Tensor]:
-    """All equations of ``x·y mod p``: tokens ``(N, 4)`` = ``(x, op, y, eq)`` and results ``(N,)``.
+def task_name(task: str = "mul", p: int = P) -> str:
+    """The task as a reader writes it: ``"x·y mod 97"``."""
+    return f"x{TASK_SYMBOLS[check_task(task)]}y mod {p}"
 
-    ``x`` runs over ``[0, p−1]`` and ``y`` over ``[1, p−1]``, x-major (``N = p·(p−1)``).
+
+def check_task(task: str) -> str:
+    """``task`` if it is one of :data:`TASKS`, else a ``ValueError`` naming the choices."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return task
+
+
+def equations(p: int = P, task: str = "mul") -> tuple[torch.Tensor, torch.Tensor]:
+    """All equations of ``x∘y mod p``: tokens ``(N, 4)`` = ``(x, op, y, eq)`` and results ``(N,)``.
+
+    ``x`` runs over ``[0, p−1]`` and ``y`` over ``[1, p−1]``, x-major (``N = p·(p−1)``), for
+    every task (so ``div``'s ``y⁻¹ = y^(p−2) mod p`` exists when p is prime).
     """
     if isinstance(p, bool) or not isinstance(p, int) or p < 2:
         raise ValueError(f"equations: p must be an int >= 2, got {p!r}")
+    check_task(task)
     x, y = torch.cartesian_prod(torch.arange(p), torch.arange(1, p)).T
     tokens = torch.stack([x, torch.full_like(x, p + 1), y, torch.full_like(x, p)], dim=1)
-    return tokens, (x * y) % p
+    if task == "mul":
+        result = x * y
+    elif task == "add":
+        result = x + y
+    elif task == "sub":
+        result = x - y
+    else:
+        inverse = torch.tensor([pow(int(v), p - 2, p) for v in range(p)])
+        result = x * inverse[y]
+    return tokens, result % p
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,8 +182,10 @@ def paper_setup(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     train_fraction: float = 0.5,
+    task: str = "mul",
 ) -> ModularSetup:
-    """The model, split and shuffle stream of the paper's ``main.py --seed seed``, in its order.
+    """The model, split and shuffle stream of the paper's ``main.py --seed seed``, in its order
+    (``task`` picks the operation of :data:`TASKS`; the model and split are the same for all).
 
     One RNG stream, as in the paper's script: ``torch.manual_seed(seed)``, the decoder's default
     initialisation, ``randperm(N)`` for the split (first ``floor(N·train_fraction)`` train, the
@@ -162,7 +194,7 @@ def paper_setup(
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"paper_setup: train_fraction must be in (0, 1), got {train_fraction!r}")
-    tokens, results = equations(P)
+    tokens, results = equations(P, task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = Decoder()
@@ -175,9 +207,9 @@ def paper_setup(
     return ModularSetup(model.to(device=device, dtype=dtype), data, generator)
 
 
-def modular_data(seed: int = 0, train_fraction: float = 0.5) -> TaskData:
+def modular_data(seed: int = 0, train_fraction: float = 0.5, task: str = "mul") -> TaskData:
     """The random split of :func:`paper_setup` (4656 train / 4656 val for the paper's 50/50)."""
-    return paper_setup(seed, train_fraction=train_fraction).data
+    return paper_setup(seed, train_fraction=train_fraction, task=task).data
 
 
 def make_decoder(seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from grokxform.experiments.modular import paper_setup
+from grokxform.experiments.cli import seeds_arg
+from grokxform.experiments.modular import TASKS, paper_setup
 from grokxform.experiments.optimizers import modular_optimizer
 from grokxform.experiments.sweep import SWEEP_FACTORIES, median_and_spread, sweep
 from grokxform.experiments.train import train
@@ -49,13 +50,13 @@ def _write(out: Path, name: str, payload: dict[str, Any]) -> None:
     print(f"wrote {out / name}", flush=True)
 
 
-def paper_rows(device: torch.device, seeds: list[int], max_steps: int) -> dict[str, Any]:
+def paper_rows(device: torch.device, seeds: list[int], max_steps: int, task: str = "mul") -> dict[str, Any]:
     """Grokfast-EMA and -MA with the paper's settings: one plain single run per seed."""
     rows: dict[str, Any] = {}
     for name in ("grokfast_ema", "grokfast_ma"):
-        runs = []
+        runs: list[dict[str, Any]] = []
         for seed in seeds:
-            setup = paper_setup(seed, device=device)
+            setup = paper_setup(seed, device=device, task=task)
             res = train(setup.model, modular_optimizer(name), setup.data, steps=max_steps,
                         generator=setup.generator, stop_at_target=True)
             runs.append({"seed": seed, "steps_to_95": res.steps_to_target, "seconds_to_95": res.seconds_to_target,
@@ -80,10 +81,10 @@ def _sweep_or_eager(name: str, grid: dict[str, list[Any]], **kw: Any) -> tuple[A
 
 
 def baseline_row(device: torch.device, seeds: list[int], steps: int, seconds: float | None,
-                 compile: bool) -> dict[str, Any]:
+                 compile: bool, task: str = "mul") -> dict[str, Any]:
     """The Adam baseline (wd 0) for all seeds at once, as one vmapped program, capped."""
     base, compile = _sweep_or_eager("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
-                                    compile=compile, max_seconds=seconds)
+                                    compile=compile, max_seconds=seconds, task=task)
     print("baseline", base.steps_to_target, base.steps, base.seconds, flush=True)
     return {"vmapped": True, "compiled": compile, "steps_run": base.steps, "seconds": base.seconds,
             "steps_to_95": median_and_spread(base.steps_to_target), "per_seed": base.steps_to_target,
@@ -92,23 +93,23 @@ def baseline_row(device: torch.device, seeds: list[int], steps: int, seconds: fl
 
 
 def sweep_throughput(device: torch.device, steps: int, single_steps: int, compile: bool,
-                     seconds: float | None = None) -> dict[str, Any]:
+                     seconds: float | None = None, task: str = "mul") -> dict[str, Any]:
     grid = {"alpha": [0.9, 0.95, 0.98], "lamb": [1.0, 2.0, 5.0], "weight_decay": [0.005, 0.01]}
     seeds = [0, 1]
     res, compile = _sweep_or_eager("grokfast_ema", grid, seeds=seeds, steps=steps, device=device, compile=compile,
-                                   stop_when_all_reached=True, max_seconds=seconds)
+                                   stop_when_all_reached=True, max_seconds=seconds, task=task)
     n = len(res.members)
     # one by one: a few members alone, the plain loop and the vmapped code with one member
     singles = []
     for m in res.members[:3]:
-        setup = paper_setup(m["seed"], device=device)
+        setup = paper_setup(m["seed"], device=device, task=task)
         tx = SWEEP_FACTORIES["grokfast_ema"](lr=linear_warmup(1e-3, 10), alpha=m["alpha"], lamb=m["lamb"],
                                               weight_decay=m["weight_decay"])
         t0 = time.perf_counter()
         r = train(setup.model, tx, setup.data, steps=single_steps, generator=setup.generator)
         loop_s = time.perf_counter() - t0
         one = sweep("grokfast_ema", {}, steps=single_steps, device=device, compile=compile,
-                    members=[m], stop_when_all_reached=False)
+                    members=[m], stop_when_all_reached=False, task=task)
         singles.append({"member": m, "loop_steps_per_s": r.steps / loop_s,
                         "vmapped1_steps_per_s": one.steps / one.seconds,
                         "vmapped1_steady_steps_per_s": one.steady_member_steps_per_second})
@@ -124,12 +125,14 @@ def sweep_throughput(device: torch.device, steps: int, single_steps: int, compil
     }
 
 
-def ablation(device: torch.device, steps: int, compile: bool, seconds: float | None = None) -> dict[str, Any]:
+def ablation(device: torch.device, steps: int, compile: bool, seconds: float | None = None,
+             task: str = "mul") -> dict[str, Any]:
     seeds = [0, 1]
     tuned, compiled = _sweep_or_eager("adamw", {"weight_decay": [0.1, 0.3, 1.0], "b1": [0.8, 0.9, 0.98]}, seeds=seeds,
-                                      steps=steps, device=device, compile=compile, max_seconds=seconds)
+                                      steps=steps, device=device, compile=compile, max_seconds=seconds, task=task)
     grok, compiled2 = _sweep_or_eager("grokfast_ema", {"alpha": [0.9, 0.98, 0.99], "weight_decay": [0.001, 0.005, 0.01]},
-                                      seeds=seeds, steps=steps, device=device, compile=compile, max_seconds=seconds)
+                                      seeds=seeds, steps=steps, device=device, compile=compile, max_seconds=seconds,
+                                      task=task)
 
     def best(res: Any) -> dict[str, Any]:
         configs: dict[tuple, list] = {}
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--phases", default="paper,sweep,ablation,baseline", help="in the order to run them")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2])
+    ap.add_argument("--task", default="mul", choices=TASKS, help="the operation x∘y mod 97 (default mul, the paper's)")
     ap.add_argument("--max-steps", type=int, default=5000)
     ap.add_argument("--baseline-steps", type=int, default=50_000)
     ap.add_argument("--sweep-steps", type=int, default=3000)
@@ -161,24 +165,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", default="baseline", help="phases whose vmapped steps are compiled")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds, task = args.seeds, args.task
     env = _env(device)
     compiled = set(args.compile.split(","))
     cap = args.phase_seconds
     for phase in args.phases.split(","):
         t0 = time.perf_counter()
         if phase == "paper":
-            payload = {"seeds": seeds, **paper_rows(device, seeds, args.max_steps)}
+            payload = {"seeds": seeds, **paper_rows(device, seeds, args.max_steps, task)}
         elif phase == "baseline":
             payload = {"seeds": seeds, "baseline": baseline_row(device, seeds, args.baseline_steps, args.baseline_seconds,
-                                                                "baseline" in compiled)}
+                                                                "baseline" in compiled, task)}
         elif phase == "sweep":
-            payload = sweep_throughput(device, args.sweep_steps, args.single_steps, "sweep" in compiled, cap)
+            payload = sweep_throughput(device, args.sweep_steps, args.single_steps, "sweep" in compiled, cap, task)
         elif phase == "ablation":
-            payload = ablation(device, args.ablation_steps, "ablation" in compiled, cap)
+            payload = ablation(device, args.ablation_steps, "ablation" in compiled, cap, task)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
-        _write(args.out, f"{phase}.json", {**env, "phase_seconds": time.perf_counter() - t0, **payload})
+        _write(args.out, f"{phase}.json", {**env, "task": task, "phase_seconds": time.perf_counter() - t0, **payload})
 
 
 if __name__ == "__main__":

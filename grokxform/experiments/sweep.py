@@ -33,7 +33,7 @@ from torch.func import functional_call, grad_and_value
 
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, apply_updates, named_chain
-from grokxform.experiments.modular import paper_setup, steps_per_epoch
+from grokxform.experiments.modular import check_task, paper_setup, steps_per_epoch
 from grokxform.pipelines import grokadamw, grokfast_ema, grokfast_ma
 from grokxform.transforms.adam import scale_by_adam
 from grokxform.transforms.schedules import linear_warmup, scale_by_learning_rate
@@ -65,8 +65,16 @@ def _ma(lr: Any, lamb: Any = 5.0, b1: Any = 0.9, weight_decay: Any = 0.01, windo
                        weight_decay_mode="coupled")
 
 
-def _grokadamw(lr: Any, alpha_init: Any = 0.98, lamb: Any = 2.0, b1: Any = 0.9, weight_decay: Any = 0.01) -> GradientTransformation:
-    return grokadamw(lr=lr, betas=(b1, PAPER_B2), alpha_init=alpha_init, lamb=lamb, weight_decay=weight_decay)
+def _grokadamw(lr: Any, alpha_init: Any = 0.98, lamb: Any = 2.0, b1: Any = 0.9, weight_decay: Any = 0.01,
+               grokking_signal_decay_rate: Any = 0.1, clip: Any = 1.0,
+               gamma: float = 0.1) -> GradientTransformation:
+    """:func:`grokadamw` with the paper's β2. ``clip`` is its ``gradient_clipping`` under a name
+    a sweep may vary: 0 switches the clip off also as a (batched) tensor, whose threshold then
+    becomes +∞, and ``min(1, ∞/‖g‖) = 1`` leaves g exactly as it is."""
+    if isinstance(clip, torch.Tensor):
+        clip = torch.where(clip > 0, clip, float("inf"))
+    return grokadamw(lr=lr, betas=(b1, PAPER_B2), alpha_init=alpha_init, lamb=lamb, weight_decay=weight_decay,
+                     gamma=gamma, grokking_signal_decay_rate=grokking_signal_decay_rate, gradient_clipping=clip)
 
 
 def _adamw(lr: Any, b1: Any = 0.9, weight_decay: Any = 0.01) -> GradientTransformation:
@@ -81,7 +89,11 @@ SWEEP_FACTORIES: dict[str, Callable[..., GradientTransformation]] = {
     "grokadamw": _grokadamw,
 }
 """Pipelines a sweep can run, with the paper's settings as defaults; the keyword arguments other
-than ``lr`` (and ``window_size``, fixed per sweep) are the sweepable hyperparameters."""
+than ``lr`` (and ``window_size`` and grokadamw's ``gamma``, fixed per sweep: they set the
+pipeline's structure) are the sweepable hyperparameters."""
+
+STATIC_ARGS = ("window_size", "gamma")
+"""Arguments a sweep holds fixed for all its members (pass them as ``static=``)."""
 
 
 @dataclass
@@ -104,6 +116,9 @@ class SweepResult:
     first_epoch_steps: int = 0
     first_epoch_seconds: float = 0.0
     """Steps and wall seconds up to the first evaluation (they hold a compile, if any)."""
+    task: str = "mul"
+    static: dict[str, Any] = field(default_factory=dict)
+    """The arguments held fixed for every member (``gamma``, ``window_size``)."""
 
     @property
     def member_steps_per_second(self) -> float:
@@ -128,6 +143,8 @@ class SweepResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
+            "task": self.task,
+            "static": self.static,
             "device": self.device,
             "members": self.members,
             "steps_to_target": self.steps_to_target,
@@ -175,6 +192,8 @@ def sweep(
     on_eval: Callable[[int, list[float]], None] | None = None,
     compile: bool = False,
     max_seconds: float | None = None,
+    task: str = "mul",
+    static: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Train every member of ``grid`` × ``seeds`` (or the explicit ``members``) at once.
 
@@ -183,14 +202,23 @@ def sweep(
     target" is the step count of its first evaluation ≥ ``target_accuracy``. ``compile=True``
     compiles the vmapped step with ``torch.compile`` (one graph per batch shape). ``max_seconds``
     stops at the first evaluation past that wall time (members not yet at the target are
-    reported as not reached by ``result.steps``).
+    reported as not reached by ``result.steps``). ``task`` is the operation of
+    :data:`~grokxform.experiments.modular.TASKS`; ``static`` fixes arguments of
+    :data:`STATIC_ARGS` for every member (``{"gamma": 0.0}``).
     """
     if pipeline not in SWEEP_FACTORIES:
         raise ValueError(f"sweep: unknown pipeline {pipeline!r}; choose from {sorted(SWEEP_FACTORIES)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be an int >= 1, got {steps!r}")
     factory = SWEEP_FACTORIES[pipeline]
-    allowed = set(inspect.signature(factory).parameters) - {"lr", "window_size", "decoupled"}
+    check_task(task)
+    signature = set(inspect.signature(factory).parameters)
+    allowed = signature - {"lr", "decoupled", *STATIC_ARGS}
+    static = dict(static or {})
+    bad_static = sorted(k for k in static if k not in STATIC_ARGS or k not in signature)
+    if bad_static:
+        raise ValueError(f"sweep: {pipeline} takes no fixed argument {bad_static}; it has"
+                         f" {sorted(signature & set(STATIC_ARGS)) or 'none'}")
     member_list = [dict(m) for m in members] if members is not None else grid_members(grid, seeds)
     if not member_list:
         raise ValueError("sweep: the grid is empty")
@@ -201,10 +229,12 @@ def sweep(
     for m in member_list:
         if "seed" not in m or sorted(k for k in m if k != "seed") != sorted(hyper_names):
             raise ValueError(f"sweep: every member needs a seed and the hyperparameters {hyper_names}, got {m}")
+    for config in {tuple((k, m[k]) for k in hyper_names) for m in member_list}:  # each value's own checks
+        factory(lr=lr, **dict(config), **({"window_size": window_size} if pipeline == "grokfast_ma" else {}), **static)
     device = torch.device(device)
 
     # --- the members' models, data and shuffle streams, as the single-run setup draws them
-    setups = [paper_setup(int(m["seed"])) for m in member_list]
+    setups = [paper_setup(int(m["seed"]), task=task) for m in member_list]
     params = _stack([{k: v.detach() for k, v in s.model.named_parameters()} for s in setups])
     params = _tree.tree_map(lambda t: t.to(device), params)
     base = setups[0].model.to(device)  # only its structure is used: functional_call swaps in params
@@ -217,8 +247,10 @@ def sweep(
 
     # --- one transform, per-member hyperparameters in its (stacked) state
     extra_static = {"window_size": window_size} if pipeline == "grokfast_ma" else {}
+    extra_static.update(static)
     first = {k: member_list[0][k] for k in hyper_names}
-    tx = inject_hyperparams(factory)(lr=linear_warmup(lr, warmup_steps), **first, **extra_static)
+    tx = inject_hyperparams(factory, static_args=STATIC_ARGS)(lr=linear_warmup(lr, warmup_steps), **first,
+                                                              **extra_static)
     one = _tree.tree_map(lambda t: t[0], params)
     state = _stack([tx.init(one) for _ in member_list])
     for k in hyper_names:
@@ -252,7 +284,8 @@ def sweep(
 
     evaluate = torch.func.vmap(member_eval)
 
-    result = SweepResult(pipeline, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device))
+    result = SweepResult(pipeline, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
+                         task=task, static=extra_static)
     per_epoch = steps_per_epoch(n, batch_size)
     rows = torch.arange(n_members, device=device)[:, None]
     val_loss: torch.Tensor | None = None
@@ -312,4 +345,4 @@ def median_and_spread(values: Sequence[int | None]) -> dict[str, Any]:
     return {"median": med, "min": got[0], "max": got[-1], "reached": len(got), "of": len(values)}
 
 
-__all__ = ["SWEEP_FACTORIES", "SweepResult", "adam_l2", "grid_members", "median_and_spread", "sweep"]
+__all__ = ["STATIC_ARGS", "SWEEP_FACTORIES", "SweepResult", "adam_l2", "grid_members", "median_and_spread", "sweep"]

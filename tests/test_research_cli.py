@@ -1,0 +1,150 @@
+"""The research command line and its instruments: ``grokxform --help``, ``python -m grokxform``,
+clear errors for bad values, ``--task``, the sweep's heatmap, and the GrokAdamW ablation's report."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+import pytest
+import torch
+
+from grokxform.experiments import cli
+from grokxform.experiments.modular import P, equations, paper_setup
+
+
+def test_help_of_the_command_and_of_every_subcommand(capsys):
+    for argv in (["--help"], *([c.name, "--help"] for c in cli.COMMANDS)):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "steps to 95%" in out  # the help's literal % is printed, not taken as a format
+
+
+def test_python_dash_m_grokxform_is_the_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["grokxform", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("grokxform", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seeds", ["a", "0,,1", "-1", "0,0", ""])
+def test_sweep_rejects_bad_seeds_with_an_argparse_error(seeds, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", "--seeds", seeds, "--steps", "1", "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seeds" in err and "invalid literal" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sweep", "--alpha", "0.9,x"], "argument --alpha"),
+    (["sweep", "--alpha", "nan"], "finite"),
+    (["sweep", "--task", "pow"], "argument --task"),
+    (["demo", "--task", "pow"], "argument --task"),
+    (["sweep", "--threads", "0"], "argument --threads"),
+])
+def test_bad_values_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_reports_an_out_of_range_value_of_any_member(tmp_path, capsys):
+    status = cli.main(["sweep", "--alpha", "0.9,1.5", "--seeds", "0", "--steps", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "x")])
+    assert status == 2
+    assert "alpha must be in [0.0, 1.0)" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_tasks_compute_their_operation():
+    from grokxform.experiments.modular import TASKS
+
+    x0, y0 = 5, 7
+    want = {"mul": 35, "add": 12, "sub": (5 - 7) % P, "div": next(r for r in range(P) if (r * 7) % P == 5)}
+    for task in TASKS:
+        tokens, results = equations(P, task)
+        assert tokens.shape == (P * (P - 1), 4) and results.min() >= 0 and results.max() < P
+        row = ((tokens[:, 0] == x0) & (tokens[:, 2] == y0)).nonzero().item()
+        assert results[row].item() == want[task], task
+    x, y = equations(P, "div")[0][:, 0], equations(P, "div")[0][:, 2]
+    assert torch.equal((equations(P, "div")[1] * y) % P, x)
+    with pytest.raises(ValueError, match="choose from mul, add, sub, div"):
+        equations(P, "pow")
+    # same model and split for every task: only the targets change
+    a, b = paper_setup(0, task="mul"), paper_setup(0, task="sub")
+    assert torch.equal(a.data.train_inputs, b.data.train_inputs)
+    assert not torch.equal(a.data.train_targets, b.data.train_targets)
+
+
+def test_heatmap_names_members_and_stays_readable_when_none_reach():
+    import matplotlib.pyplot as plt
+
+    members = [{"alpha": a, "lamb": lam, "weight_decay": 0.01, "seed": s}
+               for a in (0.9, 0.98) for lam in (1.0, 2.0) for s in (0, 1)]
+    steps = [None] * len(members)
+    steps[0] = 10  # alpha 0.9, lamb 1: one of two seeds, at step 10 (a light cell)
+    steps[2] = steps[3] = 95  # alpha 0.9, lamb 2: both, at 95 (a dark cell)
+    fig = cli.heatmap_figure(members, steps, 100, "a title long enough to need more than one line on a plot only a few cells wide")
+    ax = fig.axes[0]
+    texts = {t.get_text(): t.get_color() for t in ax.texts}
+    assert texts["10\n(1/2)"] == "k" and texts["95\n(2/2)"] == "w"  # text contrasts with its cell
+    unreached = [(t, c) for t, c in texts.items() if t.startswith("none in")]
+    assert unreached and all(c == "k" and "(0/2)" in t for t, c in unreached)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["alpha=0.9", "alpha=0.98"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["lamb=1, weight_decay=0.01", "lamb=2, weight_decay=0.01"]
+    assert "\n" in ax.get_title()
+    plt.close(fig)
+
+
+def test_grokadamw_sweep_member_matches_grokadamw_alone():
+    """The sweep's clip / signal knobs are grokadamw's own: clip 0 (off) and κ, past the first
+    evaluation (where the loss signal starts), equal a single run of ``grokadamw``."""
+    from grokxform.experiments.sweep import PAPER_B2, sweep
+    from grokxform.experiments.train import train
+    from grokxform.pipelines import grokadamw
+    from grokxform.transforms.schedules import linear_warmup
+
+    members = [{"clip": c, "grokking_signal_decay_rate": 1.0, "seed": 0} for c in (0.0, 1.0)]
+    steps = 11  # one past the first evaluation, from which on the signal reads the losses
+    res = sweep("grokadamw", {}, members=members, steps=steps, static={"gamma": 0.0})
+    assert res.static == {"gamma": 0.0}
+    setup = paper_setup(0)  # the clip-off member (the clip-on path is grokadamw's own, tested in test_sweep)
+    tx = grokadamw(lr=linear_warmup(1e-3, 10), betas=(0.9, PAPER_B2), gamma=0.0,
+                   grokking_signal_decay_rate=1.0, gradient_clipping=0.0)
+    alone = train(setup.model, tx, setup.data, steps=steps, generator=setup.generator)
+    for name in ("head.weight", "layers.1.mlp.0.weight"):
+        torch.testing.assert_close(res.params[name][0], alone.params[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(res.params["head.weight"][0], res.params["head.weight"][1])
+    with pytest.raises(ValueError, match="fixed argument"):
+        sweep("adamw", {"b1": [0.9]}, static={"gamma": 0.0}, steps=1)
+
+
+def _payload(pipeline, static, members, steps):
+    return {"program": pipeline, "device": "cpu", "torch": "x", "date": "d", "seeds": [0, 1], "step_cap": 100,
+            "task": "mul", "pipeline": pipeline, "static": static, "members": members, "steps_to_target": steps,
+            "steps": 100, "final_val_acc": [0.5] * len(members)}
+
+
+def test_ablation_report_states_each_piece(tmp_path):
+    from grokxform.experiments import ablation
+
+    base = {k: v for k, v in ablation.GROKADAMW_DEFAULTS.items() if k != "gamma"}
+    on, off = {**base}, {**base, "grokking_signal_decay_rate": 0.0}
+    members = [{**on, "seed": 0}, {**on, "seed": 1}, {**off, "seed": 0}, {**off, "seed": 1}]
+    (tmp_path / "grokadamw_g0.1.json").write_text(json.dumps(_payload("grokadamw", {"gamma": 0.1}, members,
+                                                                      [50, 60, None, 40])))
+    (tmp_path / "adamw.json").write_text(json.dumps(_payload("adamw", {}, [{"weight_decay": 1.0, "b1": 0.9, "seed": 0}],
+                                                             [30])))
+    lines = "\n".join(ablation.report(tmp_path))
+    assert "| κ | 0 | 1/2 | 40 | faster 1, slower 1, same 0 |" in lines
+    assert "| κ | 0.1 | 2/2 | 55 | default |" in lines
+    assert "GrokAdamW γ=0.1 κ=0 clip=1 wd=0.01 λ=2 α=0.98 | 40 [40–40] (1/2) |" in lines
+    assert "Best AdamW (tuned): AdamW (tuned) wd=1 β1=0.9 → 30 [30–30] (1/1)" in lines
+    assert (tmp_path / "ablation_table.md").exists()
+    assert (tmp_path / "grokadamw_ablation.png").read_bytes()[:4] == b"\x89PNG"
