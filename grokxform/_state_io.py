@@ -33,7 +33,7 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+    return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
 def _join(path: str, key: Any) -> str:

@@ -303,9 +303,19 @@ def _local_reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.dev
     out: dict[str, torch.Tensor] = {}
     if not kinds:
         return out
-    wide = any(x.dtype == torch.float64 for x in xs)
-    norm_dtype = torch.float64 if wide else torch.float32
-    if foreach_ok(xs) and xs:
+    if xs and foreach_ok(xs[:1] + xs[-1:]):  # (a transform wraps all the leaves it maps over)
+        kind = {(x.device, x.dtype) for x in xs}
+        if len(kind) == 1:  # one device and dtype, the common case: no per-leaf Python
+            ((dev, dt),) = kind
+            acc = torch.promote_types(dt, torch.float32)  # the norm dtype too
+            if "norm" in kinds:
+                out["norm"] = torch.stack(torch._foreach_norm(xs, 2, dtype=acc)).to(device)
+            if "finite" in kinds and all(x.numel() for x in xs):
+                out["finite"] = torch.isfinite(torch.stack(torch._foreach_norm(xs, float("inf")))).to(device)
+            if len(out) == len(kinds):
+                return out
+            out = {}
+        norm_dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
         norms: list[Any] = [None] * len(xs)
         maxes: list[Any] = [None] * len(xs)
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -329,6 +339,7 @@ def _local_reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.dev
                 torch.stack([zero if v is None else v.to(device=device, dtype=norm_dtype) for v in maxes])
             )
         return out
+    norm_dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     if "norm" in kinds:
         out["norm"] = torch.stack([
             torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)).to(device, norm_dtype)
@@ -348,20 +359,35 @@ GLOBAL_FINITE = "global_grad_finite"
 gradient is finite when the tree is a part of it."""
 
 
-def whole_gradient_reductions(leaves: Seq[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+def whole_gradient_reductions(
+    leaves: Seq[torch.Tensor | None], wanted: Seq[str] = (GLOBAL_NORM, GLOBAL_FINITE)
+) -> dict[str, torch.Tensor]:
     """The reductions of a gradient made of several trees (the param groups of one optimizer), as
-    ``update`` keyword arguments for each tree: ``global_grad_norm``, the pair ``(‖g‖, ‖g‖_fin)``
-    that :func:`~grokxform.clip_by_global_norm` computes over one tree (per-leaf norms in float32,
-    float64 if any leaf is; ``‖g‖_fin`` over the leaves whose values are all finite), and
+    ``update`` keyword arguments for each tree (those named in ``wanted``): ``global_grad_norm``,
+    the pair ``(‖g‖, ‖g‖_fin)`` that :func:`~grokxform.clip_by_global_norm` computes over one tree
+    (per-leaf norms in float32, float64 if any leaf is; ``‖g‖_fin`` over the finite leaves), and
     ``global_grad_finite``, whether every value is finite. ``None`` leaves are skipped; sharded
-    leaves (DTensors) count whole (one all-reduce)."""
-    given = [x for x in leaves if x is not None]
-    xs = [_dist.local(x) for x in given]
+    leaves (DTensors) count whole (one all-reduce). One read of the gradients: without
+    ``global_grad_finite``, a leaf counts as finite when its norm is (a finite leaf whose float32
+    sum of squares overflows, values beyond ~1e19, counts as non-finite)."""
+    xs = [x for x in leaves if x is not None]
+    shards = None
+    if any(_dist.is_sharded(x) for x in xs):
+        shards = [_dist.shard_of(x) for x in xs]
+        xs = [_dist.local(x) for x in xs]
     device = xs[0].device if xs else torch.device("cpu")
-    red = reductions(("norm", "finite"), xs, device, [_dist.shard_of(x) for x in given])
-    norms, finite = red["norm"], red["finite"]
-    pair = torch.stack([torch.linalg.vector_norm(norms), torch.linalg.vector_norm(torch.where(finite, norms, 0.0))])
-    return {GLOBAL_NORM: pair, GLOBAL_FINITE: finite.all()}
+    kinds = ("norm", "finite") if GLOBAL_FINITE in wanted else ("norm",)
+    red = reductions(kinds, xs, device, shards)
+    norms = red["norm"]
+    finite = red["finite"] if "finite" in red else torch.isfinite(norms)
+    out = {}
+    if GLOBAL_NORM in wanted:
+        out[GLOBAL_NORM] = torch.stack(
+            [torch.linalg.vector_norm(norms), torch.linalg.vector_norm(torch.where(finite, norms, 0.0))]
+        )
+    if GLOBAL_FINITE in wanted:
+        out[GLOBAL_FINITE] = finite.all()
+    return out
 
 
 def tree_reductions(decl: Any, *, on_gradient: bool = True) -> list[tuple[str, bool]]:

@@ -162,7 +162,7 @@ def unshard_tree(tree: Any) -> Any:
     kept)."""
     if is_sharded(tree):
         return local(tree)
-    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*(unshard_tree(v) for v in tree))
     if isinstance(tree, (tuple, list)):
         return type(tree)(unshard_tree(v) for v in tree)
@@ -182,7 +182,7 @@ def shard_like(state: Any, specs: dict[str, LeafShard | None]) -> Any:
     shapes = {n: (local_shape(s) if s is not None else None) for n, s in specs.items()}
 
     def walk(node: Any) -> Any:
-        if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*(walk(v) for v in node))
         if isinstance(node, (tuple, list)):
             return type(node)(walk(v) for v in node)

@@ -581,24 +581,24 @@ class Optimizer(torch.optim.Optimizer):
                 names.add(name)
         if not names:
             return extra
-        whole = D.whole_gradient_reductions(
-            [p.grad for g in stepping for p in self.param_groups[g]["params"]]
-        )
-        wanted = {D.GLOBAL_NORM} if "clip_by_global_norm" in names else set()
+        wanted = [D.GLOBAL_NORM] if "clip_by_global_norm" in names else []
         if "apply_if_finite" in names:
-            wanted.add(D.GLOBAL_FINITE)
-        return {**{k: v for k, v in whole.items() if k in wanted}, **extra}
+            wanted.append(D.GLOBAL_FINITE)
+        grads = [p.grad for g in stepping for p in self.param_groups[g]["params"]]
+        return {**D.whole_gradient_reductions(grads, wanted), **extra}
 
     def _refresh_state_views(self) -> None:
         """``self.state[p]``: the state tensors of each parameter, refreshed when a group's state
         object changed (every eager step; once for a fused step, whose tensors stay in place and
         whose MA window is one ring buffer per parameter, ``"grokfast.window.buffers"``)."""
+        traced = torch.compiler.is_compiling()  # (a step inside torch.compile: refreshed every time)
         for g, group in enumerate(self.param_groups):
             built = self._fused_steps.get(g)
             live = built[1].state if built is not None else self._states[g]
-            if live is None or self._views_of.get(g) is live:
+            if live is None or (not traced and self._views_of.get(g) is live):
                 continue
-            self._views_of[g] = live
+            if not traced:
+                self._views_of[g] = live
             if built is not None and self._factory is None:
                 live = live[0]
             views = S.per_param_views(_dist.shard_like(live, self._shard_specs(g)), self._names[g])

@@ -157,6 +157,27 @@ def test_python_float_losses_do_not_recompile_optimizer_step() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_ready_chain_steps_inside_torch_compile() -> None:
+    """A ready ``gx.chain`` (its state a tuple) under ``torch.compile(fullgraph=True)``: the state
+    views of ``opt.state`` are refreshed inside the graph, and the run equals the eager one."""
+    def run(compiled: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = gx.Optimizer(model.named_parameters(), gx.chain(gx.amplify(gx.ema_filter(0.9), 2.0),
+                                                               gx.scale_by_learning_rate(1e-2)), fused=False)
+        step = lambda tl: opt.step(train_loss=tl, val_loss=0.3)  # noqa: E731
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend=_compile_counter())
+        for t in range(3):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            step(0.05 + 0.01 * t)
+            opt.zero_grad()
+        assert torch.equal(opt.state[model.weight]["0.mu"], opt.tx_states[0][0].mu["weight"])
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------
 # One huge but finite gradient in the MA window.
 

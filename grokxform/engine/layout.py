@@ -139,7 +139,7 @@ def _homed(values: list[Any]) -> list[Any]:
 def _home_counters(node: Any) -> Any:
     if isinstance(node, MaRingWindow) or isinstance(node, torch.Tensor) or node is None:
         return node
-    if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a state NamedTuple
+    if isinstance(node, tuple) and hasattr(node, "_fields"):  # a state NamedTuple
         return type(node)(*(_home_counters(v) for v in node))
     if isinstance(node, dict):
         values = list(node.values())
