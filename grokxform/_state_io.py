@@ -95,17 +95,7 @@ def decode(saved: Any, template: Any, where: str, path: str = "") -> Any:
     """
     at = f"{where} at {path or '<root>'!r}"
     if isinstance(template, torch.Tensor):
-        if not isinstance(saved, torch.Tensor):
-            raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
-        if saved.shape != template.shape:
-            raise StateMismatchError(
-                f"{at}: the checkpoint has shape {tuple(saved.shape)}, this optimizer {tuple(template.shape)}"
-            )
-        if saved.dtype != template.dtype:
-            raise StateMismatchError(f"{at}: the checkpoint has dtype {saved.dtype}, this optimizer {template.dtype}")
-        # A fresh tensor, not the template's: a template may share one tensor between two leaves
-        # (a state seeded with a hyperparameter tensor), which must not receive two values.
-        return torch.empty_like(template).copy_(saved)
+        return _fit(saved, template, at)
     if template is None or isinstance(template, _SCALARS):
         if type(saved) is not type(template):
             raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a {_kind(template)}")
@@ -225,7 +215,9 @@ def param_entries(state: Any, names: list[str]) -> dict[str, dict[str, Any]]:
 
 def _fit(saved: Any, template: torch.Tensor, at: str) -> torch.Tensor:
     """A new tensor like ``template`` (its device, dtype and layout: a DTensor's local shard)
-    holding ``saved``: a tensor of the same global shape, sharded or whole."""
+    holding ``saved``: a tensor of the same global shape, sharded or whole. Fresh, never the
+    template itself: a template may share one tensor between two leaves (a state seeded with a
+    hyperparameter tensor), which must not receive two values."""
     if not isinstance(saved, torch.Tensor):
         raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
     if saved.shape != template.shape:
