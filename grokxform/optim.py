@@ -92,6 +92,8 @@ from grokxform.transforms.wrappers import inject_hyperparams
 Factory = Callable[..., GradientTransformation]
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
+_SPANNED = ("clip_by_global_norm", "apply_if_finite")
+"""The reductions over the tree whose whole-gradient values the optimizer passes to each group."""
 _FORMAT_VERSION = 2  # 1: one encoded state per group (still read); 2: torch.optim's layout
 _GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, left out of the checkpoint names
@@ -570,6 +572,13 @@ class Optimizer(torch.optim.Optimizer):
             if cached is None or cached[0] is not tx:
                 cached = self._reductions_of[g] = (tx, D.tree_reductions(D.declaration_of(tx)))
             for name, on_gradient in cached[1]:
+                if name not in _SPANNED:
+                    raise ValueError(
+                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that"
+                        " several param groups cannot share (only clip_by_global_norm's norm and apply_if_finite's"
+                        " check are passed across groups). Use one param group and give per-parameter differences"
+                        " as masks (weight_decay_mask=...)"
+                    )
                 if not on_gradient:
                     raise ValueError(
                         f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that does"

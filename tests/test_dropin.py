@@ -161,6 +161,24 @@ def test_a_reduction_that_cannot_span_groups_is_refused() -> None:
     _train(model, one, 1)
 
 
+def test_a_reduction_of_ones_own_is_not_split_across_groups() -> None:
+    """A user's primitive that reduces over the tree: several groups cannot share it, so they are
+    refused rather than reduced per group."""
+    def rule(v: Any, sc: Any) -> Any:
+        return {"out": v.x * sc.scale}
+
+    def scalars(ctx: Any) -> Any:
+        return {"scale": 1.0 / (1.0 + torch.linalg.vector_norm(ctx.reduced["norm"]))}, {}
+
+    tx = gx.chain(gx.base.elementwise("normalise", lambda p: gx.EmptyState(), rule, ("scale",), scalars,
+                                      reduce=("norm",)), gx.scale_by_learning_rate(1e-2))
+    model = _stack(2)
+    ps = list(model.parameters())
+    with pytest.raises(ValueError, match=r"\(normalise\) that several param groups cannot share"):
+        _train(model, gx.Optimizer([{"params": ps[:2]}, {"params": ps[2:]}], tx), 1)
+    _train(model, gx.Optimizer(model.parameters(), tx), 1)
+
+
 def test_clip_takes_the_norm_of_the_whole_gradient() -> None:
     """The functional API: two halves of a tree clipped with the whole's norm give the whole's
     clip; ``whole_gradient_reductions`` computes it as the clip does."""
