@@ -2,7 +2,8 @@
 
 One process, one device. First the copy bandwidth (bytes read + written by a large device copy),
 then, for each parameter set and dtype, the median time of one optimizer step (CUDA events around
-each step on the GPU, the host clock on the CPU, >= 30 steps after warm-up), its ratio to
+each step on the GPU, the host clock on the CPU, >= 30 steps after warm-up; the JSON also has the
+mean, which counts a step that is slower once every w steps, the MA filter's re-sum), its ratio to
 ``torch.optim.AdamW(fused=True)`` (``foreach`` on the CPU) and its fraction of the bandwidth floor
 ``bytes moved per step / bandwidth``. Also the first-step time (which holds any compile), the
 recompile count over many steps with an lr schedule and a changing grokking signal, and the peak
@@ -131,11 +132,19 @@ class Clock:
             fn()
             self.pairs.append(time.perf_counter() - t0)
 
-    def median_ms(self) -> float:
+    def all_ms(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return statistics.median(a.elapsed_time(b) for a, b in self.pairs)
-        return statistics.median(self.pairs) * 1e3
+            return [a.elapsed_time(b) for a, b in self.pairs]
+        return [t * 1e3 for t in self.pairs]
+
+    def median_ms(self) -> float:
+        return statistics.median(self.all_ms())
+
+    def mean_ms(self) -> float:
+        """The mean: a step that is slower once every w steps (the MA filter's re-sum) counts
+        here, as it does in a run, where the median leaves it out."""
+        return statistics.fmean(self.all_ms())
 
 
 def sync(device: torch.device) -> None:
@@ -269,6 +278,8 @@ def pipeline(name: str, window: int) -> gx.GradientTransformation:
         return gx.grokfast_ma(lr=1e-3, window_size=window)
     if name == "grokfast_ma_bf16w":
         return gx.grokfast_ma(lr=1e-3, window_size=window, window_dtype=torch.bfloat16)
+    if name == "grokfast_ma_f64sum":
+        return gx.grokfast_ma(lr=1e-3, window_size=window, accumulator_dtype=torch.float64)
     if name == "grokadamw":
         return gx.grokadamw(lr=1e-3)
     if name == "grokadamw_compat":
@@ -292,11 +303,13 @@ FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, A
     "grokfast_ema": (gx.grokfast_ema, {"lr": 1e-3}),
     "grokfast_ma": (gx.grokfast_ma, {"lr": 1e-3}),
     "grokfast_ma_bf16w": (gx.grokfast_ma, {"lr": 1e-3, "window_dtype": torch.bfloat16}),
+    "grokfast_ma_f64sum": (gx.grokfast_ma, {"lr": 1e-3, "accumulator_dtype": torch.float64}),
     "grokadamw": (gx.grokadamw, {"lr": 1e-3}),
     "grokadamw_compat": (gx.grokadamw_compat, {"lr": 1e-3}),
 }
 
-PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokadamw_compat", "userchain")
+PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokfast_ma_f64sum", "grokadamw_compat",
+             "userchain")
 SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -380,10 +393,14 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
         return adamw
     if pipe == "grokfast_ema":
         return adamw + 2 * sb
+    # MA: a ring slot in and out, the running sum in and out (float32, or float64 with f64sum), and
+    # the re-sum, which reads the whole window once every w steps: one slot per step on average
     if pipe == "grokfast_ma":
-        return adamw + 2 * gb + 32  # ring slot in/out (grad dtype), float64 running-sum pair (total, comp) in/out
+        return adamw + 3 * gb + 2 * 4
     if pipe == "grokfast_ma_bf16w":
-        return adamw + 2 * 2 + 32
+        return adamw + 3 * 2 + 2 * 4
+    if pipe == "grokfast_ma_f64sum":
+        return adamw + 3 * gb + 2 * 8
     if pipe in ("grokadamw", "grokadamw_compat"):
         return adamw + gb + 2 * sb  # the norm pass over g, and μ
     if pipe == "userchain":
@@ -452,7 +469,7 @@ def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_par
         if built.reset:
             built.reset()
     ms = clock.median_ms()
-    out.update(ms=ms, steps=n)
+    out.update(ms=ms, mean_ms=clock.mean_ms(), steps=n)
     if cuda:
         out["peak_extra_MB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         out["allocated_MB"] = base / 2**20
@@ -531,7 +548,8 @@ def run_interleaved(names: list[str], rows: dict[str, Callable[[Ctx], Built]], c
         bpp = bytes_per_param(name, *(torch.finfo(ctx.dtype).bits // 8,) * 2, 4 if name.startswith("gx-") else
                               torch.finfo(ctx.dtype).bits // 8)
         floor_ms = bpp * n_params / bw * 1e3
-        row = {"row": name, "ms": ms, "steps": ctx.steps, "interleaved": True, "bytes_per_param": bpp,
+        row = {"row": name, "ms": ms, "mean_ms": statistics.fmean(times[name]) * 1e3, "steps": ctx.steps,
+               "interleaved": True, "bytes_per_param": bpp,
                "floor_ms": floor_ms, "x_floor": ms / floor_ms, "frac_bw": floor_ms / ms}
         opt = built[name].optim
         if opt is not None:
@@ -573,7 +591,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ref = next((r["ms"] for r in rows if r["row"] == "torch-fused" and "ms" in r), None)
         ref = ref or next((r["ms"] for r in rows if r["row"] == "torch-foreach" and "ms" in r), None)
         print(f"\n== {s} {d}: {rows[0]['params'] / 1e6:.2f}M params, {rows[0]['tensors']} tensors ==")
-        print(f"{'row':34s} {'ms':>9s} {'/torchAdamW':>11s} {'B/param':>7s} {'x floor':>8s} {'%bw':>5s} {'compile s':>9s} {'peak+MB':>8s}")
+        print(f"{'row':34s} {'ms':>9s} {'mean ms':>9s} {'/torchAdamW':>11s} {'B/param':>7s} {'x floor':>8s} {'%bw':>5s}"
+              f" {'compile s':>9s} {'peak+MB':>8s}")
         for r in rows:
             if "ms" not in r:
                 print(f"{r['row']:34s} {r.get('error', r.get('skipped', ''))[:90]}")
@@ -582,7 +601,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else ""
             peak = f"{r['peak_extra_MB']:.0f}" if r.get("peak_extra_MB") is not None else ""
             print(
-                f"{r['row']:34s} {r['ms']:9.3f} {ratio:>11s} {r['bytes_per_param']:7.0f} {r['x_floor']:8.2f}"
+                f"{r['row']:34s} {r['ms']:9.3f} {r.get('mean_ms', float('nan')):9.3f} {ratio:>11s}"
+                f" {r['bytes_per_param']:7.0f} {r['x_floor']:8.2f}"
                 f" {100 * r['frac_bw']:5.0f} {comp:>9s} {peak:>8s}"
             )
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from grokxform import _common as C
 from grokxform import tree as _tree
 
 
@@ -72,12 +73,13 @@ def check_fits(needed: dict[torch.device, int], who: str, detail: str, advice: s
 
 
 def check_ma_window(
-    params: Any, window_size: int, window_dtype: torch.dtype | None, accumulator_dtype: torch.dtype
+    params: Any, window_size: int, window_dtype: torch.dtype | None, accumulator_dtype: torch.dtype | None
 ) -> None:
     """Check, before ``ma_filter`` allocates it, that its state fits on each device of ``params``.
 
     Per device: ``w × Σ numel × size(window dtype)`` for the window, plus
-    ``2 × Σ numel × size(accumulator dtype)`` for the running sum and its compensation.
+    ``Σ numel × size(accumulator dtype)`` for the running sum (``None``: float32, float64 for
+    float64 params).
     """
     numel: dict[torch.device, int] = {}
     window: dict[torch.device, int] = {}
@@ -89,13 +91,13 @@ def check_ma_window(
         item = (window_dtype or p.dtype).itemsize
         numel[p.device] = numel.get(p.device, 0) + n
         window[p.device] = window.get(p.device, 0) + window_size * n * item
-        total[p.device] = total.get(p.device, 0) + 2 * n * accumulator_dtype.itemsize
+        total[p.device] = total.get(p.device, 0) + n * C.state_dtype_for(p, accumulator_dtype).itemsize
     for device in numel:
         check_fits(
             {device: window[device] + total[device]},
             "ma_filter",
             f"a window of {window_size:,} gradients of {numel[device]:,} elements: {window[device]:,} bytes,"
-            f" plus the {accumulator_dtype} running sum and its compensation: {total[device]:,} bytes",
+            f" plus the running sum: {total[device]:,} bytes",
             "use a smaller window_size, window_dtype=torch.bfloat16 (half the bytes of float32), or an"
             " EMA filter (one copy of the gradients)",
         )

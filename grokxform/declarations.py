@@ -22,7 +22,8 @@ without a declaration still works everywhere; the engine then falls back and say
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence as Seq
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Union
 
@@ -31,7 +32,8 @@ import torch
 from grokxform import _common as C
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
-from grokxform.elements import Scalars, TracedRule, run_foreach, run_leaf
+from grokxform._resum import window_sums
+from grokxform.elements import Scalars, TracedRule, foreach_ok, run_foreach, run_leaf
 
 # --------------------------------------------------------------------------------------------
 # Attaching a declaration to a transform.
@@ -70,10 +72,17 @@ class MaRingWindow(NamedTuple):
 class WindowField:
     """A state field holding the last ``size`` values per leaf (eager: a tuple of ``size`` trees,
     oldest first; fused: :class:`MaRingWindow`). The element rule reads the oldest value as input
-    ``"window"`` and returns the value to store as output ``"window"``."""
+    ``"window"`` and returns the value to store as output ``"window"``.
+
+    ``total``: a field of the element rule that keeps a running sum of the window. Every ``size``
+    updates of a leaf (on the update that makes its count a multiple of ``size``), every engine
+    replaces the rule's new value of that field by the window's sum, recomputed after the update:
+    its values oldest to newest, added one by one in float64 and rounded once to the field's
+    dtype. So whatever rounding the running sum has gathered lasts at most ``size`` updates."""
 
     name: str
     size: int
+    total: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,23 +243,6 @@ Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected,
 
 # --------------------------------------------------------------------------------------------
 # Running an element rule eagerly over the leaves.
-
-
-def _wrapped(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and (
-        torch._C._functorch.is_functorch_wrapped_tensor(t) or (t.requires_grad and torch.is_grad_enabled())
-    )
-
-
-def foreach_ok(tensors: Seq[Any], sc: Scalars | None = None) -> bool:
-    """Whether ``torch._foreach_*`` ops may run: not while a graph is traced (``torch.compile``,
-    which fuses the per-leaf ops itself and may be tracing a ``vmap``; ``make_fx``), and no tensor
-    is wrapped by a ``torch.func`` transform (vmap, grad) or tracked by autograd. Otherwise the
-    rule runs one leaf at a time, with ops that every transform supports. (A transform wraps all
-    the leaves it maps over, so the first tensor of each input stands for the others.)"""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or any(_wrapped(t) for t in tensors):
-        return False
-    return sc is None or not any(_wrapped(v) for v in sc.values.values())
 
 
 def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> dict[str, list[torch.Tensor]]:
@@ -502,6 +494,13 @@ def _run_elementwise(
         else:
             inputs["window"] = [lo(slots[0][i]) for i in index]
     got = run_rule(decl.rule, inputs, sc)
+    if wf is not None and wf.total is not None and index:
+        assert cnt is not None  # a window is declared with a count
+
+        def older(k: int) -> torch.Tensor | list[torch.Tensor]:  # at a re-sum the ring is in order
+            return lo(buffers[index[k]]) if ring else [lo(slots[j][index[k]]) for j in range(1, wf.size)]
+
+        got[wf.total] = window_sums(got[wf.total], older, got["window"], cnt, wf.size)
     if sharded:
         got = {key: [_dist.wrap(t, shards[i]) for t, i in zip(col, index)] for key, col in got.items()}
     out = list(g_leaves)

@@ -346,6 +346,31 @@ _MISSING = object()
 # Running a program eagerly: one tensor at a time, or foreach over lists.
 
 
+def traced() -> bool:
+    """Whether a graph is being traced (``torch.compile``'s Dynamo, or ``make_fx`` and other
+    dispatch modes): tensors are then symbolic, and the host cannot read their values."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def wrapped(t: Any) -> bool:
+    """Whether ``t`` is a tensor wrapped by a ``torch.func`` transform (vmap, grad) or tracked by
+    autograd."""
+    return isinstance(t, torch.Tensor) and (
+        torch._C._functorch.is_functorch_wrapped_tensor(t) or (t.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def foreach_ok(tensors: Sequence[Any], sc: Scalars | None = None) -> bool:
+    """Whether ``torch._foreach_*`` ops may run: not while a graph is traced (``torch.compile``,
+    which fuses the per-leaf ops itself and may be tracing a ``vmap``; ``make_fx``), and no tensor
+    is wrapped by a ``torch.func`` transform (vmap, grad) or tracked by autograd. Otherwise the
+    rule runs one leaf at a time, with ops that every transform supports. (A transform wraps all
+    the leaves it maps over, so the first tensor of each input stands for the others.)"""
+    if traced() or any(wrapped(t) for t in tensors):
+        return False
+    return sc is None or not any(wrapped(v) for v in sc.values.values())
+
+
 def _operand(arg: Any, vals: list[Any], get_scalar: Callable[[str], Any]) -> Any:
     if isinstance(arg, int):
         return vals[arg]

@@ -93,8 +93,9 @@ class _EngineFn:
 class _TracedFn:
     """A compiled traced step behind the same calling convention."""
 
-    def __init__(self, fn: Any, args: Any) -> None:
+    def __init__(self, fn: Any, args: Any, capturable: bool) -> None:
         self.fn, self.args = fn, args
+        self.capturable = capturable
 
     def prepare(self, grads: list[torch.Tensor]) -> None:
         del grads
@@ -243,7 +244,10 @@ class FusedStep:
 
     @property
     def uses_cuda_graph(self) -> bool:
-        return self._cuda_graph
+        """Whether steps replay CUDA graphs (after the warm-up steps): on one GPU, unless
+        ``cuda_graph=False``, the backend is ``"eager"``, or a step reads flags on the host (the
+        engine's foreach backend; a traced step with an MA window, whose re-sum reads the counts)."""
+        return self._cuda_graph and all(getattr(f, "capturable", True) for f in self._fns.values())
 
     def eager_state(self) -> State:
         """The state in the eager layout (``tx.update`` takes it); MA slots are views."""
@@ -320,7 +324,9 @@ class FusedStep:
             compiled = _traced.compile_traced(step, example, backend, self._options)
         self.compile_seconds.append(time.perf_counter() - t0)
         self.compiles += 1
-        fn = self._fns[key] = _TracedFn(compiled, args)
+        # An MA window's re-sum reads the step counts on the host when it runs (one operator of
+        # the graph): inside a CUDA graph it could only compute every sum, each step.
+        fn = self._fns[key] = _TracedFn(compiled, args, capturable=not _traced.has_ring(self._state))
         return fn
 
     def _engine_step(self, g_leaves: list[Any], names: tuple[str, ...], xs: dict[str, torch.Tensor]) -> Any:

@@ -147,6 +147,7 @@ def grokfast_ma(
     weight_decay_mode: WeightDecayMode = "decoupled",
     weight_decay_mask: Mask = None,
     window_dtype: torch.dtype | None = None,
+    accumulator_dtype: torch.dtype | None = None,
     state_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Grokfast-MA (official ``gradfilter_ma``) in front of AdamW.
@@ -154,7 +155,8 @@ def grokfast_ma(
     ``ĝ = g + λ·mean(last w gradients)`` (after w−1 unfiltered steps with ``warmup``), then AdamW;
     ``weight_decay_mode="coupled"`` gives Adam with L2 as in the paper. w=100, λ=5, ``"mean"``,
     warm-up on are ``gradfilter_ma``'s defaults. ``window_dtype=torch.bfloat16`` halves the
-    window's memory (w copies of the gradients).
+    window's memory (w copies of the gradients); ``accumulator_dtype`` is the running sum's
+    (:func:`~grokxform.ma_filter`: float32 by default, float64 for float64 params).
     Chain: ``grokfast`` → ``adam`` → ``weight_decay`` → ``lr``.
 
     Examples:
@@ -167,7 +169,7 @@ def grokfast_ma(
         torch.Size([2])
     """
     b1, b2 = _betas("grokfast_ma", betas)
-    filt = ma_filter(window_size, filter_type, warmup, window_dtype=window_dtype)
+    filt = ma_filter(window_size, filter_type, warmup, window_dtype=window_dtype, accumulator_dtype=accumulator_dtype)
     pre = [("grokfast", amplify(filt, lamb))]
     adam = scale_by_adam(b1, b2, eps, state_dtype=state_dtype)
     return _adam_with_decay("grokfast_ma", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)

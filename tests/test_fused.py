@@ -198,7 +198,7 @@ def test_init_state_allocates_no_eager_window() -> None:
     assert isinstance(ma, MaFilterState) and isinstance(ma.window, MaRingWindow)
     ring = ma.window.buffers["emb.weight"]
     assert ring.shape == (50, 11, 6) and ring.is_contiguous() and not ring.any()
-    assert ma.total["emb.weight"].dtype == torch.float64 and ma.total["emb.weight"].is_contiguous()
+    assert ma.total["emb.weight"].dtype == torch.float32 and ma.total["emb.weight"].is_contiguous()
     _assert_trees_close(to_eager_layout(state), tx.init(params), rtol=0, atol=0)
     for leaf in T.flatten(state)[0]:
         assert leaf is None or all(s != 0 for s, n in zip(leaf.stride(), leaf.shape) if n > 1)

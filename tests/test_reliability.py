@@ -104,8 +104,7 @@ BAD_LEAF_STATE = {
     "adamw": {"adam.mu.head", "adam.nu.head"},
     "grokfast_ema": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
     "grokfast_ema_coupled": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-    "grokfast_ma": {"grokfast.window.2.head", "grokfast.total.head", "grokfast.comp.head", "adam.mu.head",
-                    "adam.nu.head"},
+    "grokfast_ma": {"grokfast.window.2.head", "grokfast.total.head", "adam.mu.head", "adam.nu.head"},
     "grokadamw": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
     "grokadamw_compat": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
 }
@@ -304,6 +303,8 @@ BAD_HYPERPARAMETERS: list[tuple[Callable[..., Any], dict[str, Any], type[Excepti
     (gx.ema_filter, {"alpha": "0.9"}, TypeError, "alpha"),
     (gx.ema_filter, {"signal_decay_rate": INF}, ValueError, "signal_decay_rate"),
     (gx.ma_filter, {"window_size": None}, TypeError, "window_size"),
+    (gx.ma_filter, {"accumulator_dtype": torch.bfloat16}, ValueError, "accumulator_dtype"),
+    (gx.ma_filter, {"accumulator_dtype": "float64"}, TypeError, "accumulator_dtype"),
     (gx.amplify, {"filter": gx.ema_filter(), "lamb": INF}, ValueError, "lamb"),
     (gx.amplify, {"filter": lambda g: g}, TypeError, "filter"),
     (gx.clip_by_global_norm, {"max_norm": INF}, ValueError, "max_norm"),
@@ -510,7 +511,7 @@ def test_ma_window_larger_than_the_ram_fails_before_allocating(no_allocation: No
     assert have is not None and have > 0
     n = 1000
     w = max(10**7, 2 * have // (n * 4) + 1)  # float32 window: needs twice the available RAM, or more
-    needed = w * n * 4 + n * 16  # the window plus the float64 running sum and its compensation
+    needed = w * n * 4 + n * 4  # the window plus the float32 running sum
     for tx in (gx.ma_filter(w), gx.grokfast_ma(window_size=w)):
         with pytest.raises(MemoryError) as err:
             tx.init({"w": torch.ones(n)})
@@ -522,13 +523,15 @@ def test_ma_window_larger_than_the_ram_fails_before_allocating(no_allocation: No
 def test_ma_window_bytes_count_the_window_dtype_and_every_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 5_000)
     p = {"a": torch.ones(10), "b": torch.ones(3, 5, dtype=F64)}
-    # float32 a: 100·10·4, float64 b: 100·15·8, running sums and their compensations: 25·16
-    with pytest.raises(_memory.StateTooLargeError, match=f"{100 * 10 * 4 + 100 * 15 * 8 + 25 * 16:,} bytes"):
+    # float32 a: 100·10·4, float64 b: 100·15·8, running sums in their dtypes: 10·4 + 15·8
+    with pytest.raises(_memory.StateTooLargeError, match=f"{100 * 10 * 4 + 100 * 15 * 8 + 160:,} bytes"):
         gx.ma_filter(100).init(p)
-    with pytest.raises(MemoryError, match=f"{100 * 25 * 2 + 25 * 16:,} bytes"):
+    with pytest.raises(MemoryError, match=f"{100 * 25 * 2 + 160:,} bytes"):
         gx.ma_filter(100, window_dtype=BF16).init(p)
-    state = gx.ma_filter(10).init(p)  # 10·40 + 10·120 + 400 = 2000 bytes: fits
-    assert len(state.window) == 10
+    with pytest.raises(MemoryError, match=f"{100 * 10 * 4 + 100 * 15 * 8 + 25 * 8:,} bytes"):
+        gx.ma_filter(100, accumulator_dtype=F64).init(p)
+    state = gx.ma_filter(11).init(p)  # 11·40 + 11·120 + 160 = 1920 bytes: fits
+    assert len(state.window) == 11
 
 
 def test_available_bytes_falls_back_to_sysconf(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from grokxform import declarations as D
+from grokxform._resum import sum_windows
 from grokxform.elements import Scalars, run_foreach
 from grokxform.engine import plan as P
 
@@ -122,8 +123,28 @@ class GroupPass:
                 self.store(grp.roles[role(m, f)], got[f])
             if slots:
                 self.store(slots, got["window"])
+                got["out"] = self.resum(m, where, got["out"])
         out = got["out"]  # a temporary, unless it is an input that was not ours to write
         return out, id(out) not in self._lists and all(out is not v for n, v in inputs.items() if n not in mine)
+
+    def resum(self, m: P.Member, slots: list[int], out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The window's sum into the running sum of each leaf due for it (its ring is in order on
+        that update: the newest value was just written to the last slot). Returns ``out``, copied
+        first if it is the running sums' own tensors (a ``"sum"`` filter): the update's output is
+        the running sum before the re-sum, as in the eager path."""
+        wf = m.decl.window
+        if wf is None or wf.total is None:
+            return out
+        due = [k for k, s in enumerate(slots) if s == wf.size - 1]
+        if not due:
+            return out
+        rings = self.grp.roles[self.step._role(m, "window")]
+        totals = self.grp.roles[self.step._role(m, wf.total)]
+        if any(o.data_ptr() == t.data_ptr() for o, t in zip(out, totals)):
+            out = [o.clone() for o in out]
+        sums = sum_windows([list(rings[k].unbind()) for k in due], [totals[k].dtype for k in due])
+        self.store([totals[k] for k in due], sums)
+        return out
 
     def accumulate(self, node: P.Accum, x: list[torch.Tensor], owned: bool) -> tuple[list[torch.Tensor], bool]:
         if self.leaf not in node.leaves:

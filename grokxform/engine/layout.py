@@ -90,8 +90,8 @@ def _to_ring(st: MaFilterState, lazy: dict[int, torch.Tensor]) -> MaFilterState:
             rings.append(None)
             continue
         rings.append(_ring_from_slots([s[i] for s in slot_leaves], int(c), lazy))
-    count, total, comp = (_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in (st.count, st.total, st.comp))
-    return MaFilterState(count, MaRingWindow(_tree.unflatten(rings, spec)), total, comp)
+    count, total = (_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in (st.count, st.total))
+    return MaFilterState(count, MaRingWindow(_tree.unflatten(rings, spec)), total)
 
 
 def _to_eager(st: MaFilterState) -> MaFilterState:
@@ -103,7 +103,7 @@ def _to_eager(st: MaFilterState) -> MaFilterState:
     slots = [
         [None if r is None else r[(int(c) + k) % w] for c, r in zip(counts, rings)] for k in range(w)
     ]
-    return MaFilterState(st.count, tuple(_tree.unflatten(s, spec) for s in slots), st.total, st.comp)
+    return MaFilterState(st.count, tuple(_tree.unflatten(s, spec) for s in slots), st.total)
 
 
 def to_fused_layout(state: State, *, _lazy: dict[int, torch.Tensor] | None = None) -> State:

@@ -106,10 +106,11 @@ def make_step(
 
 
 def inplace_scatters(gm: torch.fx.GraphModule) -> int:
-    """Rewrite ``x.copy_(index_put(x, idx, v))`` as ``x.index_put_(idx, v)`` where nothing reads
-    ``x`` between the two: the ring window's one-slot write then stays one slot, instead of a
-    copy of the whole ``[w, ...]`` buffer (Inductor does not re-inplace through the explicit
-    ``copy_``). Returns the number of rewrites."""
+    """Rewrite ``y = index_put(x, idx, v); ...; x.copy_(y)`` as ``x.index_put_(idx, v)`` where
+    nothing reads ``x`` after the ``index_put``: the ring window's one-slot write then stays one
+    slot, instead of a copy of the whole ``[w, ...]`` buffer (Inductor does not re-inplace
+    through the explicit ``copy_``). Whatever read ``y`` (the window's re-sum) reads ``x``.
+    Returns the number of rewrites."""
     aten = torch.ops.aten
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     done = 0
@@ -121,14 +122,16 @@ def inplace_scatters(gm: torch.fx.GraphModule) -> int:
             continue
         if src.target is not aten.index_put.default or src.args[0] is not dst:
             continue
-        if len(src.users) != 1 or node.users:
+        if node.users:
             continue
         if any(u is not node and u is not src and order[u] > order[src] for u in dst.users):
             continue
-        with gm.graph.inserting_before(node):
-            gm.graph.call_function(aten.index_put_.default, (dst, *src.args[1:]), dict(src.kwargs))
+        with gm.graph.inserting_before(src):
+            inplace = gm.graph.call_function(aten.index_put_.default, (dst, *src.args[1:]), dict(src.kwargs))
         gm.graph.erase_node(node)
+        src.replace_all_uses_with(dst)
         gm.graph.erase_node(src)
+        inplace.meta.update(src.meta)
         done += 1
     if done:
         gm.graph.lint()

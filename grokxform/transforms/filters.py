@@ -24,7 +24,7 @@ from grokxform.declarations import (
     declare,
     run_rule,
 )
-from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, Val, where
+from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
 
 
 class EmaFilterState(NamedTuple):
@@ -126,14 +126,12 @@ def _ema_first(v: Inputs, sc: Inputs) -> Outputs:
 
 class MaFilterState(NamedTuple):
     """``count``: per-leaf updates; ``window``: a tuple of w trees shaped like the params, oldest
-    first (zeros until filled; each leaf rotates on its own steps); ``total`` and ``comp``: per
-    leaf, the running sum of the window as an unevaluated pair (the window's sum is
-    ``total + comp``), in the accumulator dtype."""
+    first (zeros until filled; each leaf rotates on its own steps); ``total``: per leaf, the
+    running sum of the window, in the accumulator dtype."""
 
     count: Any
     window: tuple[Any, ...]
     total: Any
-    comp: Any
 
 
 def ma_filter(
@@ -142,7 +140,7 @@ def ma_filter(
     warmup: bool = True,
     *,
     window_dtype: torch.dtype | None = None,
-    accumulator_dtype: torch.dtype = torch.float64,
+    accumulator_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Windowed moving average (or sum) of the last w gradients: the slow component of Grokfast-MA.
 
@@ -152,19 +150,24 @@ def ma_filter(
     the mean is over the n_t gradients seen so far.
 
     A ring buffer plus a running sum, ``S_t = S_{t−1} − g_{t−w} + g_t``: O(1) work per step
-    whatever w is. The window rotates (the new state shares w−1 tensors with the old one, nothing
-    is mutated, each stored gradient is a copy). ``window_dtype=torch.bfloat16`` halves the
+    whatever w is (on average: every w steps the sum is re-summed from the window, below). The
+    window rotates (the new state shares w−1 tensors with the old one, nothing is mutated, each
+    stored gradient is a copy). ``window_dtype=torch.bfloat16`` halves the
     window's memory. State: :class:`MaFilterState`.
 
-    The running sum is compensated: it is kept as a pair ``(total, comp)`` in
-    ``accumulator_dtype`` (float64 by default), and both the subtraction of g_{t−w} and the
-    addition of g_t are error-free (Knuth's TwoSum), their rounding errors going to ``comp``. So
-    the sum neither drifts over 10^5 steps nor remembers a value that has left the window: after
-    one huge gradient (1e14 among values near 1) the output is back to the mean of the window's
-    values, to the rounding of a float64 sum (bit for bit the float64 mean in float32 output),
-    from the step the spike leaves the window. (A plain running sum keeps the rounding error of
-    every step the spike spent in it, forever.) Only a sum that overflows the accumulator dtype
-    (values near 1e308) is beyond repair.
+    The running sum is re-summed exactly every w steps: on each leaf's updates w, 2w, 3w, ... its
+    ``total`` becomes the sum of the window, its w values added in order in float64 and rounded
+    once to ``accumulator_dtype`` (float32, or float64 for float64 gradients, by default). A
+    running sum alone keeps every rounding error it ever made: it drifts over long runs, and one
+    huge gradient (1e14 among values near 0.01) leaves its errors behind when it leaves the
+    window, so the output stays wrong by 100% and more for ever; a NaN never leaves it. With the
+    re-sum the output is the mean of the window's values again (to the rounding of the
+    accumulator) from the first re-sum after the value left: at most w steps later. Between
+    re-sums a float32 sum is as accurate as the official filter's float32 sum of the window;
+    ``accumulator_dtype=torch.float64`` keeps it to float64 rounding, for 8 more bytes per
+    parameter and step. The re-sum reads the window once every w steps; to know when, an eager
+    ``update`` reads the step counts on the host (on a GPU, one synchronisation per update; the
+    fused step's kernels read them on the device).
 
     Examples:
         >>> tx = gx.ma_filter(window_size=2)
@@ -179,6 +182,9 @@ def ma_filter(
     C.check_bool("ma_filter", "warmup", warmup)
     if filter_type not in ("mean", "sum"):
         raise ValueError(f"ma_filter: filter_type must be 'mean' or 'sum', got {filter_type!r}")
+    if accumulator_dtype is not None and accumulator_dtype not in (torch.float32, torch.float64):
+        error = ValueError if isinstance(accumulator_dtype, torch.dtype) else TypeError
+        raise error(f"ma_filter: accumulator_dtype must be torch.float32, torch.float64 or None, got {accumulator_dtype!r}")
     w = window_size
 
     def init_fn(params: Params) -> MaFilterState:
@@ -190,53 +196,34 @@ def ma_filter(
                 for _ in range(w)
             ),
             total=C.zeros_like_tree(params, accumulator_dtype),
-            comp=C.zeros_like_tree(params, accumulator_dtype),
         )
 
     def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
         assert ctx.counts is not None  # declared with count="count"
         c1 = ctx.counts + 1
         values: dict[str, Any] = {}
-        if filter_type == "mean":  # 1/n_t, n_t = min(t, w), in the accumulator's dtype
-            values["inv_n"] = 1.0 / torch.clamp(c1, max=w).to(accumulator_dtype)
+        if filter_type == "mean":  # 1/n_t, n_t = min(t, w), in float64 (rounded to the sum's dtype)
+            values["inv_n"] = 1.0 / torch.clamp(c1, max=w).to(torch.float64)
         if warmup:
             values["on"] = c1 >= w
         return values, {}
 
     def rule(v: Inputs, sc: Inputs) -> Outputs:
-        """S_t = S − g_{t−w} + g_t as the pair (total, comp), both steps error-free (in the
-        accumulator dtype); A_t = (total + comp)·(1/n_t); 0 during warm-up."""
+        """S_t = S − g_{t−w} + g_t in the accumulator dtype; A_t = S_t·(1/n_t); 0 during warm-up.
+        (Every w steps the engines replace the stored S_t by the window's exact sum.)"""
         stored = v.x.to(v.window.dtype)
         acc = v.total.dtype
-        total, gone = _two_diff(v.total, v.window.to(acc))
-        total, came = _two_sum(total, stored.to(acc))
-        comp = v.comp + (gone + came)
-        s = total + comp
-        out = (s * sc.inv_n if filter_type == "mean" else s).to(v.x.dtype)
+        total = v.total - v.window.to(acc) + stored.to(acc)
+        out = (total * sc.inv_n if filter_type == "mean" else total).to(v.x.dtype)
         if warmup:
             out = where(sc.on, out, 0.0)
-        return {"out": out, "total": total, "comp": comp, "window": stored}
+        return {"out": out, "total": total, "window": stored}
 
     names = (("inv_n",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
     return elementwise(
-        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total", "comp"), count="count",
-        window=WindowField("window", w),
+        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total",), count="count",
+        window=WindowField("window", w, total="total"),
     )
-
-
-def _two_sum(a: Val, b: Val) -> tuple[Val, Val]:
-    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum: six
-    operations, whatever the magnitudes of a and b)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-def _two_diff(a: Val, b: Val) -> tuple[Val, Val]:
-    """``(s, e)`` with ``s = fl(a − b)`` and ``s + e = a − b`` exactly (TwoSum of a and −b)."""
-    s = a - b
-    bb = s - a
-    return s, (a - (s - bb)) - (b + bb)
 
 
 def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTransformation:
