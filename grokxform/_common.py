@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from grokxform import tree as _tree
+from grokxform.elements import traced
 
 
 def is_number(x: Any) -> bool:
@@ -88,7 +89,7 @@ _CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 def constant_vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """``values`` as a float64 vector on ``device``, made once and reused (read-only): a step that
     is captured into a CUDA graph must not copy from the host."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # traced: a constant of the graph
+    if traced():  # a constant of the graph
         return torch.tensor(values, dtype=torch.float64, device=device)
     key = (values, torch.device(device))
     out = _CONSTANTS.get(key)

@@ -55,6 +55,11 @@ def sum_windows(rows: list[list[torch.Tensor]], dtypes: list[torch.dtype]) -> li
     return [a.to(dt) for a, dt in zip(acc, dtypes)]
 
 
+def _due_on_host(due: torch.Tensor) -> list[int]:
+    """The leaves that are due, read on the host (one read of the whole vector)."""
+    return [k for k, d in enumerate(due.tolist()) if d]
+
+
 def _values(older: torch.Tensor | Sequence[torch.Tensor], newest: torch.Tensor, size: int) -> list[torch.Tensor]:
     rows = list(older[: size - 1].unbind()) if isinstance(older, torch.Tensor) else list(older)
     return [*rows, newest]
@@ -111,7 +116,7 @@ def _window_resum_op(
         for k, t in enumerate(totals):
             t.copy_(torch.where(due[k], window_sum(window(k), t.dtype), t))
         return
-    pick = [k for k, d in enumerate(due.tolist()) if d]
+    pick = _due_on_host(due)
     for k, v in zip(pick, sum_windows([window(k) for k in pick], [totals[k].dtype for k in pick])):
         totals[k].copy_(v)
 
@@ -164,7 +169,7 @@ def window_sums(
         return totals
     due = resum_due(counts, size)
     if not wrapped(counts) and not (counts.is_cuda and torch.cuda.is_current_stream_capturing()):
-        pick = [k for k, d in enumerate(due.tolist()) if d]
+        pick = _due_on_host(due)
         if not pick:
             return running
         out = list(running)
