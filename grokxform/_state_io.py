@@ -6,7 +6,7 @@ The optimizer's checkpoint layout is torch.optim's (what ``torch.distributed.che
 per-parameter tensors under their path in the state (the parameter's key left out) and every
 group-wide leaf (counts, hyperparameters, signals) repeated under ``"group." + path``, as torch
 repeats ``step`` for each parameter. :func:`from_param_entries` reads such dicts back against a
-template. Tensors are the state's own, not copies (torch.optim's convention), except 0-d tensors.
+template. Tensors are the state's own, not copies (torch.optim's convention), 0-d ones too.
 The older encoded layout (:func:`encode` / :func:`decode`) is still read.
 
 A state tree holds NamedTuples, tuples, lists, dicts, tensors, ``None`` and Python scalars.
@@ -20,6 +20,7 @@ difference, before anything is changed.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -172,12 +173,8 @@ GROUP_PREFIX = "group."
 
 
 def _leaf_out(x: Any) -> Any:
-    """A state leaf as a checkpoint holds it: tensors detached (0-d ones copied: hyperparameter
-    tensors are refilled in place before every step)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-        return t.clone() if t.dim() == 0 else t
-    return x
+    """A state leaf as a checkpoint holds it: tensors detached, the state's own (live)."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _walk_leaves(node: Any, names: set[str], path: str, param: str | None, fn: Any) -> Any:
@@ -213,18 +210,19 @@ def param_entries(state: Any, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {**own[n], **shared} for n in names}
 
 
-def _fit(saved: Any, template: torch.Tensor, at: str) -> torch.Tensor:
+def _fit(saved: Any, template: torch.Tensor, at: str, cast: bool = False) -> torch.Tensor:
     """A new tensor like ``template`` (its device, dtype and layout: a DTensor's local shard)
-    holding ``saved``: a tensor of the same global shape, sharded or whole. Fresh, never the
-    template itself: a template may share one tensor between two leaves (a state seeded with a
-    hyperparameter tensor), which must not receive two values."""
+    holding ``saved``: a tensor of the same global shape, sharded or whole (of the same dtype,
+    or any dtype with ``cast``). Fresh, never the template itself: a template may share one
+    tensor between two leaves (a state seeded with a hyperparameter tensor), which must not
+    receive two values."""
     if not isinstance(saved, torch.Tensor):
         raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a tensor")
     if saved.shape != template.shape:
         raise StateMismatchError(
             f"{at}: the checkpoint has shape {tuple(saved.shape)}, this optimizer {tuple(template.shape)}"
         )
-    if saved.dtype != template.dtype:
+    if saved.dtype != template.dtype and not cast:
         raise StateMismatchError(f"{at}: the checkpoint has dtype {saved.dtype}, this optimizer {template.dtype}")
     spec = _dist.shard_of(template)
     if spec is None:
@@ -235,12 +233,15 @@ def _fit(saved: Any, template: torch.Tensor, at: str) -> torch.Tensor:
     return _dist.wrap(torch.empty_like(_dist.local(template)).copy_(piece), spec)
 
 
-def from_param_entries(entries: dict[str, Any], template: Any, names: list[str], where: str) -> Any:
+def from_param_entries(
+    entries: dict[str, Any], template: Any, names: list[str], where: str, *, cast: bool = False
+) -> Any:
     """The state rebuilt from parameter entries (made by :func:`param_entries`, possibly keyed
     and resharded by ``torch.distributed.checkpoint``) in the shape of ``template``, a freshly
     initialised state. A parameter without an entry keeps the template's values; group-wide
     leaves are read from the first parameter that has an entry. Every key, shape and dtype is
-    checked; a difference raises :class:`StateMismatchError`. The inputs are not modified."""
+    checked (``cast``: values of another dtype or device are converted to the template's); a
+    difference raises :class:`StateMismatchError`. The inputs are not modified."""
     given = [n for n in names if entries.get(n) is not None]
     if not given:
         raise StateMismatchError(f"{where}: no parameter has a state in the checkpoint")
@@ -258,7 +259,7 @@ def from_param_entries(entries: dict[str, Any], template: Any, names: list[str],
             raise StateMismatchError(f"{at}: missing from the checkpoint (it has {have})")
         saved = entry[key]
         if isinstance(x, torch.Tensor):
-            return _fit(saved, x, at)
+            return _fit(saved, x, at, cast)
         if type(saved) is not type(x):
             raise StateMismatchError(f"{at}: the checkpoint has a {_kind(saved)}, this optimizer a {_kind(x)}")
         return saved
@@ -278,3 +279,33 @@ def from_param_entries(entries: dict[str, Any], template: Any, names: list[str],
         if extra:
             raise StateMismatchError(f"{where}, parameter {n!r}: the checkpoint has an unknown entry {extra[0]!r}")
     return state
+
+
+def check_loaded(state: Any, names: list[str], where: str) -> None:
+    """Values a checkpoint cannot hold legitimately, found before anything is changed: a
+    negative step count raises :class:`StateMismatchError` naming the entry. Non-finite values
+    in a floating-point state tensor can be legitimate (a run that diverged without
+    ``apply_if_finite``), so they are reported with one ``RuntimeWarning`` naming the entries."""
+    bad: list[str] = []
+
+    def visit(path: str, param: str | None, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.numel() == 0:
+            return x
+        at = f"parameter {param!r}, {path!r}" if param is not None else f"{GROUP_PREFIX + path!r}"
+        if not x.is_floating_point() and not x.is_complex():
+            low = int(x.min())
+            if low < 0:
+                raise StateMismatchError(f"{where}, {at}: holds {low}; a step count is never negative")
+        elif not bool(torch.isfinite(x).all()):
+            bad.append(at)
+        return x
+
+    _walk_leaves(state, set(names), "", None, visit)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        warnings.warn(
+            f"{where}: {', '.join(bad[:3])}{more} hold non-finite values (NaN or inf): the run was saved after"
+            " it diverged there, and steps from this state keep them (apply_if_finite skips such steps)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

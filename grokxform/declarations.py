@@ -21,6 +21,7 @@ without a declaration still works everywhere; the engine then falls back and say
 
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
@@ -97,7 +98,8 @@ class ScalarContext:
     the step (1-d int64, ``n`` values; ``None`` without a count field). ``reduced``: the per-leaf
     reductions of the input it declared (``"norm"``: 2-norms, float32 or float64; ``"finite"``:
     bool). ``paths`` / ``present``: the dotted path of every leaf of the tree and whether it takes
-    part this step (its positions are ``index``). ``extra``: ``update``'s keyword arguments.
+    part this step (its positions are ``index``). ``extra``: ``update``'s keyword arguments that
+    the primitive declares (:attr:`Elementwise.extras`; reading another one raises).
     ``device``: where the rule's tensors go.
     """
 
@@ -164,6 +166,10 @@ class Elementwise:
     """``check(updates, state, params)``: validation beyond the generic checks (raises)."""
     unsupported: str | None = None
     """Why an engine that captures the step (a CUDA graph) cannot run it, if it cannot."""
+    extras: tuple[str, ...] = ()
+    """The keyword arguments of ``update`` that the scalar rule reads from ``ctx.extra``
+    (``"train_loss"``...): reading another one raises, and a front end refuses a step argument
+    that no member of its chain declares (:func:`extra_args`)."""
 
     def input_names(self) -> tuple[str, ...]:
         names = ("x",) + (("param",) if self.needs_params else ()) + self.fields
@@ -351,6 +357,93 @@ GLOBAL_FINITE = "global_grad_finite"
 gradient is finite when the tree is a part of it."""
 
 
+class DeclaredExtras(Mapping[str, Any]):
+    """``update``'s keyword arguments as a primitive's scalar rule sees them: the declared ones
+    (:attr:`Elementwise.extras`); asking for another name raises, naming the primitive, so that a
+    rule never reads ``None`` for an argument it forgot to declare."""
+
+    def __init__(self, extra: Mapping[str, Any], decl: Elementwise) -> None:
+        self._extra, self._decl = extra, decl
+
+    def _allowed(self, key: str) -> None:
+        if key not in self._decl.extras:
+            raise ValueError(
+                f"{self._decl.name}: its scalar rule reads the update argument {key!r}, which it does not declare"
+                f" (declared: {list(self._decl.extras)}); declare it with elementwise(..., extras=({key!r},))"
+            )
+
+    def __getitem__(self, key: str) -> Any:
+        self._allowed(key)
+        return self._extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._allowed(key)
+        return self._extra.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._allowed(str(key))
+        return key in self._extra
+
+    def __iter__(self) -> Any:
+        return (k for k in self._extra if k in self._decl.extras)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def extra_args(decl: Any) -> frozenset[str] | None:
+    """The keyword arguments of ``update`` that the declared transform ``decl`` reads (its
+    primitives' :attr:`Elementwise.extras`, ``apply_if_finite``'s :data:`GLOBAL_FINITE`), or
+    ``None`` when a member has no declaration (what it reads is not known)."""
+    if decl is None:
+        return None
+    if isinstance(decl, Elementwise):
+        return frozenset(decl.extras)
+    if isinstance(decl, Sequence):
+        kids: list[Any] = list(decl.members)
+    elif isinstance(decl, Partition):
+        kids = list(decl.members.values())
+    elif isinstance(decl, Injected):
+        kids = [declaration_of(decl.example())]
+    elif isinstance(decl, (Amplify, Masked, Accumulate, IfFinite)):
+        kids = [decl.inner]
+    else:
+        raise TypeError(f"not a declaration: {type(decl).__name__}")
+    out: set[str] = {GLOBAL_FINITE} if isinstance(decl, IfFinite) else set()
+    for kid in kids:
+        names = extra_args(kid)
+        if names is None:
+            return None
+        out |= names
+    return frozenset(out)
+
+
+STANDARD_EXTRA_ARGS = ("train_loss", "val_loss", "grokking_signal")
+"""The keyword arguments that any chain takes (the grokking signal's inputs): a chain without a
+grokking signal ignores them, so one training loop can pass them to every optimizer."""
+
+
+def check_extra_args(decl: Any, names: Seq[str], who: str) -> None:
+    """Raise ``TypeError`` for a name in ``names`` that is not one of
+    :data:`STANDARD_EXTRA_ARGS` and that the declared transform ``decl`` does not read
+    (:func:`extra_args`), suggesting the closest name it takes; nothing is checked when what it
+    reads is not known (a member without a declaration)."""
+    accepted = extra_args(decl)
+    if accepted is None:
+        return
+    unknown = [n for n in names if n not in accepted and n not in STANDARD_EXTRA_ARGS]
+    if not unknown:
+        return
+    name = unknown[0]
+    taken = sorted((set(accepted) | set(STANDARD_EXTRA_ARGS)) - {GLOBAL_NORM, GLOBAL_FINITE})
+    close = difflib.get_close_matches(name, taken, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TypeError(
+        f"{who}: got the keyword argument {name!r}, which no transform of this chain reads (it takes"
+        f" {', '.join(taken)}){hint}"
+    )
+
+
 def whole_gradient_reductions(
     leaves: Seq[torch.Tensor | None], wanted: Seq[str] = (GLOBAL_NORM, GLOBAL_FINITE)
 ) -> dict[str, torch.Tensor]:
@@ -476,7 +569,7 @@ def _run_elementwise(
     ctx = ScalarContext(
         state=state, counts=cnt,
         reduced=reductions(decl.reduce, xs, device, [shards[i] for i in index] if sharded else None),
-        tree=updates, present=present, index=index, extra=extra, device=device,
+        tree=updates, present=present, index=index, extra=DeclaredExtras(extra, decl), device=device,
     )
     values, new_globals = decl.scalars(ctx)
     sc = Scalars(values, len(index))
@@ -570,8 +663,12 @@ __all__ = [
     "ScalarContext",
     "Sequence",
     "WindowField",
+    "STANDARD_EXTRA_ARGS",
+    "DeclaredExtras",
+    "check_extra_args",
     "declaration_of",
     "declare",
+    "extra_args",
     "run_rule",
     "tree_reductions",
     "whole_gradient_reductions",

@@ -40,13 +40,16 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 import torch
 
+from grokxform import declarations as _decl
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
@@ -59,6 +62,15 @@ CudaGraphMode = Union[bool, Literal["auto"]]
 
 _BACKENDS = ("auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager")
 _ENGINE_BACKENDS = ("auto", "engine", "triton", "foreach")
+
+STEP_CACHE_SIZE = 16
+"""How many built steps (one per pattern of ``None`` gradients and set of extra arguments) a
+:class:`FusedStep` keeps; the least recently used one is dropped (with its CUDA graph) to make
+room for another, which is built again if its pattern comes back."""
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 
 __all__ = [
     "DEFAULT_INDUCTOR_OPTIONS",
@@ -82,6 +94,7 @@ class _EngineFn:
     def __init__(self, step: Any, names: tuple[str, ...]) -> None:
         self.step, self.names = step, names
         self.capturable = step.backend == "triton"  # the foreach backend reads flags on the host
+        self.grads: list[tuple[Any, ...]] = []  # the gradients built for: shape, dtype, device, stride
 
     def prepare(self, grads: list[torch.Tensor]) -> None:
         self.step.prepare(grads)
@@ -96,6 +109,7 @@ class _TracedFn:
     def __init__(self, fn: Any, args: Any, capturable: bool) -> None:
         self.fn, self.args = fn, args
         self.capturable = capturable
+        self.grads: list[tuple[Any, ...]] = []  # the gradients built for: shape, dtype, device, stride
 
     def prepare(self, grads: list[torch.Tensor]) -> None:
         del grads
@@ -140,10 +154,21 @@ class FusedStep:
             tensors than those of the capturing call into them first.
         options: Inductor settings merged over :data:`DEFAULT_INDUCTOR_OPTIONS`.
         warmup_steps: uncaptured calls (per pattern) before the CUDA graph is captured.
+        check_params: check at each call that every param still holds the memory, shape, dtype
+            and device the step was built for (a few µs): a param whose storage was replaced
+            (``p.data = ...``, ``model.double()``) with the same shape and device is followed (the
+            step is built again; the state keeps its dtype); a new shape or device raises naming
+            the param. ``False``: the caller checks them (``grokxform.Optimizer`` does).
+
+    Each call also checks the gradients whenever one is another tensor than at the last call:
+    another shape or device than its param raises naming the path; another dtype (or a
+    non-contiguous gradient) builds the step again for it. Extra arguments that no transform of
+    the chain reads raise ``TypeError`` (:func:`grokxform.declarations.check_extra_args`).
 
     Attributes:
         compiles: how many times a step was built (one per pattern of ``None`` gradients and set
-            of extra arguments; it never grows with the step count).
+            of extra arguments, kept for the :data:`STEP_CACHE_SIZE` most recent patterns; again
+            after a param or gradient changed dtype or storage).
         captures: how many CUDA graphs were captured.
         compile_seconds: the wall time of each build (the engine's kernels are compiled by
             Triton at their first launch, which the first call's time includes).
@@ -167,6 +192,7 @@ class FusedStep:
         cuda_graph: CudaGraphMode = "auto",
         options: Mapping[str, Any] | None = None,
         warmup_steps: int = 1,
+        check_params: bool = True,
     ) -> None:
         if not isinstance(tx, GradientTransformation):
             raise TypeError(f"FusedStep: tx must be a GradientTransformation, got {type(tx).__name__}")
@@ -177,6 +203,7 @@ class FusedStep:
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"FusedStep: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         p_leaves, p_spec = _tree.flatten(params)
+        self._given = list(p_leaves)  # the params as given (DTensors too): what each call checks
         names = _tree.path_names(params)
         for name, p in zip(names, p_leaves):
             if p is not None and not (isinstance(p, torch.Tensor) and p.is_floating_point()):
@@ -220,9 +247,13 @@ class FusedStep:
         )
         self._default_options = options is None
         self._warmup = warmup_steps
-        self._fns: dict[Any, Any] = {}
+        self._check_params = bool(check_params)
+        self._p_ptrs = self._ptrs(self._given)
+        self._p_meta = [(p.shape, p.device) if isinstance(p, torch.Tensor) else None for p in self._given]
+        self._fns: OrderedDict[Any, Any] = OrderedDict()
         self._graphs: dict[Any, _Captured] = {}
         self._runs: dict[Any, int] = {}
+        self._seen: dict[Any, list[int]] = {}  # per pattern: the gradients' memory at its last call
         self._extras: dict[str, torch.Tensor] = {}
         self.compiles = 0
         self.captures = 0
@@ -241,6 +272,11 @@ class FusedStep:
     def params(self) -> Params:
         """The params tree this step updates in place."""
         return self._params
+
+    @property
+    def cached(self) -> int:
+        """How many built steps are kept (at most :data:`STEP_CACHE_SIZE`)."""
+        return len(self._fns)
 
     @property
     def uses_cuda_graph(self) -> bool:
@@ -265,15 +301,31 @@ class FusedStep:
     def step_leaves(self, g_leaves: list[Any], extra: Mapping[str, Any]) -> None:
         """The step with the gradients as the flat list of leaves of the params tree (``None``:
         no gradient), in tree order: what ``__call__`` does after flattening."""
+        if self._check_params and self._ptrs(self._given) != self._p_ptrs:
+            self._follow_params()
         g_leaves = [_dist.local(g) for g in g_leaves]
         mask = tuple(g is not None for g in g_leaves)
         present = [g for g in g_leaves if g is not None]
         xs = self._stage_extras(extra)
         key = (mask, tuple(xs))
         fn = self._fns.get(key)
+        ptrs = [g.data_ptr() for g in present]
+        if fn is not None and ptrs != self._seen[key]:
+            if not self._grads_fit(fn, present):
+                self._check_grads(g_leaves)  # raises for another shape or device
+                self._drop(key)  # another dtype or layout: built again for it
+                fn = None
+            self._seen[key] = ptrs
         if fn is None:
+            _decl.check_extra_args(_decl.declaration_of(self._tx), list(xs), "FusedStep")
             self._check_grads(g_leaves)
             fn = self._build(key, g_leaves, xs)
+            fn.grads = [(g.shape, g.dtype, g.device, g.stride()) for g in present]
+            self._seen[key] = ptrs
+            while len(self._fns) > STEP_CACHE_SIZE:
+                self._drop(next(iter(self._fns)))
+        else:
+            self._fns.move_to_end(key)
         cap = self._graphs.get(key)
         if cap is not None:
             self._stage_grads(cap, present, fn)
@@ -291,6 +343,51 @@ class FusedStep:
             fn(present, list(xs.values()))
 
     # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _ptrs(leaves: list[Any]) -> list[int]:
+        return [_dist.local(p).data_ptr() if isinstance(p, torch.Tensor) else 0 for p in leaves]
+
+    @staticmethod
+    def _grads_fit(fn: Any, present: list[torch.Tensor]) -> bool:
+        """Whether the gradients have the shapes, dtypes, devices and layout ``fn`` was built for."""
+        built = fn.grads
+        return (
+            list(map(_shape, present)) == [b[0] for b in built]
+            and list(map(_dtype, present)) == [b[1] for b in built]
+            and list(map(_device, present)) == [b[2] for b in built]
+            and list(map(torch.Tensor.stride, present)) == [b[3] for b in built]
+        )
+
+    def _drop(self, key: Any) -> None:
+        """Forget the step built for ``key`` (and its CUDA graph)."""
+        self._fns.pop(key, None)
+        self._graphs.pop(key, None)
+        self._runs.pop(key, None)
+        self._seen.pop(key, None)
+
+    def _follow_params(self) -> None:
+        """A param's storage was replaced: the same shape and device are followed (every step is
+        built again over the new tensors); anything else raises naming the param."""
+        names = _tree.path_names(self._params)
+        for name, p, meta in zip(names, self._given, self._p_meta):
+            if meta is None:
+                continue
+            shape, device = meta
+            if p.shape != shape or p.device != device:
+                raise ValueError(
+                    f"FusedStep: the param at path {name!r} is now {p.dtype}{list(p.shape)} on {p.device}; the step"
+                    f" and its state were built for {list(shape)} on {device}. Build a new step for it (with the"
+                    " state moved or reshaped as you mean it: FusedStep(tx, params, state))"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"FusedStep: the param at path {name!r} must be a floating-point tensor, got {p.dtype}")
+        self._p_leaves = [_dist.local(p) for p in self._given]
+        self._params = _tree.unflatten(self._p_leaves, self._p_spec)
+        self._check_no_aliasing()
+        for key in list(self._fns):
+            self._drop(key)
+        self._p_ptrs = self._ptrs(self._given)
 
     def _build(self, key: Any, g_leaves: list[Any], xs: dict[str, torch.Tensor]) -> Any:
         mask, names = key

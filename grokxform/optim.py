@@ -73,6 +73,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
@@ -82,9 +84,11 @@ from grokxform import _common as C
 from grokxform import _state_io as S
 from grokxform import declarations as D
 from grokxform import distributed as _dist
+from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, chain
+from grokxform.engine.layout import init_state, oldest_first, to_eager_layout, to_fused_layout, write_back
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
-from grokxform.fused import FusedStep, to_eager_layout
+from grokxform.fused import FusedStep
 from grokxform.metrics import metrics as _metrics
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.wrappers import inject_hyperparams
@@ -94,7 +98,9 @@ ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], It
 
 _SPANNED = ("clip_by_global_norm", "apply_if_finite")
 """The reductions over the tree whose whole-gradient values the optimizer passes to each group."""
-_FORMAT_VERSION = 2  # 1: one encoded state per group (still read); 2: torch.optim's layout
+_FORMAT_VERSION = 3
+"""1: one encoded state per group; 2: torch.optim's layout, MA windows oldest first; 3: torch.optim's
+layout, MA windows as their ring slots (1 and 2 are still read)."""
 _GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, left out of the checkpoint names
 
@@ -132,6 +138,30 @@ def _plain(x: Any) -> bool:
     if isinstance(x, (tuple, list)):
         return all(_plain(v) for v in x)
     return False
+
+
+class _Bound:
+    """The parameters a group's state is built for: the very tensors of ``group["params"]``,
+    where their data lives, and their shapes, dtypes and devices. A step first compares the list
+    and the storage (a few µs): ``p.data = ...``, ``model.double()`` or ``.to(...)`` change the
+    storage, an edit of ``group["params"]`` the list."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.sharded = any(_dist.is_sharded(p) for p in params)
+        self.ptrs = self._ptrs(params)
+        self.meta = [(tuple(p.shape), p.dtype, p.device) for p in params]
+
+    def _ptrs(self, params: list[torch.Tensor]) -> list[int]:
+        if self.sharded:
+            return [_dist.local(p).data_ptr() for p in params]
+        return list(map(torch.Tensor.data_ptr, params))
+
+    def same_list(self, params: list[torch.Tensor]) -> bool:
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+
+    def same(self, params: list[torch.Tensor]) -> bool:
+        return self.same_list(params) and self._ptrs(params) == self.ptrs
 
 
 def _factory_name(factory: Callable[..., Any]) -> str:
@@ -192,7 +222,9 @@ class Optimizer(torch.optim.Optimizer):
         self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
         self._eager_groups: set[int] = set()
         self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
-        self._views_of: dict[int, Any] = {}  # the state object each group's views were read from
+        self._slots_of: dict[int, tuple[Any, Any]] = {}  # (state, its windows as ring slots), per group
+        self._bound: dict[int, _Bound] = {}
+        self._checked: dict[int, dict[str, Any]] = {}  # the hyperparameter values last checked, per group
         self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
@@ -317,10 +349,12 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             names = self._group_names(group, g)
+            self._check_distinct(group["params"], names, g)
             tx, args = None, None
             if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
                 args = self._group_args(group)
                 tx = inject_hyperparams(self._factory)(**args)
+                self._checked[g] = self._numbers(args)
         except Exception:
             self.param_groups.pop()
             raise
@@ -328,8 +362,30 @@ class Optimizer(torch.optim.Optimizer):
         self._txs.append(tx)
         self._built_args.append(args)
         self._states.append(None)
+        self._bound[g] = _Bound(group["params"])
         self.engines.append(None)
         self.fallback_reasons.append(None)
+
+    def _check_distinct(self, params: list[torch.Tensor], names: list[str], g: int) -> None:
+        """Refuse a tensor given twice (in this group or another): it would be updated twice."""
+        where: dict[int, str] = {}
+        known: dict[tuple[torch.device, int], str] = {}
+        for other, group in zip(self._names, self.param_groups):
+            for n, p in zip(other, group["params"]):
+                where[id(p)] = n
+                if p.numel():
+                    known[(p.device, _dist.local(p).data_ptr())] = n
+        for n, p in zip(names, params):
+            key = (p.device, _dist.local(p).data_ptr())
+            first = where.get(id(p)) or (known.get(key) if p.numel() else None)
+            if first is not None:
+                raise ValueError(
+                    f"Optimizer: parameter {n!r} of param group {g} is the same tensor as {first!r} (or shares its"
+                    " memory); each parameter may be given once, or it would be updated twice"
+                )
+            where[id(p)] = n
+            if p.numel():
+                known[key] = n
 
     def _group_names(self, group: dict[str, Any], g: int) -> list[str]:
         params = group["params"]
@@ -365,13 +421,27 @@ class Optimizer(torch.optim.Optimizer):
     def _group_args(self, group: dict[str, Any]) -> dict[str, Any]:
         return {n: self._coerce(n, group[n]) for n in self._hp_names if n in group}
 
+    @staticmethod
+    def _numbers(args: dict[str, Any]) -> dict[str, Any]:
+        return {n: v for n, v in args.items() if _is_number(v)}
+
     def _transform(self, g: int, group: dict[str, Any], state: Any) -> GradientTransformation:
         """The group's transformation, (re)built from the group's hyperparameters when a fixed one
-        changed (or at the group's first step). Injected float values flow through the state."""
+        changed (or at the group's first step). Injected float values flow through the state; a
+        number edited in the group since it was last checked is checked by the factory first (its
+        own message, the step refused), outside ``torch.compile`` (which traces them)."""
         if self._factory is None:
             assert self._fixed_tx is not None
             return self._fixed_tx
         args = self._group_args(group)
+        if not torch.compiler.is_compiling():
+            numbers = self._numbers(args)
+            if numbers != self._checked.get(g):
+                try:
+                    self._factory(**args)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"Optimizer: param group {g}: {e}") from None
+                self._checked[g] = numbers
         built, tx = self._built_args[g], self._txs[g]
         if tx is not None and built is not None:
             injected = set(getattr(state, "hyperparams", {})) if state is not None else set()
@@ -401,7 +471,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def _fill(self, g: int, name: str, slot: torch.Tensor, value: Any) -> None:
         """``slot ← value``, skipped when a number has not changed since it was written there (a
-        fill is a device launch)."""
+        fill is a device launch). Inside ``torch.compile`` the value is written each step, with a
+        foreach copy (a traced ``copy_``/``fill_`` into a 0-d float64 CPU tensor is lost on
+        torch 2.13)."""
+        if torch.compiler.is_compiling():
+            if isinstance(value, torch.Tensor):
+                src = value.detach().reshape(slot.shape).to(slot.dtype)
+            else:  # (added, not wrapped: a number that changes is then a graph input, not a constant)
+                src = torch.zeros_like(slot) + value
+            torch._foreach_copy_([slot], [src])
+            return
         if isinstance(value, torch.Tensor):
             if value is not slot:
                 slot.copy_(value.detach().reshape(slot.shape))
@@ -411,6 +490,75 @@ class Optimizer(torch.optim.Optimizer):
             slot.fill_(float(value))
             self._filled[(g, name)] = (slot, value)
 
+    def _init_group(self, group: dict[str, Any], g: int) -> None:
+        """Group ``g``'s parameters checked against those its state was built for, and its state
+        made at its first step (in the fused layout: MA windows as ring buffers). Under
+        ``torch.compile`` Dynamo runs this method as it is, outside the graph (as it does
+        torch.optim's ``_init_group``), so the state is never made inside a graph."""
+        params = group["params"]
+        if not self._bound[g].same(params):
+            self._rebind(g, group)
+        if self._states[g] is not None or all(p.grad is None for p in params):
+            return
+        tx = self._transform(g, group, None)
+        tree = {n: _dist.local(p.detach()) for n, p in zip(self._names[g], params)}
+        with torch.no_grad():
+            self._states[g] = init_state(tx, tree)
+        self._bound[g] = _Bound(params)
+        self._refresh_state_views(g)
+
+    def _refresh_state_views(self, g: int) -> None:
+        """``self.state[p]``: the state tensors of each parameter of group ``g`` (each MA window
+        slot under its slot number, ``"grokfast.window.3"``), refreshed when the group's state is
+        made, converted or loaded; the tensors are the live ones. Every tensor of the state is
+        marked as living at a fixed address (``torch._dynamo.mark_static_address``): under
+        ``torch.compile`` they are graph inputs updated in place, as torch.optim's state is."""
+        state = self._states[g]
+        if state is None:
+            return
+        for t in _tree.flatten(state)[0]:
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static_address(t, guard=True)
+        views = S.per_param_views(self._ring_slots(g), self._names[g])
+        for n, p in zip(self._names[g], self.param_groups[g]["params"]):
+            self.state[p] = views[n]
+
+    def _rebind(self, g: int, group: dict[str, Any]) -> None:
+        """``group["params"]`` differs from what group ``g``'s state was built for. The same
+        tensors with new storage (``p.data = ...``, ``model.double()``, ``.to(...)``) are followed,
+        as torch.optim follows them: the state is cast and moved to what ``init`` gives for the new
+        tensors, keeping its values, and the step is built anew. Another list, or a new shape,
+        raises naming the parameter."""
+        bound, params, names = self._bound[g], group["params"], self._names[g]
+        if not bound.same_list(params):
+            if len(params) != len(bound.params):
+                what = f"it has {len(params)} parameters, {len(bound.params)} when it was built"
+            else:
+                k = next(i for i, (a, b) in enumerate(zip(params, bound.params)) if a is not b)
+                what = f"its parameter {k} ({names[k]!r}) is another tensor"
+            raise ValueError(
+                f"Optimizer: the 'params' list of param group {g} was edited ({what}); add parameters with"
+                " add_param_group(), or build a new Optimizer (load_state_dict() carries the state over)"
+            )
+        for n, p, (shape, dtype, device) in zip(names, params, bound.meta):
+            if tuple(p.shape) != shape:
+                raise ValueError(
+                    f"Optimizer: parameter {n!r} of param group {g} changed shape from {shape} to {tuple(p.shape)};"
+                    " its optimizer state is for the old shape. Build a new Optimizer for the new shapes"
+                )
+        state = self._states[g]
+        if state is not None and any((p.dtype, p.device) != (m[1], m[2]) for p, m in zip(params, bound.meta)):
+            tx = self._transform(g, group, state)
+            tree = {n: _dist.local(p.detach()) for n, p in zip(names, params)}
+            with torch.no_grad():
+                template = to_eager_layout(init_state(tx, tree), ring_order=True)
+                entries = S.param_entries(to_eager_layout(state, ring_order=True), names)
+                state = S.from_param_entries(entries, template, names, f"param group {g}", cast=True)
+                self._states[g] = to_fused_layout(state, ring_order=True)
+            self._refresh_state_views(g)
+        self._fused_steps.pop(g, None)
+        self._bound[g] = _Bound(params)
+
     def _step_group(self, g: int, group: dict[str, Any], extra: dict[str, Any]) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
@@ -419,14 +567,14 @@ class Optimizer(torch.optim.Optimizer):
         for n, x in zip(self._names[g], grads):
             if x is not None and x.is_sparse:
                 raise TypeError(f"Optimizer: the gradient of {n!r} is sparse, which is not supported")
-        built = self._fused_steps.get(g)
-        state = self._group_state(g)
+        state = self._states[g]
         tx = self._transform(g, group, state)
-        traced = built is None and torch.compiler.is_compiling()  # under torch.compile: tx.update, compiled by it
-        backend = None if g in self._eager_groups or traced else self._backend(g, params)
+        compiling = torch.compiler.is_compiling()  # under torch.compile: tx.update, traced by it
+        backend = None if g in self._eager_groups or compiling else self._backend(g, params)
         if backend is not None:
+            built = self._fused_steps.get(g)
             if built is None or built[0] is not tx:  # first step, a loaded state, or a rebuilt transform
-                built = self._build_fused(g, tx, state, backend)
+                built = self._build_fused(g, tx, backend)
             try:
                 self._fused_step(g, built[1], grads, extra)
                 return
@@ -434,35 +582,45 @@ class Optimizer(torch.optim.Optimizer):
                 if self._fused is not None:
                     raise
                 self._leave_engine(g, str(e))
-                state = self._states[g]
-        self._eager_step(g, group, tx, state, grads, extra)
+        self._eager_step(g, group, tx, grads, extra)
 
-    def _group_state(self, g: int) -> Any:
-        """Group ``g``'s transform state as its transform takes it (a fused step's, without the lr
-        multiplier it chains to a ready transformation); ``None`` before the first step."""
-        built = self._fused_steps.get(g)
-        if built is None:
-            return self._states[g]
-        return built[1].state[0] if self._factory is None else built[1].state
+    def _ring_slots(self, g: int) -> Any:
+        """Group ``g``'s state with its MA windows as the ring's slots in slot order (views, made
+        once per state; DTensors for sharded parameters): what checkpoints and ``self.state``
+        hold, and what the eager step writes into."""
+        state = self._states[g]
+        cached = self._slots_of.get(g)
+        if cached is None or cached[0] is not state:
+            cached = self._slots_of[g] = (
+                state, _dist.shard_like(to_eager_layout(state, ring_order=True), self._shard_specs(g))
+            )
+        return cached[1]
 
     def _eager_step(
-        self, g: int, group: dict[str, Any], tx: GradientTransformation, state: Any, grads: list[Any],
-        extra: dict[str, Any],
+        self, g: int, group: dict[str, Any], tx: GradientTransformation, grads: list[Any], extra: dict[str, Any],
     ) -> None:
+        """``tx.update`` on the group's state, written back into it in place (so every engine
+        updates the same tensors). Under ``torch.compile`` the state goes in as it is (windows as
+        ring buffers: nothing is read on the host); otherwise the windows are read oldest first,
+        and a rotation writes one slot."""
         names, params = self._names[g], group["params"]
         tree = {n: p.detach() for n, p in zip(names, params)}
-        if state is None:
-            state = tx.init(tree)
+        state = self._states[g]
         self._fill_hyperparams(g, group, state)
+        if torch.compiler.is_compiling():
+            owned = current = _dist.shard_like(state, self._shard_specs(g))
+        else:
+            owned = self._ring_slots(g)
+            current = oldest_first(owned)
         grads = [None if x is None else x.detach() for x in grads]
-        updates, new_state = tx.update(dict(zip(names, grads)), state, tree, **extra)
+        updates, new_state = tx.update(dict(zip(names, grads)), current, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(
                 f"Optimizer: the transformation of param group {g} returned updates that are not a dict"
                 " over its parameters"
             )
         scale = group["lr"] if self._factory is None else 1.0
-        if self._factory is None:
+        if self._factory is None and not torch.compiler.is_compiling():
             self._check_value("lr", scale, "the lr multiplier")
         if isinstance(scale, torch.Tensor) or scale != 1.0:  # the multiplier, rounded to the updates' dtype
             scale = scale.detach() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
@@ -473,7 +631,7 @@ class Optimizer(torch.optim.Optimizer):
             if isinstance(scale, torch.Tensor):
                 u = u * scale.to(device=u.device, dtype=u.dtype)
             p.add_(u.to(p.dtype))
-        self._states[g] = new_state
+        write_back(owned, new_state)
         self.engines[g] = "tx.update"
 
     def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
@@ -484,20 +642,17 @@ class Optimizer(torch.optim.Optimizer):
             return "engine" if len({p.device for p in params}) == 1 else None
         return "auto" if self._fused is True else str(self._fused)
 
-    def _build_fused(self, g: int, tx: GradientTransformation, state: Any, backend: str) -> tuple[Any, Any]:
-        """Group ``g``'s :class:`~grokxform.fused.FusedStep`, adopting ``state`` (a ready
-        transformation runs with its lr multiplier as a last member)."""
+    def _build_fused(self, g: int, tx: GradientTransformation, backend: str) -> tuple[Any, Any]:
+        """Group ``g``'s :class:`~grokxform.fused.FusedStep` over its state, whose tensors it
+        updates in place (a ready transformation runs with its lr multiplier as a last member)."""
         tree = {n: p.detach() for n, p in zip(self._names[g], self.param_groups[g]["params"])}
-        if state is None:
-            state = tx.init(tree)
-        run, adopted = tx, state
+        run, adopted = tx, self._states[g]
         if self._factory is None:  # the multiplier lives in the state, where a compiled step reads it
             mult = inject_hyperparams(_multiplier)(lr=1.0)
             run = chain(tx, mult)
-            adopted = (state, mult.init(tree))
-        built = (tx, FusedStep(run, tree, adopted, backend=backend))  # type: ignore[arg-type]
+            adopted = (adopted, mult.init(tree))
+        built = (tx, FusedStep(run, tree, adopted, backend=backend, check_params=False))  # type: ignore[arg-type]
         self._fused_steps[g] = built
-        self._views_of.pop(g, None)
         return built
 
     def _fused_step(self, g: int, fs: Any, grads: list[Any], extra: dict[str, Any]) -> None:
@@ -509,27 +664,24 @@ class Optimizer(torch.optim.Optimizer):
             self._check_value("lr", group["lr"], "the lr multiplier")
             self._fill(g, "lr", fs.state[1].hyperparams["lr"], group["lr"])
         else:
-            self._fill_hyperparams(g, group, fs.state)
+            self._fill_hyperparams(g, group, self._states[g])
         fs.step_leaves(grads, extra)
         self.engines[g] = fs.engine
 
     def _leave_engine(self, g: int, reason: str) -> None:
-        """Run group ``g`` eagerly from now on (the engine cannot run its chain): its state, in
-        the eager layout, goes back to ``tx.update``."""
-        built = self._fused_steps.pop(g, None)
-        if built is not None:
-            self._states[g] = self._live_state(g, built)
+        """Run group ``g`` eagerly from now on (the engine cannot run its chain); its state stays
+        where it is."""
+        self._fused_steps.pop(g, None)
         self._eager_groups.add(g)
         self.fallback_reasons[g] = reason
-        self._views_of.pop(g, None)
 
-    def _live_state(self, g: int, built: tuple[Any, Any] | None) -> Any:
-        """Group ``g``'s state in the eager layout (a fused step's tensors are the live ones; its
-        MA windows are given as views of the ring slots)."""
-        if built is None:
-            return self._states[g]
-        live = built[1].state[0] if self._factory is None else built[1].state
-        return _dist.shard_like(to_eager_layout(live), self._shard_specs(g))
+    def _live_state(self, g: int) -> Any:
+        """Group ``g``'s state in the eager layout (its tensors the live ones; MA windows given
+        oldest first, as views of the ring slots)."""
+        state = self._states[g]
+        if state is None:
+            return None
+        return _dist.shard_like(to_eager_layout(state), self._shard_specs(g))
 
     def _shard_specs(self, g: int) -> dict[str, Any]:
         """The layout of each parameter of group ``g`` (``None`` for a plain tensor)."""
@@ -538,23 +690,34 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def tx_states(self) -> list[Any]:
         """The state of each param group's transformation (``None`` before the group's first step), in
-        the eager layout: ``tx.update`` takes it. For a group run by a fused step its tensors are
-        the live ones, updated in place by each step (MA windows are views of the ring buffers)."""
-        return [self._live_state(g, self._fused_steps.get(g)) for g in range(len(self.param_groups))]
+        the eager layout: ``tx.update`` takes it. Its tensors are the live ones, updated in place by
+        each step; MA windows are views of the ring slots, oldest first as of the last step."""
+        return [self._live_state(g) for g in range(len(self.param_groups))]
 
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
         """One update of every param group; ``extra`` (``train_loss=``, ``val_loss=``,
-        ``grokking_signal=``...) reaches ``tx.update``. Returns ``closure()``'s value, if given."""
+        ``grokking_signal=``...) reaches ``tx.update``: a name that no transform of the chain reads
+        raises ``TypeError``. Returns ``closure()``'s value, if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
+            for g, group in enumerate(self.param_groups):
+                self._init_group(group, g)
+            if extra:
+                self._check_extra(extra)
             extra = self._whole_gradient(extra)
             for g, group in enumerate(self.param_groups):
                 self._step_group(g, group, extra)
-        self._refresh_state_views()
         return loss
+
+    def _check_extra(self, extra: dict[str, Any]) -> None:
+        """A step argument that no transform of a group's chain reads is refused, naming the
+        closest one it reads."""
+        for g, group in enumerate(self.param_groups):
+            tx = self._transform(g, group, self._states[g])
+            D.check_extra_args(D.declaration_of(tx), list(extra), f"Optimizer.step ({self.transform_name})")
 
     def _whole_gradient(self, extra: dict[str, Any]) -> dict[str, Any]:
         """With several param groups, a reduction over the tree (the global clip norm,
@@ -567,7 +730,7 @@ class Optimizer(torch.optim.Optimizer):
             return extra
         names: set[str] = set()
         for g in stepping:
-            tx = self._transform(g, self.param_groups[g], self._group_state(g))
+            tx = self._transform(g, self.param_groups[g], self._states[g])
             cached = self._reductions_of.get(g)
             if cached is None or cached[0] is not tx:
                 cached = self._reductions_of[g] = (tx, D.tree_reductions(D.declaration_of(tx)))
@@ -596,24 +759,6 @@ class Optimizer(torch.optim.Optimizer):
         grads = [p.grad for g in stepping for p in self.param_groups[g]["params"]]
         return {**D.whole_gradient_reductions(grads, wanted), **extra}
 
-    def _refresh_state_views(self) -> None:
-        """``self.state[p]``: the state tensors of each parameter, refreshed when a group's state
-        object changed (every eager step; once for a fused step, whose tensors stay in place and
-        whose MA window is one ring buffer per parameter, ``"grokfast.window.buffers"``)."""
-        traced = torch.compiler.is_compiling()  # (a step inside torch.compile: refreshed every time)
-        for g, group in enumerate(self.param_groups):
-            built = self._fused_steps.get(g)
-            live = built[1].state if built is not None else self._states[g]
-            if live is None or (not traced and self._views_of.get(g) is live):
-                continue
-            if not traced:
-                self._views_of[g] = live
-            if built is not None and self._factory is None:
-                live = live[0]
-            views = S.per_param_views(_dist.shard_like(live, self._shard_specs(g)), self._names[g])
-            for n, p in zip(self._names[g], group["params"]):
-                self.state[p].update(views[n])
-
     def metrics(self, *, floats: bool = False) -> dict[str, Any]:
         """:func:`grokxform.metrics.metrics` of every initialised group state (keys prefixed with
         ``group{g}/`` when there are several groups)."""
@@ -630,17 +775,21 @@ class Optimizer(torch.optim.Optimizer):
         """torch.optim's layout: ``{"state": {index: {path: tensor...}}, "param_groups": [...]}``,
         which ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) reads.
         Each parameter's entry holds its state tensors (``"inner_state.adam.mu"``...) and the
-        group-wide leaves (``"group.count"``, hyperparameters...). As with torch.optim, the
-        tensors are the optimizer's own, not copies (a step of the engine updates them in place;
-        ``copy.deepcopy`` the dict for a snapshot); 0-d tensors are copies. Plain containers only
-        (``torch.load(weights_only=True)`` reads it); DTensor state stays sharded. Group values
-        that a checkpoint cannot hold (functions, masks) are left out; loading keeps the current ones."""
+        group-wide leaves (``"group.count"``, hyperparameters...); an MA window is given as the
+        slots of its ring buffer (``"...window.k"``, slot k; the oldest is slot ``count % w``).
+
+        Every tensor is the optimizer's own, live, on every engine, as torch.optim's are: later
+        steps update them in place, counts and hyperparameters included, so the dict is always
+        the state of one step, the last (``copy.deepcopy`` it to keep a snapshot). Plain
+        containers only (``torch.load(weights_only=True)`` reads it); DTensor state stays
+        sharded. Group values that a checkpoint cannot hold (functions, masks) are left out;
+        loading keeps the current ones."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         groups = []
         state: dict[int, dict[str, Any]] = {}
         index = 0
-        for g, (group, tx_state) in enumerate(zip(self.param_groups, self.tx_states)):
+        for g, group in enumerate(self.param_groups):
             saved = {
                 k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                 for k, v in group.items()
@@ -654,8 +803,8 @@ class Optimizer(torch.optim.Optimizer):
             saved["grokxform_transform"] = self.transform_name
             index += len(ids)
             groups.append(saved)
-            if tx_state is not None:
-                entries = S.param_entries(tx_state, self._names[g])
+            if self._states[g] is not None:
+                entries = S.param_entries(self._ring_slots(g), self._names[g])
                 state.update({i: entries[n] for i, n in zip(ids, self._names[g])})
         sd: dict[str, Any] = {"state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -687,9 +836,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
             assert isinstance(groups, list)
             version, transform = groups[0]["grokxform_version"], groups[0].get("grokxform_transform")
-            if version != _FORMAT_VERSION:
+            if version not in (2, _FORMAT_VERSION):
                 raise ValueError(
-                    f"load_state_dict: unsupported checkpoint format {version!r} (this version reads 1 and"
+                    f"load_state_dict: unsupported checkpoint format {version!r} (this version reads 1, 2 and"
                     f" {_FORMAT_VERSION})"
                 )
             if not isinstance(states, Mapping):
@@ -754,28 +903,42 @@ class Optimizer(torch.optim.Optimizer):
                     tx = self._fixed_tx
                 else:
                     args = self._group_args(new_group)
-                    tx = inject_hyperparams(self._factory)(**args)
+                    try:
+                        tx = inject_hyperparams(self._factory)(**args)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"load_state_dict: param group {g}: {e}") from None
                 assert tx is not None
-                tree = {n: p.detach() for n, p in zip(self._names[g], group["params"])}
-                template = tx.init(tree)
+                names, specs = self._names[g], self._shard_specs(g)
+                tree = {n: p.detach() for n, p in zip(names, group["params"])}
                 where = f"load_state_dict: param group {g}'s state"
-                if version == 1:
-                    state = S.decode(saved_state, template, where)
-                else:
-                    state = S.from_param_entries(saved_state, template, self._names[g], where)
+                with torch.no_grad():
+                    if version == 1:
+                        state = S.decode(saved_state, tx.init(tree), where)
+                    elif version == 2:  # windows oldest first
+                        state = S.from_param_entries(saved_state, tx.init(tree), names, where)
+                    else:  # windows as ring slots
+                        local = {n: _dist.local(p) for n, p in tree.items()}
+                        template = _dist.shard_like(to_eager_layout(init_state(tx, local), ring_order=True), specs)
+                        state = S.from_param_entries(saved_state, template, names, where)
+                    S.check_loaded(state, names, where)
+                    state = to_fused_layout(_dist.unshard_tree(state), ring_order=version == _FORMAT_VERSION)
             staged.append((values, tx, args, state))
         self._fused_steps.clear()  # a fused step owns the state it adopted: adopt the loaded one
+        self._slots_of.clear()
         for g, (values, tx, args, state) in enumerate(staged):
             self.param_groups[g].update(values)
             self._txs[g], self._built_args[g], self._states[g] = tx, args, state
+            self._bound[g] = _Bound(self.param_groups[g]["params"])
+            if args is not None:
+                self._checked[g] = self._numbers(args)
         self.state.clear()
-        self._views_of.clear()
-        self._refresh_state_views()
+        for g in range(len(self.param_groups)):
+            self._refresh_state_views(g)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         own = {k: v for k, v in self.__dict__.items() if k not in ("defaults", "state", "param_groups")}
-        own["_states"] = self.tx_states  # fused steps are rebuilt on the next step, from these
-        own["_fused_steps"], own["_views_of"], own["_filled"] = {}, {}, {}
+        # fused steps and views are rebuilt on the next step, from the state
+        own["_fused_steps"], own["_filled"], own["_slots_of"] = {}, {}, {}
         return {**super().__getstate__(), **own}

@@ -4,6 +4,11 @@ The eager window of :func:`~grokxform.ma_filter` is a tuple of w trees (oldest f
 pure update rotates references. An in-place step writes one slot of a ``[w, *shape]`` ring buffer
 instead (:class:`~grokxform.declarations.MaRingWindow`, slot ``count % w`` oldest). Every other
 state leaf is used as it is.
+
+A state owned in the fused layout can also be stepped by the pure ``tx.update``, in place:
+:func:`to_eager_layout` with ``ring_order=True`` gives its windows as the ring's slots (views, in
+slot order, made once); :func:`oldest_first` rotates those references into the order ``tx.update``
+reads; :func:`write_back` copies the new state into the owned tensors (one slot per window leaf).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State
 from grokxform.declarations import MaRingWindow
@@ -77,43 +83,57 @@ def _ring_from_slots(slots: list[torch.Tensor], count: int, lazy: dict[int, torc
     return ring
 
 
-def _to_ring(st: MaFilterState, lazy: dict[int, torch.Tensor]) -> MaFilterState:
+def _host_counts(counts: list[Any]) -> list[int]:
+    """The per-leaf counts as Python ints (``None`` leaves as 0), read with one host transfer."""
+    ts = [c for c in counts if c is not None]
+    values = iter(torch.stack([_dist.local(c) for c in ts]).tolist() if ts else [])
+    return [0 if c is None else next(values) for c in counts]
+
+
+def _to_ring(st: MaFilterState, lazy: dict[int, torch.Tensor], ring_order: bool) -> MaFilterState:
     if isinstance(st.window, MaRingWindow):
         return MaFilterState(*(_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in st))
     if not isinstance(st.window, tuple) or not st.window:
         raise ValueError("an ma_filter state's window must be a non-empty tuple of trees")
     counts, spec = _tree.flatten(st.count)
+    starts = [0] * len(counts) if ring_order else _host_counts(counts)
     slot_leaves = [_tree.flatten(t)[0] for t in st.window]
     rings: list[torch.Tensor | None] = []
     for i, c in enumerate(counts):
         if c is None:
             rings.append(None)
             continue
-        rings.append(_ring_from_slots([s[i] for s in slot_leaves], int(c), lazy))
+        rings.append(_ring_from_slots([s[i] for s in slot_leaves], starts[i], lazy))
     count, total = (_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in (st.count, st.total))
     return MaFilterState(count, MaRingWindow(_tree.unflatten(rings, spec)), total)
 
 
-def _to_eager(st: MaFilterState) -> MaFilterState:
+def _to_eager(st: MaFilterState, ring_order: bool) -> MaFilterState:
     if not isinstance(st.window, MaRingWindow):
         return st
     counts, spec = _tree.flatten(st.count)
     rings = _tree.flatten(st.window.buffers)[0]
     w = next((r.shape[0] for r in rings if r is not None), 0)
+    starts = [0] * len(counts) if ring_order else _host_counts(counts)
+    unbound = [None if r is None else r.unbind(0) for r in rings]
     slots = [
-        [None if r is None else r[(int(c) + k) % w] for c, r in zip(counts, rings)] for k in range(w)
+        [None if u is None else u[(c + k) % w] for c, u in zip(starts, unbound)] for k in range(w)
     ]
     return MaFilterState(st.count, tuple(_tree.unflatten(s, spec) for s in slots), st.total)
 
 
-def to_fused_layout(state: State, *, _lazy: dict[int, torch.Tensor] | None = None) -> State:
+def to_fused_layout(
+    state: State, *, ring_order: bool = False, _lazy: dict[int, torch.Tensor] | None = None
+) -> State:
     """``state`` with each :class:`MaFilterState` window in the ring layout (a copy of the
     windows) and each tree of per-leaf step counters in one int64 buffer (its leaves are views of
-    it: a step reads and bumps all of them with one op each). Every other leaf is the same tensor.
-    Numbers are unchanged."""
+    it: a step reads and bumps all of them with one op each). Every other leaf is the same tensor,
+    and a state already in this layout is returned with its very tensors. Numbers are unchanged.
+    ``ring_order=True``: the windows are given in slot order (as :func:`to_eager_layout` with
+    ``ring_order=True`` gives them), not oldest first."""
     lazy = _lazy or {}
     state = torch.utils._pytree.tree_map(
-        lambda x: _to_ring(x, lazy) if isinstance(x, MaFilterState) else _materialize(x, lazy),
+        lambda x: _to_ring(x, lazy, ring_order) if isinstance(x, MaFilterState) else _materialize(x, lazy),
         state,
         is_leaf=_is_ma_state,
     )
@@ -129,9 +149,20 @@ def _counters(values: list[Any]) -> bool:
     )
 
 
+def _already_homed(ts: list[torch.Tensor]) -> bool:
+    """Whether the counters are consecutive views of one buffer (homed before: kept as they are)."""
+    base = ts[0]._base
+    if base is None or base.dim() != 1 or base.shape[0] != len(ts):
+        return False
+    return all(t._base is base and t.storage_offset() == base.storage_offset() + k for k, t in enumerate(ts))
+
+
 def _homed(values: list[Any]) -> list[Any]:
-    """The counters as consecutive views of one new buffer (``None`` stays ``None``)."""
+    """The counters as consecutive views of one new buffer (``None`` stays ``None``); counters
+    already homed are returned as they are, so that the layout of a fused state is kept."""
     ts = [v for v in values if v is not None]
+    if _already_homed(ts):
+        return values
     views = iter(torch.stack(ts).unbind())
     return [None if v is None else next(views) for v in values]
 
@@ -144,21 +175,96 @@ def _home_counters(node: Any) -> Any:
     if isinstance(node, dict):
         values = list(node.values())
         if _counters(values):
-            return dict(zip(node, _homed(values)))
+            homed = _homed(values)
+            return node if homed is values else dict(zip(node, homed))
         return {k: _home_counters(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        if _counters(list(node)):
-            return type(node)(_homed(list(node)))
+        values = list(node)
+        if _counters(values):
+            homed = _homed(values)
+            return node if homed is values else type(node)(homed)
         return type(node)(_home_counters(v) for v in node)
     return node
 
 
-def to_eager_layout(state: State) -> State:
+def to_eager_layout(state: State, *, ring_order: bool = False) -> State:
     """``state`` with each ring window back in the eager tuple-of-trees layout. The slots are
-    views of the ring buffers (no copy): clone them to keep a snapshot."""
+    views of the ring buffers (no copy): clone them to keep a snapshot. Oldest first (the
+    counts are read on the host, once), or with ``ring_order=True`` in the ring's slot order
+    (nothing read: the views stay the same tensors whatever the step)."""
     return torch.utils._pytree.tree_map(
-        lambda x: _to_eager(x) if isinstance(x, MaFilterState) else x, state, is_leaf=_is_ma_state
+        lambda x: _to_eager(x, ring_order) if isinstance(x, MaFilterState) else x, state, is_leaf=_is_ma_state
     )
+
+
+def oldest_first(state: State) -> State:
+    """A state whose windows are in slot order (:func:`to_eager_layout` with ``ring_order=True``)
+    with each leaf's window rotated to start at its oldest slot, ``count % w``: the order
+    ``tx.update`` reads. References only (the counts are read on the host, once per window)."""
+
+    def rotate(st: Any) -> Any:
+        if not isinstance(st, MaFilterState) or not isinstance(st.window, tuple):
+            return st
+        counts, spec = _tree.flatten(st.count)
+        starts = _host_counts(counts)
+        slots = [_tree.flatten(t)[0] for t in st.window]
+        w = len(slots)
+        return MaFilterState(st.count, tuple(
+            _tree.unflatten([slots[(c + k) % w][i] for i, c in enumerate(starts)], spec) for k in range(w)
+        ), st.total)
+
+    return torch.utils._pytree.tree_map(rotate, state, is_leaf=_is_ma_state)
+
+
+def write_back(owned: State, new: State) -> None:
+    """Copy ``new`` (what ``tx.update`` returned for the state ``owned``, read through
+    :func:`oldest_first` or as it is) into the tensors of ``owned``, in place.
+
+    ``owned``: a state whose windows are ring slots in slot order (or ring buffers). A leaf of
+    ``new`` that is the very tensor of ``owned`` at that place is skipped. A window written oldest
+    first lands in the slots its new count says (``(count + k) % w`` for the k-th oldest), so a
+    rotation costs one slot copy per leaf. All copies are grouped per dtype into
+    ``torch._foreach_copy_``; a source that is also a destination is read first."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def leaves(dst: Any, src: Any) -> None:
+        d_leaves, _ = _tree.flatten(dst)
+        s_leaves, _ = _tree.flatten(src)
+        pairs.extend((d, x) for d, x in zip(d_leaves, s_leaves) if isinstance(d, torch.Tensor) and x is not d)
+
+    def visit(dst: Any, src: Any) -> Any:
+        if isinstance(dst, MaFilterState) and isinstance(dst.window, tuple) and isinstance(src, MaFilterState):
+            leaves((dst.count, dst.total), (src.count, src.total))
+            counts, spec = _tree.flatten(src.count)
+            starts = _host_counts(counts)
+            ring = [_tree.flatten(t)[0] for t in dst.window]
+            logical = [_tree.flatten(t)[0] for t in src.window]
+            w = len(ring)
+            for i, c in enumerate(starts):
+                if counts[i] is None:
+                    continue
+                for k in range(w):
+                    d, x = ring[(c + k) % w][i], logical[k][i]
+                    if x is not d:
+                        pairs.append((d, x))
+        else:
+            leaves(dst, src)
+        return dst
+
+    torch.utils._pytree.tree_map(visit, owned, new, is_leaf=_is_ma_state)
+    if not pairs:
+        return
+    pairs = [(_dist.local(d), _dist.local(x)) for d, x in pairs]
+    targets = {id(d) for d, _ in pairs}
+    by_dtype: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, x in pairs:
+        if id(x) in targets:  # another destination's old value: read before anything is written
+            x = x.clone()
+        dsts, srcs = by_dtype.setdefault((d.dtype, d.device), ([], []))
+        dsts.append(d)
+        srcs.append(x)
+    for dsts, srcs in by_dtype.values():
+        torch._foreach_copy_(dsts, srcs)
 
 
 def init_state(tx: GradientTransformation, params: Params) -> State:

@@ -481,7 +481,8 @@ class EngineStep:
             counts = cnt.get(id(node))
             ctx = D.ScalarContext(
                 state=node.state, counts=counts, reduced=reduced.get(id(node), {}), known_paths=self.plan.paths,
-                present=self._present[id(node)], index=node.leaves, extra=extras, device=self.device,
+                present=self._present[id(node)], index=node.leaves, extra=D.DeclaredExtras(extras, decl),
+                device=self.device,
             )
             values, new = decl.scalars(ctx)
             values = dict(values)

@@ -88,7 +88,7 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
 
     return elementwise(
         "clip_by_global_norm", init_fn, _scale, ("scale",), scalars, state_type=ClipByGlobalNormState,
-        reduce=("norm", "finite"), check=check,
+        reduce=("norm", "finite"), check=check, extras=(GLOBAL_NORM,),
     )
 
 
