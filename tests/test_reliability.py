@@ -493,6 +493,30 @@ def test_apply_updates_names_the_path_of_an_update_on_another_device() -> None:
         gx.apply_updates(p, u)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("name", ["adamw", "grokfast_ema", "grokfast_ma"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
+def test_a_sparse_or_other_non_strided_gradient_names_the_path(name: str, layout: str) -> None:
+    tx = PIPELINES[name]()
+    p = params_()
+    state = tx.init(p)
+    grads = grads_(p, 0)
+    grads["blocks.0.w"] = getattr(grads["blocks.0.w"], f"to_{layout}")()
+    snap = snapshot(state, p)
+    with pytest.raises(TypeError, match=rf"the gradient at path 'blocks\.0\.w' must be a dense \(strided\) tensor,"
+                                        rf" got layout torch\._?{layout}; densify it with \.to_dense\(\)"):
+        tx.update(grads, state, p)
+    assert_untouched(snap)
+
+
+def test_clip_by_global_norm_refuses_a_sparse_gradient_naming_the_path() -> None:
+    tx = gx.clip_by_global_norm(1.0)
+    p = params_()
+    grads = dict(grads_(p, 0), head=grads_(p, 0)["head"].to_sparse())
+    with pytest.raises(TypeError, match=r"^clip_by_global_norm: the gradient at path 'head' must be a dense"):
+        tx.update(grads, tx.init(p), p)
+
+
 # ================================================================ the grokking signal's inputs
 
 
