@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -588,12 +589,14 @@ def test_a_bad_signal_input_is_refused_alike_on_every_path(arg: str, value: Any,
 
 
 def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
-    """Numbers and one-element real tensors of any shape and dtype, changing from step to step,
-    give eager ``tx.update``'s params on the engine and through the optimizer, bit for bit."""
+    """Numbers (NumPy's included) and one-element real tensors of any shape and dtype, changing
+    from step to step, give eager ``tx.update``'s params on the engine and through the optimizer,
+    bit for bit."""
     steps = [
         {"train_loss": torch.tensor([0.4]), "val_loss": torch.tensor([[1.5]], dtype=F64)},
         {"train_loss": 0.3, "val_loss": torch.tensor(2)},
         {"train_loss": torch.tensor(0.2, dtype=BF16), "val_loss": 1},
+        {"train_loss": np.float32(0.3), "val_loss": np.int64(2)},
         {"grokking_signal": torch.tensor([0.7])},
         {"grokking_signal": 0.25, "train_loss": torch.tensor([0.1]), "val_loss": 0.9},
         {"train_loss": torch.tensor(0.1), "val_loss": torch.tensor([1.2])},
