@@ -133,8 +133,8 @@ def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
 def check_gradients(
     updates: Any, transform: str, like: Any = None, *, what: str = "gradient", like_name: str = "state"
 ) -> None:
-    """Raise naming the path unless each non-``None`` leaf of ``updates`` is a floating-point tensor
-    (``TypeError``) on the device of the matching tensor leaf of ``like`` (``ValueError``).
+    """Raise naming the path unless each non-``None`` leaf of ``updates`` is a dense floating-point
+    tensor (``TypeError``) on the device of the matching tensor leaf of ``like`` (``ValueError``).
 
     ``like`` (a tree of the same structure, or ``None``) is the state or the params the leaf meets;
     a structure mismatch is left to :func:`grokxform.tree.check_structure`. Python-level checks only:
@@ -159,6 +159,12 @@ def _check_gradient_leaves(
             raise TypeError(
                 f"{transform}: the {what} at path {_tree.path_names(updates)[i]!r} must be a floating-point"
                 f" tensor, got {got}"
+            )
+        if g.layout != torch.strided:
+            raise TypeError(
+                f"{transform}: the {what} at path {_tree.path_names(updates)[i]!r} must be a dense (strided)"
+                f" tensor, got layout {g.layout}; densify it with .to_dense() (nn.Embedding and nn.EmbeddingBag"
+                " give dense gradients unless built with sparse=True)"
             )
         if isinstance(ref, torch.Tensor) and g.device != ref.device:
             raise ValueError(

@@ -484,10 +484,15 @@ class FusedStep:
 
     def _stage_extras(self, extra: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Copy each extra argument into a persistent device tensor (the compiled step reads
-        those, so a new loss value is new data, never a new graph)."""
+        those, so a new loss value is new data, never a new graph). The grokking-signal inputs are
+        checked as ``tx.update`` checks them and staged as 0-d float64 tensors."""
+        from grokxform.signals import SIGNAL_INPUTS, signal_input
+
         out = {}
         for name in sorted(extra):
             value = extra[name]
+            if name in SIGNAL_INPUTS:
+                value = signal_input(f"{name}=", value)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):

@@ -11,6 +11,7 @@ or the signal is passed directly with ``grokking_signal=...``.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,10 @@ import torch
 
 SignalFn = Callable[..., Any]
 """``fn(train_loss, val_loss)``, ``fn(train_loss, val_loss, step)`` or ``fn()`` (grokadamw 0.1.2's
-form); returns a number, a 0-d tensor, or ``None`` (ignored)."""
+form); returns a number, a one-element tensor, or ``None`` (ignored)."""
+
+SIGNAL_INPUTS = ("grokking_signal", "train_loss", "val_loss")
+"""The ``update`` keyword arguments the grokking signal reads."""
 
 
 def loss_gap_signal(train_loss: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
@@ -63,24 +67,56 @@ def check_signal_fns(fns: Sequence[SignalFn] | None) -> tuple[tuple[SignalFn, in
     return tuple(out)
 
 
-def _as_f64(x: Any, device: torch.device) -> torch.Tensor:
-    """``x`` (a 0-d tensor or a number) as a 0-d float64 tensor on ``device``.
+def signal_input(name: str, value: Any) -> torch.Tensor | float | int | None:
+    """``value`` checked as a grokking-signal input, named ``name`` in errors (``"val_loss="``):
+    ``None``, a real number (not a bool; an int or a float as given, another real number as a
+    float), or a tensor of one element (any shape) and a real dtype, returned detached as a 0-d
+    float64 tensor on its device.
+
+    Every path checks with this function (``tx.update``, and the engine when it copies the
+    arguments), so each takes and refuses the same values with the same message. Python-level
+    checks only: nothing is read from the device.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be a real number or a one-element tensor of a real dtype, got a {value.dtype} tensor"
+            )
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape {list(value.shape)};"
+                " reduce it first, e.g. loss.mean()"
+            )
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(
+        f"{name} must be a real number or a one-element tensor of a real dtype, got {type(value).__name__}"
+        f" {value!r:.80}"
+    )
+
+
+def _as_f64(x: torch.Tensor | float | int, device: torch.device) -> torch.Tensor:
+    """``x`` (a value :func:`signal_input` took) as a 0-d float64 tensor on ``device``.
 
     A number is added to a zero tensor rather than wrapped by ``torch.tensor``: under
     ``torch.compile`` an added Python float stays a graph input, while one wrapped into a new
     tensor is burnt into the graph as a constant, so every new loss value would recompile.
     """
     if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device, dtype=torch.float64).reshape(())
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    return zero + (x if isinstance(x, (int, float)) and not isinstance(x, bool) else float(x))
+        return x.to(device)
+    return torch.zeros((), dtype=torch.float64, device=device) + x
 
 
 def has_signal(fns: tuple[tuple[SignalFn, int], ...], extra: dict[str, Any]) -> bool:
-    """Whether :func:`compute_signal` can give anything but 0 this step."""
-    return bool(fns) or extra.get("grokking_signal") is not None or (
-        extra.get("train_loss") is not None and extra.get("val_loss") is not None
-    )
+    """Whether :func:`compute_signal` can give anything but 0 this step (the inputs checked by
+    :func:`signal_input`)."""
+    direct, train, val = (signal_input(f"{n}=", extra.get(n)) for n in SIGNAL_INPUTS)
+    return bool(fns) or direct is not None or (train is not None and val is not None)
 
 
 def compute_signal(
@@ -96,10 +132,9 @@ def compute_signal(
     ``val_loss=``; else 0 (α stays α_init). Functions that need losses are skipped on a step
     that passes none.
     """
-    direct = extra.get("grokking_signal")
+    direct, train, val = (signal_input(f"{n}=", extra.get(n)) for n in SIGNAL_INPUTS)
     if direct is not None:
         return _as_f64(direct, device)
-    train, val = extra.get("train_loss"), extra.get("val_loss")
     have_losses = train is not None and val is not None
     if fns:
         values = []
@@ -112,6 +147,7 @@ def compute_signal(
                 v = fn(_as_f64(train, device), _as_f64(val, device))
             else:
                 v = fn(_as_f64(train, device), _as_f64(val, device), step)
+            v = signal_input(f"the value of grokking signal function {getattr(fn, '__name__', fn)!r}", v)
             if v is not None:
                 values.append(_as_f64(v, device))
         if not values:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -491,6 +492,142 @@ def test_apply_updates_names_the_path_of_an_update_on_another_device() -> None:
     u["head"] = u["head"].to("meta")
     with pytest.raises(ValueError, match=r"head.*meta.*cpu"):
         gx.apply_updates(p, u)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("name", ["adamw", "grokfast_ema", "grokfast_ma"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
+def test_a_sparse_or_other_non_strided_gradient_names_the_path(name: str, layout: str) -> None:
+    tx = PIPELINES[name]()
+    p = params_()
+    state = tx.init(p)
+    grads = grads_(p, 0)
+    grads["blocks.0.w"] = getattr(grads["blocks.0.w"], f"to_{layout}")()
+    snap = snapshot(state, p)
+    with pytest.raises(TypeError, match=rf"the gradient at path 'blocks\.0\.w' must be a dense \(strided\) tensor,"
+                                        rf" got layout torch\._?{layout}; densify it with \.to_dense\(\)"):
+        tx.update(grads, state, p)
+    assert_untouched(snap)
+
+
+def test_clip_by_global_norm_refuses_a_sparse_gradient_naming_the_path() -> None:
+    tx = gx.clip_by_global_norm(1.0)
+    p = params_()
+    grads = dict(grads_(p, 0), head=grads_(p, 0)["head"].to_sparse())
+    with pytest.raises(TypeError, match=r"^clip_by_global_norm: the gradient at path 'head' must be a dense"):
+        tx.update(grads, tx.init(p), p)
+
+
+# ================================================================ the grokking signal's inputs
+
+
+def _signal_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def _signal_grads(model: torch.nn.Module, t: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + t)
+    return {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], gx.GradientTransformation]
+                ) -> dict[str, torch.Tensor]:
+    """The params after one step per entry of ``steps_extra`` (its ``update`` keyword arguments),
+    on ``path``: eager ``tx.update``, ``compile_step`` (the engine, foreach backend), or
+    ``gx.Optimizer`` (its default engine, or ``fused=False``: eager)."""
+    from grokxform.fused import compile_step
+
+    model = _signal_model()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if path == "tx.update":
+        t_ = tx()
+        state = t_.init(params)
+        for t, extra in enumerate(steps_extra):
+            u, state = t_.update(_signal_grads(model, t), state, params, **extra)
+            params = gx.apply_updates(params, u)
+        return params
+    if path == "compile_step":
+        step = compile_step(tx(), params, backend="foreach")
+        for t, extra in enumerate(steps_extra):
+            step(_signal_grads(model, t), **extra)
+        return params
+    opt = gx.Optimizer(model.named_parameters(), tx(), fused=None if path == "Optimizer" else False)
+    for t, extra in enumerate(steps_extra):
+        for n, p in model.named_parameters():
+            p.grad = _signal_grads(model, t)[n]
+        opt.step(**extra)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+SIGNAL_PATHS = ["tx.update", "compile_step", "Optimizer", "Optimizer(fused=False)"]
+_GROKADAMW = lambda: gx.grokadamw(lr=1e-2, grokking_signal_decay_rate=0.5)  # noqa: E731
+
+
+@pytest.mark.parametrize("arg", ["train_loss", "val_loss", "grokking_signal"])
+@pytest.mark.parametrize("value, error, got", [
+    ("0.5", TypeError, "got str '0.5'"),
+    (True, TypeError, "got bool True"),
+    (object(), TypeError, "got object <object object at"),
+    ([0.5], TypeError, "got list [0.5]"),
+    (torch.tensor(0.5 + 0.5j), TypeError, "got a torch.complex64 tensor"),
+    (torch.tensor(True), TypeError, "got a torch.bool tensor"),
+    (torch.ones(8), ValueError, "got a tensor of shape [8]; reduce it first, e.g. loss.mean()"),
+    (torch.ones(0), ValueError, "got a tensor of shape [0]"),
+], ids=["str", "bool", "object", "list", "complex", "bool-tensor", "vector", "empty"])
+def test_a_bad_signal_input_is_refused_alike_on_every_path(arg: str, value: Any, error: type, got: str) -> None:
+    """Each path refuses the value with the same exception and message, naming the argument."""
+    extra = {"train_loss": 1.0, "val_loss": 2.0, arg: value}
+    seen = set()
+    for path in SIGNAL_PATHS:
+        with pytest.raises(error) as err:
+            _signal_run(path, [extra], _GROKADAMW)
+        seen.add((type(err.value), str(err.value)))
+    assert len(seen) == 1, seen
+    message = seen.pop()[1]
+    assert message.startswith(f"{arg}= must be ") and got in message, message
+
+
+def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
+    """Numbers (NumPy's included) and one-element real tensors of any shape and dtype, changing
+    from step to step, give eager ``tx.update``'s params on the engine and through the optimizer,
+    bit for bit."""
+    steps = [
+        {"train_loss": torch.tensor([0.4]), "val_loss": torch.tensor([[1.5]], dtype=F64)},
+        {"train_loss": 0.3, "val_loss": torch.tensor(2)},
+        {"train_loss": torch.tensor(0.2, dtype=BF16), "val_loss": 1},
+        {"train_loss": np.float32(0.3), "val_loss": np.int64(2)},
+        {"grokking_signal": torch.tensor([0.7])},
+        {"grokking_signal": 0.25, "train_loss": torch.tensor([0.1]), "val_loss": 0.9},
+        {"train_loss": torch.tensor(0.1), "val_loss": torch.tensor([1.2])},
+    ]
+    want = _signal_run("tx.update", steps, _GROKADAMW)
+    plain = _signal_run("tx.update", steps[:3], lambda: gx.adamw(lr=1e-2))  # the signal moved the params
+    assert not torch.equal(_signal_run("tx.update", steps[:3], _GROKADAMW)["0.weight"], plain["0.weight"])
+    for path in SIGNAL_PATHS[1:]:
+        got = _signal_run(path, steps, _GROKADAMW)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (path, n)
+
+
+def test_signal_inputs_beside_the_whole_gradient_reductions_of_two_groups() -> None:
+    """Two param groups: the optimizer passes ``global_grad_norm=`` and ``global_grad_finite=``
+    with the losses; the engine's run equals the eager one."""
+    runs = []
+    for fused in (None, False):
+        model = _signal_model()
+        named = list(model.named_parameters())
+        groups = [{"params": [(n, p) for n, p in named if n.endswith("weight")], "weight_decay": 0.1},
+                  {"params": [(n, p) for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+        opt = gx.Optimizer(groups, gx.grokadamw, lr=1e-2, gradient_clipping=0.1, fused=fused)
+        for t in range(3):
+            for p, g in zip(model.parameters(), _signal_grads(model, t).values()):
+                p.grad = g
+            opt.step(train_loss=torch.tensor([0.5]), val_loss=1.0 + t)
+        assert float(opt.metrics()["group0/clip/scale"]) < 1.0
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 # ================================================================ an MA window too large for the device

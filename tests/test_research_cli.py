@@ -1,9 +1,11 @@
 """The research command line and its instruments: ``grokxform --help``, ``python -m grokxform``,
-clear errors for bad values, ``--task``, the sweep's heatmap, and the GrokAdamW ablation's report."""
+clear errors for bad values, ``--task``, the sweep's heatmap, the GrokAdamW ablation's report, and
+where ``--out`` writes (inside a folder it names; an unwritable one refused before any training)."""
 
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 
@@ -148,3 +150,73 @@ def test_ablation_report_states_each_piece(tmp_path):
     assert "Best AdamW (tuned): AdamW (tuned) wd=1 β1=0.9 → 30 [30–30] (1/1)" in lines
     assert (tmp_path / "ablation_table.md").exists()
     assert (tmp_path / "grokadamw_ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize("trailing_separator", [False, True], ids=["existing-folder", "new-folder-with-separator"])
+def test_demo_out_naming_a_folder_writes_inside_it(tmp_path, capsys, trailing_separator):
+    folder = tmp_path / "plots"
+    if trailing_separator:
+        out = f"{folder}{os.sep}"
+    else:
+        folder.mkdir()
+        out = str(folder)
+    status = cli.main(["demo", "--steps", "2", "--runs", "grokfast_ma", "--out", out, "--threads", "1",
+                       "--no-progress-bar"])
+    assert status == 0
+    assert (folder / "grokxform_demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "plots.png").exists()
+    assert f"curves written to {folder / 'grokxform_demo.png'}" in capsys.readouterr().out
+
+
+def test_sweep_out_naming_a_folder_writes_inside_it(tmp_path):
+    status = cli.main(["sweep", "--alpha", "0.9", "--lamb", "1,2", "--seeds", "0", "--steps", "1", "--device", "cpu",
+                       "--out", str(tmp_path), "--threads", "1", "--no-progress-bar"])
+    assert status == 0
+    assert json.loads((tmp_path / "grokxform_sweep.json").read_text())["steps"] == 1
+    assert (tmp_path / "grokxform_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not tmp_path.with_suffix(".json").exists()
+
+
+def _never_trains(*args, **kwargs):
+    raise AssertionError("trained before checking --out")
+
+
+def _unwritable_outs(tmp_path):
+    """Outputs that cannot be written: under a regular file (refused for root too), and a folder
+    without write permission when not running as root (root writes anywhere)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    outs = [(blocker / "sub" / "out", "a_file is a file, not a folder")]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        outs.append((locked / "out", "Permission denied"))
+    return outs
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep", "ablation", "reproduce"])
+def test_an_unwritable_out_is_refused_before_any_training(tmp_path, monkeypatch, capsys, command):
+    from grokxform.experiments import ablation, reproduce
+    from grokxform.experiments import sweep as sweep_module
+
+    monkeypatch.setattr(cli, "train", _never_trains)
+    monkeypatch.setattr(sweep_module, "sweep", _never_trains)
+    monkeypatch.setattr(ablation, "sweep", _never_trains)
+    monkeypatch.setattr(reproduce, "paper_rows", _never_trains)
+    run = {
+        "demo": lambda out: cli.main(["demo", "--steps", "1", "--out", str(out / "demo.png"), "--no-progress-bar"]),
+        "sweep": lambda out: cli.main(["sweep", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
+                                       "--out", str(out / "grid")]),
+        "ablation": lambda out: ablation.main(["run", "--program", "adamw", "--out", str(out), "--steps", "1",
+                                               "--device", "cpu"]),
+        "reproduce": lambda out: reproduce.main(["--out", str(out), "--phases", "paper", "--device", "cpu"]),
+    }[command]
+    for out, reason in _unwritable_outs(tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            run(out)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --out: cannot write in {tmp_path}" in err and reason in err, err

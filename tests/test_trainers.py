@@ -4,6 +4,9 @@ Both trainers get ``grokxform.Optimizer(..., grokxform.grokadamw, lr=...)`` and 
 train a tiny model built in the test (no download, no tokenizer) on synthetic data, save checkpoints
 through their own machinery, and resume from them. Resuming is checked bit for bit against an
 uninterrupted run of the same length: parameters, the optimizer's whole state dict, the scheduler.
+Under Lightning that needs the data order and dropout's masks restored too: with a shuffled loader
+or dropout, only a checkpoint that keeps torch's RNG state resumes bit for bit. The Trainer-built
+two param groups equal one group with a decay mask up to the summation order of the clip's norm.
 
 The packages are pinned in the ``test`` extra of pyproject.toml, so CI runs these tests.
 """
@@ -134,10 +137,10 @@ def _regressor_class() -> type:
 
 def _fit_lightning(
     root: Path, feed_signal: bool, max_steps: int, *, save_every: int = 0, ckpt_path: Path | None = None,
-    cls: type | None = None,
+    cls: type | None = None, shuffle: bool = False,
 ) -> tuple[Any, Any]:
     """Seed, build the module (``cls``, a subclass of the regressor, or the regressor), ``trainer.fit``
-    it; returns (module, trainer)."""
+    it on a DataLoader (shuffled or not); returns (module, trainer)."""
     L = pytest.importorskip("lightning")
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -158,7 +161,7 @@ def _fit_lightning(
         enable_model_summary=False,
     )
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(X_TRAIN, Y_TRAIN), batch_size=16, shuffle=False, num_workers=0
+        torch.utils.data.TensorDataset(X_TRAIN, Y_TRAIN), batch_size=16, shuffle=shuffle, num_workers=0
     )
     trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True if ckpt_path is not None else None)
     return module, trainer
@@ -226,6 +229,51 @@ def test_lightning_resume_is_bit_for_bit(tmp_path: Path, feed_signal: bool) -> N
     )
     if feed_signal:
         assert resumed.seen == full.seen[k:]
+
+
+def _dropout_regressor(dropout: float, restore_rng: bool) -> type:
+    """The regressor with dropout (probability ``dropout``) before its output layer; ``restore_rng``:
+    its checkpoint also holds torch's global RNG state (``on_save_checkpoint``), set back on loading."""
+
+    class Dropout(_regressor_class()):  # type: ignore[misc]
+        def __init__(self, feed_signal: bool) -> None:
+            super().__init__(feed_signal)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 1))
+
+        if restore_rng:
+            def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+                checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+            def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+                torch.set_rng_state(checkpoint["torch_rng_state"])
+
+    return Dropout
+
+
+@pytest.mark.parametrize("shuffle, dropout, restore_rng", [
+    (True, 0.0, False), (False, 0.1, False), (True, 0.1, False), (True, 0.1, True),
+], ids=["shuffle", "dropout", "shuffle-dropout", "shuffle-dropout-rng-restored"])
+def test_lightning_resume_with_shuffle_or_dropout_needs_the_rng_state(
+    tmp_path: Path, shuffle: bool, dropout: float, restore_rng: bool
+) -> None:
+    """Lightning's checkpoint restores the model, the optimizer and the scheduler, not torch's RNG:
+    a shuffled DataLoader draws each epoch's order, and dropout its masks, from that RNG, so a
+    resumed run sees other batches or masks than the uninterrupted one. With the RNG state saved in
+    the checkpoint and set back on loading, the resumed run is the uninterrupted one bit for bit."""
+    n, k = 16, 2 * BATCHES_PER_EPOCH
+    cls = _dropout_regressor(dropout, restore_rng)
+    full, _ = _fit_lightning(tmp_path / "full", False, n, save_every=k, cls=cls, shuffle=shuffle)
+    ckpt = next((tmp_path / "full" / "ckpt").glob(f"*step={k}.ckpt"))
+    resumed, _ = _fit_lightning(tmp_path / "resumed", False, n, save_every=k, ckpt_path=ckpt, cls=cls,
+                                shuffle=shuffle)
+    diff = max((a - b).abs().max().item() for a, b in zip(resumed.parameters(), full.parameters()))
+    print(f"Lightning resume at step {k} of {n}, shuffle {shuffle}, dropout {dropout}, RNG state restored"
+          f" {restore_rng}: largest |param diff| {diff:.3g}")  # the figures of docs/optimizer.md (pytest -s)
+    if restore_rng:
+        assert resumed.losses == full.losses[k:]
+        _assert_same(dict(resumed.named_parameters()), dict(full.named_parameters()), "params")
+    else:
+        assert resumed.losses != full.losses[k:] and diff > 0
 
 
 # -- transformers ------------------------------------------------------------------------------
@@ -325,30 +373,57 @@ def _hf_model_and_args(out: Path, max_steps: int) -> tuple[Any, Any]:
     return transformers.GPT2LMHeadModel(config), args
 
 
-def test_transformers_trainer_built_optimizer_keeps_depth_and_one_clip(tmp_path: Path) -> None:
-    """The Trainer builds the optimizer itself (``optimizer_cls_and_kwargs``): two param groups
-    (decay / no decay) of unnamed parameters. With ``module=model`` the leaves carry the module
-    paths, and the clip takes one norm over both groups: the run equals one group whose decay split
-    is a ``weight_decay_mask``."""
+def _groups_and_mask(root: Path, steps: int, clip: float) -> tuple[Any, Any, gx.Optimizer]:
+    """The same ``steps`` of ``transformers.Trainer`` twice: with the optimizer it builds itself
+    (``optimizer_cls_and_kwargs``: two param groups, decay / no decay, of unnamed parameters, named
+    by ``module=model``), and with one group whose decay split is a ``weight_decay_mask``. Returns
+    (two-group model, one-group model, the two-group optimizer)."""
     transformers = pytest.importorskip("transformers")
-    model, args = _hf_model_and_args(tmp_path / "groups", 4)
-    kwargs = {"tx": gx.grokadamw, "module": model, "lr": LR, "gradient_clipping": 0.05}
+    model, args = _hf_model_and_args(root / "groups", steps)
+    kwargs = {"tx": gx.grokadamw, "module": model, "lr": LR, "gradient_clipping": clip}
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Progressions(),
                                    optimizer_cls_and_kwargs=(gx.Optimizer, kwargs))
     trainer.train()
-    opt = trainer.optimizer.optimizer
+    reference, args = _hf_model_and_args(root / "mask", steps)
+    decay = set(transformers.Trainer(model=reference, args=args).get_decay_parameter_names(reference))
+    one = gx.Optimizer(reference.named_parameters(), gx.grokadamw, lr=LR, weight_decay=0.1, gradient_clipping=clip,
+                       weight_decay_mask=lambda name, p: name in decay)
+    transformers.Trainer(model=reference, args=args, train_dataset=_Progressions(), optimizers=(one, None)).train()
+    return model, reference, trainer.optimizer.optimizer
+
+
+def test_transformers_trainer_built_optimizer_keeps_depth_and_one_clip(tmp_path: Path) -> None:
+    """With ``module=model`` the Trainer's two groups carry the module paths, and the clip takes one
+    norm over both groups. The run equals one group with the decay split as a mask up to the order
+    in which that norm is summed (another order over two groups than over one tree: the norm can
+    differ in its last bit, and so can the clip's scale). After 30 steps, clipped on every one, the
+    params differ by at most 2.4e-7, except the attention's key biases: their exact gradient is
+    zero (softmax ignores a constant added to a row of scores), so their computed gradient is
+    rounding noise that Adam scales up to steps of about lr, and they differ by up to 1.5e-5
+    (CPU, torch 2.13)."""
+    model, reference, opt = _groups_and_mask(tmp_path, 30, clip=0.05)
     assert len(opt.param_groups) == 2 and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert sorted(n for names in opt._names for n in names) == sorted(n for n, _ in model.named_parameters())
     m = opt.metrics(floats=True)
     assert m["group0/clip/norm"] == m["group1/clip/norm"] and m["group0/clip/scale"] < 1.0
-
-    reference, args = _hf_model_and_args(tmp_path / "mask", 4)
-    decay = set(transformers.Trainer(model=reference, args=args).get_decay_parameter_names(reference))
-    one = gx.Optimizer(reference.named_parameters(), gx.grokadamw, lr=LR, weight_decay=0.1, gradient_clipping=0.05,
-                       weight_decay_mask=lambda name, p: name in decay)
-    transformers.Trainer(model=reference, args=args, train_dataset=_Progressions(), optimizers=(one, None)).train()
+    width = model.config.n_embd
+    key_bias = elsewhere = 0.0
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        diff = (a - b).abs()
+        if name.endswith("attn.c_attn.bias"):  # [query | key | value]
+            key_bias = max(key_bias, diff[width:2 * width].max().item())
+            diff = torch.cat([diff[:width], diff[2 * width:]])
+        elsewhere = max(elsewhere, diff.max().item())
+    print(f"two groups vs one group with a mask, 30 steps: largest |param diff| {elsewhere:.3g},"
+          f" {key_bias:.3g} in the key biases")  # the figures of docs/optimizer.md (pytest -s)
+    assert elsewhere <= 1e-6 and key_bias < 1e-4, (elsewhere, key_bias)
+
+
+def test_transformers_trainer_groups_equal_the_mask_bit_for_bit_without_the_clip(tmp_path: Path) -> None:
+    """With the clip off (``gradient_clipping=0``), nothing is summed over the groups: the
+    two-group run is the one-group run with a mask, bit for bit."""
+    model, reference, _ = _groups_and_mask(tmp_path, 30, clip=0.0)
+    _assert_same(dict(model.named_parameters()), dict(reference.named_parameters()), "params")
 
 
 def _step_losses(trainer: Any) -> dict[int, float]:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from grokxform.experiments.cli import output_folder
 from grokxform.experiments.modular import TASKS, task_name
 from grokxform.experiments.sweep import median_and_spread, sweep
 
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train one program of the grid as one vmapped sweep")
     r.add_argument("--program", required=True, choices=list(PROGRAMS))
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--out", type=output_folder, required=True, help="folder to write <program>.json in")
     r.add_argument("--seeds", default="0,1,2")
     r.add_argument("--steps", type=int, default=3000)
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -191,6 +192,45 @@ def seeds_arg(text: str) -> list[int]:
     return seeds
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` (and its parents) and write and remove a temporary file in it, so that a
+    run cannot fail only at its end, on writing its results; ``argparse.ArgumentTypeError`` naming
+    the folder when that fails."""
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write in {folder}: {existing} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"cannot write in the folder {folder}: {err.strerror or err}; name a folder you can write to"
+        ) from None
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder the run writes its files in, created now and checked writable."""
+    folder = Path(text)
+    _check_writable(folder)
+    return folder
+
+
+def output_path(default_name: str) -> Callable[[str], Path]:
+    """An argparse type: the path of an output (a file, or a prefix of files), or ``default_name``
+    inside the text when it names an existing folder or ends with a path separator. Its folder is
+    created now and checked writable."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if text.endswith((os.sep, os.altsep or os.sep)) or path.is_dir():
+            path = path / default_name
+        _check_writable(path.parent)
+        return path
+
+    return parse
+
+
 def _threads(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -220,7 +260,8 @@ def _register_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the init, split and batch order (default 0)")
     _add_task(parser)
     parser.add_argument(
-        "--out", type=Path, default=Path("grokxform_demo.png"), help="PNG of the curves (default ./grokxform_demo.png)"
+        "--out", type=output_path("grokxform_demo.png"), default="grokxform_demo.png",
+        help="PNG of the curves, or a folder to write grokxform_demo.png in (default ./grokxform_demo.png)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -354,8 +395,9 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
     _add_task(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
-    parser.add_argument("--out", type=Path, default=Path("grokxform_sweep"),
-                        help="prefix of the outputs: PREFIX.json and PREFIX.png (default ./grokxform_sweep)")
+    parser.add_argument("--out", type=output_path("grokxform_sweep"), default="grokxform_sweep",
+                        help="prefix of the outputs: PREFIX.json and PREFIX.png, or a folder to write"
+                             " grokxform_sweep.json and .png in (default ./grokxform_sweep)")
     _add_threads_and_progress(parser)
 
 
@@ -497,7 +539,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads_before)
     print(result.table())
     print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                **result.to_json()}

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from grokxform.experiments.cli import seeds_arg
+from grokxform.experiments.cli import output_folder, seeds_arg
 from grokxform.experiments.modular import TASKS, paper_setup
 from grokxform.experiments.optimizers import modular_optimizer
 from grokxform.experiments.sweep import SWEEP_FACTORIES, median_and_spread, sweep
@@ -150,7 +150,7 @@ def ablation(device: torch.device, steps: int, compile: bool, seconds: float | N
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=output_folder, required=True, help="folder to write <phase>.json in")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--phases", default="paper,sweep,ablation,baseline", help="in the order to run them")
     ap.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2])
