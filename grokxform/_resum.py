@@ -131,7 +131,8 @@ def _window_sum_backward(ctx: Any, grad: torch.Tensor) -> tuple[list[torch.Tenso
         if ctx.ring and k == 0:
             row = wide.sum_to_size(shape[1:]).to(dtype)
             used = min(ctx.size - 1, shape[0])
-            grads.append(torch.cat([row.expand(used, *row.shape), row.new_zeros(shape[0] - used, *row.shape)]))
+            unused = row.new_zeros(shape[0] - used, *row.shape)
+            grads.append(torch.cat([row.expand(used, *row.shape), unused]))
         else:
             grads.append(wide.sum_to_size(shape).to(dtype))
     return grads, None, None, None

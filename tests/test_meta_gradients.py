@@ -90,7 +90,8 @@ MA_STEPS = 7
 
 def _ma(pipeline: str, filter_type: str, warmup: bool, hp: dict[str, torch.Tensor]) -> gx.GradientTransformation:
     if pipeline == "ma_filter":
-        return gx.chain(gx.amplify(gx.ma_filter(3, filter_type, warmup), hp["lamb"]), gx.scale_by_learning_rate(hp["lr"]))
+        filt = gx.ma_filter(3, filter_type, warmup)
+        return gx.chain(gx.amplify(filt, hp["lamb"]), gx.scale_by_learning_rate(hp["lr"]))
     return gx.grokfast_ma(lr=hp["lr"], window_size=3, lamb=hp["lamb"], filter_type=filter_type, warmup=warmup)
 
 
