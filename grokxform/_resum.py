@@ -17,7 +17,7 @@ values are its first ``size − 1`` slots.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -60,6 +60,26 @@ def _due_on_host(due: torch.Tensor) -> list[int]:
     return [k for k, d in enumerate(due.tolist()) if d]
 
 
+def _needs_grad(running: list[torch.Tensor], windows: list[Any], newest: list[torch.Tensor]) -> bool:
+    """Whether autograd records the re-sum: grad mode is on and a sum or a window value requires
+    a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    rows = [t for w in windows for t in ([w] if isinstance(w, torch.Tensor) else w)]
+    return any(t.requires_grad for t in [*running, *newest, *rows])
+
+
+def _check_not_func_transformed() -> None:
+    """Raise if a ``torch.func`` transform differentiates a graph being traced by ``make_fx``:
+    the autograd rule of a custom operator does not run under ``torch.func``."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            "ma_filter: torch.func.grad (or vjp, jacrev) cannot differentiate the window's re-sum inside"
+            " a graph traced by make_fx; apply the transform to the untraced function, or differentiate"
+            " the traced one with torch.autograd"
+        )
+
+
 def _values(older: torch.Tensor | Sequence[torch.Tensor], newest: torch.Tensor, size: int) -> list[torch.Tensor]:
     rows = list(older[: size - 1].unbind()) if isinstance(older, torch.Tensor) else list(older)
     return [*rows, newest]
@@ -93,6 +113,32 @@ def _window_sum_vmap(info, in_dims, values, ring, size, dtype):  # type: ignore[
 
 
 _window_sum_op.register_vmap(_window_sum_vmap)
+
+
+def _window_sum_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    values, ring, size, _ = inputs
+    ctx.ring, ctx.size = ring, size
+    ctx.metas = [(v.shape, v.dtype) for v in values]
+
+
+def _window_sum_backward(ctx: Any, grad: torch.Tensor) -> tuple[list[torch.Tensor], None, None, None]:
+    """The sum is linear: each value added gets the incoming gradient, cast to its dtype (summed
+    over the dimensions it was broadcast along, as autograd does for ``acc + v``); a ring's slots
+    that are not in the window get zero."""
+    wide = grad.to(torch.float64)
+    grads = []
+    for k, (shape, dtype) in enumerate(ctx.metas):
+        if ctx.ring and k == 0:
+            row = wide.sum_to_size(shape[1:]).to(dtype)
+            used = min(ctx.size - 1, shape[0])
+            unused = row.new_zeros(shape[0] - used, *row.shape)
+            grads.append(torch.cat([row.expand(used, *row.shape), unused]))
+        else:
+            grads.append(wide.sum_to_size(shape).to(dtype))
+    return grads, None, None, None
+
+
+_window_sum_op.register_autograd(_window_sum_backward, setup_context=_window_sum_setup)
 
 
 @torch.library.custom_op("grokxform::window_resum_", mutates_args=("totals",))
@@ -157,19 +203,26 @@ def window_sums(
 
     Eagerly the due leaves are read on the host and only they are summed: each window is read
     once every ``size`` updates. In a traced graph (``torch.compile``, ``make_fx``) that is one
-    operator, ``grokxform::window_resum_``, which reads the counts when it runs. Under an eager
-    ``torch.func`` transform that maps the counts (``vmap`` over states), and while a CUDA graph
-    is being captured, every leaf's sum is computed and selected with ``where``."""
+    operator, ``grokxform::window_resum_``, which reads the counts when it runs; a traced graph
+    that differentiates the sums (a window or a sum requires a gradient) computes every leaf's
+    sum with ``grokxform::window_sum``, which has an autograd rule, and selects it with
+    ``where``. Under an eager ``torch.func`` transform (grad, jvp, vmap: the counts are then
+    wrapped too) and while a CUDA graph is being captured, every leaf's sum is computed with
+    plain torch ops, which every transform differentiates and batches, and selected with
+    ``where``."""
     n = len(running)
     if traced():
-        totals = [r.clone() for r in running]  # the rule's may be its output too (a "sum" filter)
         windows = [older(k) for k in range(n)]
-        flat = [t for k, o in enumerate(windows) for t in _operands(o, newest[k])]
-        _window_resum_op(totals, flat, [isinstance(o, torch.Tensor) for o in windows], counts, size)
-        return totals
-    due = resum_due(counts, size)
-    if not wrapped(counts) and not (counts.is_cuda and torch.cuda.is_current_stream_capturing()):
-        pick = _due_on_host(due)
+        if not _needs_grad(running, windows, newest):
+            totals = [r.clone() for r in running]  # the rule's may be its output too (a "sum" filter)
+            flat = [t for k, o in enumerate(windows) for t in _operands(o, newest[k])]
+            _window_resum_op(totals, flat, [isinstance(o, torch.Tensor) for o in windows], counts, size)
+            return totals
+        _check_not_func_transformed()
+        sums = [_window_sum_op(_operands(o, newest[k]), isinstance(o, torch.Tensor), size, running[k].dtype)
+                for k, o in enumerate(windows)]
+    elif not wrapped(counts) and not (counts.is_cuda and torch.cuda.is_current_stream_capturing()):
+        pick = _due_on_host(resum_due(counts, size))
         if not pick:
             return running
         out = list(running)
@@ -177,8 +230,7 @@ def window_sums(
         for k, v in zip(pick, sum_windows(rows, [running[k].dtype for k in pick])):
             out[k] = v
         return out
-    sums = []
-    for k in range(n):
-        o = older(k)
-        sums.append(_window_sum_op(_operands(o, newest[k]), isinstance(o, torch.Tensor), size, running[k].dtype))
+    else:
+        sums = [window_sum(_values(older(k), newest[k], size), running[k].dtype) for k in range(n)]
+    due = resum_due(counts, size)
     return [torch.where(due[k], s, r) for k, (s, r) in enumerate(zip(sums, running))]

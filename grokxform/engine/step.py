@@ -19,12 +19,16 @@ into a CUDA graph):
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import importlib.util
 import math
 import os
+import stat
 import sys
 import tempfile
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,42 +63,122 @@ def available(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def cache_dir() -> str:
-    """Where generated kernel modules are written (``GROKXFORM_CACHE_DIR``, else a folder in the
-    user's cache)."""
-    root = os.environ.get("GROKXFORM_CACHE_DIR")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "grokxform", "kernels")
+def _unsafe(path: str) -> str | None:
+    """Why the folder ``path`` cannot hold code that this process runs, or ``None`` when it is a
+    private folder of this user: a real folder (not a symbolic link) that this user owns and that
+    neither the group nor others may write to. Where the OS has no user ids (Windows), folders
+    are not checked: their mode bits say nothing of who may write."""
+    getuid = getattr(os, "getuid", None)
     try:
-        os.makedirs(root, exist_ok=True)
-    except OSError:
-        root = os.path.join(tempfile.gettempdir(), "grokxform-kernels")
-        os.makedirs(root, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a folder"
+    if getuid is None:
+        return None
+    if st.st_uid != getuid():
+        return f"it is owned by another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"other users may write to it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _private(path: str) -> str | None:
+    """Create the folder ``path`` for this user alone (mode 0o700) if it is absent; why it cannot
+    hold kernels (:func:`_unsafe`), or ``None``."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        if not os.path.lexists(path):
+            return f"it cannot be created ({e.strerror})"
+    return _unsafe(path)
+
+
+def _user() -> str:
+    getuid = getattr(os, "getuid", None)
+    return str(getuid()) if getuid is not None else getpass.getuser()
+
+
+_DIR: tuple[tuple[str, ...], str] | None = None
+"""The cache folder and the settings it was chosen for (``GROKXFORM_CACHE_DIR``, the user's cache,
+the temporary folder)."""
+
+
+def cache_dir() -> str:
+    """Where generated kernel modules are written: ``GROKXFORM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/grokxform/kernels`` (``~/.cache/grokxform/kernels``), else
+    ``grokxform-kernels-<uid>`` in the temporary folder, else a new temporary folder of this process.
+
+    The folder must be private to this user (created with mode 0o700; not a symbolic link, owned
+    by this user, not writable by the group or others): a default folder that is not is skipped,
+    and a ``GROKXFORM_CACHE_DIR`` that is not raises :class:`PermissionError`. It is chosen once per
+    process and settings; later calls check it again with one ``lstat``."""
+    global _DIR
+    explicit = os.environ.get("GROKXFORM_CACHE_DIR", "")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = (explicit, base, tempfile.gettempdir())
+    if _DIR is not None and _DIR[0] == key and _unsafe(_DIR[1]) is None:
+        return _DIR[1]
+    if explicit:
+        why = _private(explicit)
+        if why is not None:
+            raise PermissionError(
+                f"GROKXFORM_CACHE_DIR={explicit!r} cannot hold generated kernels: {why}. Make it a folder"
+                f" of this user that only this user may write to (chmod 700 {explicit}), or set"
+                " GROKXFORM_CACHE_DIR to another folder"
+            )
+        root = explicit
+    else:
+        candidates = (os.path.join(base, "grokxform", "kernels"), os.path.join(key[2], f"grokxform-kernels-{_user()}"))
+        root = next((c for c in candidates if _private(c) is None), None)
+        if root is None:
+            root = tempfile.mkdtemp(prefix="grokxform-kernels-")
+    _DIR = (key, root)
     return root
+
+
+def _module_file(folder: str, mod_name: str, code: bytes) -> str:
+    """The path of ``mod_name``'s file in ``folder``, holding exactly ``code``: the file there if
+    it does, else (absent, changed, cut short by a crash) written anew, atomically: a file of this
+    user alone (mode 0o600, created exclusively), then renamed over it."""
+    path = os.path.join(folder, f"{mod_name}.py")
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(code) + 1) == code:
+                return path
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{mod_name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(code)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 _MODULES: dict[str, Any] = {}
 
 
 def load_kernel(source: str, name: str) -> Any:
-    """The Triton kernel ``name`` defined by ``source`` (written once to the cache folder and
-    imported: Triton reads a kernel's source from its file)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    mod_name = f"grokxform_kernel_{digest}"
+    """The Triton kernel ``name`` defined by ``source``, written once to the cache folder and run
+    from there (Triton reads a kernel's source from its file). What runs is ``source`` itself: the
+    file is checked to hold exactly it, and rewritten when it does not."""
+    code = source.encode()
+    mod_name = f"grokxform_kernel_{hashlib.sha256(code).hexdigest()[:20]}"
     mod = _MODULES.get(mod_name)
     if mod is None:
-        path = os.path.join(cache_dir(), f"{mod_name}.py")
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(source)
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
+        path = _module_file(cache_dir(), mod_name, code)
+        mod = types.ModuleType(mod_name)
+        mod.__file__ = path
         sys.modules[mod_name] = mod
-        spec.loader.exec_module(mod)
+        exec(compile(code, path, "exec"), mod.__dict__)
         _MODULES[mod_name] = mod
     return getattr(mod, name)
 
