@@ -34,6 +34,7 @@ from grokxform import _common as C
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform._resum import window_sums
+from grokxform.signals import SIGNAL_INPUTS
 from grokxform.elements import Scalars, TracedRule, foreach_ok, run_foreach, run_leaf
 
 # --------------------------------------------------------------------------------------------
@@ -418,24 +419,20 @@ def extra_args(decl: Any) -> frozenset[str] | None:
     return frozenset(out)
 
 
-STANDARD_EXTRA_ARGS = ("train_loss", "val_loss", "grokking_signal")
-"""The keyword arguments that any chain takes (the grokking signal's inputs): a chain without a
-grokking signal ignores them, so one training loop can pass them to every optimizer."""
-
-
 def check_extra_args(decl: Any, names: Seq[str], who: str) -> None:
-    """Raise ``TypeError`` for a name in ``names`` that is not one of
-    :data:`STANDARD_EXTRA_ARGS` and that the declared transform ``decl`` does not read
-    (:func:`extra_args`), suggesting the closest name it takes; nothing is checked when what it
-    reads is not known (a member without a declaration)."""
+    """Raise ``TypeError`` for a name in ``names`` that the declared transform ``decl`` does not
+    read (:func:`extra_args`), suggesting the closest name it takes; nothing is checked when what
+    it reads is not known (a member without a declaration). The grokking signal's inputs
+    (:data:`~grokxform.signals.SIGNAL_INPUTS`) are taken by every chain: one without a signal
+    ignores them, so one training loop can pass them to every optimizer."""
     accepted = extra_args(decl)
     if accepted is None:
         return
-    unknown = [n for n in names if n not in accepted and n not in STANDARD_EXTRA_ARGS]
+    unknown = [n for n in names if n not in accepted and n not in SIGNAL_INPUTS]
     if not unknown:
         return
     name = unknown[0]
-    taken = sorted((set(accepted) | set(STANDARD_EXTRA_ARGS)) - {GLOBAL_NORM, GLOBAL_FINITE})
+    taken = sorted((set(accepted) | set(SIGNAL_INPUTS)) - {GLOBAL_NORM, GLOBAL_FINITE})
     close = difflib.get_close_matches(name, taken, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise TypeError(
@@ -663,7 +660,6 @@ __all__ = [
     "ScalarContext",
     "Sequence",
     "WindowField",
-    "STANDARD_EXTRA_ARGS",
     "DeclaredExtras",
     "check_extra_args",
     "declaration_of",

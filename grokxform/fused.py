@@ -53,6 +53,7 @@ from grokxform import declarations as _decl
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
+from grokxform.signals import SIGNAL_INPUTS, signal_input
 from grokxform.engine import traced as _traced
 from grokxform.engine.layout import init_state, to_eager_layout, to_fused_layout
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
@@ -486,8 +487,6 @@ class FusedStep:
         """Copy each extra argument into a persistent device tensor (the compiled step reads
         those, so a new loss value is new data, never a new graph). The grokking-signal inputs are
         checked as ``tx.update`` checks them and staged as 0-d float64 tensors."""
-        from grokxform.signals import SIGNAL_INPUTS, signal_input
-
         out = {}
         for name in sorted(extra):
             value = extra[name]

@@ -44,8 +44,8 @@ no update, their state kept) go through the group's transformation, ``θ ← θ 
 ``step(train_loss=..., val_loss=...)`` passes the extra arguments to the transform (the grokking
 signal). A group none of whose parameters has a gradient is skipped. The state of a group is
 initialised at its first step. ``optimizer.state[p]`` lists the tensors of the group state that
-belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"``...); the group states themselves
-are ``optimizer.tx_states`` (in the eager layout). ``torch.amp.GradScaler`` works (it unscales the
+belong to ``p`` (``"adam.mu"``, ``"adam.nu"``, ``"grokfast.mu"``, ``"grokfast.window.3"``...); the
+group states themselves are ``optimizer.tx_states`` (in the eager layout). ``torch.amp.GradScaler`` works (it unscales the
 ``.grad`` of the param groups, then calls ``step``).
 
 Engines. By default (``fused=None``) each group's step is the engine's
@@ -60,13 +60,23 @@ chain the engine cannot run (a transform without a declaration) runs the eager, 
 step); ``fused=`` also takes a backend name (``"triton"``, ``"foreach"``, ``"inductor"``;
 ``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
 
+State. Each group's state is made at its first step, in the engine's layout (MA windows as
+ring buffers), and every engine updates those very tensors in place: the engine's kernels, the
+eager ``tx.update`` (its result written back) and a step inside ``torch.compile``. Each step
+first checks that the parameters are the tensors the state was built for: new storage
+(``p.data = ...``, ``model.double()``) is followed, the state cast and moved as ``init`` would
+make it; a new shape, an edited ``group["params"]`` or a gradient of another shape raise, naming
+the parameter. Hyperparameters edited in ``param_groups`` are checked by the factory when a step
+first reads them.
+
 Checkpoints. ``state_dict()`` has torch.optim's layout (each parameter's state under its index;
 ``torch.distributed.checkpoint`` reads it, sharded DTensor state included, ``docs/distributed.md``)
 and plain containers only, so ``torch.load(path, weights_only=True)`` reads it; its tensors are
-the optimizer's own, as torch.optim's are. ``load_state_dict`` rebuilds the state against a
-freshly initialised one and raises, naming the mismatch, for another model (names, shapes) or
-another transform (factory, state structure), leaving the optimizer unchanged. Resuming is bit
-for bit.
+the optimizer's own, live, as torch.optim's are (MA windows as their ring slots).
+``load_state_dict`` rebuilds the state against a freshly initialised one and raises, naming the
+mismatch, for another model (names, shapes), another transform (factory, state structure) or a
+value no run produces (a negative count), leaving the optimizer unchanged. Resuming is bit for
+bit.
 """
 
 from __future__ import annotations
@@ -90,6 +100,7 @@ from grokxform.engine.layout import init_state, oldest_first, to_eager_layout, t
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep
 from grokxform.metrics import metrics as _metrics
+from grokxform.signals import SIGNAL_INPUTS, signal_input
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.wrappers import inject_hyperparams
 
@@ -714,7 +725,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_extra(self, extra: dict[str, Any]) -> None:
         """A step argument that no transform of a group's chain reads is refused, naming the
-        closest one it reads."""
+        closest one it reads; the grokking signal's inputs are checked on every path alike
+        (:func:`grokxform.signals.signal_input`), read or not."""
+        for name in SIGNAL_INPUTS:
+            signal_input(f"{name}=", extra.get(name))
         for g, group in enumerate(self.param_groups):
             tx = self._transform(g, group, self._states[g])
             D.check_extra_args(D.declaration_of(tx), list(extra), f"Optimizer.step ({self.transform_name})")

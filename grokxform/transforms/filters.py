@@ -16,7 +16,6 @@ from grokxform import signals as _signals
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise
 from grokxform.declarations import (
-    STANDARD_EXTRA_ARGS,
     Amplify,
     MaRingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
     ScalarContext,
@@ -108,7 +107,7 @@ def ema_filter(
     return elementwise(
         "ema_filter", init_fn, rule, names, scalars, state_type=EmaFilterState, fields=("mu",), count="count",
         unsupported="its grokking signal functions run Python each step" if fns else None,
-        extras=STANDARD_EXTRA_ARGS,
+        extras=_signals.SIGNAL_INPUTS,
     )
 
 
