@@ -96,7 +96,14 @@ from grokxform import declarations as D
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, chain
-from grokxform.engine.layout import init_state, oldest_first, to_eager_layout, to_fused_layout, write_back
+from grokxform.engine.layout import (
+    Owned,
+    init_state,
+    oldest_first,
+    to_eager_layout,
+    to_fused_layout,
+    write_back,
+)
 from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep
 from grokxform.metrics import metrics as _metrics
@@ -599,12 +606,15 @@ class Optimizer(torch.optim.Optimizer):
         """Group ``g``'s state with its MA windows as the ring's slots in slot order (views, made
         once per state; DTensors for sharded parameters): what checkpoints and ``self.state``
         hold, and what the eager step writes into."""
+        return self._owned(g).state
+
+    def _owned(self, g: int) -> Owned:
+        """:meth:`_ring_slots` as the eager step writes into it (kept per state)."""
         state = self._states[g]
         cached = self._slots_of.get(g)
         if cached is None or cached[0] is not state:
-            cached = self._slots_of[g] = (
-                state, _dist.shard_like(to_eager_layout(state, ring_order=True), self._shard_specs(g))
-            )
+            slots = _dist.shard_like(to_eager_layout(state, ring_order=True), self._shard_specs(g))
+            cached = self._slots_of[g] = (state, Owned(slots))
         return cached[1]
 
     def _eager_step(
@@ -619,10 +629,10 @@ class Optimizer(torch.optim.Optimizer):
         state = self._states[g]
         self._fill_hyperparams(g, group, state)
         if torch.compiler.is_compiling():
-            owned = current = _dist.shard_like(state, self._shard_specs(g))
+            owned = Owned(_dist.shard_like(state, self._shard_specs(g)))
         else:
-            owned = self._ring_slots(g)
-            current = oldest_first(owned)
+            owned = self._owned(g)
+        current = oldest_first(owned.state) if owned.windows and not torch.compiler.is_compiling() else owned.state
         grads = [None if x is None else x.detach() for x in grads]
         updates, new_state = tx.update(dict(zip(names, grads)), current, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:

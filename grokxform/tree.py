@@ -19,7 +19,7 @@ _FLAT_SPECS: dict[tuple[Any, ...], TreeSpec] = {}
 _FLAT_KEYS: dict[int, tuple[TreeSpec, tuple[Any, ...]]] = {}
 
 
-def _flat_dict(tree: Any) -> bool:
+def flat_dict(tree: Any) -> bool:
     """Whether ``tree`` is a plain dict of tensors and ``None`` (``{name: param}``, the common tree),
     outside a ``torch.compile`` trace (which sees the general path)."""
     return (
@@ -31,7 +31,7 @@ def _flat_dict(tree: Any) -> bool:
 
 def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     """Leaves (``None`` included) and the structure of ``tree``."""
-    if _flat_dict(tree):  # the same leaves and spec as torch's pytree, without its per-node Python
+    if flat_dict(tree):  # the same leaves and spec as torch's pytree, without its per-node Python
         keys = tuple(tree)
         spec = _FLAT_SPECS.get(keys)
         if spec is None:
@@ -65,7 +65,7 @@ def _key_name(key: Any) -> str:
 
 def path_names(tree: Any) -> list[str]:
     """Dotted names of the leaves: ``{"blocks": [{"w": t}]}`` gives ``["blocks.0.w"]``."""
-    if _flat_dict(tree):
+    if flat_dict(tree):
         return [str(k) for k in tree]
     with_path, _ = _pt.tree_flatten_with_path(tree, is_leaf=_is_none)
     return [".".join(_key_name(k) for k in path) or "<root>" for path, _ in with_path]

@@ -295,6 +295,33 @@ def test_compiled_step_follows_the_scheduler_in_as_few_graphs_as_torch_adamw(lr_
         assert graphs == (2 if lr_kind == "float" else 1)
 
 
+@pytest.mark.parametrize("pipeline", ["grokfast_ma", "grokadamw"])
+def test_compiled_step_of_windows_and_signals_equals_the_eager_one(pipeline: str) -> None:
+    """Inside ``torch.compile`` the step reads the state as the engine holds it (MA windows as
+    ring buffers) and writes it back in place: the same numbers as uncompiled, and the state dict
+    then resumes an uncompiled optimizer bit for bit."""
+    kwargs: dict[str, Any] = {"lr": 1e-2, **({"window_size": 3} if pipeline == "grokfast_ma" else {})}
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        opt = gx.Optimizer(model.named_parameters(), getattr(gx, pipeline), **kwargs)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for t in range(7):
+            _backward(model, t)
+            step(train_loss=torch.tensor(0.3), val_loss=torch.tensor(0.9))
+        runs.append((model, opt))
+    (eager, eager_opt), (comp, comp_opt) = runs
+    assert _max_diff(_weights(comp), _weights(eager)) < 1e-6
+    twin = _model()
+    twin.load_state_dict(comp.state_dict())
+    twin_opt = gx.Optimizer(twin.named_parameters(), getattr(gx, pipeline), **kwargs)
+    twin_opt.load_state_dict(_roundtrip(comp_opt.state_dict()))
+    for m, o in ((eager, eager_opt), (twin, twin_opt)):
+        _train(m, o, range(7, 10), train_loss=0.3, val_loss=0.9)
+    assert _max_diff(_weights(twin), _weights(eager)) < 1e-6
+
+
 def test_compiled_step_with_a_tensor_lr_and_inductor() -> None:
     """The same under Inductor (the default backend), with a tensor lr: each step uses the
     scheduler's value."""
@@ -474,3 +501,102 @@ def test_non_finite_moments_in_a_checkpoint_are_reported() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.load_state_dict(sd)  # finite: nothing to report
+
+
+# -- the same on CUDA, where the default engine runs generated kernels in a captured CUDA graph ---
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_model(seed: int = 0) -> nn.Module:
+    return _model(seed).cuda()
+
+
+def _cuda_backward(model: nn.Module, t: int) -> None:
+    g = torch.Generator().manual_seed(100 + t)
+    dtype = next(model.parameters()).dtype
+    x, y = (torch.randn(16, 5, generator=g).to("cuda", dtype), torch.randn(16, 3, generator=g).to("cuda", dtype))
+    for p in model.parameters():
+        p.grad = None
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("pipeline", ["adamw", "grokfast_ma"])
+def test_cuda_replaced_storage_and_cast_after_the_graph_was_captured(pipeline: str) -> None:
+    """On CUDA the default step is captured into a CUDA graph after its first call; replacing a
+    parameter's storage, or casting the model, afterwards is followed (the graph is captured
+    again over the new tensors), as the eager path follows it."""
+    kwargs: dict[str, Any] = {"lr": 1e-2, **({"window_size": 3} if pipeline == "grokfast_ma" else {})}
+    runs = []
+    for fused in (None, False):
+        model = _cuda_model()
+        opt = gx.Optimizer(model.named_parameters(), getattr(gx, pipeline), fused=fused, **kwargs)
+        for t in range(4):
+            _cuda_backward(model, t)
+            opt.step()
+        with torch.no_grad():
+            model[0].weight.data = model[0].weight.detach().clone() * 0.5
+        for t in range(4, 8):
+            _cuda_backward(model, t)
+            opt.step()
+        model.double()
+        for t in range(8, 12):
+            _cuda_backward(model, t)
+            opt.step()
+        runs.append((_weights(model), opt.engines))
+    assert runs[0][1] != ["tx.update"]
+    assert _max_diff(runs[0][0], runs[1][0]) < 1e-6
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_steps_check_without_synchronising() -> None:
+    """The per-step checks (parameters, gradients, hyperparameters, step arguments) read no
+    device value: with new gradient tensors every step and tensor losses, no step synchronises."""
+    model = _cuda_model()
+    opt = gx.Optimizer(model.named_parameters(), gx.grokadamw, lr=1e-2)
+    loss = torch.tensor(0.5, device="cuda")
+    for t in range(3):
+        _cuda_backward(model, t)
+        opt.step(train_loss=loss, val_loss=2 * loss)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(3, 8):
+            _cuda_backward(model, t)
+            opt.step(train_loss=loss, val_loss=2 * loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.engines == ["triton"]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_cuda_compiled_opt_step_follows_the_scheduler(lr_kind: str) -> None:
+    from torch._dynamo.utils import counters
+
+    def run(optimizer: str, compiled: bool) -> tuple[list[torch.Tensor], int]:
+        model = _cuda_model()
+        lr = torch.tensor(0.01, device="cuda") if lr_kind == "tensor" else 0.01
+        if optimizer == "torch":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        else:
+            opt = gx.Optimizer(model.named_parameters(), gx.adamw, lr=lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(opt.step) if compiled else opt.step
+        for t in range(12):
+            _cuda_backward(model, t)
+            step()
+            sched.step()
+        return _weights(model), int(counters["stats"]["unique_graphs"])
+
+    eager, _ = run("grokxform", False)
+    compiled, graphs = run("grokxform", True)
+    _, torch_graphs = run("torch", True)
+    assert _max_diff(compiled, eager) < 1e-6
+    assert graphs <= max(torch_graphs, 2 if lr_kind == "float" else 1)

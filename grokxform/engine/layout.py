@@ -197,6 +197,19 @@ def to_eager_layout(state: State, *, ring_order: bool = False) -> State:
     )
 
 
+def has_windows(state: State) -> bool:
+    """Whether ``state`` holds an ``ma_filter`` state (whose window :func:`oldest_first` rotates)."""
+    return any(isinstance(x, MaFilterState) for x in torch.utils._pytree.tree_leaves(state, is_leaf=_is_ma_state))
+
+
+def _slot_leaves(window: tuple[Any, ...], like: Any) -> list[list[Any]]:
+    """The leaves of each tree of a window, whose trees have the structure of ``like`` (the
+    counts): for a flat ``{name: tensor}`` dict, its values (no check per slot)."""
+    if _tree.flat_dict(like):
+        return [list(t.values()) for t in window]
+    return [_tree.flatten(t)[0] for t in window]
+
+
 def oldest_first(state: State) -> State:
     """A state whose windows are in slot order (:func:`to_eager_layout` with ``ring_order=True``)
     with each leaf's window rotated to start at its oldest slot, ``count % w``: the order
@@ -207,7 +220,7 @@ def oldest_first(state: State) -> State:
             return st
         counts, spec = _tree.flatten(st.count)
         starts = _host_counts(counts)
-        slots = [_tree.flatten(t)[0] for t in st.window]
+        slots = _slot_leaves(st.window, st.count)
         w = len(slots)
         return MaFilterState(st.count, tuple(
             _tree.unflatten([slots[(c + k) % w][i] for i, c in enumerate(starts)], spec) for k in range(w)
@@ -216,45 +229,66 @@ def oldest_first(state: State) -> State:
     return torch.utils._pytree.tree_map(rotate, state, is_leaf=_is_ma_state)
 
 
-def write_back(owned: State, new: State) -> None:
-    """Copy ``new`` (what ``tx.update`` returned for the state ``owned``, read through
+def _window_pairs(dst: MaFilterState, src: Any) -> list[tuple[Any, Any]]:
+    """(destination, source) pairs of one ``ma_filter`` state whose window ``dst`` holds as ring
+    slots in slot order and ``src`` oldest first: the k-th oldest value goes to slot
+    ``(count + k) % w`` of the new count (a rotated reference lands on itself and is skipped)."""
+    pairs = [(d, x) for d, x in zip(_tree.flatten((dst.count, dst.total))[0], _tree.flatten((src.count, src.total))[0])
+             if x is not d and isinstance(d, torch.Tensor)]
+    counts = _tree.flatten(src.count)[0]
+    starts = _host_counts(counts)
+    ring = _slot_leaves(dst.window, dst.count)
+    logical = _slot_leaves(src.window, src.count)
+    w = len(ring)
+    for i, c in enumerate(starts):
+        if counts[i] is None:
+            continue
+        for k in range(w):
+            d, x = ring[(c + k) % w][i], logical[k][i]
+            if x is not d:
+                pairs.append((d, x))
+    return pairs
+
+
+class Owned:
+    """A state that an eager step writes back into (:func:`write_back`): its tree, windows as ring
+    slots in slot order; its leaves (``ma_filter`` states whole when it has windows), flattened
+    once; whether it has windows and sharded (DTensor) leaves."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.windows = has_windows(state)
+        if self.windows:
+            self.leaves, self.spec = torch.utils._pytree.tree_flatten(state, is_leaf=_is_ma_state)
+        else:
+            self.leaves, self.spec = _tree.flatten(state)
+        self.sharded = any(_dist.is_sharded(x) for x in _tree.flatten(state)[0])
+
+
+def write_back(owned: Owned, new: State) -> None:
+    """Copy ``new`` (what ``tx.update`` returned for ``owned.state``, read through
     :func:`oldest_first` or as it is) into the tensors of ``owned``, in place.
 
-    ``owned``: a state whose windows are ring slots in slot order (or ring buffers). A leaf of
-    ``new`` that is the very tensor of ``owned`` at that place is skipped. A window written oldest
-    first lands in the slots its new count says (``(count + k) % w`` for the k-th oldest), so a
-    rotation costs one slot copy per leaf. All copies are grouped per dtype into
-    ``torch._foreach_copy_``; a source that is also a destination is read first."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def leaves(dst: Any, src: Any) -> None:
-        d_leaves, _ = _tree.flatten(dst)
-        s_leaves, _ = _tree.flatten(src)
-        pairs.extend((d, x) for d, x in zip(d_leaves, s_leaves) if isinstance(d, torch.Tensor) and x is not d)
-
-    def visit(dst: Any, src: Any) -> Any:
-        if isinstance(dst, MaFilterState) and isinstance(dst.window, tuple) and isinstance(src, MaFilterState):
-            leaves((dst.count, dst.total), (src.count, src.total))
-            counts, spec = _tree.flatten(src.count)
-            starts = _host_counts(counts)
-            ring = [_tree.flatten(t)[0] for t in dst.window]
-            logical = [_tree.flatten(t)[0] for t in src.window]
-            w = len(ring)
-            for i, c in enumerate(starts):
-                if counts[i] is None:
-                    continue
-                for k in range(w):
-                    d, x = ring[(c + k) % w][i], logical[k][i]
-                    if x is not d:
-                        pairs.append((d, x))
-        else:
-            leaves(dst, src)
-        return dst
-
-    torch.utils._pytree.tree_map(visit, owned, new, is_leaf=_is_ma_state)
+    A leaf of ``new`` that is the very tensor of ``owned`` at that place is skipped. A window
+    written oldest first lands in the slots its new count says (``(count + k) % w`` for the k-th
+    oldest), so a rotation costs one slot copy per leaf. All copies are grouped per dtype and
+    device into ``torch._foreach_copy_``; a source that is also a destination is read first."""
+    s_leaves = owned.spec.flatten_up_to(new) if owned.windows else _tree.flatten(new)[0]
+    pairs: list[tuple[Any, Any]] = []
+    for d, x in zip(owned.leaves, s_leaves):
+        if x is d:
+            continue
+        if isinstance(d, MaFilterState) and isinstance(d.window, tuple):
+            pairs.extend(_window_pairs(d, x))
+        elif isinstance(d, MaFilterState):
+            pairs.extend((a, b) for a, b in zip(_tree.flatten(d)[0], _tree.flatten(x)[0])
+                         if b is not a and isinstance(a, torch.Tensor))
+        elif isinstance(d, torch.Tensor):
+            pairs.append((d, x))
     if not pairs:
         return
-    pairs = [(_dist.local(d), _dist.local(x)) for d, x in pairs]
+    if owned.sharded:
+        pairs = [(_dist.local(d), _dist.local(x)) for d, x in pairs]
     targets = {id(d) for d, _ in pairs}
     by_dtype: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for d, x in pairs:
