@@ -53,10 +53,10 @@ from grokxform import declarations as _decl
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
-from grokxform.signals import SIGNAL_INPUTS, signal_input
 from grokxform.engine import traced as _traced
 from grokxform.engine.layout import init_state, to_eager_layout, to_fused_layout
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
+from grokxform.signals import SIGNAL_INPUTS, signal_input
 
 Backend = Literal["auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"]
 CudaGraphMode = Union[bool, Literal["auto"]]
@@ -162,8 +162,8 @@ class FusedStep:
             the param. ``False``: the caller checks them (``grokxform.Optimizer`` does).
 
     Each call also checks the gradients whenever one is another tensor than at the last call:
-    another shape or device than its param raises naming the path; another dtype (or a
-    non-contiguous gradient) builds the step again for it. Extra arguments that no transform of
+    another shape or device than its param raises naming the path; another dtype or other strides
+    build the step again for it. Extra arguments that no transform of
     the chain reads raise ``TypeError`` (:func:`grokxform.declarations.check_extra_args`).
 
     Attributes:
