@@ -537,10 +537,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _rebind(self, g: int, group: dict[str, Any]) -> None:
         """``group["params"]`` differs from what group ``g``'s state was built for. The same
-        tensors with new storage (``p.data = ...``, ``model.double()``, ``.to(...)``) are followed,
-        as torch.optim follows them: the state is cast and moved to what ``init`` gives for the new
-        tensors, keeping its values, and the step is built anew. Another list, or a new shape,
-        raises naming the parameter."""
+        tensors with new storage (``p.data = ...``, ``model.double()``, ``.to(...)``) are followed:
+        the state is cast and moved to what ``init`` gives for the new tensors, keeping its values,
+        and the step is built anew. Another list, or a new shape, raises naming the parameter."""
         bound, params, names = self._bound[g], group["params"], self._names[g]
         if not bound.same_list(params):
             if len(params) != len(bound.params):
