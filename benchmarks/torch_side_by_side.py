@@ -74,6 +74,16 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
         return (f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", None)
 
 
+def each(run: Callable[[nn.Module, torch.optim.Optimizer], Any]) -> dict[str, tuple[str, Any]]:
+    """``run(model, optimizer)`` for a fresh model and each optimizer: its :func:`outcome`."""
+    out = {}
+    for name, make in OPTIMIZERS.items():
+        m = model()
+        opt = make(m, 1e-2)
+        out[name] = outcome(lambda: run(m, opt))
+    return out
+
+
 def probe_replaced_storage() -> dict[str, Any]:
     """1. ``p.data = new`` after the first step, 10 more steps: how far the model's weight moved,
     and its distance to torch AdamW's on the same script."""
@@ -102,39 +112,29 @@ def probe_replaced_storage() -> dict[str, Any]:
 def probe_cast(convert: str) -> dict[str, Any]:
     """1. ``model.double()`` / ``.half()`` after the first step, 10 more steps: how far the
     weight moved."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> float:
-            train(m, opt, range(1))
-            before = m[0].weight.detach().double().clone()
-            getattr(m, convert)()
-            train(m, opt, range(1, 11))
-            return (m[0].weight.detach().double() - before).abs().max().item()
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> float:
+        train(m, opt, range(1))
+        before = m[0].weight.detach().double().clone()
+        getattr(m, convert)()
+        train(m, opt, range(1, 11))
+        return (m[0].weight.detach().double() - before).abs().max().item()
 
-        out[name] = outcome(run)
-    return out
+    return each(run)
 
 
 def probe_grad_shape() -> dict[str, Any]:
     """2. ``p.grad.data = torch.ones(1)`` for a (3,) bias after two steps."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> float:
-            train(m, opt, range(2))
-            backward(m, 2)
-            m[2].bias.grad.data = torch.ones(1)
-            before = m[2].bias.detach().clone()
-            opt.step()
-            return (m[2].bias.detach() - before).abs().max().item()
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> float:
+        train(m, opt, range(2))
+        backward(m, 2)
+        m[2].bias.grad.data = torch.ones(1)
+        before = m[2].bias.detach().clone()
+        opt.step()
+        return (m[2].bias.detach() - before).abs().max().item()
 
-        out[name] = outcome(run)
-    return out
+    return each(run)
 
 
 def probe_float64_grads() -> dict[str, Any]:
@@ -225,55 +225,40 @@ def probe_compile(lr_kind: str) -> dict[str, Any]:
 
 def probe_step_argument(given: str) -> dict[str, Any]:
     """5. ``step(eval_loss=...)`` / a misspelt ``trian_loss=``."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> None:
-            backward(m, 0)
-            opt.step(**{given: 1.0})
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        backward(m, 0)
+        opt.step(**{given: 1.0})
 
-        out[name] = outcome(run)
-    return out
+    return each(run)
 
 
 def probe_hyperparameter(key: str, value: float) -> dict[str, Any]:
     """6. ``param_groups[0][key] = value`` between steps: the error, or whether the params turned
     non-finite."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> bool:
-            train(m, opt, range(2))
-            opt.param_groups[0][key] = value
-            train(m, opt, range(2, 3))
-            return all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> dict[str, bool]:
+        train(m, opt, range(2))
+        opt.param_groups[0][key] = value
+        train(m, opt, range(2, 3))
+        return {"params finite": all(bool(torch.isfinite(p).all()) for p in m.parameters())}
 
-        out[name] = outcome(run)
-    return {k: (v[0], None if v[1] is None else {"params finite": v[1]}) for k, v in out.items()}
+    return each(run)
 
 
 def probe_param_list() -> dict[str, Any]:
     """7. A parameter appended to ``group["params"]`` after the first step: whether it is updated."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> float:
-            train(m, opt, range(1))
-            extra = nn.Parameter(torch.ones(2))
-            opt.param_groups[0]["params"].append(extra)
-            backward(m, 1)
-            extra.grad = torch.ones(2)
-            opt.step()
-            return (extra.detach() - 1).abs().max().item()
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> float:
+        train(m, opt, range(1))
+        extra = nn.Parameter(torch.ones(2))
+        opt.param_groups[0]["params"].append(extra)
+        backward(m, 1)
+        extra.grad = torch.ones(2)
+        opt.step()
+        return (extra.detach() - 1).abs().max().item()
 
-        out[name] = outcome(run)
-    return out
+    return each(run)
 
 
 def probe_duplicate() -> dict[str, Any]:
@@ -334,28 +319,22 @@ def probe_none_patterns(steps: int) -> dict[str, Any]:
 
 def probe_checkpoint(kind: str) -> dict[str, Any]:
     """11. A tampered checkpoint: a step count of -1, or NaN first moments; then one step."""
-    out = {}
-    for name, make in OPTIMIZERS.items():
-        m = model()
-        opt = make(m, 1e-2)
 
-        def run() -> bool:
-            train(m, opt, range(3))
-            sd = copy.deepcopy(opt.state_dict())
-            entry = sd["state"][0]
-            if kind == "count":
-                key = "step" if "step" in entry else "inner_state.adam.count"
-                entry[key] = torch.full_like(entry[key], -1)
-            else:
-                key = "exp_avg" if "exp_avg" in entry else "inner_state.adam.mu"
-                entry[key].fill_(float("nan"))
-            opt.load_state_dict(sd)
-            train(m, opt, range(3, 4))
-            return all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> dict[str, bool]:
+        train(m, opt, range(3))
+        sd = copy.deepcopy(opt.state_dict())
+        entry = sd["state"][0]
+        if kind == "count":
+            key = "step" if "step" in entry else "inner_state.adam.count"
+            entry[key] = torch.full_like(entry[key], -1)
+        else:
+            key = "exp_avg" if "exp_avg" in entry else "inner_state.adam.mu"
+            entry[key].fill_(float("nan"))
+        opt.load_state_dict(sd)
+        train(m, opt, range(3, 4))
+        return {"params finite after a step": all(bool(torch.isfinite(p).all()) for p in m.parameters())}
 
-        res = outcome(run)
-        out[name] = (res[0], None if res[1] is None else {"params finite after a step": res[1]})
-    return out
+    return each(run)
 
 
 def main() -> None:
