@@ -4,6 +4,8 @@
 # the default gx.Optimizer step on GPT-2 beside torch's fused AdamW, and the first step's peak memory,
 # for this tree and, when BASE names another checkout's package folder, for that one in the same run.
 # Usage: OUT=/tmp/out [BASE=/path/to/old/tree] bash benchmarks/gpu_captured_check.sh
+# (a baseline tree: git worktree add /tmp/base <commit> && mkdir -p .base && cp -r /tmp/base/grokxform .base/,
+#  with /.base/ in .git/info/exclude, carried to the device and given as BASE=$PWD/.base)
 set -uo pipefail
 here="$PWD"
 mkdir -p "$OUT"
