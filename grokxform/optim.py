@@ -243,6 +243,7 @@ class Optimizer(torch.optim.Optimizer):
         self._slots_of: dict[int, tuple[Any, Any]] = {}  # (state, its windows as ring slots), per group
         self._bound: dict[int, _Bound] = {}
         self._checked: dict[int, dict[str, Any]] = {}  # the hyperparameter values last checked, per group
+        self._extras_checked: dict[int, tuple[GradientTransformation, frozenset[str]]] = {}
         self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
@@ -732,9 +733,13 @@ class Optimizer(torch.optim.Optimizer):
         (:func:`grokxform.signals.signal_input`), read or not."""
         for name in SIGNAL_INPUTS:
             signal_input(f"{name}=", extra.get(name))
+        names = frozenset(extra)
         for g, group in enumerate(self.param_groups):
             tx = self._transform(g, group, self._states[g])
+            if self._extras_checked.get(g) == (tx, names):
+                continue  # (a walk of the declaration builds the injected transform: once per transform)
             D.check_extra_args(D.declaration_of(tx), list(extra), f"Optimizer.step ({self.transform_name})")
+            self._extras_checked[g] = (tx, names)
 
     def _whole_gradient(self, extra: dict[str, Any]) -> dict[str, Any]:
         """With several param groups, a reduction over the tree (the global clip norm,
@@ -957,5 +962,5 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         own = {k: v for k, v in self.__dict__.items() if k not in ("defaults", "state", "param_groups")}
         # fused steps and views are rebuilt on the next step, from the state
-        own["_fused_steps"], own["_filled"], own["_slots_of"] = {}, {}, {}
+        own["_fused_steps"], own["_filled"], own["_slots_of"], own["_extras_checked"] = {}, {}, {}, {}
         return {**super().__getstate__(), **own}
