@@ -229,12 +229,18 @@ def oldest_first(state: State) -> State:
     return torch.utils._pytree.tree_map(rotate, state, is_leaf=_is_ma_state)
 
 
+def _changed(dst: Any, src: Any) -> list[tuple[Any, Any]]:
+    """(destination, source) pairs of the tensor leaves of ``dst`` that ``src`` (the same
+    structure) replaces by another tensor."""
+    return [(d, x) for d, x in zip(_tree.flatten(dst)[0], _tree.flatten(src)[0])
+            if x is not d and isinstance(d, torch.Tensor)]
+
+
 def _window_pairs(dst: MaFilterState, src: Any) -> list[tuple[Any, Any]]:
     """(destination, source) pairs of one ``ma_filter`` state whose window ``dst`` holds as ring
     slots in slot order and ``src`` oldest first: the k-th oldest value goes to slot
     ``(count + k) % w`` of the new count (a rotated reference lands on itself and is skipped)."""
-    pairs = [(d, x) for d, x in zip(_tree.flatten((dst.count, dst.total))[0], _tree.flatten((src.count, src.total))[0])
-             if x is not d and isinstance(d, torch.Tensor)]
+    pairs = _changed((dst.count, dst.total), (src.count, src.total))
     counts = _tree.flatten(src.count)[0]
     starts = _host_counts(counts)
     ring = _slot_leaves(dst.window, dst.count)
@@ -281,8 +287,7 @@ def write_back(owned: Owned, new: State) -> None:
         if isinstance(d, MaFilterState) and isinstance(d.window, tuple):
             pairs.extend(_window_pairs(d, x))
         elif isinstance(d, MaFilterState):
-            pairs.extend((a, b) for a, b in zip(_tree.flatten(d)[0], _tree.flatten(x)[0])
-                         if b is not a and isinstance(a, torch.Tensor))
+            pairs.extend(_changed(d, x))
         elif isinstance(d, torch.Tensor):
             pairs.append((d, x))
     if not pairs:
