@@ -512,10 +512,13 @@ def _cuda_model(seed: int = 0) -> nn.Module:
     return _model(seed).cuda()
 
 
-def _cuda_backward(model: nn.Module, t: int) -> None:
+def _cuda_batch(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + t)
-    dtype = next(model.parameters()).dtype
-    x, y = (torch.randn(16, 5, generator=g).to("cuda", dtype), torch.randn(16, 3, generator=g).to("cuda", dtype))
+    return torch.randn(16, 5, generator=g).to("cuda", dtype), torch.randn(16, 3, generator=g).to("cuda", dtype)
+
+
+def _cuda_backward(model: nn.Module, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    x, y = batch if batch is not None else _cuda_batch(t, next(model.parameters()).dtype)
     for p in model.parameters():
         p.grad = None
     nn.functional.mse_loss(model(x), y).backward()
@@ -561,11 +564,12 @@ def test_cuda_steps_check_without_synchronising() -> None:
     for t in range(3):
         _cuda_backward(model, t)
         opt.step(train_loss=loss, val_loss=2 * loss)
+    batches = [_cuda_batch(t) for t in range(3, 8)]  # copied from the host before the checked steps
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for t in range(3, 8):
-            _cuda_backward(model, t)
+        for t, batch in zip(range(3, 8), batches):
+            _cuda_backward(model, t, batch)
             opt.step(train_loss=loss, val_loss=2 * loss)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -271,6 +271,16 @@ class Owned:
         self.sharded = any(_dist.is_sharded(x) for x in _tree.flatten(state)[0])
 
 
+def _read_first(pairs: list[tuple[Any, Any]]) -> list[bool]:
+    """For each pair of ``pairs``, whether its source is also a destination (so it must be read
+    before anything is written): by ``id`` when eager, by identity under ``torch.compile``
+    (which runs this only while tracing, and cannot trace ``id``)."""
+    if torch.compiler.is_compiling():
+        return [any(x is d for d, _ in pairs) for _, x in pairs]
+    targets = {id(d) for d, _ in pairs}
+    return [id(x) in targets for _, x in pairs]
+
+
 def write_back(owned: Owned, new: State) -> None:
     """Copy ``new`` (what ``tx.update`` returned for ``owned.state``, read through
     :func:`oldest_first` or as it is) into the tensors of ``owned``, in place.
@@ -294,10 +304,9 @@ def write_back(owned: Owned, new: State) -> None:
         return
     if owned.sharded:
         pairs = [(_dist.local(d), _dist.local(x)) for d, x in pairs]
-    targets = {id(d) for d, _ in pairs}
     by_dtype: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for d, x in pairs:
-        if id(x) in targets:  # another destination's old value: read before anything is written
+    for (d, x), read_first in zip(pairs, _read_first(pairs)):
+        if read_first:  # another destination's old value: read before anything is written
             x = x.clone()
         dsts, srcs = by_dtype.setdefault((d.dtype, d.device), ([], []))
         dsts.append(d)
