@@ -305,12 +305,12 @@ class Scalars:
         """The scalar as an op on a ``dtype`` value on ``device`` uses it: numbers as they are, tensors
         rounded to ``dtype`` (``s.to(dtype)``, as c10 converts: a double through float first)."""
         key = (name, dtype, device)
-        out = self._cast.get(key, _MISSING)
-        if out is _MISSING:
-            out = self.values[name]
-            if isinstance(out, torch.Tensor):
-                out = out.to(device=device if device is not None else out.device, dtype=dtype)
-            self._cast[key] = out
+        if key in self._cast:  # (no sentinel: Dynamo cannot compare a symbolic number with an object)
+            return self._cast[key]
+        out = self.values[name]
+        if isinstance(out, torch.Tensor):
+            out = out.to(device=device if device is not None else out.device, dtype=dtype)
+        self._cast[key] = out
         return out
 
     def at(self, name: str, dtype: torch.dtype, device: Any, i: int) -> Any:
@@ -338,8 +338,6 @@ class Scalars:
             return [parts[i] for i in idx]
         return v
 
-
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------
