@@ -320,6 +320,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nocombo-nograph": {"options": {"combo_kernels": False}, "cuda_graph": False},
     "inductor": {"backend": "inductor"},
     "triton-nograph": {"backend": "triton", "cuda_graph": False},
+    "foreach": {"backend": "foreach"},
 }
 
 

@@ -3,6 +3,7 @@
 # $OUT receives the logs and JSON): the CUDA tests of the optimizer's checks and of the engine, then
 # the default gx.Optimizer step on GPT-2 beside torch's fused AdamW, and the first step's peak memory,
 # for this tree and, when BASE names another checkout's package folder, for that one in the same run.
+# Then the CPU tests of the optimizer and the engine under that torch, CUDA hidden (the C kernels).
 # Usage: OUT=/tmp/out [BASE=/path/to/old/tree] bash benchmarks/gpu_captured_check.sh
 # (a baseline tree: git worktree add /tmp/base <commit> && mkdir -p .base && cp -r /tmp/base/grokxform .base/,
 #  with /.base/ in .git/info/exclude, carried to the device and given as BASE=$PWD/.base)
@@ -23,3 +24,8 @@ for tree in ${BASE:+base} new; do
   PYTHONPATH="$root:$here/benchmarks" timeout 45 python3 benchmarks/first_step_peak.py --window 50 \
     --out "$OUT/peak_$tree.json" 2>&1 | tail -2
 done
+# The CPU engine (C kernels) under this machine's torch, CUDA hidden.
+CUDA_VISIBLE_DEVICES= PYTHONPATH="$here" timeout 300 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short \
+  tests/test_engine.py tests/test_optim.py tests/test_captured.py tests/test_optim_properties.py tests/test_dropin.py \
+  tests/test_optim_fused.py > "$OUT/cpu_tests.txt" 2>&1
+grep -E "passed|failed|^FAILED|^ERROR" "$OUT/cpu_tests.txt" | tail -12

@@ -298,6 +298,19 @@ def reductions(
     return out
 
 
+def _finite_on_cpu(xs: list[torch.Tensor], norms: Any) -> torch.Tensor:
+    """Whether every value of each CPU leaf of ``xs`` is finite, from their 2-norms: a finite norm
+    proves it (a non-finite value makes Σx² non-finite); a leaf whose norm is not finite (such a
+    value, or finite values whose Σx² overflows) is read again. (The ∞-norm, one pass for every
+    leaf, is about ten times slower than the 2-norm on the CPU.)"""
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return finite
+    for k in (~finite).nonzero().flatten().tolist():
+        finite[k] = bool(torch.isfinite(xs[k]).all())
+    return finite
+
+
 def _local_reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if not kinds:
@@ -307,10 +320,13 @@ def _local_reductions(kinds: Seq[str], xs: list[torch.Tensor], device: torch.dev
         if len(kind) == 1:  # one device and dtype, the common case: no per-leaf Python
             ((dev, dt),) = kind
             acc = torch.promote_types(dt, torch.float32)  # the norm dtype too
+            norms = torch.stack(torch._foreach_norm(xs, 2, dtype=acc)) if "norm" in kinds or (
+                "finite" in kinds and dev.type == "cpu") else None
             if "norm" in kinds:
-                out["norm"] = torch.stack(torch._foreach_norm(xs, 2, dtype=acc)).to(device)
+                out["norm"] = norms.to(device)
             if "finite" in kinds and all(x.numel() for x in xs):
-                out["finite"] = torch.isfinite(torch.stack(torch._foreach_norm(xs, float("inf")))).to(device)
+                out["finite"] = (_finite_on_cpu(xs, norms) if dev.type == "cpu" else torch.isfinite(
+                    torch.stack(torch._foreach_norm(xs, float("inf"))))).to(device)
             if len(out) == len(kinds):
                 return out
             out = {}

@@ -7,12 +7,13 @@ and a tree of params, owns (or adopts) the state, and each call does, in place,
 
 with the numbers of the eager path. Two engines:
 
-- **The engine** (``backend="auto"`` on CUDA, or ``"triton"``): every primitive declares its
+- **The engine** (``backend="auto"``, or ``"triton"`` / ``"c"``): every primitive declares its
   per-element rule and its per-step scalar rule (:mod:`grokxform.declarations`); the engine
   (:mod:`grokxform.engine`) composes the declarations of the chain, in its order, into generated
-  multi-tensor Triton kernels behind a small scalar prologue: one pass over memory, two when a
-  reduction (the global clip) comes first. Any chain of declared transforms runs there, the
-  standard pipelines and a user's own chains alike, compiled in seconds.
+  multi-tensor kernels behind a small scalar prologue (Triton on CUDA, C built by the system's
+  compiler on the CPU): one pass over memory, two when a reduction (the global clip) comes
+  first. Any chain of declared transforms runs there, the standard pipelines and a user's own
+  chains alike, compiled in well under a second on the CPU and in seconds on CUDA.
 - **Inductor** (a transform without a declaration, tensors the kernels do not take, or
   ``backend="inductor"``): the pure step traced with ``make_fx`` and compiled
   (:mod:`grokxform.engine.traced`).
@@ -58,11 +59,11 @@ from grokxform.engine.layout import init_state, to_eager_layout, to_fused_layout
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
 from grokxform.signals import SIGNAL_INPUTS, signal_input
 
-Backend = Literal["auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"]
+Backend = Literal["auto", "engine", "triton", "c", "foreach", "inductor", "aot_eager", "eager"]
 CudaGraphMode = Union[bool, Literal["auto"]]
 
-_BACKENDS = ("auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager")
-_ENGINE_BACKENDS = ("auto", "engine", "triton", "foreach")
+_BACKENDS = ("auto", "engine", "triton", "c", "foreach", "inductor", "aot_eager", "eager")
+_ENGINE_BACKENDS = ("auto", "engine", "triton", "c", "foreach")
 
 STEP_CACHE_SIZE = 16
 """How many built steps (one per pattern of ``None`` gradients and set of extra arguments) a
@@ -140,12 +141,14 @@ class FusedStep:
             ``ma_filter`` are copied once into the ring layout). ``None``: ``tx.init(params)``,
             built without allocating an eager window.
         backend: ``"auto"`` (default): the engine's generated kernels when every member of the
-            chain is declared and every tensor is on one CUDA device, else ``"inductor"``
-            (:attr:`fallback_reason` says why); ``"triton"``: the engine's kernels or
-            :class:`EngineUnavailable` saying why not (on the CPU they run in Triton's
-            interpreter with ``TRITON_INTERPRET=1``); ``"foreach"``: the engine's plan run in
-            place with ``torch._foreach_*`` ops (any device, no compile); ``"engine"``: the
-            kernels where they run, else foreach (what ``grokxform.Optimizer`` uses by default);
+            chain is declared and every tensor is on one device (Triton's on CUDA, C on the CPU),
+            else ``"inductor"`` (:attr:`fallback_reason` says why); ``"triton"``: the engine's
+            Triton kernels or :class:`EngineUnavailable` saying why not (on the CPU they run in
+            Triton's interpreter with ``TRITON_INTERPRET=1``); ``"c"``: the engine's C kernels
+            (the CPU, with a C compiler: ``CC``, else ``cc``, ``gcc`` or ``clang``) or
+            :class:`EngineUnavailable`; ``"foreach"``: the engine's plan run in place with
+            ``torch._foreach_*`` ops (any device, no compile); ``"engine"``: the kernels where
+            they run, else foreach (what ``grokxform.Optimizer`` uses by default);
             ``"inductor"``: the traced chain compiled by Inductor (any chain); ``"aot_eager"``
             (the same trace, run op by op: quick to build, for tests on the CPU) or ``"eager"``
             (the traced graph, uncompiled).
@@ -173,7 +176,7 @@ class FusedStep:
         captures: how many CUDA graphs were captured.
         compile_seconds: the wall time of each build (the engine's kernels are compiled by
             Triton at their first launch, which the first call's time includes).
-        engine: what ran the last pattern built: ``"triton"``, ``"foreach"``, ``"inductor"``,
+        engine: what ran the last pattern built: ``"triton"``, ``"c"``, ``"foreach"``, ``"inductor"``,
             ``"aot_eager"`` or ``"eager"``; ``fallback_reason`` says why ``"auto"`` did not use
             the engine.
 
@@ -430,18 +433,19 @@ class FusedStep:
     def _engine_step(self, g_leaves: list[Any], names: tuple[str, ...], xs: dict[str, torch.Tensor]) -> Any:
         """The engine's step for this pattern, or ``None`` (``"auto"``: Inductor then).
 
-        ``"triton"``: generated kernels (CUDA, or Triton's interpreter on the CPU); ``"foreach"``:
-        the plan with in-place foreach ops; ``"engine"``: kernels where they can run, else foreach;
-        ``"auto"``: kernels on CUDA."""
+        ``"triton"``: generated Triton kernels (CUDA, or Triton's interpreter on the CPU); ``"c"``:
+        generated C kernels (the CPU); ``"foreach"``: the plan with in-place foreach ops;
+        ``"engine"``: kernels where they can run, else foreach; ``"auto"``: kernels."""
         from grokxform import engine
 
-        kinds = {"triton": ["triton"], "foreach": ["foreach"], "auto": ["triton"],
-                 "engine": ["triton", "foreach"] if self._device.type == "cuda" else ["foreach"]}[self._backend]
+        cuda = self._device.type == "cuda"
+        kinds = {"triton": ["triton"], "c": ["c"], "foreach": ["foreach"], "auto": ["triton"] if cuda else ["c"],
+                 "engine": ["triton", "foreach"] if cuda else ["c", "foreach"]}[self._backend]
         reasons = []
         for kind in kinds:
             try:
-                if kind == "triton" and self._backend == "auto" and self._device.type != "cuda":
-                    raise engine.Unsupported("backend='auto' uses the engine on CUDA only")
+                if kind == "c" and self._device.type != "cpu":
+                    raise engine.Unsupported(f"the C kernels run on the CPU, not on {self._device}")
                 if kind == "triton" and not engine.available(self._device):
                     raise engine.Unsupported(f"Triton cannot run on {self._device} here")
                 with torch.no_grad():

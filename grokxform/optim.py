@@ -50,14 +50,15 @@ group states themselves are ``optimizer.tx_states`` (in the eager layout). ``tor
 
 Engines. By default (``fused=None``) each group's step is the engine's
 (:class:`grokxform.fused.FusedStep` with ``backend="engine"``, ``docs/fast_path.md``): the chain's
-declared primitives as generated Triton kernels on CUDA (captured in a CUDA graph), or as the same
-plan run with in-place ``torch._foreach_*`` ops elsewhere; params and state are updated in place.
+declared primitives as generated Triton kernels on CUDA (captured in a CUDA graph), as generated C
+kernels on the CPU (built by the system's C compiler), or as the same plan run with in-place
+``torch._foreach_*`` ops where neither runs; params and state are updated in place.
 The hyperparameter tensors a scheduler fills are the ones the step reads, so lr changes need no
 new step; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it. A
 chain the engine cannot run (a transform without a declaration) runs the eager, multi-tensor
 ``tx.update`` instead (``optimizer.fallback_reasons``); ``fused=False`` asks for that path.
-``fused=True`` is ``FusedStep(backend="auto")`` (the engine on CUDA, else an Inductor-compiled
-step); ``fused=`` also takes a backend name (``"triton"``, ``"foreach"``, ``"inductor"``;
+``fused=True`` is ``FusedStep(backend="auto")`` (the engine's kernels, else an Inductor-compiled
+step); ``fused=`` also takes a backend name (``"triton"``, ``"c"``, ``"foreach"``, ``"inductor"``;
 ``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
 
 State. Each group's state is made at its first step, in the engine's layout (MA windows as
@@ -231,9 +232,9 @@ class Optimizer(torch.optim.Optimizer):
         module: torch.nn.Module | None = None,
         **hyperparameters: Any,
     ) -> None:
-        if fused not in (None, False, True, "auto", "engine", "triton", "foreach", "inductor", "aot_eager", "eager"):
+        if fused not in (None, False, True, "auto", "engine", "triton", "c", "foreach", "inductor", "aot_eager", "eager"):
             raise ValueError(
-                "Optimizer: fused must be None (the fastest exact path: the engine on CUDA), False (eager),"
+                "Optimizer: fused must be None (the fastest exact path: the engine), False (eager),"
                 f" True or a FusedStep backend name, got {fused!r}"
             )
         self._fused = fused
@@ -246,8 +247,8 @@ class Optimizer(torch.optim.Optimizer):
         self._extras_checked: dict[int, tuple[GradientTransformation, frozenset[str]]] = {}
         self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
         self.engines: list[str | None] = []
-        """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
-        ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
+        """What ran each param group's last step: ``"triton"`` or ``"c"`` (the engine's generated
+        kernels), ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
         ``"eager"`` (the traced fallbacks of :class:`~grokxform.fused.FusedStep`), or ``"tx.update"``
         (the eager, multi-tensor ``tx.update``); ``None`` before its first step."""
         self.fallback_reasons: list[str | None] = []
@@ -653,7 +654,7 @@ class Optimizer(torch.optim.Optimizer):
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
         if self._fused is False:
             return None
-        if self._fused is None:  # the engine: its kernels on CUDA, its foreach backend elsewhere
+        if self._fused is None:  # the engine: its kernels (Triton on CUDA, C on the CPU), else its foreach backend
             return "engine" if len({p.device for p in params}) == 1 else None
         return "auto" if self._fused is True else str(self._fused)
 

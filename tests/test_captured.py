@@ -24,7 +24,7 @@ import grokxform as gx
 from grokxform import _state_io
 from grokxform.fused import STEP_CACHE_SIZE, FusedStep
 
-ENGINES = [None, False]  # the default engine (its foreach backend on the CPU); the eager tx.update
+ENGINES = [None, False]  # the default engine (its C kernels on the CPU); the eager tx.update
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -125,7 +125,10 @@ def test_model_cast_after_the_first_step_is_followed(fused: Any, convert: str) -
     _train(model, opt, range(1, 8))
     assert _max_diff(_weights(model), [b.to(dtype) for b in before]) > 1e-3  # the model's own weights moved
     expected = _functional(gx.grokfast_ma(lr=1e-2, window_size=3), range(8), dtype)
-    assert _max_diff(_weights(model), expected) <= (1e-12 if dtype == torch.float64 else 1e-3)
+    # (the default engine's first, float32 step is within float32 rounding of eager's: its C kernels
+    # round every square root correctly, torch's CPU sqrt not always)
+    tol = 1e-3 if dtype != torch.float64 else 1e-12 if fused is False else 1e-6
+    assert _max_diff(_weights(model), expected) <= tol
     mu = opt.state[model[0].weight]["adam.mu"]
     assert mu.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 

@@ -15,7 +15,7 @@ from torch import nn
 import grokxform as gx
 from grokxform import declarations as D
 
-ENGINES = [False, None]  # eager tx.update; the default engine (the foreach backend on the CPU)
+ENGINES = [False, None]  # eager tx.update; the default engine (its C kernels on the CPU)
 
 
 def _stack(n: int = 30, width: int = 4) -> nn.Sequential:

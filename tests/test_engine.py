@@ -24,6 +24,8 @@ pytest.importorskip("triton")
 
 import grokxform as gx  # noqa: E402
 from grokxform import tree as T  # noqa: E402
+from grokxform.engine import native  # noqa: E402
+from grokxform.engine import plan as P  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -324,12 +326,90 @@ def test_the_math_does_not_import_its_engines() -> None:
                 assert not n.startswith(("grokxform.engine", "grokxform.fused", "grokxform.optim")), (f.name, n)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="what backend='auto' does on the CPU")
-def test_auto_on_the_cpu_takes_the_compiled_fallback_and_says_why() -> None:
+# --------------------------------------------------------------------------------------------
+# The C kernels (the engine on the CPU): the same plan through another emitter.
+
+
+def _norm_reduction(fused: FusedStep) -> bool:
+    """Whether a step of ``fused`` sums squares (a norm): the one place where emitters may round
+    differently (another summation order)."""
+    steps = [fn.step for fn in fused._fns.values()]
+    return any(isinstance(r, P.Member) and "norm" in r.decl.reduce for s in steps for r in s.plan.reductions)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_c_kernels_equal_the_triton_kernels(name: str, dtype: torch.dtype) -> None:
+    """The C and the Triton kernels are two emitters of one plan, each op IEEE's (correctly
+    rounded division and square root, no fused multiply-add, 16-bit values rounded to nearest
+    even): the same params and state bit for bit, over steps with several patterns of ``None``
+    gradients; where the step sums a norm (the clip), within the rounding of that sum."""
+    make, signal = CASES[name]
+    none_at = {2: ("h.1.w",), 3: ("h.1.w", "ln.w")}
+    runs = [_run(make(), dtype, 6, none_at, signal, backend=b) for b in ("triton", "c")]
+    (_, _, p_t, f_t), (_, _, p_c, f_c) = runs
+    assert (f_t.engine, f_c.engine, f_c.compiles) == ("triton", "c", 3)
+    exact = not _norm_reduction(f_c)
+    tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 1e-4}
+    _close(p_t, p_c, exact=exact, **tol)
+    _close(f_t.eager_state(), f_c.eager_state(), exact=exact, **tol)
+    if name == "adamw":
+        assert not exact or all(torch.equal(p_t[n], p_c[n]) for n in p_t)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_c_kernels_match_eager_in_float64(name: str) -> None:
+    """float64 params (which the Triton kernels do not take) run in float64 in the C kernels:
+    within the last bits of eager, whose CPU square root (MKL's, for large tensors) is not
+    always correctly rounded."""
+    make, signal = CASES[name]
+    p_e, s_e, p_f, fused = _run(make(), torch.float64, 6, {2: ("h.1.w",)}, signal, backend="c")
+    assert fused.engine == "c"
+    _close(p_e, p_f, exact=False, rtol=1e-12, atol=1e-13)
+    _close(s_e, fused.eager_state(), exact=False, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the engine on the CPU")
+def test_without_a_c_compiler_the_engine_runs_foreach_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "_COMPILER", None)
     params = _params(torch.float32)
+    with pytest.raises(ValueError, match=r"CC='/nonexistent/cc' was not found"):
+        FusedStep(gx.adamw(lr=1e-2), params, backend="c")(_grads(params, 0))
+    engine = FusedStep(gx.adamw(lr=1e-2), params, backend="engine")
+    engine(_grads(params, 0))
+    assert engine.engine == "foreach"
     auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto", options={"combo_kernels": False})
     auto(_grads(params, 0))
-    assert auto.engine == "inductor" and "CUDA only" in auto.fallback_reason
+    assert auto.engine == "inductor" and "CC='/nonexistent/cc'" in auto.fallback_reason
+    model = torch.nn.Linear(3, 2)
+    opt = gx.Optimizer(model.named_parameters(), gx.adamw, lr=1e-2)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert opt.engines == ["foreach"]
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+def test_kernels_that_do_not_compile_leave_the_engine_for_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails (here: an option it does not know) is reported with its message; the
+    default engine then runs its foreach backend."""
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "--no-such-option-for-grokxform"])
+    params = _params(torch.float32)
+    with pytest.raises(ValueError, match=r"did not compile.*no-such-option"):
+        FusedStep(gx.adamw(lr=1e-2), params, backend="c")(_grads(params, 0))
+    engine = FusedStep(gx.adamw(lr=1e-2), params, backend="engine")
+    engine(_grads(params, 0))
+    assert engine.engine == "foreach"
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+def test_auto_on_the_cpu_runs_the_c_kernels() -> None:
+    params = _params(torch.float32)
+    auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto")
+    auto(_grads(params, 0))
+    assert auto.engine == "c" and auto.fallback_reason is None
 
 
 # --------------------------------------------------------------------------------------------

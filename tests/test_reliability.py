@@ -534,8 +534,9 @@ def _signal_grads(model: torch.nn.Module, t: int) -> dict[str, torch.Tensor]:
 def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], gx.GradientTransformation]
                 ) -> dict[str, torch.Tensor]:
     """The params after one step per entry of ``steps_extra`` (its ``update`` keyword arguments),
-    on ``path``: eager ``tx.update``, ``compile_step`` (the engine, foreach backend), or
-    ``gx.Optimizer`` (its default engine, or ``fused=False``: eager)."""
+    on ``path``: eager ``tx.update``, ``compile_step`` (the engine's foreach backend: eager's
+    numbers), ``engine`` (``compile_step(backend="engine")``: the engine's kernels where they run)
+    or ``gx.Optimizer`` (its default engine, or ``fused=False``: eager)."""
     from grokxform.fused import compile_step
 
     model = _signal_model()
@@ -547,8 +548,8 @@ def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], g
             u, state = t_.update(_signal_grads(model, t), state, params, **extra)
             params = gx.apply_updates(params, u)
         return params
-    if path == "compile_step":
-        step = compile_step(tx(), params, backend="foreach")
+    if path in ("compile_step", "engine"):
+        step = compile_step(tx(), params, backend="foreach" if path == "compile_step" else "engine")
         for t, extra in enumerate(steps_extra):
             step(_signal_grads(model, t), **extra)
         return params
@@ -560,7 +561,9 @@ def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], g
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-SIGNAL_PATHS = ["tx.update", "compile_step", "Optimizer", "Optimizer(fused=False)"]
+SIGNAL_PATHS = ["tx.update", "compile_step", "Optimizer(fused=False)", "engine", "Optimizer"]
+"""Eager's numbers, then the default engine's (on the CPU its C kernels, whose square roots are
+correctly rounded where torch's CPU ``sqrt`` may be a bit apart)."""
 _GROKADAMW = lambda: gx.grokadamw(lr=1e-2, grokking_signal_decay_rate=0.5)  # noqa: E731
 
 
@@ -590,8 +593,9 @@ def test_a_bad_signal_input_is_refused_alike_on_every_path(arg: str, value: Any,
 
 def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
     """Numbers (NumPy's included) and one-element real tensors of any shape and dtype, changing
-    from step to step, give eager ``tx.update``'s params on the engine and through the optimizer,
-    bit for bit."""
+    from step to step, give eager ``tx.update``'s params on every eager path and the foreach
+    engine bit for bit, and the default engine's through the optimizer bit for bit (within the
+    rounding of a square root of eager's)."""
     steps = [
         {"train_loss": torch.tensor([0.4]), "val_loss": torch.tensor([[1.5]], dtype=F64)},
         {"train_loss": 0.3, "val_loss": torch.tensor(2)},
@@ -604,10 +608,15 @@ def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
     want = _signal_run("tx.update", steps, _GROKADAMW)
     plain = _signal_run("tx.update", steps[:3], lambda: gx.adamw(lr=1e-2))  # the signal moved the params
     assert not torch.equal(_signal_run("tx.update", steps[:3], _GROKADAMW)["0.weight"], plain["0.weight"])
-    for path in SIGNAL_PATHS[1:]:
+    for path in SIGNAL_PATHS[1:3]:
         got = _signal_run(path, steps, _GROKADAMW)
         for n in want:
             assert torch.equal(got[n], want[n]), (path, n)
+    engine = _signal_run("engine", steps, _GROKADAMW)
+    got = _signal_run("Optimizer", steps, _GROKADAMW)
+    for n in want:
+        assert torch.equal(got[n], engine[n]), n
+        torch.testing.assert_close(engine[n], want[n], rtol=1e-6, atol=1e-7)
 
 
 def test_signal_inputs_beside_the_whole_gradient_reductions_of_two_groups() -> None:

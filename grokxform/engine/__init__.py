@@ -1,7 +1,7 @@
 """The engine: any chain of declared transforms as one in-place step of generated multi-tensor
 kernels (:mod:`grokxform.engine.step`), planned from the primitives' declarations
-(:mod:`grokxform.engine.plan`, :mod:`grokxform.engine.codegen`). Triton is imported only when a
-step is built.
+(:mod:`grokxform.engine.plan`) and written as Triton (:mod:`grokxform.engine.codegen`) or C
+(:mod:`grokxform.engine.native`). Triton is imported only when a step of its kernels is built.
 """
 
 from grokxform.engine.plan import Unsupported

@@ -149,6 +149,20 @@ class Emitter:
 
         return self.cached(("num", float(x).hex(), dtype == torch.float64), make)
 
+    def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> Value:
+        """``a`` where ``cond``, else ``b`` (both computed values of ``dtype``)."""
+        v = self.var()
+        self.line(f"{v} = tl.where({cond}, {a}, {b})")
+        return Value(v, dtype)
+
+    def sqrt(self, x: str, dtype: torch.dtype) -> str:
+        """√x correctly rounded, in the compute precision of ``dtype``."""
+        return f"tl.sqrt_rn({x})" if dtype != torch.float64 else f"tl.sqrt({x})"
+
+    def div(self, a: str, b: str, dtype: torch.dtype) -> str:
+        """a / b correctly rounded (Triton's float32 ``/`` is approximate)."""
+        return f"tl.div_rn({a}, {b})" if dtype != torch.float64 else f"({a} / {b})"
+
     def rounded(self, expr: str, dtype: torch.dtype) -> Value:
         v = self.var()
         if dtype in (torch.float32, torch.float64):
@@ -184,17 +198,14 @@ class Emitter:
                 cond = self.flag(node, a[0].name)
                 x = vals[a[1]]
                 y = vals[a[2]].name if isinstance(a[2], int) else self.number(a[2][1], dt)
-                v = self.var()
-                self.line(f"{v} = tl.where({cond}, {x.name}, {y})")
-                vals.append(Value(v, dt))
+                vals.append(self.select(cond, x.name, y, dt))
                 continue
             x = vals[a[0]]
             if op.kind == "cast":
                 vals.append(self.run_cast(x, dt))
                 continue
             if op.kind == "sqrt":
-                sqrt = "tl.sqrt_rn" if dt != torch.float64 else "tl.sqrt"
-                vals.append(self.rounded(f"{sqrt}({x.name})", dt))
+                vals.append(self.rounded(self.sqrt(x.name, dt), dt))
                 continue
             if op.kind == "neg":
                 vals.append(self.rounded(f"-{x.name}", dt))
@@ -206,14 +217,13 @@ class Emitter:
                 ys = self.scalar(node, y.name, dt)
             else:
                 ys = self.number(y[1], dt)
-            div = "tl.div_rn({}, {})" if dt != torch.float64 else "({} / {})"  # float32 '/' is approximate
             expr = {
                 "add": f"{x.name} + {ys}",
                 "sub": f"{x.name} - {ys}",
                 "mul": f"{x.name} * {ys}",
-                "div": div.format(x.name, ys),
+                "div": self.div(x.name, ys, dt),
                 "rsub": f"{ys} - {x.name}",
-                "rdiv": div.format(ys, x.name),
+                "rdiv": self.div(ys, x.name, dt),
             }[op.kind]
             vals.append(self.rounded(expr, dt))
         return {name: vals[v] for name, v in prog.outputs.items()}
@@ -271,10 +281,8 @@ class Emitter:
             y = self.node(node.inner, got["mean"])
             self.guards.pop()
             if self.main:
-                zero = self.number(0.0, acc.dtype)
-                kept = self.var()
-                self.line(f"{kept} = tl.where({final}, {zero}, {got['acc'].name})")
-                self.store(self.role_of(node, "acc"), Value(kept, acc.dtype))
+                kept = self.select(final, self.number(0.0, acc.dtype), got["acc"].name, acc.dtype)
+                self.store(self.role_of(node, "acc"), kept)
             return self._skip(final, y)
         if isinstance(node, P.Finite):
             if node.reduction == self.pass_index:
@@ -289,9 +297,7 @@ class Emitter:
 
     def _skip(self, cond: str, y: Value) -> Value:
         """``y`` where ``cond``, else −0.0 (θ + (−0.0) is θ bit for bit)."""
-        v = self.var()
-        self.line(f"{v} = tl.where({cond}, {y.name}, {self.number(-0.0, y.dtype)})")
-        return Value(v, y.dtype)
+        return self.select(cond, y.name, self.number(-0.0, y.dtype), y.dtype)
 
     def member(self, m: P.Member, x: Value) -> Value:
         if self.leaf not in m.leaves:

@@ -1,5 +1,6 @@
 """The engine's in-place step of any declared chain: a scalar prologue and generated multi-tensor
-Triton kernels, one pass over memory (two with a reduction such as the global clip).
+kernels (Triton's on CUDA, C on the CPU: :mod:`grokxform.engine.native`), one pass over memory (two
+with a reduction such as the global clip).
 
 Per call, on the device and without a host synchronisation (so the whole step can be captured
 into a CUDA graph):
@@ -39,6 +40,7 @@ from grokxform import tree as _tree
 from grokxform.elements import Scalars
 from grokxform.engine import codegen as G
 from grokxform.engine import foreach as F
+from grokxform.engine import native
 from grokxform.engine import plan as P
 
 BLOCK = 1024
@@ -202,6 +204,10 @@ class _Group:
     idx: dict[int, list[int]] = field(default_factory=dict)
     """Per node: the positions of the group's leaves among the node's leaves (its per-leaf scalars)."""
     grad_key: tuple[int, ...] = ()
+    c_args: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per pass of the C backend: its kernel's argument array."""
+    reads_gradient: dict[int, bool] = field(default_factory=dict)
+    """Per reduction pass of the C backend: whether it reduces the gradient as it comes."""
 
 
 def _items(numels: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -247,8 +253,12 @@ class EngineStep:
         *, backend: str = "triton", block: int | None = None, num_warps: int | None = None,
         shards: list[Any] | None = None,
     ) -> None:
-        if backend not in ("triton", "foreach"):
-            raise ValueError(f"EngineStep: backend must be 'triton' or 'foreach', got {backend!r}")
+        if backend not in ("triton", "c", "foreach"):
+            raise ValueError(f"EngineStep: backend must be 'triton', 'c' or 'foreach', got {backend!r}")
+        if backend == "c":
+            cc, why = native.compiler()
+            if cc is None:
+                raise P.Unsupported(why)
         self.backend = backend
         self.shards = shards if shards is not None and any(x is not None for x in shards) else None
         """The layout of each param leaf when the tensors are local shards of DTensors (``None``:
@@ -290,24 +300,29 @@ class EngineStep:
                     "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device)}
             for r in plan.reductions
         }
-        if backend == "triton":
+        if backend != "foreach":
             with torch.no_grad():
                 self._run(extras, stand_in)
+        self._c_functions: list[tuple[_Group, int, str, str]] = []
+        self._grads: dict[int, torch.Tensor] = dict(plan.grads)  # this step's gradients, by leaf
         self._groups = self._make_groups(plan)
         self.const = torch.tensor(self._constants or [0.0], dtype=torch.float64, device=self.device)
         self._interp = interpreting()
+        if backend == "c":
+            self._load_c()
 
     # -- build --------------------------------------------------------------------------------
 
     def _check_tensors(self, plan: P.Plan, state: Any) -> None:
         dev = self.device
-        floats = _FLOATS if self.backend == "triton" else (*_FLOATS, torch.float64)
+        floats = _FLOATS if self.backend == "triton" else _STATE_FLOATS
         for i in plan.leaves:
             p, g = plan.params[i], plan.grads[i]
             name = plan.paths[i]
             if not isinstance(p, torch.Tensor) or p.dtype not in floats or g.dtype not in floats:
                 got = f"{getattr(p, 'dtype', type(p).__name__)}/{g.dtype}"
-                raise P.Unsupported(f"the param/gradient dtypes at {name!r} are {got} (the kernels take 16/32-bit floats)")
+                kinds = "16/32-bit floats" if self.backend == "triton" else "floats"
+                raise P.Unsupported(f"the param/gradient dtypes at {name!r} are {got} (the kernels take {kinds})")
             if p.device != dev or g.device != dev:
                 raise P.Unsupported("every tensor must be on one device")
             if not p.is_contiguous() or not g.is_contiguous():
@@ -377,7 +392,7 @@ class EngineStep:
                            for j, leaf in enumerate(leaves)]
                 for node in plan.nodes if leaves[0] in getattr(node, "leaves", ())
             }
-            if self.backend == "triton":
+            if self.backend != "foreach":
                 for r, ts in roles.items():
                     if r != "G":
                         grp.tables[r] = _addresses(ts, dev)
@@ -393,22 +408,51 @@ class EngineStep:
             main = p == plan.passes - 1
             if not main and leaf not in plan.reductions[p].leaves:
                 continue
-            em = G.Emitter(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role)
+            kind = native.CEmitter if self.backend == "c" else G.Emitter
+            em = kind(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role)
             x = em.load("G", grp.dtypes["G"])
             try:
                 out = em.node(plan.root, x)
                 em.finish(out)
             except G.Stop:
                 pass
-            name = f"step_pass{p}"
-            source = G.kernel_source(name, em, plan.passes)
-            grp.kernels[p] = (load_kernel(source, name), list(em.roles))
+            if isinstance(em, native.CEmitter):  # compiled with the step's other kernels (_load_c)
+                if not main:
+                    grp.reads_gradient[p] = em.reduced is x
+                name = f"group{len(self._c_functions)}_pass{p}"
+                block = self.block if main else self.reduce_block
+                rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32
+                self._c_functions.append((grp, p, name, native.function_source(name, em, plan.passes, block, rsq)))
+                grp.kernels[p] = (None, list(em.roles))
+            else:
+                name = f"step_pass{p}"
+                grp.kernels[p] = (load_kernel(G.kernel_source(name, em, plan.passes), name), list(em.roles))
             if not main:
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
-                grp.rsq[p] = torch.zeros(n, dtype=torch.float32, device=self.device)
+                wide = grp.dtypes["G"] == torch.float64  # (the C kernels: float64 gradients sum in float64)
+                grp.rsq[p] = torch.zeros(n, dtype=torch.float64 if wide else torch.float32, device=self.device)
                 grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
                 grp.red_index[p] = torch.tensor([self._position[id(red)][leaf] for leaf in grp.leaves], device=self.device)
+
+    def _load_c(self) -> None:
+        """Compile the step's C kernels (one library) and give each its argument array: the
+        addresses of the tables and buffers it reads, which keep their storage from step to step."""
+        source = "\n\n".join([native.HEADER, *(src for _, _, _, src in self._c_functions)])
+        try:
+            lib = native.load_library(source, cache_dir())
+        except RuntimeError as e:
+            raise P.Unsupported(str(e)) from None
+        for grp, p, name, _ in self._c_functions:
+            roles = grp.kernels[p][1]
+            main = p == self.plan.passes - 1
+            item_leaf, item_start, n_items, chunks = grp.items[self.block if main else self.reduce_block]
+            addr = [item_leaf, item_start, grp.numel, grp.pos, grp.pos.shape[1], self.const, *self._sc,
+                    *(grp.tables[r] for r in roles), grp.rsq.get(p, self.const), grp.rbad.get(p, self.const), chunks]
+            args = torch.tensor([n_items, *(a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in addr)],
+                                dtype=torch.int64)
+            grp.kernels[p] = (native.function(lib, name), roles)
+            grp.c_args[p] = args
 
     def _col(self, node: Any) -> int:
         return self._member_col[id(node)]
@@ -433,7 +477,7 @@ class EngineStep:
         """Point the kernels at this step's gradients (the leaves with a gradient, in tree order):
         when they are other tensors than last time, their address tables are rewritten (a small
         host-to-device copy: call this outside a CUDA graph capture)."""
-        by_leaf = dict(zip(self.plan.leaves, grads))
+        by_leaf = self._grads = dict(zip(self.plan.leaves, grads))
         for grp in self._groups:
             if self.backend == "foreach":
                 grp.roles["G"] = [by_leaf[leaf] for leaf in grp.leaves]
@@ -452,10 +496,12 @@ class EngineStep:
                     f" {dt}{list(p.shape)} on {self.device} (contiguous)"
                 )
         table = torch.tensor(key, dtype=torch.int64)
-        if "G" in grp.tables:
-            grp.tables["G"].copy_(table)
-        else:
+        if "G" not in grp.tables:
             grp.tables["G"] = table.to(self.device)
+        elif self.device.type == "cuda":  # from page-locked memory, in stream order: no synchronisation
+            grp.tables["G"].copy_(table.pin_memory(), non_blocking=True)
+        else:
+            grp.tables["G"].copy_(table)
         grp.grad_key = key
 
     def __call__(self, extras: dict[str, torch.Tensor]) -> None:
@@ -505,6 +551,8 @@ class EngineStep:
                 red = plan.reductions[stage]
                 if layout:
                     reduced[id(red)] = stand_in[id(red)]  # type: ignore[index]
+                elif self._gradient_reduction(stage):  # as eager reduces them: the same numbers
+                    reduced[id(red)] = self._reduce_gradients(red)
                 else:
                     for grp in self._groups:
                         if stage in grp.kernels:
@@ -519,6 +567,19 @@ class EngineStep:
                     self._launch(grp, stage)
         if not layout:
             self._write_back(writes, bumps, flags)
+
+    def _gradient_reduction(self, p: int) -> bool:
+        """Whether reduction ``p`` reads the gradients as they come (the clip first in the chain):
+        on the C backend, torch's own reductions then make it, as the eager path does."""
+        if self.backend != "c":
+            return False
+        used = [grp for grp in self._groups if p in grp.kernels]
+        return bool(used) and all(grp.reads_gradient.get(p, False) for grp in used)
+
+    def _reduce_gradients(self, red: Any) -> dict[str, torch.Tensor]:
+        kinds = red.decl.reduce if isinstance(red, P.Member) else ("finite",)
+        shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
+        return D.reductions(kinds, [self._grads[leaf] for leaf in red.leaves], self.device, shards)
 
     def _foreach_reduce(
         self, red: Any, p: int, scalars: dict[int, Scalars], flags: dict[tuple[int, str], torch.Tensor]
@@ -658,6 +719,10 @@ class EngineStep:
                 torch._foreach_copy_(counts, (torch.stack(counts) + step).unbind())
 
     def _launch(self, grp: _Group, p: int) -> None:
+        if self.backend == "c":
+            if p in grp.kernels:
+                grp.kernels[p][0](grp.c_args[p].data_ptr())
+            return
         main = p == self.plan.passes - 1
         block, warps = (self.block, self.num_warps) if main else (self.reduce_block, 2 * self.num_warps)
         item_leaf, item_start, n_items, chunks = grp.items[block]
@@ -685,11 +750,12 @@ class EngineStep:
             bad = grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32)
             return {"norm": sq.sqrt(), "finite": bad == 0}
         n = len(red.leaves)
-        sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+        wide = any(grp.rsq[p].dtype == torch.float64 for grp in groups)
+        sq = torch.zeros(n, dtype=torch.float64 if wide else torch.float32, device=self.device)
         bad = torch.zeros(n, dtype=torch.int32, device=self.device)
         for grp in groups:
             rows = len(grp.leaves)
             chunks = grp.items[self.reduce_block][3]
-            sq.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks).sum(1))
+            sq.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks).sum(1).to(sq.dtype))
             bad.index_copy_(0, grp.red_index[p], grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32))
         return {"norm": sq.sqrt(), "finite": bad == 0}

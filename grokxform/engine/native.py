@@ -1,0 +1,362 @@
+"""The engine's C kernels: the same plan as the Triton kernels, as C functions built by the
+system's C compiler, for steps on the CPU.
+
+:class:`CEmitter` writes a pass of a group of leaves as a loop over the work items (``BLOCK``
+elements of one leaf each) and, inside it, over their elements: the element programs of the
+chain in its order, each operation in float32 (float64 for float64 values) and rounded to its
+value's dtype, as the eager op rounds (bfloat16 and float16 to nearest even, written out in
+integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``);
+division and square root are IEEE's, so every value is the eager op's, bit for bit. The element
+loops carry ``#pragma omp simd``: they are vectorised (``-fopenmp-simd``, no OpenMP runtime).
+
+A step's kernels are one translation unit, compiled once into a shared library in the kernel
+cache folder (:func:`~grokxform.engine.step.cache_dir`; the file's name is the hash of its source,
+the compiler and its flags) and called through ``ctypes`` with one argument: an int64 array of
+the addresses and sizes the kernel reads. Where no C compiler is found (``CC``, else ``cc``,
+``gcc`` or ``clang`` on the ``PATH``), :func:`compiler` says why and the engine runs its foreach
+backend instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+import torch
+
+from grokxform.engine import codegen as G
+
+_CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t"}
+
+HEADER = r"""#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f;
+}
+static inline uint16_t f32_to_bf16(float f) {  /* to nearest even; a NaN is 0x7FC0, as torch's */
+    uint32_t b; memcpy(&b, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu, b;
+    if (em >= 0x7C00u) b = sign | 0x7F800000u | ((em & 0x3FFu) << 13);
+    else if (em >= 0x400u) b = sign | ((em << 13) + 0x38000000u);
+    else { float m = (float)em * 5.9604644775390625e-8f; memcpy(&b, &m, 4); b |= sign; }
+    float f; memcpy(&f, &b, 4); return f;
+}
+static inline uint16_t f32_to_f16(float f) {  /* to nearest even; a NaN is 0x7E00 with its sign */
+    uint32_t b; memcpy(&b, &f, 4);
+    uint32_t sign = (b >> 16) & 0x8000u, a = b & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* 65520 and beyond: inf */
+    if (a < 0x38800000u) {  /* a subnormal half: the float unit rounds at 2^-24 */
+        float m; memcpy(&m, &a, 4); m += 0.5f; uint32_t r; memcpy(&r, &m, 4);
+        return (uint16_t)(sign | (r - 0x3F000000u));
+    }
+    return (uint16_t)(sign | ((a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13));
+}
+static inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+static inline float round_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
+"""
+
+
+def _compute(dtype: torch.dtype) -> str:
+    return "double" if dtype == torch.float64 else "float"
+
+
+def _round(expr: str, dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16:
+        return f"round_bf16({expr})"
+    if dtype == torch.float16:
+        return f"round_f16({expr})"
+    return expr
+
+
+class CEmitter(G.Emitter):
+    """The body of one C kernel: the program of leaf ``leaf`` (the group's program) for one pass.
+    ``pre`` holds what a work item computes once (its pointers and scalars), ``lines`` what each
+    element computes, ``post`` what the item stores after its elements (a reduction's sums)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pre: list[str] = []
+        self.post: list[str] = []
+        self.reduces = False
+        self.reduced: G.Value | None = None
+        """The value this pass reduces (the loaded gradient when the reduction reads it as it is)."""
+
+    def pre_line(self, text: str) -> None:
+        self.pre.append(text)
+
+    def ptr(self, role: str) -> str:
+        """The pointer to this item's leaf of ``role`` (typed by the role's dtype)."""
+        table = self.table(role)
+
+        def make() -> str:
+            v = self.var("p")
+            ct = _CTYPE[self.dtype_of(role)]
+            self.pre_line(f"{ct}* {v} = ({ct}*)(intptr_t){table}[leaf];")
+            return v
+
+        return self.cached(("ptr", role), make)
+
+    def pos(self, node: Any) -> str:
+        def make() -> str:
+            v = self.var("pos")
+            self.pre_line(f"const int64_t {v} = POS[leaf * NPOS + {self.col_of(node)}];")
+            return v
+
+        return self.cached(("pos", id(node)), make)
+
+    def raw_scalar(self, node: Any, name: str) -> str:
+        slot = self.slot_of(node, name)
+
+        def make() -> str:
+            v = self.var("s")
+            index = f"{slot.off}" if slot.kind in ("number", "tensor") else f"{slot.off} + {self.pos(node)}"
+            self.pre_line(f"const double {v} = {slot.buf}[{index}];")
+            return v
+
+        return self.cached(("raw", id(node), name), make)
+
+    def scalar(self, node: Any, name: str, dtype: torch.dtype) -> str:
+        slot = self.slot_of(node, name)
+
+        def make() -> str:
+            raw = self.raw_scalar(node, name)
+            if dtype == torch.float64:
+                return raw
+            v = self.var("s")
+            value = f"(float){raw}"
+            if slot.kind in ("tensor", "tensors"):  # a tensor scalar is rounded to the value's dtype first
+                value = _round(value, dtype)
+            self.pre_line(f"const float {v} = {value};")
+            return v
+
+        return self.cached(("scalar", id(node), name, dtype), make)
+
+    def flag(self, node: Any, name: str) -> str:
+        def make() -> str:
+            v = self.var("f")
+            self.pre_line(f"const int {v} = {self.raw_scalar(node, name)} != 0.0;")
+            return v
+
+        return self.cached(("flag", id(node), name), make)
+
+    def lanes(self, node: Any, name: str) -> str:
+        return self.flag(node, name)
+
+    def number(self, x: float, dtype: torch.dtype) -> str:
+        def make() -> str:
+            v = self.var("c")
+            ct = _compute(dtype)
+            self.pre_line(f"const {ct} {v} = ({ct})CONST[{self.constant(x)}];")
+            return v
+
+        return self.cached(("num", float(x).hex(), dtype == torch.float64), make)
+
+    def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> G.Value:
+        v = self.var()
+        self.line(f"const {_compute(dtype)} {v} = {cond} ? {a} : {b};")
+        return G.Value(v, dtype)
+
+    def sqrt(self, x: str, dtype: torch.dtype) -> str:
+        return f"sqrt({x})" if dtype == torch.float64 else f"sqrtf({x})"
+
+    def div(self, a: str, b: str, dtype: torch.dtype) -> str:
+        return f"({a} / {b})"
+
+    def rounded(self, expr: str, dtype: torch.dtype) -> G.Value:
+        v = self.var()
+        self.line(f"const {_compute(dtype)} {v} = {_round(expr, dtype)};")
+        return G.Value(v, dtype)
+
+    def run_cast(self, x: G.Value, dtype: torch.dtype) -> G.Value:
+        if x.dtype == dtype:
+            return x
+        src = x.name if _compute(x.dtype) == _compute(dtype) else f"({_compute(dtype)}){x.name}"
+        if x.dtype == torch.float64 and dtype in (torch.bfloat16, torch.float16):
+            src = f"(float){x.name}"  # through float32, as torch converts a double
+        return self.rounded(src, dtype)
+
+    def load(self, role: str, dtype: torch.dtype, offset: str = "") -> G.Value:
+        p = self.ptr(role)
+        v = self.var("x")
+        raw = f"{p}[{offset}i]"
+        value = {torch.bfloat16: f"bf16_to_f32({raw})", torch.float16: f"f16_to_f32({raw})"}.get(dtype, raw)
+        self.line(f"const {_compute(dtype)} {v} = {value};")
+        return G.Value(v, dtype)
+
+    def _stored(self, value: G.Value) -> str:
+        return {torch.bfloat16: f"f32_to_bf16({value.name})", torch.float16: f"f32_to_f16({value.name})"}.get(
+            value.dtype, value.name)
+
+    def store(self, role: str, value: G.Value, offset: str = "") -> None:
+        p = self.ptr(role)
+        text = f"{p}[{offset}i] = {self._stored(value)};"
+        self.line(f"if ({' && '.join(self.guards)}) {text}" if self.guards else text)
+
+    def reduce(self, x: G.Value) -> None:
+        """Σx² (accumulated in float64, stored as float32) and the count of non-finite values of
+        this item, at its slot."""
+        self.reduces = True
+        self.reduced = x
+        self.pre_line("double rsq = 0.0;")
+        self.pre_line("int32_t rbad = 0;")
+        self.line(f"rsq += (double){x.name} * (double){x.name};")
+        self.line(f"rbad += ({x.name} != {x.name}) | ({x.name} - {x.name} != 0);")
+        self.post.append("RSQ[leaf * CHUNKS + start / BLOCK] = (RSQ_T)rsq;")
+        self.post.append("RBAD[leaf * CHUNKS + start / BLOCK] = rbad;")
+
+    def resum(self, m: Any, newest: G.Value) -> None:
+        wf = m.decl.window
+        if wf is None or wf.total is None:
+            return
+        w = wf.size
+        slot = self.cached(("slot", id(m)), lambda: self._slot(m))
+        role, total = self.role_of(m, "window"), self.role_of(m, wf.total)
+        ring, dst = self.ptr(role), self.ptr(total)
+        rdt, tdt = self.dtype_of(role), self.dtype_of(total)
+        load = {torch.bfloat16: "(double)bf16_to_f32({})", torch.float16: "(double)f16_to_f32({})"}.get(
+            rdt, "(double){}")
+        acc = self.var("acc")
+        if w == 1:
+            self.line(f"if ({slot} == 0) {{ double {acc} = (double){newest.name};")
+        else:
+            self.line(f"if ({slot} == {w - 1}) {{ double {acc} = {load.format(f'{ring}[i]')};")
+            self.line(f"    for (int64_t j = 1; j < {w - 1}; ++j) {acc} += {load.format(f'{ring}[j * n + i]')};")
+            self.line(f"    {acc} += (double){newest.name};")
+        total_value = self.rounded(f"({_compute(tdt)}){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
+        self.lines[-1] = "    " + self.lines[-1]
+        text = f"{dst}[i] = {self._stored(total_value)};"
+        self.line(f"    if ({' && '.join(self.guards)}) {text}" if self.guards else f"    {text}")
+        self.line("}")
+
+    def _slot(self, m: Any) -> str:
+        v = self.var("slot")
+        self.pre_line(f"const int64_t {v} = (int64_t){self.raw_scalar(m, '__slot')};")
+        return v
+
+
+def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch.dtype = torch.float32) -> str:
+    """The C function ``name`` whose body ``em`` emitted. Its one argument is an int64 array:
+    the number of work items, the item tables, the leaves' sizes, the position and scalar tables,
+    one address table per role (``em.roles``), the reduction buffers (sums of squares of dtype
+    ``rsq``) and their row length."""
+    names = ["ITEM_LEAF", "ITEM_START", "NUMEL", "POS", "NPOS", "CONST", *(f"SC{k}" for k in range(passes)),
+             *(f"T_{r}" for r in em.roles), "RSQ", "RBAD", "CHUNKS"]
+    types = {"ITEM_LEAF": "const int64_t*", "ITEM_START": "const int64_t*", "NUMEL": "const int64_t*",
+             "POS": "const int64_t*", "NPOS": "const int64_t", "CONST": "const double*", "RSQ": "RSQ_T*",
+             "RBAD": "int32_t*", "CHUNKS": "const int64_t"}
+    lines = [f"void {name}(const int64_t* A) {{", f"    typedef {_CTYPE[rsq]} RSQ_T;", "    const int64_t n_items = A[0];"]
+    for k, arg in enumerate(names, start=1):
+        t = types.get(arg, "const double*" if arg.startswith("SC") else "const int64_t*")
+        value = f"A[{k}]" if not t.endswith("*") else f"({t})(intptr_t)A[{k}]"
+        lines.append(f"    {t} {arg} = {value};")
+    lines.append(f"    const int64_t BLOCK = {block};")
+    unused = [a for a in names if a not in ("ITEM_LEAF", "ITEM_START", "NUMEL")]
+    lines.append("    " + " ".join(f"(void){a};" for a in unused))
+    lines += [
+        "    for (int64_t item = 0; item < n_items; ++item) {",
+        "        const int64_t leaf = ITEM_LEAF[item], start = ITEM_START[item], n = NUMEL[leaf];",
+        "        const int64_t end = start + BLOCK < n ? start + BLOCK : n;",
+        "        (void)n;",
+        *(f"        {x}" for x in em.pre),
+        "        #pragma omp simd" + (" reduction(+:rsq, rbad)" if em.reduces else ""),
+        "        for (int64_t i = start; i < end; ++i) {",
+        *(f"            {x}" for x in em.lines),
+        "        }",
+        *(f"        {x}" for x in em.post),
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiler and the libraries.
+
+_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-w"]
+_COMPILER: tuple[str | None, str] | None = None
+_LIBRARIES: dict[str, Any] = {}
+
+
+def _isa_flags() -> list[str]:
+    """Instruction-set flags for the vector units this CPU has (as torch's own kernels use)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if cap == "AVX2":
+        return ["-mavx2"]
+    return []
+
+
+def compiler() -> tuple[str | None, str]:
+    """The C compiler and a description of it (its path and version), or ``(None, why)``."""
+    global _COMPILER
+    if _COMPILER is None:
+        given = os.environ.get("CC", "")
+        found = shutil.which(given) if given else next(
+            (p for p in (shutil.which(c) for c in ("cc", "gcc", "clang")) if p), None)
+        if found is None:
+            _COMPILER = (None, f"the C compiler CC={given!r} was not found" if given else "no C compiler (cc, gcc"
+                         " or clang) is on the PATH")
+        else:
+            try:
+                out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
+                _COMPILER = (found, f"{found} {out.stdout.splitlines()[0] if out.stdout else ''}")
+            except (OSError, subprocess.SubprocessError) as e:
+                _COMPILER = (None, f"the C compiler {found} does not run ({e})")
+    return _COMPILER
+
+
+def load_library(source: str, folder: str) -> Any:
+    """The shared library built from ``source`` (whole C text, :data:`HEADER` included) in
+    ``folder``: built once (compiled to a file of this user alone, renamed into place) and loaded
+    from there. Raises ``RuntimeError`` with the compiler's message when it does not compile."""
+    cc, about = compiler()
+    if cc is None:
+        raise RuntimeError(about)
+    flags = _FLAGS + _isa_flags()
+    key = hashlib.sha256("\0".join([source, about, *flags]).encode()).hexdigest()[:24]
+    lib = _LIBRARIES.get(key)
+    if lib is not None:
+        return lib
+    path = os.path.join(folder, f"grokxform_c_{key}.so")
+    if not os.path.exists(path):
+        fd, src = tempfile.mkstemp(dir=folder, prefix=f".grokxform_c_{key}.", suffix=".c")
+        tmp = src[:-2] + ".so"
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            done = subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"the C kernels did not compile ({cc}): {done.stderr.strip()[-2000:]}")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        finally:
+            for leftover in (src, tmp):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+    lib = _LIBRARIES[key] = ctypes.CDLL(path)
+    return lib
+
+
+def function(lib: Any, name: str) -> Any:
+    """The kernel ``name`` of ``lib``, called with the address of its int64 argument array."""
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = None
+    return fn
