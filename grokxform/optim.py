@@ -90,6 +90,7 @@ from typing import Any, Union
 import torch
 
 from grokxform import _common as C
+from grokxform import _naming as N
 from grokxform import _state_io as S
 from grokxform import declarations as D
 from grokxform import distributed as _dist
@@ -118,13 +119,6 @@ _FORMAT_VERSION = 3
 """1: one encoded state per group; 2: torch.optim's layout, MA windows oldest first; 3: torch.optim's
 layout, MA windows as their ring slots (1 and 2 are still read)."""
 _GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, left out of the checkpoint names
-
-
-def _canonical(name: str) -> str:
-    """A parameter name without the prefixes that DDP and ``torch.compile`` add (what
-    ``torch.distributed.checkpoint`` calls the FQN)."""
-    return ".".join(part for part in name.split(".") if part + "." not in _WRAPPER_PREFIXES)
 
 
 def _multiplier(lr: Any) -> GradientTransformation:
@@ -284,12 +278,8 @@ class Optimizer(torch.optim.Optimizer):
         self._built_args: list[dict[str, Any] | None] = []
         self._states: list[Any] = []
         self._names: list[list[str]] = []
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"Optimizer: module must be a torch.nn.Module, got {type(module).__name__}")
         # The module's names for the unnamed params given here (not kept: groups added later name theirs).
-        self._module_names: dict[int, str] | None = (
-            None if module is None else {id(p): n for n, p in module.named_parameters()}
-        )
+        self._module_names = N.module_names(module)
         super().__init__(params, defaults)
         self._module_names = None
 
@@ -367,8 +357,13 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            names = self._group_names(group, g)
-            self._check_distinct(group["params"], names, g)
+            before = list(zip(self._names, (x["params"] for x in self.param_groups[:-1])))
+            names = N.group_names(group, g, before, self._module_names)
+            for n, p in zip(names, group["params"]):
+                if p.is_sparse or p.is_complex():
+                    kind = "sparse" if p.is_sparse else "complex"
+                    raise TypeError(f"Optimizer: parameter {n!r} is {kind}, which is not supported")
+            N.check_distinct(group["params"], names, g, before)
             tx, args = None, None
             if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
                 args = self._group_args(group)
@@ -384,56 +379,6 @@ class Optimizer(torch.optim.Optimizer):
         self._bound[g] = _Bound(group["params"])
         self.engines.append(None)
         self.fallback_reasons.append(None)
-
-    def _check_distinct(self, params: list[torch.Tensor], names: list[str], g: int) -> None:
-        """Refuse a tensor given twice (in this group or another): it would be updated twice."""
-        where: dict[int, str] = {}
-        known: dict[tuple[torch.device, int], str] = {}
-        for other, group in zip(self._names, self.param_groups):
-            for n, p in zip(other, group["params"]):
-                where[id(p)] = n
-                if p.numel():
-                    known[(p.device, _dist.local(p).data_ptr())] = n
-        for n, p in zip(names, params):
-            key = (p.device, _dist.local(p).data_ptr())
-            first = where.get(id(p)) or (known.get(key) if p.numel() else None)
-            if first is not None:
-                raise ValueError(
-                    f"Optimizer: parameter {n!r} of param group {g} is the same tensor as {first!r} (or shares its"
-                    " memory); each parameter may be given once, or it would be updated twice"
-                )
-            where[id(p)] = n
-            if p.numel():
-                known[key] = n
-
-    def _group_names(self, group: dict[str, Any], g: int) -> list[str]:
-        params = group["params"]
-        if "param_names" in group:
-            names = list(group["param_names"])
-            bad = [n for n in names if not isinstance(n, str)]
-            if bad:
-                raise TypeError(f"Optimizer: parameter names must be str, param group {g} has {bad[0]!r}")
-        elif self._module_names is not None:
-            outside = next((i for i, p in enumerate(params) if id(p) not in self._module_names), None)
-            if outside is not None:
-                raise ValueError(
-                    f"Optimizer: parameter {outside} of param group {g} is not a parameter of the module given"
-                    " as module= (its names come from module.named_parameters())"
-                )
-            names = [self._module_names[id(p)] for p in params]
-        else:
-            offset = sum(len(x["params"]) for x in self.param_groups[:-1])
-            names = [str(offset + i) for i in range(len(params))]
-        seen = {n for other in self._names for n in other}
-        for n in names:
-            if n in seen:
-                raise ValueError(f"Optimizer: the parameter name {n!r} appears twice (param group {g})")
-            seen.add(n)
-        for n, p in zip(names, params):
-            if p.is_sparse or p.is_complex():
-                kind = "sparse" if p.is_sparse else "complex"
-                raise TypeError(f"Optimizer: parameter {n!r} is {kind}, which is not supported")
-        return names
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -819,7 +764,7 @@ class Optimizer(torch.optim.Optimizer):
             }
             ids = list(range(index, index + len(group["params"])))
             saved["params"] = ids
-            saved["param_names"] = [_canonical(n) for n in self._names[g]]
+            saved["param_names"] = [N.canonical(n) for n in self._names[g]]
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
             saved["grokxform_version"] = _FORMAT_VERSION
             saved["grokxform_transform"] = self.transform_name
@@ -882,8 +827,8 @@ class Optimizer(torch.optim.Optimizer):
                     f"load_state_dict: param group {g} has {len(names)} parameters in the checkpoint,"
                     f" {len(group['params'])} here"
                 )
-            here = [_canonical(n) for n in self._names[g]]
-            diff = next((i for i, (a, b) in enumerate(zip(names, here)) if _canonical(a) != b), None)
+            here = [N.canonical(n) for n in self._names[g]]
+            diff = next((i for i, (a, b) in enumerate(zip(names, here)) if N.canonical(a) != b), None)
             if diff is not None:
                 raise ValueError(
                     f"load_state_dict: param group {g}, parameter {diff} is {names[diff]!r} in the checkpoint,"
