@@ -81,8 +81,6 @@ bit.
 
 from __future__ import annotations
 
-import inspect
-import math
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
@@ -90,6 +88,7 @@ from typing import Any, Union
 import torch
 
 from grokxform import _common as C
+from grokxform import _hyperparams as H
 from grokxform import _naming as N
 from grokxform import _state_io as S
 from grokxform import declarations as D
@@ -126,21 +125,6 @@ def _multiplier(lr: Any) -> GradientTransformation:
     return scale_by_learning_rate(lr, flip_sign=False)
 
 
-_is_number = C.is_number
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether a fixed hyperparameter kept its value (tensors: only the very same object)."""
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    try:
-        return bool(a == b)
-    except Exception:  # an object whose == does not give a bool
-        return False
-
-
 def _plain(x: Any) -> bool:
     """Whether a group value can go into a ``weights_only`` checkpoint."""
     if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device, torch.Tensor)):
@@ -174,12 +158,6 @@ class _Bound:
         """Whether nothing changed: the same storage in the same places (another list of tensors
         has other storage, or another length: :meth:`same_list` then tells which)."""
         return self._ptrs(params) == self.ptrs
-
-
-def _factory_name(factory: Callable[..., Any]) -> str:
-    module = getattr(factory, "__module__", None) or ""
-    name = getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
-    return f"{module}.{name}" if module else name
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -256,18 +234,17 @@ class Optimizer(torch.optim.Optimizer):
                     " Pass a factory to set hyperparameters: Optimizer(params, grokxform.adamw, weight_decay=...)"
                 )
             lr = hyperparameters.get("lr", 1.0)
-            self._check_value("lr", lr, "the lr multiplier")
-            defaults: dict[str, Any] = {"lr": float(lr) if _is_number(lr) else lr}
+            H.check_multiplier(lr)
+            self._hp: H.Hyperparameters = H.MULTIPLIER
+            defaults: dict[str, Any] = {"lr": self._hp.coerce("lr", lr)}
             self._factory: Factory | None = None
             self._fixed_tx: GradientTransformation | None = tx
-            self._hp_names: tuple[str, ...] = ("lr",)
-            self._float_defaults: frozenset[str] = frozenset({"lr"})
             self.transform_name = "GradientTransformation"
         elif callable(tx) and not isinstance(tx, torch.Tensor):
-            defaults = self._factory_defaults(tx, hyperparameters)
+            self._hp, defaults = H.read_factory(tx, hyperparameters)
             self._factory = tx
             self._fixed_tx = None
-            self.transform_name = _factory_name(tx)
+            self.transform_name = H.factory_name(tx)
             # Build once, so that bad hyperparameters fail here, named by the factory.
             inject_hyperparams(tx)(**defaults)
         else:
@@ -285,51 +262,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- construction ------------------------------------------------------------------------
 
-    def _factory_defaults(self, factory: Factory, given: dict[str, Any]) -> dict[str, Any]:
-        try:
-            sig = inspect.signature(factory)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"Optimizer: cannot read the arguments of the factory {_factory_name(factory)}: {e}") from e
-        named = {
-            n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
-        takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-        unknown = [k for k in given if k not in named and not takes_any]
-        if unknown:
-            raise TypeError(
-                f"Optimizer: {_factory_name(factory)} has no argument {unknown[0]!r} (it takes {list(named)})"
-            )
-        missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
-        if missing:
-            raise TypeError(f"Optimizer: {_factory_name(factory)} needs the argument {missing[0]!r}")
-        defaults = {n: p.default for n, p in named.items() if p.default is not p.empty}
-        defaults.update(given)
-        self._hp_names = tuple(defaults)
-        self._float_defaults = frozenset(
-            n for n, p in named.items() if isinstance(p.default, float) or isinstance(given.get(n), float)
-        )
-        return {n: self._coerce(n, v) for n, v in defaults.items()}
-
-    def _coerce(self, name: str, value: Any) -> Any:
-        """An int given for a float hyperparameter (``weight_decay=0``) is that float, so that it is
-        injected as a tensor like the others."""
-        value = C.plain_number(value)  # NumPy scalars as Python numbers
-        if name in self._float_defaults and _is_number(value) and not isinstance(value, float):
-            return float(value)
-        return value
-
-    @staticmethod
-    def _check_value(name: str, value: Any, what: str) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"Optimizer: {what} {name!r} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
-                )
-        elif not _is_number(value):
-            raise TypeError(f"Optimizer: {what} {name!r} must be a number, got {type(value).__name__}")
-        elif not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"Optimizer: {what} {name!r} must be a finite number >= 0, got {value}")
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer.add_param_group``); its keys other than
         ``params`` must be hyperparameters of the transformation."""
@@ -337,7 +269,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"Optimizer: a param group must be a dict, got {type(param_group).__name__}")
         g = len(self.param_groups)
         for key in param_group:
-            if key in ("params", "param_names") or key in self._hp_names:
+            if key in ("params", "param_names") or key in self._hp.names:
                 continue
             if self._factory is None:
                 raise ValueError(
@@ -347,13 +279,13 @@ class Optimizer(torch.optim.Optimizer):
                 )
             raise ValueError(
                 f"Optimizer: param group {g} sets {key!r}, which is not an argument of {self.transform_name}"
-                f" (its hyperparameters: {list(self._hp_names)})"
+                f" (its hyperparameters: {list(self._hp.names)})"
             )
-        for key in self._hp_names:
+        for key in self._hp.names:
             if key in param_group:
-                param_group[key] = self._coerce(key, param_group[key])
+                param_group[key] = self._hp.coerce(key, param_group[key])
         if self._factory is None and "lr" in param_group:
-            self._check_value("lr", param_group["lr"], "the lr multiplier")
+            H.check_multiplier(param_group["lr"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -366,9 +298,9 @@ class Optimizer(torch.optim.Optimizer):
             N.check_distinct(group["params"], names, g, before)
             tx, args = None, None
             if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
-                args = self._group_args(group)
+                args = self._hp.of(group)
                 tx = inject_hyperparams(self._factory)(**args)
-                self._checked[g] = self._numbers(args)
+                self._checked[g] = H.numbers(args)
         except Exception:
             self.param_groups.pop()
             raise
@@ -382,13 +314,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _group_args(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {n: self._coerce(n, group[n]) for n in self._hp_names if n in group}
-
-    @staticmethod
-    def _numbers(args: dict[str, Any]) -> dict[str, Any]:
-        return {n: v for n, v in args.items() if _is_number(v)}
-
     def _transform(self, g: int, group: dict[str, Any], state: Any) -> GradientTransformation:
         """The group's transformation, (re)built from the group's hyperparameters when a fixed one
         changed (or at the group's first step). Injected float values flow through the state; a
@@ -397,9 +322,9 @@ class Optimizer(torch.optim.Optimizer):
         if self._factory is None:
             assert self._fixed_tx is not None
             return self._fixed_tx
-        args = self._group_args(group)
+        args = self._hp.of(group)
         if not torch.compiler.is_compiling():
-            numbers = self._numbers(args)
+            numbers = H.numbers(args)
             if numbers != self._checked.get(g):
                 try:
                     self._factory(**args)
@@ -409,11 +334,7 @@ class Optimizer(torch.optim.Optimizer):
         built, tx = self._built_args[g], self._txs[g]
         if tx is not None and built is not None:
             injected = set(getattr(state, "hyperparams", {})) if state is not None else set()
-            changed = [
-                n for n, v in args.items()
-                if (n not in injected or callable(v) or callable(built.get(n))) and not _same(v, built.get(n))
-            ]
-            if not changed and set(args) == set(built):
+            if H.still_serves(args, built, injected):
                 return tx
         tx = inject_hyperparams(self._factory)(**args)
         self._txs[g], self._built_args[g] = tx, args
@@ -427,7 +348,7 @@ class Optimizer(torch.optim.Optimizer):
             value = group[name]
             if callable(value) and not isinstance(value, torch.Tensor):
                 continue  # a schedule of the step: evaluated by the transformation itself
-            if not isinstance(value, torch.Tensor) and not _is_number(value):
+            if not isinstance(value, torch.Tensor) and not C.is_number(value):
                 raise TypeError(
                     f"Optimizer: param group {g} has {name}={value!r}; a float hyperparameter must stay a number"
                 )
@@ -581,7 +502,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         scale = group["lr"] if self._factory is None else 1.0
         if self._factory is None and not torch.compiler.is_compiling():
-            self._check_value("lr", scale, "the lr multiplier")
+            H.check_multiplier(scale)
         if isinstance(scale, torch.Tensor) or scale != 1.0:  # the multiplier, rounded to the updates' dtype
             scale = scale.detach() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
         for n, p in zip(names, params):
@@ -621,7 +542,7 @@ class Optimizer(torch.optim.Optimizer):
         fills, so a scheduler changes the lr without a new graph."""
         group = self.param_groups[g]
         if self._factory is None:
-            self._check_value("lr", group["lr"], "the lr multiplier")
+            H.check_multiplier(group["lr"])
             self._fill(g, "lr", fs.state[1].hyperparams["lr"], group["lr"])
         else:
             self._fill_hyperparams(g, group, self._states[g])
@@ -869,7 +790,7 @@ class Optimizer(torch.optim.Optimizer):
                 if self._factory is None:
                     tx = self._fixed_tx
                 else:
-                    args = self._group_args(new_group)
+                    args = self._hp.of(new_group)
                     try:
                         tx = inject_hyperparams(self._factory)(**args)
                     except (TypeError, ValueError) as e:
@@ -897,7 +818,7 @@ class Optimizer(torch.optim.Optimizer):
             self._txs[g], self._built_args[g], self._states[g] = tx, args, state
             self._bound[g] = _Bound(self.param_groups[g]["params"])
             if args is not None:
-                self._checked[g] = self._numbers(args)
+                self._checked[g] = H.numbers(args)
         self.state.clear()
         for g in range(len(self.param_groups)):
             self._refresh_state_views(g)
