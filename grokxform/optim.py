@@ -93,6 +93,7 @@ from grokxform import _naming as N
 from grokxform import _state_io as S
 from grokxform import declarations as D
 from grokxform import distributed as _dist
+from grokxform._group_reductions import GroupReductions
 from grokxform.base import GradientTransformation, chain
 from grokxform.engine.layout import (
     Owned,
@@ -112,8 +113,6 @@ from grokxform.transforms.wrappers import inject_hyperparams
 Factory = Callable[..., GradientTransformation]
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
-_SPANNED = ("clip_by_global_norm", "apply_if_finite")
-"""The reductions over the tree whose whole-gradient values the optimizer passes to each group."""
 _FORMAT_VERSION = 3
 """1: one encoded state per group; 2: torch.optim's layout, MA windows oldest first; 3: torch.optim's
 layout, MA windows as their ring slots (1 and 2 are still read)."""
@@ -216,7 +215,7 @@ class Optimizer(torch.optim.Optimizer):
         self._bound: dict[int, _Bound] = {}
         self._checked: dict[int, dict[str, Any]] = {}  # the hyperparameter values last checked, per group
         self._extras_checked: dict[int, tuple[GradientTransformation, frozenset[str]]] = {}
-        self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
+        self._group_reductions = GroupReductions()
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` (the engine's generated kernels),
         ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
@@ -608,44 +607,17 @@ class Optimizer(torch.optim.Optimizer):
             self._extras_checked[g] = (tx, names)
 
     def _whole_gradient(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """With several param groups, a reduction over the tree (the global clip norm,
-        ``apply_if_finite``'s check) spans all of them, as one ``clip_grad_norm_(parameters)``
-        does: the reductions of the whole gradient go to every group's ``update``
-        (:func:`grokxform.declarations.whole_gradient_reductions`). Groups change
-        hyperparameters, never the scope of a reduction."""
+        """``extra`` with the values of the whole gradient that the tree reductions of the param
+        groups read (the global clip norm, ``apply_if_finite``'s check), when several groups step:
+        a reduction spans all of them, as one ``clip_grad_norm_(parameters)`` does
+        (:class:`grokxform._group_reductions.GroupReductions`)."""
         stepping = [g for g, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
         if len(stepping) < 2:
             return extra
-        names: set[str] = set()
-        for g in stepping:
-            tx = self._transform(g, self.param_groups[g], self._states[g])
-            cached = self._reductions_of.get(g)
-            if cached is None or cached[0] is not tx:
-                cached = self._reductions_of[g] = (tx, D.tree_reductions(D.declaration_of(tx)))
-            for name, on_gradient in cached[1]:
-                if name not in _SPANNED:
-                    raise ValueError(
-                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that"
-                        " several param groups cannot share (only clip_by_global_norm's norm and apply_if_finite's"
-                        " check are passed across groups). Use one param group and give per-parameter differences"
-                        " as masks (weight_decay_mask=...)"
-                    )
-                if not on_gradient:
-                    raise ValueError(
-                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that does"
-                        " not read the gradients as they come (other members change them first, or a mask or"
-                        " partition selects some leaves), so it cannot span several param groups. Use one param"
-                        " group and give per-parameter differences as masks (weight_decay_mask=...), or put the"
-                        " reduction first in the chain"
-                    )
-                names.add(name)
-        if not names:
-            return extra
-        wanted = [D.GLOBAL_NORM] if "clip_by_global_norm" in names else []
-        if "apply_if_finite" in names:
-            wanted.append(D.GLOBAL_FINITE)
+        transforms = ((g, self._transform(g, self.param_groups[g], self._states[g])) for g in stepping)
         grads = [p.grad for g in stepping for p in self.param_groups[g]["params"]]
-        return {**D.whole_gradient_reductions(grads, wanted), **extra}
+        whole = self._group_reductions.whole_gradient(transforms, grads, self.transform_name)
+        return {**whole, **extra} if whole else extra
 
     def metrics(self, *, floats: bool = False) -> dict[str, Any]:
         """:func:`grokxform.metrics.metrics` of every initialised group state (keys prefixed with
