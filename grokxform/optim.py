@@ -82,11 +82,12 @@ bit.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 import torch
 
+from grokxform import _checkpoint as K
 from grokxform import _common as C
 from grokxform import _hyperparams as H
 from grokxform import _naming as N
@@ -113,24 +114,10 @@ from grokxform.transforms.wrappers import inject_hyperparams
 Factory = Callable[..., GradientTransformation]
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
-_FORMAT_VERSION = 3
-"""1: one encoded state per group; 2: torch.optim's layout, MA windows oldest first; 3: torch.optim's
-layout, MA windows as their ring slots (1 and 2 are still read)."""
-_GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
-
 
 def _multiplier(lr: Any) -> GradientTransformation:
     """``u·lr``: the lr multiplier of a ready transformation, as the last member of its fused step."""
     return scale_by_learning_rate(lr, flip_sign=False)
-
-
-def _plain(x: Any) -> bool:
-    """Whether a group value can go into a ``weights_only`` checkpoint."""
-    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device, torch.Tensor)):
-        return True
-    if isinstance(x, (tuple, list)):
-        return all(_plain(v) for v in x)
-    return False
 
 
 class _Bound:
@@ -646,94 +633,18 @@ class Optimizer(torch.optim.Optimizer):
         loading keeps the current ones."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        groups = []
-        state: dict[int, dict[str, Any]] = {}
-        index = 0
-        for g, group in enumerate(self.param_groups):
-            saved = {
-                k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in group.items()
-                if k not in _GROUP_BOOKKEEPING and _plain(v)
-            }
-            ids = list(range(index, index + len(group["params"])))
-            saved["params"] = ids
-            saved["param_names"] = [N.canonical(n) for n in self._names[g]]
-            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
-            saved["grokxform_version"] = _FORMAT_VERSION
-            saved["grokxform_transform"] = self.transform_name
-            index += len(ids)
-            groups.append(saved)
-            if self._states[g] is not None:
-                entries = S.param_entries(self._ring_slots(g), self._names[g])
-                state.update({i: entries[n] for i, n in zip(ids, self._names[g])})
-        sd: dict[str, Any] = {"state": state, "param_groups": groups}
+        sd = K.state_dict(
+            [
+                (group, self._names[g], None if self._states[g] is None else self._ring_slots(g))
+                for g, group in enumerate(self.param_groups)
+            ],
+            self.transform_name,
+        )
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
-
-    def _check_checkpoint(self, sd: Any) -> int:
-        """Check ``sd`` against this optimizer (nothing changed); its format version."""
-        if not isinstance(sd, Mapping):
-            raise TypeError(f"load_state_dict: expected a dict, got {type(sd).__name__}")
-        groups, states = sd.get("param_groups"), sd.get("state")
-        if "grokxform" in sd:  # format 1
-            meta = sd["grokxform"]
-            version = meta.get("version") if isinstance(meta, Mapping) else None
-            transform = meta.get("transform") if isinstance(meta, Mapping) else None
-            if not isinstance(groups, list) or not isinstance(states, list) or len(groups) != len(states):
-                raise ValueError("load_state_dict: 'param_groups' and 'state' must be lists of the same length")
-            if version != 1:
-                raise ValueError(f"load_state_dict: unsupported checkpoint format {meta!r}")
-        else:
-            ours = isinstance(groups, list) and groups and all(
-                isinstance(x, Mapping) and "grokxform_version" in x for x in groups
-            )
-            if not ours:
-                torch_like = "param_groups" in sd
-                kind = "a torch.optim optimizer's state_dict" if torch_like else f"a dict with keys {list(sd)[:6]}"
-                raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
-            assert isinstance(groups, list)
-            version, transform = groups[0]["grokxform_version"], groups[0].get("grokxform_transform")
-            if version not in (2, _FORMAT_VERSION):
-                raise ValueError(
-                    f"load_state_dict: unsupported checkpoint format {version!r} (this version reads 1, 2 and"
-                    f" {_FORMAT_VERSION})"
-                )
-            if not isinstance(states, Mapping):
-                raise ValueError("load_state_dict: 'state' must be a dict of the parameters' states")
-        if transform != self.transform_name:
-            raise ValueError(
-                f"load_state_dict: the checkpoint is of an optimizer over {transform!r}, this one runs"
-                f" {self.transform_name!r}"
-            )
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"load_state_dict: the checkpoint has {len(groups)} param groups,"
-                f" this optimizer {len(self.param_groups)}"
-            )
-        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            names = list(saved.get("param_names", []))
-            if len(names) != len(group["params"]) or len(saved.get("params", names)) != len(names):
-                raise ValueError(
-                    f"load_state_dict: param group {g} has {len(names)} parameters in the checkpoint,"
-                    f" {len(group['params'])} here"
-                )
-            here = [N.canonical(n) for n in self._names[g]]
-            diff = next((i for i, (a, b) in enumerate(zip(names, here)) if N.canonical(a) != b), None)
-            if diff is not None:
-                raise ValueError(
-                    f"load_state_dict: param group {g}, parameter {diff} is {names[diff]!r} in the checkpoint,"
-                    f" {self._names[g][diff]!r} here"
-                )
-            for n, shape, p in zip(names, saved.get("param_shapes", []), group["params"]):
-                if list(shape) != list(p.shape):
-                    raise ValueError(
-                        f"load_state_dict: parameter {n!r} has shape {tuple(shape)} in the checkpoint,"
-                        f" {tuple(p.shape)} here"
-                    )
-        return int(version)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict` (or one that ``torch.distributed.checkpoint`` rebuilt: the
@@ -745,43 +656,24 @@ class Optimizer(torch.optim.Optimizer):
             result = pre_hook(self, sd)
             if result is not None:
                 sd = result
-        version = self._check_checkpoint(sd)
+        version = K.check(sd, self.transform_name, [(n, x["params"]) for n, x in zip(self._names, self.param_groups)])
         staged = []
-        for g, (saved_group, group) in enumerate(zip(sd["param_groups"], self.param_groups)):
-            values = {k: v for k, v in saved_group.items() if k not in _GROUP_BOOKKEEPING}
-            new_group = {**group, **values}
-            if version == 1:
-                saved_state = sd["state"][g]
-            else:
-                keys = saved_group.get("params", list(range(len(group["params"]))))
-                saved_state = {n: sd["state"].get(k) for n, k in zip(self._names[g], keys)}
-                if all(v is None for v in saved_state.values()):
-                    saved_state = None
+        for g, group in enumerate(self.param_groups):
+            values = K.group_values(sd["param_groups"][g])
+            saved = K.saved_state(sd, version, g, self._names[g])
             tx, state, args = None, None, None
-            if saved_state is not None:
+            if saved is not None:
                 if self._factory is None:
                     tx = self._fixed_tx
                 else:
-                    args = self._hp.of(new_group)
+                    args = self._hp.of({**group, **values})
                     try:
                         tx = inject_hyperparams(self._factory)(**args)
                     except (TypeError, ValueError) as e:
                         raise type(e)(f"load_state_dict: param group {g}: {e}") from None
                 assert tx is not None
-                names, specs = self._names[g], self._shard_specs(g)
-                tree = {n: p.detach() for n, p in zip(names, group["params"])}
                 where = f"load_state_dict: param group {g}'s state"
-                with torch.no_grad():
-                    if version == 1:
-                        state = S.decode(saved_state, tx.init(tree), where)
-                    elif version == 2:  # windows oldest first
-                        state = S.from_param_entries(saved_state, tx.init(tree), names, where)
-                    else:  # windows as ring slots
-                        local = {n: _dist.local(p) for n, p in tree.items()}
-                        template = _dist.shard_like(to_eager_layout(init_state(tx, local), ring_order=True), specs)
-                        state = S.from_param_entries(saved_state, template, names, where)
-                    S.check_loaded(state, names, where)
-                    state = to_fused_layout(_dist.unshard_tree(state), ring_order=version == _FORMAT_VERSION)
+                state = K.restore(saved, version, tx, group["params"], self._names[g], self._shard_specs(g), where)
             staged.append((values, tx, args, state))
         self._fused_steps.clear()  # a fused step owns the state it adopted: adopt the loaded one
         self._slots_of.clear()
