@@ -1,11 +1,11 @@
 """State trees to and from plain containers, for checkpoints that ``torch.load(weights_only=True)``
 accepts, and per-parameter views of a state tree.
 
-The optimizer's checkpoint layout is torch.optim's (what ``torch.distributed.checkpoint`` reads):
-:func:`param_entries` gives each parameter a flat dict of its state, ``{path: leaf}``, the
-per-parameter tensors under their path in the state (the parameter's key left out) and every
-group-wide leaf (counts, hyperparameters, signals) repeated under ``"group." + path``, as torch
-repeats ``step`` for each parameter. :func:`from_param_entries` reads such dicts back against a
+The optimizer's checkpoint format (:mod:`grokxform._checkpoint`) has torch.optim's layout (what
+``torch.distributed.checkpoint`` reads): :func:`param_entries` gives each parameter a flat dict
+of its state, ``{path: leaf}``, the per-parameter tensors under their path in the state (the
+parameter's key left out) and every group-wide leaf (counts, hyperparameters, signals) repeated
+under ``"group." + path``, as torch repeats ``step`` for each parameter. :func:`from_param_entries` reads such dicts back against a
 template. Tensors are the state's own, not copies (torch.optim's convention), 0-d ones too.
 The older encoded layout (:func:`encode` / :func:`decode`) is still read.
 
@@ -307,5 +307,5 @@ def check_loaded(state: Any, names: list[str], where: str) -> None:
             f"{where}: {', '.join(bad[:3])}{more} hold non-finite values (NaN or inf): the run was saved after"
             " it diverged there, and steps from this state keep them (apply_if_finite skips such steps)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of Optimizer.load_state_dict (through grokxform._checkpoint.restore)
         )

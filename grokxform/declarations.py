@@ -488,30 +488,51 @@ def whole_gradient_reductions(
     return out
 
 
+WHOLE_GRADIENT = (GLOBAL_NORM, GLOBAL_FINITE)
+"""The keyword arguments of ``update`` that give a reduction over a tree its value over the whole
+gradient, when the tree is a part of it (:func:`whole_gradient_reductions` computes them)."""
+
+
 def tree_reductions(decl: Any, *, on_gradient: bool = True) -> list[tuple[str, bool]]:
     """The reductions over the whole tree that the declared transform ``decl`` makes, in order:
     ``(name, on_gradient)`` for each, ``on_gradient`` saying whether it reads the incoming
     gradient of every leaf as it is (first in the chain, with no mask, partition or accumulation
     above it). Per-leaf reductions (``clip_by_tensor_norm``) are not listed; nor is anything
     inside a member without a declaration."""
+    return [(name, on) for name, on, _ in tree_reduction_args(decl, on_gradient=on_gradient)]
+
+
+def tree_reduction_args(decl: Any, *, on_gradient: bool = True) -> list[tuple[str, bool, tuple[str, ...]]]:
+    """:func:`tree_reductions` with, for each, the arguments of ``update`` (of
+    :data:`WHOLE_GRADIENT`) through which it takes its value over a whole gradient of which the
+    tree is a part: those a primitive declares among its :attr:`Elementwise.extras`, and
+    :data:`GLOBAL_FINITE` for ``apply_if_finite``. A reduction without one reduces the tree it is
+    given, and only that."""
     if decl is None:
         return []
     if isinstance(decl, Elementwise):
-        return [(decl.name, on_gradient)] if decl.reduce and decl.reduce_scope == "tree" else []
+        if not (decl.reduce and decl.reduce_scope == "tree"):
+            return []
+        return [(decl.name, on_gradient, tuple(a for a in decl.extras if a in WHOLE_GRADIENT))]
     if isinstance(decl, Sequence):
-        return [r for k, m in enumerate(decl.members) for r in tree_reductions(m, on_gradient=on_gradient and k == 0)]
+        return [
+            r for k, m in enumerate(decl.members) for r in tree_reduction_args(m, on_gradient=on_gradient and k == 0)
+        ]
     if isinstance(decl, Amplify):
-        return tree_reductions(decl.inner, on_gradient=on_gradient)
+        return tree_reduction_args(decl.inner, on_gradient=on_gradient)
     if isinstance(decl, Masked):
-        return tree_reductions(decl.inner, on_gradient=False)
+        return tree_reduction_args(decl.inner, on_gradient=False)
     if isinstance(decl, Partition):
-        return [r for m in decl.members.values() for r in tree_reductions(m, on_gradient=False)]
+        return [r for m in decl.members.values() for r in tree_reduction_args(m, on_gradient=False)]
     if isinstance(decl, Injected):
-        return tree_reductions(declaration_of(decl.example()), on_gradient=on_gradient)
+        return tree_reduction_args(declaration_of(decl.example()), on_gradient=on_gradient)
     if isinstance(decl, Accumulate):
-        return tree_reductions(decl.inner, on_gradient=False)
+        return tree_reduction_args(decl.inner, on_gradient=False)
     if isinstance(decl, IfFinite):
-        return [("apply_if_finite", on_gradient), *tree_reductions(decl.inner, on_gradient=on_gradient)]
+        return [
+            ("apply_if_finite", on_gradient, (GLOBAL_FINITE,)),
+            *tree_reduction_args(decl.inner, on_gradient=on_gradient),
+        ]
     raise TypeError(f"not a declaration: {type(decl).__name__}")
 
 
@@ -664,6 +685,7 @@ def state_device(state: Any, fallback: list[torch.Tensor]) -> torch.device:
 __all__ = [
     "GLOBAL_FINITE",
     "GLOBAL_NORM",
+    "WHOLE_GRADIENT",
     "Accumulate",
     "Amplify",
     "Declaration",
@@ -682,6 +704,7 @@ __all__ = [
     "declare",
     "extra_args",
     "run_rule",
+    "tree_reduction_args",
     "tree_reductions",
     "whole_gradient_reductions",
 ]

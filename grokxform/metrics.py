@@ -17,8 +17,11 @@ state field names, the ``inner_state`` field of wrappers left out. For ``grokada
 
 ``slow_norm`` needs λ, which the filter's state does not hold: it is given when an enclosing
 ``inject_hyperparams`` state has a ``lamb`` hyperparameter (``grokfast_ema``, ``grokadamw``).
-Besides these, every 0-d tensor field of any state NamedTuple is listed under its path, so the
-counters of other wrappers appear too. Per-parameter trees (moments, windows) are not listed.
+A state class that defines ``metrics(hyperparams)`` lists its own values (those above for
+:class:`~grokxform.EmaFilterState` and :class:`~grokxform.ClipByGlobalNormState`; ``hyperparams``
+are the injected hyperparameters of the states that enclose it). Of any other state NamedTuple,
+every 0-d tensor field is listed under its path, so the counters of other wrappers appear too.
+Per-parameter trees (moments, windows) are not listed.
 
 Values are detached copies (0-d tensors; no device synchronisation), or Python floats with
 ``floats=True``.
@@ -31,8 +34,6 @@ from typing import Any
 import torch
 
 from grokxform import _state_io as S
-from grokxform.transforms.clipping import ClipByGlobalNormState
-from grokxform.transforms.filters import EmaFilterState
 
 Metrics = dict[str, Any]
 
@@ -41,50 +42,18 @@ def _key(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
-def _tree_norm(tree: Any) -> torch.Tensor | None:
-    """√(Σ_leaves ‖leaf‖²) in float64 over the tensor leaves of ``tree``; ``None`` without any."""
-    leaves = [x for x in _leaves(tree) if isinstance(x, torch.Tensor) and x.numel() > 0]
-    if not leaves:
-        return None
-    dev = leaves[0].device
-    norms = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64).to(dev) for x in leaves])
-    return torch.linalg.vector_norm(norms)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return [leaf for v in tree.values() for leaf in _leaves(v)]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for v in tree for leaf in _leaves(v)]
-    return [tree]
-
-
-def _ema(state: EmaFilterState, path: str, lamb: torch.Tensor | None, out: Metrics) -> None:
-    out[_key(path, "alpha")] = state.alpha
-    out[_key(path, "signal")] = state.signal
-    out[_key(path, "step")] = state.step
-    mu_norm = _tree_norm(state.mu)
-    if mu_norm is not None:
-        out[_key(path, "mu_norm")] = mu_norm
-        if lamb is not None:
-            out[_key(path, "slow_norm")] = lamb.detach().to(mu_norm.device, torch.float64).abs() * mu_norm
-
-
-def _walk(node: Any, path: str, lamb: torch.Tensor | None, out: Metrics) -> None:
-    if isinstance(node, EmaFilterState):
-        _ema(node, path, lamb, out)
-    elif isinstance(node, ClipByGlobalNormState):
-        out[_key(path, "norm")] = node.norm
-        out[_key(path, "scale")] = node.scale
+def _walk(node: Any, path: str, hyperparams: dict[str, torch.Tensor], out: Metrics) -> None:
+    if S.is_namedtuple(node) and callable(getattr(type(node), "metrics", None)):
+        for name, value in node.metrics(hyperparams).items():
+            out[_key(path, name)] = value
     elif S.is_namedtuple(node):
         fields = dict(zip(node._fields, node))
         hyper = fields.get("hyperparams")
         if isinstance(hyper, dict) and "inner_state" in fields:
-            for name, value in hyper.items():
-                if isinstance(value, torch.Tensor):
-                    out[_key(path, name)] = value
-            if isinstance(hyper.get("lamb"), torch.Tensor):
-                lamb = hyper["lamb"]
+            injected = {name: value for name, value in hyper.items() if isinstance(value, torch.Tensor)}
+            for name, value in injected.items():
+                out[_key(path, name)] = value
+            hyperparams = {**hyperparams, **injected}
         for name, value in fields.items():
             if name == "hyperparams" and isinstance(hyper, dict):
                 continue
@@ -92,14 +61,14 @@ def _walk(node: Any, path: str, lamb: torch.Tensor | None, out: Metrics) -> None
                 if value.dim() == 0:
                     out[_key(path, name)] = value
             else:
-                _walk(value, path if name == "inner_state" else _key(path, name), lamb, out)
+                _walk(value, path if name == "inner_state" else _key(path, name), hyperparams, out)
     elif isinstance(node, (tuple, list)):
         for i, value in enumerate(node):
-            _walk(value, _key(path, str(i)), lamb, out)
+            _walk(value, _key(path, str(i)), hyperparams, out)
     elif isinstance(node, dict):
         for name, value in node.items():
             if not isinstance(value, torch.Tensor) and value is not None:
-                _walk(value, _key(path, str(name)), lamb, out)
+                _walk(value, _key(path, str(name)), hyperparams, out)
 
 
 def metrics(state: Any, *, prefix: str = "", floats: bool = False) -> Metrics:
@@ -118,7 +87,7 @@ def metrics(state: Any, *, prefix: str = "", floats: bool = False) -> Metrics:
     if not isinstance(prefix, str):
         raise TypeError(f"metrics: prefix must be a str, got {type(prefix).__name__}")
     raw: Metrics = {}
-    _walk(state, "", None, raw)
+    _walk(state, "", {}, raw)
     out: Metrics = {}
     for key, value in raw.items():
         value = value.detach().clone()

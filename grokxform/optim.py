@@ -82,18 +82,20 @@ bit.
 
 from __future__ import annotations
 
-import inspect
-import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 import torch
 
+from grokxform import _checkpoint as K
 from grokxform import _common as C
+from grokxform import _hyperparams as H
+from grokxform import _naming as N
 from grokxform import _state_io as S
 from grokxform import declarations as D
 from grokxform import distributed as _dist
+from grokxform._group_reductions import GroupReductions
 from grokxform.base import GradientTransformation, chain
 from grokxform.engine.layout import (
     Owned,
@@ -113,48 +115,10 @@ from grokxform.transforms.wrappers import inject_hyperparams
 Factory = Callable[..., GradientTransformation]
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
-_SPANNED = ("clip_by_global_norm", "apply_if_finite")
-"""The reductions over the tree whose whole-gradient values the optimizer passes to each group."""
-_FORMAT_VERSION = 3
-"""1: one encoded state per group; 2: torch.optim's layout, MA windows oldest first; 3: torch.optim's
-layout, MA windows as their ring slots (1 and 2 are still read)."""
-_GROUP_BOOKKEEPING = ("params", "param_names", "param_shapes", "grokxform_version", "grokxform_transform")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, left out of the checkpoint names
-
-
-def _canonical(name: str) -> str:
-    """A parameter name without the prefixes that DDP and ``torch.compile`` add (what
-    ``torch.distributed.checkpoint`` calls the FQN)."""
-    return ".".join(part for part in name.split(".") if part + "." not in _WRAPPER_PREFIXES)
-
 
 def _multiplier(lr: Any) -> GradientTransformation:
     """``u·lr``: the lr multiplier of a ready transformation, as the last member of its fused step."""
     return scale_by_learning_rate(lr, flip_sign=False)
-
-
-_is_number = C.is_number
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether a fixed hyperparameter kept its value (tensors: only the very same object)."""
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    try:
-        return bool(a == b)
-    except Exception:  # an object whose == does not give a bool
-        return False
-
-
-def _plain(x: Any) -> bool:
-    """Whether a group value can go into a ``weights_only`` checkpoint."""
-    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device, torch.Tensor)):
-        return True
-    if isinstance(x, (tuple, list)):
-        return all(_plain(v) for v in x)
-    return False
 
 
 class _Bound:
@@ -181,12 +145,6 @@ class _Bound:
         """Whether nothing changed: the same storage in the same places (another list of tensors
         has other storage, or another length: :meth:`same_list` then tells which)."""
         return self._ptrs(params) == self.ptrs
-
-
-def _factory_name(factory: Callable[..., Any]) -> str:
-    module = getattr(factory, "__module__", None) or ""
-    name = getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
-    return f"{module}.{name}" if module else name
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -245,7 +203,7 @@ class Optimizer(torch.optim.Optimizer):
         self._bound: dict[int, _Bound] = {}
         self._checked: dict[int, dict[str, Any]] = {}  # the hyperparameter values last checked, per group
         self._extras_checked: dict[int, tuple[GradientTransformation, frozenset[str]]] = {}
-        self._reductions_of: dict[int, tuple[Any, list[tuple[str, bool]]]] = {}
+        self._group_reductions = GroupReductions()
         self.engines: list[str | None] = []
         """What ran each param group's last step: ``"triton"`` or ``"c"`` (the engine's generated
         kernels), ``"foreach"`` (the engine's plan with in-place foreach ops), ``"inductor"``, ``"aot_eager"`` or
@@ -263,18 +221,17 @@ class Optimizer(torch.optim.Optimizer):
                     " Pass a factory to set hyperparameters: Optimizer(params, grokxform.adamw, weight_decay=...)"
                 )
             lr = hyperparameters.get("lr", 1.0)
-            self._check_value("lr", lr, "the lr multiplier")
-            defaults: dict[str, Any] = {"lr": float(lr) if _is_number(lr) else lr}
+            H.check_multiplier(lr)
+            self._hp: H.Hyperparameters = H.MULTIPLIER
+            defaults: dict[str, Any] = {"lr": self._hp.coerce("lr", lr)}
             self._factory: Factory | None = None
             self._fixed_tx: GradientTransformation | None = tx
-            self._hp_names: tuple[str, ...] = ("lr",)
-            self._float_defaults: frozenset[str] = frozenset({"lr"})
             self.transform_name = "GradientTransformation"
         elif callable(tx) and not isinstance(tx, torch.Tensor):
-            defaults = self._factory_defaults(tx, hyperparameters)
+            self._hp, defaults = H.read_factory(tx, hyperparameters)
             self._factory = tx
             self._fixed_tx = None
-            self.transform_name = _factory_name(tx)
+            self.transform_name = H.factory_name(tx)
             # Build once, so that bad hyperparameters fail here, named by the factory.
             inject_hyperparams(tx)(**defaults)
         else:
@@ -285,61 +242,12 @@ class Optimizer(torch.optim.Optimizer):
         self._built_args: list[dict[str, Any] | None] = []
         self._states: list[Any] = []
         self._names: list[list[str]] = []
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"Optimizer: module must be a torch.nn.Module, got {type(module).__name__}")
         # The module's names for the unnamed params given here (not kept: groups added later name theirs).
-        self._module_names: dict[int, str] | None = (
-            None if module is None else {id(p): n for n, p in module.named_parameters()}
-        )
+        self._module_names = N.module_names(module)
         super().__init__(params, defaults)
         self._module_names = None
 
     # -- construction ------------------------------------------------------------------------
-
-    def _factory_defaults(self, factory: Factory, given: dict[str, Any]) -> dict[str, Any]:
-        try:
-            sig = inspect.signature(factory)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"Optimizer: cannot read the arguments of the factory {_factory_name(factory)}: {e}") from e
-        named = {
-            n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
-        takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-        unknown = [k for k in given if k not in named and not takes_any]
-        if unknown:
-            raise TypeError(
-                f"Optimizer: {_factory_name(factory)} has no argument {unknown[0]!r} (it takes {list(named)})"
-            )
-        missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
-        if missing:
-            raise TypeError(f"Optimizer: {_factory_name(factory)} needs the argument {missing[0]!r}")
-        defaults = {n: p.default for n, p in named.items() if p.default is not p.empty}
-        defaults.update(given)
-        self._hp_names = tuple(defaults)
-        self._float_defaults = frozenset(
-            n for n, p in named.items() if isinstance(p.default, float) or isinstance(given.get(n), float)
-        )
-        return {n: self._coerce(n, v) for n, v in defaults.items()}
-
-    def _coerce(self, name: str, value: Any) -> Any:
-        """An int given for a float hyperparameter (``weight_decay=0``) is that float, so that it is
-        injected as a tensor like the others."""
-        value = C.plain_number(value)  # NumPy scalars as Python numbers
-        if name in self._float_defaults and _is_number(value) and not isinstance(value, float):
-            return float(value)
-        return value
-
-    @staticmethod
-    def _check_value(name: str, value: Any, what: str) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"Optimizer: {what} {name!r} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
-                )
-        elif not _is_number(value):
-            raise TypeError(f"Optimizer: {what} {name!r} must be a number, got {type(value).__name__}")
-        elif not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"Optimizer: {what} {name!r} must be a finite number >= 0, got {value}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer.add_param_group``); its keys other than
@@ -348,7 +256,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"Optimizer: a param group must be a dict, got {type(param_group).__name__}")
         g = len(self.param_groups)
         for key in param_group:
-            if key in ("params", "param_names") or key in self._hp_names:
+            if key in ("params", "param_names") or key in self._hp.names:
                 continue
             if self._factory is None:
                 raise ValueError(
@@ -358,23 +266,28 @@ class Optimizer(torch.optim.Optimizer):
                 )
             raise ValueError(
                 f"Optimizer: param group {g} sets {key!r}, which is not an argument of {self.transform_name}"
-                f" (its hyperparameters: {list(self._hp_names)})"
+                f" (its hyperparameters: {list(self._hp.names)})"
             )
-        for key in self._hp_names:
+        for key in self._hp.names:
             if key in param_group:
-                param_group[key] = self._coerce(key, param_group[key])
+                param_group[key] = self._hp.coerce(key, param_group[key])
         if self._factory is None and "lr" in param_group:
-            self._check_value("lr", param_group["lr"], "the lr multiplier")
+            H.check_multiplier(param_group["lr"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            names = self._group_names(group, g)
-            self._check_distinct(group["params"], names, g)
+            before = list(zip(self._names, (x["params"] for x in self.param_groups[:-1])))
+            names = N.group_names(group, g, before, self._module_names)
+            for n, p in zip(names, group["params"]):
+                if p.is_sparse or p.is_complex():
+                    kind = "sparse" if p.is_sparse else "complex"
+                    raise TypeError(f"Optimizer: parameter {n!r} is {kind}, which is not supported")
+            N.check_distinct(group["params"], names, g, before)
             tx, args = None, None
             if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
-                args = self._group_args(group)
+                args = self._hp.of(group)
                 tx = inject_hyperparams(self._factory)(**args)
-                self._checked[g] = self._numbers(args)
+                self._checked[g] = H.numbers(args)
         except Exception:
             self.param_groups.pop()
             raise
@@ -386,64 +299,7 @@ class Optimizer(torch.optim.Optimizer):
         self.engines.append(None)
         self.fallback_reasons.append(None)
 
-    def _check_distinct(self, params: list[torch.Tensor], names: list[str], g: int) -> None:
-        """Refuse a tensor given twice (in this group or another): it would be updated twice."""
-        where: dict[int, str] = {}
-        known: dict[tuple[torch.device, int], str] = {}
-        for other, group in zip(self._names, self.param_groups):
-            for n, p in zip(other, group["params"]):
-                where[id(p)] = n
-                if p.numel():
-                    known[(p.device, _dist.local(p).data_ptr())] = n
-        for n, p in zip(names, params):
-            key = (p.device, _dist.local(p).data_ptr())
-            first = where.get(id(p)) or (known.get(key) if p.numel() else None)
-            if first is not None:
-                raise ValueError(
-                    f"Optimizer: parameter {n!r} of param group {g} is the same tensor as {first!r} (or shares its"
-                    " memory); each parameter may be given once, or it would be updated twice"
-                )
-            where[id(p)] = n
-            if p.numel():
-                known[key] = n
-
-    def _group_names(self, group: dict[str, Any], g: int) -> list[str]:
-        params = group["params"]
-        if "param_names" in group:
-            names = list(group["param_names"])
-            bad = [n for n in names if not isinstance(n, str)]
-            if bad:
-                raise TypeError(f"Optimizer: parameter names must be str, param group {g} has {bad[0]!r}")
-        elif self._module_names is not None:
-            outside = next((i for i, p in enumerate(params) if id(p) not in self._module_names), None)
-            if outside is not None:
-                raise ValueError(
-                    f"Optimizer: parameter {outside} of param group {g} is not a parameter of the module given"
-                    " as module= (its names come from module.named_parameters())"
-                )
-            names = [self._module_names[id(p)] for p in params]
-        else:
-            offset = sum(len(x["params"]) for x in self.param_groups[:-1])
-            names = [str(offset + i) for i in range(len(params))]
-        seen = {n for other in self._names for n in other}
-        for n in names:
-            if n in seen:
-                raise ValueError(f"Optimizer: the parameter name {n!r} appears twice (param group {g})")
-            seen.add(n)
-        for n, p in zip(names, params):
-            if p.is_sparse or p.is_complex():
-                kind = "sparse" if p.is_sparse else "complex"
-                raise TypeError(f"Optimizer: parameter {n!r} is {kind}, which is not supported")
-        return names
-
     # -- the step ------------------------------------------------------------------------------
-
-    def _group_args(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {n: self._coerce(n, group[n]) for n in self._hp_names if n in group}
-
-    @staticmethod
-    def _numbers(args: dict[str, Any]) -> dict[str, Any]:
-        return {n: v for n, v in args.items() if _is_number(v)}
 
     def _transform(self, g: int, group: dict[str, Any], state: Any) -> GradientTransformation:
         """The group's transformation, (re)built from the group's hyperparameters when a fixed one
@@ -453,9 +309,9 @@ class Optimizer(torch.optim.Optimizer):
         if self._factory is None:
             assert self._fixed_tx is not None
             return self._fixed_tx
-        args = self._group_args(group)
+        args = self._hp.of(group)
         if not torch.compiler.is_compiling():
-            numbers = self._numbers(args)
+            numbers = H.numbers(args)
             if numbers != self._checked.get(g):
                 try:
                     self._factory(**args)
@@ -465,11 +321,7 @@ class Optimizer(torch.optim.Optimizer):
         built, tx = self._built_args[g], self._txs[g]
         if tx is not None and built is not None:
             injected = set(getattr(state, "hyperparams", {})) if state is not None else set()
-            changed = [
-                n for n, v in args.items()
-                if (n not in injected or callable(v) or callable(built.get(n))) and not _same(v, built.get(n))
-            ]
-            if not changed and set(args) == set(built):
+            if H.still_serves(args, built, injected):
                 return tx
         tx = inject_hyperparams(self._factory)(**args)
         self._txs[g], self._built_args[g] = tx, args
@@ -483,7 +335,7 @@ class Optimizer(torch.optim.Optimizer):
             value = group[name]
             if callable(value) and not isinstance(value, torch.Tensor):
                 continue  # a schedule of the step: evaluated by the transformation itself
-            if not isinstance(value, torch.Tensor) and not _is_number(value):
+            if not isinstance(value, torch.Tensor) and not C.is_number(value):
                 raise TypeError(
                     f"Optimizer: param group {g} has {name}={value!r}; a float hyperparameter must stay a number"
                 )
@@ -637,7 +489,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         scale = group["lr"] if self._factory is None else 1.0
         if self._factory is None and not torch.compiler.is_compiling():
-            self._check_value("lr", scale, "the lr multiplier")
+            H.check_multiplier(scale)
         if isinstance(scale, torch.Tensor) or scale != 1.0:  # the multiplier, rounded to the updates' dtype
             scale = scale.detach() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
         for n, p in zip(names, params):
@@ -677,7 +529,7 @@ class Optimizer(torch.optim.Optimizer):
         fills, so a scheduler changes the lr without a new graph."""
         group = self.param_groups[g]
         if self._factory is None:
-            self._check_value("lr", group["lr"], "the lr multiplier")
+            H.check_multiplier(group["lr"])
             self._fill(g, "lr", fs.state[1].hyperparams["lr"], group["lr"])
         else:
             self._fill_hyperparams(g, group, self._states[g])
@@ -743,44 +595,17 @@ class Optimizer(torch.optim.Optimizer):
             self._extras_checked[g] = (tx, names)
 
     def _whole_gradient(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """With several param groups, a reduction over the tree (the global clip norm,
-        ``apply_if_finite``'s check) spans all of them, as one ``clip_grad_norm_(parameters)``
-        does: the reductions of the whole gradient go to every group's ``update``
-        (:func:`grokxform.declarations.whole_gradient_reductions`). Groups change
-        hyperparameters, never the scope of a reduction."""
+        """``extra`` with the values of the whole gradient that the tree reductions of the param
+        groups read (the global clip norm, ``apply_if_finite``'s check), when several groups step:
+        a reduction spans all of them, as one ``clip_grad_norm_(parameters)`` does
+        (:class:`grokxform._group_reductions.GroupReductions`)."""
         stepping = [g for g, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
         if len(stepping) < 2:
             return extra
-        names: set[str] = set()
-        for g in stepping:
-            tx = self._transform(g, self.param_groups[g], self._states[g])
-            cached = self._reductions_of.get(g)
-            if cached is None or cached[0] is not tx:
-                cached = self._reductions_of[g] = (tx, D.tree_reductions(D.declaration_of(tx)))
-            for name, on_gradient in cached[1]:
-                if name not in _SPANNED:
-                    raise ValueError(
-                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that"
-                        " several param groups cannot share (only clip_by_global_norm's norm and apply_if_finite's"
-                        " check are passed across groups). Use one param group and give per-parameter differences"
-                        " as masks (weight_decay_mask=...)"
-                    )
-                if not on_gradient:
-                    raise ValueError(
-                        f"Optimizer: {self.transform_name} makes a reduction over the whole tree ({name}) that does"
-                        " not read the gradients as they come (other members change them first, or a mask or"
-                        " partition selects some leaves), so it cannot span several param groups. Use one param"
-                        " group and give per-parameter differences as masks (weight_decay_mask=...), or put the"
-                        " reduction first in the chain"
-                    )
-                names.add(name)
-        if not names:
-            return extra
-        wanted = [D.GLOBAL_NORM] if "clip_by_global_norm" in names else []
-        if "apply_if_finite" in names:
-            wanted.append(D.GLOBAL_FINITE)
+        transforms = ((g, self._transform(g, self.param_groups[g], self._states[g])) for g in stepping)
         grads = [p.grad for g in stepping for p in self.param_groups[g]["params"]]
-        return {**D.whole_gradient_reductions(grads, wanted), **extra}
+        whole = self._group_reductions.whole_gradient(transforms, grads, self.transform_name)
+        return {**whole, **extra} if whole else extra
 
     def metrics(self, *, floats: bool = False) -> dict[str, Any]:
         """:func:`grokxform.metrics.metrics` of every initialised group state (keys prefixed with
@@ -809,94 +634,18 @@ class Optimizer(torch.optim.Optimizer):
         loading keeps the current ones."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        groups = []
-        state: dict[int, dict[str, Any]] = {}
-        index = 0
-        for g, group in enumerate(self.param_groups):
-            saved = {
-                k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in group.items()
-                if k not in _GROUP_BOOKKEEPING and _plain(v)
-            }
-            ids = list(range(index, index + len(group["params"])))
-            saved["params"] = ids
-            saved["param_names"] = [_canonical(n) for n in self._names[g]]
-            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
-            saved["grokxform_version"] = _FORMAT_VERSION
-            saved["grokxform_transform"] = self.transform_name
-            index += len(ids)
-            groups.append(saved)
-            if self._states[g] is not None:
-                entries = S.param_entries(self._ring_slots(g), self._names[g])
-                state.update({i: entries[n] for i, n in zip(ids, self._names[g])})
-        sd: dict[str, Any] = {"state": state, "param_groups": groups}
+        sd = K.state_dict(
+            [
+                (group, self._names[g], None if self._states[g] is None else self._ring_slots(g))
+                for g, group in enumerate(self.param_groups)
+            ],
+            self.transform_name,
+        )
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
-
-    def _check_checkpoint(self, sd: Any) -> int:
-        """Check ``sd`` against this optimizer (nothing changed); its format version."""
-        if not isinstance(sd, Mapping):
-            raise TypeError(f"load_state_dict: expected a dict, got {type(sd).__name__}")
-        groups, states = sd.get("param_groups"), sd.get("state")
-        if "grokxform" in sd:  # format 1
-            meta = sd["grokxform"]
-            version = meta.get("version") if isinstance(meta, Mapping) else None
-            transform = meta.get("transform") if isinstance(meta, Mapping) else None
-            if not isinstance(groups, list) or not isinstance(states, list) or len(groups) != len(states):
-                raise ValueError("load_state_dict: 'param_groups' and 'state' must be lists of the same length")
-            if version != 1:
-                raise ValueError(f"load_state_dict: unsupported checkpoint format {meta!r}")
-        else:
-            ours = isinstance(groups, list) and groups and all(
-                isinstance(x, Mapping) and "grokxform_version" in x for x in groups
-            )
-            if not ours:
-                torch_like = "param_groups" in sd
-                kind = "a torch.optim optimizer's state_dict" if torch_like else f"a dict with keys {list(sd)[:6]}"
-                raise ValueError(f"load_state_dict: this is {kind}, not a grokxform.Optimizer state_dict")
-            assert isinstance(groups, list)
-            version, transform = groups[0]["grokxform_version"], groups[0].get("grokxform_transform")
-            if version not in (2, _FORMAT_VERSION):
-                raise ValueError(
-                    f"load_state_dict: unsupported checkpoint format {version!r} (this version reads 1, 2 and"
-                    f" {_FORMAT_VERSION})"
-                )
-            if not isinstance(states, Mapping):
-                raise ValueError("load_state_dict: 'state' must be a dict of the parameters' states")
-        if transform != self.transform_name:
-            raise ValueError(
-                f"load_state_dict: the checkpoint is of an optimizer over {transform!r}, this one runs"
-                f" {self.transform_name!r}"
-            )
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"load_state_dict: the checkpoint has {len(groups)} param groups,"
-                f" this optimizer {len(self.param_groups)}"
-            )
-        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            names = list(saved.get("param_names", []))
-            if len(names) != len(group["params"]) or len(saved.get("params", names)) != len(names):
-                raise ValueError(
-                    f"load_state_dict: param group {g} has {len(names)} parameters in the checkpoint,"
-                    f" {len(group['params'])} here"
-                )
-            here = [_canonical(n) for n in self._names[g]]
-            diff = next((i for i, (a, b) in enumerate(zip(names, here)) if _canonical(a) != b), None)
-            if diff is not None:
-                raise ValueError(
-                    f"load_state_dict: param group {g}, parameter {diff} is {names[diff]!r} in the checkpoint,"
-                    f" {self._names[g][diff]!r} here"
-                )
-            for n, shape, p in zip(names, saved.get("param_shapes", []), group["params"]):
-                if list(shape) != list(p.shape):
-                    raise ValueError(
-                        f"load_state_dict: parameter {n!r} has shape {tuple(shape)} in the checkpoint,"
-                        f" {tuple(p.shape)} here"
-                    )
-        return int(version)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict` (or one that ``torch.distributed.checkpoint`` rebuilt: the
@@ -908,43 +657,24 @@ class Optimizer(torch.optim.Optimizer):
             result = pre_hook(self, sd)
             if result is not None:
                 sd = result
-        version = self._check_checkpoint(sd)
+        version = K.check(sd, self.transform_name, [(n, x["params"]) for n, x in zip(self._names, self.param_groups)])
         staged = []
-        for g, (saved_group, group) in enumerate(zip(sd["param_groups"], self.param_groups)):
-            values = {k: v for k, v in saved_group.items() if k not in _GROUP_BOOKKEEPING}
-            new_group = {**group, **values}
-            if version == 1:
-                saved_state = sd["state"][g]
-            else:
-                keys = saved_group.get("params", list(range(len(group["params"]))))
-                saved_state = {n: sd["state"].get(k) for n, k in zip(self._names[g], keys)}
-                if all(v is None for v in saved_state.values()):
-                    saved_state = None
+        for g, group in enumerate(self.param_groups):
+            values = K.group_values(sd["param_groups"][g])
+            saved = K.saved_state(sd, version, g, self._names[g])
             tx, state, args = None, None, None
-            if saved_state is not None:
+            if saved is not None:
                 if self._factory is None:
                     tx = self._fixed_tx
                 else:
-                    args = self._group_args(new_group)
+                    args = self._hp.of({**group, **values})
                     try:
                         tx = inject_hyperparams(self._factory)(**args)
                     except (TypeError, ValueError) as e:
                         raise type(e)(f"load_state_dict: param group {g}: {e}") from None
                 assert tx is not None
-                names, specs = self._names[g], self._shard_specs(g)
-                tree = {n: p.detach() for n, p in zip(names, group["params"])}
                 where = f"load_state_dict: param group {g}'s state"
-                with torch.no_grad():
-                    if version == 1:
-                        state = S.decode(saved_state, tx.init(tree), where)
-                    elif version == 2:  # windows oldest first
-                        state = S.from_param_entries(saved_state, tx.init(tree), names, where)
-                    else:  # windows as ring slots
-                        local = {n: _dist.local(p) for n, p in tree.items()}
-                        template = _dist.shard_like(to_eager_layout(init_state(tx, local), ring_order=True), specs)
-                        state = S.from_param_entries(saved_state, template, names, where)
-                    S.check_loaded(state, names, where)
-                    state = to_fused_layout(_dist.unshard_tree(state), ring_order=version == _FORMAT_VERSION)
+                state = K.restore(saved, version, tx, group["params"], self._names[g], self._shard_specs(g), where)
             staged.append((values, tx, args, state))
         self._fused_steps.clear()  # a fused step owns the state it adopted: adopt the loaded one
         self._slots_of.clear()
@@ -953,7 +683,7 @@ class Optimizer(torch.optim.Optimizer):
             self._txs[g], self._built_args[g], self._states[g] = tx, args, state
             self._bound[g] = _Bound(self.param_groups[g]["params"])
             if args is not None:
-                self._checked[g] = self._numbers(args)
+                self._checked[g] = H.numbers(args)
         self.state.clear()
         for g in range(len(self.param_groups)):
             self._refresh_state_views(g)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +25,15 @@ class ClipByGlobalNormState(NamedTuple):
 
     norm: torch.Tensor
     scale: torch.Tensor
+
+    def metrics(self, hyperparams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What :func:`grokxform.metrics` logs of this state: ``norm`` and ``scale``.
+
+        Args:
+            hyperparams: the injected hyperparameters of the states that enclose this one (unused).
+        """
+        del hyperparams
+        return {"norm": self.norm, "scale": self.scale}
 
 
 def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:

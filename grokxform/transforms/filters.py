@@ -6,6 +6,7 @@ A filter maps the gradient g_t to a slow component s_t; ``amplify(filter, λ)`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -36,6 +37,41 @@ class EmaFilterState(NamedTuple):
     mu: Any
     alpha: torch.Tensor
     signal: torch.Tensor
+
+    def metrics(self, hyperparams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What :func:`grokxform.metrics` logs of this state: ``alpha``, ``signal``, ``step``,
+        ``mu_norm`` (‖μ_t‖ over all leaves, float64) and ``slow_norm`` (|λ|·‖μ_t‖, the amplified
+        slow component), which needs λ: the ``lamb`` of an enclosing ``inject_hyperparams``.
+
+        Args:
+            hyperparams: the injected hyperparameters of the states that enclose this one.
+        """
+        out = {"alpha": self.alpha, "signal": self.signal, "step": self.step}
+        mu_norm = _tree_norm(self.mu)
+        if mu_norm is not None:
+            out["mu_norm"] = mu_norm
+            lamb = hyperparams.get("lamb")
+            if lamb is not None:
+                out["slow_norm"] = lamb.detach().to(mu_norm.device, torch.float64).abs() * mu_norm
+        return out
+
+
+def _tree_norm(tree: Any) -> torch.Tensor | None:
+    """√(Σ_leaves ‖leaf‖²) in float64 over the tensor leaves of ``tree``; ``None`` without any."""
+    leaves = [x for x in _leaves(tree) if isinstance(x, torch.Tensor) and x.numel() > 0]
+    if not leaves:
+        return None
+    dev = leaves[0].device
+    norms = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64).to(dev) for x in leaves])
+    return torch.linalg.vector_norm(norms)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
 
 
 def ema_filter(
