@@ -398,6 +398,7 @@ def test_ma_filter_window_mean_sum_and_warmup():
         assert got == pytest.approx(want, rel=1e-15), (kind, warm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("acc, bound", [(None, 1e-6), (F64, 2e-7)], ids=["float32-sum", "float64-sum"])
 def test_ma_filter_running_sum_does_not_drift_over_1e5_steps(acc, bound):
     """Gradients around 1000 (a large offset makes a running sum's rounding visible). A float32

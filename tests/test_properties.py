@@ -294,7 +294,7 @@ def test_vmapped_equals_each_member_alone(name: str, case: Case, n_members: int)
         assert_close_trees(member(state, m), want_s, f"{name} member {m} state", want_p)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "handmade" else n for n in NAMES])
 @_settings(max(2, EXAMPLES // 15))
 @given(case=cases(max_steps=3))
 def test_compiled_aot_eager_equals_functional(name: str, case: Case) -> None:
