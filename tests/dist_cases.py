@@ -1,5 +1,6 @@
-"""The runs of tests/test_distributed.py: one model, one data stream, four pipelines, trained in
-one process or on 2 ranks (FSDP2 or DDP), checkpointed with ``torch.distributed.checkpoint``.
+"""The runs of tests/test_distributed.py: one model, one data stream, the pipelines of
+``cases.ALIASES``, trained in one process or on 2 ranks (FSDP2 or DDP), checkpointed with
+``torch.distributed.checkpoint``.
 
 ``python tests/dist_cases.py OUT CKPT1`` is one rank of the 2-rank run (RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT in the environment); it writes ``OUT/rank{r}.pt`` with the full
@@ -15,20 +16,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from cases import ALIASES
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import grokxform as gx
 
 STEPS, SAVE_AT, BATCH = 6, 3, 16
-
-PIPELINES: dict[str, Any] = {
-    "adamw": lambda: (gx.adamw, {"lr": 1e-2, "weight_decay": 0.01}),
-    "grokfast_ema": lambda: (gx.grokfast_ema, {"lr": 1e-2, "weight_decay": 0.01}),
-    "grokfast_ma": lambda: (gx.grokfast_ma, {"lr": 1e-2, "window_size": 4}),
-    # a clip threshold well below the gradient norm: the clip acts at every step
-    "grokadamw": lambda: (gx.grokadamw, {"lr": 1e-2, "gradient_clipping": 0.05}),
-}
-
 
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -48,13 +41,13 @@ def batch(t: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Te
 def optimizer(m: torch.nn.Module, name: str, groups: bool = False, **kw: Any) -> gx.Optimizer:
     """The pipeline over ``m``'s named parameters; with ``groups``, as transformers' Trainer builds
     it: a decay and a no-decay group of unnamed parameters, named by ``module=``."""
-    factory, hp = PIPELINES[name]()
+    case = ALIASES[name]
     if not groups:
-        return gx.Optimizer(m.named_parameters(), factory, **hp, **kw)
+        return gx.Optimizer(m.named_parameters(), case.factory, **case.kwargs, **kw)
     decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in m.named_parameters() if not n.endswith("weight")]
     split = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    return gx.Optimizer(split, factory, module=m, **hp, **kw)
+    return gx.Optimizer(split, case.factory, module=m, **case.kwargs, **kw)
 
 
 def train(m: torch.nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
@@ -222,7 +215,7 @@ def main(out: str, ckpt1: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
-    for name in PIPELINES:
+    for name in ALIASES:
         results[f"fsdp2/{name}"] = sharded(name, rank, world, "fsdp2", ckpt=os.path.join(out, f"ckpt2_{name}"))
         results[f"ddp/{name}"] = sharded(name, rank, world, "ddp")
         results[f"resume_1to2/{name}"] = sharded(name, rank, world, "fsdp2", resume=os.path.join(ckpt1, name))

@@ -251,8 +251,12 @@ def test_a_checkpoint_of_format_2_still_loads() -> None:
 # -- 4. torch.compile of the step with an LR scheduler ------------------------------------------
 
 
-@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
-@pytest.mark.parametrize("what", ["opt.step", "training step"])
+@pytest.mark.parametrize("what, lr_kind", [
+    ("opt.step", "float"),
+    ("opt.step", "tensor"),
+    pytest.param("training step", "float", marks=pytest.mark.slow),
+    ("training step", "tensor"),
+])
 def test_compiled_step_follows_the_scheduler_in_as_few_graphs_as_torch_adamw(lr_kind: str, what: str) -> None:
     """``torch.compile(opt.step)`` and ``torch.compile`` of a whole training step, with StepLR:
     the learning rates are the scheduler's (the params equal the uncompiled run's), and Dynamo
@@ -298,6 +302,7 @@ def test_compiled_step_follows_the_scheduler_in_as_few_graphs_as_torch_adamw(lr_
         assert graphs == (2 if lr_kind == "float" else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["grokfast_ma", "grokadamw"])
 def test_compiled_step_of_windows_and_signals_equals_the_eager_one(pipeline: str) -> None:
     """Inside ``torch.compile`` the step reads the state as the engine holds it (MA windows as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import grad_tree, param_tree
 
 import grokxform as gx
 from grokxform import tree as T
@@ -11,19 +12,11 @@ from grokxform import tree as T
 F64 = torch.float64
 
 
-def params64(seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "l1.weight": torch.randn(5, 4, generator=g, dtype=F64),
-        "l1.bias": torch.randn(5, generator=g, dtype=F64),
-        "norm.weight": torch.randn(5, generator=g, dtype=F64),
-        "l2.weight": torch.randn(3, 5, generator=g, dtype=F64),
-    }
+SHAPES = {"l1.weight": (5, 4), "l1.bias": (5,), "norm.weight": (5,), "l2.weight": (3, 5)}
 
 
-def grads_for(p: dict, seed: int) -> dict:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in p.items()}
+def params64() -> dict[str, torch.Tensor]:
+    return param_tree(SHAPES, dtype=F64)
 
 
 def tensors_equal(a: object, b: object) -> bool:
@@ -39,7 +32,7 @@ def test_masked_applies_inner_to_selected_leaves_only():
     tx = gx.masked(gx.scale_by_adam(), ["*.weight"])
     s = tx.init(p)
     assert s.mu["l1.bias"] is None and s.mu["l1.weight"] is not None
-    g = grads_for(p, 0)
+    g = grad_tree(p, 0)
     u, s = tx.update(g, s, p)
     assert u["l1.bias"] is g["l1.bias"]
     ref = gx.scale_by_adam()
@@ -60,7 +53,7 @@ def test_partition_equals_torch_adamw_with_two_param_groups():
     )
     s = tx.init(p)
     for t in range(30):
-        g = grads_for(p, t)
+        g = grad_tree(p, t)
         u, s = tx.update(g, s, p)
         p = gx.apply_updates(p, u)
         for k, v in mats.items():
@@ -81,7 +74,7 @@ def test_multisteps_equals_inner_on_mean_gradients():
     s, rs = tx.init(p), ref.init(p)
     rp = p
     for big in range(4):
-        micro = [grads_for(p, 10 * big + i) for i in range(k)]
+        micro = [grad_tree(p, 10 * big + i) for i in range(k)]
         for i, g in enumerate(micro):
             u, s = tx.update(g, s, p)
             if i < k - 1:
@@ -102,7 +95,7 @@ def test_multisteps_compiles_without_recompiling():
     s = sc = tx.init(p)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(5):
-            g = grads_for(p, t)
+            g = grad_tree(p, t)
             u, s = tx.update(g, s, p)
             uc, sc = compiled(g, sc, p)
             assert all(torch.allclose(u[n], uc[n], rtol=1e-12, atol=0) for n in u)
@@ -112,10 +105,10 @@ def test_apply_if_finite_skips_and_counts_non_finite_steps():
     p = params64()
     tx = gx.apply_if_finite(gx.grokadamw(lr=1e-2))
     s = tx.init(p)
-    u, s = tx.update(grads_for(p, 0), s, p)
+    u, s = tx.update(grad_tree(p, 0), s, p)
     p = gx.apply_updates(p, u)
     for bad_value in (float("nan"), float("inf"), -float("inf")):
-        g = grads_for(p, 1)
+        g = grad_tree(p, 1)
         g["l1.bias"][2] = bad_value
         u, s2 = tx.update(g, s, p)
         p2 = gx.apply_updates(p, u)
@@ -124,7 +117,7 @@ def test_apply_if_finite_skips_and_counts_non_finite_steps():
         assert not bool(s2.last_finite)
         s = s2
     assert int(s.notfinite_count) == 3 and int(s.total_notfinite) == 3
-    u, s = tx.update(grads_for(p, 2), s, p)
+    u, s = tx.update(grad_tree(p, 2), s, p)
     assert bool(s.last_finite) and int(s.notfinite_count) == 0 and int(s.total_notfinite) == 3
     assert not tensors_equal(gx.apply_updates(p, u), p)
 

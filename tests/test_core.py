@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from cases import PIPELINES, PRIMITIVES, Case, grad_tree, param_tree
 
 import grokxform as gx
 from grokxform import tree as T
@@ -13,53 +14,13 @@ from grokxform import tree as T
 F64 = torch.float64
 
 
-def make_params(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "embed.weight": torch.randn(6, 4, generator=g, dtype=dtype),
-        "blocks.0.w": torch.randn(4, 4, generator=g, dtype=dtype),
-        "blocks.0.b": torch.randn(4, generator=g, dtype=dtype),
-        "blocks.1.w": torch.randn(4, 4, generator=g, dtype=dtype),
-        "scalar": torch.randn((), generator=g, dtype=dtype),
-        "empty": torch.zeros(0, 3, dtype=dtype),
-        "head": torch.randn(2, 4, generator=g, dtype=dtype),
-    }
-
-
-def rand_like_tree(tree: dict, seed: int, scale: float = 1.0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in tree.items()}
-
-
-PIPELINES = {
-    "adamw": lambda: gx.adamw(lr=1e-2),
-    "grokfast_ema": lambda: gx.grokfast_ema(lr=1e-2),
-    "grokfast_ema_coupled": lambda: gx.grokfast_ema(lr=1e-2, weight_decay_mode="coupled"),
-    "grokfast_ma": lambda: gx.grokfast_ma(lr=1e-2, window_size=3),
-    "grokadamw": lambda: gx.grokadamw(lr=1e-2),
-    "grokadamw_compat": lambda: gx.grokadamw_compat(lr=1e-2),
-    "inject_grokadamw": lambda: gx.inject_hyperparams(gx.grokadamw)(lr=1e-2, lamb=2.0),
-}
-
-PRIMITIVES = {
-    "ema_filter": lambda: gx.ema_filter(0.9),
-    "ema_filter_zeros": lambda: gx.ema_filter(0.9, init="zeros"),
-    "ma_filter": lambda: gx.ma_filter(3, warmup=False),
-    "amplify": lambda: gx.amplify(gx.ema_filter(0.9), 2.0),
-    "clip_by_global_norm": lambda: gx.clip_by_global_norm(0.5),
-    "clip_by_tensor_norm": lambda: gx.clip_by_tensor_norm(0.5),
-    "scale_by_adam": lambda: gx.scale_by_adam(),
-    "decoupled_weight_decay": lambda: gx.decoupled_weight_decay(0.1),
-    "scale_by_learning_rate": lambda: gx.scale_by_learning_rate(gx.linear_warmup(0.1, 2)),
-}
-
-ALL = {**PIPELINES, **PRIMITIVES}
+ALL: dict[str, Case] = {**PIPELINES, **PRIMITIVES}
 
 
 def run(tx: gx.GradientTransformation, params: dict, steps: int, **extra) -> tuple[dict, object]:
     state = tx.init(params)
     for t in range(steps):
-        updates, state = tx.update(rand_like_tree(params, t), state, params, **extra)
+        updates, state = tx.update(grad_tree(params, t), state, params, **extra)
         params = gx.apply_updates(params, updates)
     return params, state
 
@@ -81,7 +42,7 @@ def test_chain_applies_in_order_and_nests_state():
 
 
 def test_named_chain_addressable_state():
-    p = make_params()
+    p = param_tree()
     tx = gx.named_chain(("adam", gx.scale_by_adam()), ("lr", gx.scale_by_learning_rate(1e-3)))
     _, state = run(tx, p, 2)
     assert set(state) == {"adam", "lr"}
@@ -100,7 +61,7 @@ def test_chain_rejects_non_transforms_and_wrong_state():
 
 
 def test_extra_arguments_flow_through_and_are_ignored_when_unused():
-    p = make_params()
+    p = param_tree()
     seen = {}
 
     def spy() -> gx.GradientTransformation:
@@ -111,11 +72,11 @@ def test_extra_arguments_flow_through_and_are_ignored_when_unused():
         return gx.GradientTransformation(lambda params: gx.EmptyState(), update)
 
     tx = gx.named_chain(("adam", gx.scale_by_adam()), ("inner", gx.chain(gx.amplify(spy(), 0.0))))
-    tx.update(rand_like_tree(p, 0), tx.init(p), p, train_loss=1.0, foo="bar")
+    tx.update(grad_tree(p, 0), tx.init(p), p, train_loss=1.0, foo="bar")
     assert seen == {"train_loss": 1.0, "foo": "bar"}
     # every pipeline accepts (and ignores what it does not use of) arbitrary extras
-    for name, make in ALL.items():
-        run(make(), p, 1, unknown_extra=3, train_loss=torch.tensor(0.5), val_loss=torch.tensor(1.0))
+    for case in ALL.values():
+        run(case.make(), p, 1, unknown_extra=3, train_loss=torch.tensor(0.5), val_loss=torch.tensor(1.0))
 
 
 def test_apply_updates_is_pure_and_skips_none():
@@ -130,11 +91,11 @@ def test_apply_updates_is_pure_and_skips_none():
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_update_never_mutates_inputs_nor_returns_state(name):
-    tx = ALL[name]()
-    params = make_params()
+    tx = ALL[name].make()
+    params = param_tree()
     state = tx.init(params)
     for t in range(4):  # past the MA window, past EMA seeding
-        grads = rand_like_tree(params, t)
+        grads = grad_tree(params, t)
         snapshot = [(x.clone(), x._version) for x in state_tensors((grads, state, params))]
         updates, new_state = tx.update(grads, state, params, train_loss=torch.tensor(1.0), val_loss=torch.tensor(2.0))
         after = state_tensors((grads, state, params))
@@ -152,12 +113,12 @@ def test_update_never_mutates_inputs_nor_returns_state(name):
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_none_gradient_keeps_state_and_gets_no_update(name):
-    tx = ALL[name]()
-    params = make_params()
+    tx = ALL[name].make()
+    params = param_tree()
     state = tx.init(params)
-    updates, state = tx.update(rand_like_tree(params, 0), state, params)
+    updates, state = tx.update(grad_tree(params, 0), state, params)
     params = gx.apply_updates(params, updates)
-    grads = rand_like_tree(params, 1)
+    grads = grad_tree(params, 1)
     grads["blocks.0.w"] = None
     updates, new_state = tx.update(grads, state, params)
     assert updates["blocks.0.w"] is None
@@ -209,7 +170,7 @@ def _max_diff(a: object, b: object) -> float:
 
 def test_compiled_update_matches_eager_without_recompiling():
     torch._dynamo.reset()
-    params = make_params()
+    params = param_tree()
     tx = gx.inject_hyperparams(gx.grokadamw)(lr=gx.warmup_cosine_decay(1e-2, 2, 10), weight_decay=0.01)
 
     def step(g, s, p, tl, vl):
@@ -221,7 +182,7 @@ def test_compiled_update_matches_eager_without_recompiling():
     lrs, alphas = set(), set()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(6):
-            g = rand_like_tree(params, t, scale=3.0)
+            g = grad_tree(params, t, scale=3.0)
             tl, vl = torch.tensor(1.0 / (t + 1)), torch.tensor(1.5)
             ue, se = step(g, se, pe, tl, vl)
             uc, sc = compiled(g, sc, pc, tl, vl)
@@ -238,13 +199,13 @@ def test_compiled_update_matches_eager_without_recompiling():
 
 def test_compiled_ma_and_ema_pipelines_match_eager():
     torch._dynamo.reset()
-    params = make_params()
+    params = param_tree()
     for tx in (gx.grokfast_ma(lr=1e-2, window_size=3), gx.grokfast_ema(lr=1e-2, weight_decay_mode="coupled")):
         compiled = torch.compile(tx.update, fullgraph=True, backend="aot_eager")
         se = sc = tx.init(params)
         pe = pc = params
         for t in range(5):
-            g = rand_like_tree(params, t)
+            g = grad_tree(params, t)
             ue, se = tx.update(g, se, pe)
             uc, sc = compiled(g, sc, pc)
             pe, pc = gx.apply_updates(pe, ue), gx.apply_updates(pc, uc)
@@ -255,7 +216,7 @@ def test_compiled_ma_and_ema_pipelines_match_eager():
 
 
 def test_vmap_over_an_ensemble_with_per_member_learning_rates():
-    members = [make_params(F64, seed=s) for s in range(3)]
+    members = [param_tree(dtype=F64, seed=s) for s in range(3)]
     lrs = [1e-3, 1e-2, 1e-1]
     make = gx.inject_hyperparams(gx.grokadamw)
     # one member at a time
@@ -264,7 +225,7 @@ def test_vmap_over_an_ensemble_with_per_member_learning_rates():
         tx = make(lr=lr)
         s = tx.init(p)
         for t in range(4):
-            u, s = tx.update(rand_like_tree(p, 10 * t), s, p, train_loss=torch.tensor(0.1, dtype=F64),
+            u, s = tx.update(grad_tree(p, 10 * t), s, p, train_loss=torch.tensor(0.1, dtype=F64),
                              val_loss=torch.tensor(0.5, dtype=F64))
             p = gx.apply_updates(p, u)
         expected.append(p)
@@ -278,7 +239,7 @@ def test_vmap_over_an_ensemble_with_per_member_learning_rates():
         lambda g, s, p: tx.update(g, s, p, train_loss=torch.tensor(0.1, dtype=F64), val_loss=torch.tensor(0.5, dtype=F64))
     )
     for t in range(4):
-        grads = stack([rand_like_tree(members[0], 10 * t) for _ in members])
+        grads = stack([grad_tree(members[0], 10 * t) for _ in members])
         u, state = update(grads, state, params)
         params = gx.apply_updates(params, u)
     for i, e in enumerate(expected):
@@ -367,14 +328,14 @@ PER_LEAF = sorted(set(ALL) - {"scale_by_learning_rate", "clip_by_tensor_norm", "
 
 @pytest.mark.parametrize("name", PER_LEAF)
 def test_gradient_tree_mismatch_names_the_path(name):
-    tx = ALL[name]()
-    params = make_params()
+    tx = ALL[name].make()
+    params = param_tree()
     state = tx.init(params)
-    missing = rand_like_tree(params, 0)
+    missing = grad_tree(params, 0)
     del missing["blocks.1.w"]
     with pytest.raises(ValueError, match=r"blocks\.1\.w"):
         tx.update(missing, state, params)
-    wrong_shape = rand_like_tree(params, 0)
+    wrong_shape = grad_tree(params, 0)
     wrong_shape["head"] = torch.randn(4, 2)
     with pytest.raises(ValueError, match="head"):
         tx.update(wrong_shape, state, params)
@@ -382,9 +343,9 @@ def test_gradient_tree_mismatch_names_the_path(name):
 
 def test_missing_params_for_weight_decay_is_an_error():
     tx = gx.adamw()
-    p = make_params()
+    p = param_tree()
     with pytest.raises(ValueError, match="params"):
-        tx.update(rand_like_tree(p, 0), tx.init(p))
+        tx.update(grad_tree(p, 0), tx.init(p))
 
 
 # ---------------------------------------------------------------- the primitives' maths
@@ -437,6 +398,7 @@ def test_ma_filter_window_mean_sum_and_warmup():
         assert got == pytest.approx(want, rel=1e-15), (kind, warm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("acc, bound", [(None, 1e-6), (F64, 2e-7)], ids=["float32-sum", "float64-sum"])
 def test_ma_filter_running_sum_does_not_drift_over_1e5_steps(acc, bound):
     """Gradients around 1000 (a large offset makes a running sum's rounding visible). A float32
@@ -529,19 +491,19 @@ def test_global_and_per_tensor_clipping():
 
 
 def test_inject_hyperparams_change_between_steps_equals_rebuilding():
-    p = make_params(F64)
+    p = param_tree(dtype=F64)
     tx = gx.inject_hyperparams(gx.grokfast_ema)(lr=1e-2, lamb=2.0)
     s = tx.init(p)
     assert set(s.hyperparams) == {"lr", "lamb"} and s.hyperparams["lr"].dtype == F64
     ref = gx.grokfast_ema(lr=1e-2, lamb=2.0)
     rs = ref.init(p)
-    g = rand_like_tree(p, 0)
+    g = grad_tree(p, 0)
     u, s = tx.update(g, s, p)
     ru, rs = ref.update(g, rs, p)
     assert _max_diff(u, ru) == 0.0
     s.hyperparams["lamb"].fill_(5.0)
     ref5 = gx.grokfast_ema(lr=1e-2, lamb=5.0)
-    g = rand_like_tree(p, 1)
+    g = grad_tree(p, 1)
     u, s = tx.update(g, s, p)
     ru, _ = ref5.update(g, rs, p)
     assert _max_diff(u, ru) < 1e-17

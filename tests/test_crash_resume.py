@@ -68,6 +68,7 @@ def _equal(a: object, b: object) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
 def test_killed_run_resumes_bit_for_bit(tmp_path: Path):
     script = tmp_path / "train.py"

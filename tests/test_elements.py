@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import ALIASES
 
 import grokxform as gx
 from grokxform import declarations as D
@@ -119,8 +120,8 @@ def test_every_primitive_and_combinator_is_declared() -> None:
     assert isinstance(D.declaration_of(gx.MultiSteps(gx.identity(), 2)), D.Accumulate)
     assert isinstance(D.declaration_of(gx.apply_if_finite(gx.identity())), D.IfFinite)
     assert isinstance(D.declaration_of(gx.inject_hyperparams(gx.adamw)(lr=1e-3)), D.Injected)
-    for pipeline in (gx.adamw(), gx.grokfast_ema(), gx.grokfast_ma(), gx.grokadamw(), gx.grokadamw_compat()):
-        decl = D.declaration_of(pipeline)
+    for case in ALIASES.values():
+        decl = D.declaration_of(case.make())
         assert isinstance(decl, D.Sequence) and all(m is not None for m in decl.members)
     own = gx.GradientTransformation(lambda p: (), lambda u, s, p=None, **e: (u, s))
     assert D.declaration_of(own) is None and D.declaration_of(gx.chain(own)).members == (None,)

@@ -307,6 +307,7 @@ def test_loop_with_paper_optimizer_matches_the_papers_imperative_loop(
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plots" / "demo.png"
     status = cli.main(

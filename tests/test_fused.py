@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import PIPELINES, grad_tree, param_tree
 
 import grokxform as gx
 from grokxform import tree as T
@@ -20,30 +21,11 @@ from grokxform.transforms.filters import MaFilterState, MaRingWindow
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _params(dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"emb.weight": (11, 6), "h.0.w": (6, 6), "h.0.b": (6,), "h.1.w": (6, 6), "h.1.b": (6,), "ln.w": (6,)}
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for n, s in shapes.items()}
+SHAPES = {"emb.weight": (11, 6), "h.0.w": (6, 6), "h.0.b": (6,), "h.1.w": (6, 6), "h.1.b": (6,), "ln.w": (6,)}
 
 
-def _grads(params: dict[str, torch.Tensor], seed: int, none: tuple[str, ...] = ()) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return {
-        n: None if n in none else torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
-        for n, p in params.items()
-    }
-
-
-PIPELINES = {
-    "adamw": lambda: gx.adamw(lr=1e-2, weight_decay=0.1),
-    "grokfast_ema": lambda: gx.grokfast_ema(lr=1e-2, alpha=0.9, lamb=2.0),
-    "grokfast_ema_coupled": lambda: gx.grokfast_ema(lr=gx.linear_warmup(1e-2, 3), weight_decay_mode="coupled"),
-    "grokfast_ma": lambda: gx.grokfast_ma(lr=1e-2, window_size=3),
-    "grokfast_ma_nowarmup": lambda: gx.grokfast_ma(lr=1e-2, window_size=4, warmup=False, filter_type="sum"),
-    "grokadamw": lambda: gx.grokadamw(lr=gx.warmup_cosine_decay(1e-2, 2, 20), gradient_clipping=0.5),
-    "grokadamw_compat": lambda: gx.grokadamw_compat(lr=1e-2),
-    "inject": lambda: gx.inject_hyperparams(gx.grokadamw)(lr=1e-2, lamb=1.5),
-}
+def _params(dtype: torch.dtype = torch.float64, device: str = "cpu") -> dict[str, torch.Tensor]:
+    return param_tree(SHAPES, dtype=dtype, device=device)
 
 
 def _signal(t: int, device: str) -> dict[str, Any]:
@@ -67,7 +49,7 @@ def _run_both(
     s_eager = tx.init(p_eager)
     fused = FusedStep(tx, p_fused, **fused_kwargs)
     for t in range(steps):
-        grads = _grads(params, t, (none_at or {}).get(t, ()))
+        grads = grad_tree(params, t, none=(none_at or {}).get(t, ()))
         extra = _signal(t, device)
         u, s_eager = tx.update(grads, s_eager, p_eager, **extra)
         p_eager = gx.apply_updates(p_eager, u)
@@ -92,7 +74,7 @@ def _assert_trees_close(a: Any, b: Any, **tol: Any) -> None:
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
 def test_fused_matches_eager_cpu(name: str) -> None:
-    tx = PIPELINES[name]()
+    tx = PIPELINES[name].make()
     none_at = {3: ("h.1.w",), 4: ("h.1.w", "ln.w")}
     p_e, s_e, p_f, fused = _run_both(tx, _params(), 8, none_at, backend="aot_eager")
     _assert_trees_close(p_e, p_f, rtol=1e-13, atol=1e-15)
@@ -126,7 +108,7 @@ def test_injected_lr_changes_without_recompiling() -> None:
         lr = 1e-2 / (t + 1)
         s_e.hyperparams["lr"].fill_(lr)
         fused.state.hyperparams["lr"].fill_(lr)
-        g = _grads(params, t)
+        g = grad_tree(params, t)
         u, s_e = tx.update(g, s_e, p_e)
         p_e = gx.apply_updates(p_e, u)
         fused(g)
@@ -138,7 +120,7 @@ def test_many_steps_with_schedule_and_changing_signal_compile_once() -> None:
     tx = gx.grokadamw(lr=gx.warmup_cosine_decay(1e-2, 5, 40))
     fused = FusedStep(tx, _params(torch.float32), backend="aot_eager")
     for t in range(40):
-        fused(_grads(fused.params, t), **_signal(t, "cpu"))
+        fused(grad_tree(fused.params, t), **_signal(t, "cpu"))
     assert fused.compiles == 1
     assert int(fused.state["lr"].count) == 40
     assert float(fused.state["grokfast"].alpha) != 0.98  # the signal moved α, in-graph
@@ -164,7 +146,7 @@ def test_ring_layout_gives_the_eager_numbers_bitwise() -> None:
     s_ring = to_fused_layout(tx.init(params))
     assert isinstance(s_ring.window, MaRingWindow)
     for t in range(10):
-        g = _grads(params, t, ("h.0.b",) if t == 5 else ())
+        g = grad_tree(params, t, none=("h.0.b",) if t == 5 else ())
         u1, s_tuple = tx.update(g, s_tuple, params)
         u2, s_ring = tx.update(g, s_ring, params)
         _assert_trees_close(u1, u2, rtol=0, atol=0)
@@ -177,12 +159,12 @@ def test_adopting_an_eager_state_mid_training() -> None:
     params = _params()
     p_e, s_e = dict(params), tx.init(params)
     for t in range(4):
-        u, s_e = tx.update(_grads(params, t, ("h.1.b",) if t == 1 else ()), s_e, p_e)
+        u, s_e = tx.update(grad_tree(params, t, none=("h.1.b",) if t == 1 else ()), s_e, p_e)
         p_e = gx.apply_updates(p_e, u)
     p_f = {n: p.clone() for n, p in p_e.items()}
     fused = FusedStep(tx, p_f, s_e, backend="aot_eager")
     for t in range(4, 9):
-        g = _grads(params, t)
+        g = grad_tree(params, t)
         u, s_e = tx.update(g, s_e, p_e)
         p_e = gx.apply_updates(p_e, u)
         fused(g)
@@ -241,11 +223,11 @@ def test_errors_name_the_bad_argument() -> None:
         FusedStep(gx.adamw(), {"a": params["h.0.w"], "b": params["h.0.w"]})
     fused = FusedStep(gx.adamw(), params, backend="aot_eager")
     with pytest.raises(ValueError, match="'ln.w'"):
-        fused({n: g for n, g in _grads(params, 0).items() if n != "ln.w"})
+        fused({n: g for n, g in grad_tree(params, 0).items() if n != "ln.w"})
     with pytest.raises(ValueError, match="'h.0.b'"):
-        fused({**_grads(params, 0), "h.0.b": torch.zeros(7, dtype=torch.float64)})
+        fused({**grad_tree(params, 0), "h.0.b": torch.zeros(7, dtype=torch.float64)})
     with pytest.raises(TypeError, match="train_loss="):
-        fused(_grads(params, 0), train_loss="low")
+        fused(grad_tree(params, 0), train_loss="low")
 
 
 def test_a_state_that_changes_dtype_is_refused() -> None:
@@ -257,7 +239,7 @@ def test_a_state_that_changes_dtype_is_refused() -> None:
 
     fused = FusedStep(gx.GradientTransformation(init, update), _params(), backend="aot_eager")
     with pytest.raises(ValueError, match="'acc'.*in place"):
-        fused(_grads(_params(), 0))
+        fused(grad_tree(_params(), 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,9 +248,10 @@ def test_a_state_that_changes_dtype_is_refused() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("name", ["grokfast_ema_coupled", "grokfast_ma", "grokadamw", "grokadamw_compat", "inject"])
+@pytest.mark.parametrize("name", ["grokfast_ema_coupled", "grokfast_ma", "grokadamw_schedule", "grokadamw_compat",
+                                  "inject_grokadamw"])
 def test_fused_matches_eager_gpu_fp32(name: str) -> None:
-    tx = PIPELINES[name]()
+    tx = PIPELINES[name].make()
     params = _params(torch.float32, "cuda")
     p_e, s_e, p_f, fused = _run_both(tx, params, 8, {3: ("h.1.w",)})
     # Two patterns compiled; only the full one ran more than the warm-up call, so only it is captured.
@@ -280,7 +263,7 @@ def test_fused_matches_eager_gpu_fp32(name: str) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_fused_matches_eager_gpu_fp64_tightly() -> None:
-    tx = PIPELINES["grokadamw"]()
+    tx = PIPELINES["grokadamw_schedule"].make()
     p_e, s_e, p_f, fused = _run_both(tx, _params(torch.float64, "cuda"), 6)
     _assert_trees_close(p_e, p_f, rtol=1e-12, atol=1e-14)
     _assert_trees_close(s_e, fused.eager_state(), rtol=1e-12, atol=1e-14)
@@ -315,7 +298,7 @@ def test_graph_and_no_graph_agree_and_never_recompile() -> None:
     a = FusedStep(tx, {n: p.clone() for n, p in params.items()}, cuda_graph=True)
     b = FusedStep(tx, {n: p.clone() for n, p in params.items()}, cuda_graph=False)
     for t in range(60):
-        g, x = _grads(params, t), _signal(t, "cuda")
+        g, x = grad_tree(params, t), _signal(t, "cuda")
         a(g, **x)
         b(g, **x)
     assert (a.compiles, a.captures, b.compiles, b.captures) == (1, 1, 1, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import ALIASES
 
 import grokxform as gx
 
@@ -26,16 +27,13 @@ def train(opt: torch.optim.Optimizer, model: torch.nn.Module, sched, steps: rang
         sched.step()
 
 
-@pytest.mark.parametrize("factory,kwargs", [
-    (gx.grokadamw, {"lr": 1e-2}),
-    (gx.grokfast_ma, {"lr": 1e-2, "window_size": 3}),
-    (gx.adamw, {"lr": 1e-2, "weight_decay": 0.1}),
-])
-def test_fused_optimizer_equals_eager_and_never_recompiles(factory, kwargs):
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_fused_optimizer_equals_eager_and_never_recompiles(name: str) -> None:
+    case = ALIASES[name]
     runs = {}
     for fused in (False, "aot_eager"):
         model = model64()
-        opt = gx.Optimizer(model.named_parameters(), factory, fused=fused, **kwargs)
+        opt = gx.Optimizer(model.named_parameters(), case.factory, fused=fused, **case.kwargs)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))  # a new lr every step
         train(opt, model, sched, range(8))
         runs[fused] = (model, opt)

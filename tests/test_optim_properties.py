@@ -7,18 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import ALIASES, grad_tree, param_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grokxform as gx
-
-PIPELINES = {
-    "adamw": lambda: gx.adamw(lr=1e-2, weight_decay=0.1),
-    "grokfast_ema": lambda: gx.grokfast_ema(lr=1e-2),
-    "grokfast_ma": lambda: gx.grokfast_ma(lr=1e-2, window_size=2),
-    "grokadamw": lambda: gx.grokadamw(lr=1e-2),
-    "grokadamw_compat": lambda: gx.grokadamw_compat(lr=1e-2),
-}
 
 shape = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 leaf = st.tuples(shape, st.sampled_from([torch.float32, torch.float64]))
@@ -27,7 +20,7 @@ leaf = st.tuples(shape, st.sampled_from([torch.float32, torch.float64]))
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     leaves=st.lists(leaf, min_size=1, max_size=5),
-    name=st.sampled_from(sorted(PIPELINES)),
+    name=st.sampled_from(sorted(ALIASES)),
     missing=st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=4, max_size=4),
     seed=st.integers(0, 2**16),
 )
@@ -37,7 +30,7 @@ def test_optimizer_equals_functional(leaves, name, missing, seed):
     grads = [[torch.randn(s, generator=gen, dtype=d) for s, d in leaves] for _ in missing]
 
     # functional
-    tx = PIPELINES[name]()
+    tx = ALIASES[name].make()
     names = [f"blocks.{i}.w" for i in range(len(init))]  # module paths: grokadamw's β1 is by depth
     params = {n: p.clone() for n, p in zip(names, init)}
     state = tx.init(params)
@@ -49,7 +42,7 @@ def test_optimizer_equals_functional(leaves, name, missing, seed):
     # the same transform behind torch.optim's interface
     for fused in ("foreach", None):
         tensors = [torch.nn.Parameter(p.clone()) for p in init]
-        opt = gx.Optimizer(list(zip(names, tensors)), PIPELINES[name](), fused=fused)
+        opt = gx.Optimizer(list(zip(names, tensors)), ALIASES[name].make(), fused=fused)
         for t, skip in enumerate(missing):
             for i, p in enumerate(tensors):
                 p.grad = None if skip[i] else grads[t][i].clone()
@@ -65,17 +58,16 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor, exact: bool, what: str) -> No
         torch.testing.assert_close(a, b, rtol=1e-5 if a.dtype == torch.float32 else 1e-12, atol=1e-6, msg=what)
 
 
-@pytest.mark.parametrize("name", ["adamw", "grokadamw", "grokfast_ema"])
-def test_optimizer_factory_path_equals_functional(name):
-    factory = {"adamw": gx.adamw, "grokadamw": gx.grokadamw, "grokfast_ema": gx.grokfast_ema}[name]
-    gen = torch.Generator().manual_seed(0)
-    init = {"blocks.0.w": torch.randn(3, 3, generator=gen), "blocks.1.w": torch.randn(3, generator=gen)}
-    tx = gx.inject_hyperparams(factory)(lr=1e-2)
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_optimizer_factory_path_equals_functional(name: str) -> None:
+    case = ALIASES[name]
+    init = param_tree({"blocks.0.w": (3, 3), "blocks.1.w": (3,)})
+    tx = gx.inject_hyperparams(case.factory)(**case.kwargs)
     params, state = dict(init), tx.init(init)
     runs = {fused: [(k, torch.nn.Parameter(v.clone())) for k, v in init.items()] for fused in ("foreach", None)}
-    opts = {fused: gx.Optimizer(ps, factory, lr=1e-2, fused=fused) for fused, ps in runs.items()}
+    opts = {fused: gx.Optimizer(ps, case.factory, fused=fused, **case.kwargs) for fused, ps in runs.items()}
     for t in range(5):
-        g = {k: torch.randn(v.shape, generator=gen) for k, v in init.items()}
+        g = grad_tree(init, t)
         u, state = tx.update(g, state, params)
         params = gx.apply_updates(params, u)
         for fused, model_params in runs.items():

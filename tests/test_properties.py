@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import ALIASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,11 +73,7 @@ def handmade(skip_non_finite: bool = True) -> gx.GradientTransformation:
 
 
 PIPELINES: dict[str, Callable[[], gx.GradientTransformation]] = {
-    "adamw": lambda: gx.adamw(lr=1e-2),
-    "grokfast_ema": lambda: gx.grokfast_ema(lr=1e-2),
-    "grokfast_ma": lambda: gx.grokfast_ma(lr=1e-2, window_size=2),
-    "grokadamw": lambda: gx.grokadamw(lr=1e-2),
-    "grokadamw_compat": lambda: gx.grokadamw_compat(lr=1e-2),
+    **{name: case.make for name, case in ALIASES.items()},
     "handmade": handmade,
 }
 NAMES = sorted(PIPELINES)
@@ -297,7 +294,7 @@ def test_vmapped_equals_each_member_alone(name: str, case: Case, n_members: int)
         assert_close_trees(member(state, m), want_s, f"{name} member {m} state", want_p)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "handmade" else n for n in NAMES])
 @_settings(max(2, EXAMPLES // 15))
 @given(case=cases(max_steps=3))
 def test_compiled_aot_eager_equals_functional(name: str, case: Case) -> None:

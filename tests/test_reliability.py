@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cases import PIPELINES, grad_tree, param_tree
 
 import grokxform as gx
 from grokxform import _memory
@@ -22,30 +23,7 @@ from grokxform.transforms.combinators import MultiSteps, apply_if_finite, masked
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 NAN, INF = float("nan"), float("inf")
 
-PIPELINES: dict[str, Callable[[], gx.GradientTransformation]] = {
-    "adamw": lambda: gx.adamw(lr=1e-2),
-    "grokfast_ema": lambda: gx.grokfast_ema(lr=1e-2),
-    "grokfast_ema_coupled": lambda: gx.grokfast_ema(lr=1e-2, weight_decay_mode="coupled"),
-    "grokfast_ma": lambda: gx.grokfast_ma(lr=1e-2, window_size=3),
-    "grokadamw": lambda: gx.grokadamw(lr=1e-2),
-    "grokadamw_compat": lambda: gx.grokadamw_compat(lr=1e-2),
-}
 NAMES = sorted(PIPELINES)
-
-
-def params_(dtype: torch.dtype = F32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "embed": torch.randn(5, 3, generator=g, dtype=dtype),
-        "blocks.0.w": torch.randn(3, 3, generator=g, dtype=dtype),
-        "blocks.0.b": torch.randn(3, generator=g, dtype=dtype),
-        "head": torch.randn(2, 3, generator=g, dtype=dtype),
-    }
-
-
-def grads_(params: dict, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return {k: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
 
 
 def tensors(tree: Any) -> list[torch.Tensor]:
@@ -82,7 +60,7 @@ def nonfinite_paths(tree: Any) -> set[str]:
 def warmed(tx: gx.GradientTransformation, params: dict, steps: int = 2, **extra: Any) -> tuple[dict, Any]:
     state = tx.init(params)
     for t in range(steps):
-        u, state = tx.update(grads_(params, t), state, params, **extra)
+        u, state = tx.update(grad_tree(params, t), state, params, **extra)
         params = gx.apply_updates(params, u)
     return params, state
 
@@ -99,31 +77,18 @@ def assert_untouched(snap: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None
 
 # ================================================================ non-finite gradients
 
-# Which state of the bad leaf turns non-finite on the bad step, for a NaN/±inf in one element of "head"
-# (docs/reliability.md, "Without apply_if_finite"). Everything else stays finite.
-BAD_LEAF_STATE = {
-    "adamw": {"adam.mu.head", "adam.nu.head"},
-    "grokfast_ema": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-    "grokfast_ema_coupled": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-    "grokfast_ma": {"grokfast.window.2.head", "grokfast.total.head", "adam.mu.head", "adam.nu.head"},
-    "grokadamw": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-    "grokadamw_compat": {"grokfast.mu.head", "adam.mu.head", "adam.nu.head"},
-}
-GLOBAL_LOG = {"grokadamw": {"clip.norm"}}  # logged only, never read back
-
-
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", NAMES)
 def test_without_apply_if_finite_only_the_bad_leaf_is_hit(name: str, value: float) -> None:
-    tx = PIPELINES[name]()
-    params, state = warmed(tx, params_())
-    grads = grads_(params, 7)
+    tx = PIPELINES[name].make()
+    params, state = warmed(tx, param_tree())
+    grads = grad_tree(params, 7)
     grads["head"] = grads["head"].clone()
     grads["head"][1, 2] = value
     updates, new_state = tx.update(grads, state, params)
     new_params = gx.apply_updates(params, updates)
     assert nonfinite_paths(new_params) == {"head"}
-    assert nonfinite_paths(new_state) == BAD_LEAF_STATE[name] | GLOBAL_LOG.get(name, set())
+    assert nonfinite_paths(new_state) == PIPELINES[name].bad_leaf_state
     head = new_params["head"]
     if name == "grokadamw_compat" and math.isnan(value):
         assert bool(head.isnan().all())  # per-tensor clip: the NaN norm scales the whole tensor
@@ -134,7 +99,7 @@ def test_without_apply_if_finite_only_the_bad_leaf_is_hit(name: str, value: floa
     # The damage is permanent for that leaf (Adam's m and v keep the NaN; so does the MA running sum)
     # and, on its own, contained: five more finite steps leave the other leaves finite.
     for t in range(5):
-        updates, new_state = tx.update(grads_(params, 20 + t), new_state, new_params)
+        updates, new_state = tx.update(grad_tree(params, 20 + t), new_state, new_params)
         new_params = gx.apply_updates(new_params, updates)
     assert nonfinite_paths(new_params) == {"head"}
     assert all(path.endswith(".head") for path in nonfinite_paths(new_state))
@@ -171,11 +136,11 @@ def test_global_clip_with_every_leaf_non_finite_leaves_the_values_non_finite() -
 
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite_counts_consecutive_skips_and_keeps_minus_zero(name: str) -> None:
-    tx = apply_if_finite(PIPELINES[name]())
-    params, state = warmed(tx, params_())
-    params = dict(params, **{"blocks.0.b": torch.tensor([-0.0, 0.0, -1.5])})
+    tx = apply_if_finite(PIPELINES[name].make())
+    params, state = warmed(tx, param_tree())
+    params = dict(params, **{"blocks.0.b": torch.tensor([-0.0, 0.0, -1.5, 2.0])})
     for k, value in enumerate([NAN, INF, -INF], start=1):
-        grads = grads_(params, 30 + k)
+        grads = grad_tree(params, 30 + k)
         grads["blocks.0.w"] = grads["blocks.0.w"].clone()
         grads["blocks.0.w"][0, 0] = value
         updates, new_state = tx.update(grads, state, params)
@@ -185,25 +150,25 @@ def test_apply_if_finite_counts_consecutive_skips_and_keeps_minus_zero(name: str
         assert not bool(new_state.last_finite)
         params, state = new_params, new_state
     assert math.copysign(1.0, params["blocks.0.b"][0].item()) == -1.0  # −0.0 kept its sign
-    updates, state = tx.update(grads_(params, 40), state, params)
+    updates, state = tx.update(grad_tree(params, 40), state, params)
     assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 3 and bool(state.last_finite)
     assert not same_bits(gx.apply_updates(params, updates), params)
 
 
 def test_apply_if_finite_under_vmap_skips_per_member() -> None:
-    members = [params_(F64, seed=s) for s in range(2)]
+    members = [param_tree(dtype=F64, seed=s) for s in range(2)]
     tx = apply_if_finite(gx.grokadamw(lr=1e-2))
     stack = lambda trees: T.tree_map(lambda *xs: torch.stack(xs), *trees)  # noqa: E731
     params = stack(members)
     state = stack([tx.init(m) for m in members])
-    grads = stack([grads_(m, 0) for m in members])
+    grads = stack([grad_tree(m, 0) for m in members])
     grads["head"][0, 0, 0] = NAN  # member 0 only
     updates, new_state = torch.func.vmap(tx.update)(grads, state, params)
     new_params = gx.apply_updates(params, updates)
     assert new_state.total_notfinite.tolist() == [1, 0]
     assert all(torch.equal(new_params[k][0], params[k][0]) for k in params)
     alone = gx.grokadamw(lr=1e-2)
-    u1, _ = alone.update(grads_(members[1], 0), alone.init(members[1]), members[1])
+    u1, _ = alone.update(grad_tree(members[1], 0), alone.init(members[1]), members[1])
     for k in params:
         assert torch.allclose(new_params[k][1], gx.apply_updates(members[1], u1)[k], rtol=0, atol=1e-14)
 
@@ -221,8 +186,8 @@ def test_apply_if_finite_under_vmap_skips_per_member() -> None:
 def test_a_non_finite_loss_or_signal_falls_back_to_alpha_init(extra: dict) -> None:
     """apply_if_finite checks gradients only; a bad loss must not turn every leaf's EMA into NaN."""
     tx = apply_if_finite(gx.grokadamw(lr=1e-2))
-    params, state = warmed(tx, params_())
-    updates, state = tx.update(grads_(params, 9), state, params, **extra)
+    params, state = warmed(tx, param_tree())
+    updates, state = tx.update(grad_tree(params, 9), state, params, **extra)
     assert float(state.inner_state["grokfast"].alpha) == pytest.approx(0.98)
     assert not nonfinite_paths(gx.apply_updates(params, updates))
     assert not (nonfinite_paths(state) - {"inner_state.grokfast.signal"})
@@ -267,9 +232,9 @@ def test_apply_if_finite_around_and_inside_multisteps() -> None:
 
 def test_masked_apply_if_finite_only_guards_the_selected_leaves() -> None:
     """Documented: the check sees what the wrapped transform sees. Wrap the whole chain instead."""
-    p = params_()
+    p = param_tree()
     inner_guard = gx.chain(masked(apply_if_finite(gx.scale_by_adam()), ["blocks.*"]), gx.scale_by_learning_rate(0.1))
-    g = grads_(p, 0)
+    g = grad_tree(p, 0)
     g["head"] = g["head"].clone()
     g["head"][0, 0] = NAN
     u, s = inner_guard.update(g, inner_guard.init(p), p)
@@ -347,7 +312,7 @@ def test_bad_hyperparameters_raise_naming_the_argument(
 def test_partition_label_outside_the_transforms_names_the_leaf() -> None:
     tx = partition({"a": gx.scale_by_adam()}, lambda path, p: "a" if path != "head" else "b")
     with pytest.raises(ValueError, match=r"'head'.*'b'"):
-        tx.init(params_())
+        tx.init(param_tree())
 
 
 # ================================================================ mismatched trees and states
@@ -355,25 +320,25 @@ def test_partition_label_outside_the_transforms_names_the_leaf() -> None:
 
 def _wrong_inputs(name: str) -> list[tuple[str, Callable[[], tuple[Any, Any, Any]], Any, str]]:
     """(case, make (grads, state, params), error, what the message must name)."""
-    p = params_()
+    p = param_tree()
 
     def renamed() -> tuple[Any, Any, Any]:
         other = {k.replace("head", "out"): v for k, v in p.items()}
-        return grads_(p, 0), PIPELINES[name]().init(other), p
+        return grad_tree(p, 0), PIPELINES[name].make().init(other), p
 
     def reshaped() -> tuple[Any, Any, Any]:
         other = dict(p, head=torch.randn(3, 2))
-        return grads_(p, 0), PIPELINES[name]().init(other), p
+        return grad_tree(p, 0), PIPELINES[name].make().init(other), p
 
-    def other_pipeline() -> tuple[Any, Any, Any]:
-        other = "grokfast_ma" if name != "grokfast_ma" else "adamw"
-        return grads_(p, 0), PIPELINES[other]().init(p), p
+    def other_pipeline() -> tuple[Any, Any, Any]:  # a state of another structure
+        other = "adamw" if name.startswith("grokfast_ma") else "grokfast_ma"
+        return grad_tree(p, 0), PIPELINES[other].make().init(p), p
 
     def extra_leaf() -> tuple[Any, Any, Any]:
-        return dict(grads_(p, 0), extra=torch.ones(2)), PIPELINES[name]().init(p), p
+        return dict(grad_tree(p, 0), extra=torch.ones(2)), PIPELINES[name].make().init(p), p
 
     def list_for_dict() -> tuple[Any, Any, Any]:
-        return list(grads_(p, 0).values()), PIPELINES[name]().init(p), p
+        return list(grad_tree(p, 0).values()), PIPELINES[name].make().init(p), p
 
     return [
         ("state of a tree with other names", renamed, ValueError, "'out'"),
@@ -393,14 +358,14 @@ def test_mismatched_trees_raise_naming_the_path_and_mutate_nothing(name: str, ca
     grads, state, params = make()
     snap = snapshot(grads, state, params)
     with pytest.raises(error, match=needle):
-        PIPELINES[name]().update(grads, state, params)
+        PIPELINES[name].make().update(grads, state, params)
     assert_untouched(snap)
 
 
 def test_ma_filter_state_with_another_window_size_is_refused() -> None:
-    p = params_()
+    p = param_tree()
     with pytest.raises(ValueError, match="window"):
-        gx.ma_filter(3).update(grads_(p, 0), gx.ma_filter(2).init(p))
+        gx.ma_filter(3).update(grad_tree(p, 0), gx.ma_filter(2).init(p))
 
 
 # ================================================================ dtypes and devices
@@ -413,11 +378,11 @@ def test_ma_filter_state_with_another_window_size_is_refused() -> None:
     ids=["int", "complex", "bool"],
 )
 def test_non_float_gradients_raise_naming_the_path(name: str, dtype: torch.dtype, what: str) -> None:
-    tx = PIPELINES[name]()
-    p = params_()
+    tx = PIPELINES[name].make()
+    p = param_tree()
     state = tx.init(p)
-    grads = grads_(p, 0)
-    grads["blocks.0.b"] = torch.ones(3).to(dtype)
+    grads = grad_tree(p, 0)
+    grads["blocks.0.b"] = torch.ones(4).to(dtype)
     snap = snapshot(grads, state, p)
     with pytest.raises(TypeError, match=rf"blocks\.0\.b.*{what}"):
         tx.update(grads, state, p)
@@ -426,27 +391,27 @@ def test_non_float_gradients_raise_naming_the_path(name: str, dtype: torch.dtype
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_python_number_as_a_gradient_leaf_names_the_path(name: str) -> None:
-    tx = PIPELINES[name]()
-    p = params_()
+    tx = PIPELINES[name].make()
+    p = param_tree()
     with pytest.raises(TypeError, match=r"head.*float"):
-        tx.update(dict(grads_(p, 0), head=0.5), tx.init(p), p)
+        tx.update(dict(grad_tree(p, 0), head=0.5), tx.init(p), p)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_integer_params_are_refused_at_init(name: str) -> None:
     with pytest.raises(TypeError, match=r"steps.*int64"):
-        PIPELINES[name]().init(dict(params_(), steps=torch.zeros(3, dtype=torch.int64)))
+        PIPELINES[name].make().init(dict(param_tree(), steps=torch.zeros(3, dtype=torch.int64)))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_float64_gradients_on_float32_params_are_cast_to_the_state(name: str) -> None:
     """Documented: a gradient is cast to its state's dtype; the params keep theirs."""
-    tx = PIPELINES[name]()
-    p = params_(F32)
+    tx = PIPELINES[name].make()
+    p = param_tree()
     s64 = s32 = tx.init(p)
     p64 = p32 = p
     for t in range(3):
-        g = grads_(params_(F64), t, scale=5.0)
+        g = grad_tree(param_tree(dtype=F64), t, scale=5.0)
         u64, s64 = tx.update(g, s64, p64)
         u32, s32 = tx.update({k: v.float() for k, v in g.items()}, s32, p32)
         p64, p32 = gx.apply_updates(p64, u64), gx.apply_updates(p32, u32)
@@ -458,9 +423,9 @@ def test_float64_gradients_on_float32_params_are_cast_to_the_state(name: str) ->
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_gradients_on_float32_params(name: str) -> None:
-    tx = PIPELINES[name]()
-    p = params_(F32)
-    u, s = tx.update({k: v.to(BF16) for k, v in grads_(p, 0).items()}, tx.init(p), p)
+    tx = PIPELINES[name].make()
+    p = param_tree()
+    u, s = tx.update({k: v.to(BF16) for k, v in grad_tree(p, 0).items()}, tx.init(p), p)
     assert all(x.dtype == BF16 for x in u.values())
     assert {v.dtype for v in gx.apply_updates(p, u).values()} == {F32}
 
@@ -469,10 +434,10 @@ def test_bfloat16_gradients_on_float32_params(name: str) -> None:
 @pytest.mark.parametrize("where", ["gradient", "param", "state"])
 def test_a_leaf_on_another_device_names_the_path_and_both_devices(name: str, where: str) -> None:
     """``meta`` stands in for a second device (cuda vs cpu behaves the same)."""
-    tx = PIPELINES[name]()
-    p = params_()
+    tx = PIPELINES[name].make()
+    p = param_tree()
     state = tx.init(p)
-    grads = grads_(p, 0)
+    grads = grad_tree(p, 0)
     if where == "gradient":
         grads["blocks.0.w"] = grads["blocks.0.w"].to("meta")
     elif where == "param":
@@ -480,14 +445,14 @@ def test_a_leaf_on_another_device_names_the_path_and_both_devices(name: str, whe
     else:
         state = tx.init({k: v.to("meta") for k, v in p.items()})
     snap = snapshot(grads, state, p)
-    path = "embed" if where == "state" else r"blocks\.0\.w"  # the whole state is elsewhere: its first leaf
+    path = r"embed\.weight" if where == "state" else r"blocks\.0\.w"  # the whole state is elsewhere: its first leaf
     with pytest.raises(ValueError, match=path + r".*(meta.*cpu|cpu.*meta)"):
         tx.update(grads, state, p)
     assert_untouched(snap)
 
 
 def test_apply_updates_names_the_path_of_an_update_on_another_device() -> None:
-    p = params_()
+    p = param_tree()
     u = {k: torch.zeros_like(v) for k, v in p.items()}
     u["head"] = u["head"].to("meta")
     with pytest.raises(ValueError, match=r"head.*meta.*cpu"):
@@ -498,10 +463,10 @@ def test_apply_updates_names_the_path_of_an_update_on_another_device() -> None:
 @pytest.mark.parametrize("name", ["adamw", "grokfast_ema", "grokfast_ma"])
 @pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
 def test_a_sparse_or_other_non_strided_gradient_names_the_path(name: str, layout: str) -> None:
-    tx = PIPELINES[name]()
-    p = params_()
+    tx = PIPELINES[name].make()
+    p = param_tree()
     state = tx.init(p)
-    grads = grads_(p, 0)
+    grads = grad_tree(p, 0)
     grads["blocks.0.w"] = getattr(grads["blocks.0.w"], f"to_{layout}")()
     snap = snapshot(state, p)
     with pytest.raises(TypeError, match=rf"the gradient at path 'blocks\.0\.w' must be a dense \(strided\) tensor,"
@@ -512,8 +477,8 @@ def test_a_sparse_or_other_non_strided_gradient_names_the_path(name: str, layout
 
 def test_clip_by_global_norm_refuses_a_sparse_gradient_naming_the_path() -> None:
     tx = gx.clip_by_global_norm(1.0)
-    p = params_()
-    grads = dict(grads_(p, 0), head=grads_(p, 0)["head"].to_sparse())
+    p = param_tree()
+    grads = dict(grad_tree(p, 0), head=grad_tree(p, 0)["head"].to_sparse())
     with pytest.raises(TypeError, match=r"^clip_by_global_norm: the gradient at path 'head' must be a dense"):
         tx.update(grads, tx.init(p), p)
 

@@ -104,6 +104,7 @@ def test_heatmap_names_members_and_stays_readable_when_none_reach():
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_grokadamw_sweep_member_matches_grokadamw_alone():
     """The sweep's clip / signal knobs are grokadamw's own: clip 0 (off) and κ, past the first
     evaluation (where the loss signal starts), equal a single run of ``grokadamw``."""

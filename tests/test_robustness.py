@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from cases import grad_tree, param_tree
 
 import grokxform as gx
 from grokxform.fused import FusedStep
@@ -40,14 +41,8 @@ ENGINES = [
 ]
 
 
-def _params(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"h.0.w": torch.randn(6, 5, generator=g).to(DEVICE), "h.1.b": torch.randn(7, generator=g).to(DEVICE)}
-
-
-def _grads(params: dict[str, torch.Tensor], t: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + t)
-    return {n: (torch.randn(p.shape, generator=g) * scale).to(DEVICE) for n, p in params.items()}
+def _params() -> dict[str, torch.Tensor]:
+    return param_tree({"h.0.w": (6, 5), "h.1.b": (7,)}, device=DEVICE)
 
 
 def _steps(tx, params, steps: int, engine: str | None, grads_at, **extra):
@@ -75,10 +70,10 @@ def test_a_negative_grokking_signal_cannot_push_alpha_past_one(engine: str | Non
     combination of gradients (here μ_0 = 0 and α = 1 keep it 0) and the params stay finite."""
     params = _params()
     tx = gx.grokadamw(lr=1e-2)
-    p, state = _steps(tx, params, 12, engine, lambda t: _grads(params, t), grokking_signal=-3.0)
+    p, state = _steps(tx, params, 12, engine, lambda t: grad_tree(params, t), grokking_signal=-3.0)
     ema = state["grokfast"]
     assert float(ema.alpha) == 1.0
-    biggest = max(float(_grads(params, t)[n].abs().max()) for t in range(12) for n in params)
+    biggest = max(float(grad_tree(params, t)[n].abs().max()) for t in range(12) for n in params)
     for n in params:
         assert torch.isfinite(p[n]).all()
         assert float(ema.mu[n].abs().max()) <= biggest
@@ -89,7 +84,7 @@ def test_alpha_in_range_is_not_changed_by_the_clamp() -> None:
     for gs in (-0.1, 0.0, 0.4, 50.0):
         tx = gx.ema_filter(0.9, signal_decay_rate=0.5)
         params = _params()
-        _, state = tx.update(_grads(params, 0), tx.init(params), params, grokking_signal=gs)
+        _, state = tx.update(grad_tree(params, 0), tx.init(params), params, grokking_signal=gs)
         assert float(state.alpha) == 0.9 * math.exp(-0.5 * gs)
 
 
@@ -131,7 +126,7 @@ def test_python_float_losses_do_not_recompile_tx_update(kind: str) -> None:
     for t in range(5):
         train, val = 0.05 + 0.01 * t, 0.3 + 0.02 * t
         extra = {"grokking_signal": train} if kind == "signal" else {"train_loss": train, "val_loss": val}
-        g = _grads(params, t)
+        g = grad_tree(params, t)
         _, state_c = step(g, state_c, train, val)
         _, state_e = tx.update(g, state_e, params, **extra)
         assert float(state_c["grokfast"].alpha) == float(state_e["grokfast"].alpha)

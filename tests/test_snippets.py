@@ -17,6 +17,7 @@ SHORTER = {  # page -> (written, run here): the paper's task takes ~50 ms a step
     "docs/reproducing.md": [("steps=2000", "steps=10")],
     "docs/sweeps.md": [("steps=3000", "steps=10"), ('"alpha": [0.9, 0.98]', '"alpha": [0.9]')],
 }
+SLOW_PAGES = {"README.md", "docs/quickstart.md", "docs/sweeps.md"}  # over 20 s on 2 CPU cores
 BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 
 
@@ -31,7 +32,7 @@ def test_the_pages_have_python_blocks() -> None:
         assert all(written in "".join(python_blocks(page)) for written, _ in subs), page
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in PAGES])
 def test_python_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

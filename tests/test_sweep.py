@@ -18,6 +18,7 @@ def test_grid_members_is_the_product_with_seeds():
     assert {m["seed"] for m in members} == {0, 1, 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline,grid", [
     ("grokfast_ema", {"alpha": [0.9, 0.98], "weight_decay": [0.005]}),
     ("baseline", {"b1": [0.8], "weight_decay": [0.0, 0.1]}),

@@ -102,6 +102,7 @@ def inject_hyperparams(
         def update_fn(
             updates: Updates, state: InjectHyperparamsState, params: Params | None = None, **extra: Any
         ) -> tuple[Updates, InjectHyperparamsState]:
+            C.check_state(state, InjectHyperparamsState, "inject_hyperparams")
             missing = [n for n in numeric if n not in state.hyperparams]
             if missing:
                 raise ValueError(f"inject_hyperparams: the state has no hyperparameter {missing[0]!r}")

@@ -1,0 +1,140 @@
+"""The transforms that the generic tests run, in one table, and the trees the tests feed them.
+
+Each entry names a transform, how to build it (a factory and its keyword arguments: small MA
+windows, learning rates that move the params in a few steps) and the facts about it that tests
+need. The generic tests take their transforms from here, so a pipeline added to :data:`ALIASES`
+runs in every one of them.
+
+- :data:`ALIASES`: one entry per public pipeline, built by its factory from plain numbers, so that
+  every way of running a transform takes it (``factory(**kwargs)``, ``gx.Optimizer(params,
+  factory, **kwargs)``, DCP checkpoints). The tests of many steps or processes run these: the
+  random-tree properties, ``gx.Optimizer`` == ``tx.update``, the fused optimizer, sharded training
+  and its checkpoints.
+- :data:`VARIANTS`: other settings of those pipelines (coupled decay, an MA sum without warm-up, a
+  bfloat16 window, schedules, β1 rules, injected hyperparameters). :data:`PIPELINES`, both tables,
+  is what the tests of the step run: purity and ``None`` gradients, eager == engine == fused, the
+  GPU, bad input, non-finite gradients.
+- :data:`PRIMITIVES`: the primitives on their own, for the functional contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import torch
+
+import grokxform as gx
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A transform under test.
+
+    ``signal``: it reads the losses (its EMA's α follows the grokking signal), so a test gives it
+    ``train_loss=`` / ``val_loss=``. ``bad_leaf_state``: the state paths that turn non-finite when
+    leaf ``head`` of :func:`param_tree` gets a NaN or ±inf on the third step (docs/reliability.md,
+    "Without apply_if_finite"); every other state tensor stays finite.
+    """
+
+    factory: Callable[..., gx.GradientTransformation]
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    signal: bool = False
+    bad_leaf_state: frozenset[str] = frozenset()
+
+    def make(self) -> gx.GradientTransformation:
+        return self.factory(**self.kwargs)
+
+
+_ADAM = frozenset({"adam.mu.head", "adam.nu.head"})
+_EMA = _ADAM | {"grokfast.mu.head"}
+
+
+def _ma(window_size: int) -> frozenset[str]:
+    """Adam's moments, the MA's running sum and the newest gradient (the last slot of the window)."""
+    return _ADAM | {f"grokfast.window.{window_size - 1}.head", "grokfast.total.head"}
+
+
+ALIASES: dict[str, Case] = {
+    "adamw": Case(gx.adamw, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_ADAM),
+    "grokfast_ema": Case(gx.grokfast_ema, {"lr": 1e-2, "alpha": 0.9}, bad_leaf_state=_EMA),
+    "grokfast_ma": Case(gx.grokfast_ma, {"lr": 1e-2, "window_size": 2}, bad_leaf_state=_ma(2)),
+    # a clip threshold well below the gradients' norm: the clip acts at every step (the norm is
+    # logged, never read back)
+    "grokadamw": Case(gx.grokadamw, {"lr": 1e-2, "gradient_clipping": 0.05}, signal=True,
+                      bad_leaf_state=_EMA | {"clip.norm"}),
+    "grokadamw_compat": Case(gx.grokadamw_compat, {"lr": 1e-2, "gradient_clipping": 0.3}, signal=True,
+                             bad_leaf_state=_EMA),
+}
+
+_INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
+
+VARIANTS: dict[str, Case] = {
+    "adamw_masked": Case(gx.adamw, {"lr": gx.linear_warmup(1e-2, 3), "weight_decay_mask": ["*.w"]},
+                         bad_leaf_state=_ADAM),
+    "grokfast_ema_coupled": Case(gx.grokfast_ema, {"lr": gx.linear_warmup(1e-2, 3), "weight_decay": 0.005,
+                                                   "weight_decay_mode": "coupled"}, bad_leaf_state=_EMA),
+    "grokfast_ma_sum": Case(gx.grokfast_ma, {"lr": 1e-2, "window_size": 4, "filter_type": "sum", "warmup": False},
+                            bad_leaf_state=_ma(4)),
+    "grokfast_ma_bf16_window": Case(gx.grokfast_ma, {"lr": 1e-2, "window_size": 3, "window_dtype": torch.bfloat16},
+                                    bad_leaf_state=_ma(3)),
+    "grokfast_ma_coupled": Case(gx.grokfast_ma, {"lr": 1e-2, "window_size": 3, "weight_decay_mode": "coupled"},
+                                bad_leaf_state=_ma(3)),
+    "grokadamw_schedule": Case(gx.grokadamw, {"lr": gx.warmup_cosine_decay(1e-2, 2, 20), "gradient_clipping": 0.5},
+                               signal=True, bad_leaf_state=_EMA | {"clip.norm"}),
+    "grokadamw_noclip": Case(gx.grokadamw, {"lr": 1e-2, "gradient_clipping": 0.0}, signal=True, bad_leaf_state=_EMA),
+    "grokadamw_index": Case(gx.grokadamw, {"lr": 1e-2, "layer": "index", "weight_decay_mask": ["h.*", "blocks.*"]},
+                            signal=True, bad_leaf_state=_EMA | {"clip.norm"}),
+    "grokadamw_layer_fn": Case(gx.grokadamw, {"lr": 1e-2, "layer": lambda path, i: i % 3}, signal=True,
+                               bad_leaf_state=_EMA | {"clip.norm"}),
+    "inject_grokadamw": Case(gx.inject_hyperparams(gx.grokadamw), {"lr": gx.warmup_cosine_decay(1e-2, 2, 20),
+                                                                   "lamb": 1.5, "weight_decay": 0.05},
+                             signal=True, bad_leaf_state=_INJECTED | {"inner_state.clip.norm"}),
+    "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
+                                bad_leaf_state=_INJECTED),
+}
+
+PIPELINES: dict[str, Case] = {**ALIASES, **VARIANTS}
+
+PRIMITIVES: dict[str, Case] = {
+    "ema_filter": Case(gx.ema_filter, {"alpha": 0.9}),
+    "ema_filter_zeros": Case(gx.ema_filter, {"alpha": 0.9, "init": "zeros"}),
+    "ma_filter": Case(gx.ma_filter, {"window_size": 3, "warmup": False}),
+    "amplify": Case(gx.amplify, {"filter": gx.ema_filter(0.9), "lamb": 2.0}),
+    "clip_by_global_norm": Case(gx.clip_by_global_norm, {"max_norm": 0.5}),
+    "clip_by_tensor_norm": Case(gx.clip_by_tensor_norm, {"max_norm": 0.5}),
+    "scale_by_adam": Case(gx.scale_by_adam),
+    "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
+    "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
+}
+
+
+# ---------------------------------------------------------------- trees
+
+# A small model's params, with a 0-d and an empty leaf; β1 by depth reads the block numbers.
+TREE: dict[str, tuple[int, ...]] = {
+    "embed.weight": (6, 4),
+    "blocks.0.w": (4, 4),
+    "blocks.0.b": (4,),
+    "blocks.1.w": (4, 4),
+    "scalar": (),
+    "empty": (0, 3),
+    "head": (2, 4),
+}
+
+
+def param_tree(shapes: Mapping[str, tuple[int, ...]] = TREE, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random params of these shapes, drawn in float64 on the CPU whatever the dtype and device."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for n, s in shapes.items()}
+
+
+def grad_tree(params: Mapping[str, torch.Tensor], step: int, *, scale: float = 1.0,
+              none: Collection[str] = ()) -> dict[str, torch.Tensor | None]:
+    """Step ``step``'s random gradients for ``params`` (their dtypes and devices), ``None`` for
+    the leaves named in ``none`` (the other leaves get the same values either way)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    drawn = {n: scale * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    return {n: None if n in none else x.to(params[n].device, params[n].dtype) for n, x in drawn.items()}
