@@ -83,6 +83,7 @@ ROOMS: tuple[tuple[str, ...], ...] = (
     ("grokxform.pipelines", "grokxform.metrics"),
     ("grokxform.engine", "grokxform.engine.*"),
     ("grokxform.fused",),
+    ("grokxform._naming", "grokxform._hyperparams", "grokxform._group_reductions", "grokxform._checkpoint"),
     ("grokxform.optim",),
     ("grokxform", "grokxform.__main__", "grokxform.experiments", "grokxform.experiments.*"),
 )
