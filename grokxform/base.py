@@ -110,7 +110,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return updates, tuple(new_state)
 
     members = tuple(_decl.declaration_of(t) for t in transforms)
-    return _decl.declare(GradientTransformation(init, update), _decl.Sequence(tuple(range(len(transforms))), members))
+    return _decl.declare(
+        GradientTransformation(init, update), _decl.Sequence(tuple(range(len(transforms))), members, transforms)
+    )
 
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -144,7 +146,9 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
         return updates, new_state
 
     members = tuple(_decl.declaration_of(t) for _, t in named)
-    return _decl.declare(GradientTransformation(init, update), _decl.Sequence(tuple(names), members))
+    return _decl.declare(
+        GradientTransformation(init, update), _decl.Sequence(tuple(names), members, tuple(t for _, t in named))
+    )
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -188,6 +188,8 @@ class Sequence:
 
     keys: tuple[Any, ...]
     members: tuple[Union["Declaration", None], ...]
+    transforms: tuple[Any, ...] = ()
+    """The member transforms themselves (what runs a member without a declaration)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,9 +14,13 @@ with the numbers of the eager path. Two engines:
   compiler on the CPU): one pass over memory, two when a reduction (the global clip) comes
   first. Any chain of declared transforms runs there, the standard pipelines and a user's own
   chains alike, compiled in well under a second on the CPU and in seconds on CUDA.
-- **Inductor** (a transform without a declaration, tensors the kernels do not take, or
+- **Inductor** (a transform the engine cannot run, tensors the kernels do not take, or
   ``backend="inductor"``): the pure step traced with ``make_fx`` and compiled
   (:mod:`grokxform.engine.traced`).
+
+A chain (``chain``, ``named_chain``, nested or not) with members that have no declaration runs in
+parts: each run of declared members as an engine step, each other member by its own ``update`` in
+between, its state written back in place (:attr:`FusedStep.engine`: ``"c+tx.update+c"``).
 
 On CUDA the step is captured into a CUDA graph after a warm-up call and replayed: one launch per
 step. Nothing is specialised on a hyperparameter value: learning rates (schedules of the step
@@ -55,7 +59,7 @@ from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
 from grokxform.engine import traced as _traced
-from grokxform.engine.layout import init_state, to_eager_layout, to_fused_layout
+from grokxform.engine.layout import Owned, init_state, to_eager_layout, to_fused_layout, write_back
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
 from grokxform.signals import SIGNAL_INPUTS, signal_input
 
@@ -103,6 +107,82 @@ class _EngineFn:
 
     def __call__(self, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> None:
         self.step(dict(zip(self.names, extras)))
+
+
+class _SegmentedFn:
+    """A chain the engine runs in parts: each run of declared members as an engine step (its
+    update written to a buffer, the last run's added to the params), each member without a
+    declaration by its own ``update`` in between, its state written back in place."""
+
+    capturable = False  # a member's own update runs Python each step
+
+    def __init__(self, parts: list[Any], names: tuple[str, ...], params: Any, p_leaves: list[Any]) -> None:
+        self.parts, self.names, self.params, self.p_leaves = parts, names, params, p_leaves
+        self.grads: list[tuple[Any, ...]] = []  # the gradients built for: shape, dtype, device, stride
+
+    def prepare(self, grads: list[torch.Tensor]) -> None:
+        del grads  # each engine part is pointed at its input when it runs
+
+    def __call__(self, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> None:
+        extra = dict(zip(self.names, extras))
+        mask = self.parts[0].mask
+        xs = grads
+        for part in self.parts:
+            xs = part(xs, extra, self.params)
+        if isinstance(self.parts[-1], _OwnUpdate):  # the last member's own update: θ ← θ + u
+            params = [p for p, m in zip(self.p_leaves, mask) if m]
+            for p, u in zip(params, xs):
+                p.add_(u.to(p.dtype))
+
+
+class _EnginePart:
+    """A run of declared members of a segmented chain, as one engine step."""
+
+    def __init__(self, step: Any, mask: tuple[bool, ...]) -> None:
+        self.step, self.mask = step, mask
+
+    def __call__(self, xs: list[torch.Tensor], extra: dict[str, Any], params: Any) -> list[torch.Tensor]:
+        self.step.prepare(xs)
+        self.step(extra)
+        return [self.step.updates[i] for i in self.step.plan.leaves] if self.step.output == "updates" else []
+
+
+class _OwnUpdate:
+    """A member without a declaration of a segmented chain: its own ``update``, its new state
+    written back into the step's state in place."""
+
+    def __init__(self, tx: GradientTransformation, owned: Any, where: str, mask: tuple[bool, ...], spec: Any) -> None:
+        self.tx, self.owned, self.where, self.mask, self.spec = tx, owned, where, mask, spec
+
+    def __call__(self, xs: list[torch.Tensor], extra: dict[str, Any], params: Any) -> list[torch.Tensor]:
+        it = iter(xs)
+        tree = _tree.unflatten([next(it) if m else None for m in self.mask], self.spec)
+        updates, state = self.tx.update(tree, self.owned.state, params, **extra)
+        write_back(self.owned, state)
+        leaves = _tree.flatten(updates)[0]
+        out = [u for u, m in zip(leaves, self.mask) if m]
+        if len(leaves) != len(self.mask) or any(u is None for u in out):
+            raise ValueError(f"FusedStep: {self.where} returned no update for a leaf that has a gradient")
+        return out
+
+
+def _chain_members(decl: Any, tx: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any, Any]]:
+    """The members of a chain (nested chains flattened) in order: (their keys in the state, their
+    declaration or ``None``, the transform)."""
+    if isinstance(decl, _decl.Sequence) and decl.transforms:
+        return [m for key, d, t in zip(decl.keys, decl.members, decl.transforms)
+                for m in _chain_members(d, t, (*path, key))]
+    return [(path, decl, tx)]
+
+
+def _state_at(state: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        state = state[key]
+    return state
+
+
+def _member_name(path: tuple[Any, ...]) -> str:
+    return "member " + "".join(f"[{k!r}]" for k in path)
 
 
 class _TracedFn:
@@ -176,9 +256,10 @@ class FusedStep:
         captures: how many CUDA graphs were captured.
         compile_seconds: the wall time of each build (the engine's kernels are compiled by
             Triton at their first launch, which the first call's time includes).
-        engine: what ran the last pattern built: ``"triton"``, ``"c"``, ``"foreach"``, ``"inductor"``,
+        engine: what ran the last pattern built: ``"triton"``, ``"c"``, ``"foreach"`` (a chain in
+            parts: its parts joined by ``+``, ``"c+tx.update+c"``), ``"inductor"``,
             ``"aot_eager"`` or ``"eager"``; ``fallback_reason`` says why ``"auto"`` did not use
-            the engine.
+            the engine, or which members of a chain in parts run their own ``update``.
 
     Entry point for other front ends (``grokxform.Optimizer``): build
     ``FusedStep(tx, params_tree, state_tree)``, call it with the gradient tree (or
@@ -401,7 +482,8 @@ class FusedStep:
             if fn is not None:
                 self.compile_seconds.append(time.perf_counter() - t0)
                 self.compiles += 1
-                self.engine = fn.step.backend
+                if isinstance(fn, _EngineFn):  # (a segmented chain names its parts: _segmented)
+                    self.engine = fn.step.backend
                 self._fns[key] = fn
                 return fn
         backend = "inductor" if self._backend in _ENGINE_BACKENDS else self._backend
@@ -438,6 +520,9 @@ class FusedStep:
         ``"engine"``: kernels where they can run, else foreach; ``"auto"``: kernels."""
         from grokxform import engine
 
+        members = _chain_members(_decl.declaration_of(self._tx), self._tx)
+        if any(d is None for _, d, _ in members) and any(d is not None for _, d, _ in members):
+            return self._segmented(members, g_leaves, names, xs)
         cuda = self._device.type == "cuda"
         kinds = {"triton": ["triton"], "c": ["c"], "foreach": ["foreach"], "auto": ["triton"] if cuda else ["c"],
                  "engine": ["triton", "foreach"] if cuda else ["c", "foreach"]}[self._backend]
@@ -460,6 +545,59 @@ class FusedStep:
             raise EngineUnavailable(f"FusedStep(backend={self._backend!r}): {reason}") from None
         self.fallback_reason = reason
         return None
+
+    def _segmented(
+        self, members: list[tuple[tuple[Any, ...], Any, Any]], g_leaves: list[Any], names: tuple[str, ...],
+        xs: dict[str, torch.Tensor],
+    ) -> Any:
+        """A chain with members the engine cannot run: its runs of declared members as engine
+        steps, the others by their own ``update`` (:class:`_SegmentedFn`), or ``None`` (``"auto"``:
+        Inductor then) where a run cannot be built."""
+        from grokxform import engine
+
+        mask = tuple(g is not None for g in g_leaves)
+        runs: list[list[tuple[tuple[Any, ...], Any, Any]]] = []
+        for m in members:
+            if m[1] is not None and runs and runs[-1][0][1] is not None:
+                runs[-1].append(m)
+            else:
+                runs.append([m])
+        kinds = ["triton", "foreach"] if self._device.type == "cuda" else ["c", "foreach"]
+        if self._backend in ("triton", "c", "foreach"):
+            kinds = [self._backend]
+        parts: list[Any] = []
+        reasons: list[str] = []
+        for k, run in enumerate(runs):
+            if run[0][1] is None:
+                path, _, tx = run[0]
+                sub = _state_at(self._state, path)
+                parts.append(_OwnUpdate(tx, Owned(sub), _member_name(path), mask, self._p_spec))
+                reasons.append(f"{_member_name(path)} has no declaration: it runs its own update")
+                continue
+            decl = _decl.Sequence(tuple(range(len(run))), tuple(d for _, d, _ in run), tuple(t for _, _, t in run))
+            state = tuple(_state_at(self._state, path) for path, _, _ in run)
+            output = "params" if k == len(runs) - 1 else "updates"
+            why = []
+            for kind in kinds:
+                try:
+                    if kind == "triton" and not engine.available(self._device):
+                        raise engine.Unsupported(f"Triton cannot run on {self._device} here")
+                    with torch.no_grad():
+                        step = engine.EngineStep(None, self._params, state, g_leaves, xs, backend=kind,
+                                                 shards=self._shards, declaration=decl, output=output)
+                    parts.append(_EnginePart(step, mask))
+                    break
+                except engine.Unsupported as e:
+                    why.append(str(e))
+            else:
+                reason = "; ".join(dict.fromkeys(why))
+                if self._backend != "auto":
+                    raise EngineUnavailable(f"FusedStep(backend={self._backend!r}): {reason}") from None
+                self.fallback_reason = reason
+                return None
+        self.engine = "+".join("tx.update" if isinstance(p, _OwnUpdate) else p.step.backend for p in parts)
+        self.fallback_reason = "; ".join(reasons)
+        return _SegmentedFn(parts, names, self._params, self._p_leaves)
 
     def _capture(self, fn: Any, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> _Captured:
         engine = isinstance(fn, _EngineFn)

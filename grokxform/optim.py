@@ -55,8 +55,10 @@ kernels on the CPU (built by the system's C compiler), or as the same plan run w
 ``torch._foreach_*`` ops where neither runs; params and state are updated in place.
 The hyperparameter tensors a scheduler fills are the ones the step reads, so lr changes need no
 new step; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s betas) rebuilds it. A
-chain the engine cannot run (a transform without a declaration) runs the eager, multi-tensor
-``tx.update`` instead (``optimizer.fallback_reasons``); ``fused=False`` asks for that path.
+member of a chain without a declaration runs its own ``update`` between the engine's steps of the
+members around it (``optimizer.engines``: ``"c+tx.update+c"``); a transformation the engine cannot
+run at all runs the eager, multi-tensor ``tx.update`` instead (``optimizer.fallback_reasons`` says
+why); ``fused=False`` asks for that path.
 ``fused=True`` is ``FusedStep(backend="auto")`` (the engine's kernels, else an Inductor-compiled
 step); ``fused=`` also takes a backend name (``"triton"``, ``"c"``, ``"foreach"``, ``"inductor"``;
 ``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
@@ -210,8 +212,8 @@ class Optimizer(torch.optim.Optimizer):
         ``"eager"`` (the traced fallbacks of :class:`~grokxform.fused.FusedStep`), or ``"tx.update"``
         (the eager, multi-tensor ``tx.update``); ``None`` before its first step."""
         self.fallback_reasons: list[str | None] = []
-        """Why a group runs ``"tx.update"`` under the default ``fused=None`` (the engine cannot run
-        its chain: a transform without a declaration...)."""
+        """Under the default ``fused=None``: why a group runs ``"tx.update"`` (the engine cannot run
+        its chain), or which members of its chain run their own ``update`` between engine steps."""
         if isinstance(tx, GradientTransformation):
             unknown = [k for k in hyperparameters if k != "lr"]
             if unknown:
@@ -535,6 +537,8 @@ class Optimizer(torch.optim.Optimizer):
             self._fill_hyperparams(g, group, self._states[g])
         fs.step_leaves(grads, extra)
         self.engines[g] = fs.engine
+        if self._fused is None:  # a chain in parts ("c+tx.update+c"): which members run their own update
+            self.fallback_reasons[g] = fs.fallback_reason
 
     def _leave_engine(self, g: int, reason: str) -> None:
         """Run group ``g`` eagerly from now on (the engine cannot run its chain); its state stays

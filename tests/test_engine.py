@@ -279,8 +279,9 @@ def _own_update(updates, state, params=None, **extra):
 @pytest.mark.parametrize(
     "make, why",
     [
-        (lambda: gx.chain(gx.scale_by_adam(), gx.GradientTransformation(lambda p: (), _own_update)),
-         r"member 1 has no declaration"),
+        (lambda: gx.inject_hyperparams(lambda lr: gx.chain(
+            gx.scale_by_adam(), gx.GradientTransformation(lambda p: (), _own_update),
+            gx.scale_by_learning_rate(lr)))(lr=1e-2), r"member 1 has no declaration"),
         (lambda: gx.grokadamw(grokking_signal_fns=[lambda: 0.5]), r"'grokfast'.*signal functions"),
     ],
 )
@@ -377,6 +378,31 @@ def test_kernels_that_do_not_compile_leave_the_engine_for_foreach(monkeypatch: p
 
 
 @pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+def test_c_kernels_give_the_same_numbers_on_any_number_of_threads() -> None:
+    """The work items are shared by torch's threads: one thread or four, the same params and
+    state bit for bit (a clip's per-item sums included)."""
+    shapes = {"a": (300_000,), "b": (517, 301), "c": (7,)}
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            params = param_tree(shapes)
+            fused = FusedStep(gx.chain(gx.amplify(gx.ema_filter(0.9), 2.0), gx.clip_by_global_norm(0.1),
+                                       gx.adamw(lr=1e-2)), params, backend="c")
+            for t in range(3):
+                fused(grad_tree(params, t))
+            assert fused.engine == "c"
+            step = next(iter(fused._fns.values())).step
+            assert max(step._threads(g) for g in step._groups) == n
+            runs.append((params, fused.eager_state()))
+    finally:
+        torch.set_num_threads(threads)
+    _close(runs[0][0], runs[1][0], exact=True)
+    _close(runs[0][1], runs[1][1], exact=True)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
 def test_auto_on_the_cpu_runs_the_c_kernels() -> None:
     params = _params(torch.float32)
     auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto")
@@ -467,3 +493,84 @@ def test_a_pipeline_built_inside_torch_compile_works() -> None:
         return x + 1
 
     assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+
+
+# --------------------------------------------------------------------------------------------
+# A chain with a member the engine cannot run: the declared runs on the engine, that member between.
+
+
+def _plain_scale(c: float) -> gx.GradientTransformation:
+    """An optax-style transform without a declaration (a counter in its state)."""
+
+    def init(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"n": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+
+    def update(u, s, params=None, **extra):
+        return {k: None if v is None else v * c for k, v in u.items()}, {"n": s["n"] + 1}
+
+    return gx.GradientTransformation(init, update)
+
+
+PARTS = {
+    "middle": (lambda: gx.chain(gx.clip_by_global_norm(1.0), _plain_scale(0.5), gx.grokadamw(lr=1e-2)),
+               ["{k}", "tx.update", "{k}"], True),
+    "last": (lambda: gx.chain(gx.adamw(lr=1e-2), _plain_scale(0.5)), ["{k}", "tx.update"], False),
+    "first_of_nested": (lambda: gx.chain(gx.chain(_plain_scale(2.0), gx.grokfast_ma(lr=1e-2, window_size=3)),
+                                         gx.scale_by_learning_rate(0.5)), ["tx.update", "{k}"], False),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "foreach", "c"])
+@pytest.mark.parametrize("name", sorted(PARTS))
+def test_a_member_without_a_declaration_runs_between_engine_steps(name: str, backend: str) -> None:
+    """The runs of declared members before and after it stay on the engine; the member runs its
+    own ``update`` between them, its state written back in place. The numbers are eager's (bit
+    for bit on the foreach backend), over patterns of ``None`` gradients; ``engine`` and
+    ``fallback_reason`` name the parts."""
+    if backend == "c" and (DEVICE != "cpu" or not native.compiler()[0]):
+        pytest.skip("the C kernels run on the CPU, with a compiler")
+    if backend == "triton" and DEVICE == "cpu" and name == "middle":
+        pytest.skip("the interpreter is slow; the other chains cover the Triton parts")
+    make, parts, signal = PARTS[name]
+    p_e, s_e, p_f, fused = _run(make(), torch.float32, 5, {2: ("h.1.w",)}, signal, backend=backend)
+    assert fused.engine == "+".join(p.format(k=backend) for p in parts)
+    assert fused.compiles == 2 and "has no declaration: it runs its own update" in fused.fallback_reason
+    _close(p_e, p_f, exact=backend == "foreach", rtol=2e-5, atol=1e-6)
+    _close(s_e, fused.eager_state(), exact=backend == "foreach", rtol=2e-5, atol=1e-6)
+    counters = [x for x in T.flatten(fused.state)[0] if isinstance(x, torch.Tensor) and x.dtype == torch.int64]
+    assert counters and max(int(c.max()) for c in counters) == 5
+
+
+def test_the_optimizer_runs_a_chain_in_parts_and_says_which_member_runs_its_own_update() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DEVICE)
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DEVICE)
+    twin.load_state_dict(model.state_dict())
+    make = lambda: gx.chain(gx.clip_by_global_norm(1.0), _plain_scale(0.5), gx.adamw(lr=1e-2))  # noqa: E731
+    opts = [gx.Optimizer(model.named_parameters(), make()), gx.Optimizer(twin.named_parameters(), make(), fused=False)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, y = torch.randn(4, 5, generator=g).to(DEVICE), torch.randn(4, 3, generator=g).to(DEVICE)
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    kernel = "triton" if DEVICE == "cuda" else "c" if native.compiler()[0] else "foreach"
+    assert opts[0].engines == [f"{kernel}+tx.update+{kernel}"]
+    assert opts[0].fallback_reasons == ["member [0][1] has no declaration: it runs its own update"]
+    assert int(opts[0].tx_states[0][1]["n"]) == int(opts[1].tx_states[0][1]["n"]) == 4
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_a_member_that_drops_an_update_is_named() -> None:
+    def init(params):
+        return ()
+
+    def update(u, s, params=None, **extra):
+        return {k: None for k in u}, s
+
+    params = _params(torch.float32)
+    fused = FusedStep(gx.chain(gx.scale_by_learning_rate(2.0), gx.GradientTransformation(init, update), gx.scale_by_learning_rate(0.5)), params,
+                      backend="foreach")
+    with pytest.raises(ValueError, match=r"member \[1\] returned no update for a leaf that has a gradient"):
+        fused(_grads(params, 0))

@@ -68,8 +68,13 @@ class Emitter:
         col_of: Callable[[Any], int],
         constant: Callable[[float], int],
         role_of: Callable[[Any, str], str],
+        *,
+        output: str = "params",
     ) -> None:
         self.leaf, self.pass_index, self.main = leaf, pass_index, main
+        self.output = output
+        """``"params"``: the last pass adds the update to the params (role ``P``); ``"updates"``: it
+        stores the update (role ``U``, in its dtype) and leaves the params as they are."""
         self.dtype_of, self.slot_of, self.col_of, self.constant, self.role_of = (
             dtype_of, slot_of, col_of, constant, role_of)
         self.lines: list[str] = []
@@ -239,7 +244,10 @@ class Emitter:
         self.line("tl.store(RBAD + rslot, rbad)")
 
     def finish(self, u: Value) -> None:
-        """θ ← θ + u, in the param's dtype (as ``apply_updates``)."""
+        """θ ← θ + u, in the param's dtype (as ``apply_updates``); or u stored as it is."""
+        if self.output == "updates":
+            self.store("U", self.run_cast(u, self.dtype_of("U")))
+            return
         p = self.param()
         step = self.run_cast(u, p.dtype)
         self.store("P", self.rounded(f"{p.name} + {step.name}", p.dtype))

@@ -44,8 +44,11 @@ class GroupPass:
         self._lists = {id(v) for v in grp.roles.values()}
 
     def run(self) -> None:
-        """The whole program; the params updated in place (``θ ← θ + u``)."""
+        """The whole program; the params updated in place (``θ ← θ + u``), or the update stored."""
         out, _ = self.node(self.step.plan.root, self.grp.roles["G"], False)
+        if self.step.output == "updates":
+            torch._foreach_copy_(self.grp.roles["U"], out)
+            return
         params = self.grp.roles["P"]
         dt = params[0].dtype
         torch._foreach_add_(params, out if out[0].dtype == dt else [t.to(dt) for t in out])

@@ -6,8 +6,10 @@ elements of one leaf each) and, inside it, over their elements: the element prog
 chain in its order, each operation in float32 (float64 for float64 values) and rounded to its
 value's dtype, as the eager op rounds (bfloat16 and float16 to nearest even, written out in
 integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``);
-division and square root are IEEE's, so every value is the eager op's, bit for bit. The element
-loops carry ``#pragma omp simd``: they are vectorised (``-fopenmp-simd``, no OpenMP runtime).
+division and square root are IEEE's. The element loops carry ``#pragma omp simd`` (vectorised) and
+the work items are shared by ``torch.get_num_threads()`` threads (OpenMP, ``-fopenmp``; where the
+compiler has no OpenMP runtime, one thread). A thread computes its items as any other would: the
+numbers do not depend on the number of threads.
 
 A step's kernels are one translation unit, compiled once into a shared library in the kernel
 cache folder (:func:`~grokxform.engine.step.cache_dir`; the file's name is the hash of its source,
@@ -252,12 +254,13 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
     """The C function ``name`` whose body ``em`` emitted. Its one argument is an int64 array:
     the number of work items, the item tables, the leaves' sizes, the position and scalar tables,
     one address table per role (``em.roles``), the reduction buffers (sums of squares of dtype
-    ``rsq``) and their row length."""
+    ``rsq``), their row length and the number of threads that share the items (OpenMP, where the
+    library was built with it; every item is computed alike on any thread: the same numbers)."""
     names = ["ITEM_LEAF", "ITEM_START", "NUMEL", "POS", "NPOS", "CONST", *(f"SC{k}" for k in range(passes)),
-             *(f"T_{r}" for r in em.roles), "RSQ", "RBAD", "CHUNKS"]
+             *(f"T_{r}" for r in em.roles), "RSQ", "RBAD", "CHUNKS", "THREADS"]
     types = {"ITEM_LEAF": "const int64_t*", "ITEM_START": "const int64_t*", "NUMEL": "const int64_t*",
              "POS": "const int64_t*", "NPOS": "const int64_t", "CONST": "const double*", "RSQ": "RSQ_T*",
-             "RBAD": "int32_t*", "CHUNKS": "const int64_t"}
+             "RBAD": "int32_t*", "CHUNKS": "const int64_t", "THREADS": "const int64_t"}
     lines = [f"void {name}(const int64_t* A) {{", f"    typedef {_CTYPE[rsq]} RSQ_T;", "    const int64_t n_items = A[0];"]
     for k, arg in enumerate(names, start=1):
         t = types.get(arg, "const double*" if arg.startswith("SC") else "const int64_t*")
@@ -267,6 +270,9 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
     unused = [a for a in names if a not in ("ITEM_LEAF", "ITEM_START", "NUMEL")]
     lines.append("    " + " ".join(f"(void){a};" for a in unused))
     lines += [
+        "    #ifdef _OPENMP",
+        "    #pragma omp parallel for schedule(static) num_threads(THREADS) if(THREADS > 1)",
+        "    #endif",
         "    for (int64_t item = 0; item < n_items; ++item) {",
         "        const int64_t leaf = ITEM_LEAF[item], start = ITEM_START[item], n = NUMEL[leaf];",
         "        const int64_t end = start + BLOCK < n ? start + BLOCK : n;",
@@ -286,7 +292,10 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
 # --------------------------------------------------------------------------------------------
 # The compiler and the libraries.
 
-_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-w"]
+_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-w"]
+_THREADS = (["-fopenmp"], ["-fopenmp-simd"])
+"""Threads and vector loops (OpenMP's runtime, which torch's CPU builds load too), else vector loops
+alone (a compiler without that runtime)."""
 _COMPILER: tuple[str | None, str] | None = None
 _LIBRARIES: dict[str, Any] = {}
 
@@ -329,29 +338,42 @@ def load_library(source: str, folder: str) -> Any:
     cc, about = compiler()
     if cc is None:
         raise RuntimeError(about)
-    flags = _FLAGS + _isa_flags()
-    key = hashlib.sha256("\0".join([source, about, *flags]).encode()).hexdigest()[:24]
-    lib = _LIBRARIES.get(key)
-    if lib is not None:
+    errors = []
+    for threads in _THREADS:
+        flags = _FLAGS + threads + _isa_flags()
+        key = hashlib.sha256("\0".join([source, about, *flags]).encode()).hexdigest()[:24]
+        lib = _LIBRARIES.get(key)
+        if lib is not None:
+            return lib
+        path = os.path.join(folder, f"grokxform_c_{key}.so")
+        if not os.path.exists(path):
+            error = _build(cc, flags, source, folder, key, path)
+            if error is not None:
+                errors.append(error)
+                continue
+        lib = _LIBRARIES[key] = ctypes.CDLL(path)
         return lib
-    path = os.path.join(folder, f"grokxform_c_{key}.so")
-    if not os.path.exists(path):
-        fd, src = tempfile.mkstemp(dir=folder, prefix=f".grokxform_c_{key}.", suffix=".c")
-        tmp = src[:-2] + ".so"
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(source)
-            done = subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise RuntimeError(f"the C kernels did not compile ({cc}): {done.stderr.strip()[-2000:]}")
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        finally:
-            for leftover in (src, tmp):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
-    lib = _LIBRARIES[key] = ctypes.CDLL(path)
-    return lib
+    raise RuntimeError(f"the C kernels did not compile ({cc}): {errors[-1]}")
+
+
+def _build(cc: str, flags: list[str], source: str, folder: str, key: str, path: str) -> str | None:
+    """Compile ``source`` into the library ``path`` (a file of this user alone, renamed into place);
+    the compiler's message when it fails."""
+    fd, src = tempfile.mkstemp(dir=folder, prefix=f".grokxform_c_{key}.", suffix=".c")
+    tmp = src[:-2] + ".so"
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        done = subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return done.stderr.strip()[-2000:]
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        return None
+    finally:
+        for leftover in (src, tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
 
 def function(lib: Any, name: str) -> Any:

@@ -48,6 +48,8 @@ BLOCK = 1024
 REDUCE_BLOCK = 4096
 """Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
+THREAD_ELEMENTS = 1 << 15
+"""Elements per thread of a C kernel, at least."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_FLOATS = (*_FLOATS, torch.float64)
 
@@ -204,6 +206,8 @@ class _Group:
     idx: dict[int, list[int]] = field(default_factory=dict)
     """Per node: the positions of the group's leaves among the node's leaves (its per-leaf scalars)."""
     grad_key: tuple[int, ...] = ()
+    elements: int = 0
+    """The group's elements (the sum of its leaves' sizes)."""
     c_args: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per pass of the C backend: its kernel's argument array."""
     reads_gradient: dict[int, bool] = field(default_factory=dict)
@@ -251,10 +255,16 @@ class EngineStep:
     def __init__(
         self, tx: Any, p_tree: Any, state: Any, grads: list[Any], extras: dict[str, torch.Tensor],
         *, backend: str = "triton", block: int | None = None, num_warps: int | None = None,
-        shards: list[Any] | None = None,
+        shards: list[Any] | None = None, declaration: D.Declaration | None = None, output: str = "params",
     ) -> None:
         if backend not in ("triton", "c", "foreach"):
             raise ValueError(f"EngineStep: backend must be 'triton', 'c' or 'foreach', got {backend!r}")
+        if output not in ("params", "updates"):
+            raise ValueError(f"EngineStep: output must be 'params' or 'updates', got {output!r}")
+        self.output = output
+        """``"params"``: the step adds its update to the params; ``"updates"``: it writes the update
+        into :attr:`updates` (one tensor per leaf with a gradient, the gradient's dtype and shape,
+        reused from step to step) and leaves the params as they are."""
         if backend == "c":
             cc, why = native.compiler()
             if cc is None:
@@ -263,9 +273,12 @@ class EngineStep:
         self.shards = shards if shards is not None and any(x is not None for x in shards) else None
         """The layout of each param leaf when the tensors are local shards of DTensors (``None``:
         unsharded): the per-leaf reductions are then completed over the ranks."""
-        self.decl = D.declaration_of(tx)
+        self.decl = declaration if declaration is not None else D.declaration_of(tx)
         self.state = state
         self.plan = plan = P.make_plan(self.decl, state, p_tree, grads)
+        self.updates: dict[int, torch.Tensor] = (
+            {i: torch.empty_like(grads[i]) for i in plan.leaves} if output == "updates" else {}
+        )
         self.block = block or BLOCK
         self.reduce_block = REDUCE_BLOCK
         self.num_warps = num_warps or NUM_WARPS
@@ -342,6 +355,8 @@ class EngineStep:
     def _leaf_roles(self, plan: P.Plan, leaf: int) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
         """The tensors the program of ``leaf`` reads and writes, by role, and its program key."""
         roles = {"P": plan.params[leaf], "G": plan.grads[leaf]}
+        if self.output == "updates":
+            roles["U"] = self.updates[leaf]
         key: list[Any] = []
         for k, node in enumerate(plan.nodes):
             if isinstance(node, P.Member):
@@ -385,7 +400,7 @@ class EngineStep:
                 leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
                 numel=torch.tensor(numels, dtype=torch.int64, device=dev),
                 pos=torch.tensor(pos, dtype=torch.int64, device=dev),
-                items={b: _items(numels, b, dev) for b in {block, self.reduce_block}},
+                items={b: _items(numels, b, dev) for b in {block, self.reduce_block}}, elements=sum(numels),
             )
             grp.idx = {
                 id(node): [self._position[id(node)][leaf] if id(node) in self._position else j
@@ -409,7 +424,8 @@ class EngineStep:
             if not main and leaf not in plan.reductions[p].leaves:
                 continue
             kind = native.CEmitter if self.backend == "c" else G.Emitter
-            em = kind(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role)
+            em = kind(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role,
+                      output=self.output)
             x = em.load("G", grp.dtypes["G"])
             try:
                 out = em.node(plan.root, x)
@@ -448,7 +464,8 @@ class EngineStep:
             main = p == self.plan.passes - 1
             item_leaf, item_start, n_items, chunks = grp.items[self.block if main else self.reduce_block]
             addr = [item_leaf, item_start, grp.numel, grp.pos, grp.pos.shape[1], self.const, *self._sc,
-                    *(grp.tables[r] for r in roles), grp.rsq.get(p, self.const), grp.rbad.get(p, self.const), chunks]
+                    *(grp.tables[r] for r in roles), grp.rsq.get(p, self.const), grp.rbad.get(p, self.const), chunks,
+                    1]  # the threads: set at the first launch (_threads)
             args = torch.tensor([n_items, *(a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in addr)],
                                 dtype=torch.int64)
             grp.kernels[p] = (native.function(lib, name), roles)
@@ -721,7 +738,11 @@ class EngineStep:
     def _launch(self, grp: _Group, p: int) -> None:
         if self.backend == "c":
             if p in grp.kernels:
-                grp.kernels[p][0](grp.c_args[p].data_ptr())
+                args = grp.c_args[p]
+                threads = self._threads(grp)
+                if int(args[-1]) != threads:
+                    args[-1] = threads
+                grp.kernels[p][0](args.data_ptr())
             return
         main = p == self.plan.passes - 1
         block, warps = (self.block, self.num_warps) if main else (self.reduce_block, 2 * self.num_warps)
@@ -737,6 +758,11 @@ class EngineStep:
             item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
             chunks, NPOS=grp.pos.shape[1], BLOCK=block, num_warps=warps, **extra,
         )
+
+    def _threads(self, grp: _Group) -> int:
+        """How many threads share a C kernel's items: torch's (``torch.get_num_threads()``), one per
+        ``THREAD_ELEMENTS`` elements of the group at most (a thread costs a few µs to wake)."""
+        return max(1, min(torch.get_num_threads(), grp.elements // THREAD_ELEMENTS))
 
     def _finalize(self, red: Any, p: int) -> dict[str, torch.Tensor]:
         """The per-leaf norms and finite flags of reduction ``p``, in the order of its node's leaves
