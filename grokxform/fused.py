@@ -56,6 +56,7 @@ import torch
 
 from grokxform import declarations as _decl
 from grokxform import distributed as _dist
+from grokxform import engine
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
 from grokxform.engine import traced as _traced
@@ -518,8 +519,6 @@ class FusedStep:
         ``"triton"``: generated Triton kernels (CUDA, or Triton's interpreter on the CPU); ``"c"``:
         generated C kernels (the CPU); ``"foreach"``: the plan with in-place foreach ops;
         ``"engine"``: kernels where they can run, else foreach; ``"auto"``: kernels."""
-        from grokxform import engine
-
         members = _chain_members(_decl.declaration_of(self._tx), self._tx)
         if any(d is None for _, d, _ in members) and any(d is not None for _, d, _ in members):
             return self._segmented(members, g_leaves, names, xs)
@@ -553,8 +552,6 @@ class FusedStep:
         """A chain with members the engine cannot run: its runs of declared members as engine
         steps, the others by their own ``update`` (:class:`_SegmentedFn`), or ``None`` (``"auto"``:
         Inductor then) where a run cannot be built."""
-        from grokxform import engine
-
         mask = tuple(g is not None for g in g_leaves)
         runs: list[list[tuple[tuple[Any, ...], Any, Any]]] = []
         for m in members:
