@@ -520,7 +520,8 @@ class FusedStep:
         generated C kernels (the CPU); ``"foreach"``: the plan with in-place foreach ops;
         ``"engine"``: kernels where they can run, else foreach; ``"auto"``: kernels."""
         members = _chain_members(_decl.declaration_of(self._tx), self._tx)
-        if any(d is None for _, d, _ in members) and any(d is not None for _, d, _ in members):
+        sharded = any(sh is not None for sh in self._shards)  # (a member's own update sees local shards)
+        if not sharded and any(d is None for _, d, _ in members) and any(d is not None for _, d, _ in members):
             return self._segmented(members, g_leaves, names, xs)
         cuda = self._device.type == "cuda"
         kinds = {"triton": ["triton"], "c": ["c"], "foreach": ["foreach"], "auto": ["triton"] if cuda else ["c"],
