@@ -102,23 +102,39 @@ class Emitter:
             self._cache[key] = make()
         return self._cache[key]
 
-    def pos(self, node: Any) -> str:
-        def make() -> str:
-            v = self.var("pos")
-            self.line(f"{v} = tl.load(POS + leaf * NPOS + {self.col_of(node)})")
-            return v
+    # -- text that the C emitter writes its own way ----------------------------------------------
 
-        return self.cached(("pos", id(node)), make)
+    def invariant(self, prefix: str, expr: str, ctype: str) -> str:
+        """A new variable holding ``expr``, computed once per work item (``ctype``: its C type)."""
+        v = self.var(prefix)
+        self.line(f"{v} = {expr}")
+        return v
+
+    def read(self, buf: str, index: str) -> str:
+        """Element ``index`` of the table or buffer ``buf``."""
+        return f"tl.load({buf} + {index})"
+
+    def widen(self, expr: str, dtype: torch.dtype) -> str:
+        """``expr`` in the compute precision of ``dtype`` values (float32, float64 for float64)."""
+        return f"{expr}.to({_compute(dtype)})"
+
+    def round_text(self, expr: str, dtype: torch.dtype) -> str:
+        """A float32 ``expr`` rounded to ``dtype`` (a 16-bit float) and back."""
+        return f"round_to({expr}, {tl_name(dtype)})"
+
+    # -- scalars --------------------------------------------------------------------------------
+
+    def pos(self, node: Any) -> str:
+        return self.cached(("pos", id(node)), lambda: self.invariant(
+            "pos", self.read("POS", f"leaf * NPOS + {self.col_of(node)}"), "int64_t"))
 
     def raw_scalar(self, node: Any, name: str) -> str:
         """The scalar as stored (float64)."""
         slot = self.slot_of(node, name)
 
         def make() -> str:
-            v = self.var("s")
             index = f"{slot.off}" if slot.kind in ("number", "tensor") else f"{slot.off} + {self.pos(node)}"
-            self.line(f"{v} = tl.load({slot.buf} + {index})")
-            return v
+            return self.invariant("s", self.read(slot.buf, index), "double")
 
         return self.cached(("raw", id(node), name), make)
 
@@ -130,29 +146,25 @@ class Emitter:
             raw = self.raw_scalar(node, name)
             if dtype == torch.float64:
                 return raw
-            v = self.var("s")
-            if slot.kind in ("tensor", "tensors") and dtype != torch.float32:
-                self.line(f"{v} = round_to({raw}.to(tl.float32), {tl_name(dtype)})")
-            else:
-                self.line(f"{v} = {raw}.to(tl.float32)")
-            return v
+            value = self.widen(raw, torch.float32)
+            if slot.kind in ("tensor", "tensors") and dtype != torch.float32:  # rounded to the value's dtype first
+                value = self.round_text(value, dtype)
+            return self.invariant("s", value, "float")
 
         return self.cached(("scalar", id(node), name, dtype), make)
 
     def flag(self, node: Any, name: str) -> str:
-        return self.cached(("flag", id(node), name), lambda: f"({self.raw_scalar(node, name)} != 0)")
+        return self.cached(("flag", id(node), name), lambda: self.invariant(
+            "f", f"{self.raw_scalar(node, name)} != 0", "int"))
 
     def lanes(self, node: Any, name: str) -> str:
         """The flag as a block of lanes (a store mask cannot take a scalar flag in the interpreter)."""
         return self.cached(("lanes", id(node), name), lambda: f"((offs * 0 + {self.raw_scalar(node, name)}) != 0)")
 
     def number(self, x: float, dtype: torch.dtype) -> str:
-        def make() -> str:
-            v = self.var("c")
-            self.line(f"{v} = tl.load(CONST + {self.constant(x)}).to({_compute(dtype)})")
-            return v
-
-        return self.cached(("num", float(x).hex(), dtype == torch.float64), make)
+        return self.cached(("num", float(x).hex(), dtype == torch.float64), lambda: self.invariant(
+            "c", self.widen(self.read("CONST", str(self.constant(x))), dtype),
+            "double" if dtype == torch.float64 else "float"))
 
     def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> Value:
         """``a`` where ``cond``, else ``b`` (both computed values of ``dtype``)."""

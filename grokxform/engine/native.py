@@ -112,60 +112,22 @@ class CEmitter(G.Emitter):
 
         return self.cached(("ptr", role), make)
 
-    def pos(self, node: Any) -> str:
-        def make() -> str:
-            v = self.var("pos")
-            self.pre_line(f"const int64_t {v} = POS[leaf * NPOS + {self.col_of(node)}];")
-            return v
+    def invariant(self, prefix: str, expr: str, ctype: str) -> str:
+        v = self.var(prefix)
+        self.pre_line(f"const {ctype} {v} = {expr};")
+        return v
 
-        return self.cached(("pos", id(node)), make)
+    def read(self, buf: str, index: str) -> str:
+        return f"{buf}[{index}]"
 
-    def raw_scalar(self, node: Any, name: str) -> str:
-        slot = self.slot_of(node, name)
+    def widen(self, expr: str, dtype: torch.dtype) -> str:
+        return f"({_compute(dtype)}){expr}"
 
-        def make() -> str:
-            v = self.var("s")
-            index = f"{slot.off}" if slot.kind in ("number", "tensor") else f"{slot.off} + {self.pos(node)}"
-            self.pre_line(f"const double {v} = {slot.buf}[{index}];")
-            return v
-
-        return self.cached(("raw", id(node), name), make)
-
-    def scalar(self, node: Any, name: str, dtype: torch.dtype) -> str:
-        slot = self.slot_of(node, name)
-
-        def make() -> str:
-            raw = self.raw_scalar(node, name)
-            if dtype == torch.float64:
-                return raw
-            v = self.var("s")
-            value = f"(float){raw}"
-            if slot.kind in ("tensor", "tensors"):  # a tensor scalar is rounded to the value's dtype first
-                value = _round(value, dtype)
-            self.pre_line(f"const float {v} = {value};")
-            return v
-
-        return self.cached(("scalar", id(node), name, dtype), make)
-
-    def flag(self, node: Any, name: str) -> str:
-        def make() -> str:
-            v = self.var("f")
-            self.pre_line(f"const int {v} = {self.raw_scalar(node, name)} != 0.0;")
-            return v
-
-        return self.cached(("flag", id(node), name), make)
+    def round_text(self, expr: str, dtype: torch.dtype) -> str:
+        return _round(expr, dtype)
 
     def lanes(self, node: Any, name: str) -> str:
         return self.flag(node, name)
-
-    def number(self, x: float, dtype: torch.dtype) -> str:
-        def make() -> str:
-            v = self.var("c")
-            ct = _compute(dtype)
-            self.pre_line(f"const {ct} {v} = ({ct})CONST[{self.constant(x)}];")
-            return v
-
-        return self.cached(("num", float(x).hex(), dtype == torch.float64), make)
 
     def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> G.Value:
         v = self.var()
