@@ -456,9 +456,9 @@ GROUPS = {
     "ablation": (
         "GrokAdamW's pieces one at a time, beside Grokfast-EMA and a tuned AdamW",
         (
-            "GrokAdamW's pieces (the grokking signal κ, β1's decay with depth γ, the clip, λ, α_init) varied one at"
-            " a time with the weight decay, beside Grokfast-EMA and a tuned AdamW with grids of the same size, on"
-            " the modular task: 'run' trains one program of the grid, 'report' compares the programs run."
+            "GrokAdamW's pieces (the grokking signal κ, β1's decay with depth γ, the clip, λ, α_init) varied"
+            " one at a time with the weight decay, beside Grokfast-EMA and a tuned AdamW with grids of the same"
+            " size, on the modular task: 'run' trains one program of the grid, 'report' compares the programs run."
         ),
     ),
 }
@@ -485,9 +485,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         ("ablation", "run"),
-        "train one program of the ablation grid as one vmapped sweep: <out>/<program>.json",
+        "train one program of the ablation grid as one vmapped sweep: FOLDER/<program>.json",
         "Train one program of the ablation grid (GrokAdamW with γ 0.1, 0.01 or 0; Grokfast-EMA; AdamW), every"
-        " configuration × seed as one vmapped sweep, and write OUT/<program>.json.",
+        " configuration × seed as one vmapped sweep, and write FOLDER/<program>.json.",
         _register_ablation_run,
         _run_ablation_run,
     ),
@@ -501,8 +501,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         ("reproduce",),
-        "the paper's table, the sweep's throughput and the tuned-baseline ablation: <out>/<phase>.json",
-        "Reproduce the paper's modular-arithmetic results as phases, each writing OUT/<phase>.json when it ends:"
+        "the paper's table, the sweep's throughput and the tuned-baseline ablation: FOLDER/<phase>.json",
+        "Reproduce the paper's modular-arithmetic results as phases, each writing FOLDER/<phase>.json when it ends:"
         " paper (Grokfast-EMA and -MA, one run per seed), sweep (a vmapped grid's throughput against one-by-one"
         " runs), ablation (a tuned AdamW against the best Grokfast-EMA), baseline (Adam at a step cap).",
         _register_reproduce,
