@@ -1,4 +1,4 @@
-"""Plots and a markdown table from the GPU reproduction's JSON (``grokxform.experiments.reproduce``).
+"""Plots and a markdown table from the GPU reproduction's JSON (``grokxform reproduce``).
 
     python benchmarks/plot_modular.py benchmarks/results/modular
 

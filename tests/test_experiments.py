@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 import grokxform as gx
-from grokxform.experiments import cli, mnist, modular
+from grokxform.experiments import cli, demo, mnist, modular
 from grokxform.experiments.data import TaskData
 from grokxform.experiments.optimizers import MNIST_OPTIMIZERS, MODULAR_OPTIMIZERS, modular_optimizer
 from grokxform.experiments.train import EvalRecord, TrainResult, evaluate, train
@@ -353,7 +353,7 @@ def test_auto_threads_falls_back_to_one_on_a_busy_cpu(monkeypatch: pytest.Monkey
 def test_format_table_reports_reached_runs() -> None:
     rec = EvalRecord(step=910, epoch=91, train_loss=0.1, train_acc=1.0, val_loss=0.2, val_acc=0.96, seconds=45.5)
     r = TrainResult(history=[rec], steps=910, seconds=45.5, steps_to_target=910, seconds_to_target=45.5)
-    text = cli.format_table({"grokfast_ema": r}, budget=1500)
+    text = demo.format_table({"grokfast_ema": r}, budget=1500)
     assert "910" in text and "45.5" in text and "not reached" not in text
 
 

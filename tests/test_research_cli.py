@@ -1,28 +1,42 @@
 """The research command line and its instruments: ``grokxform --help``, ``python -m grokxform``,
-clear errors for bad values, ``--task``, the sweep's heatmap, the GrokAdamW ablation's report, and
-where ``--out`` writes (inside a folder it names; an unwritable one refused before any training)."""
+``ablation run`` and ``report`` and ``reproduce`` end to end, clear errors for bad values, ``--task``,
+the sweep's heatmap, the GrokAdamW ablation's report, and where ``--out`` writes (inside a folder it
+names; an unwritable one refused before any training)."""
 
 from __future__ import annotations
 
 import json
 import os
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from grokxform.experiments import cli
+from grokxform.experiments import ablation, cli, demo, reproduce
+from grokxform.experiments import sweep as sweep_module
 from grokxform.experiments.modular import P, equations, paper_setup
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_of_the_command_and_of_every_subcommand(capsys):
-    for argv in (["--help"], *([c.name, "--help"] for c in cli.COMMANDS)):
+    words = [*([g] for g in cli.GROUPS), *(list(c.words) for c in cli.COMMANDS)]
+    for argv in (["--help"], *([*w, "--help"] for w in words)):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "steps to 95%" in out  # the help's literal % is printed, not taken as a format
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {' '.join(['grokxform', *argv[:-1]])} ")
+        if len(argv) == 1:
+            assert all(c.words[0] in out for c in cli.COMMANDS) and "examples:" in out
+            assert "steps to 95%" in out  # the help's literal % is printed, not taken as a format
+        elif argv[:-1] == [argv[0]] and argv[0] in cli.GROUPS:
+            assert all(c.words[-1] in out for c in cli.COMMANDS if c.words[0] == argv[0])
+        else:
+            assert "--device" in out or "FOLDER" in out
 
 
 def test_python_dash_m_grokxform_is_the_command(monkeypatch, capsys):
@@ -30,7 +44,24 @@ def test_python_dash_m_grokxform_is_the_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("grokxform", run_name="__main__", alter_sys=True)
     assert exit_.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("demo", "sweep", "ablation", "reproduce"))
+
+
+def test_the_core_package_loads_no_experiment_and_one_module_parses_arguments():
+    code = "import sys, grokxform; print(sorted(m for m in sys.modules if m.startswith('grokxform.experiments')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+    parsers = sorted(p.name for p in (ROOT / "grokxform").rglob("*.py") if "argparse" in p.read_text())
+    assert parsers == ["cli.py"]
+
+
+def test_no_command_is_a_usage_error(capsys):
+    for argv in ([], ["ablation"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+        assert "the following arguments are required: COMMAND" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seeds", ["a", "0,,1", "-1", "0,0", ""])
@@ -48,19 +79,36 @@ def test_sweep_rejects_bad_seeds_with_an_argparse_error(seeds, capsys):
     (["sweep", "--task", "pow"], "argument --task"),
     (["demo", "--task", "pow"], "argument --task"),
     (["sweep", "--threads", "0"], "argument --threads"),
+    (["demo", "--device", "nowhere"], "argument --device: device 'nowhere' is not usable"),
+    (["demo", "--runs", "baseline,baseline"], "argument --runs: a run is named twice"),
+    (["sweep", "--gamma", "0.1"], "argument --gamma: the pipeline grokfast_ema has no γ (grokadamw has)"),
+    (["sweep", "--pipeline", "grokadamw", "--kappa", "-1"], "argument --kappa: "),
+    (["ablation", "run", "--program", "sgd"], "argument --program: invalid choice: 'sgd'"),
+    (["ablation", "run", "--program", "adamw", "--seeds", "0,x"], "argument --seeds"),
+    (["ablation", "run", "--program", "adamw", "--steps", "0"], "argument --steps: expected a positive integer"),
+    (["ablation", "run", "--program", "adamw", "--max-seconds", "-5"], "argument --max-seconds"),
+    (["ablation", "run", "--program", "adamw"], "the following arguments are required: --out"),
+    (["ablation", "report", "nowhere"], "argument FOLDER: no results of an ablation program in nowhere"),
+    (["reproduce", "--phases", "paper,fit"], "argument --phases: unknown phase 'fit'"),
+    (["reproduce", "--compile", "all"], "argument --compile: unknown phase 'all'"),
+    (["reproduce", "--baseline-steps", "-1"], "argument --baseline-steps"),
+    (["reproduce", "--phases", "paper"], "the following arguments are required: --out"),
 ])
-def test_bad_values_are_argparse_errors(argv, message, capsys):
+def test_bad_values_are_argparse_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --out of a sweep is checked
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"usage: grokxform {argv[0]}"), err
 
 
 def test_sweep_reports_an_out_of_range_value_of_any_member(tmp_path, capsys):
-    status = cli.main(["sweep", "--alpha", "0.9,1.5", "--seeds", "0", "--steps", "1", "--device", "cpu",
-                       "--out", str(tmp_path / "x")])
-    assert status == 2
-    assert "alpha must be in [0.0, 1.0)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", "--alpha", "0.9,1.5", "--seeds", "0", "--steps", "1", "--device", "cpu",
+                  "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert "argument --alpha: ema_filter: alpha must be in [0.0, 1.0), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
@@ -92,7 +140,7 @@ def test_heatmap_names_members_and_stays_readable_when_none_reach():
     steps = [None] * len(members)
     steps[0] = 10  # alpha 0.9, lamb 1: one of two seeds, at step 10 (a light cell)
     steps[2] = steps[3] = 95  # alpha 0.9, lamb 2: both, at 95 (a dark cell)
-    fig = cli.heatmap_figure(members, steps, 100, "a title long enough to need more than one line on a plot only a few cells wide")
+    fig = sweep_module.heatmap_figure(members, steps, 100, "a title long enough to need more than one line on a plot only a few cells wide")
     ax = fig.axes[0]
     texts = {t.get_text(): t.get_color() for t in ax.texts}
     assert texts["10\n(1/2)"] == "k" and texts["95\n(2/2)"] == "w"  # text contrasts with its cell
@@ -135,8 +183,6 @@ def _payload(pipeline, static, members, steps):
 
 
 def test_ablation_report_states_each_piece(tmp_path):
-    from grokxform.experiments import ablation
-
     base = {k: v for k, v in ablation.GROKADAMW_DEFAULTS.items() if k != "gamma"}
     on, off = {**base}, {**base, "grokking_signal_decay_rate": 0.0}
     members = [{**on, "seed": 0}, {**on, "seed": 1}, {**off, "seed": 0}, {**off, "seed": 1}]
@@ -200,24 +246,69 @@ def _unwritable_outs(tmp_path):
 
 @pytest.mark.parametrize("command", ["demo", "sweep", "ablation", "reproduce"])
 def test_an_unwritable_out_is_refused_before_any_training(tmp_path, monkeypatch, capsys, command):
-    from grokxform.experiments import ablation, reproduce
-    from grokxform.experiments import sweep as sweep_module
-
-    monkeypatch.setattr(cli, "train", _never_trains)
+    monkeypatch.setattr(demo, "train", _never_trains)
     monkeypatch.setattr(sweep_module, "sweep", _never_trains)
     monkeypatch.setattr(ablation, "sweep", _never_trains)
     monkeypatch.setattr(reproduce, "paper_rows", _never_trains)
-    run = {
-        "demo": lambda out: cli.main(["demo", "--steps", "1", "--out", str(out / "demo.png"), "--no-progress-bar"]),
-        "sweep": lambda out: cli.main(["sweep", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
-                                       "--out", str(out / "grid")]),
-        "ablation": lambda out: ablation.main(["run", "--program", "adamw", "--out", str(out), "--steps", "1",
-                                               "--device", "cpu"]),
-        "reproduce": lambda out: reproduce.main(["--out", str(out), "--phases", "paper", "--device", "cpu"]),
+    argv = {
+        "demo": lambda out: ["demo", "--steps", "1", "--out", str(out / "demo.png"), "--no-progress-bar"],
+        "sweep": lambda out: ["sweep", "--alpha", "0.9", "--steps", "1", "--device", "cpu", "--out", str(out / "grid")],
+        "ablation": lambda out: ["ablation", "run", "--program", "adamw", "--out", str(out), "--steps", "1",
+                                 "--device", "cpu"],
+        "reproduce": lambda out: ["reproduce", "--out", str(out), "--phases", "paper", "--device", "cpu"],
     }[command]
     for out, reason in _unwritable_outs(tmp_path):
         with pytest.raises(SystemExit) as exit_:
-            run(out)
+            cli.main(argv(out))
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert f"argument --out: cannot write in {tmp_path}" in err and reason in err, err
+
+
+# --------------------------------------------------------------------------- ablation and reproduce, end to end
+
+
+def test_ablation_run_then_report_end_to_end(tmp_path, capsys):
+    out = tmp_path / "ablation"
+    for program in ("grokadamw_g0.1", "adamw"):
+        assert cli.main(["ablation", "run", "--program", program, "--out", str(out), "--limit", "2", "--seeds", "0",
+                         "--steps", "2", "--device", "cpu", "--threads", "1"]) == 0
+        payload = json.loads((out / f"{program}.json").read_text())
+        assert payload["program"] == program and payload["seeds"] == [0] and payload["step_cap"] == 2
+        assert len(payload["members"]) == 2 and payload["steps"] == 2 and payload["device"] == "cpu"
+    assert "[adamw] wrote" in capsys.readouterr().out
+    assert cli.main(["ablation", "report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# GrokAdamW ablation: x·y mod 97, seeds [0], step cap 2")
+    assert (out / "ablation_table.md").read_text() == printed
+    assert (out / "grokadamw_ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reproduce_runs_its_phases_end_to_end(tmp_path, capsys):
+    out = tmp_path / "reproduce"
+    assert cli.main(["reproduce", "--out", str(out), "--phases", "paper,baseline", "--seeds", "0",
+                     "--max-steps", "2", "--baseline-steps", "2", "--compile", "none", "--task", "add",
+                     "--device", "cpu", "--threads", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.json", "paper.json"]
+    paper = json.loads((out / "paper.json").read_text())
+    assert paper["task"] == "add" and paper["device"] == "cpu" and paper["seeds"] == [0]
+    assert [[r["steps"] for r in paper[name]["runs"]] for name in ("grokfast_ema", "grokfast_ma")] == [[2], [2]]
+    baseline = json.loads((out / "baseline.json").read_text())["baseline"]
+    assert baseline["steps_run"] == 2 and baseline["compiled"] is False and baseline["per_seed"] == [None]
+    assert f"wrote {out / 'baseline.json'}" in capsys.readouterr().out
+
+
+def test_reproduce_passes_its_options_to_the_sweep_and_ablation_phases(tmp_path, monkeypatch):
+    """Their grids train 36 members at once (gigabytes on a CPU): the options they get, not the
+    training, are checked here."""
+    calls = []
+    monkeypatch.setattr(reproduce, "sweep_throughput", lambda *a: calls.append(("sweep", a)) or {"members": 36})
+    monkeypatch.setattr(reproduce, "ablation", lambda *a: calls.append(("ablation", a)) or {"budget_steps": a[1]})
+    out = tmp_path / "reproduce"
+    assert cli.main(["reproduce", "--out", str(out), "--phases", "ablation,sweep", "--sweep-steps", "7",
+                     "--single-steps", "3", "--ablation-steps", "5", "--phase-seconds", "9.5", "--compile", "sweep",
+                     "--task", "div", "--device", "cpu", "--threads", "1"]) == 0
+    cpu = torch.device("cpu")
+    assert calls == [("ablation", (cpu, 5, False, 9.5, "div")), ("sweep", (cpu, 7, 3, True, 9.5, "div"))]
+    assert json.loads((out / "sweep.json").read_text())["members"] == 36
+    assert json.loads((out / "ablation.json").read_text())["task"] == "div"

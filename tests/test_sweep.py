@@ -68,9 +68,11 @@ def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
     payload = json.loads(prefix.with_suffix(".json").read_text())
     assert [m["alpha"] for m in payload["members"]] == [0.9, 0.98] and payload["steps"] == 2
     assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert cli.main(["sweep", "--pipeline", "baseline", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
-                     "--out", str(prefix)]) == 2
-    assert "alpha" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", "--pipeline", "baseline", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
+                  "--out", str(prefix)])
+    assert exit_.value.code == 2
+    assert "argument --alpha: the pipeline baseline has no hyperparameter alpha" in capsys.readouterr().err
 
 
 def test_median_and_spread():

@@ -4,10 +4,15 @@
 - :mod:`~grokxform.experiments.mnist`: Omnigrok's MNIST MLP, read from local IDX files.
 - :mod:`~grokxform.experiments.optimizers`: the optimizers of each run, by name.
 - :mod:`~grokxform.experiments.train`: ``train(model, tx, data, steps=...)``, any transform.
-- :mod:`~grokxform.experiments.cli`: the ``grokxform`` command (``grokxform demo``, ``grokxform sweep``;
-  also ``python -m grokxform``).
 - :mod:`~grokxform.experiments.sweep`: a grid × seeds trained as one vmapped program.
+- :mod:`~grokxform.experiments.demo`: the paper's optimizers side by side on the modular task.
 - :mod:`~grokxform.experiments.ablation`: GrokAdamW's pieces one at a time, beside Grokfast-EMA and AdamW.
+- :mod:`~grokxform.experiments.reproduce`: the GPU reproduction of the paper's table, in phases.
+- :mod:`~grokxform.experiments.cli`: the ``grokxform`` command (also ``python -m grokxform``), whose
+  subcommands ``demo``, ``sweep``, ``ablation run``, ``ablation report`` and ``reproduce`` run the
+  modules above.
+
+``import grokxform`` loads none of this: the package is imported on its own, by name.
 """
 
 from grokxform.experiments.data import TaskData

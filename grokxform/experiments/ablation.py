@@ -8,16 +8,15 @@ GrokAdamW (:func:`grokxform.grokadamw`) adds two ideas to AdamW: the Grokfast-EM
 varies each of these, and the decoupled weight decay over the range where AdamW groks, as
 vmapped sweeps (one program per structure: γ is fixed within a program)::
 
-    python -m grokxform.experiments.ablation run --program grokadamw_g0.1 --out OUT --steps 3000
-    python -m grokxform.experiments.ablation report OUT      # table, piece effects, PNG
+    grokxform ablation run --program grokadamw_g0.1 --out OUT --steps 3000
+    grokxform ablation report OUT      # table, piece effects, PNG
 
-``run`` writes ``OUT/<program>.json``; ``report`` reads every program's JSON there and writes
-``ablation_table.md`` and ``grokadamw_ablation.png``.
+``run`` (:func:`run_program`) writes ``OUT/<program>.json``; ``report`` (:func:`report`) reads every
+program's JSON there and writes ``ablation_table.md`` and ``grokadamw_ablation.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
@@ -27,8 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from grokxform.experiments.cli import output_folder
-from grokxform.experiments.modular import TASKS, task_name
+from grokxform.experiments.modular import task_name
 from grokxform.experiments.sweep import median_and_spread, sweep
 
 TARGET = 0.95
@@ -97,8 +95,8 @@ Grokfast-EMA (coupled L2, the paper's) and AdamW (decoupled): 36 each."""
 FAMILIES = {"grokadamw": "GrokAdamW", "grokfast_ema": "Grokfast-EMA", "adamw": "AdamW (tuned)"}
 
 
-def run_program(name: str, out: Path, *, seeds: Sequence[int], steps: int, device: str, task: str = "mul",
-                max_seconds: float | None = None, limit: int | None = None) -> dict[str, Any]:
+def run_program(name: str, out: Path, *, seeds: Sequence[int], steps: int, device: str | torch.device,
+                task: str = "mul", max_seconds: float | None = None, limit: int | None = None) -> dict[str, Any]:
     """Train program ``name`` of :data:`PROGRAMS` (its first ``limit`` configurations, for a dry
     run) over ``seeds`` as one vmapped sweep; write and return ``out/<name>.json``."""
     if name not in PROGRAMS:
@@ -306,32 +304,3 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, cap: int, title: str, per_f
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="GrokAdamW's pieces on the modular task, beside Grokfast-EMA and AdamW")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train one program of the grid as one vmapped sweep")
-    r.add_argument("--program", required=True, choices=list(PROGRAMS))
-    r.add_argument("--out", type=output_folder, required=True, help="folder to write <program>.json in")
-    r.add_argument("--seeds", default="0,1,2")
-    r.add_argument("--steps", type=int, default=3000)
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--task", default="mul", choices=TASKS)
-    r.add_argument("--max-seconds", type=float, default=None, help="stop at the first evaluation past this wall time")
-    r.add_argument("--limit", type=int, default=None, help="only the first N configurations (a dry run)")
-    r.add_argument("--tf32", action="store_true", help="TF32 matmuls on the GPU (recorded in the JSON)")
-    p = sub.add_parser("report", help="table, piece effects and PNG from the programs' JSON")
-    p.add_argument("folder", type=Path)
-    args = ap.parse_args(argv)
-    if args.cmd == "run":
-        if args.tf32:
-            torch.set_float32_matmul_precision("high")
-        run_program(args.program, args.out, seeds=[int(s) for s in args.seeds.split(",")], steps=args.steps,
-                    device=args.device, task=args.task, max_seconds=args.max_seconds, limit=args.limit)
-    else:
-        print("\n".join(report(args.folder)))
-
-
-if __name__ == "__main__":
-    main()

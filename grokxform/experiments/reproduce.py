@@ -1,31 +1,32 @@
 """The GPU reproduction of the paper's modular-arithmetic table, the sweep throughput, and the
-weight-decay / β1 ablation, as one script that writes JSON after each phase::
+weight-decay / β1 ablation, as phases that each write their JSON when they end
+(:func:`run_phases`)::
 
-    python -m grokxform.experiments.reproduce --out results/ --device cuda --phases paper,sweep,ablation
+    grokxform reproduce --out results/ --device cuda --phases paper,sweep,ablation
 
 - ``paper``: Grokfast-EMA and Grokfast-MA, one single run per seed (the plain training loop, as
-  a user would run it; wall clock measured), and the Adam baseline for the same seeds trained as
-  one vmapped program (capped at ``--baseline-steps``, default 50,000).
+  a user would run it; wall clock measured).
 - ``sweep``: a Grokfast-EMA grid α × λ × weight decay × seeds as one vmapped program, and the same
   members' throughput when run one by one (the plain loop, and the vmapped code with one member):
   the ratio is member-steps per second of the sweep over that of one-by-one.
 - ``ablation``: does Grokfast still win against a tuned baseline? Tune AdamW's (decoupled) weight decay and β1 for the
   baseline with the same number of configurations and steps as a Grokfast-EMA grid, then compare
   the best of each.
+- ``baseline``: the Adam baseline (wd 0) for the same seeds, trained as one vmapped program
+  (capped at ``--baseline-steps``, default 50,000).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grokxform.experiments.cli import output_folder, seeds_arg
-from grokxform.experiments.modular import TASKS, paper_setup
+from grokxform.experiments.modular import paper_setup
 from grokxform.experiments.optimizers import modular_optimizer
 from grokxform.experiments.sweep import SWEEP_FACTORIES, median_and_spread, sweep
 from grokxform.experiments.train import train
@@ -37,6 +38,9 @@ PAPER_TABLE = {
     "grokfast_ema": {"steps": 910, "seconds": 137},
 }
 """The paper's iterations and wall clock (GTX 1080 Ti) to 95% validation accuracy."""
+
+PHASES = ("paper", "sweep", "ablation", "baseline")
+"""The phases, in the order they run by default."""
 
 
 def _env(device: torch.device) -> dict[str, Any]:
@@ -148,42 +152,32 @@ def ablation(device: torch.device, steps: int, compile: bool, seconds: float | N
             "raw": {"adamw": tuned.to_json(), "grokfast_ema": grok.to_json()}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_folder, required=True, help="folder to write <phase>.json in")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--phases", default="paper,sweep,ablation,baseline", help="in the order to run them")
-    ap.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2])
-    ap.add_argument("--task", default="mul", choices=TASKS, help="the operation x∘y mod 97 (default mul, the paper's)")
-    ap.add_argument("--max-steps", type=int, default=5000)
-    ap.add_argument("--baseline-steps", type=int, default=50_000)
-    ap.add_argument("--sweep-steps", type=int, default=3000)
-    ap.add_argument("--single-steps", type=int, default=200)
-    ap.add_argument("--ablation-steps", type=int, default=5000)
-    ap.add_argument("--phase-seconds", type=float, default=None, help="cap on each vmapped sweep's wall time")
-    ap.add_argument("--baseline-seconds", type=float, default=None, help="cap on the baseline's wall time")
-    ap.add_argument("--compile", default="baseline", help="phases whose vmapped steps are compiled")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    seeds, task = args.seeds, args.task
+def run_phases(phases: Sequence[str], out: Path, *, device: torch.device, seeds: list[int], task: str = "mul",
+               max_steps: int = 5000, baseline_steps: int = 50_000, sweep_steps: int = 3000, single_steps: int = 200,
+               ablation_steps: int = 5000, phase_seconds: float | None = None,
+               baseline_seconds: float | None = None, compiled: Collection[str] = ("baseline",)) -> None:
+    """Run each of ``phases`` (of :data:`PHASES`) in the order given and write ``out/<phase>.json``
+    when it ends, with the device, torch's version, the date, the task and the phase's wall time.
+
+    Step caps: ``max_steps`` of each single run of ``paper``, ``baseline_steps`` of the baseline,
+    ``sweep_steps`` of the sweep and ``single_steps`` of its one-by-one runs, ``ablation_steps`` of
+    the ablation's two grids. ``phase_seconds`` caps the wall time of each vmapped sweep of
+    ``sweep`` and ``ablation``, ``baseline_seconds`` the baseline's. The vmapped steps of the
+    phases in ``compiled`` run under ``torch.compile`` (eagerly again if compiling fails).
+    """
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise ValueError(f"reproduce: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
     env = _env(device)
-    compiled = set(args.compile.split(","))
-    cap = args.phase_seconds
-    for phase in args.phases.split(","):
+    for phase in phases:
         t0 = time.perf_counter()
         if phase == "paper":
-            payload = {"seeds": seeds, **paper_rows(device, seeds, args.max_steps, task)}
+            payload = {"seeds": seeds, **paper_rows(device, seeds, max_steps, task)}
         elif phase == "baseline":
-            payload = {"seeds": seeds, "baseline": baseline_row(device, seeds, args.baseline_steps, args.baseline_seconds,
+            payload = {"seeds": seeds, "baseline": baseline_row(device, seeds, baseline_steps, baseline_seconds,
                                                                 "baseline" in compiled, task)}
         elif phase == "sweep":
-            payload = sweep_throughput(device, args.sweep_steps, args.single_steps, "sweep" in compiled, cap, task)
-        elif phase == "ablation":
-            payload = ablation(device, args.ablation_steps, "ablation" in compiled, cap, task)
+            payload = sweep_throughput(device, sweep_steps, single_steps, "sweep" in compiled, phase_seconds, task)
         else:
-            raise SystemExit(f"unknown phase {phase!r}")
-        _write(args.out, f"{phase}.json", {**env, "task": task, "phase_seconds": time.perf_counter() - t0, **payload})
-
-
-if __name__ == "__main__":
-    main()
+            payload = ablation(device, ablation_steps, "ablation" in compiled, phase_seconds, task)
+        _write(out, f"{phase}.json", {**env, "task": task, "phase_seconds": time.perf_counter() - t0, **payload})

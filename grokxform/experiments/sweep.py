@@ -16,16 +16,22 @@ Example::
 
     result = sweep("grokfast_ema", {"alpha": [0.9, 0.98], "lamb": [1.0, 2.0, 5.0]}, seeds=[0, 1], steps=3000)
     print(result.table())
+
+``grokxform sweep`` is :func:`run_sweep`: the same with a progress bar, a table of the members, their
+JSON and a heatmap.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import json
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +39,7 @@ from torch.func import functional_call, grad_and_value
 
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, apply_updates, named_chain
-from grokxform.experiments.modular import check_task, paper_setup, steps_per_epoch
+from grokxform.experiments.modular import check_task, paper_setup, steps_per_epoch, task_name
 from grokxform.pipelines import grokadamw, grokfast_ema, grokfast_ma
 from grokxform.transforms.adam import scale_by_adam
 from grokxform.transforms.schedules import linear_warmup, scale_by_learning_rate
@@ -175,6 +181,60 @@ def _stack(trees: Sequence[Any]) -> Any:
     return _tree.tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs), *trees)
 
 
+def sweepable(pipeline: str) -> list[str]:
+    """The hyperparameters that a sweep of ``pipeline`` (of :data:`SWEEP_FACTORIES`) can vary."""
+    signature = inspect.signature(SWEEP_FACTORIES[pipeline]).parameters
+    return sorted(set(signature) - {"lr", "decoupled", *STATIC_ARGS})
+
+
+def fixed_arguments(pipeline: str) -> list[str]:
+    """The arguments of :data:`STATIC_ARGS` that ``pipeline`` takes (fixed for all members of a sweep)."""
+    return sorted(set(inspect.signature(SWEEP_FACTORIES[pipeline]).parameters) & set(STATIC_ARGS))
+
+
+def check_sweep(
+    pipeline: str,
+    grid: Mapping[str, Sequence[float]],
+    seeds: Sequence[int] = (0,),
+    *,
+    members: Sequence[Mapping[str, float]] | None = None,
+    steps: int = 1,
+    lr: float = 1e-3,
+    window_size: int = 100,
+    task: str = "mul",
+    static: Mapping[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """The members of a :func:`sweep` with these arguments, checked as it checks them before it
+    trains anything: the pipeline, the step count, the task, the fixed and the swept names, and
+    every configuration's values (each builds its transform once). A ``ValueError`` names the
+    first bad one."""
+    if pipeline not in SWEEP_FACTORIES:
+        raise ValueError(f"sweep: unknown pipeline {pipeline!r}; choose from {sorted(SWEEP_FACTORIES)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sweep: steps must be an int >= 1, got {steps!r}")
+    factory = SWEEP_FACTORIES[pipeline]
+    check_task(task)
+    allowed = sweepable(pipeline)
+    fixed = fixed_arguments(pipeline)
+    static = dict(static or {})
+    bad_static = sorted(k for k in static if k not in fixed)
+    if bad_static:
+        raise ValueError(f"sweep: {pipeline} takes no fixed argument {bad_static}; it has {fixed or 'none'}")
+    member_list = [dict(m) for m in members] if members is not None else grid_members(grid, seeds)
+    if not member_list:
+        raise ValueError("sweep: the grid is empty")
+    hyper_names = [k for k in member_list[0] if k != "seed"]
+    for name in hyper_names:
+        if name not in allowed:
+            raise ValueError(f"sweep: {pipeline} has no sweepable hyperparameter {name!r}; choose from {sorted(allowed)}")
+    for m in member_list:
+        if "seed" not in m or sorted(k for k in m if k != "seed") != sorted(hyper_names):
+            raise ValueError(f"sweep: every member needs a seed and the hyperparameters {hyper_names}, got {m}")
+    for config in {tuple((k, m[k]) for k in hyper_names) for m in member_list}:  # each value's own checks
+        factory(lr=lr, **dict(config), **({"window_size": window_size} if pipeline == "grokfast_ma" else {}), **static)
+    return member_list
+
+
 def sweep(
     pipeline: str,
     grid: Mapping[str, Sequence[float]],
@@ -206,31 +266,11 @@ def sweep(
     :data:`~grokxform.experiments.modular.TASKS`; ``static`` fixes arguments of
     :data:`STATIC_ARGS` for every member (``{"gamma": 0.0}``).
     """
-    if pipeline not in SWEEP_FACTORIES:
-        raise ValueError(f"sweep: unknown pipeline {pipeline!r}; choose from {sorted(SWEEP_FACTORIES)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sweep: steps must be an int >= 1, got {steps!r}")
+    member_list = check_sweep(pipeline, grid, seeds, members=members, steps=steps, lr=lr, window_size=window_size,
+                              task=task, static=static)
     factory = SWEEP_FACTORIES[pipeline]
-    check_task(task)
-    signature = set(inspect.signature(factory).parameters)
-    allowed = signature - {"lr", "decoupled", *STATIC_ARGS}
     static = dict(static or {})
-    bad_static = sorted(k for k in static if k not in STATIC_ARGS or k not in signature)
-    if bad_static:
-        raise ValueError(f"sweep: {pipeline} takes no fixed argument {bad_static}; it has"
-                         f" {sorted(signature & set(STATIC_ARGS)) or 'none'}")
-    member_list = [dict(m) for m in members] if members is not None else grid_members(grid, seeds)
-    if not member_list:
-        raise ValueError("sweep: the grid is empty")
     hyper_names = [k for k in member_list[0] if k != "seed"]
-    for name in hyper_names:
-        if name not in allowed:
-            raise ValueError(f"sweep: {pipeline} has no sweepable hyperparameter {name!r}; choose from {sorted(allowed)}")
-    for m in member_list:
-        if "seed" not in m or sorted(k for k in m if k != "seed") != sorted(hyper_names):
-            raise ValueError(f"sweep: every member needs a seed and the hyperparameters {hyper_names}, got {m}")
-    for config in {tuple((k, m[k]) for k in hyper_names) for m in member_list}:  # each value's own checks
-        factory(lr=lr, **dict(config), **({"window_size": window_size} if pipeline == "grokfast_ma" else {}), **static)
     device = torch.device(device)
 
     # --- the members' models, data and shuffle streams, as the single-run setup draws them
@@ -345,4 +385,161 @@ def median_and_spread(values: Sequence[int | None]) -> dict[str, Any]:
     return {"median": med, "min": got[0], "max": got[-1], "reached": len(got), "of": len(values)}
 
 
-__all__ = ["STATIC_ARGS", "SWEEP_FACTORIES", "SweepResult", "adam_l2", "grid_members", "median_and_spread", "sweep"]
+# --------------------------------------------------------------------------- grokxform sweep
+
+
+def _cell_label(value: float, reached: int, of: int, budget: int) -> str:
+    if reached == 0:
+        return f"none in\n{budget}\n(0/{of})"
+    return f"{value:.0f}\n({reached}/{of})"
+
+
+def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path,
+                 title: str) -> bool:
+    """Write :func:`heatmap_figure` to ``path``; False, writing nothing, when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig = heatmap_figure(members, steps, budget, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], budget: int, title: str) -> Any:
+    """Median steps to the target of each configuration (over the seeds that reached it; the
+    count reached/seeds in each cell), as a matplotlib figure. The first swept axis runs along x,
+    the others together along y, so every configuration has a cell named on the axes. A cell no
+    seed brought to the target is hatched grey and reads "none in <budget>"; text is dark or
+    light to suit its cell."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    names = [k for k in members[0] if k != "seed"]
+    xk, yks = names[0], names[1:]
+    xs = sorted({m[xk] for m in members})
+    ys = sorted({tuple(m[k] for k in yks) for m in members})
+    cells = [[float("nan")] * len(xs) for _ in ys]
+    counts = [[(0, 0)] * len(xs) for _ in ys]
+    for j, yv in enumerate(ys):
+        for i, xv in enumerate(xs):
+            mine = [s for m, s in zip(members, steps) if m[xk] == xv and tuple(m[k] for k in yks) == yv]
+            got = sorted(s for s in mine if s is not None)
+            counts[j][i] = (len(got), len(mine))
+            if got:
+                cells[j][i] = float(got[len(got) // 2])
+    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 3.2, 0.75 * len(ys) + 2.2))
+    ax.set_facecolor("0.88")
+    cmap = plt.get_cmap("viridis_r")
+    im = ax.imshow(cells, cmap=cmap, vmin=0, vmax=budget, aspect="auto")
+    for j in range(len(ys)):
+        for i in range(len(xs)):
+            v, (reached, of) = cells[j][i], counts[j][i]
+            if of == 0:
+                continue
+            if reached == 0:
+                ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, facecolor="0.88", hatch="//", edgecolor="0.7"))
+                color = "k"
+            else:
+                r, g, b, _ = cmap(v / budget)
+                color = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+            ax.text(i, j, _cell_label(v, reached, of, budget), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(xs)), [f"{xk}={x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [", ".join(f"{k}={v:g}" for k, v in zip(yks, y)) or "-" for y in ys])
+    ax.set_xlabel(xk)
+    ax.set_ylabel(", ".join(yks))
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    fig.colorbar(im, ax=ax, label="median steps to target (seeds that reached it)")
+    fig.tight_layout()
+    return fig
+
+
+class _SweepProgress:
+    """A tqdm bar over the step budget (or a line every ~10 %), with the best val accuracy and
+    how many members are at the target."""
+
+    def __init__(self, total: int, stream: TextIO, use_tqdm: bool, target: float) -> None:
+        self.total, self.stream, self.done, self.use_tqdm, self.target = total, stream, 0, use_tqdm, target
+        self.bar: Any = None
+        self.every = max(1, total // 10)
+        self.next_at = self.every
+
+    def update(self, step: int, accs: list[float]) -> None:
+        at = sum(a >= self.target for a in accs)
+        if self.use_tqdm and self.bar is None:  # opened at the first evaluation: errors come first, alone
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc="sweep", unit="step", file=self.stream, dynamic_ncols=True)
+            except ImportError:
+                self.use_tqdm = False
+        if self.bar is not None:
+            self.bar.update(step - self.done)
+            self.bar.set_postfix(best_val=f"{max(accs):.3f}", at_target=f"{at}/{len(accs)}", refresh=False)
+        elif step >= self.next_at or step >= self.total:
+            print(f"  step {step:>6}/{self.total}: val acc max {max(accs):.3f}, {at}/{len(accs)} at target",
+                  file=self.stream, flush=True)
+            while self.next_at <= step:
+                self.next_at += self.every
+        self.done = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_sweep(pipeline: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
+              device: torch.device, out: Path, task: str = "mul", static: Mapping[str, Any] | None = None,
+              compile: bool = False, progress_bar: bool = True, target_accuracy: float = 0.95) -> SweepResult:
+    """:func:`sweep` with a progress bar on stderr (lines without ``progress_bar`` or tqdm); prints
+    the members' table and throughput, writes ``<out>.json`` (the result with torch's version, the
+    date and the device) and, with two swept names or more (a hyperparameter and the seeds),
+    the heatmap ``<out>.png``."""
+    n = len(seeds)
+    for values in grid.values():
+        n *= len(values)
+    print(f"grokxform sweep: {pipeline} on {task_name(task)}, {n} members"
+          f" ({' x '.join(f'{k} {v}' for k, v in grid.items())} x seeds {list(seeds)}) as one vmapped program on"
+          f" {device} ({torch.get_num_threads()} CPU thread(s)), budget {steps} steps", flush=True)
+    bar = _SweepProgress(steps, sys.stderr, use_tqdm=progress_bar, target=target_accuracy)
+    try:
+        result = sweep(pipeline, grid, seeds=seeds, steps=steps, device=device, task=task, static=static,
+                       compile=compile, on_eval=bar.update, target_accuracy=target_accuracy)
+    finally:
+        bar.close()
+    print(result.table())
+    print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
+    payload = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               **result.to_json()}
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=1))
+    title = (f"{pipeline} on {task_name(task)}: median steps to {target_accuracy:.0%} val acc,"
+             f" seeds {list(seeds)}")
+    if len(result.members[0]) >= 2 and plot_heatmap(result.members, result.steps_to_target, result.steps,
+                                                     Path(f"{out}.png"), title):
+        print(f"heatmap written to {out}.png, results to {out}.json")
+    else:
+        print(f"results written to {out}.json (no heatmap: matplotlib missing or nothing swept)")
+    return result
+
+
+__all__ = [
+    "STATIC_ARGS",
+    "SWEEP_FACTORIES",
+    "SweepResult",
+    "adam_l2",
+    "check_sweep",
+    "fixed_arguments",
+    "grid_members",
+    "heatmap_figure",
+    "median_and_spread",
+    "plot_heatmap",
+    "run_sweep",
+    "sweep",
+    "sweepable",
+]
