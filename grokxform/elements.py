@@ -15,18 +15,36 @@ program is then run
 
 - eagerly, as ``torch._foreach_*`` ops over lists of tensors grouped by device and dtype
   (:func:`run_foreach`), or one tensor at a time under ``torch.func`` transforms (:func:`run_leaf`);
-- by the engine (:mod:`grokxform.engine`), which turns it into lines of a multi-tensor Triton kernel.
+- by the engine (:mod:`grokxform.engine`), which turns it into lines of a multi-tensor Triton kernel
+  (CUDA) or C function (the CPU).
 
 So the eager path and the kernels cannot disagree about the maths: there is one source.
 
 Rules of the language (what makes the engine's kernels round as eager does):
 
 - ``Val ∘ Val`` needs both operands in one dtype (cast with ``.to`` first); the result has it.
-- ``Val ∘ scalar`` has the dtype of the ``Val``. A Python number is used at the op's compute
-  precision (float32 for 16- and 32-bit values, as torch's ``x * 0.9``); a scalar that is a tensor
-  is first rounded to the value's dtype (as ``x * s.to(x.dtype)``).
-- Operations: ``+ - * /`` (with a scalar or a number on either side), unary ``-``, ``.sqrt()``,
-  ``.to(dtype)``, and :func:`where` ``(cond, a, b)`` with a scalar condition.
+- ``Val ∘ scalar`` has the dtype of the ``Val``. In arithmetic a Python number is used at the op's
+  compute precision (float32 for 16- and 32-bit values, as torch's ``x * 0.9``); a scalar that is a
+  tensor is first rounded to the value's dtype (as ``x * s.to(x.dtype)``).
+- Comparisons, :func:`minimum`, :func:`maximum` and the numbers of :func:`where` take a number or a
+  scalar as a value of the other operand's dtype: rounded to it (through float32, as torch converts
+  a double), as torch's ``x < 0.1`` compares a bfloat16 ``x`` with ``0.1`` rounded to bfloat16.
+  (For minimum and maximum the rounding changes no result.)
+- Arithmetic: ``+ - * /`` (with a scalar or a number on either side), unary ``-``, ``.sqrt()``
+  (each correctly rounded), ``.to(dtype)``.
+- ``abs(x)``: ``|x|`` (the sign bit cleared, NaNs included). :func:`sign` is ``torch.sign``:
+  −1.0 below zero, +1.0 above, +0.0 for ±0 and for NaN.
+- :func:`minimum` / :func:`maximum` of two values, or of a value and a scalar or a number on either
+  side: IEEE 754's minimum and maximum, as ``torch.minimum`` / ``torch.maximum``: NaN where an
+  operand is NaN, otherwise the smaller (larger) operand, with −0 below +0. (``torch.minimum``
+  itself gives either zero of a tie of ±0, depending on where in the tensor it lies; the language
+  fixes it.)
+- Predicates: the comparisons ``< <= > >= == !=`` of a value with a value, a scalar or a number,
+  :func:`isnan`, :func:`isfinite`, combined with ``&``, ``|`` and ``~``. A predicate is not a
+  value: it is a condition of :func:`where` and nothing else.
+- :func:`where` ``(cond, a, b)``: ``a`` where ``cond`` holds, else ``b``; ``cond`` is a scalar
+  flag of the rule (the same for the whole leaf) or a predicate (per element); ``a`` and ``b`` are
+  values of one dtype, or one of them a number.
 - Scalars are per-step values given by the primitive's scalar rule: a number, a number per leaf, a
   0-d tensor, or a 1-d tensor with one value per leaf (:class:`Scalars`).
 """
@@ -86,12 +104,19 @@ Operand = Union["Val", ScalarRef, float, int]
 
 @dataclass(frozen=True)
 class Op:
-    """``out = kind(args)`` rounded to ``dtype``. ``args`` holds value ids (int), :class:`ScalarRef`
-    or Python numbers (as ``("num", x)``)."""
+    """``out = kind(args)`` rounded to ``dtype`` (``torch.bool`` for a predicate). ``args`` holds
+    value ids (int), :class:`ScalarRef` or Python numbers (as ``("num", x)``); a ``where``'s first
+    argument is a flag (:class:`ScalarRef`) or a predicate's id."""
 
     kind: str
     args: tuple[Any, ...]
     dtype: torch.dtype
+
+
+COMPARISONS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+"""The comparison ops of the language, by kind, with their operator."""
+ARITHMETIC = frozenset({"add", "sub", "mul", "div", "rsub", "rdiv"})
+"""The binary ops that use a number at compute precision (the others use it rounded to the value's dtype)."""
 
 
 class _Tracer:
@@ -107,12 +132,18 @@ class _Tracer:
         self.ops.append(Op(kind, args, dtype))
         return self.value(dtype)
 
+    def emit_pred(self, kind: str, args: tuple[Any, ...]) -> Pred:
+        self.ops.append(Op(kind, args, torch.bool))
+        self.dtypes.append(torch.bool)
+        return Pred(self, len(self.dtypes) - 1)
+
 
 class Val:
     """One element of a tensor, of dtype ``dtype``, while an element rule is traced."""
 
     __slots__ = ("_t", "id", "dtype")
     __array_ufunc__ = None  # ``np.float32(2) * v`` defers to ``v.__rmul__``
+    __hash__ = None  # type: ignore[assignment]  # ``==`` makes a predicate
 
     def __init__(self, tracer: _Tracer, id: int, dtype: torch.dtype) -> None:
         self._t, self.id, self.dtype = tracer, id, dtype
@@ -134,6 +165,9 @@ class Val:
 
     def _op(self, kind: str, other: Operand) -> Val:
         return self._t.emit(kind, (self.id, self._arg(other, kind)), self.dtype)
+
+    def _compare(self, kind: str, other: Operand) -> Pred:
+        return self._t.emit_pred(kind, (self.id, self._arg(other, kind)))
 
     def __add__(self, other: Operand) -> Val:
         return self._op("add", other)
@@ -162,6 +196,27 @@ class Val:
     def __neg__(self) -> Val:
         return self._t.emit("neg", (self.id,), self.dtype)
 
+    def __abs__(self) -> Val:
+        return self._t.emit("abs", (self.id,), self.dtype)
+
+    def __lt__(self, other: Operand) -> Pred:
+        return self._compare("lt", other)
+
+    def __le__(self, other: Operand) -> Pred:
+        return self._compare("le", other)
+
+    def __gt__(self, other: Operand) -> Pred:
+        return self._compare("gt", other)
+
+    def __ge__(self, other: Operand) -> Pred:
+        return self._compare("ge", other)
+
+    def __eq__(self, other: Operand) -> Pred:  # type: ignore[override]
+        return self._compare("eq", other)
+
+    def __ne__(self, other: Operand) -> Pred:  # type: ignore[override]
+        return self._compare("ne", other)
+
     def sqrt(self) -> Val:
         """√x, correctly rounded."""
         return self._t.emit("sqrt", (self.id,), self.dtype)
@@ -176,13 +231,92 @@ class Val:
         raise TypeError("element rule: an element value has no truth value (use grokxform.elements.where)")
 
 
-def where(cond: ScalarRef, a: Val, b: Val | Number) -> Val:
-    """``a`` where the scalar ``cond`` is true (non-zero), else ``b`` (a value of ``a``'s dtype or a number)."""
-    if not isinstance(cond, ScalarRef):
-        raise TypeError("where: the condition must be a scalar of the rule (a per-step flag)")
-    if not isinstance(a, Val):
-        raise TypeError("where: the second argument must be an element value")
-    return a._t.emit("where", (cond, a.id, a._arg(b, "where")), a.dtype)
+class Pred:
+    """A condition on one element while an element rule is traced (a comparison, :func:`isnan`,
+    :func:`isfinite`, and their ``&``, ``|``, ``~``): the condition of :func:`where`."""
+
+    __slots__ = ("_t", "id")
+
+    def __init__(self, tracer: _Tracer, id: int) -> None:
+        self._t, self.id = tracer, id
+
+    def _logical(self, kind: str, other: Any) -> Pred:
+        if not isinstance(other, Pred):
+            raise TypeError(f"element rule: {kind} of a predicate and a {type(other).__name__} (compare it first)")
+        if other._t is not self._t:
+            raise ValueError("predicates of two different traces")
+        return self._t.emit_pred(kind, (self.id, other.id))
+
+    def __and__(self, other: Pred) -> Pred:
+        return self._logical("and", other)
+
+    def __or__(self, other: Pred) -> Pred:
+        return self._logical("or", other)
+
+    def __invert__(self) -> Pred:
+        return self._t.emit_pred("not", (self.id,))
+
+    def __bool__(self) -> bool:
+        raise TypeError("element rule: a predicate has no truth value (use grokxform.elements.where; combine"
+                        " predicates with &, | and ~)")
+
+
+def _value(x: Any, who: str) -> Val:
+    if not isinstance(x, Val):
+        raise TypeError(f"{who}: expected an element value, got {type(x).__name__}")
+    return x
+
+
+def sign(x: Val) -> Val:
+    """``torch.sign(x)``: −1.0 below zero, +1.0 above, +0.0 for ±0 and for NaN."""
+    return x._t.emit("sign", (_value(x, "sign").id,), x.dtype)
+
+
+def isnan(x: Val) -> Pred:
+    """Whether ``x`` is NaN."""
+    return x._t.emit_pred("isnan", (_value(x, "isnan").id,))
+
+
+def isfinite(x: Val) -> Pred:
+    """Whether ``x`` is neither infinite nor NaN."""
+    return x._t.emit_pred("isfinite", (_value(x, "isfinite").id,))
+
+
+def _extreme(kind: str, who: str, a: Operand, b: Operand) -> Val:
+    if not isinstance(a, Val):  # both are symmetric: the value goes first
+        a, b = b, a
+    return _value(a, who)._op(kind, b)
+
+
+def minimum(a: Operand, b: Operand) -> Val:
+    """IEEE 754's minimum of ``a`` and ``b`` (values of one dtype, or a value and a scalar or a
+    number on either side), as ``torch.minimum``: NaN if either is NaN, −0 below +0."""
+    return _extreme("min", "minimum", a, b)
+
+
+def maximum(a: Operand, b: Operand) -> Val:
+    """IEEE 754's maximum of ``a`` and ``b`` (values of one dtype, or a value and a scalar or a
+    number on either side), as ``torch.maximum``: NaN if either is NaN, +0 above −0."""
+    return _extreme("max", "maximum", a, b)
+
+
+def where(cond: ScalarRef | Pred, a: Val | Number, b: Val | Number) -> Val:
+    """``a`` where ``cond`` holds, else ``b``. ``cond``: a scalar flag of the rule (true when
+    non-zero; the same for every element of a leaf) or a predicate of the elements. ``a`` and ``b``:
+    values of one dtype, or one of them a number (rounded to that dtype)."""
+    ref = a if isinstance(a, Val) else b
+    if not isinstance(ref, Val) or isinstance(a, ScalarRef) or isinstance(b, ScalarRef):
+        raise TypeError("where: a and b are element values, or one of them a number")
+    if isinstance(cond, Pred):
+        if cond._t is not ref._t:
+            raise ValueError("where: a predicate of another trace")
+        c: Any = cond.id
+    elif isinstance(cond, ScalarRef):
+        c = cond
+    else:
+        raise TypeError("where: the condition must be a scalar of the rule (a per-step flag) or a predicate of"
+                        f" the elements (a comparison, isnan, isfinite), got {type(cond).__name__}")
+    return ref._t.emit("where", (c, ref._arg(a, "where"), ref._arg(b, "where")), ref.dtype)
 
 
 class Inputs:
@@ -377,6 +511,52 @@ def _operand(arg: Any, vals: list[Any], get_scalar: Callable[[str], Any]) -> Any
     return arg[1]
 
 
+def _extremum(kind: str, x: torch.Tensor, y: Any) -> torch.Tensor:
+    """IEEE 754's minimum (``kind`` ``"min"``) or maximum of ``x`` and ``y`` (a tensor or a number
+    in ``x``'s dtype): torch's ``minimum`` (``clamp_max`` with a number), where NaN propagates, with
+    a tie of ±0 resolved (−0 below +0), which torch leaves to where in the tensor it lies."""
+    low = kind == "min"
+    if isinstance(y, torch.Tensor):
+        r = torch.minimum(x, y) if low else torch.maximum(x, y)
+    else:
+        r = torch.clamp_max(x, y) if low else torch.clamp_min(x, y)
+        if y != 0:  # (or NaN) a tie is of two equal values
+            return r
+    negative = torch.signbit(x)
+    tie = torch.where(negative, x, y) if low else torch.where(negative, y, x)
+    return torch.where(x == y, tie, r)
+
+
+_TORCH: dict[str, Callable[..., torch.Tensor]] = {
+    "sqrt": torch.sqrt, "neg": torch.neg, "abs": torch.abs, "sign": torch.sign,
+    "isnan": torch.isnan, "isfinite": torch.isfinite, "not": torch.logical_not,
+    "and": torch.logical_and, "or": torch.logical_or,
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+    **{kind: getattr(torch, kind) for kind in COMPARISONS},
+}
+
+
+def _one(kind: str, x: torch.Tensor, *y: Any) -> torch.Tensor:
+    """The op ``kind`` on one tensor ``x`` (and the other operand ``y``: a tensor, or a number or
+    scalar as the op uses it), as the eager torch op computes it."""
+    if kind in ("min", "max"):
+        return _extremum(kind, x, y[0])
+    if kind == "rsub":  # s − x = (−x) + s exactly
+        return torch.neg(x) + y[0]
+    if kind == "rdiv":
+        return (y[0] if isinstance(y[0], torch.Tensor) else torch.full_like(x, y[0])) / x
+    return _TORCH[kind](x, *y)
+
+
+def _where(cond: Any, a: Any, b: Any) -> torch.Tensor:
+    """``torch.where`` of a value and a value or a number (a tensor filled with it, in the value's dtype)."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    elif not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return torch.where(cond, a, b)
+
+
 def run_leaf(
     prog: Program, inputs: Mapping[str, torch.Tensor], sc: Scalars, i: int
 ) -> dict[str, torch.Tensor]:
@@ -385,36 +565,16 @@ def run_leaf(
     vals: list[Any] = [inputs[name] for name in prog.inputs]
     device = vals[0].device if vals else None
     for op in prog.ops:
-        a = op.args
-        kind = op.kind
+        a, kind = op.args, op.kind
         if kind == "where":
-            cond = sc.at(a[0].name, torch.bool, device, i)
-            x = vals[a[1]]
-            y = vals[a[2]] if isinstance(a[2], int) else torch.full_like(x, a[2][1])
-            vals.append(torch.where(cond, x, y))
-            continue
-        x = vals[a[0]]
-        if kind == "sqrt":
-            r = torch.sqrt(x)
-        elif kind == "neg":
-            r = torch.neg(x)
+            cond = sc.at(a[0].name, torch.bool, device, i) if isinstance(a[0], ScalarRef) else vals[a[0]]
+            vals.append(_where(cond, *[vals[s] if isinstance(s, int) else s[1] for s in a[1:]]))
         elif kind == "cast":
-            r = x.to(op.dtype)
+            vals.append(vals[a[0]].to(op.dtype))
         else:
-            y = _operand(a[1], vals, lambda n: sc.at(n, op.dtype, device, i))
-            if kind == "add":
-                r = x + y
-            elif kind == "sub":
-                r = x - y
-            elif kind == "mul":
-                r = x * y
-            elif kind == "div":
-                r = x / y
-            elif kind == "rsub":
-                r = torch.neg(x) + y
-            else:  # rdiv
-                r = (y if isinstance(y, torch.Tensor) else torch.full_like(x, y)) / x
-        vals.append(r)
+            dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
+            ys = [_operand(y, vals, lambda n: sc.at(n, dtype, device, i)) for y in a[1:]]
+            vals.append(_one(kind, vals[a[0]], *ys))
     return _distinct(prog, vals, torch.clone)
 
 
@@ -422,7 +582,7 @@ _WIDE = (torch.float32, torch.float64)
 
 
 def _unary(kind: str, x: list[torch.Tensor], inplace: bool) -> list[torch.Tensor]:
-    """``sqrt`` or ``neg`` of ``x`` with a foreach op; in place on ``x`` if ``inplace``."""
+    """``sqrt``, ``neg``, ``abs`` or ``sign`` of ``x`` with a foreach op; in place on ``x`` if ``inplace``."""
     if inplace:
         getattr(torch, f"_foreach_{kind}_")(x)
         return x
@@ -430,7 +590,8 @@ def _unary(kind: str, x: list[torch.Tensor], inplace: bool) -> list[torch.Tensor
 
 
 def _binary(kind: str, x: list[torch.Tensor], y: Any, inplace: bool) -> list[torch.Tensor]:
-    """``x ∘ y`` (``kind`` add/sub/mul/div) with a foreach op; in place on ``x`` if ``inplace``."""
+    """``x ∘ y`` (``kind`` add/sub/mul/div, clamp_max/clamp_min) with a foreach op; in place on ``x``
+    if ``inplace``."""
     if kind == "sub" and isinstance(y, torch.Tensor):  # no Tensor overload of sub: x + (−1)·s is x − s exactly
         kind, extra = "add", {"alpha": -1}
     else:
@@ -446,10 +607,11 @@ def run_foreach(
     owned: frozenset[str] = frozenset(),
 ) -> dict[str, list[torch.Tensor]]:
     """Run ``prog`` over lists of tensors (one list per input, each list of one dtype, all on one
-    device) with ``torch._foreach_*`` ops; ``idx`` are the positions of the listed leaves among the
-    scalars' leaves. A temporary is updated in place at its last use, and so is an input named in
-    ``owned`` (one whose old values nobody needs after the step: a state the caller overwrites);
-    no other input is written."""
+    device) with ``torch._foreach_*`` ops, and per-tensor ops where torch has no foreach op
+    (comparisons, predicates, ``where``, a minimum or maximum that may meet a tie of ±0); ``idx``
+    are the positions of the listed leaves among the scalars' leaves. A temporary is updated in
+    place at its last use, and so is an input named in ``owned`` (one whose old values nobody needs
+    after the step: a state the caller overwrites); no other input is written."""
     n_in = len(prog.inputs)
     mutable = [name in owned for name in prog.inputs]
     vals: list[Any] = [inputs[name] for name in prog.inputs]
@@ -460,35 +622,40 @@ def run_foreach(
         a = op.args
         kind = op.kind
         if kind == "where":
-            cond = sc.group(a[0].name, torch.bool, device, idx)
-            xs = vals[a[1]]
-            conds = cond if isinstance(cond, list) else [cond] * len(xs)
-            if isinstance(a[2], int):
-                ys = vals[a[2]]
-                vals.append([torch.where(c, t, u) for c, t, u in zip(conds, xs, ys)])
-            else:
-                vals.append([torch.where(c, t, torch.full_like(t, a[2][1])) for c, t in zip(conds, xs)])
+            cond = vals[a[0]] if isinstance(a[0], int) else sc.group(a[0].name, torch.bool, device, idx)
+            sides = [vals[s] if isinstance(s, int) else [s[1]] * len(first) for s in a[1:]]
+            vals.append([_where(c, t, u) for c, t, u in zip(_each(cond, len(first)), *sides)])
             continue
         x = vals[a[0]]
         # A value read for the last time is reused in place; not in 16-bit dtypes, where torch's
         # in-place multiplication by a number rounds the number to the dtype first.
         mine = (a[0] >= n_in or mutable[a[0]]) and last[a[0]] == k and op.dtype in _WIDE
         r: list[torch.Tensor]
-        if kind in ("sqrt", "neg"):
+        if kind in ("sqrt", "neg", "abs", "sign"):
             r = _unary(kind, x, mine)
         elif kind == "cast":
             r = [t.to(op.dtype) for t in x]
+        elif len(a) == 1:  # isnan, isfinite, not
+            r = [_one(kind, t) for t in x]
         else:
-            y = _operand(a[1], vals, lambda n: sc.group(n, op.dtype, device, idx))
+            dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
+            y = _operand(a[1], vals, lambda n: sc.group(n, dtype, device, idx))
             if kind in ("add", "sub", "mul", "div"):
                 r = _binary(kind, x, y, mine)
             elif kind == "rsub":  # s − x = (−x) + s exactly
                 r = _binary("add", _unary("neg", x, mine), y, op.dtype in _WIDE)
-            else:  # rdiv: s / x
-                ys = y if isinstance(y, list) else [y] * len(x)
-                r = [(s if isinstance(s, torch.Tensor) else torch.full_like(t, s)) / t for s, t in zip(ys, x)]
+            elif kind in ("min", "max") and all(isinstance(u, float) and u != 0 for u in _each(y, 1)):
+                # numbers other than ±0: no tie of ±0, so torch's clamp is the IEEE minimum / maximum
+                r = _binary("clamp_max" if kind == "min" else "clamp_min", x, y, mine)
+            else:  # rdiv, min, max, comparisons, and, or
+                r = [_one(kind, t, u) for t, u in zip(x, _each(y, len(x)))]
         vals.append(r)
     return _distinct(prog, vals, _copy_list)
+
+
+def _each(v: Any, n: int) -> list[Any]:
+    """``v`` as a list of ``n`` (a list as it is; anything else ``n`` times)."""
+    return v if isinstance(v, list) else [v] * n
 
 
 def _copy_list(ts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -138,3 +138,45 @@ def grad_tree(params: Mapping[str, torch.Tensor], step: int, *, scale: float = 1
     g = torch.Generator().manual_seed(1000 + step)
     drawn = {n: scale * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
     return {n: None if n in none else x.to(params[n].device, params[n].dtype) for n, x in drawn.items()}
+
+
+# ---------------------------------------------------------------- special values
+
+ROUNDS_TWICE = {torch.bfloat16: 1 + 2**-8 + 2**-30, torch.float16: 1 + 2**-11 + 2**-40}
+"""Per 16-bit dtype, a number that rounds to it differently through float32 (first to the tie
+between 1 and the next value, then to even: 1.0) than directly (up): what a rule's number becomes
+when compared with a value of that dtype shows which way it was rounded."""
+
+
+def special_values(dtype: torch.dtype, subnormals: bool = True) -> list[float]:
+    """Values of ``dtype`` (as floats) that every element op must get right: NaN of either sign,
+    ±inf, ±0, ±1 and the next value above 1, numbers that are not exact in binary, the largest
+    finite values, the values next to a :data:`ROUNDS_TWICE` number, and (unless ``subnormals`` is
+    false) subnormals and the smallest normals, whose products with small numbers are subnormal."""
+    fi = torch.finfo(dtype)
+    tiny = fi.smallest_normal
+    base = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+            1.0, -1.0, 1.0 + fi.eps, 0.1, -0.1, 0.5, -0.5, 2.5, fi.max, -fi.max, 1 + 2**-7, 1 + 2**-10]
+    if subnormals:
+        base += [tiny, -tiny, tiny / 4, -tiny / 4, tiny * (1 - fi.eps)]
+    return torch.tensor(base, dtype=torch.float64).to(dtype).tolist()
+
+
+def special_pairs(dtype: torch.dtype, subnormals: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 1-d tensors of ``dtype`` that hold every pair of :func:`special_values` (ties of ±0 and
+    of NaNs included) at many positions of a vectorised loop."""
+    v = torch.tensor(special_values(dtype, subnormals), dtype=torch.float64).to(dtype)
+    return v.repeat_interleave(len(v)), v.repeat(len(v))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values bit for bit (the sign of zeros included), with
+    NaNs in the same places (of any sign and payload: torch's own ops give different NaNs for one
+    operation, depending on where in the tensor it lies)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(nan_a, nan_b) and torch.equal(a.view(ints)[~nan_a], b.view(ints)[~nan_b])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import ALIASES
+from cases import ALIASES, ROUNDS_TWICE, same_bits, special_pairs, special_values
 
 import grokxform as gx
 from grokxform import declarations as D
-from grokxform.elements import Scalars, TracedRule, run_foreach, run_leaf, where
+from grokxform.elements import (
+    Scalars, TracedRule, isfinite, isnan, maximum, minimum, run_foreach, run_leaf, sign, where,
+)
 
 
 def _rule(v, sc):
@@ -150,3 +152,170 @@ def test_a_users_own_primitive_runs_eagerly_vmapped_and_in_the_engine() -> None:
     fs = FusedStep(tx, {k: v.clone() for k, v in params.items()}, backend="foreach")
     fs(grads)
     assert fs.engine == "foreach" and torch.equal(fs.params["b"], torch.full((2, 2), 0.8))
+
+
+# --------------------------------------------------------------------------------------------
+# abs, sign, minimum, maximum, comparisons and predicates: each is torch's op, bit for bit.
+
+BF16_TWICE, F16_TWICE = ROUNDS_TWICE[torch.bfloat16], ROUNDS_TWICE[torch.float16]
+
+
+def _ops_rule(v, sc):
+    """Every new op once, with a value, a number (on either side), and each kind of scalar."""
+    x, y, one = v.x, v.y, v.one
+    return {
+        "abs": abs(x), "sign": sign(x),
+        "min": minimum(x, y), "max": maximum(x, y),
+        "min_0": minimum(x, 0.0), "max_neg0": maximum(-0.0, x), "min_num": minimum(0.1, x),
+        "max_num": maximum(x, -2.5), "min_nan": minimum(x, float("nan")),
+        "min_tensors": minimum(x, sc.t), "max_numbers": maximum(sc.n, x), "max_number": maximum(x, sc.f),
+        "min_tensor": minimum(sc.z, x),
+        "lt": where(x < y, one, 0.0), "le": where(x <= sc.t, one, 0.0), "gt": where(x > BF16_TWICE, one, 0.0),
+        "ge": where((x >= BF16_TWICE) | (F16_TWICE <= x), one, 0.0), "eq": where(x == sc.f, one, 0.0), "ne": where(x != sc.n, one, 0.0),
+        "eq_tensor": where(sc.z == x, one, 0.0),
+        "isnan": where(isnan(x), one, 0.0), "isfinite": where(isfinite(x), one, 0.0),
+        "logic": where((x < y) & ~isnan(y) | (x == 0.0), one, 0.0),
+        "where_left": where(x > y, 0.1, x),
+    }
+
+
+OPS_RULE = TracedRule(_ops_rule, ("t", "n", "f", "z"))
+
+
+def _ieee(kind: str, x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:
+    """torch.minimum / torch.maximum, with a tie of ±0 given the IEEE 754 answer (−0 below +0),
+    which torch gives or not depending on where in the tensor the tie lies."""
+    y = y.to(x.dtype).expand_as(x) if isinstance(y, torch.Tensor) else torch.full_like(x, y)
+    out = (torch.minimum if kind == "min" else torch.maximum)(x, y)
+    negative = torch.signbit(x) | torch.signbit(y) if kind == "min" else torch.signbit(x) & torch.signbit(y)
+    zero_tie = (x == 0) & (y == 0)
+    return torch.where(zero_tie, torch.where(negative, -0.0, 0.0).to(x.dtype), out)
+
+
+def _torch_ops(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, n: float, f: float, z: torch.Tensor) -> dict:
+    """What torch's eager ops give for :func:`_ops_rule` (predicates as 1.0 / 0.0)."""
+    def pred(p: torch.Tensor) -> torch.Tensor:
+        return p.to(x.dtype)
+
+    return {
+        "abs": torch.abs(x), "sign": torch.sign(x),
+        "min": _ieee("min", x, y), "max": _ieee("max", x, y),
+        "min_0": _ieee("min", x, 0.0), "max_neg0": _ieee("max", x, -0.0), "min_num": _ieee("min", x, 0.1),
+        "max_num": _ieee("max", x, -2.5), "min_nan": torch.full_like(x, float("nan")),
+        "min_tensors": _ieee("min", x, t), "max_numbers": _ieee("max", x, n), "max_number": _ieee("max", x, f),
+        "min_tensor": _ieee("min", x, z),
+        "lt": pred(x < y), "le": pred(x <= t), "gt": pred(x > BF16_TWICE), "ge": pred((x >= BF16_TWICE) | (x >= F16_TWICE)),
+        "eq": pred(x == f), "ne": pred(x != n), "eq_tensor": pred(x == z),
+        "isnan": pred(torch.isnan(x)), "isfinite": pred(torch.isfinite(x)),
+        "logic": pred((x < y) & ~torch.isnan(y) | (x == 0.0)),
+        "where_left": torch.where(x > y, 0.1, x),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+def test_each_new_op_is_the_torch_op_bit_for_bit(dtype: torch.dtype) -> None:
+    """foreach and one leaf at a time, on every pair of special values (NaN, ±inf, ±0, subnormals,
+    numbers a 16-bit dtype rounds twice through float32): a number meets a comparison rounded to
+    the value's dtype (as torch's ``x < 0.1``), a tensor scalar too; minimum and maximum are
+    torch's, NaN propagating, with ties of ±0 resolved as IEEE 754 does."""
+    x, y = special_pairs(dtype)
+    xs = [x, y.flip(0).reshape(len(special_values(dtype)), -1)]
+    ys = [y, x.flip(0).reshape(xs[1].shape)]
+    sc = Scalars({"t": torch.tensor([BF16_TWICE, -0.0], dtype=torch.float64), "n": [0.0, -0.0], "f": 0.1,
+                  "z": torch.tensor(-0.0, dtype=torch.float64)}, 2)
+    inputs = {"x": xs, "y": ys, "one": [torch.ones_like(t) for t in xs]}
+    prog = OPS_RULE.program({"x": dtype, "y": dtype, "one": dtype})
+    got = run_foreach(prog, inputs, sc, [0, 1])
+    for i in range(2):
+        want = _torch_ops(xs[i], ys[i], sc.values["t"][i], sc.values["n"][i], 0.1, sc.values["z"])
+        one = run_leaf(prog, {k: v[i] for k, v in inputs.items()}, sc, i)
+        for name, w in want.items():
+            assert same_bits(got[name][i], w), (name, i, "foreach")
+            assert same_bits(one[name], w), (name, i, "one leaf")
+
+
+def test_torch_sign_and_abs_of_zeros_and_nans() -> None:
+    """The language's sign is torch.sign's: +0.0 for −0.0 and for NaN (not NaN); abs clears the
+    sign bit of −0.0 and of a NaN."""
+    rule = TracedRule(lambda v, sc: {"sign": sign(v.x), "abs": abs(v.x)}, ())
+    x = torch.tensor([-0.0, float("nan"), -float("nan"), -3.0, 1e-45])
+    got = run_foreach(rule.program({"x": torch.float32}), {"x": [x]}, Scalars({}, 1), [0])
+    assert got["sign"][0].tolist() == [0.0, 0.0, 0.0, -1.0, 1.0] and not torch.signbit(got["sign"][0][:3]).any()
+    assert not torch.signbit(got["abs"][0]).any()
+
+
+def test_predicates_are_conditions_and_nothing_else() -> None:
+    def program(rule):
+        return TracedRule(rule, ("flag",)).program({"x": torch.float32, "h": torch.bfloat16})
+
+    with pytest.raises(TypeError, match="not an element value"):
+        program(lambda v, sc: {"out": v.x < 1.0})
+    with pytest.raises(TypeError, match="cannot add a value and a Pred"):
+        program(lambda v, sc: {"out": v.x + (v.x < 1.0)})
+    with pytest.raises(TypeError, match="no truth value"):
+        program(lambda v, sc: {"out": v.x if v.x < 1.0 else v.x})
+    with pytest.raises(TypeError, match="compare it first"):
+        program(lambda v, sc: {"out": where((v.x < 1.0) & v.x, v.x, 0.0)})
+    with pytest.raises(TypeError, match="cast one with .to"):
+        program(lambda v, sc: {"out": where(v.x < v.h, v.x, 0.0)})
+    with pytest.raises(TypeError, match="cast one with .to"):
+        program(lambda v, sc: {"out": minimum(v.x, v.h)})
+    with pytest.raises(TypeError, match="one of them a number"):
+        program(lambda v, sc: {"out": where(v.x < 1.0, 0.0, 1.0)})
+    with pytest.raises(TypeError, match="one of them a number"):
+        program(lambda v, sc: {"out": where(v.x < 1.0, v.x, sc.flag)})
+    with pytest.raises(TypeError, match="a predicate of the elements"):
+        program(lambda v, sc: {"out": where(True, v.x, 0.0)})
+    with pytest.raises(TypeError, match="expected an element value"):
+        program(lambda v, sc: {"out": minimum(1.0, sc.flag)})
+    # the flag form is unchanged, and mixes with predicates
+    prog = program(lambda v, sc: {"out": where(sc.flag, where(~isnan(v.x), v.x, 0.0), -v.x)})
+    assert [op.kind for op in prog.ops] == ["isnan", "not", "where", "neg", "where"]
+
+
+def _clip_rule(v, sc):
+    x = v.x
+    clipped = minimum(maximum(x, sc.low), sc.high)
+    return {"out": where(isfinite(x) & (abs(x) > 0.25), clipped, x * 0.5) + sign(x) * sc.step}
+
+
+def _clip(high: torch.Tensor) -> gx.GradientTransformation:
+    return gx.base.elementwise("clip_elementwise", lambda params: gx.EmptyState(), _clip_rule,
+                               ("low", "high", "step"), lambda ctx: ({"low": -0.5, "high": high, "step": 0.01}, {}))
+
+
+def _clip_in_torch(g: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    clipped = torch.clamp_max(torch.clamp_min(g, -0.5), high)
+    return torch.where(torch.isfinite(g) & (torch.abs(g) > 0.25), clipped, g * 0.5) + torch.sign(g) * 0.01
+
+
+def test_the_new_ops_under_vmap_grad_autograd_and_torch_compile() -> None:
+    """The eager rule one leaf at a time: vmapped (per-member clip bounds too), differentiated with
+    torch.func.grad and with autograd, traced whole by torch.compile, it gives torch's values and
+    gradients, bit for bit."""
+    high = torch.tensor(0.75)
+    tx = _clip(high)
+    gen = torch.Generator().manual_seed(3)
+    gs = torch.randn(4, 64, generator=gen)
+    gs[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 0.3])
+
+    def step(g: torch.Tensor, tx: gx.GradientTransformation = tx) -> torch.Tensor:
+        return tx.update({"w": g}, gx.EmptyState())[0]["w"]
+
+    assert same_bits(torch.func.vmap(step)(gs), _clip_in_torch(gs, high))
+    assert all(same_bits(torch.func.vmap(step)(gs)[k], step(gs[k])) for k in range(4))
+    assert same_bits(torch.compile(step, fullgraph=True, backend="eager")(gs[0]), step(gs[0]))
+    highs = torch.tensor([0.75, 0.5, 1.0, 0.0])
+    per_member = torch.func.vmap(lambda g, h: step(g, _clip(h)))(gs, highs)
+    assert same_bits(per_member, torch.stack([_clip_in_torch(g, h) for g, h in zip(gs, highs)]))
+
+    finite = gs[1:]
+    grad = torch.func.vmap(torch.func.grad(lambda g: step(g).sum()))(finite)
+    want = torch.func.vmap(torch.func.grad(lambda g: _clip_in_torch(g, high).sum()))(finite)
+    assert same_bits(grad, want) and set(grad.unique().tolist()) == {0.0, 0.5, 1.0}
+    g = finite[0].clone().requires_grad_()
+    step(g).pow(2).sum().backward()
+    h = finite[0].clone().requires_grad_()
+    _clip_in_torch(h, high).pow(2).sum().backward()
+    assert same_bits(g.grad, h.grad)
