@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,10 +21,13 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from cases import PIPELINES, Case, grad_tree, param_tree  # noqa: E402
+from cases import (  # noqa: E402
+    PIPELINES, ROUNDS_TWICE, Case, grad_tree, param_tree, same_bits, special_pairs, special_values,
+)
 
 import grokxform as gx  # noqa: E402
 from grokxform import tree as T  # noqa: E402
+from grokxform.elements import isfinite, isnan, maximum, minimum, sign, where  # noqa: E402
 from grokxform.engine import native  # noqa: E402
 from grokxform.engine import plan as P  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
@@ -408,6 +412,153 @@ def test_auto_on_the_cpu_runs_the_c_kernels() -> None:
     auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto")
     auto(_grads(params, 0))
     assert auto.engine == "c" and auto.fallback_reason is None
+
+
+# --------------------------------------------------------------------------------------------
+# abs, sign, minimum, maximum, comparisons and predicates: the kernels give eager's bits.
+
+
+class _MomentumState(NamedTuple):
+    mu: Any
+
+
+def _zeros_state(params: Any) -> _MomentumState:
+    return _MomentumState(T.tree_map(torch.zeros_like, params))
+
+
+def _sign_momentum_rule(v, sc):
+    c = v.mu * sc.b1 + v.x * sc.one_minus_b1
+    return {"out": sign(c), "mu": v.mu * sc.b2 + v.x * sc.one_minus_b2}
+
+
+def _sign_momentum(b1: float = 0.9, b2: float = 0.99) -> gx.GradientTransformation:
+    """A toy Lion: u = sign(β1·m + (1−β1)·g), m ← β2·m + (1−β2)·g."""
+    return gx.base.elementwise(
+        "sign_momentum", _zeros_state, _sign_momentum_rule, ("b1", "one_minus_b1", "b2", "one_minus_b2"),
+        lambda ctx: ({"b1": b1, "one_minus_b1": 1 - b1, "b2": b2, "one_minus_b2": 1 - b2}, {}),
+        state_type=_MomentumState, fields=("mu",),
+    )
+
+
+def _clip_rule(v, sc):
+    return {"out": where(isnan(v.x), 0.0, minimum(maximum(sc.low, v.x), sc.high))}
+
+
+def _clip_elementwise(c: float) -> gx.GradientTransformation:
+    """u = clip(g, −c, c) with NaN → 0 (c a 0-d tensor, −c a number)."""
+    return gx.base.elementwise(
+        "clip_elementwise", lambda params: gx.EmptyState(), _clip_rule, ("low", "high"),
+        lambda ctx: ({"low": -c, "high": torch.tensor(c, dtype=torch.float64, device=ctx.device)}, {}),
+    )
+
+
+_PROBES = ("abs", "sign", "min", "max", "min_0", "max_neg0", "clip", "min_twice", "min_tensors", "max_numbers",
+           "min_tensor", "max_number", "lt", "le", "gt", "ge", "eq", "ne", "finite", "nan", "flag")
+
+
+class _ProbeState(NamedTuple):
+    abs: Any
+    sign: Any
+    min: Any
+    max: Any
+    min_0: Any
+    max_neg0: Any
+    clip: Any
+    min_twice: Any
+    min_tensors: Any
+    max_numbers: Any
+    min_tensor: Any
+    max_number: Any
+    lt: Any
+    le: Any
+    gt: Any
+    ge: Any
+    eq: Any
+    ne: Any
+    finite: Any
+    nan: Any
+    flag: Any
+
+
+def _probe_rule(v, sc):
+    """Each op's result kept in a state field of its own (a zero's sign shows there), against the
+    param (a value), numbers on either side and every kind of scalar."""
+    x, p = v.x, v.param
+    twice = ROUNDS_TWICE[torch.bfloat16]
+    return {
+        "out": where(isfinite(x), x, 0.0),
+        "abs": abs(x), "sign": sign(x), "min": minimum(x, p), "max": maximum(p, x),
+        "min_0": minimum(x, 0.0), "max_neg0": maximum(-0.0, x), "clip": minimum(maximum(x, -0.5), 0.5),
+        "min_twice": minimum(twice, x), "min_tensors": minimum(x, sc.t), "max_numbers": maximum(sc.n, x),
+        "min_tensor": minimum(x, sc.z), "max_number": maximum(x, sc.f),
+        "lt": where(x < p, x, p), "le": where(x <= sc.t, x, p), "gt": where(x > twice, x, p),
+        "ge": where((x >= twice) | (ROUNDS_TWICE[torch.float16] <= x), x, p), "eq": where(x == sc.f, x, p),
+        "ne": where((x != p) & ~isnan(p) | (x == -0.0), x, p), "finite": where(isfinite(x), x, 0.1),
+        "nan": where(isnan(x) | ~isfinite(p), -2.5, x), "flag": where(sc.on, minimum(x, p), x),
+    }
+
+
+def _probe() -> gx.GradientTransformation:
+    def scalars(ctx: Any) -> tuple[dict, dict]:
+        n = ctx.n
+        return {
+            "t": torch.tensor([ROUNDS_TWICE[torch.bfloat16], -0.0, 0.0, float("nan"), 0.5, -1.0][:n],
+                              dtype=torch.float64, device=ctx.device),
+            "n": [0.0, -0.0, 0.1, -0.5, 0.0, 2.5][:n], "f": ROUNDS_TWICE[torch.float16],
+            "z": torch.tensor(-0.0, dtype=torch.float64, device=ctx.device),
+            "on": torch.tensor([True, False, True, True, False, True][:n], device=ctx.device),
+        }, {}
+
+    return gx.base.elementwise(
+        "probe", lambda params: _ProbeState(*(T.tree_map(torch.zeros_like, params) for _ in _PROBES)), _probe_rule,
+        ("t", "n", "f", "z", "on"), scalars, state_type=_ProbeState, fields=_PROBES, needs_params=True,
+    )
+
+
+OP_CASES = {
+    "sign_momentum": lambda: gx.chain(_sign_momentum(), gx.scale_by_learning_rate(1e-2)),
+    "clip_elementwise": lambda: gx.chain(_clip_elementwise(0.5), gx.scale_by_learning_rate(1e-2)),
+    "probe": lambda: gx.chain(_probe(), gx.scale_by_learning_rate(1e-2)),
+}
+_C = pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+
+
+@pytest.mark.parametrize("backend, dtype", [
+    *(("triton", d) for d in (torch.float32, torch.bfloat16, torch.float16)),
+    *(pytest.param("c", d, marks=_C) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)),
+    *(("foreach", d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)),
+], ids=lambda v: {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}.get(v, v))
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_new_ops_in_the_kernels_are_eager_bit_for_bit(name: str, backend: str, dtype: torch.dtype) -> None:
+    """Declared primitives that use the new ops (a sign of an interpolation, an elementwise clip,
+    and a probe of every op) over gradients and params holding every pair of special values
+    (NaN, ±inf, ±0, subnormals, numbers a 16-bit dtype rounds twice): the Triton kernels, the C
+    kernels and the foreach backend give the eager params and state, bit for bit (NaNs where
+    eager has them). Triton's interpreter flushes bfloat16 subnormals to zero when it widens them
+    to float32 (its own float conversion; a GPU shifts the bits), so its bfloat16 case has no
+    value that is or becomes subnormal."""
+    tx = OP_CASES[name]()
+    subnormals = not (backend == "triton" and dtype == torch.bfloat16 and INTERPRETED)
+    x, y = special_pairs(dtype, subnormals)
+    params = _params(dtype)
+    params["h.0.w"][: len(y)] = y.to(DEVICE)
+    p_e, p_f = dict(params), {n: p.clone() for n, p in params.items()}
+    s_e = tx.init(p_e)
+    fused = FusedStep(tx, p_f, backend=backend)
+    for t in range(3):
+        g = _grads(params, t)
+        g["h.0.w"][: len(x)] = (x if t != 1 else y.flip(0)).to(DEVICE)
+        g["h.0.b"] = torch.tensor(special_values(dtype, subnormals)[-16:], dtype=dtype, device=DEVICE).reshape(4, 4)
+        u, s_e = tx.update(g, s_e, p_e)
+        p_e = gx.apply_updates(p_e, u)
+        fused(g)
+    assert fused.engine == backend
+    for a, b in ((p_e, p_f), (s_e, fused.eager_state())):
+        la, sa = T.flatten(a)
+        lb, sb = T.flatten(b)
+        assert sa == sb
+        bad = [path for path, u, v in zip(T.path_names(a), la, lb) if not same_bits(u, v)]
+        assert not bad, bad
 
 
 # --------------------------------------------------------------------------------------------

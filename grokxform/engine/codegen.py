@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from grokxform.elements import Program, ScalarRef
+from grokxform.elements import ARITHMETIC, COMPARISONS, Op, Program, ScalarRef
 from grokxform.engine import plan as P
 
 _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
@@ -166,11 +166,32 @@ class Emitter:
             "c", self.widen(self.read("CONST", str(self.constant(x))), dtype),
             "double" if dtype == torch.float64 else "float"))
 
+    def exact_number(self, x: float, dtype: torch.dtype) -> str:
+        """The number ``x`` as a value of ``dtype`` (rounded to it through float32), as a comparison,
+        a minimum or maximum, or ``where`` takes it."""
+        if dtype in (torch.float32, torch.float64):
+            return self.number(x, dtype)
+        return self.cached(("exact-num", float(x).hex(), dtype),
+                           lambda: self.invariant("s", self.round_text(self.number(x, dtype), dtype), "float"))
+
+    def exact_scalar(self, node: Any, name: str, dtype: torch.dtype) -> str:
+        """The scalar as a value of ``dtype`` (a tensor scalar already is one; a number is rounded)."""
+        if dtype in (torch.float32, torch.float64) or self.slot_of(node, name).kind in ("tensor", "tensors"):
+            return self.scalar(node, name, dtype)
+        return self.cached(("exact-scalar", id(node), name, dtype), lambda: self.invariant(
+            "s", self.round_text(self.scalar(node, name, dtype), dtype), "float"))
+
     def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> Value:
-        """``a`` where ``cond``, else ``b`` (both computed values of ``dtype``)."""
-        v = self.var()
-        self.line(f"{v} = tl.where({cond}, {a}, {b})")
-        return Value(v, dtype)
+        """``a`` where ``cond``, else ``b`` (both values of ``dtype``)."""
+        return self.value(self.pick(cond, a, b), dtype)
+
+    # -- the text of the operations (the C emitter overrides those whose C differs) --------------
+
+    infinity = "float('inf')"
+
+    def pick(self, cond: str, a: str, b: str) -> str:
+        """``a`` where ``cond``, else ``b``."""
+        return f"tl.where({cond}, {a}, {b})"
 
     def sqrt(self, x: str, dtype: torch.dtype) -> str:
         """√x correctly rounded, in the compute precision of ``dtype``."""
@@ -180,13 +201,45 @@ class Emitter:
         """a / b correctly rounded (Triton's float32 ``/`` is approximate)."""
         return f"tl.div_rn({a}, {b})" if dtype != torch.float64 else f"({a} / {b})"
 
-    def rounded(self, expr: str, dtype: torch.dtype) -> Value:
+    def abs(self, x: str, dtype: torch.dtype) -> str:
+        """|x|, the sign bit cleared."""
+        return f"tl.abs({x})"
+
+    def sign(self, x: str, dtype: torch.dtype) -> str:
+        """torch.sign: (x > 0) − (x < 0), so +0.0 for ±0 and NaN."""
+        return f"(({x} > 0).to({_compute(dtype)}) - ({x} < 0).to({_compute(dtype)}))"
+
+    def signbit(self, x: str, dtype: torch.dtype) -> str:
+        """Whether the sign bit of ``x`` is set (−0.0 included)."""
+        bits = "tl.int64" if dtype == torch.float64 else "tl.int32"
+        return f"({x}.to({bits}, bitcast=True) < 0)"
+
+    def logical(self, kind: str, a: str, b: str = "") -> str:
+        """``a and b``, ``a or b`` or ``not a`` of predicates."""
+        return {"and": f"({a} & {b})", "or": f"({a} | {b})", "not": f"({a} == 0)"}[kind]
+
+    def extremum(self, kind: str, x: str, y: str, dtype: torch.dtype) -> str:
+        """IEEE 754's minimum (``kind`` ``"min"``) or maximum of the value ``x`` and ``y``: ``x``
+        where it is NaN, or below (above) ``y``, or on a tie of ±0 the zero that orders first (−0
+        for the minimum); else ``y`` (NaN when ``y`` is). (Each test reads ``x``, a block: the
+        interpreter cannot combine a predicate of a scalar with one of a block.)"""
+        first = f"({x} < {y})" if kind == "min" else f"({x} > {y})"
+        negative = self.signbit(x, dtype)
+        tie = self.logical("and", f"({x} == {y})", negative if kind == "min" else self.logical("not", negative))
+        take_x = self.logical("or", self.logical("or", first, f"({x} != {x})"), tie)
+        return self.pick(take_x, x, y)
+
+    # -- values ---------------------------------------------------------------------------------
+
+    def value(self, expr: str, dtype: torch.dtype) -> Value:
+        """A new value ``expr`` of ``dtype``, already exact in it (or a predicate, ``torch.bool``)."""
         v = self.var()
-        if dtype in (torch.float32, torch.float64):
-            self.line(f"{v} = {expr}")
-        else:
-            self.line(f"{v} = round_to({expr}, {tl_name(dtype)})")
+        self.line(f"{v} = {expr}")
         return Value(v, dtype)
+
+    def rounded(self, expr: str, dtype: torch.dtype) -> Value:
+        """A new value ``expr`` (computed in float32 or float64) rounded to ``dtype``."""
+        return self.value(expr if dtype in (torch.float32, torch.float64) else self.round_text(expr, dtype), dtype)
 
     def load(self, role: str, dtype: torch.dtype, offset: str = "") -> Value:
         table = self.table(role)
@@ -209,41 +262,57 @@ class Emitter:
     def run(self, prog: Program, inputs: dict[str, Value], node: Any) -> dict[str, Value]:
         vals: list[Value] = [inputs[name] for name in prog.inputs]
         for op in prog.ops:
-            a = op.args
-            dt = op.dtype
-            if op.kind == "where":
-                cond = self.flag(node, a[0].name)
-                x = vals[a[1]]
-                y = vals[a[2]].name if isinstance(a[2], int) else self.number(a[2][1], dt)
-                vals.append(self.select(cond, x.name, y, dt))
-                continue
-            x = vals[a[0]]
-            if op.kind == "cast":
-                vals.append(self.run_cast(x, dt))
-                continue
-            if op.kind == "sqrt":
-                vals.append(self.rounded(self.sqrt(x.name, dt), dt))
-                continue
-            if op.kind == "neg":
-                vals.append(self.rounded(f"-{x.name}", dt))
-                continue
-            y = a[1]
-            if isinstance(y, int):
-                ys = vals[y].name
-            elif isinstance(y, ScalarRef):
-                ys = self.scalar(node, y.name, dt)
-            else:
-                ys = self.number(y[1], dt)
-            expr = {
-                "add": f"{x.name} + {ys}",
-                "sub": f"{x.name} - {ys}",
-                "mul": f"{x.name} * {ys}",
-                "div": self.div(x.name, ys, dt),
-                "rsub": f"{ys} - {x.name}",
-                "rdiv": self.div(ys, x.name, dt),
-            }[op.kind]
-            vals.append(self.rounded(expr, dt))
+            vals.append(self.op(op, vals, node))
         return {name: vals[v] for name, v in prog.outputs.items()}
+
+    def operand(self, arg: Any, vals: list[Value], node: Any, dtype: torch.dtype, exact: bool) -> str:
+        """An op's operand on a ``dtype`` value: a value, or a scalar or a number at compute precision
+        (arithmetic) or rounded to ``dtype`` (``exact``: comparisons, minimum, maximum, ``where``)."""
+        if isinstance(arg, int):
+            return vals[arg].name
+        if isinstance(arg, ScalarRef):
+            return self.exact_scalar(node, arg.name, dtype) if exact else self.scalar(node, arg.name, dtype)
+        return self.exact_number(arg[1], dtype) if exact else self.number(arg[1], dtype)
+
+    def op(self, op: Op, vals: list[Value], node: Any) -> Value:
+        """One operation of an element program, as the eager op computes it."""
+        a, kind, dt = op.args, op.kind, op.dtype
+        if kind == "where":
+            cond = self.flag(node, a[0].name) if isinstance(a[0], ScalarRef) else vals[a[0]].name
+            return self.select(cond, *(self.operand(y, vals, node, dt, True) for y in a[1:]), dt)
+        x = vals[a[0]]
+        if kind == "cast":
+            return self.run_cast(x, dt)
+        if kind == "sqrt":
+            return self.rounded(self.sqrt(x.name, dt), dt)
+        if kind == "neg":
+            return self.rounded(f"-{x.name}", dt)
+        if kind == "abs":
+            return self.value(self.abs(x.name, dt), dt)
+        if kind == "sign":
+            return self.value(self.sign(x.name, dt), dt)
+        if kind == "isnan":
+            return self.value(f"({x.name} != {x.name})", dt)
+        if kind == "isfinite":
+            return self.value(f"({self.abs(x.name, x.dtype)} < {self.infinity})", dt)
+        if kind == "not":
+            return self.value(self.logical("not", x.name), dt)
+        y = self.operand(a[1], vals, node, x.dtype, kind not in ARITHMETIC)
+        if kind in COMPARISONS:
+            return self.value(f"({x.name} {COMPARISONS[kind]} {y})", dt)
+        if kind in ("and", "or"):
+            return self.value(self.logical(kind, x.name, y), dt)
+        if kind in ("min", "max"):
+            return self.value(self.extremum(kind, x.name, y, dt), dt)
+        expr = {
+            "add": f"{x.name} + {y}",
+            "sub": f"{x.name} - {y}",
+            "mul": f"{x.name} * {y}",
+            "div": self.div(x.name, y, dt),
+            "rsub": f"{y} - {x.name}",
+            "rdiv": self.div(y, x.name, dt),
+        }[kind]
+        return self.rounded(expr, dt)
 
     def reduce(self, x: Value) -> None:
         """Σx² (float32) and the count of non-finite values of this block, at the item's slot."""

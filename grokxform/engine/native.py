@@ -76,6 +76,11 @@ def _compute(dtype: torch.dtype) -> str:
     return "double" if dtype == torch.float64 else "float"
 
 
+def _ctype(dtype: torch.dtype) -> str:
+    """The C type of a value of ``dtype`` in the kernel: its compute type, ``int`` for a predicate."""
+    return "int" if dtype == torch.bool else _compute(dtype)
+
+
 def _round(expr: str, dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16:
         return f"round_bf16({expr})"
@@ -129,10 +134,10 @@ class CEmitter(G.Emitter):
     def lanes(self, node: Any, name: str) -> str:
         return self.flag(node, name)
 
-    def select(self, cond: str, a: str, b: str, dtype: torch.dtype) -> G.Value:
-        v = self.var()
-        self.line(f"const {_compute(dtype)} {v} = {cond} ? {a} : {b};")
-        return G.Value(v, dtype)
+    infinity = "INFINITY"
+
+    def pick(self, cond: str, a: str, b: str) -> str:
+        return f"({cond} ? {a} : {b})"
 
     def sqrt(self, x: str, dtype: torch.dtype) -> str:
         return f"sqrt({x})" if dtype == torch.float64 else f"sqrtf({x})"
@@ -140,9 +145,22 @@ class CEmitter(G.Emitter):
     def div(self, a: str, b: str, dtype: torch.dtype) -> str:
         return f"({a} / {b})"
 
-    def rounded(self, expr: str, dtype: torch.dtype) -> G.Value:
+    def abs(self, x: str, dtype: torch.dtype) -> str:
+        return f"fabs({x})" if dtype == torch.float64 else f"fabsf({x})"
+
+    def sign(self, x: str, dtype: torch.dtype) -> str:
+        ct = _compute(dtype)
+        return f"(({ct})({x} > 0) - ({ct})({x} < 0))"
+
+    def signbit(self, x: str, dtype: torch.dtype) -> str:
+        return f"(signbit({x}) != 0)"
+
+    def logical(self, kind: str, a: str, b: str = "") -> str:
+        return {"and": f"({a} && {b})", "or": f"({a} || {b})", "not": f"(!{a})"}[kind]
+
+    def value(self, expr: str, dtype: torch.dtype) -> G.Value:
         v = self.var()
-        self.line(f"const {_compute(dtype)} {v} = {_round(expr, dtype)};")
+        self.line(f"const {_ctype(dtype)} {v} = {expr};")
         return G.Value(v, dtype)
 
     def run_cast(self, x: G.Value, dtype: torch.dtype) -> G.Value:
