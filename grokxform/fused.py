@@ -523,9 +523,23 @@ class FusedStep:
         sharded = any(sh is not None for sh in self._shards)  # (a member's own update sees local shards)
         if not sharded and any(d is None for _, d, _ in members) and any(d is not None for _, d, _ in members):
             return self._segmented(members, g_leaves, names, xs)
+        step = self._engine_build(self._kinds(), self._tx, self._state, g_leaves, xs)
+        return _EngineFn(step, names) if step is not None else None
+
+    def _kinds(self, parts: bool = False) -> list[str]:
+        """The engine backends to try, in order (a chain in parts, ``parts``: under ``"auto"``
+        the kernels, else foreach)."""
         cuda = self._device.type == "cuda"
-        kinds = {"triton": ["triton"], "c": ["c"], "foreach": ["foreach"], "auto": ["triton"] if cuda else ["c"],
-                 "engine": ["triton", "foreach"] if cuda else ["c", "foreach"]}[self._backend]
+        kernels = ["triton"] if cuda else ["c"]
+        if self._backend in ("triton", "c", "foreach"):
+            return [self._backend]
+        return kernels if self._backend == "auto" and not parts else [*kernels, "foreach"]
+
+    def _engine_build(self, kinds: list[str], tx: Any, state: Any, g_leaves: list[Any],
+                      xs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """The first :class:`~grokxform.engine.EngineStep` of ``kinds`` that can run, or ``None``
+        (``"auto"``: :attr:`fallback_reason` says why); other backends raise
+        :class:`EngineUnavailable`."""
         reasons = []
         for kind in kinds:
             try:
@@ -534,10 +548,8 @@ class FusedStep:
                 if kind == "triton" and not engine.available(self._device):
                     raise engine.Unsupported(f"Triton cannot run on {self._device} here")
                 with torch.no_grad():
-                    step = engine.EngineStep(
-                        self._tx, self._params, self._state, g_leaves, xs, backend=kind, shards=self._shards
-                    )
-                return _EngineFn(step, names)
+                    return engine.EngineStep(tx, self._params, state, g_leaves, xs, backend=kind,
+                                             shards=self._shards, **kwargs)
             except engine.Unsupported as e:
                 reasons.append(str(e))
         reason = "; ".join(dict.fromkeys(reasons))
@@ -560,9 +572,6 @@ class FusedStep:
                 runs[-1].append(m)
             else:
                 runs.append([m])
-        kinds = ["triton", "foreach"] if self._device.type == "cuda" else ["c", "foreach"]
-        if self._backend in ("triton", "c", "foreach"):
-            kinds = [self._backend]
         parts: list[Any] = []
         reasons: list[str] = []
         for k, run in enumerate(runs):
@@ -574,25 +583,11 @@ class FusedStep:
                 continue
             decl = _decl.Sequence(tuple(range(len(run))), tuple(d for _, d, _ in run), tuple(t for _, _, t in run))
             state = tuple(_state_at(self._state, path) for path, _, _ in run)
-            output = "params" if k == len(runs) - 1 else "updates"
-            why = []
-            for kind in kinds:
-                try:
-                    if kind == "triton" and not engine.available(self._device):
-                        raise engine.Unsupported(f"Triton cannot run on {self._device} here")
-                    with torch.no_grad():
-                        step = engine.EngineStep(None, self._params, state, g_leaves, xs, backend=kind,
-                                                 shards=self._shards, declaration=decl, output=output)
-                    parts.append(_EnginePart(step, mask))
-                    break
-                except engine.Unsupported as e:
-                    why.append(str(e))
-            else:
-                reason = "; ".join(dict.fromkeys(why))
-                if self._backend != "auto":
-                    raise EngineUnavailable(f"FusedStep(backend={self._backend!r}): {reason}") from None
-                self.fallback_reason = reason
+            step = self._engine_build(self._kinds(parts=True), None, state, g_leaves, xs, declaration=decl,
+                                      output="params" if k == len(runs) - 1 else "updates")
+            if step is None:
                 return None
+            parts.append(_EnginePart(step, mask))
         self.engine = "+".join("tx.update" if isinstance(p, _OwnUpdate) else p.step.backend for p in parts)
         self.fallback_reason = "; ".join(reasons)
         return _SegmentedFn(parts, names, self._params, self._p_leaves)

@@ -34,6 +34,8 @@ from grokxform.fused import FusedStep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_c = pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0],
+                             reason="the C kernels run on the CPU, with a compiler")
 INTERPRETED = DEVICE == "cpu"
 
 
@@ -312,7 +314,7 @@ def _norm_reduction(fused: FusedStep) -> bool:
     return any(isinstance(r, P.Member) and "norm" in r.decl.reduce for s in steps for r in s.plan.reductions)
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@needs_c
 @pytest.mark.parametrize("name, dtype", [
     *((n, d) for n in sorted(CASES) for d in (torch.float32, torch.bfloat16)),
     *((n, torch.float16) for n in ("adamw", "grokfast_ma", "user_chain", "multisteps")),
@@ -335,7 +337,7 @@ def test_c_kernels_equal_the_triton_kernels(name: str, dtype: torch.dtype) -> No
         assert not exact or all(torch.equal(p_t[n], p_c[n]) for n in p_t)
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@needs_c
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_c_kernels_match_eager_in_float64(name: str) -> None:
     """float64 params (which the Triton kernels do not take) run in float64 in the C kernels:
@@ -348,6 +350,12 @@ def test_c_kernels_match_eager_in_float64(name: str) -> None:
     _close(s_e, fused.eager_state(), exact=False, rtol=1e-12, atol=1e-13)
 
 
+def _assert_the_engine_runs_foreach(params: dict[str, torch.Tensor]) -> None:
+    engine = FusedStep(gx.adamw(lr=1e-2), params, backend="engine")
+    engine(_grads(params, 0))
+    assert engine.engine == "foreach"
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the engine on the CPU")
 def test_without_a_c_compiler_the_engine_runs_foreach_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
@@ -355,9 +363,7 @@ def test_without_a_c_compiler_the_engine_runs_foreach_and_says_why(monkeypatch: 
     params = _params(torch.float32)
     with pytest.raises(ValueError, match=r"CC='/nonexistent/cc' was not found"):
         FusedStep(gx.adamw(lr=1e-2), params, backend="c")(_grads(params, 0))
-    engine = FusedStep(gx.adamw(lr=1e-2), params, backend="engine")
-    engine(_grads(params, 0))
-    assert engine.engine == "foreach"
+    _assert_the_engine_runs_foreach(params)
     auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto", options={"combo_kernels": False})
     auto(_grads(params, 0))
     assert auto.engine == "inductor" and "CC='/nonexistent/cc'" in auto.fallback_reason
@@ -368,7 +374,7 @@ def test_without_a_c_compiler_the_engine_runs_foreach_and_says_why(monkeypatch: 
     assert opt.engines == ["foreach"]
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@needs_c
 def test_kernels_that_do_not_compile_leave_the_engine_for_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiler that fails (here: an option it does not know) is reported with its message; the
     default engine then runs its foreach backend."""
@@ -376,12 +382,10 @@ def test_kernels_that_do_not_compile_leave_the_engine_for_foreach(monkeypatch: p
     params = _params(torch.float32)
     with pytest.raises(ValueError, match=r"did not compile.*no-such-option"):
         FusedStep(gx.adamw(lr=1e-2), params, backend="c")(_grads(params, 0))
-    engine = FusedStep(gx.adamw(lr=1e-2), params, backend="engine")
-    engine(_grads(params, 0))
-    assert engine.engine == "foreach"
+    _assert_the_engine_runs_foreach(params)
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@needs_c
 def test_c_kernels_give_the_same_numbers_on_any_number_of_threads() -> None:
     """The work items are shared by torch's threads: one thread or four, the same params and
     state bit for bit (a clip's per-item sums included)."""
@@ -406,7 +410,7 @@ def test_c_kernels_give_the_same_numbers_on_any_number_of_threads() -> None:
     _close(runs[0][1], runs[1][1], exact=True)
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU, with a compiler")
+@needs_c
 def test_auto_on_the_cpu_runs_the_c_kernels() -> None:
     params = _params(torch.float32)
     auto = FusedStep(gx.adamw(lr=1e-2), params, backend="auto")
@@ -671,17 +675,16 @@ PARTS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "foreach", "c"])
-@pytest.mark.parametrize("name", sorted(PARTS))
+@pytest.mark.parametrize("name, backend", [
+    *((n, b) for n in sorted(PARTS) for b in ("triton", "foreach")
+      if not (b == "triton" and INTERPRETED and n == "middle")),  # (the interpreter is slow: two chains cover it)
+    *(pytest.param(n, "c", marks=needs_c) for n in sorted(PARTS)),
+])
 def test_a_member_without_a_declaration_runs_between_engine_steps(name: str, backend: str) -> None:
     """The runs of declared members before and after it stay on the engine; the member runs its
     own ``update`` between them, its state written back in place. The numbers are eager's (bit
     for bit on the foreach backend), over patterns of ``None`` gradients; ``engine`` and
     ``fallback_reason`` name the parts."""
-    if backend == "c" and (DEVICE != "cpu" or not native.compiler()[0]):
-        pytest.skip("the C kernels run on the CPU, with a compiler")
-    if backend == "triton" and DEVICE == "cpu" and name == "middle":
-        pytest.skip("the interpreter is slow; the other chains cover the Triton parts")
     make, parts, signal = PARTS[name]
     p_e, s_e, p_f, fused = _run(make(), torch.float32, 5, {2: ("h.1.w",)}, signal, backend=backend)
     assert fused.engine == "+".join(p.format(k=backend) for p in parts)

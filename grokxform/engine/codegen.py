@@ -404,8 +404,7 @@ class Emitter:
         window = None
         if decl.window is not None:
             role = self.role_of(m, "window")
-            slot = self.cached(("slot", id(m)), lambda: self._slot(m))
-            window = f"{slot} * n + "
+            window = f"{self._slot(m)} * n + "
             inputs["window"] = self.load(role, self.dtype_of(role), window)
         prog = decl.rule.program({name: v.dtype for name, v in inputs.items()})
         got = self.run(prog, inputs, m)
@@ -424,9 +423,10 @@ class Emitter:
         wf = m.decl.window
         if wf is None or wf.total is None:
             return
-        w = wf.size
-        slot = self.cached(("slot", id(m)), lambda: self._slot(m))
-        role, total = self.role_of(m, "window"), self.role_of(m, wf.total)
+        self.window_sum(self._slot(m), wf.size, self.role_of(m, "window"), self.role_of(m, wf.total), newest)
+
+    def window_sum(self, slot: str, w: int, role: str, total: str, newest: Value) -> None:
+        """The text of :meth:`resum`: the ring ``role``'s w − 1 older slots and ``newest`` into ``total``."""
         ring = f"pointer({self.table(role)}, leaf, {tl_name(self.dtype_of(role))})"
         dst = f"pointer({self.table(total)}, leaf, {tl_name(self.dtype_of(total))})"
         mask = " & ".join(["msk", *self.guards])
@@ -445,9 +445,13 @@ class Emitter:
         self.line(f"    tl.store({dst} + offs, {acc}.to({tl_name(self.dtype_of(total))}), mask={mask})")
 
     def _slot(self, m: P.Member) -> str:
-        v = self.var("slot")
-        self.line(f"{v} = {self.raw_scalar(m, '__slot')}.to(tl.int64)")
-        return v
+        """The ring slot of this item's leaf (the window's oldest value) for member ``m``."""
+        return self.cached(("slot", id(m)), lambda: self.invariant(
+            "slot", self.index(self.raw_scalar(m, "__slot")), "int64_t"))
+
+    def index(self, expr: str) -> str:
+        """A float64 ``expr`` holding a whole number, as an int64 index."""
+        return f"{expr}.to(tl.int64)"
 
     def param(self) -> Value:
         dtype = self.dtype_of("P")

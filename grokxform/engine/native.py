@@ -200,17 +200,11 @@ class CEmitter(G.Emitter):
         self.post.append("RSQ[leaf * CHUNKS + start / BLOCK] = (RSQ_T)rsq;")
         self.post.append("RBAD[leaf * CHUNKS + start / BLOCK] = rbad;")
 
-    def resum(self, m: Any, newest: G.Value) -> None:
-        wf = m.decl.window
-        if wf is None or wf.total is None:
-            return
-        w = wf.size
-        slot = self.cached(("slot", id(m)), lambda: self._slot(m))
-        role, total = self.role_of(m, "window"), self.role_of(m, wf.total)
+    def window_sum(self, slot: str, w: int, role: str, total: str, newest: G.Value) -> None:
         ring, dst = self.ptr(role), self.ptr(total)
-        rdt, tdt = self.dtype_of(role), self.dtype_of(total)
+        tdt = self.dtype_of(total)
         load = {torch.bfloat16: "(double)bf16_to_f32({})", torch.float16: "(double)f16_to_f32({})"}.get(
-            rdt, "(double){}")
+            self.dtype_of(role), "(double){}")
         acc = self.var("acc")
         if w == 1:
             self.line(f"if ({slot} == 0) {{ double {acc} = (double){newest.name};")
@@ -218,16 +212,13 @@ class CEmitter(G.Emitter):
             self.line(f"if ({slot} == {w - 1}) {{ double {acc} = {load.format(f'{ring}[i]')};")
             self.line(f"    for (int64_t j = 1; j < {w - 1}; ++j) {acc} += {load.format(f'{ring}[j * n + i]')};")
             self.line(f"    {acc} += (double){newest.name};")
-        total_value = self.rounded(f"({_compute(tdt)}){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
-        self.lines[-1] = "    " + self.lines[-1]
+        total_value = self.rounded(f"(double){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
         text = f"{dst}[i] = {self._stored(total_value)};"
         self.line(f"    if ({' && '.join(self.guards)}) {text}" if self.guards else f"    {text}")
         self.line("}")
 
-    def _slot(self, m: Any) -> str:
-        v = self.var("slot")
-        self.pre_line(f"const int64_t {v} = (int64_t){self.raw_scalar(m, '__slot')};")
-        return v
+    def index(self, expr: str) -> str:
+        return f"(int64_t){expr}"
 
 
 def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch.dtype = torch.float32) -> str:

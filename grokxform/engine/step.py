@@ -317,6 +317,8 @@ class EngineStep:
             with torch.no_grad():
                 self._run(extras, stand_in)
         self._c_functions: list[tuple[_Group, int, str, str]] = []
+        self._c_threads = 0  # torch's number of threads when the C kernels' thread counts were set
+        self._torch_reductions: set[int] = set()  # the C kernels' reductions that torch makes
         self._grads: dict[int, torch.Tensor] = dict(plan.grads)  # this step's gradients, by leaf
         self._groups = self._make_groups(plan)
         self.const = torch.tensor(self._constants or [0.0], dtype=torch.float64, device=self.device)
@@ -432,12 +434,12 @@ class EngineStep:
                 em.finish(out)
             except G.Stop:
                 pass
+            rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32  # (float64: C kernels)
             if isinstance(em, native.CEmitter):  # compiled with the step's other kernels (_load_c)
                 if not main:
                     grp.reads_gradient[p] = em.reduced is x
                 name = f"group{len(self._c_functions)}_pass{p}"
                 block = self.block if main else self.reduce_block
-                rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32
                 self._c_functions.append((grp, p, name, native.function_source(name, em, plan.passes, block, rsq)))
                 grp.kernels[p] = (None, list(em.roles))
             else:
@@ -446,8 +448,7 @@ class EngineStep:
             if not main:
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
-                wide = grp.dtypes["G"] == torch.float64  # (the C kernels: float64 gradients sum in float64)
-                grp.rsq[p] = torch.zeros(n, dtype=torch.float64 if wide else torch.float32, device=self.device)
+                grp.rsq[p] = torch.zeros(n, dtype=rsq, device=self.device)
                 grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
                 grp.red_index[p] = torch.tensor([self._position[id(red)][leaf] for leaf in grp.leaves], device=self.device)
 
@@ -465,11 +466,13 @@ class EngineStep:
             item_leaf, item_start, n_items, chunks = grp.items[self.block if main else self.reduce_block]
             addr = [item_leaf, item_start, grp.numel, grp.pos, grp.pos.shape[1], self.const, *self._sc,
                     *(grp.tables[r] for r in roles), grp.rsq.get(p, self.const), grp.rbad.get(p, self.const), chunks,
-                    1]  # the threads: set at the first launch (_threads)
+                    self._threads(grp)]  # (the threads: set again when torch's number changes, _launch)
             args = torch.tensor([n_items, *(a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in addr)],
                                 dtype=torch.int64)
             grp.kernels[p] = (native.function(lib, name), roles)
             grp.c_args[p] = args
+        self._c_threads = torch.get_num_threads()
+        self._torch_reductions = {p for p in range(self.plan.passes - 1) if self._reads_gradients(p)}
 
     def _col(self, node: Any) -> int:
         return self._member_col[id(node)]
@@ -568,7 +571,7 @@ class EngineStep:
                 red = plan.reductions[stage]
                 if layout:
                     reduced[id(red)] = stand_in[id(red)]  # type: ignore[index]
-                elif self._gradient_reduction(stage):  # as eager reduces them: the same numbers
+                elif stage in self._torch_reductions:  # as eager reduces them: the same numbers
                     reduced[id(red)] = self._reduce_gradients(red)
                 else:
                     for grp in self._groups:
@@ -585,11 +588,9 @@ class EngineStep:
         if not layout:
             self._write_back(writes, bumps, flags)
 
-    def _gradient_reduction(self, p: int) -> bool:
-        """Whether reduction ``p`` reads the gradients as they come (the clip first in the chain):
-        on the C backend, torch's own reductions then make it, as the eager path does."""
-        if self.backend != "c":
-            return False
+    def _reads_gradients(self, p: int) -> bool:
+        """Whether reduction ``p`` of the C kernels reads the gradients as they come (the clip
+        first in the chain): torch's own reductions then make it, as the eager path does."""
         used = [grp for grp in self._groups if p in grp.kernels]
         return bool(used) and all(grp.reads_gradient.get(p, False) for grp in used)
 
@@ -737,12 +738,13 @@ class EngineStep:
 
     def _launch(self, grp: _Group, p: int) -> None:
         if self.backend == "c":
+            if torch.get_num_threads() != self._c_threads:
+                self._c_threads = torch.get_num_threads()
+                for g in self._groups:
+                    for args in g.c_args.values():
+                        args[-1] = self._threads(g)
             if p in grp.kernels:
-                args = grp.c_args[p]
-                threads = self._threads(grp)
-                if int(args[-1]) != threads:
-                    args[-1] = threads
-                grp.kernels[p][0](args.data_ptr())
+                grp.kernels[p][0](grp.c_args[p].data_ptr())
             return
         main = p == self.plan.passes - 1
         block, warps = (self.block, self.num_warps) if main else (self.reduce_block, 2 * self.num_warps)
