@@ -17,8 +17,10 @@ Rows (``--rows`` takes comma-separated glob patterns over the row names), per pi
 ``userchain``, a chain no pipeline builds):
 
 - ``gx-<pipeline>-optim``: ``grokxform.Optimizer(named_params, factory)`` with default arguments,
-  ``opt.step()`` (the engine on CUDA, eager on the CPU);
-- ``gx-<pipeline>-eager``: the functional ``tx.update`` + ``apply_updates``, never compiled;
+  ``opt.step()`` (the engine's kernels: Triton on CUDA, C on the CPU);
+- ``gx-<pipeline>-eager``: the functional ``tx.update`` + ``apply_updates`` as a user's loop calls
+  them (the engine's kernels, out of place, where they run the chain), and
+  ``gx-<pipeline>-opbyop``: the same under ``gx.kernels(False)`` (torch's ops, one per element op);
 - ``gx-<pipeline>-fused``: ``FusedStep(tx, params)`` with default arguments, and its variants
   ``gx-<pipeline>-fused-<variant>`` (``--variants``);
 - ``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
@@ -324,14 +326,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def row_gx_eager(name: str) -> Callable[[Ctx], Built]:
+def row_gx_eager(name: str, kernels: bool = True) -> Callable[[Ctx], Built]:
     def build(ctx: Ctx) -> Built:
         params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
         tx = pipeline(name, ctx.window)
         box = {"p": params, "s": tx.init(params)}
 
         def step() -> None:
-            u, box["s"] = tx.update(grads, box["s"], box["p"], **SIGNAL)
+            with gx.kernels(kernels):
+                u, box["s"] = tx.update(grads, box["s"], box["p"], **SIGNAL)
             box["p"] = gx.apply_updates(box["p"], u)
 
         return Built(step=step, keep=box)
@@ -424,6 +427,8 @@ def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Cal
                 rows[f"gx-{name}-fused-{v}"] = row_gx_fused(name, v)
     for name in PIPELINES:
         rows[f"gx-{name}-eager"] = row_gx_eager(name)
+    for name in PIPELINES:
+        rows[f"gx-{name}-opbyop"] = row_gx_eager(name, kernels=False)
     rows.update(
         {
             "official-ema": row_official("ema"),

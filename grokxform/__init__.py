@@ -21,6 +21,7 @@ from grokxform.base import (
     identity,
     named_chain,
 )
+from grokxform.declarations import kernels
 from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma
 from grokxform.metrics import metrics
 from grokxform.optim import Optimizer
@@ -46,6 +47,7 @@ __all__ = [
     "grokfast_ema",
     "grokfast_ma",
     "identity",
+    "kernels",
     "named_chain",
     "signals",
     *_transforms_all,

@@ -184,30 +184,48 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 def elementwise(
     name: str,
-    init: InitFn,
     rule: Callable[[Inputs, Inputs], Outputs],
-    scalar_names: tuple[str, ...],
-    scalars: _decl.ScalarRule,
+    *,
+    init: InitFn | None = None,
+    scalars: _decl.ScalarRule | None = None,
     **fields: Any,
 ) -> GradientTransformation:
-    """A primitive from its two rules: ``GradientTransformation(init, update)`` whose ``update``
-    runs the element rule ``rule`` (:mod:`grokxform.elements`) with the per-step scalars of
-    ``scalars`` over the leaves, multi-tensor, and whose declaration
-    (:class:`~grokxform.declarations.Elementwise`, ``fields`` its other fields) lets the engine
-    fuse it with the rest of a chain.
+    """A primitive from its rules: ``GradientTransformation(init, update)`` whose ``update`` runs the
+    element rule ``rule(v, sc) -> {"out": ..., <field>: ...}`` (:mod:`grokxform.elements`) over the
+    leaves with the per-step scalars that ``scalars(ctx) -> (values, new_globals)`` gives (each
+    name the element rule reads as ``sc.<name>``), and whose declaration
+    (:class:`~grokxform.declarations.Elementwise`, ``fields`` its other fields: ``state_type``,
+    ``fields``, ``count``, ``needs_params``, ``extras``...) lets the engine fuse it with the rest of
+    a chain. Defaults: no state (``init`` gives :class:`EmptyState`), no scalars.
 
-    Example (a scaled sign-free step, "u = c·g", as a user's own primitive)::
-
-        def rule(v, sc):
-            return {"out": v.x * sc.c}
-
-        def scale(c: float) -> GradientTransformation:
-            return elementwise("scale", lambda params: EmptyState(), rule, ("c",), lambda ctx: ({"c": c}, {}))
+    Examples:
+        >>> def halve(v, sc):
+        ...     return {"out": v.x * sc.c}
+        >>> tx = gx.base.elementwise("halve", halve, scalars=lambda ctx: ({"c": 0.5}, {}))
+        >>> u, _ = tx.update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))
+        >>> u["w"]
+        tensor([0.5000, 0.5000])
     """
-    decl = _decl.Elementwise(name, TracedRule(rule, scalar_names), scalars, **fields)
+    if not isinstance(name, str) or not callable(rule):
+        raise TypeError("elementwise(name, rule, *, init=..., scalars=..., ...): a name and an element rule")
+    if init is None:
+        if fields.get("state_type") is not None or fields.get("fields") or fields.get("count"):
+            raise TypeError(f"elementwise: {name} has state; give its init=")
+        init = _empty_init
+    decl = _decl.Elementwise(name, TracedRule(rule), scalars if scalars is not None else _no_scalars, **fields)
 
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
         return decl.update(updates, state, params, **extra)
 
     update.__qualname__ = update.__name__ = f"{name}.update"
     return _decl.declare(GradientTransformation(init, update), decl)
+
+
+def _empty_init(params: Params) -> EmptyState:
+    del params
+    return EmptyState()
+
+
+def _no_scalars(ctx: _decl.ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    del ctx
+    return {}, {}

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Union
 
@@ -41,15 +43,70 @@ from grokxform.elements import Scalars, TracedRule, foreach_ok, run_foreach, run
 # Attaching a declaration to a transform.
 
 _ATTR = "__grokxform_declaration__"
+KERNEL_CACHE = "__grokxform_kernel_steps__"
+"""The attribute of a declared ``update`` holding its steps on the kernels (:func:`declare`)."""
+
+KernelRunner = Callable[["Declaration", Any, Any, Any, Any, dict[str, Any]], tuple[Any, Any] | None]
+"""``runner(declaration, cache, updates, state, params, extra)``: ``update`` on generated kernels,
+or ``None`` where they cannot run this call (:mod:`grokxform.engine.functional` installs it)."""
+_runner: list[KernelRunner] = []
+_kernels_on: ContextVar[bool] = ContextVar("grokxform_kernels", default=True)
+
+
+def set_kernel_runner(runner: KernelRunner) -> None:
+    """Install what runs a declared ``update`` on generated kernels (the engine does, when imported)."""
+    _runner[:] = [runner]
+
+
+@contextmanager
+def kernels(enabled: bool = True) -> Iterator[None]:
+    """Whether a declared transform's ``update`` may run on the engine's generated kernels.
+
+    By default ``tx.update`` runs the whole declared chain as generated kernels, out of place (new
+    state and update tensors), when nothing records or transforms the call: no ``torch.func``
+    transform, no autograd (grad mode on with an input that requires grad), no ``torch.compile``
+    tracing, no dispatch or function mode. Within ``with gx.kernels(False):`` it runs the element
+    rules op by op with torch's own ops instead: bit for bit the reference implementations (the
+    kernels agree to rounding: a square root may differ in the last bit).
+
+    Examples:
+        >>> tx = gx.adamw(1e-3)
+        >>> params = {"w": torch.ones(3)}
+        >>> with gx.kernels(False):
+        ...     u, state = tx.update({"w": torch.ones(3)}, tx.init(params), params)
+        >>> u["w"]
+        tensor([-0.0010, -0.0010, -0.0010])
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"kernels: enabled must be a bool, got {type(enabled).__name__}")
+    token = _kernels_on.set(enabled)
+    try:
+        yield
+    finally:
+        _kernels_on.reset(token)
 
 
 def declare(tx: Any, declaration: Declaration) -> Any:
-    """Record on ``tx.update`` that ``tx`` computes what ``declaration`` says; returns ``tx``.
+    """``tx`` with ``update`` recorded as computing what ``declaration`` says (and run on the
+    engine's kernels where they can run it, see :func:`kernels`); use the transform it returns.
 
     The transform stays a plain ``(init, update)`` pair; a user's own transform can be declared
     the same way (see ``docs/fast_path.md``)."""
-    setattr(tx.update, _ATTR, declaration)
-    return tx
+    plain = tx.update
+    cache: dict[Any, Any] = {}
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        if _runner and not torch.compiler.is_compiling() and _kernels_on.get():  # (compiling: traced as it is)
+            got = _runner[0](declaration, cache, updates, state, params, extra)
+            if got is not None:
+                return got
+        return plain(updates, state, params, **extra)
+
+    # (attributes set one by one, not functools.wraps: a factory may run inside torch.compile)
+    update.__name__, update.__qualname__, update.__doc__ = plain.__name__, plain.__qualname__, plain.__doc__
+    setattr(update, _ATTR, declaration)
+    setattr(update, KERNEL_CACHE, cache)
+    return type(tx)(tx.init, update)
 
 
 def declaration_of(tx: Any) -> Declaration | None:
@@ -68,6 +125,27 @@ class MaRingWindow(NamedTuple):
     so a compiled step can do it in place."""
 
     buffers: Any
+
+
+_WINDOWED = "__grokxform_window__"
+
+
+def windowed_state(*, window: str, count: str) -> Callable[[type], type]:
+    """Mark a NamedTuple state class as holding a window field (:class:`WindowField`): ``window``
+    its field (eager: a tuple of trees, oldest first; fused: :class:`MaRingWindow`) and ``count``
+    its field of per-leaf step counts (leaf i's oldest value is at ring slot ``count % w``). The
+    state layouts (``grokxform.engine.layout``) find windows by this mark."""
+
+    def mark(cls: type) -> type:
+        setattr(cls, _WINDOWED, (window, count))
+        return cls
+
+    return mark
+
+
+def window_fields(state: Any) -> tuple[str, str] | None:
+    """``(window, count)``: the fields of a state marked by :func:`windowed_state`, else ``None``."""
+    return getattr(type(state), _WINDOWED, None)
 
 
 @dataclass(frozen=True)
@@ -705,8 +783,12 @@ __all__ = [
     "declaration_of",
     "declare",
     "extra_args",
+    "kernels",
     "run_rule",
+    "set_kernel_runner",
     "tree_reduction_args",
     "tree_reductions",
     "whole_gradient_reductions",
+    "window_fields",
+    "windowed_state",
 ]

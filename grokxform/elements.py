@@ -357,13 +357,21 @@ class Program:
         return last
 
 
-def trace(
-    rule: Callable[[Inputs, Inputs], Outputs], inputs: Mapping[str, torch.dtype], scalar_names: Sequence[str]
-) -> Program:
-    """Trace ``rule(values, scalars) -> {name: Val}`` for the given input dtypes."""
+class _AnyScalar:
+    """The scalars of a rule being traced: every name read is a scalar of its scalar rule."""
+
+    def __getattr__(self, name: str) -> ScalarRef:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return ScalarRef(name)
+
+
+def trace(rule: Callable[[Inputs, Inputs], Outputs], inputs: Mapping[str, torch.dtype]) -> Program:
+    """Trace ``rule(values, scalars) -> {name: Val}`` for the given input dtypes (each name the
+    rule reads from ``scalars`` is a scalar its scalar rule gives)."""
     tracer = _Tracer()
     vals = {name: tracer.value(dt) for name, dt in inputs.items()}
-    out = rule(Inputs(vals), Inputs({n: ScalarRef(n) for n in scalar_names}))
+    out = rule(Inputs(vals), _AnyScalar())  # type: ignore[arg-type]
     outputs: dict[str, int] = {}
     for name, v in out.items():
         if not isinstance(v, Val) or v._t is not tracer:
@@ -375,16 +383,15 @@ def trace(
 class TracedRule:
     """An element rule with its traces cached per input dtypes."""
 
-    def __init__(self, rule: Callable[[Inputs, Inputs], Outputs], scalar_names: Sequence[str]) -> None:
+    def __init__(self, rule: Callable[[Inputs, Inputs], Outputs]) -> None:
         self.rule = rule
-        self.scalar_names = tuple(scalar_names)
         self._cache: dict[tuple[tuple[str, torch.dtype], ...], Program] = {}
 
     def program(self, inputs: Mapping[str, torch.dtype]) -> Program:
         key = tuple(inputs.items())
         prog = self._cache.get(key)
         if prog is None:
-            prog = self._cache[key] = trace(self.rule, inputs, self.scalar_names)
+            prog = self._cache[key] = trace(self.rule, inputs)
         return prog
 
 
@@ -426,9 +433,16 @@ class Scalars:
             self.values[name] = v
         self._cast: dict[tuple[str, torch.dtype, Any], Any] = {}
 
+    def _value(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise ValueError(f"the element rule reads a scalar {name!r} that its scalar rule does not give"
+                             f" (it gives {sorted(self.values)})") from None
+
     def kind(self, name: str) -> str:
         """``"number"``, ``"numbers"``, ``"tensor"`` (0-d) or ``"tensors"`` (one per leaf)."""
-        v = self.values[name]
+        v = self._value(name)
         if isinstance(v, float):
             return "number"
         if isinstance(v, list):
@@ -441,7 +455,7 @@ class Scalars:
         key = (name, dtype, device)
         if key in self._cast:  # (no sentinel: Dynamo cannot compare a symbolic number with an object)
             return self._cast[key]
-        out = self.values[name]
+        out = self._value(name)
         if isinstance(out, torch.Tensor):
             out = out.to(device=device if device is not None else out.device, dtype=dtype)
         self._cast[key] = out

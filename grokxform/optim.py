@@ -58,7 +58,7 @@ new step; a scheduler that changes a fixed hyperparameter (``OneCycleLR``'s beta
 member of a chain without a declaration runs its own ``update`` between the engine's steps of the
 members around it (``optimizer.engines``: ``"c+tx.update+c"``); a transformation the engine cannot
 run at all runs the eager, multi-tensor ``tx.update`` instead (``optimizer.fallback_reasons`` says
-why); ``fused=False`` asks for that path.
+why); ``fused=False`` asks for that path, op by op with torch's own ops (:func:`grokxform.kernels`).
 ``fused=True`` is ``FusedStep(backend="auto")`` (the engine's kernels, else an Inductor-compiled
 step); ``fused=`` also takes a backend name (``"triton"``, ``"c"``, ``"foreach"``, ``"inductor"``;
 ``"aot_eager"`` runs the traced step op by op). ``optimizer.engines`` says what ran each group.
@@ -99,6 +99,7 @@ from grokxform import declarations as D
 from grokxform import distributed as _dist
 from grokxform._group_reductions import GroupReductions
 from grokxform.base import GradientTransformation, chain
+from grokxform.declarations import kernels
 from grokxform.engine.layout import (
     Owned,
     init_state,
@@ -483,7 +484,12 @@ class Optimizer(torch.optim.Optimizer):
             owned = self._owned(g)
         current = oldest_first(owned.state) if owned.windows and not torch.compiler.is_compiling() else owned.state
         grads = [None if x is None else x.detach() for x in grads]
-        updates, new_state = tx.update(dict(zip(names, grads)), current, tree, **extra)
+        grad_tree = dict(zip(names, grads))
+        if self._fused is False and not torch.compiler.is_compiling():  # op by op, torch's own ops
+            with kernels(False):
+                updates, new_state = tx.update(grad_tree, current, tree, **extra)
+        else:
+            updates, new_state = tx.update(grad_tree, current, tree, **extra)
         if not isinstance(updates, dict) or list(updates) != names:
             raise ValueError(
                 f"Optimizer: the transformation of param group {g} returned updates that are not a dict"

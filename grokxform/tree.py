@@ -51,6 +51,55 @@ def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> Any:
     return _pt.tree_unflatten(list(leaves), spec)
 
 
+class _Other(Exception):
+    """A node type other than dict, list, tuple and NamedTuple."""
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def _key(tree: Any, leaves: list[Any]) -> Any:
+    t = type(tree)
+    if t is dict:
+        return (dict, tuple(tree), tuple([_key(v, leaves) for v in tree.values()]))
+    if t is tuple or t is list:
+        return (t, len(tree), tuple([_key(v, leaves) for v in tree]))
+    if isinstance(tree, tuple) and hasattr(t, "_fields"):
+        return (t, len(tree), tuple([_key(v, leaves) for v in tree]))
+    if tree is None or isinstance(tree, torch.Tensor) or t in _SCALARS:
+        leaves.append(tree)
+        return None
+    raise _Other
+
+
+def structure(tree: Any) -> tuple[list[Any], Any]:
+    """The leaves of a tree of dicts, lists, tuples and NamedTuples (tensors, numbers, strings
+    and ``None`` as leaves) and a hashable key of its structure (``None`` for any other node type:
+    :func:`flatten` then); :func:`restructure` builds a tree from the key and new leaves. A few
+    times faster than :func:`flatten` with its spec's hash, for keys of a cache."""
+    leaves: list[Any] = []
+    try:
+        return leaves, _key(tree, leaves)
+    except _Other:
+        return flatten(tree)[0], None
+
+
+def _build(key: Any, it: Any) -> Any:
+    if key is None:
+        return next(it)
+    t, shape, kids = key
+    if t is dict:
+        return {k: _build(c, it) for k, c in zip(shape, kids)}
+    if t is tuple or t is list:
+        return t(_build(c, it) for c in kids)
+    return t(*[_build(c, it) for c in kids])
+
+
+def restructure(key: Any, leaves: Sequence[Any]) -> Any:
+    """The tree of structure ``key`` (from :func:`structure`) with ``leaves``."""
+    return _build(key, iter(leaves))
+
+
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """``fn`` over the leaves of ``tree`` (and of the trees in ``rest``, same structure)."""
     return _pt.tree_map(fn, tree, *rest, is_leaf=_is_none)

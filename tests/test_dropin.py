@@ -170,8 +170,8 @@ def test_a_reduction_of_ones_own_is_not_split_across_groups() -> None:
     def scalars(ctx: Any) -> Any:
         return {"scale": 1.0 / (1.0 + torch.linalg.vector_norm(ctx.reduced["norm"]))}, {}
 
-    tx = gx.chain(gx.base.elementwise("normalise", lambda p: gx.EmptyState(), rule, ("scale",), scalars,
-                                      reduce=("norm",)), gx.scale_by_learning_rate(1e-2))
+    tx = gx.chain(gx.base.elementwise("normalise", rule, scalars=scalars, reduce=("norm",)),
+                  gx.scale_by_learning_rate(1e-2))
     model = _stack(2)
     ps = list(model.parameters())
     with pytest.raises(ValueError, match=r"\(normalise\) that several param groups cannot share"):

@@ -23,7 +23,7 @@ def _rule(v, sc):
     return {"out": (d * sc.numbers).to(v.x.dtype), "s": d, "copy": v.x.to(v.x.dtype)}
 
 
-RULE = TracedRule(_rule, ("number", "numbers", "tensor", "tensors", "flag"))
+RULE = TracedRule(_rule)
 
 
 def _inputs(dtype: torch.dtype, state: torch.dtype) -> tuple[dict, Scalars]:
@@ -80,7 +80,7 @@ def test_a_16_bit_value_is_never_scaled_in_place() -> None:
         return {"out": t * 0.0123}
 
     x = [torch.randn(1000, generator=torch.Generator().manual_seed(1)).bfloat16()]
-    got = run_foreach(TracedRule(rule, ()).program({"x": torch.bfloat16}), {"x": x}, Scalars({}, 1), [0])
+    got = run_foreach(TracedRule(rule).program({"x": torch.bfloat16}), {"x": x}, Scalars({}, 1), [0])
     assert torch.equal(got["out"][0], x[0] * 1.0 * 0.0123)
 
 
@@ -89,19 +89,19 @@ def test_the_language_refuses_what_the_kernels_could_not_round_alike() -> None:
         return {"out": v.x + v.s}
 
     with pytest.raises(TypeError, match="cast one with .to"):
-        TracedRule(mixed, ()).program({"x": torch.bfloat16, "s": torch.float32})
+        TracedRule(mixed).program({"x": torch.bfloat16, "s": torch.float32})
 
     def branch(v, sc):
         return {"out": v.x if v.x else v.x}
 
     with pytest.raises(TypeError, match="no truth value"):
-        TracedRule(branch, ()).program({"x": torch.float32})
+        TracedRule(branch).program({"x": torch.float32})
 
     def scalar_maths(v, sc):
         return {"out": v.x * (1.0 - sc.a)}
 
     with pytest.raises(TypeError, match="scalar rule"):
-        TracedRule(scalar_maths, ("a",)).program({"x": torch.float32})
+        TracedRule(scalar_maths).program({"x": torch.float32})
     with pytest.raises(ValueError, match="one value per leaf"):
         Scalars({"a": torch.ones(2)}, 3)
     with pytest.raises(TypeError, match="flag"):
@@ -129,6 +129,18 @@ def test_every_primitive_and_combinator_is_declared() -> None:
     assert D.declaration_of(own) is None and D.declaration_of(gx.chain(own)).members == (None,)
 
 
+def test_a_rule_that_reads_a_scalar_its_scalar_rule_does_not_give_raises_on_every_path() -> None:
+    """The element rule's scalars are the names it reads; one its scalar rule does not give is named,
+    op by op and on the kernels alike; a primitive with state needs its ``init``."""
+    tx = gx.base.elementwise("scale", lambda v, sc: {"out": v.x * sc.missing}, scalars=lambda ctx: ({"c": 1.0}, {}))
+    params = {"a": torch.ones(3)}
+    for on in (False, True):
+        with gx.kernels(on), pytest.raises(ValueError, match=r"reads a scalar 'missing'.*gives \['c'\]"):
+            tx.update({"a": torch.ones(3)}, tx.init(params), params)
+    with pytest.raises(TypeError, match="give its init="):
+        gx.base.elementwise("ema", lambda v, sc: {"out": v.x, "mu": v.mu}, fields=("mu",))
+
+
 def test_a_users_own_primitive_runs_eagerly_vmapped_and_in_the_engine() -> None:
     """``gx.base.elementwise`` makes a primitive from its two rules: eager (foreach), per leaf
     under vmap, and in the engine's foreach backend, with the same numbers."""
@@ -137,7 +149,7 @@ def test_a_users_own_primitive_runs_eagerly_vmapped_and_in_the_engine() -> None:
         return {"out": v.x * sc.c}
 
     def scale(c: float) -> gx.GradientTransformation:
-        return gx.base.elementwise("scale", lambda params: gx.EmptyState(), rule, ("c",), lambda ctx: ({"c": c}, {}))
+        return gx.base.elementwise("scale", rule, scalars=lambda ctx: ({"c": c}, {}))
 
     tx = gx.chain(scale(0.5), gx.scale_by_learning_rate(0.1))
     params = {"a": torch.ones(3), "b": torch.ones(2, 2)}
@@ -179,7 +191,7 @@ def _ops_rule(v, sc):
     }
 
 
-OPS_RULE = TracedRule(_ops_rule, ("t", "n", "f", "z"))
+OPS_RULE = TracedRule(_ops_rule)
 
 
 def _ieee(kind: str, x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:
@@ -238,7 +250,7 @@ def test_each_new_op_is_the_torch_op_bit_for_bit(dtype: torch.dtype) -> None:
 def test_torch_sign_and_abs_of_zeros_and_nans() -> None:
     """The language's sign is torch.sign's: +0.0 for −0.0 and for NaN (not NaN); abs clears the
     sign bit of −0.0 and of a NaN."""
-    rule = TracedRule(lambda v, sc: {"sign": sign(v.x), "abs": abs(v.x)}, ())
+    rule = TracedRule(lambda v, sc: {"sign": sign(v.x), "abs": abs(v.x)})
     x = torch.tensor([-0.0, float("nan"), -float("nan"), -3.0, 1e-45])
     got = run_foreach(rule.program({"x": torch.float32}), {"x": [x]}, Scalars({}, 1), [0])
     assert got["sign"][0].tolist() == [0.0, 0.0, 0.0, -1.0, 1.0] and not torch.signbit(got["sign"][0][:3]).any()
@@ -247,7 +259,7 @@ def test_torch_sign_and_abs_of_zeros_and_nans() -> None:
 
 def test_predicates_are_conditions_and_nothing_else() -> None:
     def program(rule):
-        return TracedRule(rule, ("flag",)).program({"x": torch.float32, "h": torch.bfloat16})
+        return TracedRule(rule).program({"x": torch.float32, "h": torch.bfloat16})
 
     with pytest.raises(TypeError, match="not an element value"):
         program(lambda v, sc: {"out": v.x < 1.0})
@@ -281,8 +293,8 @@ def _clip_rule(v, sc):
 
 
 def _clip(high: torch.Tensor) -> gx.GradientTransformation:
-    return gx.base.elementwise("clip_elementwise", lambda params: gx.EmptyState(), _clip_rule,
-                               ("low", "high", "step"), lambda ctx: ({"low": -0.5, "high": high, "step": 0.01}, {}))
+    return gx.base.elementwise("clip_elementwise", _clip_rule,
+                               scalars=lambda ctx: ({"low": -0.5, "high": high, "step": 0.01}, {}))
 
 
 def _clip_in_torch(g: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

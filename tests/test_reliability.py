@@ -499,19 +499,21 @@ def _signal_grads(model: torch.nn.Module, t: int) -> dict[str, torch.Tensor]:
 def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], gx.GradientTransformation]
                 ) -> dict[str, torch.Tensor]:
     """The params after one step per entry of ``steps_extra`` (its ``update`` keyword arguments),
-    on ``path``: eager ``tx.update``, ``compile_step`` (the engine's foreach backend: eager's
+    on ``path``: ``tx.update`` (on the kernels), ``"op by op"`` (``tx.update`` under
+    ``gx.kernels(False)``), ``compile_step`` (the engine's foreach backend: eager's
     numbers), ``engine`` (``compile_step(backend="engine")``: the engine's kernels where they run)
     or ``gx.Optimizer`` (its default engine, or ``fused=False``: eager)."""
     from grokxform.fused import compile_step
 
     model = _signal_model()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if path == "tx.update":
+    if path in ("tx.update", "op by op"):
         t_ = tx()
         state = t_.init(params)
-        for t, extra in enumerate(steps_extra):
-            u, state = t_.update(_signal_grads(model, t), state, params, **extra)
-            params = gx.apply_updates(params, u)
+        with gx.kernels(path == "tx.update"):
+            for t, extra in enumerate(steps_extra):
+                u, state = t_.update(_signal_grads(model, t), state, params, **extra)
+                params = gx.apply_updates(params, u)
         return params
     if path in ("compile_step", "engine"):
         step = compile_step(tx(), params, backend="foreach" if path == "compile_step" else "engine")
@@ -526,9 +528,10 @@ def _signal_run(path: str, steps_extra: list[dict[str, Any]], tx: Callable[[], g
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-SIGNAL_PATHS = ["tx.update", "compile_step", "Optimizer(fused=False)", "engine", "Optimizer"]
+SIGNAL_PATHS = ["op by op", "compile_step", "Optimizer(fused=False)", "engine", "Optimizer", "tx.update"]
 """Eager's numbers, then the default engine's (on the CPU its C kernels, whose square roots are
-correctly rounded where torch's CPU ``sqrt`` may be a bit apart)."""
+correctly rounded where torch's CPU ``sqrt`` may be a bit apart): in place, and out of place
+(``tx.update``)."""
 _GROKADAMW = lambda: gx.grokadamw(lr=1e-2, grokking_signal_decay_rate=0.5)  # noqa: E731
 
 
@@ -558,9 +561,9 @@ def test_a_bad_signal_input_is_refused_alike_on_every_path(arg: str, value: Any,
 
 def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
     """Numbers (NumPy's included) and one-element real tensors of any shape and dtype, changing
-    from step to step, give eager ``tx.update``'s params on every eager path and the foreach
-    engine bit for bit, and the default engine's through the optimizer bit for bit (within the
-    rounding of a square root of eager's)."""
+    from step to step, give the op-by-op params on every eager path and the foreach engine bit
+    for bit, and the default engine's through the optimizer and ``tx.update`` bit for bit (within
+    the rounding of a square root of the op-by-op ones)."""
     steps = [
         {"train_loss": torch.tensor([0.4]), "val_loss": torch.tensor([[1.5]], dtype=F64)},
         {"train_loss": 0.3, "val_loss": torch.tensor(2)},
@@ -570,17 +573,19 @@ def test_accepted_signal_inputs_give_the_same_run_on_every_path() -> None:
         {"grokking_signal": 0.25, "train_loss": torch.tensor([0.1]), "val_loss": 0.9},
         {"train_loss": torch.tensor(0.1), "val_loss": torch.tensor([1.2])},
     ]
-    want = _signal_run("tx.update", steps, _GROKADAMW)
-    plain = _signal_run("tx.update", steps[:3], lambda: gx.adamw(lr=1e-2))  # the signal moved the params
-    assert not torch.equal(_signal_run("tx.update", steps[:3], _GROKADAMW)["0.weight"], plain["0.weight"])
+    want = _signal_run("op by op", steps, _GROKADAMW)
+    plain = _signal_run("op by op", steps[:3], lambda: gx.adamw(lr=1e-2))  # the signal moved the params
+    assert not torch.equal(_signal_run("op by op", steps[:3], _GROKADAMW)["0.weight"], plain["0.weight"])
     for path in SIGNAL_PATHS[1:3]:
         got = _signal_run(path, steps, _GROKADAMW)
         for n in want:
             assert torch.equal(got[n], want[n]), (path, n)
     engine = _signal_run("engine", steps, _GROKADAMW)
-    got = _signal_run("Optimizer", steps, _GROKADAMW)
+    for path in SIGNAL_PATHS[4:]:
+        got = _signal_run(path, steps, _GROKADAMW)
+        for n in want:
+            assert torch.equal(got[n], engine[n]), (path, n)
     for n in want:
-        assert torch.equal(got[n], engine[n]), n
         torch.testing.assert_close(engine[n], want[n], rtol=1e-6, atol=1e-7)
 
 

@@ -21,8 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State
-from grokxform.declarations import MaRingWindow
-from grokxform.transforms.filters import MaFilterState
+from grokxform.declarations import MaRingWindow, window_fields
 
 
 class _LazyZeros(TorchDispatchMode):
@@ -68,8 +67,24 @@ def _materialize(x: Any, lazy: dict[int, torch.Tensor]) -> Any:
     return x
 
 
-def _is_ma_state(x: Any) -> bool:
-    return isinstance(x, MaFilterState) or x is None
+def _is_windowed(x: Any) -> bool:
+    """Whether ``x`` is a state with a window field (:func:`~grokxform.declarations.windowed_state`)."""
+    return window_fields(x) is not None
+
+
+def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf)
+    return x is None or _is_windowed(x)
+
+
+def _with(st: Any, **fields: Any) -> Any:
+    """The state ``st`` with ``fields`` replaced (not ``_replace``: Dynamo)."""
+    return type(st)(*(fields.get(f, v) for f, v in zip(st._fields, st)))
+
+
+def _others(st: Any) -> tuple[Any, ...]:
+    """The fields of a windowed state other than its window."""
+    w = window_fields(st)[0]  # type: ignore[index]
+    return tuple(v for f, v in zip(st._fields, st) if f != w)
 
 
 def _ring_from_slots(slots: list[torch.Tensor], count: int, lazy: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -90,42 +105,46 @@ def _host_counts(counts: list[Any]) -> list[int]:
     return [0 if c is None else next(values) for c in counts]
 
 
-def _to_ring(st: MaFilterState, lazy: dict[int, torch.Tensor], ring_order: bool) -> MaFilterState:
-    if isinstance(st.window, MaRingWindow):
-        return MaFilterState(*(_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in st))
-    if not isinstance(st.window, tuple) or not st.window:
-        raise ValueError("an ma_filter state's window must be a non-empty tuple of trees")
-    counts, spec = _tree.flatten(st.count)
+def _to_ring(st: Any, lazy: dict[int, torch.Tensor], ring_order: bool) -> Any:
+    wname, cname = window_fields(st)  # type: ignore[misc]
+    window = getattr(st, wname)
+    materialized = {f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st)}
+    if isinstance(window, MaRingWindow):
+        return _with(st, **materialized)
+    if not isinstance(window, tuple) or not window:
+        raise ValueError(f"a {type(st).__name__}'s {wname} must be a non-empty tuple of trees")
+    counts, spec = _tree.flatten(getattr(st, cname))
     starts = [0] * len(counts) if ring_order else _host_counts(counts)
-    slot_leaves = [_tree.flatten(t)[0] for t in st.window]
+    slot_leaves = [_tree.flatten(t)[0] for t in window]
     rings: list[torch.Tensor | None] = []
     for i, c in enumerate(counts):
         if c is None:
             rings.append(None)
             continue
         rings.append(_ring_from_slots([s[i] for s in slot_leaves], starts[i], lazy))
-    count, total = (_tree.tree_map(lambda x: _materialize(x, lazy), t) for t in (st.count, st.total))
-    return MaFilterState(count, MaRingWindow(_tree.unflatten(rings, spec)), total)
+    return _with(st, **{**materialized, wname: MaRingWindow(_tree.unflatten(rings, spec))})
 
 
-def _to_eager(st: MaFilterState, ring_order: bool) -> MaFilterState:
-    if not isinstance(st.window, MaRingWindow):
+def _to_eager(st: Any, ring_order: bool) -> Any:
+    wname, cname = window_fields(st)  # type: ignore[misc]
+    window = getattr(st, wname)
+    if not isinstance(window, MaRingWindow):
         return st
-    counts, spec = _tree.flatten(st.count)
-    rings = _tree.flatten(st.window.buffers)[0]
+    counts, spec = _tree.flatten(getattr(st, cname))
+    rings = _tree.flatten(window.buffers)[0]
     w = next((r.shape[0] for r in rings if r is not None), 0)
     starts = [0] * len(counts) if ring_order else _host_counts(counts)
     unbound = [None if r is None else r.unbind(0) for r in rings]
     slots = [
         [None if u is None else u[(c + k) % w] for c, u in zip(starts, unbound)] for k in range(w)
     ]
-    return MaFilterState(st.count, tuple(_tree.unflatten(s, spec) for s in slots), st.total)
+    return _with(st, **{wname: tuple(_tree.unflatten(s, spec) for s in slots)})
 
 
 def to_fused_layout(
     state: State, *, ring_order: bool = False, _lazy: dict[int, torch.Tensor] | None = None
 ) -> State:
-    """``state`` with each :class:`MaFilterState` window in the ring layout (a copy of the
+    """``state`` with each window (an ``ma_filter`` state's) in the ring layout (a copy of the
     windows) and each tree of per-leaf step counters in one int64 buffer (its leaves are views of
     it: a step reads and bumps all of them with one op each). Every other leaf is the same tensor,
     and a state already in this layout is returned with its very tensors. Numbers are unchanged.
@@ -133,9 +152,9 @@ def to_fused_layout(
     ``ring_order=True`` gives them), not oldest first."""
     lazy = _lazy or {}
     state = torch.utils._pytree.tree_map(
-        lambda x: _to_ring(x, lazy, ring_order) if isinstance(x, MaFilterState) else _materialize(x, lazy),
+        lambda x: _to_ring(x, lazy, ring_order) if _is_windowed(x) else _materialize(x, lazy),
         state,
-        is_leaf=_is_ma_state,
+        is_leaf=_stops,
     )
     return _home_counters(state)
 
@@ -193,13 +212,13 @@ def to_eager_layout(state: State, *, ring_order: bool = False) -> State:
     counts are read on the host, once), or with ``ring_order=True`` in the ring's slot order
     (nothing read: the views stay the same tensors whatever the step)."""
     return torch.utils._pytree.tree_map(
-        lambda x: _to_eager(x, ring_order) if isinstance(x, MaFilterState) else x, state, is_leaf=_is_ma_state
+        lambda x: _to_eager(x, ring_order) if _is_windowed(x) else x, state, is_leaf=_stops
     )
 
 
 def has_windows(state: State) -> bool:
-    """Whether ``state`` holds an ``ma_filter`` state (whose window :func:`oldest_first` rotates)."""
-    return any(isinstance(x, MaFilterState) for x in torch.utils._pytree.tree_leaves(state, is_leaf=_is_ma_state))
+    """Whether ``state`` holds a windowed state (an ``ma_filter``'s, whose window :func:`oldest_first` rotates)."""
+    return any(_is_windowed(x) for x in torch.utils._pytree.tree_leaves(state, is_leaf=_stops))
 
 
 def _slot_leaves(window: tuple[Any, ...], like: Any) -> list[list[Any]]:
@@ -216,17 +235,21 @@ def oldest_first(state: State) -> State:
     ``tx.update`` reads. References only (the counts are read on the host, once per window)."""
 
     def rotate(st: Any) -> Any:
-        if not isinstance(st, MaFilterState) or not isinstance(st.window, tuple):
+        if not _is_windowed(st):
             return st
-        counts, spec = _tree.flatten(st.count)
+        wname, cname = window_fields(st)  # type: ignore[misc]
+        window, count = getattr(st, wname), getattr(st, cname)
+        if not isinstance(window, tuple) or isinstance(window, MaRingWindow):
+            return st
+        counts, spec = _tree.flatten(count)
         starts = _host_counts(counts)
-        slots = _slot_leaves(st.window, st.count)
+        slots = _slot_leaves(window, count)
         w = len(slots)
-        return MaFilterState(st.count, tuple(
+        return _with(st, **{wname: tuple(
             _tree.unflatten([slots[(c + k) % w][i] for i, c in enumerate(starts)], spec) for k in range(w)
-        ), st.total)
+        )})
 
-    return torch.utils._pytree.tree_map(rotate, state, is_leaf=_is_ma_state)
+    return torch.utils._pytree.tree_map(rotate, state, is_leaf=_stops)
 
 
 def _changed(dst: Any, src: Any) -> list[tuple[Any, Any]]:
@@ -236,15 +259,16 @@ def _changed(dst: Any, src: Any) -> list[tuple[Any, Any]]:
             if x is not d and isinstance(d, torch.Tensor)]
 
 
-def _window_pairs(dst: MaFilterState, src: Any) -> list[tuple[Any, Any]]:
-    """(destination, source) pairs of one ``ma_filter`` state whose window ``dst`` holds as ring
+def _window_pairs(dst: Any, src: Any) -> list[tuple[Any, Any]]:
+    """(destination, source) pairs of one windowed state whose window ``dst`` holds as ring
     slots in slot order and ``src`` oldest first: the k-th oldest value goes to slot
     ``(count + k) % w`` of the new count (a rotated reference lands on itself and is skipped)."""
-    pairs = _changed((dst.count, dst.total), (src.count, src.total))
-    counts = _tree.flatten(src.count)[0]
+    wname, cname = window_fields(dst)  # type: ignore[misc]
+    pairs = _changed(_others(dst), _others(src))
+    counts = _tree.flatten(getattr(src, cname))[0]
     starts = _host_counts(counts)
-    ring = _slot_leaves(dst.window, dst.count)
-    logical = _slot_leaves(src.window, src.count)
+    ring = _slot_leaves(getattr(dst, wname), getattr(dst, cname))
+    logical = _slot_leaves(getattr(src, wname), getattr(src, cname))
     w = len(ring)
     for i, c in enumerate(starts):
         if counts[i] is None:
@@ -258,14 +282,14 @@ def _window_pairs(dst: MaFilterState, src: Any) -> list[tuple[Any, Any]]:
 
 class Owned:
     """A state that an eager step writes back into (:func:`write_back`): its tree, windows as ring
-    slots in slot order; its leaves (``ma_filter`` states whole when it has windows), flattened
+    slots in slot order; its leaves (windowed states whole when it has windows), flattened
     once; whether it has windows and sharded (DTensor) leaves."""
 
     def __init__(self, state: State) -> None:
         self.state = state
         self.windows = has_windows(state)
         if self.windows:
-            self.leaves, self.spec = torch.utils._pytree.tree_flatten(state, is_leaf=_is_ma_state)
+            self.leaves, self.spec = torch.utils._pytree.tree_flatten(state, is_leaf=_stops)
         else:
             self.leaves, self.spec = _tree.flatten(state)
         self.sharded = any(_dist.is_sharded(x) for x in _tree.flatten(state)[0])
@@ -294,10 +318,9 @@ def write_back(owned: Owned, new: State) -> None:
     for d, x in zip(owned.leaves, s_leaves):
         if x is d:
             continue
-        if isinstance(d, MaFilterState) and isinstance(d.window, tuple):
-            pairs.extend(_window_pairs(d, x))
-        elif isinstance(d, MaFilterState):
-            pairs.extend(_changed(d, x))
+        if _is_windowed(d):
+            window = getattr(d, window_fields(d)[0])  # type: ignore[index]
+            pairs.extend(_window_pairs(d, x) if not isinstance(window, MaRingWindow) else _changed(d, x))
         elif isinstance(d, torch.Tensor):
             pairs.append((d, x))
     if not pairs:

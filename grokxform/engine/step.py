@@ -239,6 +239,13 @@ def _as_vector(counts: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(counts),), (1,), off)
 
 
+def _records(values: dict[int, dict[str, Any]], writes: list[tuple[Any, Any, Any]]) -> bool:
+    """Whether autograd records a scalar of ``values`` or a value of ``writes`` (a step run with
+    grad mode on refuses them: the kernels would cut the graph)."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for vs in values.values() for v in vs.values()) or any(
+        isinstance(src, torch.Tensor) and src.requires_grad for _, src, _ in writes)
+
+
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
@@ -491,6 +498,81 @@ class EngineStep:
             self._constants.append(float(x))
         return self._const_index[key]
 
+    # -- other tensors --------------------------------------------------------------------------
+
+    def bind(self, state: Any, p_tree: Any, grads: list[Any], updates: dict[int, torch.Tensor] | None = None) -> None:
+        """Point the step at other tensors of the structure, shapes, dtypes and devices it was
+        built for: the state ``state``, the params ``p_tree``, the gradients ``grads`` (the leaves
+        of the tree, ``None`` where none, the same pattern) and, with ``output="updates"``, the
+        update tensors ``updates`` (by leaf). Nothing is compiled again: the address tables are
+        rewritten (on CUDA from page-locked memory, in stream order)."""
+        plan = P.make_plan(self.decl, state, p_tree, grads)
+        mine = self.plan
+        if len(plan.nodes) != len(mine.nodes) or plan.leaves != mine.leaves:
+            raise P.Unsupported("the transform or its gradients changed structure since the step was built")
+        for old, new in zip(mine.nodes, plan.nodes):
+            if type(old) is not type(new):
+                raise P.Unsupported("the transform changed structure since the step was built")
+            if isinstance(old, P.Member):
+                old.fields, old.counts, old.window = new.fields, new.counts, new.window
+            elif isinstance(old, P.Accum):
+                old.acc = new.acc
+            if not isinstance(old, P.Amp):
+                old.state = new.state
+        mine.params, mine.grads = plan.params, plan.grads
+        self.state = state
+        self._counts = {id(m): _as_vector(m.counts) for m in mine.members if m.counts}
+        if updates is not None:
+            self.updates = updates
+        self._grads = dict(plan.grads)
+        for grp in self._groups:
+            grp.roles = {r: self._role_tensors(grp, r) for r in grp.roles}
+            if self.backend == "foreach":
+                continue
+            for r, table in grp.tables.items():
+                if r != "G":
+                    self._write_table(table, [t.data_ptr() for t in grp.roles[r]])
+            self._point_grads(grp, grp.roles["G"])
+
+    def _role_tensors(self, grp: _Group, role: str) -> list[torch.Tensor]:
+        """The tensors of role ``role`` of the group's leaves, from the plan as it is bound now."""
+        plan = self.plan
+        if role == "P":
+            return [plan.params[leaf] for leaf in grp.leaves]
+        if role == "G":
+            return [plan.grads[leaf] for leaf in grp.leaves]
+        if role == "U":
+            return [self.updates[leaf] for leaf in grp.leaves]
+        k, _, name = role[1:].partition("_")
+        node = plan.nodes[int(k)]
+        col = node.acc if isinstance(node, P.Accum) else node.window if name == "window" else node.fields[name]
+        at = self._position[id(node)]
+        return [col[at[leaf]] for leaf in grp.leaves]
+
+    def release(self) -> None:
+        """Drop the references to the tensors the step was last pointed at (:meth:`bind` points
+        it again): what a pure ``tx.update`` on the kernels does after each call, so that the
+        cached step holds no gradients, params or state of the caller's."""
+        for node in self.plan.nodes:
+            if isinstance(node, P.Member):
+                node.fields, node.counts, node.window = {}, None, None
+            elif isinstance(node, P.Accum):
+                node.acc = []
+            if not isinstance(node, P.Amp):
+                node.state = None
+        self.plan.params, self.plan.grads = [], {}
+        self.state, self.updates, self._grads, self._counts = None, {}, {}, {}
+        for grp in self._groups:
+            grp.roles = {r: [] for r in grp.roles}
+            grp.grad_key = ()
+
+    def _write_table(self, table: torch.Tensor, addresses: list[int]) -> None:
+        host = torch.tensor(addresses, dtype=torch.int64)
+        if table.device.type == "cuda":  # from page-locked memory, in stream order: no synchronisation
+            table.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            table.copy_(host)
+
     # -- the step -------------------------------------------------------------------------------
 
     def prepare(self, grads: list[torch.Tensor]) -> None:
@@ -515,13 +597,10 @@ class EngineStep:
                     f"a gradient of {g.dtype}{list(g.shape)} on {g.device} meets a step built for"
                     f" {dt}{list(p.shape)} on {self.device} (contiguous)"
                 )
-        table = torch.tensor(key, dtype=torch.int64)
         if "G" not in grp.tables:
-            grp.tables["G"] = table.to(self.device)
-        elif self.device.type == "cuda":  # from page-locked memory, in stream order: no synchronisation
-            grp.tables["G"].copy_(table.pin_memory(), non_blocking=True)
+            grp.tables["G"] = torch.tensor(key, dtype=torch.int64, device=self.device)
         else:
-            grp.tables["G"].copy_(table)
+            self._write_table(grp.tables["G"], list(key))
         grp.grad_key = key
 
     def __call__(self, extras: dict[str, torch.Tensor]) -> None:
@@ -551,6 +630,8 @@ class EngineStep:
                 self._nodes_by_stage[stage],
                 lambda node: self._scalars(node, decls, cnt, reduced, extras, flags, writes, bumps),
             )
+            if torch.is_grad_enabled() and _records(values, writes):  # nothing is written yet
+                raise P.Unsupported("autograd records the call (a hyperparameter requires grad)")
             last = stage == plan.passes - 1
             if self.backend == "foreach":  # the plan run with foreach ops, in place
                 scalars.update({key: Scalars(v, len(getattr(self._node_of[key], "leaves", ()))) for key, v in values.items()})

@@ -193,14 +193,10 @@ def scale_by_adam(
             values["ratio"] = torch.sqrt(bc2) / bc1
         return values, {}
 
-    rule, names = (_adam_corrected, _CORRECTED) if eps_placement == "corrected" else (_adam_raw, _RAW)
     return elementwise(
-        "scale_by_adam", init_fn, rule, names, scalars, state_type=ScaleByAdamState, fields=("mu", "nu"), count="count"
+        "scale_by_adam", _adam_corrected if eps_placement == "corrected" else _adam_raw, init=init_fn,
+        scalars=scalars, state_type=ScaleByAdamState, fields=("mu", "nu"), count="count",
     )
-
-
-_CORRECTED = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "inv_bc1", "inv_bc2_sqrt")
-_RAW = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "ratio")
 
 
 def _moments(v: Inputs, sc: Inputs) -> tuple[Val, Val]:

@@ -97,7 +97,7 @@ def clip_by_global_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         return {"scale": scale}, {"norm": norm, "scale": scale}
 
     return elementwise(
-        "clip_by_global_norm", init_fn, _scale, ("scale",), scalars, state_type=ClipByGlobalNormState,
+        "clip_by_global_norm", _scale, init=init_fn, scalars=scalars, state_type=ClipByGlobalNormState,
         reduce=("norm", "finite"), check=check, extras=(GLOBAL_NORM,),
     )
 
@@ -129,5 +129,5 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
         return {"scale": torch.clamp(C.scalar_for(max_norm, norms) / (norms + _CLIP_EPS), max=1.0)}, {}
 
     return elementwise(
-        "clip_by_tensor_norm", init_fn, _scale, ("scale",), scalars, reduce=("norm",), reduce_scope="leaf"
+        "clip_by_tensor_norm", _scale, init=init_fn, scalars=scalars, reduce=("norm",), reduce_scope="leaf"
     )

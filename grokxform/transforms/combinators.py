@@ -205,7 +205,7 @@ def _accumulate(v: Inputs, sc: Inputs) -> Outputs:
     return {"acc": acc, "mean": (acc / sc.k).to(v.x.dtype)}
 
 
-_ACCUMULATE = TracedRule(_accumulate, ("k",))
+_ACCUMULATE = TracedRule(_accumulate)
 
 
 class ApplyIfFiniteState(NamedTuple):

@@ -24,6 +24,7 @@ from grokxform.declarations import (
     declaration_of,
     declare,
     run_rule,
+    windowed_state,
 )
 from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
 
@@ -138,10 +139,9 @@ def ema_filter(
             values["first"] = ctx.counts == 0
         return values, {"step": st.step + 1, "alpha": a, "signal": gs}
 
-    rule = _ema_first if init == "first" else _ema
-    names = ("alpha", "one_minus_alpha", "first") if init == "first" else ("alpha", "one_minus_alpha")
     return elementwise(
-        "ema_filter", init_fn, rule, names, scalars, state_type=EmaFilterState, fields=("mu",), count="count",
+        "ema_filter", _ema_first if init == "first" else _ema, init=init_fn, scalars=scalars,
+        state_type=EmaFilterState, fields=("mu",), count="count",
         unsupported="its grokking signal functions run Python each step" if fns else None,
         extras=_signals.SIGNAL_INPUTS,
     )
@@ -161,6 +161,7 @@ def _ema_first(v: Inputs, sc: Inputs) -> Outputs:
     return {"out": mu.to(v.x.dtype), "mu": mu}
 
 
+@windowed_state(window="window", count="count")
 class MaFilterState(NamedTuple):
     """``count``: per-leaf updates; ``window``: a tuple of w trees shaped like the params, oldest
     first (zeros until filled; each leaf rotates on its own steps); ``total``: per leaf, the
@@ -256,9 +257,8 @@ def ma_filter(
             out = where(sc.on, out, 0.0)
         return {"out": out, "total": total, "window": stored}
 
-    names = (("inv_n",) if filter_type == "mean" else ()) + (("on",) if warmup else ())
     return elementwise(
-        "ma_filter", init_fn, rule, names, scalars, state_type=MaFilterState, fields=("total",), count="count",
+        "ma_filter", rule, init=init_fn, scalars=scalars, state_type=MaFilterState, fields=("total",), count="count",
         window=WindowField("window", w, total="total"),
     )
 
@@ -280,7 +280,7 @@ def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTrans
         raise TypeError(f"amplify: filter must be a GradientTransformation, got {type(filter).__name__}")
     C.check_scalar("amplify", "lamb", lamb)
 
-    traced = TracedRule(_amplify, ("lamb",))
+    traced = TracedRule(_amplify)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
         slow, new_state = filter.update(updates, state, params, **extra)

@@ -59,7 +59,7 @@ def scale_by_learning_rate(
         return {"factor": sign * learning_rate}, {}  # type: ignore[operator]
 
     return elementwise(
-        "scale_by_learning_rate", init_fn, _scale, ("factor",), scalars,
+        "scale_by_learning_rate", _scale, init=init_fn, scalars=scalars,
         state_type=ScaleByScheduleState if is_schedule else None,
     )
 

@@ -38,7 +38,7 @@ def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) ->
         return {"wd": weight_decay}, {}
 
     return elementwise(
-        "decoupled_weight_decay", init_fn, _decay, ("wd",), scalars, needs_params=True, select=selection
+        "decoupled_weight_decay", _decay, init=init_fn, scalars=scalars, needs_params=True, select=selection
     )
 
 
