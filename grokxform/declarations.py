@@ -65,9 +65,10 @@ def kernels(enabled: bool = True) -> Iterator[None]:
     By default ``tx.update`` runs the whole declared chain as generated kernels, out of place (new
     state and update tensors), when nothing records or transforms the call: no ``torch.func``
     transform, no autograd (grad mode on with an input that requires grad), no ``torch.compile``
-    tracing, no dispatch or function mode. Within ``with gx.kernels(False):`` it runs the element
-    rules op by op with torch's own ops instead: bit for bit the reference implementations (the
-    kernels agree to rounding: a square root may differ in the last bit).
+    tracing, no dispatch or function mode. Otherwise, and within ``with gx.kernels(False):``, it
+    runs the element rules op by op with torch's own ops, the whole chain: bit for bit the
+    reference implementations (the kernels agree to rounding: a square root may differ in the
+    last bit).
 
     Examples:
         >>> tx = gx.adamw(1e-3)
@@ -100,6 +101,11 @@ def declare(tx: Any, declaration: Declaration) -> Any:
             got = _runner[0](declaration, cache, updates, state, params, extra)
             if got is not None:
                 return got
+            token = _kernels_on.set(False)  # the whole transform op by op: its members too
+            try:
+                return plain(updates, state, params, **extra)
+            finally:
+                _kernels_on.reset(token)
         return plain(updates, state, params, **extra)
 
     # (attributes set one by one, not functools.wraps: a factory may run inside torch.compile)

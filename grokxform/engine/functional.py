@@ -12,7 +12,7 @@ device, which gradients are ``None``, the extra arguments given) and kept with t
 each call points it at that call's tensors (:meth:`~grokxform.engine.EngineStep.bind`). A pattern
 the kernels cannot run (a member without a declaration, an MA window in its tuple layout, mixed
 dtypes in a leaf, a non-contiguous tensor...) is remembered with the reason, and such calls run
-the element rules op by op (:func:`explain` gives the reason).
+the element rules op by op, the whole transform (:func:`explain` gives the reason).
 """
 
 from __future__ import annotations
