@@ -151,6 +151,30 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     )
 
 
+STATIC_ATTR = "__grokxform_static_hyperparams__"
+
+
+def static_hyperparams(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark the arguments ``names`` of a transform factory as ones that
+    :func:`~grokxform.inject_hyperparams` keeps fixed (they decide the transform's structure: a
+    mask, a layer rule, a signal function, a clip that 0 switches off), whatever their type.
+
+    Examples:
+        >>> @gx.base.static_hyperparams("mask")
+        ... def my_decay(weight_decay=0.1, mask=None):
+        ...     return gx.decoupled_weight_decay(weight_decay, mask=mask)
+        >>> tx = gx.inject_hyperparams(my_decay)(weight_decay=0.2, mask=lambda path, p: p.dim() > 1)
+        >>> sorted(tx.init({"w": torch.ones(1)}).hyperparams)
+        ['weight_decay']
+    """
+
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(factory, STATIC_ATTR, frozenset(names) | getattr(factory, STATIC_ATTR, frozenset()))
+        return factory
+
+    return mark
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``θ' = θ + u`` leaf by leaf, in the dtype of θ; a ``None`` update leaves θ as it is. Pure.
 

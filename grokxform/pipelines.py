@@ -21,7 +21,7 @@ from typing import Any, Literal, Union, cast
 import torch
 
 from grokxform import _common as C
-from grokxform.base import GradientTransformation, Scalar, Schedule, named_chain
+from grokxform.base import GradientTransformation, Scalar, Schedule, named_chain, static_hyperparams
 from grokxform.signals import SignalFn
 from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
 from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
@@ -72,6 +72,7 @@ def _lr(fn: str, lr: LearningRate) -> GradientTransformation:
     return scale_by_learning_rate(lr)
 
 
+@static_hyperparams("weight_decay_mask")
 def adamw(
     lr: LearningRate = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
@@ -99,6 +100,7 @@ def adamw(
     return _adam_with_decay("adamw", [], adam, lr, weight_decay, "decoupled", weight_decay_mask)
 
 
+@static_hyperparams("weight_decay_mask")
 def grokfast_ema(
     lr: LearningRate = 1e-3,
     alpha: Scalar = 0.98,
@@ -134,6 +136,7 @@ def grokfast_ema(
     return _adam_with_decay("grokfast_ema", pre, adam, lr, weight_decay, weight_decay_mode, weight_decay_mask)
 
 
+@static_hyperparams("weight_decay_mask")
 def grokfast_ma(
     lr: LearningRate = 1e-3,
     window_size: int = 100,
@@ -180,6 +183,7 @@ def _clip_enabled(fn: str, gradient_clipping: Scalar) -> bool:
     return isinstance(gradient_clipping, torch.Tensor) or gradient_clipping > 0
 
 
+@static_hyperparams("grokking_signal_fns", "gamma", "layer", "gradient_clipping", "weight_decay_mask")
 def grokadamw(
     lr: LearningRate = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
@@ -243,6 +247,7 @@ def grokadamw(
     return _adam_with_decay("grokadamw", steps, adam, lr, weight_decay, "decoupled", weight_decay_mask)
 
 
+@static_hyperparams("grokking_signal_fns", "gamma", "gradient_clipping")
 def grokadamw_compat(
     lr: LearningRate = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),

@@ -453,7 +453,8 @@ def _clip_elementwise(c: float) -> gx.GradientTransformation:
     """u = clip(g, −c, c) with NaN → 0 (c a 0-d tensor, −c a number)."""
     return gx.base.elementwise(
         "clip_elementwise", _clip_rule,
-        scalars=lambda ctx: ({"low": -c, "high": torch.tensor(c, dtype=torch.float64, device=ctx.device)}, {}),
+        # (torch.full, not torch.tensor: no host-to-device copy, which a CUDA graph cannot capture)
+        scalars=lambda ctx: ({"low": -c, "high": torch.full((), c, dtype=torch.float64, device=ctx.device)}, {}),
     )
 
 
@@ -504,15 +505,18 @@ def _probe_rule(v, sc):
 
 
 def _probe() -> gx.GradientTransformation:
+    made: dict[Any, dict[str, torch.Tensor]] = {}  # the device constants, made on the first (uncaptured) step
+
     def scalars(ctx: Any) -> tuple[dict, dict]:
         n = ctx.n
-        return {
-            "t": torch.tensor([ROUNDS_TWICE[torch.bfloat16], -0.0, 0.0, float("nan"), 0.5, -1.0][:n],
-                              dtype=torch.float64, device=ctx.device),
-            "n": [0.0, -0.0, 0.1, -0.5, 0.0, 2.5][:n], "f": ROUNDS_TWICE[torch.float16],
-            "z": torch.tensor(-0.0, dtype=torch.float64, device=ctx.device),
-            "on": torch.tensor([True, False, True, True, False, True][:n], device=ctx.device),
-        }, {}
+        if (n, ctx.device) not in made:
+            made[(n, ctx.device)] = {
+                "t": torch.tensor([ROUNDS_TWICE[torch.bfloat16], -0.0, 0.0, float("nan"), 0.5, -1.0][:n],
+                                  dtype=torch.float64, device=ctx.device),
+                "z": torch.tensor(-0.0, dtype=torch.float64, device=ctx.device),
+                "on": torch.tensor([True, False, True, True, False, True][:n], device=ctx.device),
+            }
+        return {**made[(n, ctx.device)], "n": [0.0, -0.0, 0.1, -0.5, 0.0, 2.5][:n], "f": ROUNDS_TWICE[torch.float16]}, {}
 
     return gx.base.elementwise(
         "probe", _probe_rule, init=lambda params: _ProbeState(*(T.tree_map(torch.zeros_like, params) for _ in _PROBES)),

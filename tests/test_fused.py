@@ -173,9 +173,28 @@ def test_adopting_an_eager_state_mid_training() -> None:
 
 
 def test_init_state_allocates_no_eager_window() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        """The bytes of the tensors that factory ops make."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::zeros", "aten::empty", "aten::zeros_like", "aten::empty_like",
+                                     "aten::new_zeros", "aten::full", "aten::empty_strided", "aten::clone"):
+                self.bytes += out.numel() * out.element_size()
+            return out
+
     tx = gx.grokfast_ma(window_size=50)
     params = _params(torch.float32)
-    state = init_state(tx, params)
+    with Allocations() as made:
+        state = init_state(tx, params)
+    window = 50 * sum(p.numel() * 4 for p in params.values())
+    assert window <= made.bytes < window + window // 5  # the ring and the rest of the state, no eager window
     ma = state["grokfast"]
     assert isinstance(ma, MaFilterState) and isinstance(ma.window, MaRingWindow)
     ring = ma.window.buffers["emb.weight"]

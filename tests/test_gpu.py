@@ -45,5 +45,7 @@ def test_cuda_compiled_matches_eager(name: str) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(tx, param_tree(device="cuda"), 8, update=torch.compile(tx.update, fullgraph=True))
     worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager if eager[k].numel())
-    assert worst < 1e-5
+    # A bfloat16 window: Inductor may keep a value in float32 that eager rounds to bfloat16 first
+    # (2^-9 of a gradient, times the learning rate, in a few steps).
+    assert worst < (2e-4 if PIPELINES[name].kwargs.get("window_dtype") == torch.bfloat16 else 1e-5)
     assert all(T.first_device(v).type == "cuda" for v in compiled.values())

@@ -108,9 +108,10 @@ def _host_counts(counts: list[Any]) -> list[int]:
 def _to_ring(st: Any, lazy: dict[int, torch.Tensor], ring_order: bool) -> Any:
     wname, cname = window_fields(st)  # type: ignore[misc]
     window = getattr(st, wname)
-    materialized = {f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st)}
     if isinstance(window, MaRingWindow):
-        return _with(st, **materialized)
+        return _with(st, **{f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st)})
+    # (the other fields only: the tuple window's lazy slots go straight into the rings)
+    materialized = {f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st) if f != wname}
     if not isinstance(window, tuple) or not window:
         raise ValueError(f"a {type(st).__name__}'s {wname} must be a non-empty tuple of trees")
     counts, spec = _tree.flatten(getattr(st, cname))

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple, Union
 import torch
 
 from grokxform import _common as C
-from grokxform.base import GradientTransformation, Params, Scalar, elementwise
+from grokxform.base import GradientTransformation, Params, Scalar, elementwise, static_hyperparams
 from grokxform.declarations import ScalarContext
 from grokxform.elements import Inputs, Outputs, Val
 
@@ -60,6 +60,7 @@ def _depth(path: str) -> int:
     return 0
 
 
+@static_hyperparams("gamma", "layer")
 def layerwise_beta(
     b1: float = 0.9,
     gamma: float = 0.1,

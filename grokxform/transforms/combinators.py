@@ -15,7 +15,7 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Updates
+from grokxform.base import GradientTransformation, Params, Updates, static_hyperparams
 from grokxform.declarations import GLOBAL_FINITE, Accumulate, IfFinite, Masked, Partition, declaration_of, declare
 from grokxform.elements import Inputs, Outputs, TracedRule
 from grokxform.transforms.masks import Mask, mask_selector
@@ -45,6 +45,7 @@ def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
     return _tree.tree_map(pick, new, old)
 
 
+@static_hyperparams("mask")
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     """Apply ``inner`` to the selected leaves only; the others pass through unchanged.
 

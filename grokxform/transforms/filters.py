@@ -15,7 +15,7 @@ from grokxform import _common as C
 from grokxform import _memory
 from grokxform import signals as _signals
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise
+from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise, static_hyperparams
 from grokxform.declarations import (
     Amplify,
     MaRingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
@@ -75,6 +75,7 @@ def _leaves(tree: Any) -> list[Any]:
     return [tree]
 
 
+@static_hyperparams("signal_fns")
 def ema_filter(
     alpha: Scalar = 0.98,
     *,

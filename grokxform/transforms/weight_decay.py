@@ -6,12 +6,13 @@ from typing import Any
 
 
 from grokxform import _common as C
-from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, elementwise
+from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, elementwise, static_hyperparams
 from grokxform.declarations import ScalarContext
 from grokxform.elements import Inputs, Outputs
 from grokxform.transforms.masks import Mask, mask_selector
 
 
+@static_hyperparams("mask")
 def decoupled_weight_decay(weight_decay: Scalar = 1e-2, *, mask: Mask = None) -> GradientTransformation:
     """``u = u + wd·θ`` on the leaves selected by ``mask``; the others pass unchanged. Stateless.
 

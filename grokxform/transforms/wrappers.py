@@ -11,12 +11,8 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Updates
+from grokxform.base import STATIC_ATTR, GradientTransformation, Params, Updates
 from grokxform.declarations import Injected, declare
-
-_STATIC_BY_DEFAULT = frozenset(
-    {"grokking_signal_fns", "signal_fns", "mask", "weight_decay_mask", "layer", "gamma", "gradient_clipping"}
-)  # gradient_clipping: 0 switches the clip off, a decision a tensor cannot make without a sync
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -40,8 +36,9 @@ def inject_hyperparams(
     ``torch.func.vmap`` (one value per ensemble member), log them; a compiled step does not
     recompile. A callable argument is a schedule ``η(t)`` of the step count, evaluated in-graph
     each step (its value is recorded in ``hyperparams``). Only the float / 0-d tensor / schedule
-    arguments passed in the call are injected; ints, bools, strings, those in ``static_args`` and
-    non-schedule callables such as ``grokking_signal_fns`` stay fixed.
+    arguments passed in the call are injected; ints, bools, strings, non-schedule callables, those
+    in ``static_args`` and those the factory marks (:func:`grokxform.base.static_hyperparams`:
+    ``grokadamw``'s ``gradient_clipping``, ``layer``, ``gamma``...) stay fixed.
 
     Examples:
         >>> tx = gx.inject_hyperparams(gx.grokadamw)(lr=1e-3, lamb=2.0)
@@ -56,7 +53,7 @@ def inject_hyperparams(
     if not callable(factory):
         raise TypeError("inject_hyperparams: factory must be callable")
     sig = inspect.signature(factory)
-    static_names = set(static_args) | _STATIC_BY_DEFAULT
+    static_names = set(static_args) | getattr(factory, STATIC_ATTR, frozenset())
 
     def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
         bound = sig.bind(*args, **kwargs)
