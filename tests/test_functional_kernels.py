@@ -237,6 +237,13 @@ def test_calls_the_kernels_do_not_take_run_op_by_op(monkeypatch) -> None:
     grads["blocks.0.w"] = grads["blocks.0.w"].t()
     assert "not contiguous" in explain(tx, grads, state, params)
 
+    ma = gx.grokfast_ma(lr=1e-2, window_size=3)  # its pure update keeps the window as a tuple: refused
+    ma_state = ma.init(params)                   # at once, every call, before the trees are flattened
+    assert "ring layout" in explain(ma, grad_tree(params, 0), ma_state, params)
+    monkeypatch.setattr(T, "structure", lambda tree: pytest.fail("flattened a refused call"))
+    assert "ring layout" in explain(ma, grad_tree(params, 1), ma_state, params)
+    monkeypatch.undo()
+
     wrong = dict(grad_tree(params, 0), head=torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="head"):
         tx.update(wrong, state, params)

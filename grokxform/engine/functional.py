@@ -254,6 +254,9 @@ def _decide(
     decl: D.Declaration, cache: dict[Any, Any], updates: Any, state: Any, params: Any, extra: Mapping[str, Any],
 ) -> tuple[_Built | None, str | None, tuple[Any, ...]]:
     """The step for this call (built if new), or why there is none; and the trees' leaves and keys."""
+    refused = cache.get("refused")
+    if refused is not None:  # (said by the transform's state layout: no call of it runs on the kernels)
+        return None, refused, ([], None, [], None)
     g_leaves, g_key = _tree.structure(updates)
     s_leaves, s_key = _tree.structure(state)
     p_leaves, p_key = _tree.structure(params) if params is not None else ([], None)
@@ -277,6 +280,8 @@ def _decide(
         try:
             with torch.no_grad():
                 got = _build(decl, names, g_leaves, state, s_leaves, params, updates, extra)
+        except P.TupleWindow as e:  # a window the pure update keeps as a tuple: every call is refused
+            got = cache["refused"] = str(e)
         except Unsupported as e:
             got = steps[key] = str(e)
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:  # inputs the op-by-op path refuses

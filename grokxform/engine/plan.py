@@ -32,6 +32,10 @@ class Unsupported(ValueError):
     """The engine cannot run this transform, state or tensors (the message says why)."""
 
 
+class TupleWindow(Unsupported):
+    """A window in the eager layout (a tuple of trees): the engine takes the ring layout only."""
+
+
 @dataclass(eq=False)
 class Member:
     """A primitive in the plan. ``leaves``: the positions (among all leaves of the tree) it acts
@@ -259,7 +263,7 @@ def _member(
     if decl.window is not None:
         w = getattr(state, decl.window.name)
         if not isinstance(w, D.MaRingWindow):
-            raise Unsupported(f"{where}: the window is not in the ring layout")
+            raise TupleWindow(f"{where}: the window is not in the ring layout")
         got = _leaf_list(w.buffers, ctx, where, "window")
         window = [got[i] for i in leaves]
     for i, leaf in enumerate(leaves):
