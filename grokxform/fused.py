@@ -61,8 +61,8 @@ from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State, Updates
 from grokxform.engine import traced as _traced
 from grokxform.engine.layout import Owned, init_state, to_eager_layout, to_fused_layout, write_back
+from grokxform.engine.extras import stage_extras
 from grokxform.engine.traced import DEFAULT_INDUCTOR_OPTIONS
-from grokxform.signals import SIGNAL_INPUTS, signal_input
 
 Backend = Literal["auto", "engine", "triton", "c", "foreach", "inductor", "aot_eager", "eager"]
 CudaGraphMode = Union[bool, Literal["auto"]]
@@ -619,37 +619,8 @@ class FusedStep:
                 static.copy_(g)
 
     def _stage_extras(self, extra: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Copy each extra argument into a persistent device tensor (the compiled step reads
-        those, so a new loss value is new data, never a new graph). The grokking-signal inputs are
-        checked as ``tx.update`` checks them and staged as 0-d float64 tensors."""
-        out = {}
-        for name in sorted(extra):
-            value = extra[name]
-            if name in SIGNAL_INPUTS:
-                value = signal_input(f"{name}=", value)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-                raise TypeError(
-                    f"FusedStep: extra argument {name}= must be a number or a tensor, got {type(value).__name__}"
-                )
-            buf = self._extras.get(name)
-            if isinstance(value, torch.Tensor):
-                v = value.detach()
-                if buf is None:  # floats kept as float64, the dtype the scalar rules compute in
-                    dtype = torch.float64 if v.is_floating_point() else v.dtype
-                    buf = self._extras[name] = torch.empty(v.shape, dtype=dtype, device=self._device)
-                elif v.shape != buf.shape:
-                    raise ValueError(
-                        f"FusedStep: extra argument {name}= had shape {list(buf.shape)}, now {list(v.shape)}"
-                    )
-                buf.copy_(v)
-            else:
-                if buf is None:
-                    buf = self._extras[name] = torch.empty((), dtype=torch.float64, device=self._device)
-                buf.fill_(value)
-            out[name] = buf
-        return out
+        """Each extra argument in a persistent device tensor (:func:`grokxform.engine.extras.stage_extras`)."""
+        return stage_extras(self._extras, extra, self._device, "FusedStep")
 
     def _check_grads(self, g_leaves: list[Any]) -> None:
         names = None

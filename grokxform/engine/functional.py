@@ -28,10 +28,11 @@ import torch
 from grokxform import declarations as D
 from grokxform import tree as _tree
 from grokxform.engine import native
+from grokxform.engine.extras import stage_extras
 from grokxform.engine import plan as P
 from grokxform.engine.plan import Unsupported
 from grokxform.engine.step import EngineStep, available
-from grokxform.signals import SIGNAL_INPUTS, signal_input
+from grokxform.signals import SIGNAL_INPUTS
 
 CACHE_SIZE = 8
 """How many patterns of calls a transform keeps a built step for (least recently used dropped)."""
@@ -119,8 +120,9 @@ def _metas(leaves: list[Any], layout: bool = True) -> tuple[Any, ...]:
 
 
 def _extra_key(extra: Mapping[str, Any], names: frozenset[str]) -> tuple[Any, ...]:
-    """The extra arguments as the step takes them (:func:`_stage`): a signal input is a 0-d
-    float64 tensor, and so is a number; another tensor keeps its shape (floats as float64)."""
+    """The extra arguments as the step takes them (:func:`~grokxform.engine.extras.stage_extras`):
+    a signal input is a 0-d float64 tensor, and so is a number; another tensor keeps its shape
+    (floats as float64)."""
     out = []
     for k, v in sorted(extra.items()):
         if k not in names or v is None:
@@ -207,7 +209,7 @@ def _build(
     computed = [i in acted for i in range(len(g_leaves))]
     if not acted:
         raise Unsupported("no member acts on a leaf with a gradient")
-    xs = _stage({}, {k: v for k, v in extra.items() if k in names}, device)
+    xs = stage_extras({}, {k: v for k, v in extra.items() if k in names}, device, "tx.update", Unsupported)
     # Built over the caller's tensors, which building only reads; each call binds it to its own.
     g_run = [g if c else None for g, c in zip(g_leaves, computed)]
     step = EngineStep(None, p_tree, state, g_run, xs, backend=backend, declaration=decl, output="updates")
@@ -222,32 +224,6 @@ def _build(
     state_layout = _layout({i: t for i, t in enumerate(s_leaves) if isinstance(t, torch.Tensor) and id(t) not in kept})
     update_layout = _layout({i: g for i, g in enumerate(g_run) if g is not None})
     return _Built(step, tuple(xs), xs, computed, state_layout, update_layout)
-
-
-def _stage(bufs: dict[str, torch.Tensor], extra: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The extra arguments as the step reads them: 0-d float64 device tensors (signal inputs
-    checked as ``update`` checks them), filled in place call after call."""
-    out = {}
-    for name in sorted(extra):
-        value = extra[name]
-        if name in SIGNAL_INPUTS:
-            value = signal_input(f"{name}=", value)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-            raise Unsupported(f"the argument {name}= is a {type(value).__name__}")
-        buf = bufs.get(name)
-        if isinstance(value, torch.Tensor):
-            v = value.detach()
-            if buf is None:
-                buf = torch.empty(v.shape, dtype=torch.float64 if v.is_floating_point() else v.dtype, device=device)
-            buf.copy_(v)
-        else:
-            if buf is None:
-                buf = torch.empty((), dtype=torch.float64, device=device)
-            buf.fill_(value)
-        out[name] = buf
-    return out
 
 
 def _decide(
@@ -305,7 +281,8 @@ def _attempt(
         return None, "the step is running in another thread"
     step = built.step
     try:
-        xs = _stage(built.extras, {k: v for k, v in extra.items() if k in built.names}, step.device)
+        xs = stage_extras(built.extras, {k: v for k, v in extra.items() if k in built.names}, step.device,
+                          "tx.update", Unsupported)
         s_new = list(s_leaves)
         _new_tensors(built.state_layout, s_new, s_leaves)
         u_new = list(g_leaves)
