@@ -28,7 +28,7 @@ from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, ClassVar, Literal, NamedTuple, Union
 
 import torch
 
@@ -37,7 +37,7 @@ from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform._resum import window_sums
 from grokxform.signals import SIGNAL_INPUTS
-from grokxform.elements import Scalars, TracedRule, foreach_ok, run_foreach, run_leaf
+from grokxform.elements import Scalars, TracedRule, foreach_ok, run_foreach, run_leaf, where
 
 # --------------------------------------------------------------------------------------------
 # Attaching a declaration to a transform.
@@ -124,7 +124,7 @@ def declaration_of(tx: Any) -> Declaration | None:
 # State layouts.
 
 
-class MaRingWindow(NamedTuple):
+class RingWindow(NamedTuple):
     """The ring layout of a windowed state field (``ma_filter``'s window), used by the fused
     step: one ``[w, *shape]`` buffer per leaf whose slot ``count % w`` holds the oldest gradient.
     The eager layout is a tuple of w trees, oldest first. Same numbers; an update writes one slot,
@@ -138,7 +138,7 @@ _WINDOWED = "__grokxform_window__"
 
 def windowed_state(*, window: str, count: str) -> Callable[[type], type]:
     """Mark a NamedTuple state class as holding a window field (:class:`WindowField`): ``window``
-    its field (eager: a tuple of trees, oldest first; fused: :class:`MaRingWindow`) and ``count``
+    its field (eager: a tuple of trees, oldest first; fused: :class:`RingWindow`) and ``count``
     its field of per-leaf step counts (leaf i's oldest value is at ring slot ``count % w``). The
     state layouts (``grokxform.engine.layout``) find windows by this mark."""
 
@@ -157,7 +157,7 @@ def window_fields(state: Any) -> tuple[str, str] | None:
 @dataclass(frozen=True)
 class WindowField:
     """A state field holding the last ``size`` values per leaf (eager: a tuple of ``size`` trees,
-    oldest first; fused: :class:`MaRingWindow`). The element rule reads the oldest value as input
+    oldest first; fused: :class:`RingWindow`). The element rule reads the oldest value as input
     ``"window"`` and returns the value to store as output ``"window"``.
 
     ``total``: a field of the element rule that keeps a running sum of the window. Every ``size``
@@ -220,8 +220,28 @@ ScalarRule = Callable[[ScalarContext], tuple[Mapping[str, Any], Mapping[str, Any
 # The nodes.
 
 
+class DeclNode:
+    """What every declaration says of itself to the generic walks over a declaration tree
+    (:func:`extra_args`, :func:`tree_reduction_args`): the declarations below it, and what it
+    reads of ``update``'s keyword arguments and reduces over the whole tree itself."""
+
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        """The declarations of its members, each with whether it gets the node's input as it is
+        (the incoming gradient of every leaf, when the node does)."""
+        return []
+
+    def own_extras(self) -> tuple[str, ...]:
+        """The keyword arguments of ``update`` it reads itself."""
+        return ()
+
+    def own_reductions(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Its reductions over the whole tree: ``(name, the WHOLE_GRADIENT arguments that give
+        it over a whole gradient of which the tree is a part)``."""
+        return []
+
+
 @dataclass(frozen=True, eq=False)
-class Elementwise:
+class Elementwise(DeclNode):
     """A primitive that acts on each leaf element by element.
 
     ``rule(v, sc) -> {"out": ..., <field>: ...}``: the element rule; its inputs are ``v.x`` (the
@@ -256,6 +276,14 @@ class Elementwise:
     (``"train_loss"``...): reading another one raises, and a front end refuses a step argument
     that no member of its chain declares (:func:`extra_args`)."""
 
+    def own_extras(self) -> tuple[str, ...]:
+        return self.extras
+
+    def own_reductions(self) -> list[tuple[str, tuple[str, ...]]]:
+        if not (self.reduce and self.reduce_scope == "tree"):
+            return []
+        return [(self.name, tuple(a for a in self.extras if a in WHOLE_GRADIENT))]
+
     def input_names(self) -> tuple[str, ...]:
         names = ("x",) + (("param",) if self.needs_params else ()) + self.fields
         return names + (("window",) if self.window is not None else ())
@@ -266,7 +294,7 @@ class Elementwise:
 
 
 @dataclass(frozen=True, eq=False)
-class Sequence:
+class Sequence(DeclNode):
     """``chain`` (``keys`` are 0, 1, ...; state a tuple) or ``named_chain`` (``keys`` are the
     names; state a dict): the members in order. A member without a declaration is ``None``."""
 
@@ -275,9 +303,12 @@ class Sequence:
     transforms: tuple[Any, ...] = ()
     """The member transforms themselves (what runs a member without a declaration)."""
 
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(m, k == 0) for k, m in enumerate(self.members)]
+
 
 @dataclass(frozen=True, eq=False)
-class Amplify:
+class Amplify(DeclNode):
     """``amplify(filter, lamb)``: ``out = combine(x, filter(x))`` per element; state: the filter's."""
 
     inner: Union["Declaration", None]
@@ -285,25 +316,34 @@ class Amplify:
     """inputs ``x``, ``slow``; output ``out``; scalar ``lamb``."""
     lamb: Any
 
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(self.inner, True)]
+
 
 @dataclass(frozen=True, eq=False)
-class Masked:
+class Masked(DeclNode):
     """``masked(inner, mask)``: ``inner`` on the selected leaves (``select(params)``), the others unchanged."""
 
     inner: Union["Declaration", None]
     select: Callable[[Any], list[bool]]
 
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(self.inner, False)]
+
 
 @dataclass(frozen=True, eq=False)
-class Partition:
+class Partition(DeclNode):
     """``partition(transforms, labels)``: leaf i goes through ``members[labels(params)[i]]``."""
 
     members: dict[str, Union["Declaration", None]]
     labels: Callable[[Any], list[str]]
 
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(m, False) for m in self.members.values()]
+
 
 @dataclass(frozen=True, eq=False)
-class Injected:
+class Injected(DeclNode):
     """``inject_hyperparams(factory)(...)``: the inner transform is ``build(hp)`` with
     ``hp = current(state.count, state.hyperparams)`` (schedules evaluated at the count)."""
 
@@ -313,22 +353,76 @@ class Injected:
     example: Callable[[], Any]
     """The inner transform built with the initial values (its structure is every step's)."""
 
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(declaration_of(self.example()), True)]
+
+
+def _skip_unless(flag: str) -> TracedRule:
+    """The rule ``out = x where the scalar flag holds, else −0.0`` (θ + (−0.0) is θ bit for bit,
+    also for θ = −0.0): the update of a step that a wrapper skips."""
+    return TracedRule(lambda v, sc: {"out": where(getattr(sc, flag), v.x, -0.0)})
+
 
 @dataclass(frozen=True, eq=False)
-class Accumulate:
+class Accumulate(DeclNode):
     """``MultiSteps(inner, k)``: ``inner`` runs on the mean of every k gradients (``rule``: inputs
-    ``x``, ``acc``; outputs ``acc`` (the new sum) and ``mean``)."""
+    ``x``, ``acc``; scalars ``k`` and the flag ``final``; outputs ``acc``, the sum to keep (zero
+    after the k-th micro-step) and ``mean``, what ``inner`` gets). The inner state changes on the
+    k-th micro-step only, and ``skip`` gives the update."""
 
     inner: Union["Declaration", None]
     every: int
     rule: TracedRule
+    skip: ClassVar[TracedRule] = _skip_unless("final")
+
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(self.inner, False)]
+
+    def advance(self, state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(final, new)``: whether this micro-step is the k-th, and the new values of the
+        state's counters ``mini_step`` and ``steps``."""
+        final = state.mini_step + 1 >= self.every
+        return final, {
+            "mini_step": torch.where(final, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            "steps": state.steps + final.to(state.steps.dtype),
+        }
 
 
 @dataclass(frozen=True, eq=False)
-class IfFinite:
-    """``apply_if_finite(inner)``: ``inner``'s step where every gradient is finite, else none."""
+class IfFinite(DeclNode):
+    """``apply_if_finite(inner)``: ``inner``'s step where every gradient is finite, else none
+    (``skip`` gives the update)."""
 
     inner: Union["Declaration", None]
+    skip: ClassVar[TracedRule] = _skip_unless("finite")
+
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(self.inner, True)]
+
+    def own_extras(self) -> tuple[str, ...]:
+        return (GLOBAL_FINITE,)
+
+    def own_reductions(self) -> list[tuple[str, tuple[str, ...]]]:
+        return [("apply_if_finite", (GLOBAL_FINITE,))]
+
+    @staticmethod
+    def combine(finite: torch.Tensor, extra: Mapping[str, Any]) -> torch.Tensor:
+        """Whether the step is taken: ``finite`` (the tree's gradients are), and the whole
+        gradient is when the tree is a part of it (``extra[GLOBAL_FINITE]``)."""
+        whole = extra.get(GLOBAL_FINITE)
+        if whole is None:
+            return finite
+        return finite & torch.as_tensor(whole).to(finite.device, torch.bool).reshape(())
+
+    @staticmethod
+    def advance(state: Any, finite: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The new values of the state's counters after a step that was (not) ``finite``."""
+        skipped = (~finite).to(torch.int64)
+        return {
+            "notfinite_count": (state.notfinite_count + 1) * skipped,
+            "last_finite": finite,
+            "total_notfinite": state.total_notfinite + skipped,
+        }
 
 
 Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite]
@@ -500,20 +594,8 @@ def extra_args(decl: Any) -> frozenset[str] | None:
     ``None`` when a member has no declaration (what it reads is not known)."""
     if decl is None:
         return None
-    if isinstance(decl, Elementwise):
-        return frozenset(decl.extras)
-    if isinstance(decl, Sequence):
-        kids: list[Any] = list(decl.members)
-    elif isinstance(decl, Partition):
-        kids = list(decl.members.values())
-    elif isinstance(decl, Injected):
-        kids = [declaration_of(decl.example())]
-    elif isinstance(decl, (Amplify, Masked, Accumulate, IfFinite)):
-        kids = [decl.inner]
-    else:
-        raise TypeError(f"not a declaration: {type(decl).__name__}")
-    out: set[str] = {GLOBAL_FINITE} if isinstance(decl, IfFinite) else set()
-    for kid in kids:
+    out = set(decl.own_extras())
+    for kid, _ in decl.parts():
         names = extra_args(kid)
         if names is None:
             return None
@@ -596,30 +678,8 @@ def tree_reduction_args(decl: Any, *, on_gradient: bool = True) -> list[tuple[st
     given, and only that."""
     if decl is None:
         return []
-    if isinstance(decl, Elementwise):
-        if not (decl.reduce and decl.reduce_scope == "tree"):
-            return []
-        return [(decl.name, on_gradient, tuple(a for a in decl.extras if a in WHOLE_GRADIENT))]
-    if isinstance(decl, Sequence):
-        return [
-            r for k, m in enumerate(decl.members) for r in tree_reduction_args(m, on_gradient=on_gradient and k == 0)
-        ]
-    if isinstance(decl, Amplify):
-        return tree_reduction_args(decl.inner, on_gradient=on_gradient)
-    if isinstance(decl, Masked):
-        return tree_reduction_args(decl.inner, on_gradient=False)
-    if isinstance(decl, Partition):
-        return [r for m in decl.members.values() for r in tree_reduction_args(m, on_gradient=False)]
-    if isinstance(decl, Injected):
-        return tree_reduction_args(declaration_of(decl.example()), on_gradient=on_gradient)
-    if isinstance(decl, Accumulate):
-        return tree_reduction_args(decl.inner, on_gradient=False)
-    if isinstance(decl, IfFinite):
-        return [
-            ("apply_if_finite", on_gradient, (GLOBAL_FINITE,)),
-            *tree_reduction_args(decl.inner, on_gradient=on_gradient),
-        ]
-    raise TypeError(f"not a declaration: {type(decl).__name__}")
+    own = [(name, on_gradient, args) for name, args in decl.own_reductions()]
+    return own + [r for kid, keeps in decl.parts() for r in tree_reduction_args(kid, on_gradient=on_gradient and keeps)]
 
 
 def _leaves(tree: Any, spec: Any, updates: Any, what: str, name: str) -> list[Any]:
@@ -643,11 +703,11 @@ def _run_elementwise(
     counts = _leaves(getattr(state, decl.count), spec, updates, decl.count, name) if decl.count else None
     wf = decl.window
     window = getattr(state, wf.name) if wf is not None else None
-    ring = isinstance(window, MaRingWindow)
+    ring = isinstance(window, RingWindow)
     if wf is not None and not ring and (not isinstance(window, tuple) or len(window) != wf.size):
         raise ValueError(f"{name}: the state's window must be a tuple of {wf.size} trees")
     slots = [] if window is None or ring else [_tree.flatten(t)[0] for t in window]
-    buffers = _leaves(window.buffers, spec, updates, "window", name) if isinstance(window, MaRingWindow) else []
+    buffers = _leaves(window.buffers, spec, updates, "window", name) if isinstance(window, RingWindow) else []
     shaped = next(iter(field_leaves.values()), None)
     p_leaves = None
     if decl.needs_params:
@@ -742,7 +802,7 @@ def _run_elementwise(
                     lo(buffers[i]).index_put((ring_slots[k],), lo(stored[k]).unsqueeze(0)),
                     _dist.stacked(shards[i], wf.size),
                 )
-            changes[wf.name] = MaRingWindow(_tree.unflatten(new_buffers, spec))
+            changes[wf.name] = RingWindow(_tree.unflatten(new_buffers, spec))
         else:  # rotate the window of each leaf that got a value; the others keep their slots
             w = wf.size
             stored_at = dict(zip(index, stored))
@@ -778,7 +838,7 @@ __all__ = [
     "Elementwise",
     "IfFinite",
     "Injected",
-    "MaRingWindow",
+    "RingWindow",
     "Masked",
     "Partition",
     "ScalarContext",

@@ -30,7 +30,7 @@ set of extra arguments (:attr:`FusedStep.compiles`).
 
 State layout: the same tree as ``tx.init`` gives, except that each :class:`~grokxform.MaFilterState`
 window (a tuple of w trees in the eager path) becomes a
-:class:`~grokxform.declarations.MaRingWindow`, one ``[w, *shape]`` buffer per leaf whose slot
+:class:`~grokxform.declarations.RingWindow`, one ``[w, *shape]`` buffer per leaf whose slot
 ``count % w`` is overwritten each step. :meth:`FusedStep.eager_state` gives the eager layout back.
 Design notes and measurements: ``docs/fast_path.md``.
 

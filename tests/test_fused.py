@@ -16,7 +16,7 @@ import grokxform as gx
 from grokxform import tree as T
 from grokxform.engine.traced import inplace_scatters as _inplace_scatters
 from grokxform.fused import FusedStep, compile_step, init_state, to_eager_layout, to_fused_layout
-from grokxform.transforms.filters import MaFilterState, MaRingWindow
+from grokxform.transforms.filters import MaFilterState, RingWindow
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -144,7 +144,7 @@ def test_ring_layout_gives_the_eager_numbers_bitwise() -> None:
     params = _params()
     s_tuple = tx.init(params)
     s_ring = to_fused_layout(tx.init(params))
-    assert isinstance(s_ring.window, MaRingWindow)
+    assert isinstance(s_ring.window, RingWindow)
     for t in range(10):
         g = grad_tree(params, t, none=("h.0.b",) if t == 5 else ())
         u1, s_tuple = tx.update(g, s_tuple, params)
@@ -196,7 +196,7 @@ def test_init_state_allocates_no_eager_window() -> None:
     window = 50 * sum(p.numel() * 4 for p in params.values())
     assert window <= made.bytes < window + window // 5  # the ring and the rest of the state, no eager window
     ma = state["grokfast"]
-    assert isinstance(ma, MaFilterState) and isinstance(ma.window, MaRingWindow)
+    assert isinstance(ma, MaFilterState) and isinstance(ma.window, RingWindow)
     ring = ma.window.buffers["emb.weight"]
     assert ring.shape == (50, 11, 6) and ring.is_contiguous() and not ring.any()
     assert ma.total["emb.weight"].dtype == torch.float32 and ma.total["emb.weight"].is_contiguous()

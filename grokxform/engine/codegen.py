@@ -13,9 +13,10 @@ before each pass (``SC0``, ``SC1``...), per leaf through the position table ``PO
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -339,82 +340,50 @@ class Emitter:
         src = x.name if _compute(x.dtype) == _compute(dtype) else f"{x.name}.to({_compute(dtype)})"
         return self.rounded(src, dtype)
 
-    # -- the plan -------------------------------------------------------------------------------
+    # -- the plan: what :meth:`grokxform.engine.plan.Node.apply` drives (a Runner) -------------
 
-    def node(self, node: P.Node, x: Value) -> Value:
-        leaf = self.leaf
-        if isinstance(node, P.Seq):
-            for kid in node.children:
-                x = self.node(kid, x)
-            return x
-        if isinstance(node, P.Mask):
-            return self.node(node.inner, x) if leaf in node.selected else x
-        if isinstance(node, P.Part):
-            return self.node(node.members[node.labels[leaf]], x)
-        if isinstance(node, P.Inject):
-            return self.node(node.inner, x)
-        if isinstance(node, P.Amp):
-            if leaf not in node.leaves:
-                return x
-            slow = self.node(node.inner, x)
-            prog = node.rule.program({"x": x.dtype, "slow": slow.dtype})
-            return self.run(prog, {"x": x, "slow": slow}, node)["out"]
-        if isinstance(node, P.Member):
-            return self.member(node, x)
-        if isinstance(node, P.Accum):
-            acc = self.load(self.role_of(node, "acc"), self.dtype_of(self.role_of(node, "acc")))
-            prog = node.decl.rule.program({"x": x.dtype, "acc": acc.dtype})
-            got = self.run(prog, {"x": x, "acc": acc}, node)
-            final = self.flag(node, "final")
-            self.guards.append(self.lanes(node, "final"))
-            y = self.node(node.inner, got["mean"])
+    def walk(self, root: P.Node) -> None:
+        """The pass's text: the plan's program from the gradient, then the write (or, in a
+        reduction pass, up to its reduction point)."""
+        self.gradient = self.load("G", self.dtype_of("G"))
+        try:
+            self.finish(root.apply(self, self.gradient))
+        except Stop:
+            pass
+
+    def rule(self, node: Any, rule: Any, inputs: dict[str, Value]) -> dict[str, Value]:
+        return self.run(rule.program({name: v.dtype for name, v in inputs.items()}), inputs, node)
+
+    def state(self, node: Any, name: str) -> Value:
+        role = self.role_of(node, name)
+        return self.load(role, self.dtype_of(role))
+
+    def write(self, node: Any, name: str, value: Value) -> None:
+        self.store(self.role_of(node, name), value)
+
+    def oldest(self, m: P.Member) -> Value:
+        role = self.role_of(m, "window")
+        return self.load(role, self.dtype_of(role), f"{self._slot(m)} * n + ")
+
+    def push(self, m: P.Member, newest: Value, out: Value) -> Value:
+        self.store(self.role_of(m, "window"), newest, f"{self._slot(m)} * n + ")
+        self.resum(m, newest)
+        return out
+
+    def reached(self, x: Value) -> NoReturn:
+        self.reduce(x)
+        raise Stop
+
+    def shared(self, x: Value) -> Value:
+        return x
+
+    @contextmanager
+    def gated(self, node: Any, flag: str) -> Iterator[None]:
+        self.guards.append(self.lanes(node, flag))
+        try:
+            yield
+        finally:
             self.guards.pop()
-            if self.main:
-                kept = self.select(final, self.number(0.0, acc.dtype), got["acc"].name, acc.dtype)
-                self.store(self.role_of(node, "acc"), kept)
-            return self._skip(final, y)
-        if isinstance(node, P.Finite):
-            if node.reduction == self.pass_index:
-                self.reduce(x)
-                raise Stop
-            finite = self.flag(node, "finite")
-            self.guards.append(self.lanes(node, "finite"))
-            y = self.node(node.inner, x)
-            self.guards.pop()
-            return self._skip(finite, y)
-        raise AssertionError(type(node))
-
-    def _skip(self, cond: str, y: Value) -> Value:
-        """``y`` where ``cond``, else −0.0 (θ + (−0.0) is θ bit for bit)."""
-        return self.select(cond, y.name, self.number(-0.0, y.dtype), y.dtype)
-
-    def member(self, m: P.Member, x: Value) -> Value:
-        if self.leaf not in m.leaves:
-            return x
-        if m.reduction == self.pass_index:
-            self.reduce(x)
-            raise Stop
-        decl = m.decl
-        inputs = {"x": x}
-        if decl.needs_params:
-            inputs["param"] = self.param()
-        for f in decl.fields:
-            role = self.role_of(m, f)
-            inputs[f] = self.load(role, self.dtype_of(role))
-        window = None
-        if decl.window is not None:
-            role = self.role_of(m, "window")
-            window = f"{self._slot(m)} * n + "
-            inputs["window"] = self.load(role, self.dtype_of(role), window)
-        prog = decl.rule.program({name: v.dtype for name, v in inputs.items()})
-        got = self.run(prog, inputs, m)
-        if self.main:
-            for f in decl.fields:
-                self.store(self.role_of(m, f), got[f])
-            if window is not None:
-                self.store(self.role_of(m, "window"), got["window"], window)
-                self.resum(m, got["window"])
-        return got["out"]
 
     def resum(self, m: P.Member, newest: Value) -> None:
         """On the update due for it (slot ``w − 1``: the ring is in order, the newest value goes
@@ -447,7 +416,7 @@ class Emitter:
     def _slot(self, m: P.Member) -> str:
         """The ring slot of this item's leaf (the window's oldest value) for member ``m``."""
         return self.cached(("slot", id(m)), lambda: self.invariant(
-            "slot", self.index(self.raw_scalar(m, "__slot")), "int64_t"))
+            "slot", self.index(self.raw_scalar(m, P.SLOT)), "int64_t"))
 
     def index(self, expr: str) -> str:
         """A float64 ``expr`` holding a whole number, as an int64 index."""

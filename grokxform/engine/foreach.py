@@ -11,13 +11,15 @@ the eager path's: the same programs, the same scalar rules, the same reductions.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 
-from grokxform import declarations as D
 from grokxform._resum import sum_windows
-from grokxform.elements import Scalars, run_foreach
+from grokxform.elements import Scalars, TracedRule, run_foreach
 from grokxform.engine import plan as P
 
 
@@ -29,9 +31,18 @@ class Reached(Exception):
         self.x = x
 
 
+@dataclass
+class Vals:
+    """A value of the foreach backend: one tensor per leaf of the group, and whether they are
+    temporaries of this pass (which an op may update in place at their last use)."""
+
+    ts: list[torch.Tensor]
+    owned: bool
+
+
 class GroupPass:
     """One pass of the plan over one group of leaves (leaves that run the same program with the
-    same dtypes), with lists of tensors for values."""
+    same dtypes), with lists of tensors for values: a :class:`~grokxform.engine.plan.Runner`."""
 
     def __init__(
         self, step: Any, grp: Any, pass_index: int, scalars: dict[int, Scalars], flags: dict[tuple[int, str], Any]
@@ -42,10 +53,11 @@ class GroupPass:
         self.scalars, self.flags = scalars, flags
         self.guards: list[torch.Tensor] = []
         self._lists = {id(v) for v in grp.roles.values()}
+        self._slots: dict[int, list[int]] = {}
 
     def run(self) -> None:
         """The whole program; the params updated in place (``θ ← θ + u``), or the update stored."""
-        out, _ = self.node(self.step.plan.root, self.grp.roles["G"], False)
+        out = self.step.plan.root.apply(self, Vals(self.grp.roles["G"], False)).ts
         if self.step.output == "updates":
             torch._foreach_copy_(self.grp.roles["U"], out)
             return
@@ -56,79 +68,61 @@ class GroupPass:
     def reduce_input(self) -> list[torch.Tensor]:
         """The values at this pass's reduction point."""
         try:
-            self.node(self.step.plan.root, self.grp.roles["G"], False)
+            self.step.plan.root.apply(self, Vals(self.grp.roles["G"], False))
         except Reached as r:
             return r.x
         raise AssertionError("the pass has no reduction point in this group")
 
-    # -- the plan -------------------------------------------------------------------------------
+    # -- what the plan's nodes drive (grokxform.engine.plan.Runner) ------------------------------
 
-    def node(self, node: Any, x: list[torch.Tensor], owned: bool) -> tuple[list[torch.Tensor], bool]:
-        """``node`` applied to ``x``; ``owned``: whether ``x`` is a temporary that may be written."""
-        leaf = self.leaf
-        if isinstance(node, P.Seq):
-            for kid in node.children:
-                x, owned = self.node(kid, x, owned)
-            return x, owned
-        if isinstance(node, P.Mask):
-            return self.node(node.inner, x, owned) if leaf in node.selected else (x, owned)
-        if isinstance(node, P.Part):
-            return self.node(node.members[node.labels[leaf]], x, owned)
-        if isinstance(node, P.Inject):
-            return self.node(node.inner, x, owned)
-        if isinstance(node, P.Amp):
-            if leaf not in node.leaves:
-                return x, owned
-            slow, slow_owned = self.node(node.inner, x, False)  # x is read again below
-            prog = node.rule.program({"x": x[0].dtype, "slow": slow[0].dtype})
-            mine = frozenset(n for n, o in (("x", owned), ("slow", slow_owned)) if o)
-            got = run_foreach(prog, {"x": x, "slow": slow}, self.scalars[id(node)], self._idx(node), mine)
-            return got["out"], True
-        if isinstance(node, P.Member):
-            return self.member(node, x, owned)
-        if isinstance(node, P.Accum):
-            return self.accumulate(node, x, owned)
-        if isinstance(node, P.Finite):
-            if node.reduction == self.pass_index:
-                raise Reached(x)
-            finite = self.flags[(id(node), "finite")]
-            self.guards.append(finite)
-            y, _ = self.node(node.inner, x, owned)
+    def rule(self, node: Any, rule: TracedRule, inputs: dict[str, Vals]) -> dict[str, Vals]:
+        """The rule over the lists; an input that is ours (a temporary, or a state the pass
+        overwrites) may be updated in place. An output is ours unless it is a role's own list or
+        an input that was not."""
+        prog = rule.program({name: v.ts[0].dtype for name, v in inputs.items()})
+        mine = frozenset(name for name, v in inputs.items() if v.owned)
+        got = run_foreach(prog, {name: v.ts for name, v in inputs.items()}, self.scalars[id(node)], self._idx(node),
+                          mine)
+        theirs = [v.ts for name, v in inputs.items() if name not in mine]
+        return {name: Vals(out, id(out) not in self._lists and all(out is not t for t in theirs))
+                for name, out in got.items()}
+
+    def param(self) -> Vals:
+        return Vals(self.grp.roles["P"], False)
+
+    def state(self, node: Any, name: str) -> Vals:
+        # Its old values are not needed after the step (the pass overwrites them), unless a wrapper may skip it.
+        return Vals(self.grp.roles[self.step._role(node, name)], self.main and not self.guards)
+
+    def write(self, node: Any, name: str, value: Vals) -> None:
+        self.store(self.grp.roles[self.step._role(node, name)], value.ts)
+
+    def oldest(self, m: P.Member) -> Vals:
+        slot = self.scalars[id(m)].values[P.SLOT]
+        where = self._slots[id(m)] = [int(s) for s in slot[self._idx(m)].tolist()]
+        rings = self.grp.roles[self.step._role(m, "window")]
+        return Vals([ring[k] for ring, k in zip(rings, where)], False)
+
+    def push(self, m: P.Member, newest: Vals, out: Vals) -> Vals:
+        rings = self.grp.roles[self.step._role(m, "window")]
+        slots = self._slots[id(m)]
+        self.store([ring[k] for ring, k in zip(rings, slots)], newest.ts)
+        resummed = self.resum(m, slots, out.ts)
+        return out if resummed is out.ts else Vals(resummed, True)
+
+    def reached(self, x: Vals) -> NoReturn:
+        raise Reached(x.ts)
+
+    def shared(self, x: Vals) -> Vals:
+        return Vals(x.ts, False)
+
+    @contextmanager
+    def gated(self, node: Any, flag: str) -> Iterator[None]:
+        self.guards.append(self.flags[(id(node), flag)])
+        try:
+            yield
+        finally:
             self.guards.pop()
-            return _skip(finite, y), True
-        raise AssertionError(type(node))
-
-    def member(self, m: P.Member, x: list[torch.Tensor], owned: bool) -> tuple[list[torch.Tensor], bool]:
-        if self.leaf not in m.leaves:
-            return x, owned
-        if m.reduction == self.pass_index:
-            raise Reached(x)
-        decl: D.Elementwise = m.decl
-        grp, role = self.grp, self.step._role
-        inputs: dict[str, list[torch.Tensor]] = {"x": x}
-        mine = {"x"} if owned else set()
-        if decl.needs_params:
-            inputs["param"] = grp.roles["P"]
-        for f in decl.fields:
-            inputs[f] = grp.roles[role(m, f)]
-            if self.main and not self.guards:  # its old values are not needed after this step
-                mine.add(f)
-        slots: list[torch.Tensor] = []
-        if decl.window is not None:
-            slot = self.scalars[id(m)].values["__slot"]
-            where = [int(s) for s in slot[self._idx(m)].tolist()]
-            slots = [ring[k] for ring, k in zip(grp.roles[role(m, "window")], where)]
-            inputs["window"] = slots
-        prog = decl.rule.program({name: col[0].dtype for name, col in inputs.items()})
-        got = run_foreach(prog, inputs, self.scalars[id(m)], self._idx(m), frozenset(mine))
-        if self.main:
-            for f in decl.fields:
-                self.store(grp.roles[role(m, f)], got[f])
-            if slots:
-                self.store(slots, got["window"])
-                got["out"] = self.resum(m, where, got["out"])
-        out = got["out"]  # a temporary, unless it is an input that was not ours to write
-        return out, id(out) not in self._lists and all(out is not v for n, v in inputs.items() if n not in mine)
 
     def resum(self, m: P.Member, slots: list[int], out: list[torch.Tensor]) -> list[torch.Tensor]:
         """The window's sum into the running sum of each leaf due for it (its ring is in order on
@@ -149,22 +143,6 @@ class GroupPass:
         self.store([totals[k] for k in due], sums)
         return out
 
-    def accumulate(self, node: P.Accum, x: list[torch.Tensor], owned: bool) -> tuple[list[torch.Tensor], bool]:
-        if self.leaf not in node.leaves:
-            return x, owned
-        acc = self.grp.roles[self.step._role(node, "acc")]
-        prog = node.decl.rule.program({"x": x[0].dtype, "acc": acc[0].dtype})
-        mine = frozenset({"acc"} if self.main and not self.guards else set()) | (
-            frozenset({"x"}) if owned else frozenset())
-        got = run_foreach(prog, {"x": x, "acc": acc}, self.scalars[id(node)], self._idx(node), mine)
-        final = self.flags[(id(node), "final")]
-        self.guards.append(final)
-        y, _ = self.node(node.inner, got["mean"], True)
-        self.guards.pop()
-        if self.main:
-            self.store(acc, [torch.where(final, torch.zeros_like(t), t) for t in got["acc"]])
-        return _skip(final, y), True
-
     def store(self, dst: list[torch.Tensor], new: list[torch.Tensor]) -> None:
         """``dst ← new`` in place (where the wrappers' flags are set)."""
         if new is dst:
@@ -181,7 +159,3 @@ class GroupPass:
     def _idx(self, node: Any) -> list[int]:
         return self.grp.idx[id(node)]
 
-
-def _skip(cond: torch.Tensor, y: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``y`` where ``cond``, else −0.0 (θ + (−0.0) is θ bit for bit)."""
-    return [torch.where(cond, t, torch.full_like(t, -0.0)) for t in y]

@@ -157,9 +157,9 @@ def _check_shapes(plan: P.Plan, g_leaves: list[Any], params: Any) -> None:
         if p_leaves is not None and getattr(p_leaves[i], "shape", None) != g_leaves[i].shape:
             raise Unsupported(f"the param at {plan.paths[i]!r} is not shaped as its gradient")
     for node in plan.nodes:
-        cols = list(node.fields.values()) if isinstance(node, P.Member) else [node.acc] if isinstance(
-            node, P.Accum) else []
-        for col in cols:
+        for name, col in node.columns().items():
+            if name == "window":
+                continue
             for i, t in zip(node.leaves, col):
                 if getattr(t, "shape", None) != g_leaves[i].shape:
                     raise Unsupported(f"{node.where}: a state tensor at {plan.paths[i]!r} is not shaped as its gradient")
@@ -167,16 +167,7 @@ def _check_shapes(plan: P.Plan, g_leaves: list[Any], params: Any) -> None:
 
 def _per_leaf_state(plan: P.Plan) -> set[int]:
     """The ids of the per-leaf state tensors the plan reads or writes."""
-    out: set[int] = set()
-    for node in plan.nodes:
-        if isinstance(node, P.Member):
-            cols = [*node.fields.values(), node.counts or [], node.window or []]
-        elif isinstance(node, P.Accum):
-            cols = [node.acc]
-        else:
-            continue
-        out.update(id(t) for col in cols for t in col)
-    return out
+    return {id(t) for node in plan.nodes for col in node.state_tensors() for t in col}
 
 
 def _build(
@@ -203,9 +194,7 @@ def _build(
     _check_shapes(whole, g_leaves, params)
     if params is None and any(m.decl.needs_params for m in whole.members):
         raise Unsupported("a member reads the params and none were given")
-    acted = set().union(*(m.leaves for m in whole.members), *(a.leaves for a in whole.nodes if isinstance(a, P.Amp)))
-    if any(isinstance(n, (P.Accum, P.Finite)) for n in whole.nodes):  # (a skipped step is −0.0 on every leaf)
-        acted = set(whole.leaves)
+    acted = set().union(*(node.computes(whole.leaves) for node in whole.nodes))
     computed = [i in acted for i in range(len(g_leaves))]
     if not acted:
         raise Unsupported("no member acts on a leaf with a gradient")

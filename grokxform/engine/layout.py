@@ -2,7 +2,7 @@
 
 The eager window of :func:`~grokxform.ma_filter` is a tuple of w trees (oldest first), so that a
 pure update rotates references. An in-place step writes one slot of a ``[w, *shape]`` ring buffer
-instead (:class:`~grokxform.declarations.MaRingWindow`, slot ``count % w`` oldest). Every other
+instead (:class:`~grokxform.declarations.RingWindow`, slot ``count % w`` oldest). Every other
 state leaf is used as it is.
 
 A state owned in the fused layout can also be stepped by the pure ``tx.update``, in place:
@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State
-from grokxform.declarations import MaRingWindow, window_fields
+from grokxform.declarations import RingWindow, window_fields
 
 
 class _LazyZeros(TorchDispatchMode):
@@ -108,7 +108,7 @@ def _host_counts(counts: list[Any]) -> list[int]:
 def _to_ring(st: Any, lazy: dict[int, torch.Tensor], ring_order: bool) -> Any:
     wname, cname = window_fields(st)  # type: ignore[misc]
     window = getattr(st, wname)
-    if isinstance(window, MaRingWindow):
+    if isinstance(window, RingWindow):
         return _with(st, **{f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st)})
     # (the other fields only: the tuple window's lazy slots go straight into the rings)
     materialized = {f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st) if f != wname}
@@ -123,13 +123,13 @@ def _to_ring(st: Any, lazy: dict[int, torch.Tensor], ring_order: bool) -> Any:
             rings.append(None)
             continue
         rings.append(_ring_from_slots([s[i] for s in slot_leaves], starts[i], lazy))
-    return _with(st, **{**materialized, wname: MaRingWindow(_tree.unflatten(rings, spec))})
+    return _with(st, **{**materialized, wname: RingWindow(_tree.unflatten(rings, spec))})
 
 
 def _to_eager(st: Any, ring_order: bool) -> Any:
     wname, cname = window_fields(st)  # type: ignore[misc]
     window = getattr(st, wname)
-    if not isinstance(window, MaRingWindow):
+    if not isinstance(window, RingWindow):
         return st
     counts, spec = _tree.flatten(getattr(st, cname))
     rings = _tree.flatten(window.buffers)[0]
@@ -188,7 +188,7 @@ def _homed(values: list[Any]) -> list[Any]:
 
 
 def _home_counters(node: Any) -> Any:
-    if isinstance(node, MaRingWindow) or isinstance(node, torch.Tensor) or node is None:
+    if isinstance(node, RingWindow) or isinstance(node, torch.Tensor) or node is None:
         return node
     if isinstance(node, tuple) and hasattr(node, "_fields"):  # a state NamedTuple
         return type(node)(*(_home_counters(v) for v in node))
@@ -240,7 +240,7 @@ def oldest_first(state: State) -> State:
             return st
         wname, cname = window_fields(st)  # type: ignore[misc]
         window, count = getattr(st, wname), getattr(st, cname)
-        if not isinstance(window, tuple) or isinstance(window, MaRingWindow):
+        if not isinstance(window, tuple) or isinstance(window, RingWindow):
             return st
         counts, spec = _tree.flatten(count)
         starts = _host_counts(counts)
@@ -321,7 +321,7 @@ def write_back(owned: Owned, new: State) -> None:
             continue
         if _is_windowed(d):
             window = getattr(d, window_fields(d)[0])  # type: ignore[index]
-            pairs.extend(_window_pairs(d, x) if not isinstance(window, MaRingWindow) else _changed(d, x))
+            pairs.extend(_window_pairs(d, x) if not isinstance(window, RingWindow) else _changed(d, x))
         elif isinstance(d, torch.Tensor):
             pairs.append((d, x))
     if not pairs:

@@ -1,13 +1,20 @@
 """A transform's declarations bound to a live state, its leaves and one pattern of gradients.
 
-:func:`make_plan` walks the declaration tree (:mod:`grokxform.declarations`) in the chain's own
-order and returns a tree of nodes that know their state objects and the leaves they act on:
+:func:`make_plan` turns the declaration tree (:mod:`grokxform.declarations`) into a tree of nodes
+that know their state objects and the leaves they act on, in the chain's own order:
 
 - :class:`Member`: one primitive (:class:`~grokxform.declarations.Elementwise`) with its state
   tensors per leaf, its scalar stage and, for a primitive that reduces its input (the clip), the
   index of its reduction pass;
 - :class:`Amp`, :class:`Mask`, :class:`Part`, :class:`Inject`, :class:`Accum`, :class:`Finite` and
   :class:`Seq` for the combinators.
+
+Each node type carries everything the engine does with it, once: its planning (``plan``), this
+step's declaration (``rebind``), its scalars and state updates (``scalars``), its per-leaf state
+tensors (``columns``) and its per-element meaning (``apply``). ``apply`` is the one walk of a
+chain's element programs: every backend (the Triton and C kernel text of
+:mod:`grokxform.engine.codegen`, the in-place foreach lists of :mod:`grokxform.engine.foreach`)
+is a :class:`Runner` that it drives.
 
 Reductions split a step into passes: pass r computes the program up to reduction point r and
 reduces there (Σx² and the count of non-finite values per block of each leaf); the last pass runs
@@ -17,15 +24,19 @@ reduction points before it (its own included), before pass s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, NoReturn, Protocol, Union
 
 import torch
 
 from grokxform import declarations as D
 from grokxform import tree as _tree
 from grokxform.elements import TracedRule
+
+SLOT = "__slot"
+"""The scalar holding each leaf's ring slot of a member's window (its oldest value)."""
 
 
 class Unsupported(ValueError):
@@ -36,88 +47,43 @@ class TupleWindow(Unsupported):
     """A window in the eager layout (a tuple of trees): the engine takes the ring layout only."""
 
 
-@dataclass(eq=False)
-class Member:
-    """A primitive in the plan. ``leaves``: the positions (among all leaves of the tree) it acts
-    on this step; ``fields``/``counts``/``window``: its per-leaf state tensors at those leaves."""
+class Runner(Protocol):
+    """What :meth:`Node.apply` drives: one backend running one pass of the plan for the leaves of
+    a group (which all run the program of :attr:`leaf`). Values (``X``) are the backend's own:
+    kernel variables, lists of tensors."""
 
-    decl: D.Elementwise
-    state: Any
-    where: str
-    leaves: list[int]
-    fields: dict[str, list[torch.Tensor]]
-    counts: list[torch.Tensor] | None
-    window: list[torch.Tensor] | None
-    guards: tuple[Flag, ...]
-    stage: int = 0
-    reduction: int | None = None
+    leaf: int
+    pass_index: int
+    main: bool
+    """Whether this is the pass that writes (the last)."""
 
+    def rule(self, node: Any, rule: TracedRule, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The element rule on ``inputs`` with ``node``'s scalars."""
 
-@dataclass(eq=False)
-class Amp:
-    inner: Node
-    rule: TracedRule
-    lamb: Any
-    leaves: set[int]
-    where: str
-    stage: int = 0
+    def param(self) -> Any:
+        """The param."""
 
+    def state(self, node: Any, name: str) -> Any:
+        """A per-leaf state tensor of ``node`` (a column of :meth:`Node.columns`)."""
 
-@dataclass(eq=False)
-class Mask:
-    inner: Node
-    selected: set[int]
+    def write(self, node: Any, name: str, value: Any) -> None:
+        """Store ``value`` in that state tensor (where the enclosing wrappers' flags are set)."""
 
+    def oldest(self, member: Member) -> Any:
+        """The oldest value of ``member``'s window."""
 
-@dataclass(eq=False)
-class Part:
-    members: dict[str, Node]
-    labels: list[str]
+    def push(self, member: Member, newest: Any, out: Any) -> Any:
+        """Store ``newest`` in the window's oldest slot, re-sum the window where due
+        (:class:`~grokxform.declarations.WindowField`); return ``out`` (a copy if it was re-summed)."""
 
+    def reached(self, x: Any) -> NoReturn:
+        """The pass's reduction point: reduce ``x`` and end the pass."""
 
-@dataclass(eq=False)
-class Inject:
-    inner: Node
-    decl: D.Injected
-    state: Any
-    guards: tuple[Flag, ...]
-    where: str
-    stage: int = 0
-    built: tuple[Any, Any, Any] | None = None
-    """(the hyperparameter tensors' ids, the inner declaration built from them, the declaration)."""
+    def shared(self, x: Any) -> Any:
+        """``x``, to be read again later (no op may write it in place)."""
 
-
-@dataclass(eq=False)
-class Accum:
-    inner: Node
-    decl: D.Accumulate
-    state: Any
-    leaves: list[int]
-    acc: list[torch.Tensor]
-    guards: tuple[Flag, ...]
-    where: str
-    stage: int = 0
-
-
-@dataclass(eq=False)
-class Finite:
-    inner: Node
-    state: Any
-    leaves: list[int]
-    guards: tuple[Flag, ...]
-    where: str
-    stage: int = 0
-    reduction: int = 0
-
-
-@dataclass(eq=False)
-class Seq:
-    children: list[Node]
-
-
-Node = Union[Member, Amp, Mask, Part, Inject, Accum, Finite, Seq]
-Staged = Union[Member, Amp, Inject, Accum, Finite]
-"""The nodes that have scalars (a stage)."""
+    def gated(self, node: Any, flag: str) -> AbstractContextManager[None]:
+        """State writes inside happen only where ``node``'s flag ``flag`` is set."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,13 +95,515 @@ class Flag:
     name: str
 
 
+@dataclass
+class StepEnv:
+    """What the scalar rules of one step read and write (:meth:`Node.scalars`)."""
+
+    decls: dict[int, Any]
+    """Per node id: this step's declaration (an :class:`Inject`: its hyperparameters)."""
+    counts: dict[int, torch.Tensor]
+    reduced: dict[int, dict[str, torch.Tensor]]
+    extras: dict[str, Any]
+    paths: list[str]
+    present: dict[int, list[bool]]
+    count_vectors: dict[int, torch.Tensor | None]
+    device: torch.device
+    flags: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    writes: list[tuple[torch.Tensor, Any, tuple[Flag, ...]]] = field(default_factory=list)
+    bumps: list[tuple[list[torch.Tensor], torch.Tensor | None, tuple[Flag, ...]]] = field(default_factory=list)
+
+    def write(self, state: Any, new: dict[str, Any], guards: tuple[Flag, ...]) -> None:
+        """The 0-d fields of ``state`` get the values ``new`` after the step (where ``guards`` hold)."""
+        self.writes.extend((getattr(state, f), v, guards) for f, v in new.items())
+
+
+@dataclass
+class _Ctx:
+    p_tree: Any
+    p_leaves: list[Any]
+    paths: list[str]
+    spec: Any
+    members: list[Member] = field(default_factory=list)
+    nodes: list[Any] = field(default_factory=list)
+    reductions: list[Union[Member, Finite]] = field(default_factory=list)
+
+    def leaf_list(self, tree: Any, where: str, what: str) -> list[Any]:
+        leaves, spec = _tree.flatten(tree)
+        if spec != self.spec:
+            raise Unsupported(f"{where}: the state's {what} does not have the structure of the params")
+        return leaves
+
+
+class Node:
+    """A node of the plan. The defaults are those of a node without scalars or state tensors."""
+
+    declares: ClassVar[type]
+    """The declaration type the node plans."""
+    per_leaf: ClassVar[bool] = False
+    """Whether its ``leaves`` are the list of leaves its per-leaf scalars and state belong to."""
+
+    def acts_on(self, leaf: int) -> bool:
+        """Whether the node does per-element work on ``leaf`` (when it gets a gradient)."""
+        return True
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        """The leaves (of ``active``, those with a gradient) whose update the node computes
+        rather than passes through."""
+        return ()
+
+    @classmethod
+    def plan(cls, decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str) -> Node:
+        """The node of ``decl`` over the leaves ``active``, its state ``state``."""
+        raise NotImplementedError
+
+    def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
+        """``(node, this step's declaration)`` for this node and those below it."""
+        yield self, decl
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        """The node's update of the value ``x`` of :attr:`Runner.leaf`, on ``run``."""
+        raise NotImplementedError
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        """This step's scalars of the node; its state updates go to ``env``."""
+        return {}
+
+    def columns(self) -> dict[str, list[torch.Tensor]]:
+        """Its per-leaf state tensors that the element programs read, by name, one per leaf of its
+        ``leaves``."""
+        return {}
+
+    def state_tensors(self) -> list[list[torch.Tensor]]:
+        """All its per-leaf state tensors, by column (counters included)."""
+        return list(self.columns().values())
+
+    def bind(self, other: Node) -> None:
+        """Take the tensors and state of ``other``, a plan of the same transform over other tensors."""
+
+    def release(self) -> None:
+        """Drop the references to tensors and state (:meth:`bind` gives them again)."""
+
+
+def _plan(decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str) -> Node:
+    if decl is None:
+        raise Unsupported(f"{where} has no declaration (a transform with its own update function)")
+    kind = _NODES.get(type(decl))
+    if kind is None:
+        raise Unsupported(f"{where}: no engine support for {type(decl).__name__}")
+    return kind.plan(decl, state, active, guards, ctx, where)
+
+
+def _name(where: str, key: Any) -> str:
+    return f"{where}[{key!r}]" if where != "the transform" else f"member {key!r}"
+
+
+@dataclass(eq=False)
+class Seq(Node):
+    declares: ClassVar[type] = D.Sequence
+    children: list[Node]
+
+    @classmethod
+    def plan(cls, decl: D.Sequence, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        if decl.keys and (not isinstance(state, (tuple, dict)) or len(state) != len(decl.keys)):
+            raise Unsupported(f"{where}: the state does not match the chain")
+        return cls([_plan(m, state[k], active, guards, ctx, _name(where, k)) for k, m in zip(decl.keys, decl.members)])
+
+    def rebind(self, decl: D.Sequence, state: Any) -> Iterator[tuple[Node, Any]]:
+        for key, kid, d in zip(decl.keys, self.children, decl.members):
+            yield from kid.rebind(d, state[key])
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        for kid in self.children:
+            x = kid.apply(run, x)
+        return x
+
+
+@dataclass(eq=False)
+class Member(Node):
+    """A primitive in the plan. ``leaves``: the positions (among all leaves of the tree) it acts
+    on this step; ``fields``/``counts``/``window``: its per-leaf state tensors at those leaves."""
+
+    declares: ClassVar[type] = D.Elementwise
+    per_leaf: ClassVar[bool] = True
+    decl: D.Elementwise
+    state: Any
+    where: str
+    leaves: list[int]
+    fields: dict[str, list[torch.Tensor]]
+    counts: list[torch.Tensor] | None
+    window: list[torch.Tensor] | None
+    guards: tuple[Flag, ...]
+    stage: int = 0
+    reduction: int | None = None
+
+    @classmethod
+    def plan(cls, decl: D.Elementwise, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        where = f"{where} ({decl.name})"
+        if decl.unsupported:
+            raise Unsupported(f"{where}: {decl.unsupported}")
+        if decl.state_type is not None and not isinstance(state, decl.state_type):
+            raise Unsupported(f"{where}: the state is a {type(state).__name__}, not a {decl.state_type.__name__}")
+        leaves = list(active)
+        if decl.select is not None:
+            sel = decl.select(ctx.p_tree)
+            leaves = [i for i in leaves if sel[i]]
+
+        def column(tree: Any, what: str) -> list[Any]:
+            got = ctx.leaf_list(tree, where, what)
+            return [got[i] for i in leaves]
+
+        fields = {f: column(getattr(state, f), f) for f in decl.fields}
+        counts = column(getattr(state, decl.count), decl.count) if decl.count is not None else None
+        window = None
+        if decl.window is not None:
+            w = getattr(state, decl.window.name)
+            if not isinstance(w, D.RingWindow):
+                raise TupleWindow(f"{where}: the window is not in the ring layout")
+            window = column(w.buffers, "window")
+        for i, leaf in enumerate(leaves):
+            if any(v[i] is None for v in fields.values()) or (counts is not None and counts[i] is None):
+                raise Unsupported(f"{where}: the leaf {ctx.paths[leaf]!r} has no state (its param was None at init)")
+        node = cls(decl, state, where, leaves, fields, counts, window, guards)
+        if decl.reduce:
+            node.reduction = len(ctx.reductions)
+            ctx.reductions.append(node)
+        node.stage = len(ctx.reductions)
+        ctx.members.append(node)
+        ctx.nodes.append(node)
+        return node
+
+    def reduces(self) -> tuple[str, ...]:
+        """What it reduces at its reduction point (a pass ends there)."""
+        return self.decl.reduce
+
+    def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
+        if not isinstance(decl, D.Elementwise) or decl.name != self.decl.name:
+            raise Unsupported(f"{self.where}: the transform changed its structure between steps")
+        yield self, decl
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        if run.leaf not in self.leaves:
+            return x
+        if self.reduction == run.pass_index:
+            run.reached(x)
+        decl = self.decl
+        inputs = {"x": x}
+        if decl.needs_params:
+            inputs["param"] = run.param()
+        for f in decl.fields:
+            inputs[f] = run.state(self, f)
+        if decl.window is not None:
+            inputs["window"] = run.oldest(self)
+        got = run.rule(self, decl.rule, inputs)
+        if not run.main:
+            return got["out"]
+        for f in decl.fields:
+            run.write(self, f, got[f])
+        return run.push(self, got["window"], got["out"]) if decl.window is not None else got["out"]
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        if not self.leaves and self.decl.reduce:
+            return {}  # a reduction over nothing changes nothing (as eager)
+        decl = env.decls[id(self)]
+        counts = env.counts.get(id(self))
+        ctx = D.ScalarContext(
+            state=self.state, counts=counts, reduced=env.reduced.get(id(self), {}), known_paths=env.paths,
+            present=env.present[id(self)], index=self.leaves, extra=D.DeclaredExtras(env.extras, decl),
+            device=env.device,
+        )
+        values, new = decl.scalars(ctx)
+        values = dict(values)
+        if self.window is not None and counts is not None and decl.window is not None:
+            values[SLOT] = torch.remainder(counts, decl.window.size)
+        env.write(self.state, dict(new), self.guards)
+        if self.counts:
+            env.bumps.append((self.counts, env.count_vectors[id(self)], self.guards))
+        return values
+
+    def columns(self) -> dict[str, list[torch.Tensor]]:
+        return {**self.fields, **({"window": self.window} if self.window is not None else {})}
+
+    def state_tensors(self) -> list[list[torch.Tensor]]:
+        return [*self.columns().values(), *([self.counts] if self.counts else [])]
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        return self.leaves
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, Member)
+        self.fields, self.counts, self.window, self.state = other.fields, other.counts, other.window, other.state
+
+    def release(self) -> None:
+        self.fields, self.counts, self.window, self.state = {}, None, None, None
+
+
+@dataclass(eq=False)
+class Amp(Node):
+    """``amplify``: ``rule(x, slow)`` with ``slow`` the inner filter's output."""
+
+    declares: ClassVar[type] = D.Amplify
+    inner: Node
+    rule: TracedRule
+    lamb: Any
+    leaves: set[int]
+    where: str
+    stage: int = 0
+
+    @classmethod
+    def plan(cls, decl: D.Amplify, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        node = cls(_plan(decl.inner, state, active, guards, ctx, where), decl.rule, decl.lamb, set(active), where)
+        node.stage = len(ctx.reductions)
+        ctx.nodes.append(node)
+        return node
+
+    def rebind(self, decl: D.Amplify, state: Any) -> Iterator[tuple[Node, Any]]:
+        yield self, decl
+        yield from self.inner.rebind(decl.inner, state)
+
+    def acts_on(self, leaf: int) -> bool:
+        return leaf in self.leaves
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        return self.leaves
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        if run.leaf not in self.leaves:
+            return x
+        slow = self.inner.apply(run, run.shared(x))
+        return run.rule(self, self.rule, {"x": x, "slow": slow})["out"]
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        return {"lamb": env.decls[id(self)].lamb}
+
+
+@dataclass(eq=False)
+class Mask(Node):
+    declares: ClassVar[type] = D.Masked
+    inner: Node
+    selected: set[int]
+
+    @classmethod
+    def plan(cls, decl: D.Masked, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        sel = decl.select(ctx.p_tree)
+        chosen = [i for i in active if sel[i]]
+        return cls(_plan(decl.inner, state, chosen, guards, ctx, where), set(chosen))
+
+    def rebind(self, decl: D.Masked, state: Any) -> Iterator[tuple[Node, Any]]:
+        yield from self.inner.rebind(decl.inner, state)
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        return self.inner.apply(run, x) if run.leaf in self.selected else x
+
+
+@dataclass(eq=False)
+class Part(Node):
+    declares: ClassVar[type] = D.Partition
+    members: dict[str, Node]
+    labels: list[str]
+
+    @classmethod
+    def plan(cls, decl: D.Partition, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        labels = decl.labels(ctx.p_tree)
+        return cls({
+            label: _plan(d, state[label], [i for i in active if labels[i] == label], guards, ctx, _name(where, label))
+            for label, d in decl.members.items()
+        }, labels)
+
+    def rebind(self, decl: D.Partition, state: Any) -> Iterator[tuple[Node, Any]]:
+        for label, kid in self.members.items():
+            yield from kid.rebind(decl.members[label], state[label])
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        return self.members[self.labels[run.leaf]].apply(run, x)
+
+
+@dataclass(eq=False)
+class Inject(Node):
+    """``inject_hyperparams``: the inner transform built from this step's hyperparameters."""
+
+    declares: ClassVar[type] = D.Injected
+    inner: Node
+    decl: D.Injected
+    state: Any
+    guards: tuple[Flag, ...]
+    where: str
+    stage: int = 0
+    built: tuple[Any, Any, Any] | None = None
+    """(the hyperparameter tensors' ids, the inner declaration built from them, the declaration)."""
+
+    @classmethod
+    def plan(cls, decl: D.Injected, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        hp = decl.current(state.count, state.hyperparams)
+        inner = D.declaration_of(decl.build(hp))
+        node = cls(Seq([]), decl, state, guards, where, built=(tuple(id(v) for v in hp.values()), inner, decl))
+        ctx.nodes.append(node)
+        node.inner = _plan(inner, state.inner_state, active, guards, ctx, where)
+        return node
+
+    def rebind(self, decl: D.Injected, state: Any) -> Iterator[tuple[Node, Any]]:
+        hp = decl.current(state.count, state.hyperparams)
+        yield self, hp
+        # The inner transform is rebuilt only when a hyperparameter is another tensor (a schedule's
+        # value): the stored ones are filled in place, and the transform reads them as they are.
+        key = tuple(id(v) for v in hp.values())
+        if self.built is None or self.built[0] != key or self.built[2] is not decl:
+            self.built = (key, D.declaration_of(decl.build(hp)), decl)
+        yield from self.inner.rebind(self.built[1], state.inner_state)
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        return self.inner.apply(run, x)
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        st, hp = self.state, env.decls[id(self)]
+        env.writes.append((st.count, st.count + 1, self.guards))
+        env.writes.extend((st.hyperparams[n], hp[n], self.guards) for n in self.decl.schedules)
+        return {}
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, Inject)
+        self.state = other.state
+
+    def release(self) -> None:
+        self.state = None
+
+
+@dataclass(eq=False)
+class Accum(Node):
+    """``MultiSteps``: the inner transform on the mean of every k gradients."""
+
+    declares: ClassVar[type] = D.Accumulate
+    per_leaf: ClassVar[bool] = True
+    inner: Node
+    decl: D.Accumulate
+    state: Any
+    leaves: list[int]
+    acc: list[torch.Tensor]
+    guards: tuple[Flag, ...]
+    where: str
+    stage: int = 0
+
+    @classmethod
+    def plan(cls, decl: D.Accumulate, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        acc = ctx.leaf_list(state.acc, where, "accumulator")
+        node = cls(Seq([]), decl, state, list(active), [acc[i] for i in active], guards, where)
+        node.stage = len(ctx.reductions)
+        ctx.nodes.append(node)
+        node.inner = _plan(decl.inner, state.inner_state, active, (*guards, Flag(node, "final")), ctx, where)
+        return node
+
+    def rebind(self, decl: D.Accumulate, state: Any) -> Iterator[tuple[Node, Any]]:
+        yield self, decl
+        yield from self.inner.rebind(decl.inner, state.inner_state)
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        if run.leaf not in self.leaves:
+            return x
+        got = run.rule(self, self.decl.rule, {"x": x, "acc": run.state(self, "acc")})
+        with run.gated(self, "final"):
+            y = self.inner.apply(run, got["mean"])
+        if run.main:
+            run.write(self, "acc", got["acc"])
+        return run.rule(self, D.Accumulate.skip, {"x": y})["out"]
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        final, new = self.decl.advance(self.state)
+        env.flags[(id(self), "final")] = final
+        env.write(self.state, new, self.guards)
+        return {"k": float(self.decl.every), "final": final}
+
+    def columns(self) -> dict[str, list[torch.Tensor]]:
+        return {"acc": self.acc}
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        return active  # (a skipped step is −0.0 on every leaf)
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, Accum)
+        self.acc, self.state = other.acc, other.state
+
+    def release(self) -> None:
+        self.acc, self.state = [], None
+
+
+@dataclass(eq=False)
+class Finite(Node):
+    """``apply_if_finite``: the inner transform's step where every gradient is finite."""
+
+    declares: ClassVar[type] = D.IfFinite
+    per_leaf: ClassVar[bool] = True
+    inner: Node
+    state: Any
+    leaves: list[int]
+    guards: tuple[Flag, ...]
+    where: str
+    stage: int = 0
+    reduction: int = 0
+
+    @classmethod
+    def plan(cls, decl: D.IfFinite, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        node = cls(Seq([]), state, list(active), guards, where)
+        node.reduction = len(ctx.reductions)
+        ctx.reductions.append(node)
+        node.stage = len(ctx.reductions)
+        ctx.nodes.append(node)
+        node.inner = _plan(decl.inner, state.inner_state, active, (*guards, Flag(node, "finite")), ctx, where)
+        return node
+
+    def reduces(self) -> tuple[str, ...]:
+        return ("finite",)
+
+    def rebind(self, decl: D.IfFinite, state: Any) -> Iterator[tuple[Node, Any]]:
+        yield self, decl
+        yield from self.inner.rebind(decl.inner, state.inner_state)
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        if self.reduction == run.pass_index:
+            run.reached(x)
+        with run.gated(self, "finite"):
+            y = self.inner.apply(run, x)
+        return run.rule(self, D.IfFinite.skip, {"x": y})["out"]
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        return active  # (a skipped step is −0.0 on every leaf)
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        finite = D.IfFinite.combine(env.reduced[id(self)]["finite"].all(), env.extras)
+        env.flags[(id(self), "finite")] = finite
+        env.write(self.state, D.IfFinite.advance(self.state, finite), self.guards)
+        return {"finite": finite}
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, Finite)
+        self.state = other.state
+
+    def release(self) -> None:
+        self.state = None
+
+
+_NODES: dict[type, type[Node]] = {kind.declares: kind for kind in (Seq, Member, Amp, Mask, Part, Inject, Accum, Finite)}
+"""The node type of each declaration type."""
+
+Staged = Union[Member, Amp, Inject, Accum, Finite]
+"""The nodes that have scalars (a stage)."""
+Reduction = Union[Member, Finite]
+"""The nodes that reduce their input (a pass ends at each)."""
+
+
 @dataclass(eq=False)
 class Plan:
     root: Node
     members: list[Member]
-    nodes: list[Staged]
+    nodes: list[Any]
     """Every node with scalars (members and wrappers), in the order they are planned."""
-    reductions: list[Union[Member, Finite]]
+    reductions: list[Reduction]
     leaves: list[int]
     """The positions of the leaves with a gradient (the step's work)."""
     paths: list[str]
@@ -147,23 +615,10 @@ class Plan:
     def passes(self) -> int:
         return len(self.reductions) + 1
 
-
-@dataclass
-class _Ctx:
-    p_tree: Any
-    p_leaves: list[Any]
-    paths: list[str]
-    spec: Any
-    members: list[Member] = field(default_factory=list)
-    nodes: list[Staged] = field(default_factory=list)
-    reductions: list[Union[Member, Finite]] = field(default_factory=list)
-
-
-def _leaf_list(tree: Any, ctx: _Ctx, where: str, what: str) -> list[Any]:
-    leaves, spec = _tree.flatten(tree)
-    if spec != ctx.spec:
-        raise Unsupported(f"{where}: the state's {what} does not have the structure of the params")
-    return leaves
+    def rebind(self, decl: Any, state: Any) -> dict[int, Any]:
+        """This step's declaration of every node, by id (an :class:`Inject` node builds its inner
+        transform from this step's hyperparameters)."""
+        return {id(node): d for node, d in self.root.rebind(decl, state)}
 
 
 def make_plan(decl: D.Declaration | None, state: Any, p_tree: Any, grads: list[Any]) -> Plan:
@@ -174,138 +629,9 @@ def make_plan(decl: D.Declaration | None, state: Any, p_tree: Any, grads: list[A
     active = [i for i, g in enumerate(grads) if g is not None]
     if not active:
         raise Unsupported("no leaf has a gradient")
-    root = _walk(decl, state, active, (), ctx, "the transform")
+    root = _plan(decl, state, active, (), ctx, "the transform")
     present = [g is not None for g in grads]
     return Plan(
         root, ctx.members, ctx.nodes, ctx.reductions, active, ctx.paths, present, p_leaves,
         {i: grads[i] for i in active},
     )
-
-
-def _name(where: str, key: Any) -> str:
-    return f"{where}[{key!r}]" if where != "the transform" else f"member {key!r}"
-
-
-def _walk(decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str) -> Node:
-    if decl is None:
-        raise Unsupported(f"{where} has no declaration (a transform with its own update function)")
-    if isinstance(decl, D.Sequence):
-        if decl.keys and (not isinstance(state, (tuple, dict)) or len(state) != len(decl.keys)):
-            raise Unsupported(f"{where}: the state does not match the chain")
-        kids = []
-        for key, member in zip(decl.keys, decl.members):
-            kids.append(_walk(member, state[key], active, guards, ctx, _name(where, key)))
-        return Seq(kids)
-    if isinstance(decl, D.Elementwise):
-        return _member(decl, state, active, guards, ctx, where)
-    if isinstance(decl, D.Amplify):
-        amp = Amp(_walk(decl.inner, state, active, guards, ctx, where), decl.rule, decl.lamb, set(active), where)
-        amp.stage = len(ctx.reductions)
-        ctx.nodes.append(amp)
-        return amp
-    if isinstance(decl, D.Masked):
-        sel = decl.select(ctx.p_tree)
-        chosen = [i for i in active if sel[i]]
-        return Mask(_walk(decl.inner, state, chosen, guards, ctx, where), set(chosen))
-    if isinstance(decl, D.Partition):
-        labels = decl.labels(ctx.p_tree)
-        parts = {
-            label: _walk(d, state[label], [i for i in active if labels[i] == label], guards, ctx, _name(where, label))
-            for label, d in decl.members.items()
-        }
-        return Part(parts, labels)
-    if isinstance(decl, D.Injected):
-        hp = decl.current(state.count, state.hyperparams)
-        inner = D.declaration_of(decl.build(hp))
-        inject = Inject(Seq([]), decl, state, guards, where, built=(tuple(id(v) for v in hp.values()), inner, decl))
-        ctx.nodes.append(inject)
-        inject.inner = _walk(inner, state.inner_state, active, guards, ctx, where)
-        return inject
-    if isinstance(decl, D.Accumulate):
-        acc = _leaf_list(state.acc, ctx, where, "accumulator")
-        accum = Accum(Seq([]), decl, state, list(active), [acc[i] for i in active], guards, where)
-        accum.stage = len(ctx.reductions)
-        ctx.nodes.append(accum)
-        accum.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(accum, "final")), ctx, where)
-        return accum
-    if isinstance(decl, D.IfFinite):
-        finite = Finite(Seq([]), state, list(active), guards, where)
-        finite.reduction = len(ctx.reductions)
-        ctx.reductions.append(finite)
-        finite.stage = len(ctx.reductions)
-        ctx.nodes.append(finite)
-        finite.inner = _walk(decl.inner, state.inner_state, active, (*guards, Flag(finite, "finite")), ctx, where)
-        return finite
-    raise Unsupported(f"{where}: no engine support for {type(decl).__name__}")
-
-
-def _member(
-    decl: D.Elementwise, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str
-) -> Member:
-    where = f"{where} ({decl.name})"
-    if decl.unsupported:
-        raise Unsupported(f"{where}: {decl.unsupported}")
-    if decl.state_type is not None and not isinstance(state, decl.state_type):
-        raise Unsupported(f"{where}: the state is a {type(state).__name__}, not a {decl.state_type.__name__}")
-    leaves = list(active)
-    if decl.select is not None:
-        sel = decl.select(ctx.p_tree)
-        leaves = [i for i in leaves if sel[i]]
-    fields = {}
-    for f in decl.fields:
-        got = _leaf_list(getattr(state, f), ctx, where, f)
-        fields[f] = [got[i] for i in leaves]
-    counts = None
-    if decl.count is not None:
-        got = _leaf_list(getattr(state, decl.count), ctx, where, decl.count)
-        counts = [got[i] for i in leaves]
-    window = None
-    if decl.window is not None:
-        w = getattr(state, decl.window.name)
-        if not isinstance(w, D.MaRingWindow):
-            raise TupleWindow(f"{where}: the window is not in the ring layout")
-        got = _leaf_list(w.buffers, ctx, where, "window")
-        window = [got[i] for i in leaves]
-    for i, leaf in enumerate(leaves):
-        if any(v[i] is None for v in fields.values()) or (counts is not None and counts[i] is None):
-            raise Unsupported(f"{where}: the leaf {ctx.paths[leaf]!r} has no state (its param was None at init)")
-    node = Member(decl, state, where, leaves, fields, counts, window, guards)
-    if decl.reduce:
-        node.reduction = len(ctx.reductions)
-        ctx.reductions.append(node)
-    node.stage = len(ctx.reductions)
-    ctx.members.append(node)
-    ctx.nodes.append(node)
-    return node
-
-
-def rebind(node: Node, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
-    """Yield ``(node, declaration)`` for every node of a plan, with the declarations of this
-    step (an :class:`Inject` node builds its inner transform from this step's hyperparameters)."""
-    if isinstance(node, Seq):
-        for key, kid, d in zip(decl.keys, node.children, decl.members):
-            yield from rebind(kid, d, state[key])
-    elif isinstance(node, Member):
-        if not isinstance(decl, D.Elementwise) or decl.name != node.decl.name:
-            raise Unsupported(f"{node.where}: the transform changed its structure between steps")
-        yield node, decl
-    elif isinstance(node, Amp):
-        yield node, decl
-        yield from rebind(node.inner, decl.inner, state)
-    elif isinstance(node, Mask):
-        yield from rebind(node.inner, decl.inner, state)
-    elif isinstance(node, Part):
-        for label, kid in node.members.items():
-            yield from rebind(kid, decl.members[label], state[label])
-    elif isinstance(node, Inject):
-        hp = decl.current(state.count, state.hyperparams)
-        yield node, hp
-        # The inner transform is rebuilt only when a hyperparameter is another tensor (a schedule's
-        # value): the stored ones are filled in place, and the transform reads them as they are.
-        key = tuple(id(v) for v in hp.values())
-        if node.built is None or node.built[0] != key or node.built[2] is not decl:
-            node.built = (key, D.declaration_of(decl.build(hp)), decl)
-        yield from rebind(node.inner, node.built[1], state.inner_state)
-    elif isinstance(node, (Accum, Finite)):
-        yield node, decl
-        yield from rebind(node.inner, decl.inner, state.inner_state)

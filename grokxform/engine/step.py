@@ -296,7 +296,7 @@ class EngineStep:
         self._node_index = {id(node): k for k, node in enumerate(plan.nodes)}
         self._position = {  # a leaf's position among a node's leaves (the index of its per-leaf scalars)
             id(node): {leaf: k for k, leaf in enumerate(node.leaves)} for node in plan.nodes
-            if isinstance(node, (P.Member, P.Accum, P.Finite))
+            if node.per_leaf
         }
         self._nodes_by_stage: list[list[Any]] = [[] for _ in range(plan.passes)]
         for node in plan.nodes:
@@ -367,21 +367,11 @@ class EngineStep:
         if self.output == "updates":
             roles["U"] = self.updates[leaf]
         key: list[Any] = []
-        for k, node in enumerate(plan.nodes):
-            if isinstance(node, P.Member):
-                inside = leaf in node.leaves
-                if inside:
-                    j = self._position[id(node)][leaf]
-                    for f, ts in node.fields.items():
-                        roles[self._role(node, f)] = ts[j]
-                    if node.window is not None:
-                        roles[self._role(node, "window")] = node.window[j]
-            elif isinstance(node, (P.Amp, P.Accum, P.Finite)):
-                inside = leaf in node.leaves
-                if inside and isinstance(node, P.Accum):
-                    roles[self._role(node, "acc")] = node.acc[self._position[id(node)][leaf]]
-            else:  # Inject: no per-leaf work
-                inside = True
+        for node in plan.nodes:
+            at = self._position.get(id(node))
+            inside = leaf in at if at is not None else node.acts_on(leaf)
+            if inside and at is not None:
+                roles.update({self._role(node, name): col[at[leaf]] for name, col in node.columns().items()})
             key.append(inside)
         key.extend((r, t.dtype) for r, t in sorted(roles.items()))
         return roles, tuple(key)
@@ -435,16 +425,11 @@ class EngineStep:
             kind = native.CEmitter if self.backend == "c" else G.Emitter
             em = kind(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role,
                       output=self.output)
-            x = em.load("G", grp.dtypes["G"])
-            try:
-                out = em.node(plan.root, x)
-                em.finish(out)
-            except G.Stop:
-                pass
+            em.walk(plan.root)
             rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32  # (float64: C kernels)
             if isinstance(em, native.CEmitter):  # compiled with the step's other kernels (_load_c)
                 if not main:
-                    grp.reads_gradient[p] = em.reduced is x
+                    grp.reads_gradient[p] = em.reduced is em.gradient
                 name = f"group{len(self._c_functions)}_pass{p}"
                 block = self.block if main else self.reduce_block
                 self._c_functions.append((grp, p, name, native.function_source(name, em, plan.passes, block, rsq)))
@@ -513,12 +498,7 @@ class EngineStep:
         for old, new in zip(mine.nodes, plan.nodes):
             if type(old) is not type(new):
                 raise P.Unsupported("the transform changed structure since the step was built")
-            if isinstance(old, P.Member):
-                old.fields, old.counts, old.window = new.fields, new.counts, new.window
-            elif isinstance(old, P.Accum):
-                old.acc = new.acc
-            if not isinstance(old, P.Amp):
-                old.state = new.state
+            old.bind(new)
         mine.params, mine.grads = plan.params, plan.grads
         self.state = state
         self._counts = {id(m): _as_vector(m.counts) for m in mine.members if m.counts}
@@ -545,7 +525,7 @@ class EngineStep:
             return [self.updates[leaf] for leaf in grp.leaves]
         k, _, name = role[1:].partition("_")
         node = plan.nodes[int(k)]
-        col = node.acc if isinstance(node, P.Accum) else node.window if name == "window" else node.fields[name]
+        col = node.columns()[name]
         at = self._position[id(node)]
         return [col[at[leaf]] for leaf in grp.leaves]
 
@@ -554,12 +534,7 @@ class EngineStep:
         it again): what a pure ``tx.update`` on the kernels does after each call, so that the
         cached step holds no gradients, params or state of the caller's."""
         for node in self.plan.nodes:
-            if isinstance(node, P.Member):
-                node.fields, node.counts, node.window = {}, None, None
-            elif isinstance(node, P.Accum):
-                node.acc = []
-            if not isinstance(node, P.Amp):
-                node.state = None
+            node.release()
         self.plan.params, self.plan.grads = [], {}
         self.state, self.updates, self._grads, self._counts = None, {}, {}, {}
         for grp in self._groups:
@@ -612,7 +587,6 @@ class EngineStep:
         layout is recorded: nothing is launched or written."""
         plan = self.plan
         layout = stand_in is not None
-        decls = {id(node): d for node, d in P.rebind(plan.root, self.decl, self.state)}
         cnt: dict[int, torch.Tensor] = {}
         for m in plan.members:
             if m.counts:
@@ -620,17 +594,13 @@ class EngineStep:
                 cnt[id(m)] = torch.stack(m.counts) if vec is None else vec
         cnt.update({id(m): torch.zeros(0, dtype=torch.int64, device=self.device)
                     for m in plan.members if m.counts is not None and not m.counts})
-        reduced: dict[int, dict[str, torch.Tensor]] = {}
-        flags: dict[tuple[int, str], torch.Tensor] = {}
-        writes: list[tuple[torch.Tensor, torch.Tensor, tuple[P.Flag, ...]]] = []
-        bumps: list[tuple[list[torch.Tensor], Any, tuple[P.Flag, ...]]] = []
+        env = P.StepEnv(plan.rebind(self.decl, self.state), cnt, {}, extras, plan.paths, self._present,
+                        self._counts, self.device)
+        reduced, flags = env.reduced, env.flags
         scalars: dict[int, Scalars] = {}
         for stage in range(plan.passes):
-            values = self._branches(
-                self._nodes_by_stage[stage],
-                lambda node: self._scalars(node, decls, cnt, reduced, extras, flags, writes, bumps),
-            )
-            if torch.is_grad_enabled() and _records(values, writes):  # nothing is written yet
+            values = self._branches(self._nodes_by_stage[stage], lambda node: node.scalars(env))
+            if torch.is_grad_enabled() and _records(values, env.writes):  # nothing is written yet
                 raise P.Unsupported("autograd records the call (a hyperparameter requires grad)")
             last = stage == plan.passes - 1
             if self.backend == "foreach":  # the plan run with foreach ops, in place
@@ -667,7 +637,7 @@ class EngineStep:
                 for grp in self._groups:
                     self._launch(grp, stage)
         if not layout:
-            self._write_back(writes, bumps, flags)
+            self._write_back(env.writes, env.bumps, flags)
 
     def _reads_gradients(self, p: int) -> bool:
         """Whether reduction ``p`` of the C kernels reads the gradients as they come (the clip
@@ -676,9 +646,8 @@ class EngineStep:
         return bool(used) and all(grp.reads_gradient.get(p, False) for grp in used)
 
     def _reduce_gradients(self, red: Any) -> dict[str, torch.Tensor]:
-        kinds = red.decl.reduce if isinstance(red, P.Member) else ("finite",)
         shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
-        return D.reductions(kinds, [self._grads[leaf] for leaf in red.leaves], self.device, shards)
+        return D.reductions(red.reduces(), [self._grads[leaf] for leaf in red.leaves], self.device, shards)
 
     def _foreach_reduce(
         self, red: Any, p: int, scalars: dict[int, Scalars], flags: dict[tuple[int, str], torch.Tensor]
@@ -689,9 +658,8 @@ class EngineStep:
         for grp in self._groups:
             if grp.leaves[0] in red.leaves:
                 at.update(zip(grp.leaves, F.GroupPass(self, grp, p, scalars, flags).reduce_input()))
-        kinds = red.decl.reduce if isinstance(red, P.Member) else ("finite",)
         shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
-        return D.reductions(kinds, [at[leaf] for leaf in red.leaves], self.device, shards)
+        return D.reductions(red.reduces(), [at[leaf] for leaf in red.leaves], self.device, shards)
 
     def _branches(self, nodes: list[Any], scalars: Any) -> dict[int, dict[str, Any]]:
         """``scalars(node)`` for each node of a stage. On CUDA the nodes' rules run on side streams
@@ -712,65 +680,13 @@ class EngineStep:
             main.wait_stream(side)
         return out
 
-    def _scalars(
-        self, node: Any, decls: dict[int, Any], cnt: dict[int, torch.Tensor], reduced: dict[int, dict[str, torch.Tensor]],
-        extras: dict[str, torch.Tensor], flags: dict[tuple[int, str], torch.Tensor],
-        writes: list[Any], bumps: list[Any],
-    ) -> dict[str, Any]:
-        """The scalars of ``node`` this step; its state updates go to ``writes`` / ``bumps``."""
-        if isinstance(node, P.Member):
-            if not node.leaves and node.decl.reduce:
-                return {}  # a reduction over nothing changes nothing (as eager)
-            decl = decls[id(node)]
-            counts = cnt.get(id(node))
-            ctx = D.ScalarContext(
-                state=node.state, counts=counts, reduced=reduced.get(id(node), {}), known_paths=self.plan.paths,
-                present=self._present[id(node)], index=node.leaves, extra=D.DeclaredExtras(extras, decl),
-                device=self.device,
-            )
-            values, new = decl.scalars(ctx)
-            values = dict(values)
-            if node.window is not None and counts is not None and decl.window is not None:
-                values["__slot"] = torch.remainder(counts, decl.window.size)
-            writes.extend((getattr(node.state, f), v, node.guards) for f, v in new.items())
-            if node.counts:
-                bumps.append((node.counts, self._counts[id(node)], node.guards))
-            return values
-        if isinstance(node, P.Amp):
-            return {"lamb": decls[id(node)].lamb}
-        if isinstance(node, P.Accum):
-            st, k = node.state, node.decl.every
-            final = st.mini_step + 1 >= k
-            flags[(id(node), "final")] = final
-            writes.append((st.mini_step, torch.where(final, torch.zeros_like(st.mini_step), st.mini_step + 1), node.guards))
-            writes.append((st.steps, st.steps + final.to(st.steps.dtype), node.guards))
-            return {"k": float(k), "final": final}
-        if isinstance(node, P.Finite):
-            st = node.state
-            finite = reduced[id(node)]["finite"].all()
-            whole = extras.get(D.GLOBAL_FINITE)
-            if whole is not None:  # the tree is a part of the gradient (see apply_if_finite)
-                finite = finite & whole.to(finite.device, torch.bool).reshape(())
-            flags[(id(node), "finite")] = finite
-            skipped = (~finite).to(torch.int64)
-            writes.append((st.notfinite_count, (st.notfinite_count + 1) * skipped, node.guards))
-            writes.append((st.last_finite, finite, node.guards))
-            writes.append((st.total_notfinite, st.total_notfinite + skipped, node.guards))
-            return {"finite": finite}
-        if isinstance(node, P.Inject):
-            st, hp = node.state, decls[id(node)]
-            writes.append((st.count, st.count + 1, node.guards))
-            writes.extend((st.hyperparams[n], hp[n], node.guards) for n in node.decl.schedules)
-            return {}
-        raise AssertionError(type(node))
-
     def _record(self, stage: int, values: dict[int, dict[str, Any]]) -> None:
         """Give every scalar of this stage its place: numbers in the constant table, tensors in
         the stage's buffer."""
         off = 0
         for node in self._nodes_by_stage[stage]:
             vals = values[id(node)]
-            sc = Scalars(vals, len(node.leaves) if isinstance(node, P.Member) else 0)
+            sc = Scalars(vals, len(node.leaves) if node.per_leaf else 0)
             for name in vals:
                 kind = sc.kind(name)
                 if kind == "number":

@@ -21,7 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, State, apply_updates
-from grokxform.declarations import MaRingWindow
+from grokxform.declarations import RingWindow
 
 DEFAULT_INDUCTOR_OPTIONS: dict[str, Any] = {
     # Horizontal fusion: independent per-leaf kernels (and the 0-d counter updates) share launches.
@@ -247,8 +247,8 @@ def compile_traced(step: Any, args: list[torch.Tensor], backend: str, options: d
 
 
 def has_ring(state: State) -> bool:
-    leaves = torch.utils._pytree.tree_leaves(state, is_leaf=lambda x: isinstance(x, MaRingWindow))
-    return any(isinstance(x, MaRingWindow) for x in leaves)
+    leaves = torch.utils._pytree.tree_leaves(state, is_leaf=lambda x: isinstance(x, RingWindow))
+    return any(isinstance(x, RingWindow) for x in leaves)
 
 
 def inductor_options(options: Mapping[str, Any] | None, ring: bool) -> dict[str, Any]:

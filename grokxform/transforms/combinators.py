@@ -16,8 +16,8 @@ import torch
 from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Updates, static_hyperparams
-from grokxform.declarations import GLOBAL_FINITE, Accumulate, IfFinite, Masked, Partition, declaration_of, declare
-from grokxform.elements import Inputs, Outputs, TracedRule
+from grokxform.declarations import Accumulate, IfFinite, Masked, Partition, declaration_of, declare, run_rule
+from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
 from grokxform.transforms.masks import Mask, mask_selector
 
 
@@ -32,6 +32,16 @@ def _merge(base: Any, overlay: Any, selected: list[bool]) -> Any:
     b, spec = _tree.flatten(base)
     o, _ = _tree.flatten(overlay)
     return _tree.unflatten([y if s else x for x, y, s in zip(b, o, selected)], spec)
+
+
+def _skip(rule: TracedRule, flag: dict[str, torch.Tensor], updates: Any) -> Any:
+    """The update of a step that a wrapper takes where its ``flag`` is set, else skips (``rule``: −0.0)."""
+    leaves, spec = _tree.flatten(updates)
+    index = [i for i, u in enumerate(leaves) if u is not None]
+    got = run_rule(rule, {"x": [leaves[i] for i in index]}, Scalars(flag, len(index)))["out"]
+    for j, i in enumerate(index):
+        leaves[i] = got[j]
+    return _tree.unflatten(leaves, spec)
 
 
 def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
@@ -180,30 +190,33 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
         updates: Updates, state: MultiStepsState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, MultiStepsState]:
         _tree.check_structure(updates, state.acc, "MultiSteps state", "gradient")
-        final = state.mini_step + 1 >= k
-        acc = _tree.tree_map(lambda g, a: a if g is None else a + g.to(a.dtype), updates, state.acc)
-        mean = _tree.tree_map(lambda g, a: None if g is None else (a / k).to(g.dtype), updates, acc)
-        out, inner_new = inner.update(mean, state.inner_state, params, **extra)
-        # −0.0, not +0.0: θ + (−0.0) is θ bit for bit, also for θ = −0.0.
-        out = _tree.tree_map(lambda u: None if u is None else torch.where(final, u, torch.full_like(u, -0.0)), out)
-        # A leaf without a gradient on the k-th micro-step keeps its sum for the next window.
-        new_acc = _tree.tree_map(
-            lambda g, a: a if g is None else torch.where(final, torch.zeros_like(a), a), updates, acc
-        )
-        return out, MultiStepsState(
-            mini_step=torch.where(final, torch.zeros_like(state.mini_step), state.mini_step + 1),
-            acc=new_acc,
+        final, counters = decl.advance(state)
+        g_leaves, spec = _tree.flatten(updates)
+        acc_leaves = _tree.flatten(state.acc)[0]
+        index = [i for i, g in enumerate(g_leaves) if g is not None]
+        got = run_rule(_ACCUMULATE, {"x": [g_leaves[i] for i in index], "acc": [acc_leaves[i] for i in index]},
+                       Scalars({"k": float(k), "final": final}, len(index)))
+        mean: list[Any] = [None] * len(g_leaves)
+        new_acc = list(acc_leaves)  # a leaf without a gradient keeps its sum (for the next window too)
+        for j, i in enumerate(index):
+            mean[i], new_acc[i] = got["mean"][j], got["acc"][j]
+        out, inner_new = inner.update(_tree.unflatten(mean, spec), state.inner_state, params, **extra)
+        return _skip(decl.skip, {"final": final}, out), MultiStepsState(
+            mini_step=counters["mini_step"],
+            acc=_tree.unflatten(new_acc, spec),
             inner_state=_select(final, inner_new, state.inner_state),
-            steps=state.steps + final.to(state.steps.dtype),
+            steps=counters["steps"],
         )
 
-    return declare(GradientTransformation(init_fn, update_fn), Accumulate(declaration_of(inner), k, _ACCUMULATE))
+    decl = Accumulate(declaration_of(inner), k, _ACCUMULATE)
+    return declare(GradientTransformation(init_fn, update_fn), decl)
 
 
 def _accumulate(v: Inputs, sc: Inputs) -> Outputs:
-    """The sum of the micro-steps' gradients and their mean over k (in the gradient's dtype)."""
+    """The sum of the micro-steps' gradients and their mean over k (in the gradient's dtype); the
+    sum kept is zero after the k-th micro-step (flag ``final``)."""
     acc = v.acc + v.x.to(v.acc.dtype)
-    return {"acc": acc, "mean": (acc / sc.k).to(v.x.dtype)}
+    return {"acc": where(sc.final, 0.0, acc), "mean": (acc / sc.k).to(v.x.dtype)}
 
 
 _ACCUMULATE = TracedRule(_accumulate)
@@ -255,20 +268,10 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         finite = torch.ones((), dtype=torch.bool, device=dev)
         for g in present:
             finite = finite & torch.isfinite(g).all().to(dev)
-        whole = extra.get(GLOBAL_FINITE)
-        if whole is not None:  # the tree is a part of the gradient: the whole must be finite
-            finite = finite & torch.as_tensor(whole).to(dev, torch.bool).reshape(())
+        finite = IfFinite.combine(finite, extra)
         out, inner_new = inner.update(updates, state.inner_state, params, **extra)
-        # −0.0, not +0.0: θ + (−0.0) is θ bit for bit, also for θ = −0.0.
-        out = _tree.tree_map(
-            lambda u: None if u is None else torch.where(finite.to(u.device), u, torch.full_like(u, -0.0)), out
-        )
-        skipped = (~finite).to(torch.int64)
-        return out, ApplyIfFiniteState(
-            notfinite_count=(state.notfinite_count + 1) * skipped,
-            last_finite=finite,
-            total_notfinite=state.total_notfinite + skipped,
-            inner_state=_select(finite, inner_new, state.inner_state),
+        return _skip(IfFinite.skip, {"finite": finite}, out), ApplyIfFiniteState(
+            **IfFinite.advance(state, finite), inner_state=_select(finite, inner_new, state.inner_state)
         )
 
     return declare(GradientTransformation(init_fn, update_fn), IfFinite(declaration_of(inner)))

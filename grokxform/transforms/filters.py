@@ -18,7 +18,7 @@ from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise, static_hyperparams
 from grokxform.declarations import (
     Amplify,
-    MaRingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
+    RingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
     ScalarContext,
     WindowField,
     declaration_of,
