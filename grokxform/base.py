@@ -212,6 +212,7 @@ def elementwise(
     *,
     init: InitFn | None = None,
     scalars: _decl.ScalarRule | None = None,
+    sums: Callable[[Inputs, Inputs], Outputs] | None = None,
     **fields: Any,
 ) -> GradientTransformation:
     """A primitive from its rules: ``GradientTransformation(init, update)`` whose ``update`` runs the
@@ -220,7 +221,10 @@ def elementwise(
     name the element rule reads as ``sc.<name>``), and whose declaration
     (:class:`~grokxform.declarations.Elementwise`, ``fields`` its other fields: ``state_type``,
     ``fields``, ``count``, ``needs_params``, ``extras``...) lets the engine fuse it with the rest of
-    a chain. Defaults: no state (``init`` gives :class:`EmptyState`), no scalars.
+    a chain. ``sums(v, sc) -> {name: value}``: element values whose per-leaf sums the scalar rule
+    reads as ``ctx.reduced[name]`` (1-d, one per leaf with a gradient; the inputs are ``v.x``,
+    ``v.param`` and the fields). Defaults: no state (``init`` gives :class:`EmptyState`), no
+    scalars, no sums.
 
     Examples:
         >>> def halve(v, sc):
@@ -236,7 +240,10 @@ def elementwise(
         if fields.get("state_type") is not None or fields.get("fields") or fields.get("count"):
             raise TypeError(f"elementwise: {name} has state; give its init=")
         init = _empty_init
-    decl = _decl.Elementwise(name, TracedRule(rule), scalars if scalars is not None else _no_scalars, **fields)
+    if sums is not None and not callable(sums):
+        raise TypeError(f"elementwise: {name}'s sums must be an element rule (a function), got {type(sums).__name__}")
+    decl = _decl.Elementwise(name, TracedRule(rule), scalars if scalars is not None else _no_scalars,
+                             sums=TracedRule(sums) if sums is not None else None, **fields)
 
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
         return decl.update(updates, state, params, **extra)

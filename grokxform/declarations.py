@@ -250,8 +250,9 @@ class Elementwise(DeclNode):
     are ``"out"`` and the new value of each field (``"window"``: the value to store).
     ``scalars``: the scalar rule. ``count``: the field of per-leaf int64 step counts (each leaf
     with a gradient adds one). ``reduce``: per-leaf reductions of the input needed by the scalar
-    rule (``"norm"``, ``"finite"``). ``select(params) -> [bool]``: the leaves it acts on (the
-    others pass through unchanged). ``state_type``: its state class (``None``: stateless).
+    rule (``"norm"``, ``"finite"``); ``sums``: per-leaf sums of other element values it needs (see
+    :attr:`sums`). ``select(params) -> [bool]``: the leaves it acts on (the others pass through
+    unchanged). ``state_type``: its state class (``None``: stateless).
     """
 
     name: str
@@ -275,12 +276,33 @@ class Elementwise(DeclNode):
     """The keyword arguments of ``update`` that the scalar rule reads from ``ctx.extra``
     (``"train_loss"``...): reading another one raises, and a front end refuses a step argument
     that no member of its chain declares (:func:`extra_args`)."""
+    sums: TracedRule | None = None
+    """Per-leaf sums the scalar rule reads: an element rule (without scalars) over ``x``,
+    ``param`` (with ``needs_params``) and the state fields that returns named values;
+    ``ctx.reduced[name]`` is then, per leaf, the sum of that value over the leaf's elements
+    (accumulated in float32, float64 for float64 values; over the whole leaf when it is sharded).
+    Each engine sums in its own fixed order, so they agree to rounding. A reduction over the
+    tree is the scalar rule's to make from them."""
+
+    def sum_names(self) -> tuple[str, ...]:
+        """The names of :attr:`sums`' values."""
+        if self.sums is None:
+            return ()
+        return tuple(self.sums.program(dict.fromkeys(self.sum_inputs(), torch.float32)).outputs)
+
+    def sum_inputs(self) -> tuple[str, ...]:
+        """The inputs of :attr:`sums`: those of the element rule but the window."""
+        return ("x",) + (("param",) if self.needs_params else ()) + self.fields
+
+    def reduces(self) -> bool:
+        """Whether a step must reduce the input before the scalar rule runs (a pass ends there)."""
+        return bool(self.reduce) or self.sums is not None
 
     def own_extras(self) -> tuple[str, ...]:
         return self.extras
 
     def own_reductions(self) -> list[tuple[str, tuple[str, ...]]]:
-        if not (self.reduce and self.reduce_scope == "tree"):
+        if not (self.reduces() and self.reduce_scope == "tree"):
             return []
         return [(self.name, tuple(a for a in self.extras if a in WHOLE_GRADIENT))]
 
@@ -466,16 +488,29 @@ def run_rule(rule: TracedRule, inputs: Mapping[str, list[Any]], sc: Scalars) -> 
 
 def reductions(
     kinds: Seq[str], xs: list[torch.Tensor], device: torch.device,
-    shards: Seq[_dist.LeafShard | None] | None = None,
+    shards: Seq[_dist.LeafShard | None] | None = None, summed: Mapping[str, list[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-leaf reductions of ``xs`` as 1-d tensors on ``device``: ``"norm"`` (the 2-norm, in
     float32, float64 for float64 leaves; float64 if any leaf is) and ``"finite"`` (whether every
-    value is finite). With ``shards`` (the layout of each leaf whose local shard ``xs`` holds),
-    the reductions are of the whole leaves (:func:`grokxform.distributed.complete_reductions`)."""
+    value is finite); and for each name of ``summed`` (values per leaf, see
+    :attr:`Elementwise.sums`) the sum of each leaf's values. With ``shards`` (the layout of each
+    leaf whose local shard ``xs`` holds), the reductions are of the whole leaves
+    (:func:`grokxform.distributed.complete_reductions`)."""
     out = _local_reductions(kinds, xs, device)
+    for name, ts in (summed or {}).items():
+        out[name] = leaf_sums(ts, device)
     if shards is not None and any(s is not None for s in shards):
         out = _dist.complete_reductions(out, shards)
     return out
+
+
+def leaf_sums(ts: Seq[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of each tensor's elements (accumulated in float32, float64 for float64 tensors), as
+    a 1-d tensor on ``device`` (float64 if any tensor is)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    if not ts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(device, dtype) for t in ts])
 
 
 def _finite_on_cpu(xs: list[torch.Tensor], norms: Any) -> torch.Tensor:
@@ -737,7 +772,7 @@ def _run_elementwise(
     sharded = any(s is not None for s in shards)
     lo = _dist.local
     xs = [lo(g_leaves[i]) for i in index]
-    if not index and decl.reduce:
+    if not index and decl.reduces():
         return updates, state
     device = state_device(state, xs)
     cnt = torch.stack([counts[i] for i in index]) if counts is not None and index else None
@@ -746,18 +781,20 @@ def _run_elementwise(
     present = [False] * len(g_leaves)
     for i in index:
         present[i] = True
-    ctx = ScalarContext(
-        state=state, counts=cnt,
-        reduced=reductions(decl.reduce, xs, device, [shards[i] for i in index] if sharded else None),
-        tree=updates, present=present, index=index, extra=DeclaredExtras(extra, decl), device=device,
-    )
-    values, new_globals = decl.scalars(ctx)
-    sc = Scalars(values, len(index))
     inputs: dict[str, list[Any]] = {"x": xs}
     if p_leaves is not None:
         inputs["param"] = [lo(p_leaves[i]) for i in index]
     for f in decl.fields:
         inputs[f] = [lo(field_leaves[f][i]) for i in index]
+    summed = {} if decl.sums is None else run_rule(
+        decl.sums, {k: inputs[k] for k in decl.sum_inputs()}, Scalars({}, len(index)))
+    ctx = ScalarContext(
+        state=state, counts=cnt,
+        reduced=reductions(decl.reduce, xs, device, [shards[i] for i in index] if sharded else None, summed),
+        tree=updates, present=present, index=index, extra=DeclaredExtras(extra, decl), device=device,
+    )
+    values, new_globals = decl.scalars(ctx)
+    sc = Scalars(values, len(index))
     ring_slots: list[torch.Tensor] = []
     if wf is not None:
         if ring:

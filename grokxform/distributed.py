@@ -120,10 +120,10 @@ def check_meshes(specs: Sequence[LeafShard | None], what: str) -> Any:
 def complete_reductions(
     out: dict[str, torch.Tensor], specs: Sequence[LeafShard | None]
 ) -> dict[str, torch.Tensor]:
-    """Per-leaf reductions of local shards (``"norm"``, ``"finite"``, as
-    :func:`grokxform.declarations.reductions` gives them) completed over the ranks: the norm of
-    each whole leaf, whether all of it is finite. One all-reduce per sharded mesh dimension; the
-    squared norms are summed in float64."""
+    """Per-leaf reductions of local shards (as :func:`grokxform.declarations.reductions` gives
+    them) completed over the ranks: the norm of each whole leaf (``"norm"``), whether all of it is
+    finite (``"finite"``), and every other entry, a per-leaf sum, summed. One all-reduce per
+    sharded mesh dimension, in float64."""
     mesh = check_meshes(specs, "grokxform (a reduction over the leaves)")
     if mesh is None or not out:
         return out
@@ -132,12 +132,10 @@ def complete_reductions(
         return out
     n = len(specs)
     device = next(iter(out.values())).device
-    parts = []
-    if "norm" in out:
-        parts.append(out["norm"].to(torch.float64).square())
-    if "finite" in out:
-        parts.append((~out["finite"]).to(torch.float64))
-    vec = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    names = list(out)
+    parts = [out[k].to(torch.float64).square() if k == "norm" else (~out[k]).to(torch.float64) if k == "finite"
+             else out[k].to(torch.float64) for k in names]
+    vec = torch.cat(parts)
     import torch.distributed as dist
 
     for d in dims:
@@ -147,13 +145,11 @@ def complete_reductions(
         if mesh.get_local_rank(d) != 0:  # a replicated leaf is counted on the first coordinate only
             vec = torch.where(sharded, vec, torch.zeros((), dtype=vec.dtype, device=device))
         dist.all_reduce(vec, group=mesh.get_group(d))
-    done = dict(out)
-    k = 0
-    if "norm" in out:
-        done["norm"] = vec[:n].sqrt().to(out["norm"].dtype)
-        k = n
-    if "finite" in out:
-        done["finite"] = vec[k:k + n] == 0
+    done = {}
+    for k, name in enumerate(names):
+        got = vec[k * n:(k + 1) * n]
+        done[name] = got.sqrt().to(out[name].dtype) if name == "norm" else got == 0 if name == "finite" else got.to(
+            out[name].dtype)
     return done
 
 

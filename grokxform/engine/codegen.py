@@ -83,6 +83,10 @@ class Emitter:
         self._n = 0
         self._cache: dict[Any, str] = {}
         self.guards: list[str] = []
+        self.reduced: Value | None = None
+        """The value this pass reduces (the loaded gradient when the reduction reads it as it is)."""
+        self.sum_names: tuple[str, ...] = ()
+        """The per-leaf sums this pass takes, in the order of the reduction buffer's values."""
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -315,14 +319,19 @@ class Emitter:
         }[kind]
         return self.rounded(expr, dt)
 
-    def reduce(self, x: Value) -> None:
-        """Σx² (float32) and the count of non-finite values of this block, at the item's slot."""
+    def reduce(self, x: Value, sums: dict[str, Value]) -> None:
+        """Σx² (float32), then the sum of each of ``sums`` (float32), at the item's slot of the
+        reduction buffer (``1 + len(sums)`` values per slot), and the count of non-finite values
+        of ``x`` in this block."""
+        width = 1 + len(sums)
         self.line(f"r = tl.where(msk, {x.name}, 0.0).to(tl.float32)")
         self.line("rsq = tl.sum(r * r, axis=0)")
         bad = f"(({x.name} != {x.name}) | (tl.abs({x.name}) == float('inf'))) & msk"
         self.line(f"rbad = tl.sum(({bad}).to(tl.int32), axis=0)")
         self.line("rslot = leaf * CHUNKS + start // BLOCK")
-        self.line("tl.store(RSQ + rslot, rsq)")
+        self.line(f"tl.store(RSQ + rslot * {width}, rsq)")
+        for j, v in enumerate(sums.values(), start=1):
+            self.line(f"tl.store(RSQ + rslot * {width} + {j}, tl.sum(tl.where(msk, {v.name}, 0.0).to(tl.float32), axis=0))")
         self.line("tl.store(RBAD + rslot, rbad)")
 
     def finish(self, u: Value) -> None:
@@ -370,8 +379,9 @@ class Emitter:
         self.resum(m, newest)
         return out
 
-    def reached(self, x: Value) -> NoReturn:
-        self.reduce(x)
+    def reached(self, x: Value, sums: dict[str, Value]) -> NoReturn:
+        self.reduced, self.sum_names = x, tuple(sums)
+        self.reduce(x, sums)
         raise Stop
 
     def shared(self, x: Value) -> Value:

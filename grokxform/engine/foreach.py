@@ -24,11 +24,11 @@ from grokxform.engine import plan as P
 
 
 class Reached(Exception):
-    """The pass's reduction point: ``x`` is the value reduced there."""
+    """The pass's reduction point: ``x`` is the value reduced there, ``sums`` the values summed."""
 
-    def __init__(self, x: list[torch.Tensor]) -> None:
+    def __init__(self, x: list[torch.Tensor], sums: dict[str, list[torch.Tensor]]) -> None:
         super().__init__()
-        self.x = x
+        self.x, self.sums = x, sums
 
 
 @dataclass
@@ -65,12 +65,12 @@ class GroupPass:
         dt = params[0].dtype
         torch._foreach_add_(params, out if out[0].dtype == dt else [t.to(dt) for t in out])
 
-    def reduce_input(self) -> list[torch.Tensor]:
-        """The values at this pass's reduction point."""
+    def reduce_input(self) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The values at this pass's reduction point: the value reduced and the values summed."""
         try:
             self.step.plan.root.apply(self, Vals(self.grp.roles["G"], False))
         except Reached as r:
-            return r.x
+            return r.x, r.sums
         raise AssertionError("the pass has no reduction point in this group")
 
     # -- what the plan's nodes drive (grokxform.engine.plan.Runner) ------------------------------
@@ -81,8 +81,9 @@ class GroupPass:
         an input that was not."""
         prog = rule.program({name: v.ts[0].dtype for name, v in inputs.items()})
         mine = frozenset(name for name, v in inputs.items() if v.owned)
-        got = run_foreach(prog, {name: v.ts for name, v in inputs.items()}, self.scalars[id(node)], self._idx(node),
-                          mine)
+        idx = self._idx(node)
+        sc = self.scalars.get(id(node)) or Scalars({}, len(idx))  # (a reduction's sums come before its scalars)
+        got = run_foreach(prog, {name: v.ts for name, v in inputs.items()}, sc, idx, mine)
         theirs = [v.ts for name, v in inputs.items() if name not in mine]
         return {name: Vals(out, id(out) not in self._lists and all(out is not t for t in theirs))
                 for name, out in got.items()}
@@ -110,8 +111,8 @@ class GroupPass:
         resummed = self.resum(m, slots, out.ts)
         return out if resummed is out.ts else Vals(resummed, True)
 
-    def reached(self, x: Vals) -> NoReturn:
-        raise Reached(x.ts)
+    def reached(self, x: Vals, sums: dict[str, Vals]) -> NoReturn:
+        raise Reached(x.ts, {name: v.ts for name, v in sums.items()})
 
     def shared(self, x: Vals) -> Vals:
         return Vals(x.ts, False)

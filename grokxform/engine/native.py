@@ -99,8 +99,6 @@ class CEmitter(G.Emitter):
         self.pre: list[str] = []
         self.post: list[str] = []
         self.reduces = False
-        self.reduced: G.Value | None = None
-        """The value this pass reduces (the loaded gradient when the reduction reads it as it is)."""
 
     def pre_line(self, text: str) -> None:
         self.pre.append(text)
@@ -188,16 +186,21 @@ class CEmitter(G.Emitter):
         text = f"{p}[{offset}i] = {self._stored(value)};"
         self.line(f"if ({' && '.join(self.guards)}) {text}" if self.guards else text)
 
-    def reduce(self, x: G.Value) -> None:
-        """Σx² (accumulated in float64, stored as float32) and the count of non-finite values of
-        this item, at its slot."""
+    def reduce(self, x: G.Value, sums: dict[str, G.Value]) -> None:
+        """Σx², then the sum of each of ``sums`` (accumulated in float64, stored as ``RSQ_T``), at
+        the item's slot of the reduction buffer (``1 + len(sums)`` values per slot), and the
+        count of non-finite values of ``x`` in this item."""
         self.reduces = True
-        self.reduced = x
+        width = 1 + len(sums)
         self.pre_line("double rsq = 0.0;")
         self.pre_line("int32_t rbad = 0;")
         self.line(f"rsq += (double){x.name} * (double){x.name};")
         self.line(f"rbad += ({x.name} != {x.name}) | ({x.name} - {x.name} != 0);")
-        self.post.append("RSQ[leaf * CHUNKS + start / BLOCK] = (RSQ_T)rsq;")
+        self.post.append(f"RSQ[(leaf * CHUNKS + start / BLOCK) * {width}] = (RSQ_T)rsq;")
+        for j, v in enumerate(sums.values(), start=1):
+            self.pre_line(f"double rs{j} = 0.0;")
+            self.line(f"rs{j} += (double){v.name};")
+            self.post.append(f"RSQ[(leaf * CHUNKS + start / BLOCK) * {width} + {j}] = (RSQ_T)rs{j};")
         self.post.append("RBAD[leaf * CHUNKS + start / BLOCK] = rbad;")
 
     def window_sum(self, slot: str, w: int, role: str, total: str, newest: G.Value) -> None:
@@ -249,7 +252,7 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
         "        const int64_t end = start + BLOCK < n ? start + BLOCK : n;",
         "        (void)n;",
         *(f"        {x}" for x in em.pre),
-        "        #pragma omp simd" + (" reduction(+:rsq, rbad)" if em.reduces else ""),
+        "        #pragma omp simd" + (f" reduction(+:{', '.join(_accumulators(em))})" if em.reduces else ""),
         "        for (int64_t i = start; i < end; ++i) {",
         *(f"            {x}" for x in em.lines),
         "        }",
@@ -258,6 +261,11 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
         "}",
     ]
     return "\n".join(lines)
+
+
+def _accumulators(em: CEmitter) -> list[str]:
+    """The variables an item's reduction accumulates (:meth:`CEmitter.reduce`)."""
+    return ["rsq", "rbad", *(f"rs{j}" for j in range(1, len(em.sum_names) + 1))]
 
 
 # --------------------------------------------------------------------------------------------

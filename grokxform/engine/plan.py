@@ -76,8 +76,9 @@ class Runner(Protocol):
         """Store ``newest`` in the window's oldest slot, re-sum the window where due
         (:class:`~grokxform.declarations.WindowField`); return ``out`` (a copy if it was re-summed)."""
 
-    def reached(self, x: Any) -> NoReturn:
-        """The pass's reduction point: reduce ``x`` and end the pass."""
+    def reached(self, x: Any, sums: dict[str, Any]) -> NoReturn:
+        """The pass's reduction point: reduce ``x`` (its norm and finiteness) and sum each of
+        ``sums`` per leaf, and end the pass."""
 
     def shared(self, x: Any) -> Any:
         """``x``, to be read again later (no op may write it in place)."""
@@ -266,7 +267,7 @@ class Member(Node):
             if any(v[i] is None for v in fields.values()) or (counts is not None and counts[i] is None):
                 raise Unsupported(f"{where}: the leaf {ctx.paths[leaf]!r} has no state (its param was None at init)")
         node = cls(decl, state, where, leaves, fields, counts, window, guards)
-        if decl.reduce:
+        if decl.reduces():
             node.reduction = len(ctx.reductions)
             ctx.reductions.append(node)
         node.stage = len(ctx.reductions)
@@ -274,9 +275,13 @@ class Member(Node):
         ctx.nodes.append(node)
         return node
 
-    def reduces(self) -> tuple[str, ...]:
+    def reduction_kinds(self) -> tuple[str, ...]:
         """What it reduces at its reduction point (a pass ends there)."""
         return self.decl.reduce
+
+    def sum_names(self) -> tuple[str, ...]:
+        """The per-leaf sums it takes at its reduction point (:attr:`Elementwise.sums`)."""
+        return self.decl.sum_names()
 
     def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
         if not isinstance(decl, D.Elementwise) or decl.name != self.decl.name:
@@ -286,14 +291,10 @@ class Member(Node):
     def apply(self, run: Runner, x: Any) -> Any:
         if run.leaf not in self.leaves:
             return x
-        if self.reduction == run.pass_index:
-            run.reached(x)
         decl = self.decl
-        inputs = {"x": x}
-        if decl.needs_params:
-            inputs["param"] = run.param()
-        for f in decl.fields:
-            inputs[f] = run.state(self, f)
+        if self.reduction == run.pass_index:
+            run.reached(x, {} if decl.sums is None else run.rule(self, decl.sums, self._inputs(run, x)))
+        inputs = self._inputs(run, x)
         if decl.window is not None:
             inputs["window"] = run.oldest(self)
         got = run.rule(self, decl.rule, inputs)
@@ -303,8 +304,17 @@ class Member(Node):
             run.write(self, f, got[f])
         return run.push(self, got["window"], got["out"]) if decl.window is not None else got["out"]
 
+    def _inputs(self, run: Runner, x: Any) -> dict[str, Any]:
+        """``x``, the param (if it reads it) and its state fields: the inputs of its rules but the window."""
+        inputs = {"x": x}
+        if self.decl.needs_params:
+            inputs["param"] = run.param()
+        for f in self.decl.fields:
+            inputs[f] = run.state(self, f)
+        return inputs
+
     def scalars(self, env: StepEnv) -> dict[str, Any]:
-        if not self.leaves and self.decl.reduce:
+        if not self.leaves and self.decl.reduces():
             return {}  # a reduction over nothing changes nothing (as eager)
         decl = env.decls[id(self)]
         counts = env.counts.get(id(self))
@@ -557,8 +567,11 @@ class Finite(Node):
         node.inner = _plan(decl.inner, state.inner_state, active, (*guards, Flag(node, "finite")), ctx, where)
         return node
 
-    def reduces(self) -> tuple[str, ...]:
+    def reduction_kinds(self) -> tuple[str, ...]:
         return ("finite",)
+
+    def sum_names(self) -> tuple[str, ...]:
+        return ()
 
     def rebind(self, decl: D.IfFinite, state: Any) -> Iterator[tuple[Node, Any]]:
         yield self, decl
@@ -566,7 +579,7 @@ class Finite(Node):
 
     def apply(self, run: Runner, x: Any) -> Any:
         if self.reduction == run.pass_index:
-            run.reached(x)
+            run.reached(x, {})
         with run.gated(self, "finite"):
             y = self.inner.apply(run, x)
         return run.rule(self, D.IfFinite.skip, {"x": y})["out"]

@@ -317,7 +317,8 @@ class EngineStep:
         self._sc: list[torch.Tensor] = []
         stand_in = {
             id(r): {"norm": torch.ones(len(r.leaves), device=self.device),
-                    "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device)}
+                    "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device),
+                    **{name: torch.ones(len(r.leaves), device=self.device) for name in r.sum_names()}}
             for r in plan.reductions
         }
         if backend != "foreach":
@@ -429,7 +430,7 @@ class EngineStep:
             rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32  # (float64: C kernels)
             if isinstance(em, native.CEmitter):  # compiled with the step's other kernels (_load_c)
                 if not main:
-                    grp.reads_gradient[p] = em.reduced is em.gradient
+                    grp.reads_gradient[p] = em.reduced is em.gradient and not em.sum_names
                 name = f"group{len(self._c_functions)}_pass{p}"
                 block = self.block if main else self.reduce_block
                 self._c_functions.append((grp, p, name, native.function_source(name, em, plan.passes, block, rsq)))
@@ -440,7 +441,7 @@ class EngineStep:
             if not main:
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
-                grp.rsq[p] = torch.zeros(n, dtype=rsq, device=self.device)
+                grp.rsq[p] = torch.zeros(n * (1 + len(red.sum_names())), dtype=rsq, device=self.device)
                 grp.rbad[p] = torch.zeros(n, dtype=torch.int32, device=self.device)
                 grp.red_index[p] = torch.tensor([self._position[id(red)][leaf] for leaf in grp.leaves], device=self.device)
 
@@ -647,7 +648,7 @@ class EngineStep:
 
     def _reduce_gradients(self, red: Any) -> dict[str, torch.Tensor]:
         shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
-        return D.reductions(red.reduces(), [self._grads[leaf] for leaf in red.leaves], self.device, shards)
+        return D.reductions(red.reduction_kinds(), [self._grads[leaf] for leaf in red.leaves], self.device, shards)
 
     def _foreach_reduce(
         self, red: Any, p: int, scalars: dict[int, Scalars], flags: dict[tuple[int, str], torch.Tensor]
@@ -655,11 +656,16 @@ class EngineStep:
         """The reductions of pass ``p`` on the foreach backend: the eager path's own, on the values
         each group reaches at the reduction point, in the order of the node's leaves."""
         at: dict[int, torch.Tensor] = {}
+        summed: dict[str, dict[int, torch.Tensor]] = {name: {} for name in red.sum_names()}
         for grp in self._groups:
             if grp.leaves[0] in red.leaves:
-                at.update(zip(grp.leaves, F.GroupPass(self, grp, p, scalars, flags).reduce_input()))
+                x, sums = F.GroupPass(self, grp, p, scalars, flags).reduce_input()
+                at.update(zip(grp.leaves, x))
+                for name, ts in sums.items():
+                    summed[name].update(zip(grp.leaves, ts))
         shards = None if self.shards is None else [self.shards[leaf] for leaf in red.leaves]
-        return D.reductions(red.reduces(), [at[leaf] for leaf in red.leaves], self.device, shards)
+        return D.reductions(red.reduction_kinds(), [at[leaf] for leaf in red.leaves], self.device, shards,
+                            {name: [vals[leaf] for leaf in red.leaves] for name, vals in summed.items()})
 
     def _branches(self, nodes: list[Any], scalars: Any) -> dict[int, dict[str, Any]]:
         """``scalars(node)`` for each node of a stage. On CUDA the nodes' rules run on side streams
@@ -764,23 +770,25 @@ class EngineStep:
         return max(1, min(torch.get_num_threads(), grp.elements // THREAD_ELEMENTS))
 
     def _finalize(self, red: Any, p: int) -> dict[str, torch.Tensor]:
-        """The per-leaf norms and finite flags of reduction ``p``, in the order of its node's leaves
-        (each leaf's blocks summed in a fixed order: deterministic)."""
+        """The per-leaf norms, finite flags and sums of reduction ``p``, in the order of its node's
+        leaves (each leaf's blocks summed in a fixed order: deterministic)."""
+        names = red.sum_names()
+        width = 1 + len(names)
         groups = [grp for grp in self._groups if p in grp.rsq]
         if len(groups) == 1 and groups[0].leaves == red.leaves:  # one group, in order
             grp = groups[0]
             rows = len(grp.leaves)
             chunks = grp.items[self.reduce_block][3]
-            sq = grp.rsq[p].view(rows, chunks).sum(1)
+            sums = grp.rsq[p].view(rows, chunks, width).sum(1)
             bad = grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32)
-            return {"norm": sq.sqrt(), "finite": bad == 0}
-        n = len(red.leaves)
-        wide = any(grp.rsq[p].dtype == torch.float64 for grp in groups)
-        sq = torch.zeros(n, dtype=torch.float64 if wide else torch.float32, device=self.device)
-        bad = torch.zeros(n, dtype=torch.int32, device=self.device)
-        for grp in groups:
-            rows = len(grp.leaves)
-            chunks = grp.items[self.reduce_block][3]
-            sq.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks).sum(1).to(sq.dtype))
-            bad.index_copy_(0, grp.red_index[p], grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32))
-        return {"norm": sq.sqrt(), "finite": bad == 0}
+        else:
+            n = len(red.leaves)
+            wide = any(grp.rsq[p].dtype == torch.float64 for grp in groups)
+            sums = torch.zeros(n, width, dtype=torch.float64 if wide else torch.float32, device=self.device)
+            bad = torch.zeros(n, dtype=torch.int32, device=self.device)
+            for grp in groups:
+                rows = len(grp.leaves)
+                chunks = grp.items[self.reduce_block][3]
+                sums.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks, width).sum(1).to(sums.dtype))
+                bad.index_copy_(0, grp.red_index[p], grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32))
+        return {"norm": sums[:, 0].sqrt(), "finite": bad == 0, **{name: sums[:, j] for j, name in enumerate(names, 1)}}
