@@ -20,6 +20,7 @@ from cases import ALIASES
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import grokxform as gx
+from grokxform.base import elementwise
 
 STEPS, SAVE_AT, BATCH = 6, 3, 16
 
@@ -174,13 +175,34 @@ def all_reduces_per_step(name: str, rank: int, world: int) -> int:
     return len(calls)
 
 
+def _projection() -> gx.GradientTransformation:
+    """Half the gradient's component along the weights removed, per leaf: a primitive whose scalar
+    rule reads per-leaf sums (⟨g, θ⟩ and ‖θ‖², of whole leaves when they are sharded)."""
+
+    def rule(v: Any, sc: Any) -> dict[str, Any]:
+        return {"out": v.x - v.param * sc.c}
+
+    def sums(v: Any, sc: Any) -> dict[str, Any]:
+        return {"xw": v.x * v.param, "ww": v.param * v.param}
+
+    def scalars(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"c": 0.5 * ctx.reduced["xw"] / (ctx.reduced["ww"] + 1e-30)}, {}
+
+    return elementwise("project", rule, scalars=scalars, sums=sums, needs_params=True)
+
+
+def _functional_tx() -> gx.GradientTransformation:
+    return gx.chain(gx.clip_by_global_norm(0.05), _projection(), gx.grokfast_ma(lr=1e-2, window_size=3))
+
+
 def functional(rank: int, world: int) -> dict[str, Any]:
-    """``tx.init`` / ``tx.update`` on a tree of DTensors (rows sharded over the ranks)."""
+    """``tx.init`` / ``tx.update`` on a tree of DTensors (rows sharded over the ranks): a global
+    clip, per-leaf sums and an MA window."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    tx = gx.chain(gx.clip_by_global_norm(0.05), gx.grokfast_ma(lr=1e-2, window_size=3))
+    tx = _functional_tx()
     full = full_params(model())
     params = {n: distribute_tensor(p, mesh, [Shard(0)]) for n, p in full.items()}
     state = tx.init(params)
@@ -198,7 +220,7 @@ def functional(rank: int, world: int) -> dict[str, Any]:
 
 
 def functional_reference() -> list[dict[str, torch.Tensor]]:
-    tx = gx.chain(gx.clip_by_global_norm(0.05), gx.grokfast_ma(lr=1e-2, window_size=3))
+    tx = _functional_tx()
     params = full_params(model())
     state = tx.init(params)
     ups = []
