@@ -54,11 +54,12 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import torch
 
 Number = Union[int, float]
+V = TypeVar("V")
 
 # --------------------------------------------------------------------------------------------
 # Tracing: Val, ScalarRef, Program.
@@ -571,25 +572,37 @@ def _where(cond: Any, a: Any, b: Any) -> torch.Tensor:
     return torch.where(cond, a, b)
 
 
+def interpret(prog: Program, inputs: Mapping[str, V], step: Callable[[Op, list[V], int], V]) -> list[V]:
+    """Run ``prog``: every value of the program (its inputs, then each op's result), each op
+    computed by ``step(op, values so far, op index)``. The one interpreter of the language: its
+    backends are :func:`run_leaf` (one tensor), :func:`run_foreach` (lists of tensors) and the
+    engine's kernel text (:class:`grokxform.engine.codegen.Emitter`, Triton and C)."""
+    vals: list[V] = [inputs[name] for name in prog.inputs]
+    for k, op in enumerate(prog.ops):
+        vals.append(step(op, vals, k))
+    return vals
+
+
 def run_leaf(
     prog: Program, inputs: Mapping[str, torch.Tensor], sc: Scalars, i: int
 ) -> dict[str, torch.Tensor]:
     """Run ``prog`` on single tensors, leaf ``i`` of the scalars. Works under ``torch.func``
     transforms and autograd."""
-    vals: list[Any] = [inputs[name] for name in prog.inputs]
-    device = vals[0].device if vals else None
-    for op in prog.ops:
+    first = next(iter(inputs.values()), None)
+    device = first.device if first is not None else None
+
+    def step(op: Op, vals: list[Any], k: int) -> torch.Tensor:
         a, kind = op.args, op.kind
         if kind == "where":
             cond = sc.at(a[0].name, torch.bool, device, i) if isinstance(a[0], ScalarRef) else vals[a[0]]
-            vals.append(_where(cond, *[vals[s] if isinstance(s, int) else s[1] for s in a[1:]]))
-        elif kind == "cast":
-            vals.append(vals[a[0]].to(op.dtype))
-        else:
-            dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
-            ys = [_operand(y, vals, lambda n: sc.at(n, dtype, device, i)) for y in a[1:]]
-            vals.append(_one(kind, vals[a[0]], *ys))
-    return _distinct(prog, vals, torch.clone)
+            return _where(cond, *[vals[s] if isinstance(s, int) else s[1] for s in a[1:]])
+        if kind == "cast":
+            return vals[a[0]].to(op.dtype)
+        dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
+        ys = [_operand(y, vals, lambda n: sc.at(n, dtype, device, i)) for y in a[1:]]
+        return _one(kind, vals[a[0]], *ys)
+
+    return _distinct(prog, interpret(prog, inputs, step), torch.clone)
 
 
 _WIDE = (torch.float32, torch.float64)
@@ -628,43 +641,39 @@ def run_foreach(
     after the step: a state the caller overwrites); no other input is written."""
     n_in = len(prog.inputs)
     mutable = [name in owned for name in prog.inputs]
-    vals: list[Any] = [inputs[name] for name in prog.inputs]
-    first = vals[0] if vals else []
+    first = next(iter(inputs.values()), [])
     device = first[0].device if first else None
     last = prog.last_uses()
-    for k, op in enumerate(prog.ops):
+
+    def step(op: Op, vals: list[Any], k: int) -> list[torch.Tensor]:
         a = op.args
         kind = op.kind
         if kind == "where":
             cond = vals[a[0]] if isinstance(a[0], int) else sc.group(a[0].name, torch.bool, device, idx)
             sides = [vals[s] if isinstance(s, int) else [s[1]] * len(first) for s in a[1:]]
-            vals.append([_where(c, t, u) for c, t, u in zip(_each(cond, len(first)), *sides)])
-            continue
+            return [_where(c, t, u) for c, t, u in zip(_each(cond, len(first)), *sides)]
         x = vals[a[0]]
         # A value read for the last time is reused in place; not in 16-bit dtypes, where torch's
         # in-place multiplication by a number rounds the number to the dtype first.
         mine = (a[0] >= n_in or mutable[a[0]]) and last[a[0]] == k and op.dtype in _WIDE
-        r: list[torch.Tensor]
         if kind in ("sqrt", "neg", "abs", "sign"):
-            r = _unary(kind, x, mine)
-        elif kind == "cast":
-            r = [t.to(op.dtype) for t in x]
-        elif len(a) == 1:  # isnan, isfinite, not
-            r = [_one(kind, t) for t in x]
-        else:
-            dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
-            y = _operand(a[1], vals, lambda n: sc.group(n, dtype, device, idx))
-            if kind in ("add", "sub", "mul", "div"):
-                r = _binary(kind, x, y, mine)
-            elif kind == "rsub":  # s − x = (−x) + s exactly
-                r = _binary("add", _unary("neg", x, mine), y, op.dtype in _WIDE)
-            elif kind in ("min", "max") and all(isinstance(u, float) and u != 0 for u in _each(y, 1)):
-                # numbers other than ±0: no tie of ±0, so torch's clamp is the IEEE minimum / maximum
-                r = _binary("clamp_max" if kind == "min" else "clamp_min", x, y, mine)
-            else:  # rdiv, min, max, comparisons, and, or
-                r = [_one(kind, t, u) for t, u in zip(x, _each(y, len(x)))]
-        vals.append(r)
-    return _distinct(prog, vals, _copy_list)
+            return _unary(kind, x, mine)
+        if kind == "cast":
+            return [t.to(op.dtype) for t in x]
+        if len(a) == 1:  # isnan, isfinite, not
+            return [_one(kind, t) for t in x]
+        dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
+        y = _operand(a[1], vals, lambda n: sc.group(n, dtype, device, idx))
+        if kind in ("add", "sub", "mul", "div"):
+            return _binary(kind, x, y, mine)
+        if kind == "rsub":  # s − x = (−x) + s exactly
+            return _binary("add", _unary("neg", x, mine), y, op.dtype in _WIDE)
+        if kind in ("min", "max") and all(isinstance(u, float) and u != 0 for u in _each(y, 1)):
+            # numbers other than ±0: no tie of ±0, so torch's clamp is the IEEE minimum / maximum
+            return _binary("clamp_max" if kind == "min" else "clamp_min", x, y, mine)
+        return [_one(kind, t, u) for t, u in zip(x, _each(y, len(x)))]  # rdiv, min, max, comparisons, and, or
+
+    return _distinct(prog, interpret(prog, inputs, step), _copy_list)
 
 
 def _each(v: Any, n: int) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from grokxform.elements import ARITHMETIC, COMPARISONS, Op, Program, ScalarRef
+from grokxform.elements import ARITHMETIC, COMPARISONS, Op, Program, ScalarRef, interpret
 from grokxform.engine import plan as P
 
 _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
@@ -265,9 +265,8 @@ class Emitter:
     # -- element programs -----------------------------------------------------------------------
 
     def run(self, prog: Program, inputs: dict[str, Value], node: Any) -> dict[str, Value]:
-        vals: list[Value] = [inputs[name] for name in prog.inputs]
-        for op in prog.ops:
-            vals.append(self.op(op, vals, node))
+        """The program's text (:func:`~grokxform.elements.interpret`) with ``node``'s scalars."""
+        vals = interpret(prog, inputs, lambda op, values, k: self.op(op, values, node))
         return {name: vals[v] for name, v in prog.outputs.items()}
 
     def operand(self, arg: Any, vals: list[Value], node: Any, dtype: torch.dtype, exact: bool) -> str:
