@@ -158,6 +158,31 @@ class CEmitter(G.Emitter):
     def logical(self, kind: str, a: str, b: str = "") -> str:
         return {"and": f"({a} && {b})", "or": f"({a} || {b})", "not": f"(!{a})"}[kind]
 
+    element_index = "i"
+
+    def u32(self, expr: str) -> str:
+        return f"(uint32_t)({expr})"
+
+    def u32_const(self, c: int) -> str:
+        return f"{c:#x}u"
+
+    def u32_value(self, expr: str) -> str:
+        v = self.var("h")
+        self.line(f"const uint32_t {v} = {expr};")
+        return v
+
+    def f32_text(self, x: float) -> str:
+        return f"{x!r}f"
+
+    def to_f32(self, expr: str) -> str:
+        return f"(float)({expr})"
+
+    def log_f32(self, x: str) -> str:
+        return f"logf({x})"
+
+    def cos_f32(self, x: str) -> str:
+        return f"cosf({x})"
+
     def value(self, expr: str, dtype: torch.dtype) -> G.Value:
         v = self.var()
         self.line(f"const {_ctype(dtype)} {v} = {expr};")
