@@ -45,6 +45,14 @@ Rules of the language (what makes the engine's kernels round as eager does):
 - :func:`where` ``(cond, a, b)``: ``a`` where ``cond`` holds, else ``b``; ``cond`` is a scalar
   flag of the rule (the same for the whole leaf) or a predicate (per element); ``a`` and ``b`` are
   values of one dtype, or one of them a number.
+- :func:`uniform` ``(sc.key)`` and :func:`normal` ``(sc.key)``: counter-based random numbers, a
+  float32 value per element (cast it with ``.to``), a pure function of the scalar ``key`` (an
+  integer in [0, 2³²), one per leaf: :func:`leaf_keys` derives them from a seed, the step and the
+  leaf) and the element's flat index in its leaf (in a vmapped rule, its index in the example).
+  The hash (:func:`counter_bits`: Wellons' lowbias32 over the key and the index's two 32-bit
+  words) is written in each backend's integer operations, so uniform is the same bit for bit on
+  every backend; normal (Box–Muller, :func:`counter_normal`) agrees to within a few ulp, since the
+  backends' log and cos are not correctly rounded everywhere.
 - Scalars are per-step values given by the primitive's scalar rule: a number, a number per leaf, a
   0-d tensor, or a 1-d tensor with one value per leaf (:class:`Scalars`).
 """
@@ -108,7 +116,8 @@ Operand = Union["Val", ScalarRef, float, int]
 class Op:
     """``out = kind(args)`` rounded to ``dtype`` (``torch.bool`` for a predicate). ``args`` holds
     value ids (int), :class:`ScalarRef` or Python numbers (as ``("num", x)``); a ``where``'s first
-    argument is a flag (:class:`ScalarRef`) or a predicate's id."""
+    argument is a flag (:class:`ScalarRef`) or a predicate's id; a ``uniform`` or ``normal`` reads
+    the id of the value whose shape it takes (the first input) and its key (:class:`ScalarRef`)."""
 
     kind: str
     args: tuple[Any, ...]
@@ -771,7 +780,8 @@ def run_foreach(
 ) -> dict[str, list[torch.Tensor]]:
     """Run ``prog`` over lists of tensors (one list per input, each list of one dtype, all on one
     device) with ``torch._foreach_*`` ops, and per-tensor ops where torch has no foreach op
-    (comparisons, predicates, ``where``, a minimum or maximum that may meet a tie of ±0); ``idx``
+    (comparisons, predicates, ``where``, a minimum or maximum that may meet a tie of ±0, random
+    numbers); ``idx``
     are the positions of the listed leaves among the scalars' leaves. A temporary is updated in
     place at its last use, and so is an input named in ``owned`` (one whose old values nobody needs
     after the step: a state the caller overwrites); no other input is written."""

@@ -9,6 +9,11 @@ op computes it: in float32 (float64 for float64 values), then rounded to the val
 step is compiled with ``enable_fp_fusion=False``). Scalars are read from a constant table
 (``CONST``: the Python numbers of the rules) and from the buffers the scalar prologue fills
 before each pass (``SC0``, ``SC1``...), per leaf through the position table ``POS``.
+
+``uniform`` and ``normal`` hash the key (a scalar, read as float64 and converted to a 32-bit word)
+and the element's index ``offs`` with ``uint32`` operations, the steps of
+:func:`~grokxform.elements.counter_bits`; ``normal``'s log and cosine are libdevice's ``logf`` and
+``cosf`` (numpy's in the interpreter).
 """
 
 from __future__ import annotations

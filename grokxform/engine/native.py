@@ -6,10 +6,12 @@ elements of one leaf each) and, inside it, over their elements: the element prog
 chain in its order, each operation in float32 (float64 for float64 values) and rounded to its
 value's dtype, as the eager op rounds (bfloat16 and float16 to nearest even, written out in
 integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``);
-division and square root are IEEE's. The element loops carry ``#pragma omp simd`` (vectorised) and
-the work items are shared by ``torch.get_num_threads()`` threads (OpenMP, ``-fopenmp``; where the
-compiler has no OpenMP runtime, one thread). A thread computes its items as any other would: the
-numbers do not depend on the number of threads.
+division and square root are IEEE's. ``uniform`` and ``normal`` hash the key and the element's
+index ``i`` in ``uint32_t`` operations (``normal``'s log and cosine: the C library's ``logf`` and
+``cosf``). The element loops carry ``#pragma omp simd`` (vectorised) and the work items are shared
+by ``torch.get_num_threads()`` threads (OpenMP, ``-fopenmp``; where the compiler has no OpenMP
+runtime, one thread). A thread computes its items as any other would: the numbers do not depend on
+the number of threads.
 
 A step's kernels are one translation unit, compiled once into a shared library in the kernel
 cache folder (:func:`~grokxform.engine.step.cache_dir`; the file's name is the hash of its source,
