@@ -28,7 +28,8 @@ from grokxform.elements import (  # noqa: E402
 from grokxform.engine import native  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
 
-needs_c = pytest.mark.skipif(torch.cuda.is_available() or not native.compiler()[0],
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_c = pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0],
                              reason="the C kernels run on the CPU, with a compiler")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SHAPES = {"one": (1,), "odd": (1023,), "two_blocks": (5, 205), "many": (5000,)}
@@ -152,7 +153,8 @@ def _draws(kind: str) -> gx.GradientTransformation:
 
 
 def _leaves(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: torch.linspace(-1, 1, torch.Size(s).numel(), dtype=dtype).reshape(s) for name, s in SHAPES.items()}
+    return {name: torch.linspace(-1, 1, torch.Size(s).numel(), dtype=dtype, device=DEVICE).reshape(s)
+            for name, s in SHAPES.items()}
 
 
 def _run(backend: str, dtype: torch.dtype, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
@@ -162,7 +164,7 @@ def _run(backend: str, dtype: torch.dtype, kind: str) -> tuple[list[torch.Tensor
     xs = [params[n] for n in names]
     keys = [KEYS[i] if kind != "number" else KEYS[2] for i in range(len(xs))]
     if backend in ("leaf", "foreach"):
-        sc = Scalars({"key": _key_scalar(kind, list(range(len(xs))), torch.device("cpu"))}, len(xs))
+        sc = Scalars({"key": _key_scalar(kind, list(range(len(xs))), torch.device(DEVICE))}, len(xs))
         prog = DRAWS.program({"x": dtype})
         if backend == "foreach":
             got = run_foreach(prog, {"x": xs}, sc, list(range(len(xs))))
@@ -178,7 +180,7 @@ def _run(backend: str, dtype: torch.dtype, kind: str) -> tuple[list[torch.Tensor
 
 BACKENDS = [
     *((b, d) for b in ("leaf", "foreach") for d in DTYPES),
-    *(pytest.param("triton", d, id=f"triton-{d}") for d in ("fp32", "bf16", "fp16")),
+    *(pytest.param("triton", d, id=f"triton-{d}") for d in ("fp32", "bf16", "fp16")),  # (no float64 in Triton)
     *(pytest.param("c", d, marks=needs_c, id=f"c-{d}") for d in DTYPES),
 ]
 
@@ -194,8 +196,8 @@ def test_every_backend_draws_the_reference_streams(backend: str, dtype: str, kin
     for u, z, key, shape in zip(us, zs, keys, SHAPES.values()):
         want_u, want_z = _reference(key, torch.Size(shape).numel())
         assert u.dtype == torch.float32 and u.shape == shape and z.shape == shape
-        assert torch.equal(u.flatten(), want_u), (backend, key, shape)
-        _assert_within_ulps(z, want_z)
+        assert torch.equal(u.cpu().flatten(), want_u), (backend, key, shape)
+        _assert_within_ulps(z.cpu(), want_z)
 
 
 def test_normals_have_the_moments_of_a_standard_normal() -> None:
@@ -275,15 +277,17 @@ def _grads(params: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
     return {n: torch.full_like(p, 0.01 * (t + 1)) for n, p in params.items()}
 
 
-@needs_c
+@pytest.mark.skipif(DEVICE == "cpu" and not native.compiler()[0], reason="the engine's C kernels need a compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("draw", [uniform, normal], ids=["uniform", "normal"])
 def test_the_optimizer_and_the_pure_update_add_the_same_noise(draw: Any, dtype: torch.dtype) -> None:
-    """``gx.Optimizer`` on the C kernels and on foreach, and ``tx.update`` on the kernels and op
-    by op: the same params over three steps (uniform noise bit for bit, normal noise within its
-    few ulp), and a new draw at every step."""
+    """``gx.Optimizer`` on the engine's kernels (C on the CPU; Triton in a CUDA graph on CUDA,
+    the keys computed inside the captured step) and on foreach, and ``tx.update`` on the kernels
+    and op by op: the same params over three steps (uniform noise bit for bit, normal noise within
+    its few ulp), and a new draw at every step."""
     shapes = {"w": (37, 29), "b": (1025,), "s": (1,)}
-    start = {n: torch.linspace(-1, 1, torch.Size(s).numel(), dtype=dtype).reshape(s) for n, s in shapes.items()}
+    start = {n: torch.linspace(-1, 1, torch.Size(s).numel(), dtype=dtype, device=DEVICE).reshape(s)
+             for n, s in shapes.items()}
     runs: dict[str, dict[str, torch.Tensor]] = {}
     for fused in (None, "foreach"):
         params = {n: torch.nn.Parameter(p.clone()) for n, p in start.items()}
@@ -292,8 +296,9 @@ def test_the_optimizer_and_the_pure_update_add_the_same_noise(draw: Any, dtype: 
             for n, p in params.items():
                 p.grad = _grads(start, t)[n]
             opt.step()
-        assert opt.engines == ["c" if fused is None else "foreach"]
-        runs[f"optimizer-{fused or 'c'}"] = {n: p.detach() for n, p in params.items()}
+        engine = "foreach" if fused else "c" if DEVICE == "cpu" else "triton"
+        assert opt.engines == [engine]
+        runs[f"optimizer-{engine}"] = {n: p.detach() for n, p in params.items()}
     for kernels in (True, False):
         tx = _noise(draw)
         params, state, steps = dict(start), tx.init(start), []
