@@ -545,9 +545,9 @@ MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 x *= 0x846CA68B; x ^= x >> 16``, modulo 2³²: a bijection of 32-bit words."""
 STREAMS = {"uniform": 0x9E3779B9, "normal_radius": 0x3C6EF372, "normal_angle": 0xDAA66D2B,
            "leaf_keys": 0x78DDE6E4}
-"""The word each use of the hash mixes into its key (multiples of the golden ratio's 2³²·0.618...),
-so that :func:`uniform`, the two uniforms of :func:`normal` and :func:`leaf_keys` of one key are
-independent streams."""
+"""The word each use of the hash mixes into its key (the first multiples of 0x9E3779B9, 2³²/φ,
+modulo 2³²), so that :func:`uniform`, the two uniforms of :func:`normal` and :func:`leaf_keys` of
+one key are independent streams."""
 TWO_PI_F32 = 6.2831854820251465
 """2π rounded to float32 (the angle of :func:`normal` is ``float32(TWO_PI_F32 · u)``)."""
 

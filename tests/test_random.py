@@ -22,10 +22,10 @@ import grokxform as gx  # noqa: E402
 from grokxform import _common as C  # noqa: E402
 from grokxform import tree as T  # noqa: E402
 from grokxform.elements import (  # noqa: E402
-    ScalarRef, Scalars, TracedRule, counter_bits, counter_normal, counter_uniform, leaf_keys, mix32, normal, run_foreach,
-    run_leaf, uniform,
+    ScalarRef, Scalars, TracedRule, counter_bits, counter_normal, counter_uniform, leaf_keys, mix32, normal,
+    run_foreach, run_leaf, uniform,
 )
-from grokxform.engine import native  # noqa: E402
+from grokxform.engine import functional, native  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +38,7 @@ KEYS = (0, 1, 2**32 - 1, 3_000_000_019)
 """One key per leaf: the ends of the range, and a key above 2³¹."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(key: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference uniforms and normals of elements 0..n−1 under ``key`` (float32)."""
     u = torch.tensor([counter_uniform(key, i) for i in range(n)], dtype=torch.float32)
@@ -302,6 +302,8 @@ def test_the_optimizer_and_the_pure_update_add_the_same_noise(draw: Any, dtype: 
     for kernels in (True, False):
         tx = _noise(draw)
         params, state, steps = dict(start), tx.init(start), []
+        if kernels:  # (None: the pure update runs on the kernels)
+            assert functional.explain(tx, _grads(start, 0), state, params) is None
         for t in range(3):
             with gx.kernels(kernels):
                 u, state = tx.update(_grads(start, t), state, params)
