@@ -45,13 +45,23 @@ Rules of the language (what makes the engine's kernels round as eager does):
 - :func:`where` ``(cond, a, b)``: ``a`` where ``cond`` holds, else ``b``; ``cond`` is a scalar
   flag of the rule (the same for the whole leaf) or a predicate (per element); ``a`` and ``b`` are
   values of one dtype, or one of them a number.
+- :func:`uniform` ``(sc.key)`` and :func:`normal` ``(sc.key)``: counter-based random numbers, a
+  float32 value per element (cast it with ``.to``), a pure function of the scalar ``key`` (an
+  integer in [0, 2³²), one per leaf: :func:`leaf_keys` derives them from a seed, the step and the
+  leaf) and the element's flat index in its leaf (in a vmapped rule, its index in the example).
+  The hash (:func:`counter_bits`: Wellons' lowbias32 over the key and the index's two 32-bit
+  words) is written in each backend's integer operations, so uniform is the same bit for bit on
+  every backend; normal (Box–Muller, :func:`counter_normal`) agrees to within a few ulp, since the
+  backends' log and cos are not correctly rounded everywhere.
 - Scalars are per-step values given by the primitive's scalar rule: a number, a number per leaf, a
   0-d tensor, or a 1-d tensor with one value per leaf (:class:`Scalars`).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
@@ -107,7 +117,8 @@ Operand = Union["Val", ScalarRef, float, int]
 class Op:
     """``out = kind(args)`` rounded to ``dtype`` (``torch.bool`` for a predicate). ``args`` holds
     value ids (int), :class:`ScalarRef` or Python numbers (as ``("num", x)``); a ``where``'s first
-    argument is a flag (:class:`ScalarRef`) or a predicate's id."""
+    argument is a flag (:class:`ScalarRef`) or a predicate's id; a ``uniform`` or ``normal`` reads
+    the id of the value whose shape it takes (the first input) and its key (:class:`ScalarRef`)."""
 
     kind: str
     args: tuple[Any, ...]
@@ -320,6 +331,37 @@ def where(cond: ScalarRef | Pred, a: Val | Number, b: Val | Number) -> Val:
     return ref._t.emit("where", (c, ref._arg(a, "where"), ref._arg(b, "where")), ref.dtype)
 
 
+_ACTIVE: list[_Tracer] = []
+"""The tracers of the rules being traced, innermost last (what :func:`uniform` and :func:`normal`,
+which take no value, emit into)."""
+
+RANDOM = frozenset({"uniform", "normal"})
+"""The ops that draw counter-based random numbers (:func:`uniform`, :func:`normal`)."""
+
+
+def _random(kind: str, key: ScalarRef) -> Val:
+    if not isinstance(key, ScalarRef):
+        raise TypeError(f"{kind}: the key must be a scalar of the rule (sc.<name>), got {type(key).__name__}")
+    if not _ACTIVE:
+        raise TypeError(f"{kind}: call it inside an element rule being traced")
+    # The op takes its shape from the first input (every input of a rule has the leaf's shape).
+    return _ACTIVE[-1].emit(kind, (0, key), torch.float32)
+
+
+def uniform(key: ScalarRef) -> Val:
+    """A float32 value in [0, 1) per element: :func:`counter_uniform` of the scalar ``key`` (an
+    integer in [0, 2³²), taken modulo 2³²; one per leaf, see :func:`leaf_keys`) and the element's
+    flat index in its leaf. The same bits on every backend."""
+    return _random("uniform", key)
+
+
+def normal(key: ScalarRef) -> Val:
+    """A standard normal float32 value per element: :func:`counter_normal` of the scalar ``key``
+    and the element's flat index in its leaf (Box–Muller over two uniforms of its own). The
+    backends agree to within a few ulp (their log and cos are not correctly rounded everywhere)."""
+    return _random("normal", key)
+
+
 class Inputs:
     """Named element values or scalars, read as attributes (``st.mu``, ``sc.alpha``)."""
 
@@ -372,7 +414,11 @@ def trace(rule: Callable[[Inputs, Inputs], Outputs], inputs: Mapping[str, torch.
     rule reads from ``scalars`` is a scalar its scalar rule gives)."""
     tracer = _Tracer()
     vals = {name: tracer.value(dt) for name, dt in inputs.items()}
-    out = rule(Inputs(vals), _AnyScalar())  # type: ignore[arg-type]
+    _ACTIVE.append(tracer)
+    try:
+        out = rule(Inputs(vals), _AnyScalar())  # type: ignore[arg-type]
+    finally:
+        _ACTIVE.pop()
     outputs: dict[str, int] = {}
     for name, v in out.items():
         if not isinstance(v, Val) or v._t is not tracer:
@@ -490,6 +536,116 @@ class Scalars:
 
 
 # --------------------------------------------------------------------------------------------
+# Counter-based random numbers: one hash, written in each backend's integer operations.
+
+IntLike = Union[int, torch.Tensor]
+MASK32 = 0xFFFFFFFF
+MIX_SHIFTS = (16, 15, 16)
+MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+"""The 32-bit mixer (Chris Wellons' lowbias32): ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+x *= 0x846CA68B; x ^= x >> 16``, modulo 2³²: a bijection of 32-bit words."""
+STREAMS = {"uniform": 0x9E3779B9, "normal_radius": 0x3C6EF372, "normal_angle": 0xDAA66D2B,
+           "leaf_keys": 0x78DDE6E4}
+"""The word each use of the hash mixes into its key (the first multiples of 0x9E3779B9, 2³²/φ,
+modulo 2³²), so that :func:`uniform`, the two uniforms of :func:`normal` and :func:`leaf_keys` of
+one key are independent streams."""
+TWO_PI_F32 = 6.2831854820251465
+"""2π rounded to float32 (the angle of :func:`normal` is ``float32(TWO_PI_F32 · u)``)."""
+
+
+def _mul32(x: IntLike, c: int) -> IntLike:
+    """``x · c mod 2³²`` for ``x`` in [0, 2³²): in 16-bit halves of ``c``, so that no partial
+    product reaches 2⁴⁹ (an int64 tensor never overflows; a Python int gives the same number)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: IntLike) -> IntLike:
+    """The mixer (:data:`MIX_SHIFTS`, :data:`MIX_MULTIPLIERS`) of a 32-bit word ``x``: a Python
+    int, or an int64 tensor of such words."""
+    for k, shift in enumerate(MIX_SHIFTS):
+        x = x ^ (x >> shift)
+        if k < len(MIX_MULTIPLIERS):
+            x = _mul32(x, MIX_MULTIPLIERS[k])
+    return x
+
+
+def _counter_bits(key: IntLike, lo: IntLike, hi: IntLike, stream: int) -> IntLike:
+    """The 32 random bits of the element whose flat index has the 32-bit words ``lo`` and ``hi``
+    (index = hi·2³² + lo), in ``stream`` of ``key`` (a 32-bit word): with
+    ``base = mix(mix(key ^ stream) ^ hi)``, the bits are ``mix(mix(lo + base mod 2³²) ^ key)``.
+    For one key and high word, a bijection of the low word: no two elements of a leaf of up to
+    2³² elements draw the same bits."""
+    base = mix32(mix32(key ^ stream) ^ hi)
+    return mix32(mix32((lo + base) & MASK32) ^ key)
+
+
+def counter_bits(key: int, index: int, stream: int = STREAMS["uniform"]) -> int:
+    """The 32 random bits (an int in [0, 2³²)) of element ``index`` (an int in [0, 2⁶⁴)) in
+    ``stream`` of ``key`` (taken modulo 2³²): the reference every backend's integer steps equal."""
+    return int(_counter_bits(key & MASK32, index & MASK32, index >> 32, stream))
+
+
+def counter_uniform(key: int, index: int) -> float:
+    """:func:`uniform` of element ``index`` under ``key``: the top 24 bits of
+    :func:`counter_bits` times 2⁻²⁴, a float32 value in [0, 1) (exact in float32)."""
+    return (counter_bits(key, index) >> 8) * 2.0**-24
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest even)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def counter_normal(key: int, index: int) -> float:
+    """:func:`normal` of element ``index`` under ``key``, each float32 step correctly rounded:
+    Box–Muller of ``u1 = (b1 + 1)·2⁻²⁴`` in (0, 1] and ``u2 = b2·2⁻²⁴`` in [0, 1), b1 and b2 the
+    top 24 bits of the streams ``normal_radius`` and ``normal_angle``:
+    ``sqrt(−2·ln u1) · cos(float32(TWO_PI_F32·u2))``. The backends compute ln and cos with their own
+    libraries, within a few ulp of this."""
+    u1 = ((counter_bits(key, index, STREAMS["normal_radius"]) >> 8) + 1) * 2.0**-24
+    u2 = (counter_bits(key, index, STREAMS["normal_angle"]) >> 8) * 2.0**-24
+    radius = _f32(math.sqrt(-2.0 * _f32(math.log(u1))))
+    return _f32(radius * _f32(math.cos(_f32(TWO_PI_F32 * u2))))
+
+
+def random_like(kind: str, like: torch.Tensor, key: IntLike | float) -> torch.Tensor:
+    """:func:`uniform` (``kind`` ``"uniform"``) or :func:`normal` values of ``key`` (an integer as
+    a number or an integer tensor, 0-d) for every element of ``like`` (float32, ``like``'s shape and
+    device; its values are not read), with torch's int64 ops: the bits of :func:`counter_bits`.
+    Works under ``torch.func`` transforms and ``torch.compile``."""
+    key = (int(key) if not isinstance(key, torch.Tensor) else key.to(torch.int64)) & MASK32
+    n = like.numel()
+    index = torch.arange(n, dtype=torch.int64, device=like.device).reshape(like.shape)
+    lo = index & MASK32
+    hi = index >> 32 if n > 2**32 else 0  # (the high word of every index of a smaller leaf is 0)
+
+    def top24(stream: str, plus: int = 0) -> torch.Tensor:
+        return ((_counter_bits(key, lo, hi, STREAMS[stream]) >> 8) + plus).to(torch.float32) * 2.0**-24
+
+    if kind == "uniform":
+        return top24("uniform")
+    radius = torch.sqrt(torch.log(top24("normal_radius", 1)) * -2.0)
+    return radius * torch.cos(top24("normal_angle") * TWO_PI_F32)
+
+
+def leaf_keys(seed: int, step: torch.Tensor, leaf_index: Sequence[int]) -> torch.Tensor:
+    """Keys for :func:`uniform` and :func:`normal`, one per leaf: int64 values in [0, 2³²) on
+    ``step``'s device, a hash of ``seed`` (an int in [0, 2⁶⁴)), the leaf's step ``step`` (int64,
+    one per leaf or one for all: ``ctx.counts``) and its position ``leaf_index`` (``ctx.index``).
+    For one seed and leaf, a bijection of the step modulo 2³²: a leaf draws a new stream at every
+    one of 2³² steps. Computed with int64 ops on the device (no copy from the host after the
+    first call with these leaves), so a captured step can hold it."""
+    from grokxform._common import constant_vector  # (which imports this module)
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"leaf_keys: the seed must be an int in [0, 2**64), got {seed!r}")
+    s = mix32(mix32((seed & MASK32) ^ STREAMS["leaf_keys"]) ^ (seed >> 32))
+    leaves = constant_vector(tuple(float(mix32(s ^ (j & MASK32))) for j in leaf_index), step.device)
+    t = step.to(torch.int64)
+    return mix32(mix32((leaves.to(torch.int64) + (t & MASK32)) & MASK32) ^ ((t >> 32) & MASK32))
+
+
+# --------------------------------------------------------------------------------------------
 # Running a program eagerly: one tensor at a time, or foreach over lists.
 
 
@@ -598,6 +754,8 @@ def run_leaf(
             return _where(cond, *[vals[s] if isinstance(s, int) else s[1] for s in a[1:]])
         if kind == "cast":
             return vals[a[0]].to(op.dtype)
+        if kind in RANDOM:
+            return random_like(kind, vals[a[0]], sc.at(a[1].name, torch.int64, device, i))
         dtype = prog.dtypes[a[0]]  # the operands' (a comparison's own is bool)
         ys = [_operand(y, vals, lambda n: sc.at(n, dtype, device, i)) for y in a[1:]]
         return _one(kind, vals[a[0]], *ys)
@@ -635,9 +793,9 @@ def run_foreach(
 ) -> dict[str, list[torch.Tensor]]:
     """Run ``prog`` over lists of tensors (one list per input, each list of one dtype, all on one
     device) with ``torch._foreach_*`` ops, and per-tensor ops where torch has no foreach op
-    (comparisons, predicates, ``where``, a minimum or maximum that may meet a tie of ±0); ``idx``
-    are the positions of the listed leaves among the scalars' leaves. A temporary is updated in
-    place at its last use, and so is an input named in ``owned`` (one whose old values nobody needs
+    (comparisons, predicates, ``where``, a minimum or maximum that may meet a tie of ±0, random
+    numbers); ``idx`` are the positions of the listed leaves among the scalars' leaves. A
+    temporary is updated in place at its last use, and so is an input named in ``owned`` (one whose old values nobody needs
     after the step: a state the caller overwrites); no other input is written."""
     n_in = len(prog.inputs)
     mutable = [name in owned for name in prog.inputs]
@@ -653,6 +811,9 @@ def run_foreach(
             sides = [vals[s] if isinstance(s, int) else [s[1]] * len(first) for s in a[1:]]
             return [_where(c, t, u) for c, t, u in zip(_each(cond, len(first)), *sides)]
         x = vals[a[0]]
+        if kind in RANDOM:
+            keys = _each(sc.group(a[1].name, torch.int64, device, idx), len(x))
+            return [random_like(kind, t, key) for t, key in zip(x, keys)]
         # A value read for the last time is reused in place; not in 16-bit dtypes, where torch's
         # in-place multiplication by a number rounds the number to the dtype first.
         mine = (a[0] >= n_in or mutable[a[0]]) and last[a[0]] == k and op.dtype in _WIDE

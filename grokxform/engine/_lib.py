@@ -3,8 +3,14 @@ engine builds a step)."""
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+"""Whether the kernels are compiled (libdevice's functions), not interpreted (numpy's)."""
 
 
 @triton.jit
@@ -29,3 +35,23 @@ def round_to(x, DT: tl.constexpr):
 def pointer(table, leaf, DT: tl.constexpr):
     """The address of leaf ``leaf`` in an int64 address table, as a pointer to ``DT``."""
     return tl.load(table + leaf).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def log_f32(x):
+    """ln x of a float32 ``x``: libdevice's ``logf`` (within 1 ulp) when compiled (``tl.log`` may
+    lower to a faster approximation); numpy's in the interpreter (which has no libdevice)."""
+    if _LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def cos_f32(x):
+    """cos x of a float32 ``x``: libdevice's ``cosf`` (within 2 ulp) when compiled (``tl.cos`` may
+    lower to a faster approximation); numpy's in the interpreter (which has no libdevice)."""
+    if _LIBDEVICE:
+        return libdevice.cos(x)
+    else:
+        return tl.cos(x)

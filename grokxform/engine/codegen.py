@@ -9,6 +9,11 @@ op computes it: in float32 (float64 for float64 values), then rounded to the val
 step is compiled with ``enable_fp_fusion=False``). Scalars are read from a constant table
 (``CONST``: the Python numbers of the rules) and from the buffers the scalar prologue fills
 before each pass (``SC0``, ``SC1``...), per leaf through the position table ``POS``.
+
+``uniform`` and ``normal`` hash the key (a scalar, read as float64 and converted to a 32-bit word)
+and the element's index ``offs`` with ``uint32`` operations, the steps of
+:func:`~grokxform.elements.counter_bits`; ``normal``'s log and cosine are libdevice's ``logf`` and
+``cosf`` (numpy's in the interpreter).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from grokxform.elements import ARITHMETIC, COMPARISONS, Op, Program, ScalarRef, interpret
+from grokxform.elements import (
+    ARITHMETIC, COMPARISONS, MIX_MULTIPLIERS, MIX_SHIFTS, RANDOM, STREAMS, TWO_PI_F32, Op, Program, ScalarRef,
+    interpret,
+)
 from grokxform.engine import plan as P
 
 _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
@@ -234,6 +242,78 @@ class Emitter:
         take_x = self.logical("or", self.logical("or", first, f"({x} != {x})"), tie)
         return self.pick(take_x, x, y)
 
+    # -- counter-based random numbers: the integer steps of grokxform.elements.counter_bits ------
+
+    element_index = "offs"
+    """The flat index of the element (int64) in its leaf."""
+
+    def u32(self, expr: str) -> str:
+        """The integer ``expr`` as a 32-bit unsigned word (modulo 2³²)."""
+        return f"({expr}).to(tl.uint32)"
+
+    def u32_const(self, c: int) -> str:
+        """The 32-bit word ``c`` as a constant of 32-bit unsigned arithmetic."""
+        return f"{c:#x}"
+
+    def u32_value(self, expr: str) -> str:
+        """A new 32-bit unsigned variable of the element holding ``expr``."""
+        v = self.var("h")
+        self.line(f"{v} = {expr}")
+        return v
+
+    def f32_text(self, x: float) -> str:
+        """The number ``x`` (exact in float32) as a float32 constant."""
+        return repr(x)
+
+    def to_f32(self, expr: str) -> str:
+        """The integer ``expr`` (below 2²⁴: exact) as a float32 value."""
+        return f"({expr}).to(tl.float32)"
+
+    def log_f32(self, x: str) -> str:
+        """ln x in float32 (libdevice's on a GPU, within 1 ulp; numpy's in the interpreter)."""
+        return f"log_f32({x})"
+
+    def cos_f32(self, x: str) -> str:
+        """cos x in float32 (libdevice's on a GPU, within 2 ulp; numpy's in the interpreter)."""
+        return f"cos_f32({x})"
+
+    def mix(self, x: str, per_item: bool) -> str:
+        """:func:`~grokxform.elements.mix32` of the 32-bit word ``x``, into new variables: once per
+        work item (``per_item``) or per element."""
+        for k, shift in enumerate(MIX_SHIFTS):
+            step = f"{x} ^ ({x} >> {shift})"
+            x = self.invariant("h", step, "uint32_t") if per_item else self.u32_value(step)
+            if k < len(MIX_MULTIPLIERS):
+                step = f"{x} * {self.u32_const(MIX_MULTIPLIERS[k])}"
+                x = self.invariant("h", step, "uint32_t") if per_item else self.u32_value(step)
+        return x
+
+    def bits(self, node: Any, key: ScalarRef, stream: str) -> str:
+        """The 32 random bits of the element in ``stream`` of the scalar ``key``: the steps of
+        :func:`~grokxform.elements.counter_bits` (the key's and the stream's part once per item)."""
+        k = self.cached(("key", id(node), key.name), lambda: self.invariant(
+            "k", self.u32(self.index(self.raw_scalar(node, key.name))), "uint32_t"))
+        keyed = self.cached(("stream", id(node), key.name, stream), lambda: self.mix(self.invariant(
+            "h", f"{k} ^ {self.u32_const(STREAMS[stream])}", "uint32_t"), True))
+        lo = self.cached(("index", "lo"), lambda: self.u32_value(self.u32(self.element_index)))
+        hi = self.cached(("index", "hi"), lambda: self.u32_value(self.u32(f"{self.element_index} >> 32")))
+        base = self.mix(self.u32_value(f"{keyed} ^ {hi}"), False)
+        inner = self.mix(self.u32_value(f"{lo} + {base}"), False)
+        return self.mix(self.u32_value(f"{inner} ^ {k}"), False)
+
+    def random(self, kind: str, key: ScalarRef, node: Any) -> Value:
+        """:func:`~grokxform.elements.uniform` or :func:`~grokxform.elements.normal` of ``key`` at
+        this element (float32), as :func:`~grokxform.elements.counter_normal` computes it."""
+        f32, scale = torch.float32, self.f32_text(2.0**-24)
+        if kind == "uniform":
+            return self.value(f"{self.to_f32(self.bits(node, key, 'uniform') + ' >> 8')} * {scale}", f32)
+        radius_bits, angle_bits = self.bits(node, key, "normal_radius"), self.bits(node, key, "normal_angle")
+        u1 = self.value(f"{self.to_f32(f'({radius_bits} >> 8) + 1')} * {scale}", f32)
+        u2 = self.value(f"{self.to_f32(f'{angle_bits} >> 8')} * {scale}", f32)
+        radius = self.value(self.sqrt(f"{self.f32_text(-2.0)} * {self.log_f32(u1.name)}", f32), f32)
+        angle = self.value(f"{u2.name} * {self.f32_text(TWO_PI_F32)}", f32)
+        return self.value(f"{radius.name} * {self.cos_f32(angle.name)}", f32)
+
     # -- values ---------------------------------------------------------------------------------
 
     def value(self, expr: str, dtype: torch.dtype) -> Value:
@@ -284,6 +364,8 @@ class Emitter:
         if kind == "where":
             cond = self.flag(node, a[0].name) if isinstance(a[0], ScalarRef) else vals[a[0]].name
             return self.select(cond, *(self.operand(y, vals, node, dt, True) for y in a[1:]), dt)
+        if kind in RANDOM:
+            return self.random(kind, a[1], node)
         x = vals[a[0]]
         if kind == "cast":
             return self.run_cast(x, dt)
@@ -456,7 +538,7 @@ def kernel_source(name: str, em: Emitter, passes: int) -> str:
     text = [
         "import triton",
         "import triton.language as tl",
-        "from grokxform.engine._lib import cast_to, pointer, round_to",
+        "from grokxform.engine._lib import cast_to, cos_f32, log_f32, pointer, round_to",
         "",
         "",
         "@triton.jit",

@@ -6,10 +6,12 @@ elements of one leaf each) and, inside it, over their elements: the element prog
 chain in its order, each operation in float32 (float64 for float64 values) and rounded to its
 value's dtype, as the eager op rounds (bfloat16 and float16 to nearest even, written out in
 integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``);
-division and square root are IEEE's. The element loops carry ``#pragma omp simd`` (vectorised) and
-the work items are shared by ``torch.get_num_threads()`` threads (OpenMP, ``-fopenmp``; where the
-compiler has no OpenMP runtime, one thread). A thread computes its items as any other would: the
-numbers do not depend on the number of threads.
+division and square root are IEEE's. ``uniform`` and ``normal`` hash the key and the element's
+index ``i`` in ``uint32_t`` operations (``normal``'s log and cosine: the C library's ``logf`` and
+``cosf``). The element loops carry ``#pragma omp simd`` (vectorised) and the work items are shared
+by ``torch.get_num_threads()`` threads (OpenMP, ``-fopenmp``; where the compiler has no OpenMP
+runtime, one thread). A thread computes its items as any other would: the numbers do not depend on
+the number of threads.
 
 A step's kernels are one translation unit, compiled once into a shared library in the kernel
 cache folder (:func:`~grokxform.engine.step.cache_dir`; the file's name is the hash of its source,
@@ -155,6 +157,31 @@ class CEmitter(G.Emitter):
 
     def logical(self, kind: str, a: str, b: str = "") -> str:
         return {"and": f"({a} && {b})", "or": f"({a} || {b})", "not": f"(!{a})"}[kind]
+
+    element_index = "i"
+
+    def u32(self, expr: str) -> str:
+        return f"(uint32_t)({expr})"
+
+    def u32_const(self, c: int) -> str:
+        return f"{c:#x}u"
+
+    def u32_value(self, expr: str) -> str:
+        v = self.var("h")
+        self.line(f"const uint32_t {v} = {expr};")
+        return v
+
+    def f32_text(self, x: float) -> str:
+        return f"{x!r}f"
+
+    def to_f32(self, expr: str) -> str:
+        return f"(float)({expr})"
+
+    def log_f32(self, x: str) -> str:
+        return f"logf({x})"
+
+    def cos_f32(self, x: str) -> str:
+        return f"cosf({x})"
 
     def value(self, expr: str, dtype: torch.dtype) -> G.Value:
         v = self.var()
