@@ -9,9 +9,10 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 # The C kernels and the chain in parts under this machine's torch, CUDA hidden, beside the CUDA tests.
 CUDA_VISIBLE_DEVICES= PYTHONPATH="$PWD" timeout 250 python3 -m pytest -q -p no:cacheprovider -n 6 --tb=short \
-  tests/test_engine.py tests/test_optim.py tests/test_dropin.py tests/test_functional_kernels.py > "$OUT/cpu_tests.txt" 2>&1 &
+  tests/test_engine.py tests/test_optim.py tests/test_dropin.py tests/test_functional_kernels.py tests/test_sums.py tests/test_random.py > "$OUT/cpu_tests.txt" 2>&1 &
 PYTHONPATH="$PWD" timeout 250 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
   tests/test_captured.py tests/test_gpu.py tests/test_kernel_cache.py tests/test_engine.py tests/test_fused.py tests/test_functional_kernels.py \
+  tests/test_sums.py tests/test_random.py \
   > "$OUT/gpu_tests.txt" 2>&1
 wait
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
