@@ -22,7 +22,7 @@ from grokxform.base import (
     named_chain,
 )
 from grokxform.declarations import kernels
-from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma
+from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma, sgd
 from grokxform.metrics import metrics
 from grokxform.optim import Optimizer
 from grokxform.transforms import *  # noqa: F403
@@ -49,6 +49,7 @@ __all__ = [
     "identity",
     "kernels",
     "named_chain",
+    "sgd",
     "signals",
     *_transforms_all,
 ]
