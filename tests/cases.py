@@ -55,6 +55,7 @@ _EMA = _ADAM | {"grokfast.mu.head"}
 
 
 _TRACE = frozenset({"momentum.trace.head"})
+_LION = frozenset({"lion.mu.head"})
 
 
 def _ma(window_size: int) -> frozenset[str]:
@@ -74,6 +75,7 @@ ALIASES: dict[str, Case] = {
                              bad_leaf_state=_EMA),
     "sgd": Case(gx.sgd, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.01}, bad_leaf_state=_TRACE,
                 bad_param="nonfinite"),
+    "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
 }
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
@@ -102,6 +104,11 @@ VARIANTS: dict[str, Case] = {
     "sgd_nesterov": Case(gx.sgd, {"lr": gx.linear_warmup(1e-2, 3), "momentum": 0.9, "nesterov": True,
                                   "weight_decay_mask": ["*.w"], "weight_decay": 0.1}, bad_leaf_state=_TRACE,
                          bad_param="nonfinite"),
+    "lion_schedule": Case(gx.lion, {"lr": gx.warmup_cosine_decay(1e-2, 2, 20), "b1": 0.95, "b2": 0.98,
+                                    "weight_decay": 0.5, "weight_decay_mask": ["*.w"]},
+                          bad_leaf_state=_LION, bad_param="finite"),
+    "inject_lion": Case(gx.inject_hyperparams(gx.lion), {"lr": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 0.1},
+                        bad_leaf_state=frozenset(f"inner_state.{p}" for p in _LION), bad_param="finite"),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -118,6 +125,7 @@ PRIMITIVES: dict[str, Case] = {
     "scale_by_adam": Case(gx.scale_by_adam),
     "trace": Case(gx.trace, {"decay": 0.9}),
     "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
+    "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
 }

@@ -243,3 +243,121 @@ def test_sgd_partition_equals_torch_sgd_with_two_param_groups() -> None:
             v.grad = None if g[n] is None else g[n].clone()
         opt.step()
     assert worst(p, {n: v.detach() for n, v in ts.items()}) < 1e-12
+
+
+# ---------------------------------------------------------------- scale_by_lion and lion
+
+LION_LR = 1e-2
+
+
+def reference_lion(wd: float, lr: float = LION_LR, betas: tuple[float, float] = (0.9, 0.99)
+                   ) -> Callable[[list], torch.optim.Optimizer]:
+    return lambda ps: ReferenceLion(ps, lr=lr, betas=betas, weight_decay=wd)
+
+
+def test_scale_by_lion_is_the_papers_update() -> None:
+    """u = sign(β1·m + (1−β1)·g), m ← β2·m + (1−β2)·g, from m = 0."""
+    tx = gx.scale_by_lion(0.5, 0.75)
+    s = tx.init({"w": torch.zeros(3)})
+    assert isinstance(s, gx.ScaleByLionState) and torch.equal(s.mu["w"], torch.zeros(3))
+    u, s = tx.update({"w": torch.tensor([1.0, -2.0, 0.0])}, s)
+    assert torch.equal(u["w"], torch.tensor([1.0, -1.0, 0.0])) and torch.equal(s.mu["w"], torch.tensor([0.25, -0.5, 0.0]))
+    u, s = tx.update({"w": torch.tensor([-0.5, -1.0, float("nan")])}, s)
+    # c = 0.5·m + 0.5·g = (−0.125, −0.75, NaN): torch.sign's 0 for NaN
+    assert torch.equal(u["w"], torch.tensor([-1.0, -1.0, 0.0]))
+    assert torch.equal(s.mu["w"][:2], torch.tensor([0.0625, -0.625])) and s.mu["w"][2].isnan()
+    with pytest.raises(ValueError, match="scale_by_lion: b1"):
+        gx.scale_by_lion(b1=1.5)
+    with pytest.raises(ValueError, match="lion: weight_decay"):
+        gx.lion(weight_decay=-1.0)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
+def test_lion_without_decay_is_pytorch_optimizer_lion_bit_for_bit(kernels: bool) -> None:
+    """float32, 50 steps: the same params bit for bit; m within 2 ulps a step of torch's lerp."""
+    p = params_of(F32)
+    ref = Reference(reference_lion(0.0), p, "exp_avg")
+    tx = gx.lion(LION_LR)
+    state = tx.init(p)
+    for t in range(STEPS):
+        g = grads_of(F32, t, missing)
+        mu_before = ref.buffers()
+        if t:  # each step's m from torch's
+            state = dict(state, lion=gx.ScaleByLionState({n: state["lion"].mu[n] if b is None else b
+                                                          for n, b in mu_before.items()}))
+        ref.step(g)
+        with gx.kernels(kernels):
+            u, state = tx.update(g, state, p)
+        p = gx.apply_updates(p, u)
+        ref_p, ref_mu = ref.params(), ref.buffers()
+        for n in p:
+            assert torch.equal(p[n], ref_p[n]), (t, n)
+            if g[n] is not None and ref_mu[n] is not None:
+                before = mu_before[n] if mu_before[n] is not None else torch.zeros_like(g[n])
+                assert ulps(state["lion"].mu[n], ref_mu[n], before.abs() + g[n].abs()) <= 2.0, (t, n)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
+@pytest.mark.parametrize("wd", [1e-2, 0.5])
+def test_lion_with_decay_equals_pytorch_optimizer_lion(wd: float, kernels: bool) -> None:
+    """float64: 1e-12 over 50 steps; float32: each step from torch's params within 2 ulps."""
+    p = params_of(F64)
+    ref = Reference(reference_lion(wd), p, "exp_avg")
+    tx = gx.lion(LION_LR, weight_decay=wd)
+    state = tx.init(p)
+    for t in range(STEPS):
+        g = grads_of(F64, t, missing)
+        ref.step(g)
+        with gx.kernels(kernels):
+            u, state = tx.update(g, state, p)
+        p = gx.apply_updates(p, u)
+        assert worst(p, ref.params()) < 1e-12, t
+        assert worst(state["lion"].mu, ref.buffers()) < 1e-12, t
+
+    p32 = params_of(F32)
+    ref = Reference(reference_lion(wd), p32, "exp_avg")
+    state = tx.init(p32)
+    for t in range(STEPS):
+        g = grads_of(F32, t)
+        before = ref.params()
+        ref.step(g)
+        after = ref.params()
+        with gx.kernels(kernels):
+            u, state = tx.update(g, state, before)  # (m: 2 ulps a step, above; the signs agree)
+        ours = gx.apply_updates(before, u)
+        for n in ours:
+            assert ulps(ours[n], after[n], before[n].abs() + (after[n] - before[n]).abs()) <= 2.0, (t, n)
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["engine", "op_by_op"])
+@pytest.mark.parametrize("dtype,wd", [(F32, 0.0), (F64, 0.1)], ids=["f32", "f64-wd"])
+def test_lion_optimizer_equals_pytorch_optimizer_lion(dtype: torch.dtype, wd: float, fused: bool | None) -> None:
+    mine, theirs = model_of(dtype), model_of(dtype)
+    opt = gx.Optimizer(mine.parameters(), gx.lion, lr=1e-3, weight_decay=wd, fused=fused)
+    train(mine, opt, STEPS)
+    train(theirs, ReferenceLion(theirs.parameters(), lr=1e-3, weight_decay=wd), STEPS)
+    assert opt.engines == (["c"] if fused is None else ["tx.update"])
+    if wd == 0.0:
+        assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), theirs.parameters()))
+    else:
+        assert max_param_diff(mine, theirs) < 1e-12
+
+
+def test_lion_partition_equals_pytorch_optimizer_lion_with_two_param_groups() -> None:
+    p = params_of(F64)
+    labels = lambda path, t: "decay" if t.ndim >= 2 else "plain"  # noqa: E731
+    tx = gx.partition({"decay": gx.lion(1e-2, weight_decay=0.3), "plain": gx.lion(3e-2, b1=0.95, b2=0.98)}, labels)
+    ts = {n: v.clone().requires_grad_() for n, v in p.items()}
+    opt = ReferenceLion([
+        {"params": [v for v in ts.values() if v.ndim >= 2], "lr": 1e-2, "weight_decay": 0.3},
+        {"params": [v for v in ts.values() if v.ndim < 2], "lr": 3e-2, "betas": (0.95, 0.98)},
+    ])
+    s = tx.init(p)
+    for t in range(30):
+        g = grads_of(F64, t, missing)
+        u, s = tx.update(g, s, p)
+        p = gx.apply_updates(p, u)
+        for n, v in ts.items():
+            v.grad = None if g[n] is None else g[n].clone()
+        opt.step()
+    assert worst(p, {n: v.detach() for n, v in ts.items()}) < 1e-12

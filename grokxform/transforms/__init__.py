@@ -11,6 +11,7 @@ from grokxform.transforms.combinators import (
 )
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
+from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
@@ -35,6 +36,7 @@ __all__ = [
     "LayerwiseBeta",
     "MaFilterState",
     "ScaleByAdamState",
+    "ScaleByLionState",
     "ScaleByScheduleState",
     "TraceState",
     "amplify",
@@ -49,6 +51,7 @@ __all__ = [
     "ma_filter",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_lion",
     "trace",
     "warmup_cosine_decay",
 ]
