@@ -22,7 +22,7 @@ from grokxform.base import (
     named_chain,
 )
 from grokxform.declarations import kernels
-from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma
+from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma, lion, sgd
 from grokxform.metrics import metrics
 from grokxform.optim import Optimizer
 from grokxform.transforms import *  # noqa: F403
@@ -48,7 +48,9 @@ __all__ = [
     "grokfast_ma",
     "identity",
     "kernels",
+    "lion",
     "named_chain",
+    "sgd",
     "signals",
     *_transforms_all,
 ]

@@ -7,6 +7,8 @@ user can rebuild any of them by hand (the tests do, bit for bit) and ablate one 
 ``grokfast_ma``    official ``gradfilter_ma`` in front of AdamW (or of Adam + coupled L2)
 ``grokadamw``      GrokAdamW as its README describes it: global clip, signal of the losses
 ``grokadamw_compat``  the numbers of the ``grokadamw==0.1.2`` package
+``sgd``            torch.optim.SGD (momentum, Nesterov, coupled weight decay)
+``lion``           Lion (Chen et al. 2023), as ``pytorch_optimizer.Lion``
 ================  ===========================================================================
 
 The Grokfast paper's setting (``torch.optim.Adam(weight_decay=wd)`` after the filter, β=(0.9,
@@ -26,8 +28,10 @@ from grokxform.signals import SignalFn
 from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
 from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import amplify, ema_filter, ma_filter
+from grokxform.transforms.lion import scale_by_lion
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.masks import Mask
+from grokxform.transforms.momentum import trace
 from grokxform.transforms.weight_decay import decoupled_weight_decay
 
 LearningRate = Union[Scalar, Schedule]
@@ -289,3 +293,89 @@ def grokadamw_compat(
     steps.append(("grokfast", amplify(ema, lamb)))
     adam = scale_by_adam(layerwise_beta(cast(float, b1), gamma, "index"), b2, eps, eps_placement="raw", bias_correction_b1=b1)
     return _adam_with_decay("grokadamw_compat", steps, adam, lr, weight_decay, "decoupled", None)
+
+
+@static_hyperparams("momentum", "nesterov", "weight_decay_mask")
+def sgd(
+    lr: LearningRate = 1e-3,
+    momentum: Scalar = 0.0,
+    nesterov: bool = False,
+    weight_decay: Scalar = 0.0,
+    *,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Stochastic gradient descent, as ``torch.optim.SGD(lr, momentum, weight_decay=wd,
+    nesterov=nesterov)`` (``dampening=0``): ``g ← g + wd·θ`` (coupled L2), ``b ← μ·b + g``
+    (``b_1 = g_1``), ``d = g + μ·b`` with Nesterov else ``b``, ``θ ← θ − η·d``.
+
+    Chain: ``weight_decay`` (:func:`~grokxform.decoupled_weight_decay` placed before the momentum,
+    which makes it torch's coupled decay) → ``momentum`` (:func:`~grokxform.trace`; left out when
+    ``momentum`` is 0, as torch keeps no buffer then) → ``lr``. ``momentum`` decides the chain, so
+    :func:`~grokxform.inject_hyperparams` (and :class:`~grokxform.Optimizer`'s param groups) keep
+    it fixed. Defaults are torch's. Each step's ops are torch's, rounded after each op; torch
+    fuses ``g + wd·θ``, ``g + μ·b`` and ``θ − η·d`` into one multiply-add each on the CPU, so a
+    float32 step can differ from torch's by an ulp.
+
+    Examples:
+        >>> tx = gx.sgd(lr=0.1, momentum=0.9)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([1.0, 1.0])}, state, params)
+        >>> state["momentum"].trace["w"]       # b = 0.9·1 + 1
+        tensor([1.9000, 1.9000])
+        >>> updates["w"]
+        tensor([-0.1900, -0.1900])
+    """
+    C.check_scalar("sgd", "momentum", momentum, low=0.0)
+    C.check_bool("sgd", "nesterov", nesterov)
+    C.check_scalar("sgd", "weight_decay", weight_decay, low=0.0)
+    with_momentum = isinstance(momentum, torch.Tensor) or momentum > 0
+    if nesterov and not with_momentum:
+        raise ValueError("sgd: Nesterov momentum requires a momentum above 0")
+    steps: list[tuple[str, GradientTransformation]] = [
+        ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask))
+    ]
+    if with_momentum:
+        steps.append(("momentum", trace(momentum, nesterov, state_dtype=state_dtype)))
+    steps.append(("lr", _lr("sgd", lr)))
+    return named_chain(*steps)
+
+
+@static_hyperparams("weight_decay_mask")
+def lion(
+    lr: LearningRate = 1e-4,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.99,
+    weight_decay: Scalar = 0.0,
+    *,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+    ``θ ← θ − η·(sign(β1·m + (1−β1)·g) + wd·θ)``, ``m ← β2·m + (1−β2)·g``.
+
+    Chain: ``lion`` (:func:`~grokxform.scale_by_lion`) → ``weight_decay`` (decoupled,
+    :func:`~grokxform.decoupled_weight_decay`) → ``lr``. Defaults are the paper's and
+    ``pytorch_optimizer.Lion``'s; the paper pairs Lion with a learning rate 3-10x below AdamW's
+    and a weight decay 3-10x above. Without weight decay the params are ``pytorch_optimizer.Lion``'s
+    bit for bit (float32); with it, that package scales θ by ``1 − η·wd`` rounded to the
+    param's dtype, which makes float32 steps differ by an ulp or two.
+
+    Examples:
+        >>> tx = gx.lion(lr=1e-4, weight_decay=0.1)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5])}, state, params)
+        >>> updates["w"]                       # −η·(sign(g) + wd·θ)
+        tensor([-1.1000e-04, -8.0000e-05])
+        >>> state["lion"].mu["w"]
+        tensor([0.0050, 0.0050])
+    """
+    C.check_scalar("lion", "weight_decay", weight_decay, low=0.0)
+    return named_chain(
+        ("lion", scale_by_lion(b1, b2, state_dtype=state_dtype)),
+        ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask)),
+        ("lr", _lr("lion", lr)),
+    )

@@ -35,13 +35,16 @@ class Case:
     ``signal``: it reads the losses (its EMA's α follows the grokking signal), so a test gives it
     ``train_loss=`` / ``val_loss=``. ``bad_leaf_state``: the state paths that turn non-finite when
     leaf ``head`` of :func:`param_tree` gets a NaN or ±inf on the third step (docs/reliability.md,
-    "Without apply_if_finite"); every other state tensor stays finite.
+    "Without apply_if_finite"); every other state tensor stays finite. ``bad_param``: what that
+    element of the param becomes: ``"nan"`` (Adam's m/√v), ``"nonfinite"`` (±inf or NaN, as the
+    gradient: a step proportional to it) or ``"finite"`` (a sign step: the param never sees it).
     """
 
     factory: Callable[..., gx.GradientTransformation]
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     signal: bool = False
     bad_leaf_state: frozenset[str] = frozenset()
+    bad_param: str = "nan"
 
     def make(self) -> gx.GradientTransformation:
         return self.factory(**self.kwargs)
@@ -49,6 +52,10 @@ class Case:
 
 _ADAM = frozenset({"adam.mu.head", "adam.nu.head"})
 _EMA = _ADAM | {"grokfast.mu.head"}
+
+
+_TRACE = frozenset({"momentum.trace.head"})
+_LION = frozenset({"lion.mu.head"})
 
 
 def _ma(window_size: int) -> frozenset[str]:
@@ -66,6 +73,9 @@ ALIASES: dict[str, Case] = {
                       bad_leaf_state=_EMA | {"clip.norm"}),
     "grokadamw_compat": Case(gx.grokadamw_compat, {"lr": 1e-2, "gradient_clipping": 0.3}, signal=True,
                              bad_leaf_state=_EMA),
+    "sgd": Case(gx.sgd, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.01}, bad_leaf_state=_TRACE,
+                bad_param="nonfinite"),
+    "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
 }
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
@@ -91,6 +101,14 @@ VARIANTS: dict[str, Case] = {
     "inject_grokadamw": Case(gx.inject_hyperparams(gx.grokadamw), {"lr": gx.warmup_cosine_decay(1e-2, 2, 20),
                                                                    "lamb": 1.5, "weight_decay": 0.05},
                              signal=True, bad_leaf_state=_INJECTED | {"inner_state.clip.norm"}),
+    "sgd_nesterov": Case(gx.sgd, {"lr": gx.linear_warmup(1e-2, 3), "momentum": 0.9, "nesterov": True,
+                                  "weight_decay_mask": ["*.w"], "weight_decay": 0.1}, bad_leaf_state=_TRACE,
+                         bad_param="nonfinite"),
+    "lion_schedule": Case(gx.lion, {"lr": gx.warmup_cosine_decay(1e-2, 2, 20), "b1": 0.95, "b2": 0.98,
+                                    "weight_decay": 0.5, "weight_decay_mask": ["*.w"]},
+                          bad_leaf_state=_LION, bad_param="finite"),
+    "inject_lion": Case(gx.inject_hyperparams(gx.lion), {"lr": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 0.1},
+                        bad_leaf_state=frozenset(f"inner_state.{p}" for p in _LION), bad_param="finite"),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -105,6 +123,9 @@ PRIMITIVES: dict[str, Case] = {
     "clip_by_global_norm": Case(gx.clip_by_global_norm, {"max_norm": 0.5}),
     "clip_by_tensor_norm": Case(gx.clip_by_tensor_norm, {"max_norm": 0.5}),
     "scale_by_adam": Case(gx.scale_by_adam),
+    "trace": Case(gx.trace, {"decay": 0.9}),
+    "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
+    "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
 }

@@ -11,6 +11,8 @@ from grokxform.transforms.combinators import (
 )
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
+from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
+from grokxform.transforms.momentum import TraceState, trace
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -34,7 +36,9 @@ __all__ = [
     "LayerwiseBeta",
     "MaFilterState",
     "ScaleByAdamState",
+    "ScaleByLionState",
     "ScaleByScheduleState",
+    "TraceState",
     "amplify",
     "clip_by_global_norm",
     "clip_by_tensor_norm",
@@ -47,5 +51,7 @@ __all__ = [
     "ma_filter",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_lion",
+    "trace",
     "warmup_cosine_decay",
 ]
