@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from grokxform import tree as _tree
-from grokxform.elements import traced
+from grokxform.elements import constant_vector, traced
 
 
 def is_number(x: Any) -> bool:
@@ -81,23 +81,6 @@ def f64(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float64, copy=True)
     return torch.tensor(float(x), dtype=torch.float64, device=device)
-
-
-_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
-
-
-def constant_vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """``values`` as a float64 vector on ``device``, made once and reused (read-only): a step that
-    is captured into a CUDA graph must not copy from the host."""
-    if traced():  # a constant of the graph
-        return torch.tensor(values, dtype=torch.float64, device=device)
-    key = (values, torch.device(device))
-    out = _CONSTANTS.get(key)
-    if out is None:
-        if len(_CONSTANTS) > 256:
-            _CONSTANTS.clear()
-        out = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
-    return out
 
 
 def scalar_for(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

@@ -628,6 +628,23 @@ def random_like(kind: str, like: torch.Tensor, key: IntLike | float) -> torch.Te
     return radius * torch.cos(top24("normal_angle") * TWO_PI_F32)
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def constant_vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 vector on ``device``, made once and reused (read-only): a step that
+    is captured into a CUDA graph must not copy from the host."""
+    if traced():  # a constant of the graph
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    key = (values, torch.device(device))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        out = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return out
+
+
 def leaf_keys(seed: int, step: torch.Tensor, leaf_index: Sequence[int]) -> torch.Tensor:
     """Keys for :func:`uniform` and :func:`normal`, one per leaf: int64 values in [0, 2³²) on
     ``step``'s device, a hash of ``seed`` (an int in [0, 2⁶⁴)), the leaf's step ``step`` (int64,
@@ -635,8 +652,6 @@ def leaf_keys(seed: int, step: torch.Tensor, leaf_index: Sequence[int]) -> torch
     For one seed and leaf, a bijection of the step modulo 2³²: a leaf draws a new stream at every
     one of 2³² steps. Computed with int64 ops on the device (no copy from the host after the
     first call with these leaves), so a captured step can hold it."""
-    from grokxform._common import constant_vector  # (which imports this module)
-
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"leaf_keys: the seed must be an int in [0, 2**64), got {seed!r}")
     s = mix32(mix32((seed & MASK32) ^ STREAMS["leaf_keys"]) ^ (seed >> 32))
