@@ -33,7 +33,8 @@ def _project_rule(v, sc):
 
 
 def _project_sums(v, sc):
-    x, p = v.x.to(torch.float32), v.param.to(torch.float32)
+    wide = torch.float64 if v.x.dtype == torch.float64 else torch.float32  # (16-bit values summed in float32)
+    x, p = v.x.to(wide), v.param.to(wide)
     return {"xw": x * p, "ww": p * p}
 
 

@@ -23,10 +23,15 @@ from typing import Any
 
 import pytest
 import torch
-from pytorch_optimizer import Lion as ReferenceLion
 from torch import nn
 
 import grokxform as gx
+
+
+def _reference_lion(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """``pytorch_optimizer.Lion`` (a test dependency; the test skips where it is not installed)."""
+    return pytest.importorskip("pytorch_optimizer").Lion(*args, **kwargs)
+
 
 F32, F64 = torch.float32, torch.float64
 
@@ -252,7 +257,7 @@ LION_LR = 1e-2
 
 def reference_lion(wd: float, lr: float = LION_LR, betas: tuple[float, float] = (0.9, 0.99)
                    ) -> Callable[[list], torch.optim.Optimizer]:
-    return lambda ps: ReferenceLion(ps, lr=lr, betas=betas, weight_decay=wd)
+    return lambda ps: _reference_lion(ps, lr=lr, betas=betas, weight_decay=wd)
 
 
 def test_scale_by_lion_is_the_papers_update() -> None:
@@ -335,7 +340,7 @@ def test_lion_optimizer_equals_pytorch_optimizer_lion(dtype: torch.dtype, wd: fl
     mine, theirs = model_of(dtype), model_of(dtype)
     opt = gx.Optimizer(mine.parameters(), gx.lion, lr=1e-3, weight_decay=wd, fused=fused)
     train(mine, opt, STEPS)
-    train(theirs, ReferenceLion(theirs.parameters(), lr=1e-3, weight_decay=wd), STEPS)
+    train(theirs, _reference_lion(theirs.parameters(), lr=1e-3, weight_decay=wd), STEPS)
     assert opt.engines == (["c"] if fused is None else ["tx.update"])
     if wd == 0.0:
         assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), theirs.parameters()))
@@ -348,7 +353,7 @@ def test_lion_partition_equals_pytorch_optimizer_lion_with_two_param_groups() ->
     labels = lambda path, t: "decay" if t.ndim >= 2 else "plain"  # noqa: E731
     tx = gx.partition({"decay": gx.lion(1e-2, weight_decay=0.3), "plain": gx.lion(3e-2, b1=0.95, b2=0.98)}, labels)
     ts = {n: v.clone().requires_grad_() for n, v in p.items()}
-    opt = ReferenceLion([
+    opt = _reference_lion([
         {"params": [v for v in ts.values() if v.ndim >= 2], "lr": 1e-2, "weight_decay": 0.3},
         {"params": [v for v in ts.values() if v.ndim < 2], "lr": 3e-2, "betas": (0.95, 0.98)},
     ])
