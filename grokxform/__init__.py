@@ -22,7 +22,8 @@ from grokxform.base import (
     named_chain,
 )
 from grokxform.declarations import kernels
-from grokxform.pipelines import adamw, grokadamw, grokadamw_compat, grokfast_ema, grokfast_ma, lion, sgd
+from grokxform.pipelines import *  # noqa: F403
+from grokxform.pipelines import __all__ as _pipelines_all
 from grokxform.metrics import metrics
 from grokxform.optim import Optimizer
 from grokxform.transforms import *  # noqa: F403
@@ -39,18 +40,12 @@ __all__ = [
     "Schedule",
     "State",
     "Updates",
-    "adamw",
     "apply_updates",
     "chain",
-    "grokadamw",
-    "grokadamw_compat",
-    "grokfast_ema",
-    "grokfast_ma",
     "identity",
     "kernels",
-    "lion",
     "named_chain",
-    "sgd",
     "signals",
+    *_pipelines_all,
     *_transforms_all,
 ]

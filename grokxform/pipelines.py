@@ -379,3 +379,6 @@ def lion(
         ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask)),
         ("lr", _lr("lion", lr)),
     )
+
+
+__all__ = ["adamw", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lion", "sgd"]
