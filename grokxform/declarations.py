@@ -263,9 +263,10 @@ class Elementwise(DeclNode):
     count: str | None = None
     window: WindowField | None = None
     reduce: tuple[str, ...] = ()
-    reduce_scope: Literal["tree", "leaf"] = "tree"
-    """``"tree"``: the scalar rule combines the per-leaf reductions over the tree (a global norm);
-    ``"leaf"``: each leaf's reduction serves that leaf alone."""
+    reduce_scope: Literal["tree", "leaf"] | None = None
+    """``"tree"``: the scalar rule combines the per-leaf reductions over the tree (a global norm),
+    which the param groups of an optimizer then share; ``"leaf"``: each leaf's reductions serve
+    that leaf alone. Default: ``"tree"`` with ``reduce``, ``"leaf"`` with :attr:`sums` alone."""
     needs_params: bool = False
     select: Callable[[Any], list[bool]] | None = None
     check: Callable[[Any, Any, Any], None] | None = None
@@ -302,7 +303,7 @@ class Elementwise(DeclNode):
         return self.extras
 
     def own_reductions(self) -> list[tuple[str, tuple[str, ...]]]:
-        if not (self.reduces() and self.reduce_scope == "tree"):
+        if not (self.reduces() and (self.reduce_scope or ("tree" if self.reduce else "leaf")) == "tree"):
             return []
         return [(self.name, tuple(a for a in self.extras if a in WHOLE_GRADIENT))]
 

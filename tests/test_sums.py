@@ -179,3 +179,24 @@ def test_sums_under_vmap() -> None:
     for name in params:
         for k in range(4):
             torch.testing.assert_close(got[name][k], _reference(grads[name][k], params[name][k]))
+
+
+def test_per_leaf_sums_let_param_groups_step_apart() -> None:
+    """A primitive with per-leaf sums (and no ``reduce``) reduces nothing over the tree: an
+    optimizer with two param groups steps each group as the pure update of its own tree does."""
+    params = _params(torch.float32)
+    names = list(params)
+    first, second = names[:2], names[2:]
+    model_params = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = gx.Optimizer([{"params": [model_params[n] for n in first]}, {"params": [model_params[n] for n in second]}],
+                       _tx())
+    g = grad_tree(params, 3)
+    for n, p in model_params.items():
+        p.grad = g[n].clone()
+    opt.step()
+    for group in (first, second):
+        sub = {n: params[n] for n in group}
+        with gx.kernels(False):
+            u, _ = _tx().update({n: g[n] for n in group}, _tx().init(sub), sub)
+        for n in group:
+            torch.testing.assert_close(model_params[n].detach(), params[n] + u[n], rtol=1e-5, atol=1e-6)
