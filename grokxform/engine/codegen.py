@@ -95,6 +95,8 @@ class Emitter:
         """The value this pass reduces (the loaded gradient when the reduction reads it as it is)."""
         self.sum_names: tuple[str, ...] = ()
         """The per-leaf sums this pass takes, in the order of the reduction buffer's values."""
+        self.wide_sums = False
+        """Whether a sum is of float64 values (the reduction buffer is then float64)."""
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -401,9 +403,9 @@ class Emitter:
         return self.rounded(expr, dt)
 
     def reduce(self, x: Value, sums: dict[str, Value]) -> None:
-        """Σx² (float32), then the sum of each of ``sums`` (float32), at the item's slot of the
-        reduction buffer (``1 + len(sums)`` values per slot), and the count of non-finite values
-        of ``x`` in this block."""
+        """Σx² (float32), then the sum of each of ``sums`` (float32; float64 for float64 values),
+        at the item's slot of the reduction buffer (``1 + len(sums)`` values per slot, float64
+        when a sum is), and the count of non-finite values of ``x`` in this block."""
         width = 1 + len(sums)
         self.line(f"r = tl.where(msk, {x.name}, 0.0).to(tl.float32)")
         self.line("rsq = tl.sum(r * r, axis=0)")
@@ -412,7 +414,8 @@ class Emitter:
         self.line("rslot = leaf * CHUNKS + start // BLOCK")
         self.line(f"tl.store(RSQ + rslot * {width}, rsq)")
         for j, v in enumerate(sums.values(), start=1):
-            self.line(f"tl.store(RSQ + rslot * {width} + {j}, tl.sum(tl.where(msk, {v.name}, 0.0).to(tl.float32), axis=0))")
+            wide = _compute(v.dtype)
+            self.line(f"tl.store(RSQ + rslot * {width} + {j}, tl.sum(tl.where(msk, {v.name}, 0.0).to({wide}), axis=0))")
         self.line("tl.store(RBAD + rslot, rbad)")
 
     def finish(self, u: Value) -> None:
@@ -462,6 +465,7 @@ class Emitter:
 
     def reached(self, x: Value, sums: dict[str, Value]) -> NoReturn:
         self.reduced, self.sum_names = x, tuple(sums)
+        self.wide_sums = any(v.dtype == torch.float64 for v in sums.values())
         self.reduce(x, sums)
         raise Stop
 

@@ -427,7 +427,8 @@ class EngineStep:
             em = kind(leaf, p, main, grp.dtypes.__getitem__, self._slot, self._col, self._constant, self._role,
                       output=self.output)
             em.walk(plan.root)
-            rsq = torch.float64 if grp.dtypes["G"] == torch.float64 else torch.float32  # (float64: C kernels)
+            wide = grp.dtypes["G"] == torch.float64 or em.wide_sums  # (float64 gradients: C kernels)
+            rsq = torch.float64 if wide else torch.float32
             if isinstance(em, native.CEmitter):  # compiled with the step's other kernels (_load_c)
                 if not main:
                     grp.reads_gradient[p] = em.reduced is em.gradient and not em.sum_names
@@ -791,4 +792,7 @@ class EngineStep:
                 chunks = grp.items[self.reduce_block][3]
                 sums.index_copy_(0, grp.red_index[p], grp.rsq[p].view(rows, chunks, width).sum(1).to(sums.dtype))
                 bad.index_copy_(0, grp.red_index[p], grp.rbad[p].view(rows, chunks).sum(1, dtype=torch.int32))
-        return {"norm": sums[:, 0].sqrt(), "finite": bad == 0, **{name: sums[:, j] for j, name in enumerate(names, 1)}}
+        norm = sums[:, 0].sqrt()
+        if all(grp.dtypes["G"] != torch.float64 for grp in groups):  # (a float64 buffer for float64 sums)
+            norm = norm.to(torch.float32)
+        return {"norm": norm, "finite": bad == 0, **{name: sums[:, j] for j, name in enumerate(names, 1)}}
