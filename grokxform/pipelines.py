@@ -9,6 +9,7 @@ user can rebuild any of them by hand (the tests do, bit for bit) and ablate one 
 ``grokadamw_compat``  the numbers of the ``grokadamw==0.1.2`` package
 ``sgd``            torch.optim.SGD (momentum, Nesterov, coupled weight decay)
 ``lion``           Lion (Chen et al. 2023), as ``pytorch_optimizer.Lion``
+``lamb``           LAMB (You et al. 2020), as optax's; ``pytorch_optimizer.Lamb``'s numbers too
 ================  ===========================================================================
 
 The Grokfast paper's setting (``torch.optim.Adam(weight_decay=wd)`` after the filter, β=(0.9,
@@ -32,6 +33,7 @@ from grokxform.transforms.lion import scale_by_lion
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.masks import Mask
 from grokxform.transforms.momentum import trace
+from grokxform.transforms.trust_ratio import scale_by_trust_ratio
 from grokxform.transforms.weight_decay import decoupled_weight_decay
 
 LearningRate = Union[Scalar, Schedule]
@@ -381,4 +383,50 @@ def lion(
     )
 
 
-__all__ = ["adamw", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lion", "sgd"]
+@static_hyperparams("weight_decay_mask", "bias_correction")
+def lamb(
+    lr: LearningRate = 1e-3,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-6,
+    weight_decay: Scalar = 0.0,
+    *,
+    bias_correction: bool = True,
+    trust_ratio_eps: Scalar = 0.0,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning", arXiv:1904.00962), as
+    optax's ``lamb``: per leaf, ``r = adam(g) + wd·θ`` and ``θ ← θ − η·(‖θ‖/‖r‖)·r`` (a ratio of 1
+    where ‖θ‖ or ‖r‖ is 0).
+
+    Chain: ``adam`` (:func:`~grokxform.scale_by_adam`, bias-corrected as in the paper's Algorithm
+    2) → ``weight_decay`` (:func:`~grokxform.decoupled_weight_decay`, added to the update before
+    the ratio) → ``trust_ratio`` (:func:`~grokxform.scale_by_trust_ratio`, with ``eps=trust_ratio_eps``)
+    → ``lr``. Defaults are optax's (``eps=1e-6``, no weight decay).
+
+    ``pytorch_optimizer.Lamb`` (4.1.0) computes this chain with ``weight_decouple=False`` (its
+    default, ``True``, shrinks θ by ``1 − η·wd`` outside the ratio) and ``adam_debias=True`` (its
+    default divides the step by ``1 − β1^t`` after the ratio), without bias correction and with its
+    ``eps`` in the ratio's denominator, and it caps ‖θ‖ at ``Lamb.clamp = 10``: ``lamb(...,
+    bias_correction=False, trust_ratio_eps=eps)`` gives its numbers wherever ‖θ‖ ≤ 10 (to 1e-12 in
+    float64, a few ulps a step in float32).
+
+    Examples:
+        >>> tx = gx.lamb(lr=0.1, weight_decay=0.01)
+        >>> params = {"w": torch.tensor([3.0, 4.0])}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, state, params)
+        >>> updates["w"]                       # −η·(‖θ‖/‖r‖)·r, r = sign(g) + wd·θ
+        tensor([-0.3658,  0.3409])
+    """
+    C.check_scalar("lamb", "weight_decay", weight_decay, low=0.0)
+    return named_chain(
+        ("adam", scale_by_adam(b1, b2, eps, bias_correction=bias_correction, state_dtype=state_dtype)),
+        ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask)),
+        ("trust_ratio", scale_by_trust_ratio(eps=trust_ratio_eps)),
+        ("lr", _lr("lamb", lr)),
+    )
+
+
+__all__ = ["adamw", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lamb", "lion", "sgd"]

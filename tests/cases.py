@@ -37,7 +37,9 @@ class Case:
     leaf ``head`` of :func:`param_tree` gets a NaN or ±inf on the third step (docs/reliability.md,
     "Without apply_if_finite"); every other state tensor stays finite. ``bad_param``: what that
     element of the param becomes: ``"nan"`` (Adam's m/√v), ``"nonfinite"`` (±inf or NaN, as the
-    gradient: a step proportional to it) or ``"finite"`` (a sign step: the param never sees it).
+    gradient: a step proportional to it), ``"finite"`` (a sign step: the param never sees it) or
+    ``"leaf"`` (NaN over the whole leaf: a per-leaf sum, a trust ratio's norm or ⊥Grad's projection,
+    reads the bad element).
     """
 
     factory: Callable[..., gx.GradientTransformation]
@@ -58,6 +60,16 @@ _TRACE = frozenset({"momentum.trace.head"})
 _LION = frozenset({"lion.mu.head"})
 
 
+def orthograd_sgd(lr: float) -> gx.GradientTransformation:
+    """⊥Grad in front of SGD with momentum (``OrthoGrad(params, torch.optim.SGD, momentum=0.9)``)."""
+    return gx.named_chain(("orthograd", gx.orthograd()), ("sgd", gx.sgd(lr, momentum=0.9)))
+
+
+def noisy_adamw(lr: float, eta: float) -> gx.GradientTransformation:
+    """Annealed gradient noise in front of AdamW."""
+    return gx.named_chain(("noise", gx.add_noise(eta, seed=5)), ("adamw", gx.adamw(lr)))
+
+
 def _ma(window_size: int) -> frozenset[str]:
     """Adam's moments, the MA's running sum and the newest gradient (the last slot of the window)."""
     return _ADAM | {f"grokfast.window.{window_size - 1}.head", "grokfast.total.head"}
@@ -76,6 +88,7 @@ ALIASES: dict[str, Case] = {
     "sgd": Case(gx.sgd, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.01}, bad_leaf_state=_TRACE,
                 bad_param="nonfinite"),
     "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
+    "lamb": Case(gx.lamb, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM, bad_param="leaf"),
 }
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
@@ -109,6 +122,13 @@ VARIANTS: dict[str, Case] = {
                           bad_leaf_state=_LION, bad_param="finite"),
     "inject_lion": Case(gx.inject_hyperparams(gx.lion), {"lr": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 0.1},
                         bad_leaf_state=frozenset(f"inner_state.{p}" for p in _LION), bad_param="finite"),
+    "lamb_pytorch_optimizer": Case(gx.lamb, {"lr": gx.linear_warmup(1e-2, 3), "weight_decay": 0.1,
+                                             "bias_correction": False, "trust_ratio_eps": 1e-6,
+                                             "weight_decay_mask": ["*.w"]}, bad_leaf_state=_ADAM, bad_param="leaf"),
+    "orthograd_sgd": Case(orthograd_sgd, {"lr": 1e-2}, bad_leaf_state=frozenset({"sgd.momentum.trace.head"}),
+                          bad_param="leaf"),
+    "noisy_adamw": Case(noisy_adamw, {"lr": 1e-2, "eta": 1e-3},
+                        bad_leaf_state=frozenset({"adamw.adam.mu.head", "adamw.adam.nu.head"})),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -128,6 +148,10 @@ PRIMITIVES: dict[str, Case] = {
     "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
+    "orthograd": Case(gx.orthograd),
+    "scale_by_trust_ratio": Case(gx.scale_by_trust_ratio, {"min_norm": 0.5, "trust_coefficient": 0.1, "eps": 1e-6}),
+    "add_noise": Case(gx.add_noise, {"eta": 0.1, "seed": 3}),
+    "centralize": Case(gx.centralize),
 }
 
 

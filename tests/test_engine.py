@@ -309,10 +309,11 @@ def test_what_the_engine_cannot_run_is_named(make, why: str) -> None:
 
 
 def _norm_reduction(fused: FusedStep) -> bool:
-    """Whether a step of ``fused`` sums squares (a norm): the one place where emitters may round
-    differently (another summation order)."""
+    """Whether a step of ``fused`` sums squares (a norm) or other per-leaf sums: the one place where
+    emitters may round differently (another summation order)."""
     steps = [fn.step for fn in fused._fns.values()]
-    return any(isinstance(r, P.Member) and "norm" in r.decl.reduce for s in steps for r in s.plan.reductions)
+    return any(isinstance(r, P.Member) and ("norm" in r.decl.reduce or r.decl.sums is not None)
+               for s in steps for r in s.plan.reductions)
 
 
 @needs_c

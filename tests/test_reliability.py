@@ -93,6 +93,8 @@ def test_without_apply_if_finite_only_the_bad_leaf_is_hit(name: str, value: floa
     head = new_params["head"]
     if name == "grokadamw_compat" and math.isnan(value):
         assert bool(head.isnan().all())  # per-tensor clip: the NaN norm scales the whole tensor
+    elif PIPELINES[name].bad_param == "leaf":
+        assert bool(head.isnan().all())  # a per-leaf sum (a norm, a projection) reads the bad element
     elif hit:
         bad = torch.zeros_like(head, dtype=torch.bool)
         bad[1, 2] = True

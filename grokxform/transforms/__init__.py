@@ -9,10 +9,13 @@ from grokxform.transforms.combinators import (
     masked,
     partition,
 )
+from grokxform.transforms.centralize import centralize
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
+from grokxform.transforms.noise import AddNoiseState, add_noise
+from grokxform.transforms.orthograd import orthograd
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -20,10 +23,16 @@ from grokxform.transforms.schedules import (
     scale_by_learning_rate,
     warmup_cosine_decay,
 )
+from grokxform.transforms.trust_ratio import scale_by_trust_ratio
 from grokxform.transforms.weight_decay import decoupled_weight_decay
 from grokxform.transforms.wrappers import InjectHyperparamsState, inject_hyperparams
 
 __all__ = [
+    "AddNoiseState",
+    "add_noise",
+    "centralize",
+    "orthograd",
+    "scale_by_trust_ratio",
     "ApplyIfFiniteState",
     "MultiSteps",
     "MultiStepsState",

@@ -122,6 +122,7 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
+@static_hyperparams("bias_correction")
 def scale_by_adam(
     b1: Union[Scalar, LayerwiseBeta] = 0.9,
     b2: Scalar = 0.999,
@@ -129,6 +130,7 @@ def scale_by_adam(
     *,
     eps_placement: Literal["corrected", "raw"] = "corrected",
     bias_correction_b1: Scalar | None = None,
+    bias_correction: bool = True,
     state_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Adam's bias-corrected, normalised direction (no learning rate, no sign flip).
@@ -142,7 +144,9 @@ def scale_by_adam(
 
     ``b1`` may be a :class:`LayerwiseBeta` (see :func:`layerwise_beta`): each leaf then has its own
     β1, and its bias correction uses that β1 unless ``bias_correction_b1`` names another (GrokAdamW
-    0.1.2 corrects with the base β1). The bias corrections are computed in float64. The step count
+    0.1.2 corrects with the base β1). The bias corrections are computed in float64;
+    ``bias_correction=False`` drops both (``u = m_t / (√v_t + ε)``, as ``pytorch_optimizer.Lamb``).
+    The step count
     is per leaf, as in torch.optim: a leaf with a ``None`` gradient keeps m, v and t.
     State: :class:`ScaleByAdamState`; moments in ``state_dtype`` (default: the param's dtype,
     float32 for 16-bit params).
@@ -164,6 +168,7 @@ def scale_by_adam(
         C.check_scalar("scale_by_adam", "bias_correction_b1", bias_correction_b1, low=0.0, high=1.0, high_open=True)
     if eps_placement not in ("corrected", "raw"):
         raise ValueError(f"scale_by_adam: eps_placement must be 'corrected' or 'raw', got {eps_placement!r}")
+    C.check_bool("scale_by_adam", "bias_correction", bias_correction)
 
     layerwise = b1 if isinstance(b1, LayerwiseBeta) else None
 
@@ -181,13 +186,16 @@ def scale_by_adam(
             one_minus_b1: Any = [1.0 - b for b in betas1]
         else:
             betas1, one_minus_b1 = b1, 1.0 - b1  # type: ignore[operator]
+        values: dict[str, Any] = {"b1": betas1, "one_minus_b1": one_minus_b1, "b2": b2, "one_minus_b2": 1.0 - b2,
+                                  "eps": eps}
+        if not bias_correction:  # the rule's multiplications by 1 are exact
+            values.update({"inv_bc1": 1.0, "inv_bc2_sqrt": 1.0} if eps_placement == "corrected" else {"ratio": 1.0})
+            return values, {}
         t = ctx.counts.to(torch.float64) + 1.0  # type: ignore[union-attr]
         bases = [bias_correction_b1] * ctx.n if bias_correction_b1 is not None else (
             betas1 if isinstance(betas1, list) else [betas1] * ctx.n)
         bc1 = 1.0 - _pow(bases, t)
         bc2 = 1.0 - _pow([b2], t)
-        values: dict[str, Any] = {"b1": betas1, "one_minus_b1": one_minus_b1, "b2": b2, "one_minus_b2": 1.0 - b2,
-                                  "eps": eps}
         if eps_placement == "corrected":
             values.update(inv_bc1=torch.reciprocal(bc1), inv_bc2_sqrt=torch.rsqrt(bc2))
         else:
