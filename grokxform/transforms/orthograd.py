@@ -37,10 +37,8 @@ def orthograd(eps: Scalar = 1e-30) -> GradientTransformation:
     no second pass over g⊥. That difference cancels when g is nearly parallel to θ, so the gradient
     also counts as parallel where ‖g⊥‖² is within the sums' rounding, ``‖g⊥‖² ≤ 64·ε_s·‖g‖²``
     (ε_s the machine epsilon of the sums' dtype). The sums are of float64 values (the products of
-    float32 values are exact): op by op and on the foreach backend they are float64 and this bound
-    (‖g⊥‖ ≤ 1.2e-7·‖g‖) lies below the reference's, which then decides; the engine's kernels return
-    the sums of a float32 leaf in float32, and there a float32 gradient within 2.8e-3·‖g‖ of
-    parallel to θ gets a zero update. For float64 leaves the threshold is ``4·ε_float32·‖g‖`` (the
+    float32 values are exact), summed in float64 on every path, so this bound (‖g⊥‖ ≤ 1.2e-7·‖g‖)
+    lies below the reference's, which then decides. For float64 leaves the threshold is ``4·ε_float32·‖g‖`` (the
     reference's ``4·ε_float64`` is below the algebraic ‖g⊥‖'s rounding). Away from parallel the
     update is the reference's to a few float32 ulps (ours is within 3 of the projection computed
     in float64; the reference's float32 sums put it farther) and to 1e-12 in float64. Stateless;
