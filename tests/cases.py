@@ -78,6 +78,15 @@ ALIASES: dict[str, Case] = {
     "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
 }
 
+# optax's schedules, one after another: a few steps of each
+_OPTAX_SCHEDULES = gx.join_schedules([
+    gx.cosine_onecycle_schedule(3, 1e-2, pct_start=0.4),
+    gx.sgdr_schedule([dict(init_value=1e-3, peak_value=1e-2, warmup_steps=1, decay_steps=2, end_value=1e-3)] * 2),
+    gx.piecewise_constant_schedule(1e-2, {1: 0.5}),
+    gx.exponential_decay(5e-3, 2, 0.7, staircase=True, end_value=1e-3),
+    gx.cosine_decay_schedule(5e-3, 4, alpha=0.2),
+], [3, 7, 9, 11])
+
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
 
 VARIANTS: dict[str, Case] = {
@@ -109,6 +118,9 @@ VARIANTS: dict[str, Case] = {
                           bad_leaf_state=_LION, bad_param="finite"),
     "inject_lion": Case(gx.inject_hyperparams(gx.lion), {"lr": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 0.1},
                         bad_leaf_state=frozenset(f"inner_state.{p}" for p in _LION), bad_param="finite"),
+    "lookahead_adamw": Case(gx.lookahead, {"fast": gx.adamw(lr=1e-2, weight_decay=0.1), "sync_period": 3, "alpha": 0.5},
+                            bad_leaf_state=frozenset({*(f"fast.{p}" for p in _ADAM), "lookahead.slow.head"})),
+    "adamw_optax_schedules": Case(gx.adamw, {"lr": _OPTAX_SCHEDULES, "weight_decay": 0.1}, bad_leaf_state=_ADAM),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -127,6 +139,7 @@ PRIMITIVES: dict[str, Case] = {
     "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
     "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
+    "apply_every": Case(gx.apply_every, {"k": 2}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
 }
 

@@ -1,5 +1,6 @@
 """The primitives: one small module per idea."""
 
+from grokxform.transforms.accumulate import ApplyEveryState, apply_every
 from grokxform.transforms.adam import LayerwiseBeta, ScaleByAdamState, layerwise_beta, scale_by_adam
 from grokxform.transforms.combinators import (
     ApplyIfFiniteState,
@@ -11,6 +12,7 @@ from grokxform.transforms.combinators import (
 )
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
+from grokxform.transforms.slow_weights import LookaheadState, lookahead
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
 from grokxform.transforms.schedules import (
@@ -30,6 +32,10 @@ from grokxform.transforms.weight_decay import decoupled_weight_decay
 from grokxform.transforms.wrappers import InjectHyperparamsState, inject_hyperparams
 
 __all__ = [
+    "ApplyEveryState",
+    "LookaheadState",
+    "apply_every",
+    "lookahead",
     "ApplyIfFiniteState",
     "MultiSteps",
     "MultiStepsState",
