@@ -170,7 +170,7 @@ class REF:
 
 SCHEDULES = _build(gx)
 REFERENCE = _build(REF)
-MANY = [*range(0, 130), 1000, 10**6]
+MANY = [*range(130), 1000, 10**6]
 
 
 def _at(schedule: Callable, t: int) -> float:

@@ -294,7 +294,7 @@ def cosine_onecycle_schedule(
     final_div = _number(fn, "final_div_factor", final_div_factor, low=0.0, low_open=True)
     # optax's piecewise_interpolate_schedule over {⌊pct·T⌋: div, T: 1/(div·final_div)} (one
     # boundary when the two coincide: the later scale wins, as in a dict)
-    scales = dict([(int(pct * transition_steps), div), (transition_steps, 1.0 / (div * final_div))])
+    scales = {int(pct * transition_steps): div, transition_steps: 1.0 / (div * final_div)}
     bounds = [0, *sorted(scales)]
     values = [peak / div]
     for b in bounds[1:]:
