@@ -8,7 +8,7 @@
     params = gx.apply_updates(params, updates)
 """
 
-from grokxform import signals
+from grokxform import signals, tree
 from grokxform.base import (
     EmptyState,
     GradientTransformation,
@@ -20,6 +20,7 @@ from grokxform.base import (
     chain,
     identity,
     named_chain,
+    with_extra_args_support,
 )
 from grokxform.declarations import kernels
 from grokxform.pipelines import *  # noqa: F403
@@ -46,6 +47,8 @@ __all__ = [
     "kernels",
     "named_chain",
     "signals",
+    "tree",
+    "with_extra_args_support",
     *_pipelines_all,
     *_transforms_all,
 ]

@@ -13,6 +13,7 @@ each transform takes what it needs and ignores the rest.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, Union
 
@@ -82,6 +83,11 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order: ``u = t_n(...t_2(t_1(g)))``. State: a tuple, one per transform.
 
+    The extra keyword arguments of ``update`` (``train_loss=``...) reach each member that takes
+    them: one whose ``update`` has ``**kwargs`` gets all of them, one written without (an
+    optax-style ``update(updates, state, params=None)``) only those it names
+    (:func:`with_extra_args_support`; its signature is read once, here).
+
     Examples:
         >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale_by_adam(), gx.scale_by_learning_rate(1e-3))
         >>> state = tx.init({"w": torch.zeros(2)})
@@ -91,6 +97,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
             raise TypeError(f"chain: argument {i} is {type(t).__name__}, not a GradientTransformation")
+    transforms = tuple(with_extra_args_support(t) for t in transforms)
 
     def init(params: Params) -> tuple[State, ...]:
         return tuple(t.init(params) for t in transforms)
@@ -116,7 +123,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
-    """Like :func:`chain`, with state a dict keyed by name: ``state["adam"].mu``.
+    """Like :func:`chain`, with state a dict keyed by name: ``state["adam"].mu``. Each member gets
+    the extra keyword arguments it takes, as in :func:`chain`.
 
     Examples:
         >>> tx = gx.named_chain(("adam", gx.scale_by_adam()), ("lr", gx.scale_by_learning_rate(1e-3)))
@@ -130,6 +138,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     for n, t in named:
         if not isinstance(n, str) or not isinstance(t, GradientTransformation):
             raise TypeError(f"named_chain: expected (str, GradientTransformation) pairs, got ({n!r}, {t!r})")
+    named = tuple((n, with_extra_args_support(t)) for n, t in named)
 
     def init(params: Params) -> dict[str, State]:
         return {n: t.init(params) for n, t in named}
@@ -149,6 +158,56 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     return _decl.declare(
         GradientTransformation(init, update), _decl.Sequence(tuple(names), members, tuple(t for _, t in named))
     )
+
+
+def _accepted_extras(update: Callable[..., Any]) -> frozenset[str] | None:
+    """The extra keyword arguments ``update(updates, state, params, ...)`` takes by name, or
+    ``None`` when it takes any (``**kwargs``) or its signature cannot be read."""
+    try:
+        parameters = list(inspect.signature(update).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = [p for p in positional[3:] if p.kind is p.POSITIONAL_OR_KEYWORD]
+    named += [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    return frozenset(p.name for p in named)
+
+
+def with_extra_args_support(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` with an ``update`` that takes any extra keyword arguments (``train_loss=``,
+    ``val_loss=``...) and passes on only those that ``tx.update`` names: what an optax-style
+    transform written as ``update(updates, state, params=None)`` needs to run where a training
+    loop passes the losses. ``tx`` itself when its ``update`` already takes ``**kwargs`` (every
+    transform of this package does); its signature is read once, here. :func:`chain` and
+    :func:`named_chain` wrap their members so; wrap a lone transform yourself. A transform without
+    a declaration stays without one (the engine runs its ``update`` as it is).
+
+    Examples:
+        >>> def halve():
+        ...     def update(updates, state, params=None):          # no **extra
+        ...         return {k: v / 2 for k, v in updates.items()}, state
+        ...     return gx.GradientTransformation(lambda params: gx.EmptyState(), update)
+        >>> tx = gx.with_extra_args_support(halve())
+        >>> u, _ = tx.update({"w": torch.ones(1)}, gx.EmptyState(), None, train_loss=torch.tensor(0.5))
+        >>> u["w"]
+        tensor([0.5000])
+    """
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(f"with_extra_args_support: expected a GradientTransformation, got {type(tx).__name__}")
+    accepted = _accepted_extras(tx.update)
+    if accepted is None:
+        return tx
+    inner = tx.update
+
+    def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
+        return inner(updates, state, params, **{k: v for k, v in extra.items() if k in accepted})
+
+    update.__name__ = getattr(inner, "__name__", "update")
+    update.__qualname__ = getattr(inner, "__qualname__", "update")
+    update.__doc__ = getattr(inner, "__doc__", None)
+    return GradientTransformation(tx.init, update)
 
 
 STATIC_ATTR = "__grokxform_static_hyperparams__"

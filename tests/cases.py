@@ -91,6 +91,15 @@ ALIASES: dict[str, Case] = {
     "lamb": Case(gx.lamb, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM, bad_param="leaf"),
 }
 
+# optax's schedules, one after another: a few steps of each
+_OPTAX_SCHEDULES = gx.join_schedules([
+    gx.cosine_onecycle_schedule(3, 1e-2, pct_start=0.4),
+    gx.sgdr_schedule([dict(init_value=1e-3, peak_value=1e-2, warmup_steps=1, decay_steps=2, end_value=1e-3)] * 2),
+    gx.piecewise_constant_schedule(1e-2, {1: 0.5}),
+    gx.exponential_decay(5e-3, 2, 0.7, staircase=True, end_value=1e-3),
+    gx.cosine_decay_schedule(5e-3, 4, alpha=0.2),
+], [3, 7, 9, 11])
+
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
 
 VARIANTS: dict[str, Case] = {
@@ -129,6 +138,9 @@ VARIANTS: dict[str, Case] = {
                           bad_param="leaf"),
     "noisy_adamw": Case(noisy_adamw, {"lr": 1e-2, "eta": 1e-3},
                         bad_leaf_state=frozenset({"adamw.adam.mu.head", "adamw.adam.nu.head"})),
+    "lookahead_adamw": Case(gx.lookahead, {"fast": gx.adamw(lr=1e-2, weight_decay=0.1), "sync_period": 3, "alpha": 0.5},
+                            bad_leaf_state=frozenset({*(f"fast.{p}" for p in _ADAM), "lookahead.slow.head"})),
+    "adamw_optax_schedules": Case(gx.adamw, {"lr": _OPTAX_SCHEDULES, "weight_decay": 0.1}, bad_leaf_state=_ADAM),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -147,6 +159,7 @@ PRIMITIVES: dict[str, Case] = {
     "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
     "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
+    "apply_every": Case(gx.apply_every, {"k": 2}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
     "orthograd": Case(gx.orthograd),
     "scale_by_trust_ratio": Case(gx.scale_by_trust_ratio, {"min_norm": 0.5, "trust_coefficient": 0.1, "eps": 1e-6}),

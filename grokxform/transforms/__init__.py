@@ -1,5 +1,6 @@
 """The primitives: one small module per idea."""
 
+from grokxform.transforms.accumulate import ApplyEveryState, apply_every
 from grokxform.transforms.adam import LayerwiseBeta, ScaleByAdamState, layerwise_beta, scale_by_adam
 from grokxform.transforms.combinators import (
     ApplyIfFiniteState,
@@ -12,6 +13,7 @@ from grokxform.transforms.combinators import (
 from grokxform.transforms.centralize import centralize
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
+from grokxform.transforms.slow_weights import LookaheadState, lookahead
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
 from grokxform.transforms.noise import AddNoiseState, add_noise
@@ -19,8 +21,14 @@ from grokxform.transforms.orthograd import orthograd
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
+    cosine_decay_schedule,
+    cosine_onecycle_schedule,
+    exponential_decay,
+    join_schedules,
     linear_warmup,
+    piecewise_constant_schedule,
     scale_by_learning_rate,
+    sgdr_schedule,
     warmup_cosine_decay,
 )
 from grokxform.transforms.trust_ratio import scale_by_trust_ratio
@@ -33,6 +41,10 @@ __all__ = [
     "centralize",
     "orthograd",
     "scale_by_trust_ratio",
+    "ApplyEveryState",
+    "LookaheadState",
+    "apply_every",
+    "lookahead",
     "ApplyIfFiniteState",
     "MultiSteps",
     "MultiStepsState",
@@ -52,15 +64,21 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_tensor_norm",
     "constant_schedule",
+    "cosine_decay_schedule",
+    "cosine_onecycle_schedule",
     "decoupled_weight_decay",
     "ema_filter",
+    "exponential_decay",
     "inject_hyperparams",
+    "join_schedules",
     "layerwise_beta",
     "linear_warmup",
     "ma_filter",
+    "piecewise_constant_schedule",
     "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_lion",
+    "sgdr_schedule",
     "trace",
     "warmup_cosine_decay",
 ]
