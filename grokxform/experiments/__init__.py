@@ -3,6 +3,7 @@
 - :mod:`~grokxform.experiments.modular`: x·y mod 97 and the paper's causal decoder.
 - :mod:`~grokxform.experiments.mnist`: Omnigrok's MNIST MLP, read from local IDX files.
 - :mod:`~grokxform.experiments.optimizers`: the optimizers of each run, by name.
+- :mod:`~grokxform.experiments.losses`: StableMax's cross-entropy (grokking without softmax collapse).
 - :mod:`~grokxform.experiments.train`: ``train(model, tx, data, steps=...)``, any transform.
 - :mod:`~grokxform.experiments.sweep`: a grid × seeds trained as one vmapped program.
 - :mod:`~grokxform.experiments.demo`: the paper's optimizers side by side on the modular task.
@@ -16,6 +17,7 @@
 """
 
 from grokxform.experiments.data import TaskData
+from grokxform.experiments.losses import stablemax, stablemax_cross_entropy
 from grokxform.experiments.mnist import load_mnist, make_mlp, mnist_data, mnist_setup, mse_one_hot, read_idx
 from grokxform.experiments.modular import Decoder, make_decoder, modular_data, paper_setup
 from grokxform.experiments.optimizers import MNIST_OPTIMIZERS, MODULAR_OPTIMIZERS, modular_optimizer
@@ -39,5 +41,7 @@ __all__ = [
     "mse_one_hot",
     "paper_setup",
     "read_idx",
+    "stablemax",
+    "stablemax_cross_entropy",
     "train",
 ]
