@@ -1,6 +1,8 @@
 """The primitives: one small module per idea."""
 
 from grokxform.transforms.adam import LayerwiseBeta, ScaleByAdamState, layerwise_beta, scale_by_adam
+from grokxform.transforms.ademamix import ScaleByAdemamixState, scale_by_ademamix
+from grokxform.transforms.basic import scale, zero_nans
 from grokxform.transforms.combinators import (
     ApplyIfFiniteState,
     MultiSteps,
@@ -9,10 +11,12 @@ from grokxform.transforms.combinators import (
     masked,
     partition,
 )
-from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
+from grokxform.transforms.clipping import ClipByGlobalNormState, clip, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
+from grokxform.transforms.nadam import ScaleByNadamState, scale_by_nadam
+from grokxform.transforms.rms import ScaleByRmsState, ScaleByRStdDevState, scale_by_rms, scale_by_stddev
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -36,10 +40,15 @@ __all__ = [
     "LayerwiseBeta",
     "MaFilterState",
     "ScaleByAdamState",
+    "ScaleByAdemamixState",
     "ScaleByLionState",
+    "ScaleByNadamState",
+    "ScaleByRStdDevState",
+    "ScaleByRmsState",
     "ScaleByScheduleState",
     "TraceState",
     "amplify",
+    "clip",
     "clip_by_global_norm",
     "clip_by_tensor_norm",
     "constant_schedule",
@@ -49,9 +58,15 @@ __all__ = [
     "layerwise_beta",
     "linear_warmup",
     "ma_filter",
+    "scale",
     "scale_by_adam",
+    "scale_by_ademamix",
     "scale_by_learning_rate",
     "scale_by_lion",
+    "scale_by_nadam",
+    "scale_by_rms",
+    "scale_by_stddev",
     "trace",
     "warmup_cosine_decay",
+    "zero_nans",
 ]
