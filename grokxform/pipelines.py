@@ -519,8 +519,8 @@ def ademamix(
         >>> tx = gx.ademamix(lr=1e-3, alpha_warmup=1000, beta3_warmup=1000)
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, tx.init(params), params)
-        >>> state["adam"].mu_slow["w"]         # (1 − β3_1)·g, β3_1 ≈ β1 at the start of the warm-up
-        tensor([ 0.0500, -0.0500])
+        >>> state["adam"].mu_slow["w"]         # (1 − β3_1)·g: β3_1 ≈ 0.95, half-lives from β1's to β3's
+        tensor([ 0.0250, -0.0250])
     """
     adam_ = scale_by_ademamix(b1, b2, b3, alpha, eps, alpha_warmup, beta3_warmup, state_dtype=state_dtype)
     return _adam_with_decay("ademamix", [], adam_, lr, weight_decay, weight_decay_mode, weight_decay_mask)

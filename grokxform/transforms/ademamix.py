@@ -55,8 +55,8 @@ def scale_by_ademamix(
         >>> tx = gx.scale_by_ademamix(alpha=5.0, alpha_warmup=10, beta3_warmup=10)
         >>> state = tx.init({"w": torch.zeros(1)})
         >>> u, state = tx.update({"w": torch.tensor([1.0])}, state)
-        >>> u["w"]                      # 1 + α_1·(1−β3_1)·g with α_1 = 0.5, β3_1 ≈ 0.8966
-        tensor([1.0517])
+        >>> u["w"]                      # 1 + α_1·(1−β3_1)·g with α_1 = 0.5, β3_1 ≈ 0.99901
+        tensor([1.0005])
     """
     C.check_scalar("scale_by_ademamix", "b1", b1, low=0.0, high=1.0, high_open=True)
     C.check_scalar("scale_by_ademamix", "b2", b2, low=0.0, high=1.0, high_open=True)

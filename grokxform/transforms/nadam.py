@@ -73,8 +73,8 @@ def scale_by_nadam(
         >>> tx = gx.scale_by_nadam()
         >>> state = tx.init({"w": torch.zeros(2)})
         >>> u, state = tx.update({"w": torch.tensor([1.0, -1.0])}, state)
-        >>> u["w"]                      # (1−μ1)/(1−μ1) + μ2·(1−β1)/((1−μ1μ2)(1−β1)) ≈ 1.2
-        tensor([ 1.2038, -1.2038])
+        >>> u["w"]                      # g/|g| + μ2/(1−μ1μ2)·(1−β1)·g/|g|, μ1 ≈ μ2 ≈ 0.45
+        tensor([ 1.0565, -1.0565])
     """
     C.check_scalar("scale_by_nadam", "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
     C.check_scalar("scale_by_nadam", "b2", b2, low=0.0, high=1.0, high_open=True)
