@@ -29,8 +29,20 @@ from typing import Any
 import pytest
 import torch
 from cases import same_bits, special_pairs
-from test_vocabulary import F32, F64, STEPS, Reference, grads_of, max_param_diff, missing, model_of, params_of, train
-from test_vocabulary import ulps, worst
+from test_vocabulary import (
+    F32,
+    F64,
+    STEPS,
+    Reference,
+    grads_of,
+    max_param_diff,
+    missing,
+    model_of,
+    params_of,
+    train,
+    ulps,
+    worst,
+)
 
 import grokxform as gx
 from grokxform.transforms.nadam import _log_mu_product, _momentum
@@ -246,7 +258,7 @@ def test_ademamix_warmups_are_the_papers() -> None:
     m2 = torch.zeros(1, dtype=F64)
     for t in range(1, 12):
         g = torch.tensor([1.0 + t], dtype=F64)
-        u, s = tx.update({"w": g}, s)
+        _, s = tx.update({"w": g}, s)
         b3 = po.AdEMAMix.schedule_beta3(8, t, 0.9, 0.999)
         m2 = b3 * m2 + (1 - b3) * g
         assert torch.allclose(s.mu_slow["w"], m2, rtol=1e-14, atol=0), t
