@@ -10,6 +10,10 @@ user can rebuild any of them by hand (the tests do, bit for bit) and ablate one 
 ``sgd``            torch.optim.SGD (momentum, Nesterov, coupled weight decay)
 ``lion``           Lion (Chen et al. 2023), as ``pytorch_optimizer.Lion``
 ``lamb``           LAMB (You et al. 2020), as optax's; ``pytorch_optimizer.Lamb``'s numbers too
+``adam``           torch.optim.Adam without weight decay (optax's ``adam``)
+``nadam``          torch.optim.NAdam (Dozat's momentum schedule, coupled or decoupled decay)
+``rmsprop``        torch.optim.RMSprop (centered, momentum, coupled weight decay)
+``ademamix``       AdEMAMix (Pagliardini et al. 2024), as ``pytorch_optimizer.AdEMAMix``
 ================  ===========================================================================
 
 The Grokfast paper's setting (``torch.optim.Adam(weight_decay=wd)`` after the filter, β=(0.9,
@@ -27,6 +31,7 @@ from grokxform import _common as C
 from grokxform.base import GradientTransformation, Scalar, Schedule, named_chain, static_hyperparams
 from grokxform.signals import SignalFn
 from grokxform.transforms.adam import LayerFn, layerwise_beta, scale_by_adam
+from grokxform.transforms.ademamix import scale_by_ademamix
 from grokxform.transforms.clipping import clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import amplify, ema_filter, ma_filter
 from grokxform.transforms.lion import scale_by_lion
@@ -34,6 +39,8 @@ from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.masks import Mask
 from grokxform.transforms.momentum import trace
 from grokxform.transforms.trust_ratio import scale_by_trust_ratio
+from grokxform.transforms.nadam import scale_by_nadam
+from grokxform.transforms.rms import scale_by_rms, scale_by_stddev
 from grokxform.transforms.weight_decay import decoupled_weight_decay
 
 LearningRate = Union[Scalar, Schedule]
@@ -429,4 +436,143 @@ def lamb(
     )
 
 
-__all__ = ["adamw", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lamb", "lion", "sgd"]
+def adam(
+    lr: LearningRate = 1e-3,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Adam (Kingma & Ba), as ``torch.optim.Adam`` without weight decay and as optax's ``adam``:
+    ``θ ← θ − η·m̂/(√v̂ + ε)``.
+
+    Chain: ``adam`` (:func:`~grokxform.scale_by_adam`) → ``lr``. Adam with weight decay is
+    :func:`adamw` (decoupled), or ``weight_decay_mode="coupled"`` of the Grokfast pipelines and
+    :func:`nadam`. Defaults are torch's.
+
+    Examples:
+        >>> tx = gx.adam(lr=0.1)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, tx.init(params), params)
+        >>> updates["w"]                       # the first step: −lr·sign(g)
+        tensor([-0.1000,  0.1000])
+    """
+    return named_chain(("adam", scale_by_adam(b1, b2, eps, state_dtype=state_dtype)), ("lr", _lr("adam", lr)))
+
+
+@static_hyperparams("weight_decay_mask")
+def nadam(
+    lr: LearningRate = 2e-3,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    momentum_decay: Scalar = 4e-3,
+    *,
+    weight_decay_mode: WeightDecayMode = "coupled",
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """NAdam, as ``torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay, momentum_decay)``:
+    :func:`~grokxform.scale_by_nadam`'s direction with Dozat's momentum schedule, then −η.
+
+    Chain: ``weight_decay`` (coupled L2, ``g + wd·θ``: torch's default) → ``adam``
+    (:func:`~grokxform.scale_by_nadam`) → ``lr``; ``weight_decay_mode="decoupled"`` (torch's
+    ``decoupled_weight_decay=True``, ``θ·(1 − η·wd)``) puts the decay after ``adam``. Defaults
+    are torch's.
+
+    Examples:
+        >>> tx = gx.nadam(lr=2e-3, weight_decay=1e-2)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, tx.init(params), params)
+        >>> list(state)
+        ['weight_decay', 'adam', 'lr']
+    """
+    adam_ = scale_by_nadam(b1, b2, eps, momentum_decay, state_dtype=state_dtype)
+    return _adam_with_decay("nadam", [], adam_, lr, weight_decay, weight_decay_mode, weight_decay_mask)
+
+
+@static_hyperparams("momentum", "centered", "weight_decay_mask")
+def rmsprop(
+    lr: LearningRate = 1e-2,
+    decay: Scalar = 0.99,
+    eps: Scalar = 1e-8,
+    momentum: Scalar = 0.0,
+    centered: bool = False,
+    weight_decay: Scalar = 0.0,
+    *,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop(lr, alpha=decay, eps, weight_decay, momentum, centered)``:
+    ``g ← g + wd·θ``, ``ν ← decay·ν + (1−decay)·g²`` (and ``μ ← decay·μ + (1−decay)·g`` when
+    centered), ``d = g/(√ν + ε)`` (``g/(√(ν − μ²) + ε)``), with momentum ``b ← m·b + d``,
+    ``θ ← θ − η·b`` (else ``θ ← θ − η·d``).
+
+    Chain: ``weight_decay`` (coupled: placed before the root) → ``rms``
+    (:func:`~grokxform.scale_by_rms`, or :func:`~grokxform.scale_by_stddev` when ``centered``) →
+    ``momentum`` (:func:`~grokxform.trace`; left out at momentum 0, as torch keeps no buffer then)
+    → ``lr``. ``momentum`` and ``centered`` decide the chain, so
+    :func:`~grokxform.inject_hyperparams` keeps them fixed. Defaults are torch's (ε outside the
+    root, ν from 0; optax's ``rmsprop`` puts ε inside).
+
+    Examples:
+        >>> tx = gx.rmsprop(lr=0.01, momentum=0.9, centered=True)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, tx.init(params), params)
+        >>> list(state), type(state["rms"]).__name__
+        (['weight_decay', 'rms', 'momentum', 'lr'], 'ScaleByRStdDevState')
+    """
+    C.check_scalar("rmsprop", "momentum", momentum, low=0.0)
+    C.check_bool("rmsprop", "centered", centered)
+    C.check_scalar("rmsprop", "weight_decay", weight_decay, low=0.0)
+    rms = (scale_by_stddev if centered else scale_by_rms)(decay, eps, state_dtype=state_dtype)
+    steps: list[tuple[str, GradientTransformation]] = [
+        ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask)), ("rms", rms)
+    ]
+    if isinstance(momentum, torch.Tensor) or momentum > 0:
+        steps.append(("momentum", trace(momentum, state_dtype=state_dtype)))
+    steps.append(("lr", _lr("rmsprop", lr)))
+    return named_chain(*steps)
+
+
+@static_hyperparams("alpha_warmup", "beta3_warmup", "weight_decay_mask")
+def ademamix(
+    lr: LearningRate = 1e-3,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    b3: Scalar = 0.9999,
+    alpha: Scalar = 5.0,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    alpha_warmup: int | None = None,
+    beta3_warmup: int | None = None,
+    *,
+    weight_decay_mode: WeightDecayMode = "coupled",
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """AdEMAMix (Pagliardini, Ablin and Grangier 2024), as ``pytorch_optimizer.AdEMAMix(lr,
+    betas=(b1, b2, b3), weight_decay, alpha=alpha, t_alpha_beta3=T, eps)`` with
+    ``alpha_warmup=beta3_warmup=T``: ``θ ← θ − η·(m̂1 + α_t·m2)/(√v̂ + ε)``.
+
+    Chain: ``weight_decay`` → ``adam`` (:func:`~grokxform.scale_by_ademamix`) → ``lr``. The decay
+    is coupled L2 (``g + wd·θ``) by default, as ``pytorch_optimizer``'s default
+    (``weight_decouple=False``); the paper's Algorithm 1 decays the weights decoupled, AdamW's
+    way: ``weight_decay_mode="decoupled"`` (``weight_decouple=True`` there) puts the decay after
+    ``adam``. The paper pairs α=5…10 and β3=0.9999 with warm-ups as long as the run.
+
+    Examples:
+        >>> tx = gx.ademamix(lr=1e-3, alpha_warmup=1000, beta3_warmup=1000)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -0.5])}, tx.init(params), params)
+        >>> state["adam"].mu_slow["w"]         # (1 − β3_1)·g: β3_1 ≈ 0.95, half-lives from β1's to β3's
+        tensor([ 0.0250, -0.0250])
+    """
+    adam_ = scale_by_ademamix(b1, b2, b3, alpha, eps, alpha_warmup, beta3_warmup, state_dtype=state_dtype)
+    return _adam_with_decay("ademamix", [], adam_, lr, weight_decay, weight_decay_mode, weight_decay_mask)
+
+
+__all__ = ["adam", "adamw", "ademamix", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lamb",
+           "lion", "nadam", "rmsprop", "sgd"]

@@ -58,6 +58,8 @@ _EMA = _ADAM | {"grokfast.mu.head"}
 
 _TRACE = frozenset({"momentum.trace.head"})
 _LION = frozenset({"lion.mu.head"})
+_RMS = frozenset({"rms.nu.head"})
+_ADEMAMIX = _ADAM | {"adam.mu_slow.head"}
 
 
 def orthograd_sgd(lr: float) -> gx.GradientTransformation:
@@ -89,6 +91,17 @@ ALIASES: dict[str, Case] = {
                 bad_param="nonfinite"),
     "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
     "lamb": Case(gx.lamb, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM, bad_param="leaf"),
+    "adam": Case(gx.adam, {"lr": 1e-2}, bad_leaf_state=_ADAM),
+    "nadam": Case(gx.nadam, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM),
+    # without momentum: torch.sqrt (the eager path) is not correctly rounded on every CPU build
+    # (torch 2.13, AVX512: 1 in 5 float32 roots an ulp off), the kernels' root is, and a momentum
+    # buffer of g/√ν (≈ ±10 per step) cancels that ulp into more than test_engine's state
+    # tolerance (the same ulp fails test_optimizer_factory_path_equals_functional[rmsprop]'s
+    # bit-for-bit check); rmsprop's momentum is tested against torch.optim.RMSprop in
+    # test_vocabulary_adam
+    "rmsprop": Case(gx.rmsprop, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_RMS),
+    "ademamix": Case(gx.ademamix, {"lr": 1e-2, "alpha_warmup": 5, "beta3_warmup": 5, "weight_decay": 0.01},
+                     bad_leaf_state=_ADEMAMIX),
 }
 
 # optax's schedules, one after another: a few steps of each
@@ -141,6 +154,16 @@ VARIANTS: dict[str, Case] = {
     "lookahead_adamw": Case(gx.lookahead, {"fast": gx.adamw(lr=1e-2, weight_decay=0.1), "sync_period": 3, "alpha": 0.5},
                             bad_leaf_state=frozenset({*(f"fast.{p}" for p in _ADAM), "lookahead.slow.head"})),
     "adamw_optax_schedules": Case(gx.adamw, {"lr": _OPTAX_SCHEDULES, "weight_decay": 0.1}, bad_leaf_state=_ADAM),
+    "rmsprop_centered": Case(gx.rmsprop, {"lr": gx.linear_warmup(1e-2, 3), "centered": True,
+                                          "weight_decay": 0.1, "weight_decay_mask": ["*.w"]},
+                             bad_leaf_state=frozenset({"rms.nu.head", "rms.mu.head"})),
+    "nadam_decoupled": Case(gx.nadam, {"lr": gx.warmup_cosine_decay(1e-2, 2, 20), "weight_decay": 0.1,
+                                       "weight_decay_mode": "decoupled"}, bad_leaf_state=_ADAM),
+    "ademamix_decoupled": Case(gx.ademamix, {"lr": 1e-2, "alpha": 8.0, "b3": 0.999, "weight_decay": 0.1,
+                                             "weight_decay_mode": "decoupled"}, bad_leaf_state=_ADEMAMIX),
+    "inject_ademamix": Case(gx.inject_hyperparams(gx.ademamix), {"lr": 1e-2, "b1": 0.9, "b3": 0.999, "alpha": 5.0,
+                                                                 "beta3_warmup": 4},
+                            bad_leaf_state=frozenset(f"inner_state.{p}" for p in _ADEMAMIX)),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
 }
@@ -158,6 +181,14 @@ PRIMITIVES: dict[str, Case] = {
     "trace": Case(gx.trace, {"decay": 0.9}),
     "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
     "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
+    "scale_by_rms": Case(gx.scale_by_rms, {"decay": 0.9}),
+    "scale_by_rms_eps_in_sqrt": Case(gx.scale_by_rms, {"decay": 0.9, "eps": 1e-6, "eps_in_sqrt": True}),
+    "scale_by_stddev": Case(gx.scale_by_stddev, {"decay": 0.9}),
+    "scale_by_nadam": Case(gx.scale_by_nadam),
+    "scale_by_ademamix": Case(gx.scale_by_ademamix, {"alpha_warmup": 3, "beta3_warmup": 4}),
+    "scale": Case(gx.scale, {"step_size": -0.5}),
+    "clip": Case(gx.clip, {"max_delta": 0.5}),
+    "zero_nans": Case(gx.zero_nans),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "apply_every": Case(gx.apply_every, {"k": 2}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),

@@ -306,6 +306,13 @@ BAD = [
     (gx.decoupled_weight_decay, {"weight_decay": -1.0}, "weight_decay"),
     (gx.scale_by_learning_rate, {"learning_rate": -1.0}, "learning_rate"),
     (gx.linear_warmup, {"peak": 1e-3, "warmup_steps": 0}, "warmup_steps"),
+    (gx.scale_by_rms, {"decay": 1.5}, "decay"),
+    (gx.scale_by_stddev, {"eps": -1.0}, "eps"),
+    (gx.scale_by_nadam, {"momentum_decay": -1.0}, "momentum_decay"),
+    (gx.scale_by_ademamix, {"b3": 1.0}, "b3"),
+    (gx.scale_by_ademamix, {"beta3_warmup": 0}, "beta3_warmup"),
+    (gx.nadam, {"weight_decay_mode": "l2"}, "weight_decay_mode"),
+    (gx.clip, {"max_delta": -0.5}, "max_delta"),
 ]
 
 
@@ -324,7 +331,7 @@ def test_inject_hyperparams_checks_initial_values_by_name():
 
 # transforms without per-leaf state accept any tree
 PER_LEAF = sorted(set(ALL) - {"scale_by_learning_rate", "clip_by_tensor_norm", "clip_by_global_norm", "add_noise",
-                               "centralize"})  # no per-element state nor params: any shape is theirs
+                               "centralize", "scale", "clip", "zero_nans"})  # no per-element state nor params: any shape is theirs
 
 
 @pytest.mark.parametrize("name", PER_LEAF)

@@ -2,6 +2,8 @@
 
 from grokxform.transforms.accumulate import ApplyEveryState, apply_every
 from grokxform.transforms.adam import LayerwiseBeta, ScaleByAdamState, layerwise_beta, scale_by_adam
+from grokxform.transforms.ademamix import ScaleByAdemamixState, scale_by_ademamix
+from grokxform.transforms.basic import scale, zero_nans
 from grokxform.transforms.combinators import (
     ApplyIfFiniteState,
     MultiSteps,
@@ -11,13 +13,15 @@ from grokxform.transforms.combinators import (
     partition,
 )
 from grokxform.transforms.centralize import centralize
-from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_norm, clip_by_tensor_norm
+from grokxform.transforms.clipping import ClipByGlobalNormState, clip, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.slow_weights import LookaheadState, lookahead
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
 from grokxform.transforms.noise import AddNoiseState, add_noise
 from grokxform.transforms.orthograd import orthograd
+from grokxform.transforms.nadam import ScaleByNadamState, scale_by_nadam
+from grokxform.transforms.rms import ScaleByRmsState, ScaleByRStdDevState, scale_by_rms, scale_by_stddev
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -57,10 +61,15 @@ __all__ = [
     "LayerwiseBeta",
     "MaFilterState",
     "ScaleByAdamState",
+    "ScaleByAdemamixState",
     "ScaleByLionState",
+    "ScaleByNadamState",
+    "ScaleByRStdDevState",
+    "ScaleByRmsState",
     "ScaleByScheduleState",
     "TraceState",
     "amplify",
+    "clip",
     "clip_by_global_norm",
     "clip_by_tensor_norm",
     "constant_schedule",
@@ -75,10 +84,16 @@ __all__ = [
     "linear_warmup",
     "ma_filter",
     "piecewise_constant_schedule",
+    "scale",
     "scale_by_adam",
+    "scale_by_ademamix",
     "scale_by_learning_rate",
     "scale_by_lion",
     "sgdr_schedule",
+    "scale_by_nadam",
+    "scale_by_rms",
+    "scale_by_stddev",
     "trace",
     "warmup_cosine_decay",
+    "zero_nans",
 ]

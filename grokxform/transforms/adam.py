@@ -208,24 +208,26 @@ def scale_by_adam(
     )
 
 
-def _moments(v: Inputs, sc: Inputs) -> tuple[Val, Val]:
-    """m_t = β1·m + (1−β1)·g, v_t = β2·v + (1−β2)·g², in the moments' dtype."""
+def _moments(v: Inputs, sc: Inputs) -> tuple[Val, Val, Val]:
+    """g, m_t = β1·m + (1−β1)·g and v_t = β2·v + (1−β2)·g², in the moments' dtype (the rule of
+    every member of the Adam family: ``mu`` and ``nu`` fields, scalars ``b1``, ``one_minus_b1``,
+    ``b2``, ``one_minus_b2``)."""
     g = v.x.to(v.mu.dtype)
     m = v.mu * sc.b1 + g * sc.one_minus_b1
     nu = v.nu * sc.b2 + g * g * sc.one_minus_b2
-    return m, nu
+    return g, m, nu
 
 
 def _adam_corrected(v: Inputs, sc: Inputs) -> Outputs:
     """u = (m_t·(1−β1^t)⁻¹) / (√v_t·(√(1−β2^t))⁻¹ + ε), the inverses in float64 (one division per
     element)."""
-    m, nu = _moments(v, sc)
+    _, m, nu = _moments(v, sc)
     u = (m * sc.inv_bc1) / (nu.sqrt() * sc.inv_bc2_sqrt + sc.eps)
     return {"out": u.to(v.x.dtype), "mu": m, "nu": nu}
 
 
 def _adam_raw(v: Inputs, sc: Inputs) -> Outputs:
     """u = √(1−β2^t)/(1−β1^t) · m_t / (√v_t + ε)."""
-    m, nu = _moments(v, sc)
+    _, m, nu = _moments(v, sc)
     u = sc.ratio * (m / (nu.sqrt() + sc.eps))
     return {"out": u.to(v.x.dtype), "mu": m, "nu": nu}

@@ -1,4 +1,4 @@
-"""Gradient clipping by norm: one norm over all leaves, or one per leaf."""
+"""Gradient clipping: by norm (one norm over all leaves, or one per leaf), or element by element."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from grokxform import _common as C
 from grokxform import tree as _tree
 from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, Updates, elementwise
 from grokxform.declarations import GLOBAL_NORM, ScalarContext
-from grokxform.elements import Inputs, Outputs
+from grokxform.elements import Inputs, Outputs, maximum, minimum
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
 
@@ -131,3 +131,26 @@ def clip_by_tensor_norm(max_norm: Scalar = 1.0) -> GradientTransformation:
     return elementwise(
         "clip_by_tensor_norm", _scale, init=init_fn, scalars=scalars, reduce=("norm",), reduce_scope="leaf"
     )
+
+
+def clip(max_delta: Scalar = 1.0) -> GradientTransformation:
+    """Each element clipped to ``[−δ, δ]``: ``u = min(max(g, −δ), δ)``, as optax's ``clip`` (and
+    ``torch.clamp``). A NaN stays NaN; ±inf becomes ±δ. Stateless.
+
+    Examples:
+        >>> tx = gx.clip(0.5)
+        >>> u, _ = tx.update({"w": torch.tensor([-2.0, 0.25, 3.0])}, tx.init({"w": torch.zeros(3)}))
+        >>> u["w"]
+        tensor([-0.5000,  0.2500,  0.5000])
+    """
+    C.check_scalar("clip", "max_delta", max_delta, low=0.0)
+
+    def scalars(ctx: ScalarContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"low": -max_delta, "high": max_delta}, {}
+
+    return elementwise("clip", _clip, scalars=scalars)
+
+
+def _clip(v: Inputs, sc: Inputs) -> Outputs:
+    """u = min(max(g, −δ), δ)."""
+    return {"out": minimum(maximum(v.x, sc.low), sc.high)}
