@@ -93,12 +93,10 @@ ALIASES: dict[str, Case] = {
     "lamb": Case(gx.lamb, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM, bad_param="leaf"),
     "adam": Case(gx.adam, {"lr": 1e-2}, bad_leaf_state=_ADAM),
     "nadam": Case(gx.nadam, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_ADAM),
-    # without momentum: torch.sqrt (the eager path) is not correctly rounded on every CPU build
-    # (torch 2.13, AVX512: 1 in 5 float32 roots an ulp off), the kernels' root is, and a momentum
-    # buffer of g/√ν (≈ ±10 per step) cancels that ulp into more than test_engine's state
-    # tolerance (the same ulp fails test_optimizer_factory_path_equals_functional[rmsprop]'s
-    # bit-for-bit check); rmsprop's momentum is tested against torch.optim.RMSprop in
-    # test_vocabulary_adam
+    # without momentum: torch.sqrt (op by op) is not correctly rounded on every CPU build (torch
+    # 2.13, AVX512: 1 in 5 float32 roots an ulp off), the kernels' root is, and a momentum buffer
+    # of g/√ν (≈ ±10 per step) cancels that ulp into more than test_engine's state tolerance where
+    # it nears 0; rmsprop's momentum is tested against torch.optim.RMSprop in test_vocabulary_adam
     "rmsprop": Case(gx.rmsprop, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_RMS),
     "ademamix": Case(gx.ademamix, {"lr": 1e-2, "alpha_warmup": 5, "beta3_warmup": 5, "weight_decay": 0.01},
                      bad_leaf_state=_ADEMAMIX),
