@@ -94,6 +94,18 @@ CASES: dict[str, tuple[Callable[[], gx.GradientTransformation], Callable[[], Any
         lambda: gx.MultiSteps(gx.adamw(1e-2, weight_decay=0.0), every_k_schedule=3),
         lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=3),
     ),
+    "adam": (lambda: gx.adam(1e-2), lambda: optax.adam(1e-2)),
+    "scale_by_rms": (lambda: gx.scale_by_rms(0.9, 1e-8, eps_in_sqrt=True), lambda: optax.scale_by_rms(0.9, 1e-8)),
+    "scale_by_stddev": (lambda: gx.scale_by_stddev(0.9, 1e-8, eps_in_sqrt=True),
+                        lambda: optax.scale_by_stddev(0.9, 1e-8)),
+    "lamb": (lambda: gx.lamb(1e-2, weight_decay=0.01), lambda: optax.lamb(1e-2, weight_decay=0.01)),
+    "scale_by_trust_ratio": (lambda: gx.scale_by_trust_ratio(min_norm=0.5, trust_coefficient=0.1),
+                             lambda: optax.scale_by_trust_ratio(min_norm=0.5, trust_coefficient=0.1)),
+    "centralize": (lambda: gx.centralize(), lambda: optax.centralize()),
+    "scale": (lambda: gx.scale(-0.5), lambda: optax.scale(-0.5)),
+    "clip": (lambda: gx.clip(0.3), lambda: optax.clip(0.3)),
+    "zero_nans": (lambda: gx.zero_nans(), lambda: optax.zero_nans()),
+    "apply_every": (lambda: gx.apply_every(3), lambda: optax.apply_every(3)),
     "inject_hyperparams": (
         lambda: gx.inject_hyperparams(gx.adamw)(lr=1e-2, weight_decay=0.0),
         lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
@@ -105,6 +117,35 @@ CASES: dict[str, tuple[Callable[[], gx.GradientTransformation], Callable[[], Any
 def test_same_numbers_as_optax(name: str) -> None:
     ours, theirs = CASES[name]
     _assert_same(_run_both(ours(), theirs()))
+
+
+SCHEDULES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+    "cosine_decay_schedule": (lambda: gx.cosine_decay_schedule(1e-2, 100, alpha=0.1, exponent=2.0),
+                              lambda: optax.cosine_decay_schedule(1e-2, 100, alpha=0.1, exponent=2.0)),
+    "exponential_decay": (lambda: gx.exponential_decay(1e-2, 10, 0.5, transition_begin=5, staircase=True,
+                                                       end_value=1e-4),
+                          lambda: optax.exponential_decay(1e-2, 10, 0.5, transition_begin=5, staircase=True,
+                                                          end_value=1e-4)),
+    "piecewise_constant_schedule": (lambda: gx.piecewise_constant_schedule(1e-2, {10: 0.5, 50: 0.1}),
+                                    lambda: optax.piecewise_constant_schedule(1e-2, {10: 0.5, 50: 0.1})),
+    "cosine_onecycle_schedule": (lambda: gx.cosine_onecycle_schedule(200, 1e-2),
+                                 lambda: optax.cosine_onecycle_schedule(200, 1e-2)),
+    "join_schedules": (
+        lambda: gx.join_schedules([gx.cosine_decay_schedule(1e-2, 20), gx.exponential_decay(1e-3, 5, 0.9)], [20]),
+        lambda: optax.join_schedules([optax.cosine_decay_schedule(1e-2, 20), optax.exponential_decay(1e-3, 5, 0.9)],
+                                     [20]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_same_schedule_as_optax(name: str) -> None:
+    """optax computes a schedule in float32 (jax's default), grokxform in float64: a few float32
+    roundings apart."""
+    ours, theirs = (make() for make in SCHEDULES[name])
+    for t in [0, 1, 4, 5, 9, 10, 11, 19, 20, 21, 49, 50, 51, 60, 99, 100, 101, 199, 200, 201, 1000]:
+        np.testing.assert_allclose(float(ours(torch.tensor(t))), float(theirs(t)), rtol=1e-5, atol=1e-10,
+                                   err_msg=f"{name}, t = {t}")
 
 
 def test_warmup_cosine_decay_is_optax_schedule() -> None:
