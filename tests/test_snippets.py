@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/index.md", "docs/quickstart.md", "docs/composing.md", "docs/migrating.md",
+PAGES = ["README.md", "docs/index.md", "docs/quickstart.md", "docs/composing.md", "docs/grokking_optimizers.md",
+         "docs/migrating.md",
          "docs/reproducing.md", "docs/sweeps.md", "docs/meta_gradients.md"]
 SHORTER = {  # page -> (written, run here): the paper's task takes ~50 ms a step on a CPU
     "docs/reproducing.md": [("steps=2000", "steps=10")],
