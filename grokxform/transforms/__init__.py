@@ -13,6 +13,7 @@ from grokxform.transforms.clipping import ClipByGlobalNormState, clip_by_global_
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.lion import ScaleByLionState, scale_by_lion
 from grokxform.transforms.momentum import TraceState, trace
+from grokxform.transforms.muon import MuonMomentumState, muon_momentum, orthogonalize
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -35,6 +36,7 @@ __all__ = [
     "InjectHyperparamsState",
     "LayerwiseBeta",
     "MaFilterState",
+    "MuonMomentumState",
     "ScaleByAdamState",
     "ScaleByLionState",
     "ScaleByScheduleState",
@@ -49,6 +51,8 @@ __all__ = [
     "layerwise_beta",
     "linear_warmup",
     "ma_filter",
+    "muon_momentum",
+    "orthogonalize",
     "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_lion",
