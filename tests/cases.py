@@ -37,7 +37,11 @@ class Case:
     leaf ``head`` of :func:`param_tree` gets a NaN or ±inf on the third step (docs/reliability.md,
     "Without apply_if_finite"); every other state tensor stays finite. ``bad_param``: what that
     element of the param becomes: ``"nan"`` (Adam's m/√v), ``"nonfinite"`` (±inf or NaN, as the
-    gradient: a step proportional to it) or ``"finite"`` (a sign step: the param never sees it).
+    gradient: a step proportional to it), ``"finite"`` (a sign step: the param never sees it) or
+    ``"nan_leaf"`` (the whole leaf turns NaN: Muon's orthogonalization mixes a matrix's elements).
+    ``own_update``: a member has no declaration (it runs its own ``update``: ``orthogonalize``), so
+    the pure ``tx.update`` runs op by op, ``gx.Optimizer`` runs the chain in parts, and a factory
+    (wrapped in ``inject_hyperparams``) or ``fused="foreach"`` does not reach the engine.
     """
 
     factory: Callable[..., gx.GradientTransformation]
@@ -45,6 +49,7 @@ class Case:
     signal: bool = False
     bad_leaf_state: frozenset[str] = frozenset()
     bad_param: str = "nan"
+    own_update: bool = False
 
     def make(self) -> gx.GradientTransformation:
         return self.factory(**self.kwargs)
@@ -56,6 +61,7 @@ _EMA = _ADAM | {"grokfast.mu.head"}
 
 _TRACE = frozenset({"momentum.trace.head"})
 _LION = frozenset({"lion.mu.head"})
+_MUON = frozenset({"momentum.momentum_buffer.head"})
 
 
 def _ma(window_size: int) -> frozenset[str]:
@@ -76,6 +82,10 @@ ALIASES: dict[str, Case] = {
     "sgd": Case(gx.sgd, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.01}, bad_leaf_state=_TRACE,
                 bad_param="nonfinite"),
     "lion": Case(gx.lion, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_LION, bad_param="finite"),
+    # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
+    # the bad matrix
+    "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
+                 own_update=True),
 }
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
@@ -126,6 +136,9 @@ PRIMITIVES: dict[str, Case] = {
     "trace": Case(gx.trace, {"decay": 0.9}),
     "trace_nesterov": Case(gx.trace, {"decay": 0.5, "nesterov": True}),
     "scale_by_lion": Case(gx.scale_by_lion, {"b1": 0.9, "b2": 0.99}),
+    "muon_momentum": Case(gx.muon_momentum, {"momentum": 0.9}),
+    "muon_momentum_plain": Case(gx.muon_momentum, {"momentum": 0.3, "nesterov": False}),
+    "orthogonalize": Case(gx.orthogonalize, {"adjust_lr_fn": "match_rms_adamw"}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),
 }

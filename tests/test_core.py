@@ -323,7 +323,7 @@ def test_inject_hyperparams_checks_initial_values_by_name():
 
 
 # transforms without per-leaf state accept any tree
-PER_LEAF = sorted(set(ALL) - {"scale_by_learning_rate", "clip_by_tensor_norm", "clip_by_global_norm"})
+PER_LEAF = sorted(set(ALL) - {"scale_by_learning_rate", "clip_by_tensor_norm", "clip_by_global_norm", "orthogonalize"})
 
 
 @pytest.mark.parametrize("name", PER_LEAF)

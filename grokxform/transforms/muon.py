@@ -132,7 +132,7 @@ def orthogonalize(
     scalars, convolution kernels) pass through unchanged, and ``None`` stays ``None``. Leaves of
     one shape and dtype are stacked and iterated together (one batched Newton–Schulz per shape,
     ``torch.baddbmm``): for each leaf the same numbers as torch's iteration on it alone. Works under
-    ``torch.func.vmap``. ``ns_dtype=None`` iterates in the update's own dtype (torch always uses
+    ``torch.func.vmap`` (each member's numbers; bit for bit in bfloat16). ``ns_dtype=None`` iterates in the update's own dtype (torch always uses
     bfloat16; float32 or float64 for a reference). Stateless; defaults are torch's.
 
     A transform with its own ``update`` (matrix products are not element operations): in a chain run
@@ -188,6 +188,7 @@ def orthogonalize(
             x = torch.stack([leaves[i] for i in idx]).to(ns_dtype or dtype)
             # contiguous, as the gradients (a tall matrix's result is a transposed view)
             ortho = _newton_schulz(x, a, b, c, ns_steps, eps).to(dtype, memory_format=torch.contiguous_format)
+            ortho = ortho.contiguous()  # (``to`` returns a view as it is when the dtype is already right)
             ratio = _ratio(adjust_lr_fn, *shape)
             if ratio != 1.0:
                 ortho = ortho * ratio
@@ -199,13 +200,24 @@ def orthogonalize(
 
 
 def _newton_schulz(x: torch.Tensor, a: float, b: float, c: float, steps: int, eps: float) -> torch.Tensor:
-    """torch's ``_zeropower_via_newtonschulz`` on a stack of matrices ``[n, rows, cols]``."""
+    """torch's ``_zeropower_via_newtonschulz`` on a stack of matrices ``[n, rows, cols]``.
+
+    Under ``torch.func.vmap`` a 16-bit ``baddbmm`` is taken apart into a product and a sum, each
+    rounded to 16 bits; there each ``baddbmm`` runs on float32 copies of its 16-bit operands and
+    is rounded once, as torch's 16-bit ``addmm`` accumulates in float32 and rounds once."""
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    wide = x.dtype in (torch.bfloat16, torch.float16) and torch._C._functorch.is_batchedtensor(x)
     for _ in range(steps):
         gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
+        if wide:
+            g32 = gram.float()
+            poly = torch.baddbmm(g32, g32, g32, beta=b, alpha=c).to(x.dtype).float()
+            x32 = x.float()
+            x = torch.baddbmm(x32, poly, x32, beta=a).to(x.dtype)
+        else:
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
     return x.mT if tall else x
