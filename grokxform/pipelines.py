@@ -422,8 +422,8 @@ def muon(
         >>> params = {"W": torch.eye(2)}
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"W": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}, state, params)
-        >>> updates["W"].diagonal()                    # −η·NS(g): the identity is its own polar factor
-        tensor([-0.0178, -0.0178])
+        >>> updates["W"].diagonal()                    # −η·NS(g), the identity's singular values 1 → 1.12
+        tensor([-0.0225, -0.0225])
 
         Muon for the matrices, AdamW for the rest, as the papers train (two torch optimizers in
         torch: ``torch.optim.Muon`` and ``torch.optim.AdamW``):

@@ -8,8 +8,8 @@ runs in every one of them.
 - :data:`ALIASES`: one entry per public pipeline, built by its factory from plain numbers, so that
   every way of running a transform takes it (``factory(**kwargs)``, ``gx.Optimizer(params,
   factory, **kwargs)``, DCP checkpoints). The tests of many steps or processes run these: the
-  random-tree properties, ``gx.Optimizer`` == ``tx.update``, the fused optimizer, sharded training
-  and its checkpoints.
+  random-tree properties, ``gx.Optimizer`` == ``tx.update``, the fused optimizer, and (those of
+  :data:`SHARDABLE`) sharded training and its checkpoints.
 - :data:`VARIANTS`: other settings of those pipelines (coupled decay, an MA sum without warm-up, a
   bfloat16 window, schedules, β1 rules, injected hyperparameters). :data:`PIPELINES`, both tables,
   is what the tests of the step run: purity and ``None`` gradients, eager == engine == fused, the
@@ -41,7 +41,9 @@ class Case:
     ``"nan_leaf"`` (the whole leaf turns NaN: Muon's orthogonalization mixes a matrix's elements).
     ``own_update``: a member has no declaration (it runs its own ``update``: ``orthogonalize``), so
     the pure ``tx.update`` runs op by op, ``gx.Optimizer`` runs the chain in parts, and a factory
-    (wrapped in ``inject_hyperparams``) or ``fused="foreach"`` does not reach the engine.
+    (wrapped in ``inject_hyperparams``) runs the eager step (``fused="foreach"`` refuses it).
+    ``shardable``: it takes FSDP2's sharded (DTensor) params; the distributed tests train the
+    aliases that do (:data:`SHARDABLE`).
     """
 
     factory: Callable[..., gx.GradientTransformation]
@@ -50,6 +52,7 @@ class Case:
     bad_leaf_state: frozenset[str] = frozenset()
     bad_param: str = "nan"
     own_update: bool = False
+    shardable: bool = True
 
     def make(self) -> gx.GradientTransformation:
         return self.factory(**self.kwargs)
@@ -85,8 +88,11 @@ ALIASES: dict[str, Case] = {
     # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
     # the bad matrix
     "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
-                 own_update=True),
+                 own_update=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
 }
+
+SHARDABLE: dict[str, Case] = {name: case for name, case in ALIASES.items() if case.shardable}
+"""The aliases that the distributed tests train (FSDP2, DDP, DCP checkpoints)."""
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
 

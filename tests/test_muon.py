@@ -207,6 +207,21 @@ def test_muon_with_adamw_for_the_other_params_equals_two_torch_optimizers() -> N
         torch.testing.assert_close(p, theirs[n], rtol=0, atol=5e-4 if p.ndim == 2 else 5e-6, msg=n)
 
 
+def test_a_sharded_matrix_is_refused_naming_its_path() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        grads = {"blocks": {"w": distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)])}, "b": torch.ones(4)}
+        with pytest.raises(TypeError, match=r"'blocks\.w' is a DTensor"):
+            gx.orthogonalize().update(grads, gx.EmptyState())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("factory, kwargs, match", [
     (gx.orthogonalize, {"ns_steps": 100}, "below 100"),
     (gx.orthogonalize, {"ns_steps": -1}, "ns_steps"),

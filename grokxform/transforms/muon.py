@@ -144,8 +144,8 @@ def orthogonalize(
         >>> tx = gx.orthogonalize(ns_dtype=torch.float64)
         >>> g = {"W": torch.tensor([[3.0, 0.0], [0.0, 0.5]], dtype=torch.float64), "b": torch.ones(2)}
         >>> u, _ = tx.update(g, tx.init(g))
-        >>> u["W"].diagonal().round(decimals=2)     # both singular values near 1
-        tensor([0.8800, 0.7900], dtype=torch.float64)
+        >>> u["W"].diagonal().round(decimals=2)     # singular values 3 and 0.5 → near 1
+        tensor([0.7100, 1.0400], dtype=torch.float64)
         >>> u["b"]                                   # not a matrix: unchanged
         tensor([1., 1.])
     """
