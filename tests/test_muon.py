@@ -126,7 +126,7 @@ def test_muon_momentum_is_torchs_lerp(dtype: torch.dtype, nesterov: bool) -> Non
         for n, g in grads.items():
             buf[n] = buf[n].lerp(g, 1 - 0.95)
             want = g.lerp(buf[n], 0.95) if nesterov else buf[n]
-            tol = dict(rtol=0, atol=1e-15) if dtype == F64 else dict(rtol=2.5e-7, atol=1e-7)
+            tol = {"rtol": 0, "atol": 1e-15} if dtype == F64 else {"rtol": 2.5e-7, "atol": 1e-7}
             torch.testing.assert_close(state.momentum_buffer[n], buf[n], **tol)
             torch.testing.assert_close(out[n], want, **tol)
             buf[n] = state.momentum_buffer[n].clone()  # each step from the same buffer
@@ -161,7 +161,7 @@ def _run_gx(how: str, tx: gx.GradientTransformation, params: dict[str, torch.Ten
 def test_muon_equals_torch_muon(dtype: torch.dtype, nesterov: bool, adjust: str | None, how: str) -> None:
     params = tree_of(dtype, 0, MATRICES)
     grads = [tree_of(dtype, 100 + t, MATRICES) for t in range(STEPS)]
-    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn=adjust)
+    kw = {"lr": 0.02, "momentum": 0.95, "nesterov": nesterov, "weight_decay": 0.1, "adjust_lr_fn": adjust}
     ref, opt = _reference(params, **kw)
     for g in grads:
         for n, p in ref.items():
@@ -187,7 +187,7 @@ def test_muon_with_adamw_for_the_other_params_equals_two_torch_optimizers() -> N
     g = torch.Generator().manual_seed(3)
     params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     grads = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(STEPS)]
-    label = lambda path, p: "muon" if p.ndim == 2 else "adamw"  # noqa: E731
+    label = lambda path, p: "muon" if p.ndim == 2 else "adamw"
     tx = gx.partition({"muon": gx.muon(lr=0.02, weight_decay=0.1),
                        "adamw": gx.adamw(lr=3e-3, weight_decay=0.01)}, label)
     ours = {n: p.clone().requires_grad_() for n, p in params.items()}

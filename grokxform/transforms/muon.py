@@ -5,19 +5,27 @@ matrix's update."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from grokxform import _common as C
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
-from grokxform.base import EmptyState, GradientTransformation, Params, Scalar, State, Updates, elementwise
-from grokxform.base import static_hyperparams
+from grokxform.base import (
+    EmptyState,
+    GradientTransformation,
+    Params,
+    Scalar,
+    State,
+    Updates,
+    elementwise,
+    static_hyperparams,
+)
 from grokxform.declarations import ScalarContext
 from grokxform.elements import Inputs, Outputs, where
 
-AdjustLR = Optional[Literal["original", "match_rms_adamw"]]
+AdjustLR = Literal["original", "match_rms_adamw"] | None
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton–Schulz coefficients (a, b, c), ``torch.optim.Muon``'s default."""
