@@ -133,7 +133,7 @@ def orthogonalize(
     dtype. ``r`` is torch's learning-rate adjustment by the shape (rows × cols):
     ``adjust_lr_fn=None`` or ``"original"`` (Jordan): ``√max(1, rows/cols)``;
     ``"match_rms_adamw"`` (Moonshot: the update's RMS of AdamW's, so AdamW's lr and weight decay
-    carry over): ``0.2·√max(rows, cols)``. NS(G) ≈ U·S'·Vᵀ with S' in about [0.7, 1.2] for
+    carry over): ``0.2·√max(rows, cols)``. NS(G) ≈ U·S'·Vᵀ with S' roughly in (0.5, 1.5) (Jordan) for
     G = U·S·Vᵀ: the coefficients trade exactness for speed.
 
     Only matrices (``ndim == 2``) are orthogonalized; leaves of any other ndim (biases, gains,
