@@ -14,6 +14,7 @@ user can rebuild any of them by hand (the tests do, bit for bit) and ablate one 
 ``nadam``          torch.optim.NAdam (Dozat's momentum schedule, coupled or decoupled decay)
 ``rmsprop``        torch.optim.RMSprop (centered, momentum, coupled weight decay)
 ``ademamix``       AdEMAMix (Pagliardini et al. 2024), as ``pytorch_optimizer.AdEMAMix``
+``muon``           torch.optim.Muon (matrices; pair it with ``adamw`` through ``partition``)
 ================  ===========================================================================
 
 The Grokfast paper's setting (``torch.optim.Adam(weight_decay=wd)`` after the filter, β=(0.9,
@@ -41,6 +42,7 @@ from grokxform.transforms.momentum import trace
 from grokxform.transforms.trust_ratio import scale_by_trust_ratio
 from grokxform.transforms.nadam import scale_by_nadam
 from grokxform.transforms.rms import scale_by_rms, scale_by_stddev
+from grokxform.transforms.muon import NS_COEFFICIENTS, AdjustLR, muon_momentum, orthogonalize
 from grokxform.transforms.weight_decay import decoupled_weight_decay
 
 LearningRate = Union[Scalar, Schedule]
@@ -574,5 +576,69 @@ def ademamix(
     return _adam_with_decay("ademamix", [], adam_, lr, weight_decay, weight_decay_mode, weight_decay_mask)
 
 
+@static_hyperparams("nesterov", "ns_steps", "adjust_lr_fn", "coefficients", "eps", "ns_dtype", "weight_decay_mask")
+def muon(
+    lr: LearningRate = 0.02,
+    momentum: Scalar = 0.95,
+    nesterov: bool = True,
+    weight_decay: Scalar = 0.1,
+    ns_steps: int = 5,
+    adjust_lr_fn: AdjustLR = None,
+    *,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_dtype: torch.dtype | None = torch.bfloat16,
+    weight_decay_mask: Mask = None,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """Muon (Jordan et al. 2024) for the matrices of a network, as ``torch.optim.Muon``:
+    ``b ← μ·b + (1−μ)·g``, ``d = (1−μ)·g + μ·b`` with Nesterov else ``b``,
+    ``θ ← θ − η·(r·NS(d) + wd·θ)``, NS the Newton–Schulz orthogonalization (bfloat16, 5 steps) and
+    r torch's lr adjustment by the shape (``adjust_lr_fn``: ``None``/``"original"``
+    √max(1, rows/cols), ``"match_rms_adamw"`` 0.2·√max(rows, cols)).
+
+    Chain: ``momentum`` (:func:`~grokxform.muon_momentum`, torch's ``lerp`` form) →
+    ``orthogonalize`` (:func:`~grokxform.orthogonalize`) → ``weight_decay`` (decoupled,
+    torch's ``θ·(1 − η·wd)``) → ``lr``. Defaults are torch's except ``lr=0.02`` (Jordan's; torch's is
+    1e-3). Matrices only: torch refuses other params, here a leaf that is not 2-D skips the
+    orthogonalization (momentum, decay and lr still apply); give biases, gains and embeddings to
+    AdamW (the Muon papers do) with :func:`~grokxform.partition`, below. ``"match_rms_adamw"``
+    (Liu et al. 2025, "Muon is Scalable for LLM Training") lets Muon take AdamW's lr and weight
+    decay. The momentum and the decay are declared (engine kernels); ``orthogonalize`` runs its own
+    update between them (``gx.Optimizer(params, gx.muon(...)).engines``: ``"c+tx.update+c"`` on the
+    CPU). Inside a ``partition``, and as a factory (``gx.Optimizer(params, gx.muon, lr=...)``, which
+    wraps it in ``inject_hyperparams``), the whole step runs the eager ``tx.update``
+    (``opt.engines``: ``"tx.update"``). The step's time is the iteration's: on one CPU thread
+    ``gx.Optimizer(params, gx.muon())`` takes what ``torch.optim.Muon`` takes.
+    The Newton–Schulz iteration runs in bfloat16, so a step matches torch's to bfloat16 rounding of
+    the orthogonalized update (``ns_dtype=torch.float32`` for a finer one, which torch lacks).
+
+    Examples:
+        >>> tx = gx.muon(lr=0.02, weight_decay=0.0)
+        >>> params = {"W": torch.eye(2)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"W": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}, state, params)
+        >>> updates["W"].diagonal()                    # −η·NS(g), the identity's singular values 1 → 1.12
+        tensor([-0.0225, -0.0225])
+
+        Muon for the matrices, AdamW for the rest, as the papers train (two torch optimizers in
+        torch: ``torch.optim.Muon`` and ``torch.optim.AdamW``):
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> tx = gx.partition({"muon": gx.muon(lr=0.02), "adamw": gx.adamw(lr=3e-4, weight_decay=0.01)},
+        ...                   lambda path, p: "muon" if p.ndim == 2 else "adamw")
+        >>> opt = gx.Optimizer(model.named_parameters(), tx)
+        >>> model(torch.randn(3, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+    C.check_scalar("muon", "weight_decay", weight_decay, low=0.0)
+    return named_chain(
+        ("momentum", muon_momentum(momentum, nesterov, state_dtype=state_dtype)),
+        ("orthogonalize", orthogonalize(ns_steps, coefficients, eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)),
+        ("weight_decay", decoupled_weight_decay(weight_decay, mask=weight_decay_mask)),
+        ("lr", _lr("muon", lr)),
+    )
+
+
 __all__ = ["adam", "adamw", "ademamix", "grokadamw", "grokadamw_compat", "grokfast_ema", "grokfast_ma", "lamb",
-           "lion", "nadam", "rmsprop", "sgd"]
+           "lion", "muon", "nadam", "rmsprop", "sgd"]

@@ -8,8 +8,8 @@ runs in every one of them.
 - :data:`ALIASES`: one entry per public pipeline, built by its factory from plain numbers, so that
   every way of running a transform takes it (``factory(**kwargs)``, ``gx.Optimizer(params,
   factory, **kwargs)``, DCP checkpoints). The tests of many steps or processes run these: the
-  random-tree properties, ``gx.Optimizer`` == ``tx.update``, the fused optimizer, sharded training
-  and its checkpoints.
+  random-tree properties, ``gx.Optimizer`` == ``tx.update``, the fused optimizer, and (those of
+  :data:`SHARDABLE`) sharded training and its checkpoints.
 - :data:`VARIANTS`: other settings of those pipelines (coupled decay, an MA sum without warm-up, a
   bfloat16 window, schedules, β1 rules, injected hyperparameters). :data:`PIPELINES`, both tables,
   is what the tests of the step run: purity and ``None`` gradients, eager == engine == fused, the
@@ -40,6 +40,12 @@ class Case:
     gradient: a step proportional to it), ``"finite"`` (a sign step: the param never sees it) or
     ``"leaf"`` (NaN over the whole leaf: a per-leaf sum, a trust ratio's norm or ⊥Grad's projection,
     reads the bad element).
+    ``"nan_leaf"`` (the whole leaf turns NaN: Muon's orthogonalization mixes a matrix's elements).
+    ``own_update``: a member has no declaration (it runs its own ``update``: ``orthogonalize``), so
+    the pure ``tx.update`` runs op by op, ``gx.Optimizer`` runs the chain in parts, and a factory
+    (wrapped in ``inject_hyperparams``) runs the eager step (``fused="foreach"`` refuses it).
+    ``shardable``: it takes FSDP2's sharded (DTensor) params; the distributed tests train the
+    aliases that do (:data:`SHARDABLE`).
     """
 
     factory: Callable[..., gx.GradientTransformation]
@@ -47,6 +53,8 @@ class Case:
     signal: bool = False
     bad_leaf_state: frozenset[str] = frozenset()
     bad_param: str = "nan"
+    own_update: bool = False
+    shardable: bool = True
 
     def make(self) -> gx.GradientTransformation:
         return self.factory(**self.kwargs)
@@ -70,6 +78,7 @@ def orthograd_sgd(lr: float) -> gx.GradientTransformation:
 def noisy_adamw(lr: float, eta: float) -> gx.GradientTransformation:
     """Annealed gradient noise in front of AdamW."""
     return gx.named_chain(("noise", gx.add_noise(eta, seed=5)), ("adamw", gx.adamw(lr)))
+_MUON = frozenset({"momentum.momentum_buffer.head"})
 
 
 def _ma(window_size: int) -> frozenset[str]:
@@ -110,6 +119,14 @@ _OPTAX_SCHEDULES = gx.join_schedules([
     gx.exponential_decay(5e-3, 2, 0.7, staircase=True, end_value=1e-3),
     gx.cosine_decay_schedule(5e-3, 4, alpha=0.2),
 ], [3, 7, 9, 11])
+    # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
+    # the bad matrix
+    "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
+                 own_update=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
+}
+
+SHARDABLE: dict[str, Case] = {name: case for name, case in ALIASES.items() if case.shardable}
+"""The aliases that the distributed tests train (FSDP2, DDP, DCP checkpoints)."""
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
 
@@ -187,6 +204,9 @@ PRIMITIVES: dict[str, Case] = {
     "scale": Case(gx.scale, {"step_size": -0.5}),
     "clip": Case(gx.clip, {"max_delta": 0.5}),
     "zero_nans": Case(gx.zero_nans),
+    "muon_momentum": Case(gx.muon_momentum, {"momentum": 0.9}),
+    "muon_momentum_plain": Case(gx.muon_momentum, {"momentum": 0.3, "nesterov": False}),
+    "orthogonalize": Case(gx.orthogonalize, {"adjust_lr_fn": "match_rms_adamw"}),
     "decoupled_weight_decay": Case(gx.decoupled_weight_decay, {"weight_decay": 0.1}),
     "apply_every": Case(gx.apply_every, {"k": 2}),
     "scale_by_learning_rate": Case(gx.scale_by_learning_rate, {"learning_rate": gx.linear_warmup(0.1, 2)}),

@@ -1,6 +1,6 @@
 """The runs of tests/test_distributed.py: one model, one data stream, the pipelines of
-``cases.ALIASES``, trained in one process or on 2 ranks (FSDP2 or DDP), checkpointed with
-``torch.distributed.checkpoint``.
+``cases.SHARDABLE`` (the aliases that take sharded params), trained in one process or on 2 ranks
+(FSDP2 or DDP), checkpointed with ``torch.distributed.checkpoint``.
 
 ``python tests/dist_cases.py OUT CKPT1`` is one rank of the 2-rank run (RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT in the environment); it writes ``OUT/rank{r}.pt`` with the full
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from cases import ALIASES
+from cases import SHARDABLE
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import grokxform as gx
@@ -42,7 +42,7 @@ def batch(t: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Te
 def optimizer(m: torch.nn.Module, name: str, groups: bool = False, **kw: Any) -> gx.Optimizer:
     """The pipeline over ``m``'s named parameters; with ``groups``, as transformers' Trainer builds
     it: a decay and a no-decay group of unnamed parameters, named by ``module=``."""
-    case = ALIASES[name]
+    case = SHARDABLE[name]
     if not groups:
         return gx.Optimizer(m.named_parameters(), case.factory, **case.kwargs, **kw)
     decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
@@ -237,7 +237,7 @@ def main(out: str, ckpt1: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
-    for name in ALIASES:
+    for name in SHARDABLE:
         results[f"fsdp2/{name}"] = sharded(name, rank, world, "fsdp2", ckpt=os.path.join(out, f"ckpt2_{name}"))
         results[f"ddp/{name}"] = sharded(name, rank, world, "ddp")
         results[f"resume_1to2/{name}"] = sharded(name, rank, world, "fsdp2", resume=os.path.join(ckpt1, name))

@@ -331,7 +331,7 @@ def test_inject_hyperparams_checks_initial_values_by_name():
 
 # transforms without per-leaf state accept any tree
 PER_LEAF = sorted(set(ALL) - {"scale_by_learning_rate", "clip_by_tensor_norm", "clip_by_global_norm", "add_noise",
-                               "centralize", "scale", "clip", "zero_nans"})  # no per-element state nor params: any shape is theirs
+                               "centralize", "scale", "clip", "zero_nans", "orthogonalize"})  # no per-element state nor params
 
 
 @pytest.mark.parametrize("name", PER_LEAF)

@@ -19,7 +19,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases
-from cases import ALIASES
+from cases import SHARDABLE
 
 TOL = 1e-6
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -40,7 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = {name: dist_cases.single(name, ckpt=str(ckpt1 / name)) for name in ALIASES}
+        reference = {name: dist_cases.single(name, ckpt=str(ckpt1 / name)) for name in SHARDABLE}
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
                "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
@@ -57,7 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 pytest.fail("the 2-rank run did not finish in 150 s")
         assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-        resumed = {name: dist_cases.single(name, resume=str(out / f"ckpt2_{name}")) for name in ALIASES}
+        resumed = {name: dist_cases.single(name, resume=str(out / f"ckpt2_{name}")) for name in SHARDABLE}
         functional = dist_cases.functional_reference()
         groups = dist_cases.single("grokadamw", groups=True)
     finally:
@@ -72,7 +72,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("how", ["fsdp2", "ddp", "resume_1to2"])
-@pytest.mark.parametrize("name", list(ALIASES))
+@pytest.mark.parametrize("name", list(SHARDABLE))
 def test_two_ranks_equal_one_process(runs: dict[str, Any], name: str, how: str) -> None:
     """N steps on 2 ranks (FSDP2, DDP, or FSDP2 resumed from a 1-process DCP checkpoint) give the
     parameters of N steps in one process, on both ranks."""
@@ -97,7 +97,7 @@ def test_fsdp2_eager_path_equals_one_process(runs: dict[str, Any], name: str) ->
         assert _max_diff(rank[f"fsdp2_eager/{name}"], runs["reference"][name]) <= TOL
 
 
-@pytest.mark.parametrize("name", list(ALIASES))
+@pytest.mark.parametrize("name", list(SHARDABLE))
 def test_resume_from_two_ranks_in_one_process(runs: dict[str, Any], name: str) -> None:
     """A DCP checkpoint of the 2-rank FSDP2 run at step SAVE_AT, loaded in one process, continues
     to the uninterrupted run's parameters."""
@@ -125,7 +125,7 @@ def test_functional_api_on_dtensors_keeps_state_sharded(runs: dict[str, Any]) ->
             assert _max_diff(got, want) <= TOL
 
 
-@pytest.mark.parametrize("name", list(ALIASES))
+@pytest.mark.parametrize("name", list(SHARDABLE))
 def test_dcp_state_dict_of_a_fresh_optimizer_leaves_params_alone(name: str) -> None:
     """``get_optimizer_state_dict`` on an optimizer that has not stepped runs one step with zero
     gradients and lr 0 (as for torch.optim) to create the state: the parameters do not move, and
@@ -142,7 +142,7 @@ def test_dcp_state_dict_of_a_fresh_optimizer_leaves_params_alone(name: str) -> N
     assert _max_diff(dist_cases.full_params(m), before) == 0.0
     assert set(osd["state"]) == set(before)
     assert all(p.grad is None for p in m.parameters())
-    assert opt.param_groups[0]["lr"] == ALIASES[name].kwargs["lr"]
+    assert opt.param_groups[0]["lr"] == SHARDABLE[name].kwargs["lr"]
     set_optimizer_state_dict(m, opt, osd)  # and it loads back
     assert set(opt.state_dict()["state"]) == set(range(len(before)))
 

@@ -22,6 +22,7 @@ from grokxform.transforms.noise import AddNoiseState, add_noise
 from grokxform.transforms.orthograd import orthograd
 from grokxform.transforms.nadam import ScaleByNadamState, scale_by_nadam
 from grokxform.transforms.rms import ScaleByRmsState, ScaleByRStdDevState, scale_by_rms, scale_by_stddev
+from grokxform.transforms.muon import MuonMomentumState, muon_momentum, orthogonalize
 from grokxform.transforms.schedules import (
     ScaleByScheduleState,
     constant_schedule,
@@ -60,6 +61,7 @@ __all__ = [
     "InjectHyperparamsState",
     "LayerwiseBeta",
     "MaFilterState",
+    "MuonMomentumState",
     "ScaleByAdamState",
     "ScaleByAdemamixState",
     "ScaleByLionState",
@@ -85,6 +87,8 @@ __all__ = [
     "ma_filter",
     "piecewise_constant_schedule",
     "scale",
+    "muon_momentum",
+    "orthogonalize",
     "scale_by_adam",
     "scale_by_ademamix",
     "scale_by_learning_rate",
