@@ -196,6 +196,8 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"with_extra_args_support: expected a GradientTransformation, got {type(tx).__name__}")
+    if _decl.declaration_of(tx) is not None:  # (its update takes **extra; no signature to read where
+        return tx                             # a factory is rebuilt every step inside torch.compile)
     accepted = _accepted_extras(tx.update)
     if accepted is None:
         return tx

@@ -109,7 +109,15 @@ ALIASES: dict[str, Case] = {
     "rmsprop": Case(gx.rmsprop, {"lr": 1e-2, "weight_decay": 0.01}, bad_leaf_state=_RMS),
     "ademamix": Case(gx.ademamix, {"lr": 1e-2, "alpha_warmup": 5, "beta3_warmup": 5, "weight_decay": 0.01},
                      bad_leaf_state=_ADEMAMIX),
+    # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
+    # the bad matrix
+    "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
+                 own_update=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
 }
+
+
+SHARDABLE: dict[str, Case] = {name: case for name, case in ALIASES.items() if case.shardable}
+"""The aliases that the distributed tests train (FSDP2, DDP, DCP checkpoints)."""
 
 # optax's schedules, one after another: a few steps of each
 _OPTAX_SCHEDULES = gx.join_schedules([
@@ -119,14 +127,6 @@ _OPTAX_SCHEDULES = gx.join_schedules([
     gx.exponential_decay(5e-3, 2, 0.7, staircase=True, end_value=1e-3),
     gx.cosine_decay_schedule(5e-3, 4, alpha=0.2),
 ], [3, 7, 9, 11])
-    # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
-    # the bad matrix
-    "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
-                 own_update=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
-}
-
-SHARDABLE: dict[str, Case] = {name: case for name, case in ALIASES.items() if case.shardable}
-"""The aliases that the distributed tests train (FSDP2, DDP, DCP checkpoints)."""
 
 _INJECTED = frozenset(f"inner_state.{p}" for p in _EMA)
 
