@@ -83,6 +83,14 @@ def f64(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
+def device_f64(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` as a 0-d float64 tensor on ``device`` for a scalar rule: a number is filled in on the
+    device (no copy from the host, which a CUDA graph capture refuses), a tensor converted."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float64)
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
 def scalar_for(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
     """A hyperparameter ready to multiply ``like``: numbers stay numbers, tensors take its dtype."""
     if isinstance(x, torch.Tensor):

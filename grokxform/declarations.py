@@ -757,6 +757,8 @@ def _run_elementwise(
     else:
         refs = p_leaves if p_leaves is not None else (_tree.flatten(params)[0] if params is not None else [])
         C._check_gradient_leaves(g_leaves, refs, updates, name, like_name="param")
+        if counts is not None:  # (a state of per-leaf counters alone: on the gradients' devices too)
+            C._check_gradient_leaves(g_leaves, counts, updates, name)
     if decl.check is not None:
         decl.check(updates, state, params)
     selected = decl.select(params if params is not None else updates) if decl.select is not None else None

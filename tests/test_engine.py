@@ -338,7 +338,7 @@ def test_c_kernels_equal_the_triton_kernels(name: str, dtype: torch.dtype) -> No
     runs = [_run(case.make(), dtype, 6, none_at, case.signal, backend=b) for b in ("triton", "c")]
     (_, _, p_t, f_t), (_, _, p_c, f_c) = runs
     assert (f_t.engine, f_c.engine, f_c.compiles) == (_ran(case, "triton"), _ran(case, "c"), 3)
-    exact = not _norm_reduction(f_c)
+    exact = not _norm_reduction(f_c) and not case.draws_normals  # (normals: the C library's log/cos, Triton's)
     tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 1e-4}
     _close(p_t, p_c, exact=exact, **tol)
     _close(f_t.eager_state(), f_c.eager_state(), exact=exact, **tol)
@@ -355,8 +355,9 @@ def test_c_kernels_match_eager_in_float64(name: str) -> None:
     case = CASES[name]
     p_e, s_e, p_f, fused = _run(case.make(), torch.float64, 6, {2: ("h.1.w",)}, case.signal, backend="c")
     assert fused.engine == _ran(case, "c")
-    _close(p_e, p_f, exact=False, rtol=1e-12, atol=1e-13)
-    _close(s_e, fused.eager_state(), exact=False, rtol=1e-12, atol=1e-13)
+    tol = {"rtol": 1e-7, "atol": 1e-9} if case.draws_normals else {"rtol": 1e-12, "atol": 1e-13}  # (float32 normals)
+    _close(p_e, p_f, exact=False, **tol)
+    _close(s_e, fused.eager_state(), exact=False, **tol)
 
 
 def _assert_the_engine_runs_foreach(params: dict[str, torch.Tensor]) -> None:

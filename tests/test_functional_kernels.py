@@ -39,7 +39,9 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in T.flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
-def _close(a: Any, b: Any, exact: bool = False) -> None:
+def _close(a: Any, b: Any, exact: bool = False, normals: bool = False) -> None:
+    """Bit for bit, or within rounding (``normals``: within a few float32 ulps of drawn normals,
+    whose log and cos the kernels take from the C library and op by op from torch)."""
     la, sa = T.flatten(a)
     lb, sb = T.flatten(b)
     assert sa == sb
@@ -50,7 +52,7 @@ def _close(a: Any, b: Any, exact: bool = False) -> None:
             assert x.dtype == y.dtype and same_bits(x, y)
         else:
             assert x.dtype == y.dtype and x.shape == y.shape
-            tol = 1e-12 if x.dtype == torch.float64 else 2e-5
+            tol = 1e-7 if normals else 1e-12 if x.dtype == torch.float64 else 2e-5
             torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
@@ -98,8 +100,8 @@ def test_tx_update_runs_the_kernels_out_of_place(name: str, dtype: torch.dtype, 
             assert x._version == version and same_bits(x, copy), "an input was written"
         with gx.kernels(False):
             ref_updates, ref_state = tx.update(grads, ref_state, params, **extra)
-        _close(updates, ref_updates)
-        _close(new_state, ref_state)
+        _close(updates, ref_updates, normals=case.draws_normals)
+        _close(new_state, ref_state, normals=case.draws_normals)
         kept = {id(x) for x in _tensors(state)}
         inputs = {x.untyped_storage().data_ptr() for x in _tensors((grads, params, state)) if x.numel()}
         for path, x in zip(T.path_names(new_state), T.flatten(new_state)[0]):

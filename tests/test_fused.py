@@ -77,8 +77,10 @@ def test_fused_matches_eager_cpu(name: str) -> None:
     tx = PIPELINES[name].make()
     none_at = {3: ("h.1.w",), 4: ("h.1.w", "ln.w")}
     p_e, s_e, p_f, fused = _run_both(tx, _params(), 8, none_at, backend="aot_eager")
-    _assert_trees_close(p_e, p_f, rtol=1e-13, atol=1e-15)
-    _assert_trees_close(s_e, fused.eager_state(), rtol=1e-13, atol=1e-15)
+    # (normals: the kernels' log and cos and torch's agree to a few float32 ulps)
+    tol = {"rtol": 1e-7, "atol": 1e-9} if PIPELINES[name].draws_normals else {"rtol": 1e-13, "atol": 1e-15}
+    _assert_trees_close(p_e, p_f, **tol)
+    _assert_trees_close(s_e, fused.eager_state(), **tol)
     assert fused.compiles == 3  # one per pattern of None gradients, not per step
 
 

@@ -34,7 +34,7 @@ def test_cuda_float64_matches_cpu(name: str) -> None:
     cpu = run(PIPELINES[name].make(), param_tree(dtype=torch.float64), 12)
     cuda = run(PIPELINES[name].make(), param_tree(dtype=torch.float64, device="cuda"), 12)
     worst = max((cpu[k] - cuda[k].cpu()).abs().max().item() for k in cpu if cpu[k].numel())
-    assert worst < 1e-12
+    assert worst < (1e-8 if PIPELINES[name].draws_normals else 1e-12)  # (normals: float32 log/cos ulps)
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -46,6 +46,8 @@ def test_cuda_compiled_matches_eager(name: str) -> None:
         compiled = run(tx, param_tree(device="cuda"), 8, update=torch.compile(tx.update, fullgraph=True))
     worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager if eager[k].numel())
     # A bfloat16 window: Inductor may keep a value in float32 that eager rounds to bfloat16 first
-    # (2^-9 of a gradient, times the learning rate, in a few steps).
-    assert worst < (2e-4 if PIPELINES[name].kwargs.get("window_dtype") == torch.bfloat16 else 1e-5)
+    # (2^-9 of a gradient, times the learning rate, in a few steps); Muon's bfloat16 Newton–Schulz
+    # iteration likewise (one bfloat16 rounding of an orthogonalized matrix, times the learning rate).
+    case = PIPELINES[name]
+    assert worst < (2e-3 if case.own_update else 2e-4 if case.kwargs.get("window_dtype") == torch.bfloat16 else 1e-5)
     assert all(T.first_device(v).type == "cuda" for v in compiled.values())

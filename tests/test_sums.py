@@ -221,8 +221,9 @@ def _total() -> gx.GradientTransformation:
 def test_float64_sums_of_float32_values_stay_float64(backend: str) -> None:
     """Values cast to float64 are summed in float64 on every engine (a float32 sum of these
     values would be off by about 1e-7 of the total)."""
-    params = {"a": torch.zeros(5000), "b": torch.zeros(3)}
-    g = {"a": torch.linspace(1.0, 2.0, 5000) + 1e-3 * torch.arange(5000) % 7, "b": torch.tensor([1e7, 1.0, -1e7])}
+    params = {"a": torch.zeros(5000, device=DEVICE), "b": torch.zeros(3, device=DEVICE)}
+    g = {"a": (torch.linspace(1.0, 2.0, 5000) + 1e-3 * torch.arange(5000) % 7).to(DEVICE),
+         "b": torch.tensor([1e7, 1.0, -1e7], device=DEVICE)}
     exact = sum(float(t.double().sum()) for t in g.values())
     tx = gx.chain(_total(), gx.scale_by_learning_rate(1e-3))
     fused = FusedStep(tx, params, backend=backend)

@@ -12,6 +12,7 @@ def stablemax(x: torch.Tensor) -> torch.Tensor:
     (the paper's "softmax collapse").
 
     Examples:
+        >>> from grokxform.experiments import stablemax
         >>> stablemax(torch.tensor([-1.0, 0.0, 2.0]))
         tensor([0.5000, 1.0000, 3.0000])
     """
@@ -26,6 +27,7 @@ def stablemax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reducti
     experiments' training loops.
 
     Examples:
+        >>> from grokxform.experiments import stablemax_cross_entropy
         >>> logits = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
         >>> stablemax_cross_entropy(logits, torch.tensor([1, 0]))     # −(log(2/3) + log(3/3.5))/2
         tensor(0.2798)

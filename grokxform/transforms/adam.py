@@ -110,7 +110,7 @@ def _pow(bases: Sequence[Scalar], t: torch.Tensor) -> torch.Tensor:
     if all(C.is_number(b) for b in bases):
         vec = C.constant_vector(tuple(float(b) for b in bases), t.device)
     else:
-        vec = torch.stack([C.f64(b, t.device) for b in bases])
+        vec = torch.stack([C.device_f64(b, t.device) for b in bases])
     return vec**t
 
 

@@ -82,12 +82,12 @@ def scale_by_ademamix(
         t = ctx.counts.to(torch.float64) + 1.0  # type: ignore[union-attr]
         alpha_t: Any = alpha
         if alpha_warmup is not None:
-            alpha_t = torch.minimum(t * C.f64(alpha, t.device) / alpha_warmup, C.f64(alpha, t.device))
+            alpha_t = torch.minimum(t * C.device_f64(alpha, t.device) / alpha_warmup, C.device_f64(alpha, t.device))
         b3_t: Any = b3
         if beta3_warmup is not None:
-            log_b1, log_b3 = torch.log(C.f64(b1, t.device)), torch.log(C.f64(b3, t.device))
+            log_b1, log_b3 = torch.log(C.device_f64(b1, t.device)), torch.log(C.device_f64(b3, t.device))
             x = t / beta3_warmup
-            b3_t = torch.minimum(torch.exp(log_b1 * log_b3 / ((1.0 - x) * log_b3 + x * log_b1)), C.f64(b3, t.device))
+            b3_t = torch.minimum(torch.exp(log_b1 * log_b3 / ((1.0 - x) * log_b3 + x * log_b1)), C.device_f64(b3, t.device))
         values = {
             "b1": b1, "one_minus_b1": 1.0 - b1, "b2": b2, "one_minus_b2": 1.0 - b2,
             "b3": b3_t, "one_minus_b3": 1.0 - b3_t, "alpha": alpha_t, "eps": eps,

@@ -43,7 +43,7 @@ def _log_mu_product(b1: Scalar, psi: Scalar, t: torch.Tensor) -> torch.Tensor:
     geometric = torch.exp(jl) * torch.expm1(jl * t) / torch.expm1(jl)
     if isinstance(log_q, torch.Tensor) or log_q == 0.0:
         geometric = torch.where(jl == 0.0, t, geometric)
-    return t * torch.log(C.f64(b1, t.device)) - (weights * geometric).sum(0)
+    return t * torch.log(C.device_f64(b1, t.device)) - (weights * geometric).sum(0)
 
 
 def scale_by_nadam(
