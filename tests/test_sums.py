@@ -213,7 +213,7 @@ def _total() -> gx.GradientTransformation:
     def scalars(ctx):
         return {}, {"total": ctx.reduced["s"].sum()}
 
-    return elementwise("total", lambda v, sc: {"out": v.x}, init=lambda p: _TotalState(torch.zeros((), dtype=torch.float64)),
+    return elementwise("total", lambda v, sc: {"out": v.x}, init=lambda p: _TotalState(torch.zeros((), dtype=torch.float64, device=next(iter(p.values())).device)),
                        scalars=scalars, sums=lambda v, sc: {"s": v.x.to(torch.float64)}, state_type=_TotalState)
 
 
