@@ -213,8 +213,10 @@ def _total() -> gx.GradientTransformation:
     def scalars(ctx):
         return {}, {"total": ctx.reduced["s"].sum()}
 
-    return elementwise("total", lambda v, sc: {"out": v.x}, init=lambda p: _TotalState(torch.zeros((), dtype=torch.float64, device=next(iter(p.values())).device)),
-                       scalars=scalars, sums=lambda v, sc: {"s": v.x.to(torch.float64)}, state_type=_TotalState)
+    def init(params):
+        return _TotalState(torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device))
+
+    return elementwise("total", lambda v, sc: {"out": v.x}, init=init, scalars=scalars, sums=lambda v, sc: {"s": v.x.to(torch.float64)}, state_type=_TotalState)
 
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=_C), "triton"])
