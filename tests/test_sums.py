@@ -216,7 +216,8 @@ def _total() -> gx.GradientTransformation:
     def init(params):
         return _TotalState(torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device))
 
-    return elementwise("total", lambda v, sc: {"out": v.x}, init=init, scalars=scalars, sums=lambda v, sc: {"s": v.x.to(torch.float64)}, state_type=_TotalState)
+    return elementwise("total", lambda v, sc: {"out": v.x}, init=init, scalars=scalars,
+                       sums=lambda v, sc: {"s": v.x.to(torch.float64)}, state_type=_TotalState)
 
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=_C), "triton"])
