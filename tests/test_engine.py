@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from cases import (  # noqa: E402
-    PIPELINES, ROUNDS_TWICE, Case, grad_tree, param_tree, same_bits, special_pairs, special_values,
+    PIPELINES, PRIMITIVES, ROUNDS_TWICE, Case, grad_tree, param_tree, same_bits, special_pairs, special_values,
 )
 
 import grokxform as gx  # noqa: E402
@@ -581,6 +581,21 @@ def test_new_ops_in_the_kernels_are_eager_bit_for_bit(name: str, backend: str, d
 
 # --------------------------------------------------------------------------------------------
 # GPU: the compiled kernels, CUDA graphs, exactness, offsets past 2^31.
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(n for n, c in PRIMITIVES.items() if gx.declarations.declaration_of(c.make())))
+def test_every_declared_primitive_runs_in_a_cuda_graph(name: str) -> None:
+    """Each declared primitive, before a learning rate, runs captured in a CUDA graph: its scalar
+    rule makes its device values on the device (a copy from the host would fail the capture)."""
+    case = PRIMITIVES[name]
+    params = _params(torch.float32)
+    tx = gx.chain(case.make(), gx.scale_by_learning_rate(1e-2))
+    fused = FusedStep(tx, {n: p.clone() for n, p in params.items()})
+    for t in range(4):
+        fused(_grads(params, t), **(_losses(t) if case.signal else {}))
+    assert (fused.engine, fused.captures) == ("triton", 1)
 
 
 @pytest.mark.gpu

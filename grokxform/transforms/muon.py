@@ -85,7 +85,7 @@ def _small(w: Scalar, device: torch.device) -> torch.Tensor:
     """torch's choice of lerp formula, ``|w| < 0.5``: a 0-d flag of the element rule."""
     if isinstance(w, torch.Tensor):
         return w.abs() < 0.5
-    return torch.tensor(abs(w) < 0.5, device=device)
+    return torch.full((), abs(w) < 0.5, dtype=torch.bool, device=device)  # (filled on the device: capturable)
 
 
 def _lerp(s: Any, e: Any, w: Any, one_minus_w: Any, small: Any) -> Any:
