@@ -164,7 +164,9 @@ class _OwnUpdate:
         out = [u for u, m in zip(leaves, self.mask) if m]
         if len(leaves) != len(self.mask) or any(u is None for u in out):
             raise ValueError(f"FusedStep: {self.where} returned no update for a leaf that has a gradient")
-        return out
+        # (the engine's next part reads each update through its address: a view such as a
+        # transposed matrix is laid out as its param first)
+        return [u if u.is_contiguous() else u.contiguous() for u in out]
 
 
 def _chain_members(decl: Any, tx: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any, Any]]:

@@ -758,3 +758,27 @@ def test_a_member_that_drops_an_update_is_named() -> None:
                       backend="foreach")
     with pytest.raises(ValueError, match=r"member \[1\] returned no update for a leaf that has a gradient"):
         fused(_grads(params, 0))
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("c", marks=needs_c)])
+def test_a_member_that_returns_a_view_runs_between_engine_steps(backend: str) -> None:
+    """An update returned as a non-contiguous view (a matrix transposed twice, as a
+    Newton–Schulz step may leave it) reaches the next engine part as its values."""
+
+    def view(v: torch.Tensor) -> torch.Tensor:
+        return (v * 3.0).mT.contiguous().mT if v.dim() == 2 else v * 3.0
+
+    def update(u, s, params=None, **extra):
+        return {k: None if v is None else view(v) for k, v in u.items()}, s
+
+    own = gx.GradientTransformation(lambda params: (), update)
+    tx = gx.chain(gx.scale(2.0), own, gx.scale_by_learning_rate(0.5))
+    params = _params(torch.float32)
+    p_e, p_f = dict(params), {n: p.clone() for n, p in params.items()}
+    fused = FusedStep(tx, p_f, backend=backend)
+    g = _grads(params, 0)
+    with gx.kernels(False):
+        u, _ = tx.update(g, tx.init(p_e), p_e)
+    fused(g)
+    assert fused.engine == f"{backend}+tx.update+{backend}"
+    _close(gx.apply_updates(p_e, u), p_f, exact=True)
