@@ -180,9 +180,10 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
     ``val_loss=``...) and passes on only those that ``tx.update`` names: what an optax-style
     transform written as ``update(updates, state, params=None)`` needs to run where a training
     loop passes the losses. ``tx`` itself when its ``update`` already takes ``**kwargs`` (every
-    transform of this package does); its signature is read once, here. :func:`chain` and
-    :func:`named_chain` wrap their members so; wrap a lone transform yourself. A transform without
-    a declaration stays without one (the engine runs its ``update`` as it is).
+    transform of this package does); its signature is read once, here. :func:`chain`,
+    :func:`named_chain` and the wrappers (``masked``, ``partition``, ``MultiSteps``,
+    ``apply_if_finite``, ``amplify``) wrap their members so; wrap a lone transform yourself. A
+    transform without a declaration stays without one (the engine runs its ``update`` as it is).
 
     Examples:
         >>> def halve():

@@ -509,3 +509,23 @@ def test_lookahead_checks_its_arguments() -> None:
         gx.lookahead(gx.sgd(), 0)
     with pytest.raises(ValueError, match="alpha"):
         gx.lookahead(gx.sgd(), 2, alpha=1.5)
+
+
+@pytest.mark.parametrize("wrap", ["masked", "partition", "multi_steps", "apply_if_finite", "amplify"])
+def test_wrappers_pass_a_plain_inner_transform_only_what_it_takes(wrap: str) -> None:
+    """Every wrapper takes an optax-style inner transform (``update`` without ``**extra``) where the
+    training loop passes the losses, as chains do."""
+    plain = _plain_halve()
+    tx = {
+        "masked": lambda: gx.masked(plain, lambda path, p: True),
+        "partition": lambda: gx.partition({"a": plain}, lambda path, p: "a"),
+        "multi_steps": lambda: gx.MultiSteps(plain, every_k_schedule=1),
+        "apply_if_finite": lambda: gx.apply_if_finite(plain),
+        "amplify": lambda: gx.amplify(plain, lamb=2.0),  # g + 2·(g/2) = 2g
+    }[wrap]()
+    params = param_tree(dtype=F64)
+    g = grad_tree(params, 0)
+    u, _ = tx.update(g, tx.init(params), params, train_loss=torch.tensor(0.5), val_loss=torch.tensor(1.0))
+    factor = 2.0 if wrap == "amplify" else 0.5
+    for k in params:
+        torch.testing.assert_close(u[k], factor * g[k], rtol=1e-15, atol=0.0)

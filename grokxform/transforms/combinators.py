@@ -15,7 +15,7 @@ import torch
 
 from grokxform import _common as C
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Updates, static_hyperparams
+from grokxform.base import GradientTransformation, Params, Updates, static_hyperparams, with_extra_args_support
 from grokxform.declarations import Accumulate, IfFinite, Masked, Partition, declaration_of, declare, run_rule
 from grokxform.elements import Inputs, Outputs, Scalars, TracedRule, where
 from grokxform.transforms.masks import Mask, mask_selector
@@ -72,6 +72,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
+    inner = with_extra_args_support(inner)  # (an inner transform without **extra gets what it names)
     selection = mask_selector(mask, "masked")
 
     def init_fn(params: Params) -> Any:
@@ -109,6 +110,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
     for k, t in transforms.items():
         if not isinstance(t, GradientTransformation):
             raise TypeError(f"partition: transforms[{k!r}] is not a GradientTransformation")
+    transforms = {k: with_extra_args_support(t) for k, t in transforms.items()}
     names = list(transforms)
     resolved: dict[tuple[str, ...], list[str]] = {}
 
@@ -180,6 +182,7 @@ def MultiSteps(inner: GradientTransformation, every_k_schedule: int) -> Gradient
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"MultiSteps: inner must be a GradientTransformation, got {type(inner).__name__}")
+    inner = with_extra_args_support(inner)  # (an inner transform without **extra gets what it names)
     k = C.check_int("MultiSteps", "every_k_schedule", every_k_schedule, low=1)
 
     def init_fn(params: Params) -> MultiStepsState:
@@ -254,6 +257,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")
+    inner = with_extra_args_support(inner)  # (an inner transform without **extra gets what it names)
 
     def init_fn(params: Params) -> ApplyIfFiniteState:
         dev = _tree.first_device(params)

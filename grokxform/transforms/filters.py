@@ -15,7 +15,9 @@ from grokxform import _common as C
 from grokxform import _memory
 from grokxform import signals as _signals
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, Params, Scalar, Updates, elementwise, static_hyperparams
+from grokxform.base import (
+    GradientTransformation, Params, Scalar, Updates, elementwise, static_hyperparams, with_extra_args_support,
+)
 from grokxform.declarations import (
     Amplify,
     RingWindow,  # noqa: F401 - the fused layout of MaFilterState.window, re-exported
@@ -280,6 +282,7 @@ def amplify(filter: GradientTransformation, lamb: Scalar = 2.0) -> GradientTrans
     if not isinstance(filter, GradientTransformation):
         raise TypeError(f"amplify: filter must be a GradientTransformation, got {type(filter).__name__}")
     C.check_scalar("amplify", "lamb", lamb)
+    filter = with_extra_args_support(filter)  # (a filter without **extra gets what it names)
 
     traced = TracedRule(_amplify)
 
