@@ -513,7 +513,7 @@ COMMANDS: tuple[Command, ...] = (
 
 EXAMPLES = """\
 examples:
-  grokxform demo                                     # on the CPU, about 6 minutes on 2 cores
+  grokxform demo                                     # on the CPU, about 7 minutes on 2 idle cores
   grokxform demo --runs grokfast_ema --steps 1200 --task sub
   grokxform sweep --alpha 0.9,0.98 --lamb 1,2,5 --seeds 0,1 --out sweep
   grokxform ablation run --program adamw --out OUT --steps 3000
