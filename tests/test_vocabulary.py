@@ -92,6 +92,34 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, Any]) -> float:
                default=0.0)
 
 
+def follow_in_float64(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], tx: gx.GradientTransformation,
+                      kernels: bool, *, buffer: str = "", buffer_of: Callable[[Any], Any] | None = None,
+                      skip: Callable[[int, str], bool] | None = missing, default_float64: bool = False,
+                      steps: int = STEPS) -> None:
+    """``steps`` float64 steps of ``tx`` (on the kernels or op by op) beside the reference
+    optimizer ``make`` from the same params (``skip``: the leaves without a gradient at a step):
+    the params within 1e-12 of the reference's at every step, and ``buffer_of(state)`` of its
+    state buffer ``buffer``. ``default_float64``: the reference runs with float64 as torch's
+    default dtype (NAdam keeps its running product in the default dtype)."""
+    p = params_of(F64)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64 if default_float64 else old)
+    try:
+        ref = Reference(make, p, buffer)
+        state = tx.init(p)
+        for t in range(steps):
+            g = grads_of(F64, t, skip)
+            ref.step(g)
+            with gx.kernels(kernels):
+                u, state = tx.update(g, state, p)
+            p = gx.apply_updates(p, u)
+            assert worst(p, ref.params()) < 1e-12, t
+            if buffer_of is not None:
+                assert worst(buffer_of(state), ref.buffers()) < 1e-12, t
+    finally:
+        torch.set_default_dtype(old)
+
+
 # ---------------------------------------------------------------- trace and sgd
 
 SGD_SETTINGS = [(m, n, wd) for m, n, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 1e-2)) if m or not n]
@@ -142,19 +170,8 @@ def test_trace_hyperparameters() -> None:
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
 @pytest.mark.parametrize("momentum,nesterov,wd", SGD_SETTINGS, ids=SGD_IDS)
 def test_sgd_equals_torch_sgd_float64(momentum: float, nesterov: bool, wd: float, kernels: bool) -> None:
-    p = params_of(F64)
-    ref = Reference(torch_sgd(momentum, nesterov, wd), p, "momentum_buffer")
-    tx = gx.sgd(LR, momentum, nesterov, wd)
-    state = tx.init(p)
-    for t in range(STEPS):
-        g = grads_of(F64, t, missing)
-        ref.step(g)
-        with gx.kernels(kernels):
-            u, state = tx.update(g, state, p)
-        p = gx.apply_updates(p, u)
-        assert worst(p, ref.params()) < 1e-12, t
-        if momentum:
-            assert worst(state["momentum"].trace, ref.buffers()) < 1e-12, t
+    follow_in_float64(torch_sgd(momentum, nesterov, wd), gx.sgd(LR, momentum, nesterov, wd), kernels,
+                      buffer="momentum_buffer", buffer_of=(lambda s: s["momentum"].trace) if momentum else None)
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
@@ -306,18 +323,8 @@ def test_lion_without_decay_is_pytorch_optimizer_lion_bit_for_bit(kernels: bool)
 @pytest.mark.parametrize("wd", [1e-2, 0.5])
 def test_lion_with_decay_equals_pytorch_optimizer_lion(wd: float, kernels: bool) -> None:
     """float64: 1e-12 over 50 steps; float32: each step from torch's params within 2 ulps."""
-    p = params_of(F64)
-    ref = Reference(reference_lion(wd), p, "exp_avg")
     tx = gx.lion(LION_LR, weight_decay=wd)
-    state = tx.init(p)
-    for t in range(STEPS):
-        g = grads_of(F64, t, missing)
-        ref.step(g)
-        with gx.kernels(kernels):
-            u, state = tx.update(g, state, p)
-        p = gx.apply_updates(p, u)
-        assert worst(p, ref.params()) < 1e-12, t
-        assert worst(state["lion"].mu, ref.buffers()) < 1e-12, t
+    follow_in_float64(reference_lion(wd), tx, kernels, buffer="exp_avg", buffer_of=lambda s: s["lion"].mu)
 
     p32 = params_of(F32)
     ref = Reference(reference_lion(wd), p32, "exp_avg")

@@ -34,9 +34,9 @@ from test_vocabulary import (
     F64,
     STEPS,
     Reference,
+    follow_in_float64,
     grads_of,
     max_param_diff,
-    missing,
     model_of,
     params_of,
     train,
@@ -58,26 +58,6 @@ StateOf = Callable[[Reference, Any], Any]
 def _po() -> Any:
     """``pytorch_optimizer`` (a test dependency; the tests skip where it is not installed)."""
     return pytest.importorskip("pytorch_optimizer")
-
-
-def check_float64(make: Make, tx: gx.GradientTransformation, kernels: bool, skip: Any = missing,
-                  default_float64: bool = False) -> None:
-    """50 steps from the same params: the params within 1e-12 of the reference's at every step."""
-    p = params_of(F64)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64 if default_float64 else old)
-    try:
-        ref = Reference(make, p, "")
-        state = tx.init(p)
-        for t in range(STEPS):
-            g = grads_of(F64, t, skip)
-            ref.step(g)
-            with gx.kernels(kernels):
-                u, state = tx.update(g, state, p)
-            p = gx.apply_updates(p, u)
-            assert worst(p, ref.params()) < 1e-12, t
-    finally:
-        torch.set_default_dtype(old)
 
 
 def check_float32_steps(make: Make, tx: gx.GradientTransformation, state_of: StateOf, kernels: bool) -> None:
@@ -142,7 +122,7 @@ def rms_state_of(ref: Reference, state: Any) -> Any:
 @pytest.mark.parametrize("momentum,centered,wd", RMS_SETTINGS, ids=RMS_IDS)
 def test_rmsprop_equals_torch_rmsprop(momentum: float, centered: bool, wd: float, kernels: bool) -> None:
     tx = gx.rmsprop(1e-2, 0.99, 1e-8, momentum, centered, wd)
-    check_float64(torch_rmsprop(momentum, centered, wd), tx, kernels)
+    follow_in_float64(torch_rmsprop(momentum, centered, wd), tx, kernels)
     check_float32_steps(torch_rmsprop(momentum, centered, wd), tx, rms_state_of, kernels)
 
 
@@ -182,7 +162,7 @@ def adam_state_of(ref: Reference, state: Any) -> Any:
 def test_adam_equals_torch_adam(kernels: bool) -> None:
     make: Make = lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)  # noqa: E731
     tx = gx.adam(1e-2, 0.9, 0.99, 1e-8)
-    check_float64(make, tx, kernels)
+    follow_in_float64(make, tx, kernels)
     check_float32_steps(make, tx, adam_state_of, kernels)
     assert list(tx.init({"w": torch.ones(1)})) == ["adam", "lr"]
 
@@ -205,7 +185,7 @@ def nadam_state_of(ref: Reference, state: Any) -> Any:
 @pytest.mark.parametrize("wd,decoupled", NADAM_SETTINGS, ids=NADAM_IDS)
 def test_nadam_equals_torch_nadam(wd: float, decoupled: bool, kernels: bool) -> None:
     tx = gx.nadam(1e-2, weight_decay=wd, weight_decay_mode="decoupled" if decoupled else "coupled")
-    check_float64(torch_nadam(wd, decoupled), tx, kernels, default_float64=True)
+    follow_in_float64(torch_nadam(wd, decoupled), tx, kernels, default_float64=True)
     check_float32_steps(torch_nadam(wd, decoupled), tx, nadam_state_of, kernels)
 
 
@@ -245,7 +225,7 @@ def test_ademamix_equals_pytorch_optimizer_ademamix(warmup: int | None, wd: floa
                                                      kernels: bool) -> None:
     tx = gx.ademamix(1e-2, weight_decay=wd, alpha_warmup=warmup, beta3_warmup=warmup,
                      weight_decay_mode="decoupled" if decoupled else "coupled")
-    check_float64(reference_ademamix(warmup, wd, decoupled), tx, kernels, skip=None)
+    follow_in_float64(reference_ademamix(warmup, wd, decoupled), tx, kernels, skip=None)
     check_float32_steps(reference_ademamix(warmup, wd, decoupled), tx, ademamix_state_of, kernels)
 
 

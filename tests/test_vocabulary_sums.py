@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from test_vocabulary import F32, F64, SHAPES, Reference, grads_of, missing, params_of, ulps, worst
+from test_vocabulary import (
+    F32, F64, Reference, follow_in_float64, grads_of, missing, params_of, ulps, worst,
+)
 
 import grokxform as gx
 
@@ -48,18 +50,10 @@ def _reference_projection(p: dict[str, torch.Tensor], g: dict[str, Any], foreach
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
 def test_orthograd_sgd_equals_pytorch_optimizer_orthograd_float64(kernels: bool, foreach: bool) -> None:
-    p = params_of(F64)
-    ref = Reference(lambda ps: _po().OrthoGrad(torch.optim.SGD, params=ps, lr=1e-2, momentum=0.9, foreach=foreach),
-                    p, "momentum_buffer")
-    tx = gx.chain(gx.orthograd(), gx.sgd(1e-2, momentum=0.9))
-    state = tx.init(p)
-    for t in range(STEPS):
-        g = grads_of(F64, t, missing)
-        ref.step(g)
-        with gx.kernels(kernels):
-            u, state = tx.update(g, state, p)
-        p = gx.apply_updates(p, u)
-        assert worst(p, ref.params()) < 1e-12, t
+    follow_in_float64(
+        lambda ps: _po().OrthoGrad(torch.optim.SGD, params=ps, lr=1e-2, momentum=0.9, foreach=foreach),
+        gx.chain(gx.orthograd(), gx.sgd(1e-2, momentum=0.9)), kernels, steps=STEPS,
+    )
 
 
 def _f32_ulps(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
@@ -180,18 +174,9 @@ LAMB_SETTINGS = [(1e-2, 0.0, False), (1e-2, 0.1, True), (3e-2, 0.01, False)]
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "op_by_op"])
 @pytest.mark.parametrize("lr,wd,foreach", LAMB_SETTINGS, ids=["plain", "wd-foreach", "wd"])
 def test_lamb_equals_pytorch_optimizer_lamb_float64(lr: float, wd: float, foreach: bool, kernels: bool) -> None:
-    p = params_of(F64)
-    ref = Reference(_reference_lamb(lr, wd, foreach), p, "exp_avg")
     tx = gx.lamb(lr, weight_decay=wd, bias_correction=False, trust_ratio_eps=1e-6)
-    state = tx.init(p)
-    for t in range(STEPS):
-        g = grads_of(F64, t, missing)
-        ref.step(g)
-        with gx.kernels(kernels):
-            u, state = tx.update(g, state, p)
-        p = gx.apply_updates(p, u)
-        assert worst(p, ref.params()) < 1e-12, t
-        assert worst(state["adam"].mu, ref.buffers()) < 1e-12, t
+    follow_in_float64(_reference_lamb(lr, wd, foreach), tx, kernels, buffer="exp_avg",
+                      buffer_of=lambda s: s["adam"].mu, steps=STEPS)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
