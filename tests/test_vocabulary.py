@@ -246,16 +246,12 @@ def test_sgd_optimizer_equals_torch_sgd(momentum: float, nesterov: bool, wd: flo
     assert max_param_diff(mine, theirs) < 1e-12
 
 
-def test_sgd_partition_equals_torch_sgd_with_two_param_groups() -> None:
-    p = params_of(F64)
-    labels = lambda path, t: "decay" if t.ndim >= 2 else "plain"  # noqa: E731
-    tx = gx.partition({"decay": gx.sgd(1e-2, 0.9, weight_decay=0.1), "plain": gx.sgd(3e-2, 0.9, nesterov=True)},
-                      labels)
+def follow_two_groups(p: dict[str, torch.Tensor], tx: gx.GradientTransformation,
+                      make: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.optim.Optimizer]) -> None:
+    """30 float64 steps of ``tx`` from ``p`` beside the reference optimizer with two param groups,
+    ``make(matrices, the other leaves)``: the params within 1e-12."""
     ts = {n: v.clone().requires_grad_() for n, v in p.items()}
-    opt = torch.optim.SGD([
-        {"params": [v for n, v in ts.items() if v.ndim >= 2], "lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1},
-        {"params": [v for n, v in ts.items() if v.ndim < 2], "lr": 3e-2, "momentum": 0.9, "nesterov": True},
-    ])
+    opt = make([v for v in ts.values() if v.ndim >= 2], [v for v in ts.values() if v.ndim < 2])
     s = tx.init(p)
     for t in range(30):
         g = grads_of(F64, t, missing)
@@ -265,6 +261,17 @@ def test_sgd_partition_equals_torch_sgd_with_two_param_groups() -> None:
             v.grad = None if g[n] is None else g[n].clone()
         opt.step()
     assert worst(p, {n: v.detach() for n, v in ts.items()}) < 1e-12
+
+
+def test_sgd_partition_equals_torch_sgd_with_two_param_groups() -> None:
+    p = params_of(F64)
+    labels = lambda path, t: "decay" if t.ndim >= 2 else "plain"  # noqa: E731
+    tx = gx.partition({"decay": gx.sgd(1e-2, 0.9, weight_decay=0.1), "plain": gx.sgd(3e-2, 0.9, nesterov=True)},
+                      labels)
+    follow_two_groups(p, tx, lambda matrices, others: torch.optim.SGD([
+        {"params": matrices, "lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1},
+        {"params": others, "lr": 3e-2, "momentum": 0.9, "nesterov": True},
+    ]))
 
 
 # ---------------------------------------------------------------- scale_by_lion and lion
@@ -359,17 +366,7 @@ def test_lion_partition_equals_pytorch_optimizer_lion_with_two_param_groups() ->
     p = params_of(F64)
     labels = lambda path, t: "decay" if t.ndim >= 2 else "plain"  # noqa: E731
     tx = gx.partition({"decay": gx.lion(1e-2, weight_decay=0.3), "plain": gx.lion(3e-2, b1=0.95, b2=0.98)}, labels)
-    ts = {n: v.clone().requires_grad_() for n, v in p.items()}
-    opt = _reference_lion([
-        {"params": [v for v in ts.values() if v.ndim >= 2], "lr": 1e-2, "weight_decay": 0.3},
-        {"params": [v for v in ts.values() if v.ndim < 2], "lr": 3e-2, "betas": (0.95, 0.98)},
-    ])
-    s = tx.init(p)
-    for t in range(30):
-        g = grads_of(F64, t, missing)
-        u, s = tx.update(g, s, p)
-        p = gx.apply_updates(p, u)
-        for n, v in ts.items():
-            v.grad = None if g[n] is None else g[n].clone()
-        opt.step()
-    assert worst(p, {n: v.detach() for n, v in ts.items()}) < 1e-12
+    follow_two_groups(p, tx, lambda matrices, others: _reference_lion([
+        {"params": matrices, "lr": 1e-2, "weight_decay": 0.3},
+        {"params": others, "lr": 3e-2, "betas": (0.95, 0.98)},
+    ]))
