@@ -24,6 +24,7 @@ reduction points before it (its own included), before pass s.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class _Ctx:
         return leaves
 
 
-class Node:
+class Node(ABC):
     """A node of the plan. The defaults are those of a node without scalars or state tensors."""
 
     declares: ClassVar[type]
@@ -153,17 +154,17 @@ class Node:
         return ()
 
     @classmethod
+    @abstractmethod
     def plan(cls, decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str) -> Node:
         """The node of ``decl`` over the leaves ``active``, its state ``state``."""
-        raise NotImplementedError
 
     def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
         """``(node, this step's declaration)`` for this node and those below it."""
         yield self, decl
 
+    @abstractmethod
     def apply(self, run: Runner, x: Any) -> Any:
         """The node's update of the value ``x`` of :attr:`Runner.leaf`, on ``run``."""
-        raise NotImplementedError
 
     def scalars(self, env: StepEnv) -> dict[str, Any]:
         """This step's scalars of the node; its state updates go to ``env``."""
@@ -237,6 +238,8 @@ class Member(Node):
     guards: tuple[Flag, ...]
     stage: int = 0
     reduction: int | None = None
+    summed: tuple[str, ...] = ()
+    """The names of its per-leaf sums (read once, at planning: the step reads them every call)."""
 
     @classmethod
     def plan(cls, decl: D.Elementwise, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
@@ -266,7 +269,7 @@ class Member(Node):
         for i, leaf in enumerate(leaves):
             if any(v[i] is None for v in fields.values()) or (counts is not None and counts[i] is None):
                 raise Unsupported(f"{where}: the leaf {ctx.paths[leaf]!r} has no state (its param was None at init)")
-        node = cls(decl, state, where, leaves, fields, counts, window, guards)
+        node = cls(decl, state, where, leaves, fields, counts, window, guards, summed=decl.sum_names())
         if decl.reduces():
             node.reduction = len(ctx.reductions)
             ctx.reductions.append(node)
@@ -281,7 +284,7 @@ class Member(Node):
 
     def sum_names(self) -> tuple[str, ...]:
         """The per-leaf sums it takes at its reduction point (:attr:`Elementwise.sums`)."""
-        return self.decl.sum_names()
+        return self.summed
 
     def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
         if not isinstance(decl, D.Elementwise) or decl.name != self.decl.name:

@@ -195,8 +195,7 @@ def orthogonalize(
         for (shape, dtype, _), idx in groups.items():
             x = torch.stack([leaves[i] for i in idx]).to(ns_dtype or dtype)
             # contiguous, as the gradients (a tall matrix's result is a transposed view)
-            ortho = _newton_schulz(x, a, b, c, ns_steps, eps).to(dtype, memory_format=torch.contiguous_format)
-            ortho = ortho.contiguous()  # (``to`` returns a view as it is when the dtype is already right)
+            ortho = _newton_schulz(x, a, b, c, ns_steps, eps).to(dtype).contiguous()
             ratio = _ratio(adjust_lr_fn, *shape)
             if ratio != 1.0:
                 ortho = ortho * ratio
