@@ -24,7 +24,11 @@ Rows (``--rows`` takes comma-separated glob patterns over the row names), per pi
 - ``gx-<pipeline>-fused``: ``FusedStep(tx, params)`` with default arguments, and its variants
   ``gx-<pipeline>-fused-<variant>`` (``--variants``);
 - ``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
-  ``grokadamw-0.1.2``, ``grokfast-pytorch``.
+  ``grokadamw-0.1.2``, ``grokfast-pytorch``;
+- beside other methods: ``gx-sgd-*`` (momentum 0.9) against ``torch-sgd-fused``
+  (``torch.optim.SGD(fused=True)``), ``gx-lion-*`` and ``gx-ademamix-*`` (their fraction of the
+  bandwidth floor), and ``gx-muon-optim`` against ``torch-muon`` (``torch.optim.Muon``, lr 0.02),
+  both over the set's matrices only.
 
 ``--cold`` points Triton's and grokxform's kernel caches at empty folders first, so first steps
 include every compile.
@@ -188,6 +192,7 @@ class Built:
     reset: Callable[[], Any] | None = None  # restores the grads that a step changed in place
     warmup: int | None = None
     steps: int | None = None
+    numel: int | None = None  # the elements it steps, where not the whole set (Muon: the matrices)
     fused: FusedStep | None = None
     optim: gx.Optimizer | None = None
     keep: Any = None  # objects that must live as long as the row
@@ -228,6 +233,40 @@ def row_torch(kind: str) -> Callable[[Ctx], Built]:
         return Built(step=step, keep=(model, opt))
 
     return build
+
+
+def row_torch_sgd(ctx: Ctx) -> Built:
+    """``torch.optim.SGD`` with momentum 0.9, fused (the ``gx-sgd-*`` rows' reference)."""
+    params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+    model = _Holder(params, grads)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+    return Built(step=opt.step, keep=(model, opt))
+
+
+def _matrices(ctx: Ctx) -> tuple[list[tuple[str, torch.nn.Parameter]], int]:
+    """The set's 2-D params with gradients (what Muon steps) and their number of elements."""
+    params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+    named = []
+    for n, p in params.items():
+        if p.ndim == 2:
+            param = torch.nn.Parameter(p)
+            param.grad = grads[n]
+            named.append((n, param))
+    return named, sum(p.numel() for _, p in named)
+
+
+def row_torch_muon(ctx: Ctx) -> Built:
+    """``torch.optim.Muon`` (its defaults, lr 0.02) over the set's matrices."""
+    named, numel = _matrices(ctx)
+    opt = torch.optim.Muon([p for _, p in named], lr=0.02)
+    return Built(step=opt.step, numel=numel, keep=(named, opt))
+
+
+def row_gx_muon(ctx: Ctx) -> Built:
+    """``gx.Optimizer(matrices, gx.muon, lr=0.02)`` (defaults otherwise) over the same matrices."""
+    named, numel = _matrices(ctx)
+    opt = gx.Optimizer(named, gx.muon, lr=0.02)
+    return Built(step=opt.step, numel=numel, optim=opt, keep=(named, opt))
 
 
 def row_official(kind: str) -> Callable[[Ctx], Built]:
@@ -288,6 +327,12 @@ def pipeline(name: str, window: int) -> gx.GradientTransformation:
         return gx.grokadamw_compat(lr=1e-3)
     if name == "userchain":
         return user_chain()
+    if name == "sgd":
+        return gx.sgd(lr=1e-3, momentum=0.9)
+    if name == "lion":
+        return gx.lion(lr=1e-4)
+    if name == "ademamix":
+        return gx.ademamix(lr=1e-3)
     raise ValueError(f"unknown pipeline {name!r}")
 
 
@@ -308,10 +353,15 @@ FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, A
     "grokfast_ma_f64sum": (gx.grokfast_ma, {"lr": 1e-3, "accumulator_dtype": torch.float64}),
     "grokadamw": (gx.grokadamw, {"lr": 1e-3}),
     "grokadamw_compat": (gx.grokadamw_compat, {"lr": 1e-3}),
+    "sgd": (gx.sgd, {"lr": 1e-3, "momentum": 0.9}),
+    "lion": (gx.lion, {"lr": 1e-4}),
+    "ademamix": (gx.ademamix, {"lr": 1e-3}),
 }
 
 PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokfast_ma_f64sum", "grokadamw_compat",
              "userchain")
+VOCABULARY = ("sgd", "lion", "ademamix")
+"""Methods beside the Grokfast family: a default ``gx.Optimizer`` row and a ``tx.update`` row each."""
 SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -390,11 +440,19 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
         return 2 * pb + gb + 4 * pb + 4 * gb  # one slot in, one out, a running sum (grad dtype)
     if row == "grokfast-pytorch":
         return 2 * pb + gb + 6 * pb
+    if row in ("torch-sgd-fused", "torch-muon"):
+        return 2 * pb + gb + 2 * pb  # one buffer, in the param dtype
+    if row == "gx-muon-optim":
+        return 2 * pb + gb + 2 * sb  # the momentum buffer (Newton–Schulz runs on the matrices' compute)
     if row == "grokadamw-0.1.2":
         return 2 * pb + 2 * gb + 6 * pb  # the clip reads g once more
     pipe = row[3:].split("-")[0]
     if pipe == "adamw":
         return adamw
+    if pipe in ("sgd", "lion"):
+        return 2 * pb + gb + 2 * sb  # one momentum buffer in and out
+    if pipe == "ademamix":
+        return 2 * pb + gb + 6 * sb  # m, the slow m and v
     if pipe == "grokfast_ema":
         return adamw + 2 * sb
     # MA: a ring slot in and out, the running sum in and out (float32, or float64 with f64sum), and
@@ -429,6 +487,12 @@ def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Cal
         rows[f"gx-{name}-eager"] = row_gx_eager(name)
     for name in PIPELINES:
         rows[f"gx-{name}-opbyop"] = row_gx_eager(name, kernels=False)
+    rows["torch-sgd-fused"] = row_torch_sgd
+    for name in VOCABULARY:
+        rows[f"gx-{name}-optim"] = row_gx_optim(name)
+        rows[f"gx-{name}-eager"] = row_gx_eager(name)
+    rows["torch-muon"] = row_torch_muon
+    rows["gx-muon-optim"] = row_gx_muon
     rows.update(
         {
             "official-ema": row_official("ema"),
@@ -500,7 +564,7 @@ def run_row(name: str, build: Callable[[Ctx], Built], ctx: Ctx, bw: float, n_par
     sb = 4 if name.startswith("gx-") else torch.finfo(ctx.dtype).bits // 8
     pb = gb = torch.finfo(ctx.dtype).bits // 8
     bpp = bytes_per_param(name, pb, gb, sb)
-    floor_ms = bpp * n_params / bw * 1e3
+    floor_ms = bpp * (built.numel or n_params) / bw * 1e3
     out.update(bytes_per_param=bpp, floor_ms=floor_ms, x_floor=ms / floor_ms, frac_bw=floor_ms / ms)
     del built
     gc.collect()
@@ -553,7 +617,7 @@ def run_interleaved(names: list[str], rows: dict[str, Callable[[Ctx], Built]], c
         ms = statistics.median(times[name]) * 1e3
         bpp = bytes_per_param(name, *(torch.finfo(ctx.dtype).bits // 8,) * 2, 4 if name.startswith("gx-") else
                               torch.finfo(ctx.dtype).bits // 8)
-        floor_ms = bpp * n_params / bw * 1e3
+        floor_ms = bpp * (built[name].numel or n_params) / bw * 1e3
         row = {"row": name, "ms": ms, "mean_ms": statistics.fmean(times[name]) * 1e3, "steps": ctx.steps,
                "interleaved": True, "bytes_per_param": bpp,
                "floor_ms": floor_ms, "x_floor": ms / floor_ms, "frac_bw": floor_ms / ms}
