@@ -488,16 +488,21 @@ class Leafwise(DeclNode):
                 groups.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
         out = list(leaves)
         for idx in groups.values():
-            stacked = torch.stack([leaves[i] for i in idx])
-            result = self.fn(stacked)
-            if result.shape != stacked.shape or result.dtype != stacked.dtype:
-                raise ValueError(
-                    f"{name}: fn returned {result.dtype}{list(result.shape)} for leaves stacked as"
-                    f" {stacked.dtype}{list(stacked.shape)}: it must keep the shape and dtype"
-                )
+            result = self.map(torch.stack([leaves[i] for i in idx]))
             for k, i in enumerate(idx):
                 out[i] = result[k]
         return _tree.unflatten(out, spec), state
+
+    def map(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``fn(stacked)``, checked to keep the shape and dtype (metadata only: no device read)."""
+        result = self.fn(stacked)
+        if not isinstance(result, torch.Tensor) or result.shape != stacked.shape or result.dtype != stacked.dtype:
+            got = f"{result.dtype}{list(result.shape)}" if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(
+                f"{self.name}: fn returned {got} for leaves stacked as {stacked.dtype}{list(stacked.shape)}: it"
+                " must keep the shape and dtype"
+            )
+        return result
 
 
 Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite, Leafwise]

@@ -676,7 +676,7 @@ class Whole(Node):
     def run(self, decl: D.Leafwise) -> None:
         """This step's function (``decl``'s) on each stack of buffers, the result written back in place."""
         for stack in self.stacks:
-            stack.copy_(decl.fn(stack))
+            stack.copy_(decl.map(stack))
 
     def columns(self) -> dict[str, list[torch.Tensor]]:
         return {"stash": self.buffers}
