@@ -81,14 +81,6 @@ def orthograd_sgd(lr: float) -> gx.GradientTransformation:
 def noisy_adamw(lr: float, eta: float) -> gx.GradientTransformation:
     """Annealed gradient noise in front of AdamW."""
     return gx.named_chain(("noise", gx.add_noise(eta, seed=5)), ("adamw", gx.adamw(lr)))
-
-
-def muon_adamw(lr: float) -> gx.GradientTransformation:
-    """Muon as it is meant to be used: Muon for the matrices, AdamW for the other leaves."""
-    return gx.partition({"muon": gx.muon(lr, weight_decay=0.1), "adamw": gx.adamw(lr, weight_decay=0.1)},
-                        lambda path, p: "muon" if p.ndim == 2 else "adamw")
-
-
 _MUON = frozenset({"momentum.momentum_buffer.head"})
 
 
@@ -192,8 +184,6 @@ VARIANTS: dict[str, Case] = {
                             bad_leaf_state=frozenset(f"inner_state.{p}" for p in _ADEMAMIX)),
     "inject_grokfast_ema": Case(gx.inject_hyperparams(gx.grokfast_ema), {"lr": 1e-2, "alpha": 0.95, "eps": 1e-6},
                                 bad_leaf_state=_INJECTED),
-    "muon_adamw": Case(muon_adamw, {"lr": 1e-2}, bad_leaf_state=frozenset(f"muon.{p}" for p in _MUON),
-                       bad_param="nan_leaf", matrices=True),
 }
 
 PIPELINES: dict[str, Case] = {**ALIASES, **VARIANTS}
