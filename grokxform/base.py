@@ -314,6 +314,62 @@ def elementwise(
     return _decl.declare(GradientTransformation(init, update), decl)
 
 
+def leafwise(
+    name: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    select: Callable[[torch.Tensor], bool] | None = None,
+    check: Callable[[Updates], None] | None = None,
+) -> GradientTransformation:
+    """A stateless stage from a function of whole leaves (a matrix function, which no element rule
+    can state): ``update`` stacks the selected leaves of one shape, dtype and device into one
+    ``[n, *shape]`` tensor, in the order of the tree, and each leaf's update is its slice of
+    ``fn(stacked)``, which must keep the shape and dtype. ``select(leaf) -> bool``: the leaves it
+    maps, from their shape and dtype (default: every leaf); the others, and ``None``, pass
+    through unchanged. ``check(updates)``: validation beyond the generic checks (raises).
+
+    Its declaration (:class:`~grokxform.declarations.Leafwise`) lets the engine run it inside any
+    declared chain: the kernels of the members before it write its input into buffers that the
+    engine keeps (one ``[n, *shape]`` tensor per group), ``fn`` maps each buffer with torch's
+    ops, and the kernels of the members after it read the result; no host synchronisation (a
+    CUDA step is captured whole). A DTensor (sharded) leaf that it selects raises ``TypeError``
+    (the engine refuses it): ``fn`` needs each leaf whole.
+
+    Examples:
+        >>> unit = gx.base.leafwise("unit_frobenius", lambda x: x / torch.linalg.matrix_norm(x, keepdim=True),
+        ...                         select=lambda leaf: leaf.ndim == 2)
+        >>> g = {"W": torch.full((2, 2), 3.0), "b": torch.ones(2)}
+        >>> u, _ = unit.update(g, unit.init(g))
+        >>> u["W"]
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+        >>> u["b"]                                   # not selected: unchanged
+        tensor([1., 1.])
+    """
+    if not isinstance(name, str) or not callable(fn):
+        raise TypeError("leafwise(name, fn, *, select=..., check=...): a name and a function of stacked leaves")
+    for what, f in (("select", select), ("check", check)):
+        if f is not None and not callable(f):
+            raise TypeError(f"leafwise: {name}'s {what} must be a function, got {type(f).__name__}")
+    decl = _decl.Leafwise(name, fn, select if select is not None else _every_leaf, check)
+
+    def init(params: Params) -> EmptyState:
+        _common.check_gradients(params, name, what="param")
+        return EmptyState()
+
+    def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
+        _common.check_state(state, EmptyState, name)
+        return decl.update(updates, state, params, **extra)
+
+    update.__qualname__ = update.__name__ = f"{name}.update"
+    return _decl.declare(GradientTransformation(init, update), decl)
+
+
+def _every_leaf(leaf: torch.Tensor) -> bool:
+    del leaf
+    return True
+
+
 def _empty_init(params: Params) -> EmptyState:
     del params
     return EmptyState()

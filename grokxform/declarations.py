@@ -7,6 +7,8 @@ says what its ``update`` computes, as data that lives on the ``update`` function
 - a primitive is :class:`Elementwise`: a per-element rule (:mod:`grokxform.elements`), a per-step
   scalar rule (ordinary torch code: bias corrections, α_t from the signal, the clip factor...), the
   fields of its state, and the per-leaf reductions of its input it needs first (the clip's norms);
+- a whole-leaf stage is :class:`Leafwise`: a stateless function of each selected leaf whole
+  (Muon's Newton–Schulz iteration), run on the leaves of one shape and dtype stacked;
 - a combinator is a node over its members' declarations: :class:`Sequence` (``chain``,
   ``named_chain``), :class:`Amplify`, :class:`Masked`, :class:`Partition`, :class:`Injected`
   (``inject_hyperparams``), :class:`Accumulate` (``MultiSteps``) and :class:`IfFinite`
@@ -448,7 +450,62 @@ class IfFinite(DeclNode):
         }
 
 
-Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite]
+@dataclass(frozen=True, eq=False)
+class Leafwise(DeclNode):
+    """A stateless stage that maps each selected leaf whole rather than element by element (a
+    matrix function: Muon's Newton–Schulz iteration).
+
+    ``fn(stacked) -> result``: the leaves of one shape, dtype and device stacked into one
+    ``[n, *shape]`` tensor (in the order of the tree), mapped at once; the result has the shape
+    and dtype of ``stacked`` and is leaf k's update at ``result[k]``. ``select(leaf) -> bool``:
+    whether it maps a leaf (a function of its shape and dtype: the eager path asks it of the
+    update, the engine of the param, which is shaped as it); the others pass through unchanged.
+    The engine runs ``fn`` between two passes of its kernels, on buffers it keeps from step to
+    step (:class:`grokxform.engine.plan.Whole`). ``check(updates)``: validation beyond the
+    generic checks (raises)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    select: Callable[[torch.Tensor], bool]
+    check: Callable[[Any], None] | None = None
+
+    def update(self, updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        """The eager update: ``fn`` on each group of selected leaves of one shape, dtype and device."""
+        del params, extra
+        name = self.name
+        C.check_gradients(updates, name)
+        if self.check is not None:
+            self.check(updates)
+        leaves, spec = _tree.flatten(updates)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, g in enumerate(leaves):
+            if isinstance(g, torch.Tensor) and self.select(g):
+                if _dist.is_sharded(g):
+                    raise TypeError(
+                        f"{name}: the update at path {_tree.path_names(updates)[i]!r} is a DTensor (a sharded"
+                        f" leaf); {name} needs each leaf whole"
+                    )
+                groups.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
+        out = list(leaves)
+        for idx in groups.values():
+            result = self.map(torch.stack([leaves[i] for i in idx]))
+            for k, i in enumerate(idx):
+                out[i] = result[k]
+        return _tree.unflatten(out, spec), state
+
+    def map(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``fn(stacked)``, checked to keep the shape and dtype (metadata only: no device read)."""
+        result = self.fn(stacked)
+        if not isinstance(result, torch.Tensor) or result.shape != stacked.shape or result.dtype != stacked.dtype:
+            got = f"{result.dtype}{list(result.shape)}" if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(
+                f"{self.name}: fn returned {got} for leaves stacked as {stacked.dtype}{list(stacked.shape)}: it"
+                " must keep the shape and dtype"
+            )
+        return result
+
+
+Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite, Leafwise]
 
 
 # --------------------------------------------------------------------------------------------
@@ -878,6 +935,7 @@ __all__ = [
     "Elementwise",
     "IfFinite",
     "Injected",
+    "Leafwise",
     "RingWindow",
     "Masked",
     "Partition",

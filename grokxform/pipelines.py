@@ -604,11 +604,12 @@ def muon(
     orthogonalization (momentum, decay and lr still apply); give biases, gains and embeddings to
     AdamW (the Muon papers do) with :func:`~grokxform.partition`, below. ``"match_rms_adamw"``
     (Liu et al. 2025, "Muon is Scalable for LLM Training") lets Muon take AdamW's lr and weight
-    decay. The momentum and the decay are declared (engine kernels); ``orthogonalize`` runs its own
-    update between them (``gx.Optimizer(params, gx.muon(...)).engines``: ``"c+tx.update+c"`` on the
-    CPU). Inside a ``partition``, and as a factory (``gx.Optimizer(params, gx.muon, lr=...)``, which
-    wraps it in ``inject_hyperparams``), the whole step runs the eager ``tx.update``
-    (``opt.engines``: ``"tx.update"``). The step's time is the iteration's: on one CPU thread
+    decay. The whole chain runs on the engine: the momentum and the decay as kernels, the
+    orthogonalization between two of their passes on buffers the engine keeps, batched by shape
+    (``gx.Optimizer(params, gx.muon(...)).engines``: ``["c"]`` on the CPU, ``["triton"]`` on CUDA,
+    captured in a CUDA graph), alone, inside a ``partition``, and as a factory
+    (``gx.Optimizer(params, gx.muon, lr=...)``, which wraps it in ``inject_hyperparams``). The step's
+    time is the iteration's: on one CPU thread
     ``gx.Optimizer(params, gx.muon())`` takes what ``torch.optim.Muon`` takes.
     The Newton–Schulz iteration runs in bfloat16, so a step matches torch's to bfloat16 rounding of
     the orthogonalized update (``ns_dtype=torch.float32`` for a finer one, which torch lacks).

@@ -41,9 +41,9 @@ class Case:
     ``"leaf"`` (NaN over the whole leaf: a per-leaf sum, a trust ratio's norm or ⊥Grad's projection,
     reads the bad element).
     ``"nan_leaf"`` (the whole leaf turns NaN: Muon's orthogonalization mixes a matrix's elements).
-    ``own_update``: a member has no declaration (it runs its own ``update``: ``orthogonalize``), so
-    the pure ``tx.update`` runs op by op, ``gx.Optimizer`` runs the chain in parts, and a factory
-    (wrapped in ``inject_hyperparams``) runs the eager step (``fused="foreach"`` refuses it).
+    ``matrices``: it maps whole matrices in bfloat16 (Muon's Newton–Schulz iteration): a step
+    that Inductor compiles may round one value of the iteration otherwise than eager, and the
+    iteration spreads that rounding over the matrix.
     ``shardable``: it takes FSDP2's sharded (DTensor) params; the distributed tests train the
     aliases that do (:data:`SHARDABLE`). ``draws_normals``: it draws normal random numbers, whose
     log and cos agree across backends (torch's, a C library's, CUDA's) to a few float32 ulps, not
@@ -55,7 +55,7 @@ class Case:
     signal: bool = False
     bad_leaf_state: frozenset[str] = frozenset()
     bad_param: str = "nan"
-    own_update: bool = False
+    matrices: bool = False
     shardable: bool = True
     draws_normals: bool = False
 
@@ -115,7 +115,7 @@ ALIASES: dict[str, Case] = {
     # the tree's vectors, 0-d and empty leaves skip the orthogonalization; the NaN spreads over
     # the bad matrix
     "muon": Case(gx.muon, {"lr": 1e-2, "weight_decay": 0.1}, bad_leaf_state=_MUON, bad_param="nan_leaf",
-                 own_update=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
+                 matrices=True, shardable=False),  # Newton–Schulz needs each matrix whole: a DTensor raises
 }
 
 

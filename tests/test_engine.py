@@ -123,12 +123,6 @@ def _state_tol(bf16: bool) -> dict[str, float]:
     return {"rtol": 2**-6, "atol": 1e-5} if bf16 and not INTERPRETED else {"rtol": 1e-5, "atol": 1e-6}
 
 
-def _ran(case: Case, backend: str) -> str:
-    """What ran the case's step: ``backend``, or, for a chain with a member that runs its own
-    update (Muon's ``orthogonalize``, mid-chain), ``backend`` before and after that member."""
-    return f"{backend}+tx.update+{backend}" if case.own_update else backend
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
@@ -140,7 +134,7 @@ def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
     # rounding. (Without a reduction the GPU is bit for bit too: test_gpu_bit_for_bit.)
     steps, none_at = (1, None) if bf16 and not INTERPRETED else (6, {2: ("h.1.w",), 3: ("h.1.w", "ln.w")})
     p_e, s_e, p_f, fused = _run(case.make(), dtype, steps, none_at, case.signal)
-    assert fused.engine == _ran(case, "triton") and fused.compiles == (1 if steps == 1 else 3)  # one per None pattern
+    assert fused.engine == "triton" and fused.compiles == (1 if steps == 1 else 3)  # one per None pattern
     _close(p_e, p_f, exact=bf16 and INTERPRETED, rtol=2**-7 if bf16 else 2e-6, atol=1e-4 if bf16 else 1e-6)
     _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
 
@@ -153,7 +147,7 @@ def test_foreach_backend_is_eager_bit_for_bit(name: str, dtype: torch.dtype) -> 
     case = CASES[name]
     p_e, s_e, p_f, fused = _run(case.make(), dtype, 6, {2: ("h.1.w",), 3: ("h.1.w", "ln.w")}, case.signal,
                                 backend="foreach")
-    assert fused.engine == _ran(case, "foreach") and fused.compiles == 3
+    assert fused.engine == "foreach" and fused.compiles == 3
     _close(p_e, p_f, exact=True)
     _close(s_e, fused.eager_state(), exact=True)
 
@@ -337,7 +331,7 @@ def test_c_kernels_equal_the_triton_kernels(name: str, dtype: torch.dtype) -> No
     none_at = {2: ("h.1.w",), 3: ("h.1.w", "ln.w")}
     runs = [_run(case.make(), dtype, 6, none_at, case.signal, backend=b) for b in ("triton", "c")]
     (_, _, p_t, f_t), (_, _, p_c, f_c) = runs
-    assert (f_t.engine, f_c.engine, f_c.compiles) == (_ran(case, "triton"), _ran(case, "c"), 3)
+    assert (f_t.engine, f_c.engine, f_c.compiles) == ("triton", "c", 3)
     exact = not _norm_reduction(f_c) and not case.draws_normals  # (normals: the C library's log/cos, Triton's)
     tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 1e-4}
     _close(p_t, p_c, exact=exact, **tol)
@@ -354,7 +348,7 @@ def test_c_kernels_match_eager_in_float64(name: str) -> None:
     always correctly rounded."""
     case = CASES[name]
     p_e, s_e, p_f, fused = _run(case.make(), torch.float64, 6, {2: ("h.1.w",)}, case.signal, backend="c")
-    assert fused.engine == _ran(case, "c")
+    assert fused.engine == "c"
     tol = {"rtol": 1e-7, "atol": 1e-9} if case.draws_normals else {"rtol": 1e-12, "atol": 1e-13}  # (float32 normals)
     _close(p_e, p_f, exact=False, **tol)
     _close(s_e, fused.eager_state(), exact=False, **tol)

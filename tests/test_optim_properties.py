@@ -65,8 +65,7 @@ def test_optimizer_factory_path_equals_functional(name: str) -> None:
     init = param_tree({"blocks.0.w": (3, 3), "blocks.1.w": (3,)})
     tx = gx.inject_hyperparams(case.factory)(**case.kwargs)
     params, state = dict(init), tx.init(init)
-    # (a member without a declaration inside inject_hyperparams: no engine; the eager step is exact)
-    exact = False if case.own_update else "foreach"
+    exact = "foreach"
     runs = {fused: [(k, torch.nn.Parameter(v.clone())) for k, v in init.items()] for fused in (exact, None)}
     opts = {fused: gx.Optimizer(ps, case.factory, fused=fused, **case.kwargs) for fused, ps in runs.items()}
     for t in range(5):

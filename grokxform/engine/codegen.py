@@ -54,7 +54,7 @@ class Slot:
 
 
 class Stop(Exception):
-    """Raised when the pass's reduction point has been emitted."""
+    """Raised when the pass's reduction point (or whole-leaf stage's store) has been emitted."""
 
 
 @dataclass
@@ -468,6 +468,19 @@ class Emitter:
         self.wide_sums = any(v.dtype == torch.float64 for v in sums.values())
         self.reduce(x, sums)
         raise Stop
+
+    def stash(self, node: P.Whole, x: Value) -> NoReturn:
+        role = self.role_of(node, "stash")
+        if x.dtype != self.dtype_of(role):
+            raise P.Unsupported(f"{node.where}: its input is {x.dtype}, not the gradient's {self.dtype_of(role)}")
+        guards, self.guards = self.guards, []  # (a buffer, not state: written whatever the flags)
+        self.store(role, x)
+        self.guards = guards
+        raise Stop
+
+    def stashed(self, node: P.Whole) -> Value:
+        role = self.role_of(node, "stash")
+        return self.load(role, self.dtype_of(role))
 
     def shared(self, x: Value) -> Value:
         return x

@@ -31,6 +31,10 @@ class Reached(Exception):
         self.x, self.sums = x, sums
 
 
+class Stashed(Exception):
+    """The pass's whole-leaf stage: its input is in the stage's buffers."""
+
+
 @dataclass
 class Vals:
     """A value of the foreach backend: one tensor per leaf of the group, and whether they are
@@ -73,6 +77,14 @@ class GroupPass:
             return r.x, r.sums
         raise AssertionError("the pass has no reduction point in this group")
 
+    def stash_input(self) -> None:
+        """The program up to this pass's whole-leaf stage, its input stored in the stage's buffers."""
+        try:
+            self.step.plan.root.apply(self, Vals(self.grp.roles["G"], False))
+        except Stashed:
+            return
+        raise AssertionError("the pass has no whole-leaf stage in this group")
+
     # -- what the plan's nodes drive (grokxform.engine.plan.Runner) ------------------------------
 
     def rule(self, node: Any, rule: TracedRule, inputs: dict[str, Vals]) -> dict[str, Vals]:
@@ -113,6 +125,16 @@ class GroupPass:
 
     def reached(self, x: Vals, sums: dict[str, Vals]) -> NoReturn:
         raise Reached(x.ts, {name: v.ts for name, v in sums.items()})
+
+    def stash(self, node: P.Whole, x: Vals) -> NoReturn:
+        buffers = self.grp.roles[self.step._role(node, "stash")]
+        if x.ts[0].dtype != buffers[0].dtype:
+            raise P.Unsupported(f"{node.where}: its input is {x.ts[0].dtype}, not the gradient's {buffers[0].dtype}")
+        torch._foreach_copy_(buffers, x.ts)  # (a buffer, not state: written whatever the flags)
+        raise Stashed
+
+    def stashed(self, node: P.Whole) -> Vals:
+        return Vals(self.grp.roles[self.step._role(node, "stash")], False)
 
     def shared(self, x: Vals) -> Vals:
         return Vals(x.ts, False)

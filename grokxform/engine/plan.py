@@ -6,6 +6,8 @@ that know their state objects and the leaves they act on, in the chain's own ord
 - :class:`Member`: one primitive (:class:`~grokxform.declarations.Elementwise`) with its state
   tensors per leaf, its scalar stage and, for a primitive that reduces its input (the clip), the
   index of its reduction pass;
+- :class:`Whole`: a whole-leaf stage (:class:`~grokxform.declarations.Leafwise`: Muon's
+  Newton–Schulz iteration) with the index of the pass that ends at it and its buffers;
 - :class:`Amp`, :class:`Mask`, :class:`Part`, :class:`Inject`, :class:`Accum`, :class:`Finite` and
   :class:`Seq` for the combinators.
 
@@ -16,10 +18,15 @@ chain's element programs: every backend (the Triton and C kernel text of
 :mod:`grokxform.engine.codegen`, the in-place foreach lists of :mod:`grokxform.engine.foreach`)
 is a :class:`Runner` that it drives.
 
-Reductions split a step into passes: pass r computes the program up to reduction point r and
-reduces there (Σx² and the count of non-finite values per block of each leaf); the last pass runs
-the whole program and writes. The scalars of a node are computed in stage s = the number of
-reduction points before it (its own included), before pass s.
+Reductions and whole-leaf stages split a step into passes (:attr:`Plan.reductions`, the points
+where a pass ends, in the chain's order): pass r computes the program up to point r and, at a
+reduction, reduces there (Σx² and the count of non-finite values per block of each leaf); at a
+whole-leaf stage it stores its input into the stage's buffers, which the engine then maps with
+the stage's function (torch's ops, batched by shape) before pass r + 1, whose program reads them
+back at that point. Every pass recomputes the program before its point (the members there write
+their state in the last pass only); the last pass runs the whole program and writes. The scalars
+of a node are computed in stage s = the number of points before it (its own included), before
+pass s.
 """
 
 from __future__ import annotations
@@ -81,6 +88,13 @@ class Runner(Protocol):
         """The pass's reduction point: reduce ``x`` (its norm and finiteness) and sum each of
         ``sums`` per leaf, and end the pass."""
 
+    def stash(self, node: Whole, x: Any) -> NoReturn:
+        """The pass's whole-leaf stage: store ``x`` into ``node``'s buffer (whatever the enclosing
+        wrappers' flags), and end the pass."""
+
+    def stashed(self, node: Whole) -> Any:
+        """``node``'s buffer, as its function left it (a pass after the stage's)."""
+
     def shared(self, x: Any) -> Any:
         """``x``, to be read again later (no op may write it in place)."""
 
@@ -127,7 +141,7 @@ class _Ctx:
     spec: Any
     members: list[Member] = field(default_factory=list)
     nodes: list[Any] = field(default_factory=list)
-    reductions: list[Union[Member, Finite]] = field(default_factory=list)
+    reductions: list[Union[Member, Finite, Whole]] = field(default_factory=list)
 
     def leaf_list(self, tree: Any, where: str, what: str) -> list[Any]:
         leaves, spec = _tree.flatten(tree)
@@ -604,13 +618,87 @@ class Finite(Node):
         self.state = None
 
 
-_NODES: dict[type, type[Node]] = {kind.declares: kind for kind in (Seq, Member, Amp, Mask, Part, Inject, Accum, Finite)}
+@dataclass(eq=False)
+class Whole(Node):
+    """A whole-leaf stage (:class:`~grokxform.declarations.Leafwise`) over the leaves it selects
+    among those with a gradient (``leaves``). Pass :attr:`index` ends at it, storing its input into
+    :attr:`buffers`; :meth:`run` maps them with the stage's function; later passes read them.
+    The buffers are the engine's (:meth:`allocate`): one ``[n, *shape]`` tensor per shape and dtype
+    of its leaves (:attr:`stacks`), each leaf's buffer a view of one, so the function maps them
+    where they are, and kept from step to step (a CUDA graph replays the same ops on them)."""
+
+    declares: ClassVar[type] = D.Leafwise
+    per_leaf: ClassVar[bool] = True
+    decl: D.Leafwise
+    where: str
+    leaves: list[int]
+    index: int = 0
+    stage: int = 0
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    stacks: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, decl: D.Leafwise, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        del state, guards  # (stateless; its buffers are written on every pass that reaches it)
+        leaves = [i for i in active if isinstance(ctx.p_leaves[i], torch.Tensor) and decl.select(ctx.p_leaves[i])]
+        node = cls(decl, f"{where} ({decl.name})", leaves)
+        node.index = len(ctx.reductions)
+        ctx.reductions.append(node)
+        node.stage = len(ctx.reductions)
+        ctx.nodes.append(node)
+        return node
+
+    def rebind(self, decl: Any, state: Any) -> Iterator[tuple[Node, Any]]:
+        if not isinstance(decl, D.Leafwise) or decl.name != self.decl.name:
+            raise Unsupported(f"{self.where}: the transform changed its structure between steps")
+        yield self, decl
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        if run.leaf not in self.leaves:
+            return x
+        if run.pass_index == self.index:
+            run.stash(self, x)
+        return run.stashed(self)
+
+    def allocate(self, like: list[torch.Tensor], device: torch.device) -> None:
+        """Its buffers: for its leaves, shaped and typed as ``like`` (their gradients)."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k, t in enumerate(like):
+            groups.setdefault((tuple(t.shape), t.dtype), []).append(k)
+        self.buffers, self.stacks = [torch.empty(0)] * len(like), []
+        for (shape, dtype), ks in groups.items():
+            stack = torch.zeros((len(ks), *shape), dtype=dtype, device=device)
+            self.stacks.append(stack)
+            for j, k in enumerate(ks):
+                self.buffers[k] = stack[j]
+
+    def run(self, decl: D.Leafwise) -> None:
+        """This step's function (``decl``'s) on each stack of buffers, the result written back in place."""
+        for stack in self.stacks:
+            stack.copy_(decl.map(stack))
+
+    def columns(self) -> dict[str, list[torch.Tensor]]:
+        return {"stash": self.buffers}
+
+    def state_tensors(self) -> list[list[torch.Tensor]]:
+        return []  # (its buffers are the engine's, not state)
+
+    def computes(self, active: list[int]) -> Iterable[int]:
+        return self.leaves
+
+
+_NODES: dict[type, type[Node]] = {
+    kind.declares: kind for kind in (Seq, Member, Amp, Mask, Part, Inject, Accum, Finite, Whole)
+}
 """The node type of each declaration type."""
 
 Staged = Union[Member, Amp, Inject, Accum, Finite]
 """The nodes that have scalars (a stage)."""
 Reduction = Union[Member, Finite]
 """The nodes that reduce their input (a pass ends at each)."""
+Point = Union[Member, Finite, Whole]
+"""The nodes where a pass ends: the reductions and the whole-leaf stages."""
 
 
 @dataclass(eq=False)
@@ -619,7 +707,8 @@ class Plan:
     members: list[Member]
     nodes: list[Any]
     """Every node with scalars (members and wrappers), in the order they are planned."""
-    reductions: list[Reduction]
+    reductions: list[Point]
+    """The points where a pass ends (reductions and whole-leaf stages), in the chain's order."""
     leaves: list[int]
     """The positions of the leaves with a gradient (the step's work)."""
     paths: list[str]

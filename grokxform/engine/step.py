@@ -11,8 +11,10 @@ into a CUDA graph):
    their tensor results are packed into one float64 buffer;
 3. each pass launches one generated kernel per group of leaves (leaves that run the same program
    with the same dtypes); a reduction pass writes Σx² and a count of non-finite values per block,
-   which the next stage sums per leaf in a fixed order (deterministic, no atomics); the last pass
-   updates params and state in place;
+   which the next stage sums per leaf in a fixed order (deterministic, no atomics); the pass of a
+   whole-leaf stage (Muon's Newton–Schulz iteration) writes its input into the stage's buffers,
+   which the stage's function then maps with torch's ops, batched by shape, in place; the last
+   pass updates params and state in place;
 4. counters and the state's 0-d fields (α, the clip norm, counts of wrappers...) are written back.
 
 :class:`EngineStep` is built per pattern of ``None`` gradients by :class:`grokxform.fused.FusedStep`.
@@ -292,6 +294,11 @@ class EngineStep:
         present = [grads[i] for i in plan.leaves]
         self.device = present[0].device
         self._check_tensors(plan, state)
+        self._wholes = [node for node in plan.reductions if isinstance(node, P.Whole)]
+        for node in self._wholes:
+            if self.shards is not None and any(self.shards[leaf] is not None for leaf in node.leaves):
+                raise P.Unsupported(f"{node.where}: a leaf it maps is sharded (a DTensor); it needs each leaf whole")
+            node.allocate([grads[leaf] for leaf in node.leaves], self.device)
         self._node_of = {id(node): node for node in plan.nodes}
         self._node_index = {id(node): k for k, node in enumerate(plan.nodes)}
         self._position = {  # a leaf's position among a node's leaves (the index of its per-leaf scalars)
@@ -319,7 +326,7 @@ class EngineStep:
             id(r): {"norm": torch.ones(len(r.leaves), device=self.device),
                     "finite": torch.ones(len(r.leaves), dtype=torch.bool, device=self.device),
                     **{name: torch.ones(len(r.leaves), device=self.device) for name in r.sum_names()}}
-            for r in plan.reductions
+            for r in plan.reductions if not isinstance(r, P.Whole)
         }
         if backend != "foreach":
             with torch.no_grad():
@@ -439,7 +446,7 @@ class EngineStep:
             else:
                 name = f"step_pass{p}"
                 grp.kernels[p] = (load_kernel(G.kernel_source(name, em, plan.passes), name), list(em.roles))
-            if not main:
+            if not main and not isinstance(plan.reductions[p], P.Whole):
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
                 grp.rsq[p] = torch.zeros(n * (1 + len(red.sum_names())), dtype=rsq, device=self.device)
@@ -607,12 +614,17 @@ class EngineStep:
             last = stage == plan.passes - 1
             if self.backend == "foreach":  # the plan run with foreach ops, in place
                 scalars.update({key: Scalars(v, len(getattr(self._node_of[key], "leaves", ()))) for key, v in values.items()})
-                if last:
+                point = None if last else plan.reductions[stage]
+                if point is None:
                     for grp in self._groups:
                         F.GroupPass(self, grp, stage, scalars, flags).run()
+                elif isinstance(point, P.Whole):
+                    for grp in self._groups:
+                        if grp.leaves[0] in point.leaves:
+                            F.GroupPass(self, grp, stage, scalars, flags).stash_input()
+                    point.run(env.decls[id(point)])
                 else:
-                    reduced[id(plan.reductions[stage])] = self._foreach_reduce(plan.reductions[stage], stage,
-                                                                                scalars, flags)
+                    reduced[id(point)] = self._foreach_reduce(point, stage, scalars, flags)
                 continue
             if layout:
                 self._record(stage, values)
@@ -622,7 +634,13 @@ class EngineStep:
                     torch.cat(parts, out=self._sc[stage])
             if not last:
                 red = plan.reductions[stage]
-                if layout:
+                if isinstance(red, P.Whole):  # its input into its buffers, then its function on them
+                    if not layout:
+                        for grp in self._groups:
+                            if stage in grp.kernels:
+                                self._launch(grp, stage)
+                        red.run(env.decls[id(red)])
+                elif layout:
                     reduced[id(red)] = stand_in[id(red)]  # type: ignore[index]
                 elif stage in self._torch_reductions:  # as eager reduces them: the same numbers
                     reduced[id(red)] = self._reduce_gradients(red)

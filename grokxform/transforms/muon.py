@@ -10,18 +10,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from grokxform import _common as C
-from grokxform import distributed as _dist
-from grokxform import tree as _tree
-from grokxform.base import (
-    EmptyState,
-    GradientTransformation,
-    Params,
-    Scalar,
-    State,
-    Updates,
-    elementwise,
-    static_hyperparams,
-)
+from grokxform.base import GradientTransformation, Params, Scalar, elementwise, leafwise, static_hyperparams
 from grokxform.declarations import ScalarContext
 from grokxform.elements import Inputs, Outputs, where
 
@@ -143,10 +132,14 @@ def orthogonalize(
     ``torch.func.vmap`` (each member's numbers; bit for bit in bfloat16). ``ns_dtype=None`` iterates in the update's own dtype (torch always uses
     bfloat16; float32 or float64 for a reference). Stateless; defaults are torch's.
 
-    A transform with its own ``update`` (matrix products are not element operations): in a chain run
-    by :class:`~grokxform.Optimizer` the declared members before and after it run on the engine and
-    it runs between them (``opt.engines``: ``"c+tx.update+c"``). DTensor (sharded) leaves raise
-    ``TypeError``: each matrix would have to be gathered whole.
+    A whole-leaf stage (:func:`grokxform.base.leafwise`: matrix products are not element
+    operations): the engine runs it inside any declared chain, wherever it sits (a chain, a
+    ``partition``, ``masked``, ``inject_hyperparams``, ``MultiSteps``): the kernels of the members
+    before it write its input into buffers the engine keeps, one ``[n, rows, cols]`` stack per
+    shape, the iteration runs on them with torch's ops, and the kernels of the members after it
+    read the result (``gx.Optimizer(params, gx.muon(...)).engines``: ``["c"]`` on the CPU; a CUDA
+    step is captured in a CUDA graph whole). DTensor (sharded) leaves raise ``TypeError`` (the
+    engine refuses them): each matrix would have to be gathered whole.
 
     Examples:
         >>> tx = gx.orthogonalize(ns_dtype=torch.float64)
@@ -173,37 +166,18 @@ def orthogonalize(
         raise TypeError(f"orthogonalize: ns_dtype must be a floating-point torch.dtype or None, got {ns_dtype!r}")
     a, b, c = (float(x) for x in coefficients)
 
-    def init_fn(params: Params) -> EmptyState:
-        C.check_gradients(params, "orthogonalize", what="param")
-        return EmptyState()
+    def newton_schulz(x: torch.Tensor) -> torch.Tensor:
+        """r·NS of each matrix of the stack ``x`` ([n, rows, cols]), in ``x``'s dtype."""
+        # contiguous, as the gradients (a tall matrix's result is a transposed view)
+        ortho = _newton_schulz(x.to(ns_dtype or x.dtype), a, b, c, ns_steps, eps).to(x.dtype).contiguous()
+        ratio = _ratio(adjust_lr_fn, *x.shape[-2:])
+        return ortho * ratio if ratio != 1.0 else ortho
 
-    def update_fn(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
-        del params, extra
-        C.check_state(state, EmptyState, "orthogonalize")
-        C.check_gradients(updates, "orthogonalize")
-        leaves, spec = _tree.flatten(updates)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, g in enumerate(leaves):
-            if isinstance(g, torch.Tensor) and g.ndim == 2:
-                if _dist.is_sharded(g):
-                    raise TypeError(
-                        f"orthogonalize: the update at path {_tree.path_names(updates)[i]!r} is a DTensor (a"
-                        " sharded matrix); Newton–Schulz needs each matrix whole"
-                    )
-                groups.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
-        out = list(leaves)
-        for (shape, dtype, _), idx in groups.items():
-            x = torch.stack([leaves[i] for i in idx]).to(ns_dtype or dtype)
-            # contiguous, as the gradients (a tall matrix's result is a transposed view)
-            ortho = _newton_schulz(x, a, b, c, ns_steps, eps).to(dtype).contiguous()
-            ratio = _ratio(adjust_lr_fn, *shape)
-            if ratio != 1.0:
-                ortho = ortho * ratio
-            for k, i in enumerate(idx):
-                out[i] = ortho[k]
-        return _tree.unflatten(out, spec), state
+    return leafwise("orthogonalize", newton_schulz, select=_is_matrix)
 
-    return GradientTransformation(init_fn, update_fn)
+
+def _is_matrix(leaf: torch.Tensor) -> bool:
+    return leaf.ndim == 2
 
 
 def _newton_schulz(x: torch.Tensor, a: float, b: float, c: float, steps: int, eps: float) -> torch.Tensor:
