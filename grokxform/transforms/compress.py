@@ -13,8 +13,9 @@ from grokxform import _memory
 from grokxform import declarations as D
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
+from grokxform._resum import window_sum
 from grokxform.base import GradientTransformation, Params, State, Updates, with_extra_args_support
-from grokxform.elements import leaf_keys, random_like
+from grokxform.elements import leaf_keys, random_like, traced
 
 Format = Literal["bf16", "bf16_sr", "int8"]
 FORMATS: tuple[str, ...] = ("bf16", "bf16_sr", "int8")
@@ -221,10 +222,11 @@ def compress_state(
     offered: it was worse than int8 on m (round-trip error 2.6e-2 against 9.3e-3) and on v
     (√v error 1.3e-2 against 3.5e-3; trajectory 0.19 with int8 m). (``benchmarks/state_memory.py``)
 
-    MA windows: a slot stores decode(encode(g)); the running sum adds what the slot stores
-    (the difference q − g is added to the sum on the step that writes the slot), so that the
-    decoded oldest value removed later cancels what was added; the exact re-sum every w steps
-    sums the decoded slots. Only the oldest slot (and, on a leaf's re-sum step, the whole
+    MA windows: a slot stores q = decode(encode(g)); the running sum adds what the slot stores
+    (q − g is added to the sum on the step that writes the slot), so that the decoded oldest
+    value removed later cancels what was added; the exact re-sum every w steps sums the decoded
+    slots (under ``torch.func`` transforms, where the counts are not read on the host, the
+    re-sum's newest value is g, corrected by q − g). Only the oldest slot (and, on a leaf's re-sum step, the whole
     window) is decoded at a step, so a step's temporaries are one float32 copy of the
     gradient-sized fields, not of the window.
 
@@ -349,8 +351,11 @@ def compress_state(
                 packed = encode(g, fmt, block_size=block_size, key=key(g))
                 fresh[id(g)] = packed
                 if new_totals is not None and new_totals[i] is not None:
-                    acc = new_totals[i].dtype
-                    new_totals[i] = new_totals[i] + (decode(packed, block_size).to(acc) - g.to(acc))
+                    acc, q = new_totals[i].dtype, decode(packed, block_size)
+                    if resummed(st, m, i):  # the window's exact sum, of what its slots hold
+                        new_totals[i] = window_sum([_tree.flatten(t)[0][i] for t in window[:-1]] + [q], acc)
+                    else:
+                        new_totals[i] = new_totals[i] + (q.to(acc) - g.to(acc))
             if new_totals is not None and totals is not None and any(a is not b for a, b in zip(new_totals, totals)):
                 member = type(st)(*(
                     _tree.unflatten(new_totals, _tree.flatten(v)[1]) if f == wf.total else v
@@ -358,11 +363,20 @@ def compress_state(
                 new = _replace_at(new, path, member)
         return new
 
+    def resummed(st: Any, m: D.Elementwise, i: int) -> bool:
+        """Whether leaf ``i`` of the windowed state ``st`` (after the step) was re-summed this step."""
+        assert m.window is not None and m.count is not None  # (a window is declared with a count)
+        c = _tree.flatten(getattr(st, m.count))[0][i]
+        if traced() or torch._C._functorch.is_functorch_wrapped_tensor(c):
+            return False
+        return int(c) % m.window.size == 0
+
     def lazy_slots(inner: Any) -> dict[int, torch.Tensor]:
         """The window slots a step does not read, by the id of their compressed form, with a
         stand-in (a zero view that takes no memory): every slot but the oldest, on a leaf that
-        is not due for its re-sum this step (windows under apply_if_finite or MultiSteps, which
-        select between states, are decoded whole)."""
+        is not due for its re-sum this step. Decoded whole: windows under apply_if_finite or
+        MultiSteps (which select between states), and under ``torch.func`` transforms or tracing
+        (the counts are not read on the host)."""
         lazy: dict[int, torch.Tensor] = {}
         for m, st, _, guarded in _members(decl, inner):
             wf = m.window
@@ -372,6 +386,9 @@ def compress_state(
             if not isinstance(window, tuple) or isinstance(window, D.RingWindow):
                 continue
             counts = _tree.flatten(getattr(st, m.count))[0]
+            if traced() or any(isinstance(c, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(c)
+                               for c in counts):
+                continue  # (counts the host cannot read: the window is decoded whole)
             slots = [_tree.flatten(t)[0] for t in window]
             host = [None if c is None else int(c) for c in counts]
             for i, c in enumerate(host):
