@@ -100,7 +100,7 @@ def encode(
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
         >>> p.codes, p.scales
-        (tensor([ 127,  -64,   32], dtype=torch.int8), tensor([0.0079]))
+        (tensor([127, -64,  32], dtype=torch.int8), tensor([0.0079]))
         >>> gx.transforms.compress.decode(p)
         tensor([ 1.0000, -0.5039,  0.2520])
     """
