@@ -14,6 +14,9 @@ PyTorch's caching allocator holds reserved but unused; on the CPU, ``MemAvailabl
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -24,6 +27,28 @@ from grokxform import tree as _tree
 
 class StateTooLargeError(MemoryError):
     """A transform's state would not fit in the memory available on its device."""
+
+
+_FORMAT: ContextVar[Callable[[torch.dtype, int], float | None] | None] = ContextVar("grokxform_state_format", default=None)
+
+
+@contextmanager
+def state_format(per_element: Callable[[torch.dtype, int], float | None]) -> Iterator[None]:
+    """Within: the state being made is stored compressed (:func:`~grokxform.compress_state`);
+    ``per_element(dtype, numel)`` gives the bytes per element of a state tensor of that dtype and
+    size, or ``None`` where it is stored as it is."""
+    token = _FORMAT.set(per_element)
+    try:
+        yield
+    finally:
+        _FORMAT.reset(token)
+
+
+def _item_bytes(dtype: torch.dtype, numel: int) -> float:
+    """The bytes one element of a new state tensor takes (compressed within :func:`state_format`)."""
+    fmt = _FORMAT.get()
+    got = fmt(dtype, numel) if fmt is not None else None
+    return dtype.itemsize if got is None else got
 
 
 def _cpu_available_bytes() -> int | None:
@@ -79,7 +104,8 @@ def check_ma_window(
 
     Per device: ``w × Σ numel × size(window dtype)`` for the window, plus
     ``Σ numel × size(accumulator dtype)`` for the running sum (``None``: float32, float64 for
-    float64 params).
+    float64 params). Within :func:`state_format` (a compressed state) the window's slots count
+    the compressed bytes.
     """
     numel: dict[torch.device, int] = {}
     window: dict[torch.device, int] = {}
@@ -88,9 +114,9 @@ def check_ma_window(
         if not isinstance(p, torch.Tensor):
             continue
         n = p.numel()
-        item = (window_dtype or p.dtype).itemsize
+        item = _item_bytes(window_dtype or p.dtype, n)
         numel[p.device] = numel.get(p.device, 0) + n
-        window[p.device] = window.get(p.device, 0) + window_size * n * item
+        window[p.device] = window.get(p.device, 0) + int(window_size * n * item)
         total[p.device] = total.get(p.device, 0) + n * C.state_dtype_for(p, accumulator_dtype).itemsize
     for device in numel:
         check_fits(

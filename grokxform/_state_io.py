@@ -143,7 +143,8 @@ def per_param_views(state: Any, names: list[str]) -> dict[str, dict[str, torch.T
     A per-parameter tree is a dict whose keys are exactly ``names`` (the trees the transforms
     build with the params' structure). Each tensor leaf found there is listed under its parameter
     as ``{"adam.mu": t, "adam.nu": t, ...}``: the path in the state, the parameter's own key left
-    out, and the ``inner_state`` field of wrappers skipped.
+    out, and the ``inner_state`` field of wrappers skipped; a compressed tensor lists its parts
+    (``"adam.mu.codes"``, ``"adam.mu.scales"``).
     """
     out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     keys = set(names)
@@ -160,6 +161,10 @@ def per_param_views(state: Any, names: list[str]) -> dict[str, dict[str, torch.T
                 for k, v in node.items():
                     if isinstance(v, torch.Tensor):
                         out[k][path or "state"] = v
+                    elif is_namedtuple(v):  # a compressed tensor (grokxform.compress_state): its parts
+                        for f, t in zip(v._fields, v):
+                            if isinstance(t, torch.Tensor):
+                                out[k][_join(path or "state", f)] = t
                 return
             for k, v in node.items():
                 walk(v, _join(path, k))
@@ -292,6 +297,8 @@ def check_loaded(state: Any, names: list[str], where: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.numel() == 0:
             return x
         at = f"parameter {param!r}, {path!r}" if param is not None else f"{GROUP_PREFIX + path!r}"
+        if x.dtype in (torch.int8, torch.uint8, torch.int16):  # (the codes of a compressed state)
+            return x
         if not x.is_floating_point() and not x.is_complex():
             low = int(x.min())
             if low < 0:

@@ -270,6 +270,9 @@ class Elementwise(DeclNode):
     which the param groups of an optimizer then share; ``"leaf"``: each leaf's reductions serve
     that leaf alone. Default: ``"tree"`` with ``reduce``, ``"leaf"`` with :attr:`sums` alone."""
     needs_params: bool = False
+    nonnegative: tuple[str, ...] = ()
+    """The fields that hold no negative value (a second moment ``nu``): a compressed state
+    (:func:`~grokxform.compress_state`) stores them with an unsigned code."""
     select: Callable[[Any], list[bool]] | None = None
     check: Callable[[Any, Any, Any], None] | None = None
     """``check(updates, state, params)``: validation beyond the generic checks (raises)."""

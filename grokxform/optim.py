@@ -112,6 +112,7 @@ from grokxform.fused import EngineUnavailable as _EngineUnavailable
 from grokxform.fused import FusedStep
 from grokxform.metrics import metrics as _metrics
 from grokxform.signals import SIGNAL_INPUTS, signal_input
+from grokxform.transforms.compress import FORMATS, compress_state
 from grokxform.transforms.schedules import scale_by_learning_rate
 from grokxform.transforms.wrappers import inject_hyperparams
 
@@ -165,6 +166,11 @@ class Optimizer(torch.optim.Optimizer):
       hyperparameter.
     - ``fused``: the engine (``None``, the default), ``False`` (eager ``tx.update``) or a
       :class:`~grokxform.fused.FusedStep` backend (see the module docs).
+    - ``state_format``: ``None`` (the default: the state as the transformation makes it), or
+      ``"bf16"``, ``"bf16_sr"``, ``"int8"``: the transformation wrapped in
+      :func:`~grokxform.compress_state` with that format (its large state tensors stored
+      compressed). Such a group runs ``tx.update`` (decode, the chain's kernels on the decoded
+      state, encode); ``fallback_reasons`` says so.
     - ``module``: the ``nn.Module`` the parameters belong to; unnamed parameters given here take
       their names from ``module.named_parameters()`` (for depth rules and masks that read paths).
 
@@ -190,6 +196,7 @@ class Optimizer(torch.optim.Optimizer):
         tx: Union[GradientTransformation, Factory],
         *,
         fused: Union[bool, str, None] = None,
+        state_format: str | None = None,
         module: torch.nn.Module | None = None,
         **hyperparameters: Any,
     ) -> None:
@@ -198,7 +205,12 @@ class Optimizer(torch.optim.Optimizer):
                 "Optimizer: fused must be None (the fastest exact path: the engine), False (eager),"
                 f" True or a FusedStep backend name, got {fused!r}"
             )
+        if state_format is not None and state_format not in FORMATS:
+            raise ValueError(
+                f"Optimizer: state_format must be None or one of {', '.join(map(repr, FORMATS))}, got {state_format!r}"
+            )
         self._fused = fused
+        self._state_format = state_format
         self._fused_steps: dict[int, tuple[GradientTransformation, Any]] = {}
         self._eager_groups: set[int] = set()
         self._filled: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
@@ -228,7 +240,7 @@ class Optimizer(torch.optim.Optimizer):
             self._hp: H.Hyperparameters = H.MULTIPLIER
             defaults: dict[str, Any] = {"lr": self._hp.coerce("lr", lr)}
             self._factory: Factory | None = None
-            self._fixed_tx: GradientTransformation | None = tx
+            self._fixed_tx: GradientTransformation | None = self._compressed(tx)
             self.transform_name = "GradientTransformation"
         elif callable(tx) and not isinstance(tx, torch.Tensor):
             self._hp, defaults = H.read_factory(tx, hyperparameters)
@@ -289,7 +301,7 @@ class Optimizer(torch.optim.Optimizer):
             tx, args = None, None
             if self._factory is not None:  # build now: bad group hyperparameters fail here, by name
                 args = self._hp.of(group)
-                tx = inject_hyperparams(self._factory)(**args)
+                tx = self._compressed(inject_hyperparams(self._factory)(**args))
                 self._checked[g] = H.numbers(args)
         except Exception:
             self.param_groups.pop()
@@ -300,7 +312,13 @@ class Optimizer(torch.optim.Optimizer):
         self._states.append(None)
         self._bound[g] = _Bound(group["params"])
         self.engines.append(None)
-        self.fallback_reasons.append(None)
+        self.fallback_reasons.append(None if self._state_format is None else (
+            f"state_format={self._state_format!r}: the engine's in-place step does not keep compressed state; the"
+            " group runs tx.update (decode, the chain's kernels on the decoded state, encode)"))
+
+    def _compressed(self, tx: GradientTransformation) -> GradientTransformation:
+        """``tx``, with its state compressed under ``state_format``."""
+        return tx if self._state_format is None else compress_state(tx, self._state_format)  # type: ignore[arg-type]
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -326,7 +344,7 @@ class Optimizer(torch.optim.Optimizer):
             injected = set(getattr(state, "hyperparams", {})) if state is not None else set()
             if H.still_serves(args, built, injected):
                 return tx
-        tx = inject_hyperparams(self._factory)(**args)
+        tx = self._compressed(inject_hyperparams(self._factory)(**args))
         self._txs[g], self._built_args[g] = tx, args
         return tx
 
@@ -512,7 +530,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
-        if self._fused is False:
+        if self._fused is False or self._state_format is not None:
             return None
         if self._fused is None:  # the engine: its kernels (Triton on CUDA, C on the CPU), else its foreach backend
             return "engine" if len({p.device for p in params}) == 1 else None
@@ -679,7 +697,7 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     args = self._hp.of({**group, **values})
                     try:
-                        tx = inject_hyperparams(self._factory)(**args)
+                        tx = self._compressed(inject_hyperparams(self._factory)(**args))
                     except (TypeError, ValueError) as e:
                         raise type(e)(f"load_state_dict: param group {g}: {e}") from None
                 assert tx is not None

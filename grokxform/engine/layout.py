@@ -22,6 +22,7 @@ from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform.base import GradientTransformation, Params, State
 from grokxform.declarations import RingWindow, window_fields
+from grokxform.transforms.compress import CompressedState
 
 
 class _LazyZeros(TorchDispatchMode):
@@ -72,8 +73,8 @@ def _is_windowed(x: Any) -> bool:
     return window_fields(x) is not None
 
 
-def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf)
-    return x is None or _is_windowed(x)
+def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf; a compressed
+    return x is None or _is_windowed(x) or isinstance(x, CompressedState)  # state keeps its own layout)
 
 
 def _with(st: Any, **fields: Any) -> Any:

@@ -13,6 +13,7 @@ from grokxform.transforms.combinators import (
     partition,
 )
 from grokxform.transforms.centralize import centralize
+from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, CompressedState, Int8Blocks, compress_state
 from grokxform.transforms.clipping import ClipByGlobalNormState, clip, clip_by_global_norm, clip_by_tensor_norm
 from grokxform.transforms.filters import EmaFilterState, MaFilterState, amplify, ema_filter, ma_filter
 from grokxform.transforms.slow_weights import LookaheadState, lookahead
@@ -41,6 +42,11 @@ from grokxform.transforms.weight_decay import decoupled_weight_decay
 from grokxform.transforms.wrappers import InjectHyperparamsState, inject_hyperparams
 
 __all__ = [
+    "Bf16Pair",
+    "Bf16Stochastic",
+    "CompressedState",
+    "Int8Blocks",
+    "compress_state",
     "AddNoiseState",
     "add_noise",
     "centralize",

@@ -205,6 +205,7 @@ def scale_by_adam(
     return elementwise(
         "scale_by_adam", _adam_corrected if eps_placement == "corrected" else _adam_raw, init=init_fn,
         scalars=scalars, state_type=ScaleByAdamState, fields=("mu", "nu"), count="count",
+        nonnegative=("nu",),
     )
 
 

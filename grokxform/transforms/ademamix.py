@@ -97,7 +97,7 @@ def scale_by_ademamix(
 
     return elementwise(
         "scale_by_ademamix", _ademamix, init=init_fn, scalars=scalars, state_type=ScaleByAdemamixState,
-        fields=("mu", "nu", "mu_slow"), count="count",
+        fields=("mu", "nu", "mu_slow"), count="count", nonnegative=("nu",),
     )
 
 

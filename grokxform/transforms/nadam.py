@@ -103,7 +103,7 @@ def scale_by_nadam(
 
     return elementwise(
         "scale_by_nadam", _nadam, init=init_fn, scalars=scalars, state_type=ScaleByNadamState, fields=("mu", "nu"),
-        count="count",
+        count="count", nonnegative=("nu",),
     )
 
 

@@ -69,7 +69,7 @@ def scale_by_rms(
 
     return elementwise(
         "scale_by_rms", _rms_inner if eps_in_sqrt else _rms, init=init_fn, scalars=_scalars(decay, eps),
-        state_type=ScaleByRmsState, fields=("nu",),
+        state_type=ScaleByRmsState, fields=("nu",), nonnegative=("nu",),
     )
 
 
@@ -103,7 +103,7 @@ def scale_by_stddev(
 
     return elementwise(
         "scale_by_stddev", _stddev_inner if eps_in_sqrt else _stddev, init=init_fn, scalars=_scalars(decay, eps),
-        state_type=ScaleByRStdDevState, fields=("mu", "nu"),
+        state_type=ScaleByRStdDevState, fields=("mu", "nu"), nonnegative=("nu",),
     )
 
 

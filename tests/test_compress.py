@@ -1,0 +1,278 @@
+"""compress_state: the codecs' error bounds, every path agreeing, purity, resume, memory."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import grokxform as gx
+from grokxform import _memory
+from grokxform.engine.functional import explain
+from grokxform.transforms.compress import Bf16Pair, Int8Blocks, bytes_per_element, decode, encode
+
+FORMATS = ("bf16", "bf16_sr", "int8")
+
+
+def _params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g)}
+
+
+def _grads(step: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return {k: torch.randn(v.shape, generator=g) for k, v in like.items()}
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    return [x for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+# -- the codecs ------------------------------------------------------------------------------
+
+
+def test_bf16_keeps_16_significand_bits() -> None:
+    x = torch.randn(10_000) * torch.exp2(torch.randint(-40, 40, (10_000,)).float())
+    d = decode(encode(x, "bf16"))
+    assert ((d - x).abs() <= x.abs() * 2.0**-16).all()
+    assert torch.equal(decode(encode(d, "bf16")), d)  # idempotent
+    special = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
+    assert torch.equal(decode(encode(special, "bf16")), special)
+    assert decode(encode(torch.tensor([3.4e38]), "bf16")).isfinite().all()
+    assert decode(encode(torch.tensor([float("nan")]), "bf16")).isnan().all()
+
+
+def test_bf16_sr_is_unbiased_within_one_ulp() -> None:
+    x = torch.full((4096,), 1.0 + 2.0**-9)  # a quarter of a bfloat16 ulp above 1
+    d = torch.stack([decode(encode(x, "bf16_sr", key=k)) for k in range(8)])
+    assert set(d.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(d.mean().item() - x[0].item()) < 2.0**-13
+    assert torch.equal(decode(encode(x, "bf16_sr", key=3)), decode(encode(x, "bf16_sr", key=3)))
+
+
+@pytest.mark.parametrize("block_size", [256, 100])
+def test_int8_block_bounds(block_size: int) -> None:
+    x = torch.randn(1000) * torch.linspace(0.01, 10.0, 1000)
+    p = encode(x, "int8", block_size=block_size)
+    assert p.codes.dtype == torch.int8 and p.codes.shape == x.shape
+    assert p.scales.shape == (math.ceil(1000 / block_size),)
+    d = decode(p, block_size)
+    scale = p.scales.repeat_interleave(block_size)[:1000]
+    assert ((d - x).abs() <= scale * 0.5 * (1 + 1e-6)).all()
+    v = x * x
+    q = encode(v, "int8", nonnegative=True, block_size=block_size)
+    assert q.codes.dtype == torch.uint8
+    dv = decode(q, block_size)
+    top = q.scales.repeat_interleave(block_size)[:1000]
+    assert ((dv.pow(0.25) - v.pow(0.25)).abs() <= top.pow(0.25) / 510 * (1 + 1e-5)).all()
+    assert torch.equal(decode(encode(dv, "int8", nonnegative=True, block_size=block_size), block_size), dv)
+    assert torch.equal(decode(encode(torch.zeros(7), "int8")), torch.zeros(7))
+    nan = x.clone()
+    nan[3] = float("nan")
+    got = decode(encode(nan, "int8", block_size=block_size), block_size)
+    assert got[:block_size].isnan().all() and not got[block_size:].isnan().any()
+
+
+# -- the wrapper -----------------------------------------------------------------------------
+
+
+def _chains() -> dict[str, gx.GradientTransformation]:
+    return {
+        "adamw": gx.adamw(1e-2, weight_decay=0.1),
+        "grokfast_ma": gx.grokfast_ma(1e-2, window_size=4, lamb=2.0),
+        "grokadamw": gx.grokadamw(1e-2),
+    }
+
+
+def _run(tx: gx.GradientTransformation, steps: int, params: dict[str, torch.Tensor]) -> tuple[dict, object]:
+    state = tx.init(params)
+    for t in range(steps):
+        u, state = tx.update(_grads(t, params), state, params)
+        params = gx.apply_updates(params, u)
+    return params, state
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["adamw", "grokfast_ma", "grokadamw"])
+def test_eager_kernels_and_vmap_agree(fmt: str, name: str) -> None:
+    tx = gx.compress_state(_chains()[name], fmt, min_size=64, block_size=64)
+    params = _params()
+    state = tx.init(params)
+    why = explain(_chains()[name], _grads(0, params), _chains()[name].init(params), params)
+    assert why is None if name != "grokfast_ma" else "ring layout" in why  # the kernels run the decoded state
+    with gx.kernels(False):
+        p_eager, s_eager = _run(tx, 9, params)
+    p_kern, s_kern = _run(tx, 9, params)
+    for a, b in zip(_tensors((p_eager, s_eager)), _tensors((p_kern, s_kern))):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert (a.to(torch.int32) - b.to(torch.int32)).abs().max() <= 1
+    batch = {k: torch.stack([v, v * 0.5]) for k, v in params.items()}
+    states = torch.func.vmap(tx.init)(batch)
+
+    def step(p: dict, s: object, g: dict) -> tuple:
+        u, s = tx.update(g, s, p)
+        return gx.apply_updates(p, u), s
+
+    for t in range(9):
+        g = _grads(t, params)
+        batch, states = torch.func.vmap(step)(batch, states, {k: torch.stack([v, v]) for k, v in g.items()})
+    del state
+    one = {k: v[0] for k, v in batch.items()}
+    for k in params:
+        torch.testing.assert_close(one[k], p_eager[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_update_is_pure(fmt: str) -> None:
+    tx = gx.compress_state(gx.grokfast_ma(1e-2, window_size=3), fmt, min_size=64, block_size=64)
+    params = _params()
+    state = tx.init(params)
+    for t in range(2):
+        _, state = tx.update(_grads(t, params), state, params)
+    before = [x.clone() for x in _tensors(state)]
+    grads = _grads(5, params)
+    g_before = {k: v.clone() for k, v in grads.items()}
+    u1, s1 = tx.update(grads, state, params)
+    u2, s2 = tx.update(grads, state, params)
+    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(state)))
+    assert all(torch.equal(grads[k], g_before[k]) for k in grads)
+    assert all(torch.equal(a, b) for a, b in zip(_tensors((u1, s1)), _tensors((u2, s2))))
+    assert not any(a is b for a in _tensors(u1) for b in _tensors(s1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_window_sum_matches_the_decoded_slots(fmt: str) -> None:
+    w = 5
+    tx = gx.compress_state(gx.ma_filter(window_size=w), fmt, min_size=64, block_size=64)
+    params = {"w": _params()["w"]}
+    state = tx.init(params)
+    for t in range(3 * w + 2):
+        _, state = tx.update(_grads(t, params), state, params)
+        if t < w:
+            continue
+        for k in params:
+            slots = torch.stack([decode(s[k], 64).double() for s in state.inner.window]).sum(0)
+            torch.testing.assert_close(state.inner.total[k].double(), slots, rtol=0, atol=4e-6 * w)
+            if (t + 1) % w == 0:  # the re-sum: exactly the decoded slots' sum
+                assert torch.equal(state.inner.total[k], slots.float())
+
+
+def test_what_is_compressed() -> None:
+    params = {"big": torch.zeros(64, 100), "small": torch.zeros(10), "d": torch.zeros(80, 80, dtype=torch.float64)}
+    state = gx.compress_state(gx.grokfast_ma(window_size=3), "int8").init(params)
+    adam, ma = state.inner["adam"], state.inner["grokfast"]
+    assert isinstance(adam.mu["big"], Int8Blocks) and adam.nu["big"].codes.dtype == torch.uint8
+    assert adam.mu["big"].codes.dtype == torch.int8
+    assert isinstance(adam.mu["small"], torch.Tensor) and isinstance(adam.mu["d"], torch.Tensor)
+    assert all(isinstance(s["big"], Int8Blocks) for s in ma.window)
+    assert ma.total["big"].dtype == torch.float32 and isinstance(ma.total["big"], torch.Tensor)
+    assert isinstance(gx.compress_state(gx.trace(0.9), "bf16").init(params).inner.trace["big"], Bf16Pair)
+
+
+def _state_bytes(state: object) -> int:
+    return sum(x.nbytes for x in _tensors(state))
+
+
+def test_bytes_per_param() -> None:
+    params = {"w": torch.zeros(256, 256), "v": torch.zeros(128, 256)}
+    n = sum(p.numel() for p in params.values())
+    fp32 = gx.grokadamw().init(params)
+    int8 = gx.compress_state(gx.grokadamw(), "int8").init(params)
+    assert _state_bytes(fp32) / n >= 12
+    assert _state_bytes(int8) / n <= 3.2
+    ma = gx.compress_state(gx.grokfast_ma(window_size=100), "int8").init(params)
+    window = sum(x.nbytes for s in ma.inner["grokfast"].window for x in _tensors(s))
+    assert window / n <= 105
+    assert bytes_per_element("int8", 256) == 1 + 4 / 256
+
+
+def test_memory_check_counts_compressed_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = {"w": torch.zeros(100, 100)}  # window of 100: 4 MB in float32, ~1 MB in int8
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2_000_000)
+    with pytest.raises(_memory.StateTooLargeError):
+        gx.grokfast_ma(window_size=100).init(params)
+    gx.compress_state(gx.grokfast_ma(window_size=100), "int8").init(params)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimizer_resume_is_bit_for_bit(fmt: str) -> None:
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.ReLU(), torch.nn.Linear(80, 1))
+
+    x, y = torch.randn(32, 64), torch.randn(32, 1)
+
+    def steps(m: torch.nn.Module, opt: gx.Optimizer, k: int) -> None:
+        for _ in range(k):
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    m = model()
+    opt = gx.Optimizer(m.named_parameters(), gx.grokfast_ma, lr=1e-3, window_size=3, state_format=fmt)
+    steps(m, opt, 4)
+    assert opt.engines == ["tx.update"] and "state_format" in opt.fallback_reasons[0]
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    m2 = model()
+    m2.load_state_dict(m.state_dict())
+    opt2 = gx.Optimizer(m2.named_parameters(), gx.grokfast_ma, lr=1e-3, window_size=3, state_format=fmt)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    steps(m, opt, 3)
+    steps(m2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert any(k.endswith(".codes") or k.endswith(".hi") or k.endswith(".value") for k in opt.state[m[0].weight])
+
+
+@pytest.mark.parametrize("fmt,bound", [("bf16", 0.01), ("bf16_sr", 0.05), ("int8", 0.3)])
+def test_adam_stays_close_to_float32(fmt: str, bound: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g)
+    y = torch.tanh(x @ torch.randn(32, 1, generator=g))
+
+    def train(state_format: str | None) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+        opt = gx.Optimizer(m.parameters(), gx.adam, lr=3e-3, state_format=state_format)
+        for t in range(80):
+            idx = torch.arange(t * 32, t * 32 + 32) % 512
+            loss = torch.nn.functional.mse_loss(m(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in m.parameters()], torch.nn.functional.mse_loss(m(x), y).item()
+
+    torch.manual_seed(1)
+    start = [p.detach().clone() for p in torch.nn.Sequential(
+        torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1)).parameters()]
+    ref, ref_loss = train(None)
+    got, loss = train(fmt)
+    moved = math.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(ref, start)))
+    dist = math.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(got, ref)))
+    assert dist / moved < bound
+    assert abs(loss - ref_loss) < 0.2 * ref_loss + 1e-3
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        gx.compress_state(gx.adam(), "fp4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_size"):
+        gx.compress_state(gx.adam(), "int8", block_size=0)
+    with pytest.raises(TypeError, match="block_size"):
+        gx.compress_state(gx.adam(), "int8", block_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        gx.compress_state(lambda g: g, "int8")  # type: ignore[arg-type]
+    tx = gx.compress_state(gx.adam(), "int8")
+    params = {"w": torch.zeros(3)}
+    with pytest.raises(TypeError, match="compress_state"):
+        tx.update(params, gx.adam().init(params), params)  # an uncompressed state
+    with pytest.raises(ValueError, match="state_format"):
+        gx.Optimizer([torch.zeros(2, requires_grad=True)], gx.adam, state_format="int4")
+    with pytest.raises(TypeError, match="decode"):
+        decode(torch.zeros(3))  # type: ignore[arg-type]
