@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grokxform import _common as C
 from grokxform import tree as _tree
@@ -127,3 +128,34 @@ def check_ma_window(
             "use a smaller window_size, window_dtype=torch.bfloat16 (half the bytes of float32), or an"
             " EMA filter (one copy of the gradients)",
         )
+
+
+class LazyZeros(TorchDispatchMode):
+    """While active, zero-filled allocations of more than one element return a stride-0 view of
+    a single zero (no memory). ``tx.init`` of a 100-slot window then costs nothing until the
+    ring buffers are allocated, instead of holding the tuple layout and the ring at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lazy: dict[int, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.zeros_like.default, aten.new_zeros.default, aten.zeros.default):
+            if func is aten.zeros.default:
+                shape, ref = tuple(args[0]), None
+            elif func is aten.new_zeros.default:
+                shape, ref = tuple(args[1]), args[0]
+            else:
+                shape, ref = tuple(args[0].shape), args[0]
+            dtype = kwargs.get("dtype") or (ref.dtype if ref is not None else torch.get_default_dtype())
+            device = kwargs.get("device") or (ref.device if ref is not None else torch.device("cpu"))
+            numel = 1
+            for s in shape:
+                numel *= int(s)
+            if numel > 1:
+                out = torch.zeros((), dtype=dtype, device=device).expand(shape)
+                self.lazy[id(out)] = out
+                return out
+        return func(*args, **kwargs)

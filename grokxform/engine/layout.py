@@ -16,44 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
+from grokxform._memory import LazyZeros
 from grokxform.base import GradientTransformation, Params, State
 from grokxform.declarations import RingWindow, window_fields
-from grokxform.transforms.compress import CompressedState
-
-
-class _LazyZeros(TorchDispatchMode):
-    """While active, zero-filled allocations of more than one element return a stride-0 view of
-    a single zero (no memory). ``tx.init`` of a 100-slot window then costs nothing until the
-    ring buffers are allocated, instead of holding the tuple layout and the ring at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lazy: dict[int, torch.Tensor] = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        aten = torch.ops.aten
-        if func in (aten.zeros_like.default, aten.new_zeros.default, aten.zeros.default):
-            if func is aten.zeros.default:
-                shape, ref = tuple(args[0]), None
-            elif func is aten.new_zeros.default:
-                shape, ref = tuple(args[1]), args[0]
-            else:
-                shape, ref = tuple(args[0].shape), args[0]
-            dtype = kwargs.get("dtype") or (ref.dtype if ref is not None else torch.get_default_dtype())
-            device = kwargs.get("device") or (ref.device if ref is not None else torch.device("cpu"))
-            numel = 1
-            for s in shape:
-                numel *= int(s)
-            if numel > 1:
-                out = torch.zeros((), dtype=dtype, device=device).expand(shape)
-                self.lazy[id(out)] = out
-                return out
-        return func(*args, **kwargs)
 
 
 def _materialize(x: Any, lazy: dict[int, torch.Tensor]) -> Any:
@@ -74,7 +42,7 @@ def _is_windowed(x: Any) -> bool:
 
 
 def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf; a compressed
-    return x is None or _is_windowed(x) or isinstance(x, CompressedState)  # state keeps its own layout)
+    return x is None or _is_windowed(x) or getattr(x, "_own_layout", False)  # state keeps its own layout)
 
 
 def _with(st: Any, **fields: Any) -> Any:
@@ -342,7 +310,7 @@ def write_back(owned: Owned, new: State) -> None:
 
 def init_state(tx: GradientTransformation, params: Params) -> State:
     """``tx.init(params)`` in the fused layout, without ever allocating the eager window."""
-    mode = _LazyZeros()
+    mode = LazyZeros()
     with torch.no_grad(), mode:
         state = tx.init(params)
     return to_fused_layout(state, _lazy=mode.lazy)

@@ -61,6 +61,7 @@ class CompressedState(NamedTuple):
 
     count: torch.Tensor
     inner: Any
+    _own_layout = True  # (the engine's layout code leaves it whole: its packed leaves are not a ring)
 
     @property
     def hyperparams(self) -> dict[str, torch.Tensor]:
@@ -300,11 +301,9 @@ def compress_state(
         return pytree.tree_unflatten(out, spec)
 
     def init_fn(params: Params) -> CompressedState:
-        from grokxform.engine.layout import _LazyZeros  # (the engine imports the transforms)
-
         per_element = bytes_per_element(fmt, block_size)
         with _memory.state_format(lambda dtype, numel: per_element if dtype == torch.float32 and numel >= min_size
-                                  else None), torch.no_grad(), _LazyZeros():
+                                  else None), torch.no_grad(), _memory.LazyZeros():
             inner = tx.init(params)
         count = C.counter(_tree.first_device(params) if _tree.flatten(params)[0] else torch.device("cpu"))
         return CompressedState(count, pack(inner, count, {}))
