@@ -68,12 +68,14 @@ def _grads(t: int, dtype: torch.dtype = F64) -> dict[str, torch.Tensor | None]:
     return {n: None if n in NONE_AT.get(t, ()) else x for n, x in drawn.items()}
 
 
-def _eager(tx: gx.GradientTransformation, steps: int = STEPS, dtype: torch.dtype = F64) -> tuple[dict, Any]:
-    params = _params(dtype)
+def _eager(tx: gx.GradientTransformation, steps: int = STEPS, dtype: torch.dtype = F64,
+           device: str = "cpu") -> tuple[dict, Any]:
+    params = {n: p.to(device) for n, p in _params(dtype).items()}
     state = tx.init(params)
     for t in range(steps):
+        grads = {n: None if g is None else g.to(device) for n, g in _grads(t, dtype).items()}
         with gx.kernels(False):  # torch's own ops, op by op
-            u, state = tx.update(_grads(t, dtype), state, params)
+            u, state = tx.update(grads, state, params)
         params = gx.apply_updates(params, u)
     return params, state
 
@@ -218,7 +220,8 @@ def test_the_triton_kernels_run_the_stage(dtype: torch.dtype) -> None:
     pytest.importorskip("triton")
     tx = gx.muon(lr=0.02, weight_decay=0.1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    want_p, want_s = _eager(tx, 3, dtype)
+    want_p, want_s = _eager(tx, 3, dtype, device)  # (the same device: its matrix products round as the stage's)
+    want_p, want_s = T.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, (want_p, want_s))
     params = {n: p.to(device) for n, p in _params(dtype).items()}
     fused = FusedStep(tx, params, backend="triton")
     for t in range(3):
