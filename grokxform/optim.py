@@ -312,9 +312,7 @@ class Optimizer(torch.optim.Optimizer):
         self._states.append(None)
         self._bound[g] = _Bound(group["params"])
         self.engines.append(None)
-        self.fallback_reasons.append(None if self._state_format is None else (
-            f"state_format={self._state_format!r}: the engine's in-place step does not keep compressed state; the"
-            " group runs tx.update (decode, the chain's kernels on the decoded state, encode)"))
+        self.fallback_reasons.append(None)
 
     def _compressed(self, tx: GradientTransformation) -> GradientTransformation:
         """``tx``, with its state compressed under ``state_format``."""
@@ -530,7 +528,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
-        if self._fused is False or self._state_format is not None:
+        if self._fused is False:
             return None
         if self._fused is None:  # the engine: its kernels (Triton on CUDA, C on the CPU), else its foreach backend
             return "engine" if len({p.device for p in params}) == 1 else None

@@ -173,6 +173,8 @@ def _members(decl: Any, state: Any, path: tuple[Any, ...] = (), guarded: bool = 
         yield from _members(inner, state.inner_state, (*path, "inner_state"), guarded)
     elif isinstance(decl, (D.Accumulate, D.IfFinite)):
         yield from _members(decl.inner, state.inner_state, (*path, "inner_state"), True)
+    elif isinstance(decl, D.Compressed):
+        yield from _members(decl.inner, state.inner, (*path, "inner"), guarded)
 
 
 def _ids(tree: Any) -> set[int]:
@@ -407,7 +409,9 @@ def compress_state(
         return lazy
 
     update.__qualname__ = update.__name__ = "compress_state.update"
-    return GradientTransformation(init_fn, update)
+    # (declared for the in-place engine, which decodes and encodes in its kernels; a call of
+    # update decodes, runs tx.update, encodes)
+    return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
 
 
 def _replace_at(state: Any, path: tuple[Any, ...], value: Any) -> Any:
