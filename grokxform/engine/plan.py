@@ -73,8 +73,8 @@ class Codec:
 
 
 def is_packed(x: Any) -> bool:
-    """Whether ``x`` is a compressed state tensor (a named tuple of tensors in a tensor's place)."""
-    return isinstance(x, tuple) and hasattr(x, "_fields") and all(isinstance(t, torch.Tensor) for t in x)
+    """Whether ``x`` is a compressed state tensor (:data:`grokxform.transforms.compress.Packed`)."""
+    return isinstance(x, tuple) and getattr(type(x), "_packed", False)
 
 
 class Runner(Protocol):

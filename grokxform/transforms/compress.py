@@ -32,12 +32,14 @@ class Bf16Pair(NamedTuple):
 
     hi: Any
     lo: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 class Bf16Stochastic(NamedTuple):
     """A float32 tensor rounded stochastically to bfloat16 (``value``)."""
 
     value: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 class Int8Blocks(NamedTuple):
@@ -48,6 +50,7 @@ class Int8Blocks(NamedTuple):
 
     codes: Any
     scales: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 Packed = (Bf16Pair, Bf16Stochastic, Int8Blocks)
