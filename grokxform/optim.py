@@ -169,8 +169,9 @@ class Optimizer(torch.optim.Optimizer):
     - ``state_format``: ``None`` (the default: the state as the transformation makes it), or
       ``"bf16"``, ``"bf16_sr"``, ``"int8"``: the transformation wrapped in
       :func:`~grokxform.compress_state` with that format (its large state tensors stored
-      compressed). Such a group runs ``tx.update`` (decode, the chain's kernels on the decoded
-      state, encode); ``fallback_reasons`` says so.
+      compressed). The engine runs such a group in place, decoding and encoding the packed
+      state in its kernels (``docs/memory.md``); a chain with an MA window runs ``tx.update``
+      (decode, the chain's kernels on the decoded state, encode) and ``fallback_reasons`` says so.
     - ``module``: the ``nn.Module`` the parameters belong to; unnamed parameters given here take
       their names from ``module.named_parameters()`` (for depth rules and masks that read paths).
 

@@ -196,7 +196,13 @@ def compress_state(
     tx: GradientTransformation, fmt: Format = "bf16", *, block_size: int = 256, min_size: int = 4096
 ) -> GradientTransformation:
     """``tx`` with its large state tensors kept compressed between steps: ``update`` decodes
-    them, runs ``tx.update`` and encodes the new state (pure; works under ``torch.func``).
+    them, runs ``tx.update`` and encodes the new state (pure; works under ``torch.func``). The
+    in-place engine (:class:`~grokxform.fused.FusedStep`, ``gx.Optimizer(..., state_format=)``)
+    runs it in its kernels instead: a packed field is decoded where the kernel loads it and its
+    new value encoded where it stores it, in registers (the C, Triton and foreach backends store
+    the codes and scales this function stores, bit for bit). There ``"int8"`` needs a
+    ``block_size`` that divides the kernels' tile of 1024 elements, and a chain with an MA window
+    runs this ``update``.
 
     Compressed: every float32 state tensor of ``min_size`` elements or more (Adam's m and v,
     EMA μ, momentum traces, the MA window's slots, AdEMAMix's slow EMA...). Kept as they are:
