@@ -59,6 +59,7 @@ import grokxform as gx
 from grokxform.engine import step as engine_step
 from grokxform.experiments.modular import make_decoder
 from grokxform.fused import FusedStep
+from grokxform.transforms.compress import FORMATS, bytes_per_element
 
 # --------------------------------------------------------------------------------------------
 # Parameter sets: GPT-2-style trees (names carry the block index, so layer="depth" is meaningful).
@@ -360,6 +361,8 @@ FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, A
 
 PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokfast_ma_f64sum", "grokadamw_compat",
              "userchain")
+COMPRESSED = ("grokadamw", "adamw", "grokfast_ma")
+"""Pipelines with ``gx.Optimizer(..., state_format=fmt)`` rows (``gx-grokadamw-int8-optim``...)."""
 VOCABULARY = ("sgd", "lion", "ademamix")
 """Methods beside the Grokfast family: a default ``gx.Optimizer`` row and a ``tx.update`` row each."""
 SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
@@ -401,9 +404,10 @@ def row_gx_fused(name: str, variant: str) -> Callable[[Ctx], Built]:
     return build
 
 
-def row_gx_optim(name: str) -> Callable[[Ctx], Built]:
+def row_gx_optim(name: str, state_format: str | None = None) -> Callable[[Ctx], Built]:
     """``gx.Optimizer`` with default arguments over named parameters (depth rules see the block
-    numbers), stepped with the losses as 0-d tensors (``loss.detach()``), as a training loop does."""
+    numbers), stepped with the losses as 0-d tensors (``loss.detach()``), as a training loop does;
+    ``state_format``: its state compressed (``gx.compress_state``)."""
 
     def build(ctx: Ctx) -> Built:
         params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
@@ -417,7 +421,7 @@ def row_gx_optim(name: str) -> Callable[[Ctx], Built]:
         else:
             factory, kwargs = FACTORIES[name]
             kwargs = {**kwargs, "window_size": ctx.window} if factory is gx.grokfast_ma else kwargs
-            opt = gx.Optimizer(named, factory, **kwargs)
+            opt = gx.Optimizer(named, factory, state_format=state_format, **kwargs)
         sig = {k: torch.tensor(v, device=ctx.device) for k, v in SIGNAL.items()}
 
         def step() -> None:
@@ -430,7 +434,11 @@ def row_gx_optim(name: str) -> Callable[[Ctx], Built]:
 
 # Bytes per parameter that one step must move at least (each input read once, each output written
 # once), as a function of the param, grad, state and window item sizes.
-def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
+def bytes_per_param(row: str, pb: int, gb: int, sb: float) -> float:
+    fmt = next((f for f in FORMATS if f"-{f}-" in row), None)
+    slot = gb  # an MA window's slot item
+    if fmt is not None:  # compressed state (scales included); the MA window's slots too
+        sb = slot = bytes_per_element(fmt)
     adamw = 2 * pb + gb + 4 * sb
     if row.startswith("torch-"):
         return 2 * pb + gb + 4 * pb  # torch keeps its moments in the param dtype
@@ -458,7 +466,7 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: int) -> float:
     # MA: a ring slot in and out, the running sum in and out (float32, or float64 with f64sum), and
     # the re-sum, which reads the whole window once every w steps: one slot per step on average
     if pipe == "grokfast_ma":
-        return adamw + 3 * gb + 2 * 4
+        return adamw + 3 * slot + 2 * 4
     if pipe == "grokfast_ma_bf16w":
         return adamw + 3 * 2 + 2 * 4
     if pipe == "grokfast_ma_f64sum":
@@ -478,6 +486,9 @@ def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Cal
     }
     for name in PIPELINES:
         rows[f"gx-{name}-optim"] = row_gx_optim(name)
+    for name in COMPRESSED:
+        for fmt in ("int8", "bf16"):
+            rows[f"gx-{name}-{fmt}-optim"] = row_gx_optim(name, fmt)
     for name in PIPELINES:
         rows[f"gx-{name}-fused"] = row_gx_fused(name, "")
         if name in variant_pipelines:

@@ -11,8 +11,8 @@ says what its ``update`` computes, as data that lives on the ``update`` function
   (Muon's Newton–Schulz iteration), run on the leaves of one shape and dtype stacked;
 - a combinator is a node over its members' declarations: :class:`Sequence` (``chain``,
   ``named_chain``), :class:`Amplify`, :class:`Masked`, :class:`Partition`, :class:`Injected`
-  (``inject_hyperparams``), :class:`Accumulate` (``MultiSteps``) and :class:`IfFinite`
-  (``apply_if_finite``).
+  (``inject_hyperparams``), :class:`Accumulate` (``MultiSteps``), :class:`IfFinite`
+  (``apply_if_finite``) and :class:`Compressed` (``compress_state``).
 
 The eager ``update`` of a primitive is :meth:`Elementwise.update`: it runs the same two rules with
 ``torch._foreach_*`` ops over the leaves grouped by device and dtype (one tensor at a time under
@@ -89,14 +89,23 @@ def kernels(enabled: bool = True) -> Iterator[None]:
         _kernels_on.reset(token)
 
 
-def declare(tx: Any, declaration: Declaration) -> Any:
+def declare(tx: Any, declaration: Declaration, *, offer: bool = True) -> Any:
     """``tx`` with ``update`` recorded as computing what ``declaration`` says (and run on the
     engine's kernels where they can run it, see :func:`kernels`); use the transform it returns.
+    ``offer=False``: the declaration is recorded for the in-place engine (the fused step, the
+    optimizer) only; a call of ``update`` runs ``tx.update`` as it is.
 
     The transform stays a plain ``(init, update)`` pair; a user's own transform can be declared
     the same way (see ``docs/fast_path.md``)."""
     plain = tx.update
     cache: dict[Any, Any] = {}
+    if not offer:
+        def recorded(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+            return plain(updates, state, params, **extra)
+
+        recorded.__name__, recorded.__qualname__, recorded.__doc__ = plain.__name__, plain.__qualname__, plain.__doc__
+        setattr(recorded, _ATTR, declaration)
+        return type(tx)(tx.init, recorded)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         if _runner and not torch.compiler.is_compiling() and _kernels_on.get():  # (compiling: traced as it is)
@@ -454,6 +463,23 @@ class IfFinite(DeclNode):
 
 
 @dataclass(frozen=True, eq=False)
+class Compressed(DeclNode):
+    """``compress_state(inner, fmt)``: ``inner`` with its large float32 state tensors stored
+    compressed (:mod:`grokxform.transforms.compress`); the engine decodes a packed state field
+    where it loads it and encodes its new value where it stores it. ``seed``: the stochastic
+    rounding's keys are ``leaf_keys(seed, count, position)``, ``position`` the tensor's among the
+    leaves of the inner state (packed ones counting as one)."""
+
+    inner: Union["Declaration", None]
+    fmt: str
+    block_size: int
+    seed: int
+
+    def parts(self) -> list[tuple[Union["Declaration", None], bool]]:
+        return [(self.inner, True)]
+
+
+@dataclass(frozen=True, eq=False)
 class Leafwise(DeclNode):
     """A stateless stage that maps each selected leaf whole rather than element by element (a
     matrix function: Muon's Newton–Schulz iteration).
@@ -508,7 +534,9 @@ class Leafwise(DeclNode):
         return result
 
 
-Declaration = Union[Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite, Leafwise]
+Declaration = Union[
+    Elementwise, Sequence, Amplify, Masked, Partition, Injected, Accumulate, IfFinite, Compressed, Leafwise
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -934,6 +962,7 @@ __all__ = [
     "WHOLE_GRADIENT",
     "Accumulate",
     "Amplify",
+    "Compressed",
     "Declaration",
     "Elementwise",
     "IfFinite",

@@ -169,8 +169,9 @@ class Optimizer(torch.optim.Optimizer):
     - ``state_format``: ``None`` (the default: the state as the transformation makes it), or
       ``"bf16"``, ``"bf16_sr"``, ``"int8"``: the transformation wrapped in
       :func:`~grokxform.compress_state` with that format (its large state tensors stored
-      compressed). Such a group runs ``tx.update`` (decode, the chain's kernels on the decoded
-      state, encode); ``fallback_reasons`` says so.
+      compressed). The engine runs such a group in place, decoding and encoding the packed
+      state in its kernels (``docs/memory.md``); a chain with an MA window runs ``tx.update``
+      (decode, the chain's kernels on the decoded state, encode) and ``fallback_reasons`` says so.
     - ``module``: the ``nn.Module`` the parameters belong to; unnamed parameters given here take
       their names from ``module.named_parameters()`` (for depth rules and masks that read paths).
 
@@ -312,9 +313,7 @@ class Optimizer(torch.optim.Optimizer):
         self._states.append(None)
         self._bound[g] = _Bound(group["params"])
         self.engines.append(None)
-        self.fallback_reasons.append(None if self._state_format is None else (
-            f"state_format={self._state_format!r}: the engine's in-place step does not keep compressed state; the"
-            " group runs tx.update (decode, the chain's kernels on the decoded state, encode)"))
+        self.fallback_reasons.append(None)
 
     def _compressed(self, tx: GradientTransformation) -> GradientTransformation:
         """``tx``, with its state compressed under ``state_format``."""
@@ -530,7 +529,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _backend(self, g: int, params: list[torch.Tensor]) -> str | None:
         """The :class:`~grokxform.fused.FusedStep` backend of group ``g`` (``None``: eager)."""
-        if self._fused is False or self._state_format is not None:
+        if self._fused is False:
             return None
         if self._fused is None:  # the engine: its kernels (Triton on CUDA, C on the CPU), else its foreach backend
             return "engine" if len({p.device for p in params}) == 1 else None

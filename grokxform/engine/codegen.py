@@ -449,10 +449,89 @@ class Emitter:
 
     def state(self, node: Any, name: str) -> Value:
         role = self.role_of(node, name)
+        codec = node.codec(self.leaf, name)
+        if codec is not None:
+            return self.decode(role, codec)
         return self.load(role, self.dtype_of(role))
 
     def write(self, node: Any, name: str, value: Value) -> None:
-        self.store(self.role_of(node, name), value)
+        codec = node.codec(self.leaf, name)
+        if codec is not None:
+            self.encode(role=self.role_of(node, name), codec=codec, value=value, node=node)
+        else:
+            self.store(self.role_of(node, name), value)
+
+    # -- compressed state: the codecs of grokxform.transforms.compress, in registers ------------
+
+    def part(self, role: str, part: str, dtype: str) -> str:
+        """A pointer of Triton type ``dtype`` to this item's leaf of the packed ``role``'s ``part``."""
+        return f"pointer({self.table(f'{role}__{part}')}, leaf, {dtype})"
+
+    def decode(self, role: str, codec: P.Codec) -> Value:
+        """The float32 value the packed ``role`` holds at each element (``decode``)."""
+        f32 = torch.float32
+        if codec.fmt == "bf16":  # hi·2¹⁶ + lo·2⁸: the top 24 bits of the float32
+            hi = self.value(f"tl.load({self.part(role, 'hi', 'tl.int16')} + offs, mask=msk, other=0).to(tl.int32)", f32)
+            lo = self.value(f"tl.load({self.part(role, 'lo', 'tl.uint8')} + offs, mask=msk, other=0).to(tl.int32)", f32)
+            return self.value(f"(({hi.name} << 16) | ({lo.name} << 8)).to(tl.float32, bitcast=True)", f32)
+        if codec.fmt == "bf16_sr":
+            return self.value(f"tl.load({self.part(role, 'value', 'tl.bfloat16')} + offs, mask=msk, other=0.0)"
+                              ".to(tl.float32)", f32)
+        kind = "tl.uint8" if codec.unsigned else "tl.int8"
+        code = self.value(f"tl.load({self.part(role, 'codes', kind)} + offs, mask=msk, other=0).to(tl.float32)", f32)
+        scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + offs // {codec.block_size},"
+                           " mask=msk, other=0.0)", f32)
+        if not codec.unsigned:  # code·scale
+            return self.value(f"{code.name} * {scale.name}", f32)
+        t = self.value(self.div(code.name, self.number(255.0, f32), f32), f32)  # scale·(code/255)⁴
+        t = self.value(f"{t.name} * {t.name}", f32)
+        return self.value(f"{t.name} * {t.name} * {scale.name}", f32)
+
+    def encode(self, *, role: str, codec: P.Codec, value: Value, node: Any) -> None:
+        """Store ``value`` (float32) into the packed ``role`` (``encode``), where the store mask
+        and the wrappers' flags are set."""
+        mask = " & ".join(["msk", *self.guards])
+        x = value.name
+        if codec.fmt in ("bf16", "bf16_sr"):
+            bits = self.value(f"{x}.to(tl.int32, bitcast=True)", torch.int32)
+            special = f"(({bits.name} & 0x7F800000) == 0x7F800000)"  # an infinity or a NaN: not rounded
+            if codec.fmt == "bf16":
+                r = self.value(f"tl.where({special}, {bits.name}, {bits.name} + 0x80)", torch.int32)
+                self.line(f"tl.store({self.part(role, 'hi', 'tl.int16')} + offs, ({r.name} >> 16).to(tl.int16), mask={mask})")
+                self.line(f"tl.store({self.part(role, 'lo', 'tl.uint8')} + offs, (({r.name} >> 8) & 0xFF).to(tl.uint8),"
+                          f" mask={mask})")
+                return
+            u = self.random("uniform", ScalarRef(codec.key), node)  # 16 random bits below the kept 16
+            noise = self.value(f"({u.name} * 65536.0).to(tl.int32)", torch.int32)
+            r = self.value(f"tl.where({special}, {bits.name}, {bits.name} + {noise.name})", torch.int32)
+            self.line(f"tl.store({self.part(role, 'value', 'tl.int16')} + offs, ({r.name} >> 16).to(tl.int16), mask={mask})")
+            return
+        # int8: per quantization block (block_size divides BLOCK; a leaf's items start at
+        # multiples of BLOCK), its absmax (max) over the tile reshaped [BLOCK // bs, bs].
+        bs = codec.block_size
+        shape = f"[BLOCK // {bs}, {bs}]"
+        a = self.value(f"tl.where(msk, {x}, 0.0)", torch.float32)  # (zero beyond the leaf, as the eager padding)
+        mag = f"tl.abs({a.name})" if not codec.unsigned else a.name
+        top = self.value(f"tl.max(tl.reshape({mag}, {shape}), axis=1)", torch.float32)
+        nan = self.value(f"tl.max(tl.reshape(({a.name} != {a.name}).to(tl.int32), {shape}), axis=1)", torch.int32)
+        top = self.value(f"tl.where({nan.name} > 0, float('nan'), {top.name})", torch.float32)
+        scale = top if codec.unsigned else self.value(self.div(top.name, self.number(127.0, torch.float32), torch.float32),
+                                                      torch.float32)
+        safe = self.value(f"tl.where({scale.name} > 0, {scale.name}, 1.0)", torch.float32)
+        q = self.value(f"tl.reshape({self.div(f'tl.reshape({a.name}, {shape})', f'{safe.name}[:, None]', torch.float32)},"
+                       " [BLOCK])", torch.float32)
+        q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", torch.float32)
+        if codec.unsigned:  # ⁴√(x/max)·255
+            q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", torch.float32)
+            q = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", torch.float32)
+        else:
+            q = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", torch.float32)
+        q = self.value(f"({q.name} + 12582912.0) - 12582912.0", torch.float32)  # to the nearest integer, ties to even
+        kind = "tl.uint8" if codec.unsigned else "tl.int8"
+        self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {q.name}.to({kind}), mask={mask})")
+        written = self.value(f"tl.max(tl.reshape(({mask}).to(tl.int32), {shape}), axis=1) > 0", torch.bool)
+        self.line(f"tl.store({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
+                  f" {scale.name}, mask={written.name})")
 
     def oldest(self, m: P.Member) -> Value:
         role = self.role_of(m, "window")

@@ -21,6 +21,7 @@ import torch
 from grokxform._resum import sum_windows
 from grokxform.elements import Scalars, TracedRule, run_foreach
 from grokxform.engine import plan as P
+from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, Int8Blocks, decode, encode
 
 
 class Reached(Exception):
@@ -104,11 +105,29 @@ class GroupPass:
         return Vals(self.grp.roles["P"], False)
 
     def state(self, node: Any, name: str) -> Vals:
+        codec = node.codec(self.leaf, name)
+        if codec is not None:  # decoded into temporaries of this pass
+            return Vals([decode(p, codec.block_size) for p in self._packed(node, name, codec)], True)
         # Its old values are not needed after the step (the pass overwrites them), unless a wrapper may skip it.
         return Vals(self.grp.roles[self.step._role(node, name)], self.main and not self.guards)
 
     def write(self, node: Any, name: str, value: Vals) -> None:
-        self.store(self.grp.roles[self.step._role(node, name)], value.ts)
+        codec = node.codec(self.leaf, name)
+        if codec is None:
+            self.store(self.grp.roles[self.step._role(node, name)], value.ts)
+            return
+        packed = self._packed(node, name, codec)
+        keys = self.scalars[id(node)].values[codec.key][self._idx(node)] if codec.fmt == "bf16_sr" else [0] * len(packed)
+        new = [encode(x, codec.fmt, nonnegative=codec.unsigned, block_size=codec.block_size, key=k)
+               for x, k in zip(value.ts, keys)]
+        for j in range(len(packed[0])):
+            self.store([p[j] for p in packed], [q[j] for q in new])
+
+    def _packed(self, node: Any, name: str, codec: P.Codec) -> list[Any]:
+        """The compressed tensors of ``node``'s column ``name`` (one per leaf of the group)."""
+        role = self.step._role(node, name)
+        kind = {"bf16": Bf16Pair, "bf16_sr": Bf16Stochastic, "int8": Int8Blocks}[codec.fmt]
+        return [kind(*ts) for ts in zip(*(self.grp.roles[f"{role}__{part}"] for part in kind._fields))]
 
     def oldest(self, m: P.Member) -> Vals:
         slot = self.scalars[id(m)].values[P.SLOT]

@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 
+from grokxform.elements import ScalarRef
 from grokxform.engine import codegen as G
 
-_CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t"}
+_CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t",
+          torch.int8: "int8_t", torch.uint8: "uint8_t"}
 
 HEADER = r"""#include <stdint.h>
 #include <string.h>
@@ -70,6 +72,8 @@ static inline uint16_t f32_to_f16(float f) {  /* to nearest even; a NaN is 0x7E0
     return (uint16_t)(sign | ((a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13));
 }
 static inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+static inline float f32_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline int32_t bits_of_f32(float f) { int32_t b; memcpy(&b, &f, 4); return b; }
 static inline float round_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
 """
 
@@ -229,6 +233,72 @@ class CEmitter(G.Emitter):
             self.line(f"rs{j} += (double){v.name};")
             self.post.append(f"RSQ[(leaf * CHUNKS + start / BLOCK) * {width} + {j}] = (RSQ_T)rs{j};")
         self.post.append("RBAD[leaf * CHUNKS + start / BLOCK] = rbad;")
+
+    # -- compressed state (Emitter.decode / Emitter.encode, in C) -------------------------------
+
+    def decode(self, role: str, codec: Any) -> G.Value:
+        f32 = torch.float32
+        if codec.fmt == "bf16":
+            hi, lo = self.ptr(f"{role}__hi"), self.ptr(f"{role}__lo")
+            return self.value(f"f32_of_bits(((uint32_t)(int32_t)(int16_t){hi}[i] << 16) | ((uint32_t){lo}[i] << 8))", f32)
+        if codec.fmt == "bf16_sr":
+            return self.value(f"bf16_to_f32({self.ptr(f'{role}__value')}[i])", f32)
+        code = self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32)
+        scale = self.value(f"{self.ptr(f'{role}__scales')}[i / {codec.block_size}]", f32)
+        if not codec.unsigned:
+            return self.value(f"{code.name} * {scale.name}", f32)
+        t = self.value(f"{code.name} / {self.number(255.0, f32)}", f32)
+        t = self.value(f"{t.name} * {t.name}", f32)
+        return self.value(f"{t.name} * {t.name} * {scale.name}", f32)
+
+    def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> None:
+        guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
+        x = value.name
+        if codec.fmt in ("bf16", "bf16_sr"):
+            bits, r = self.var("b"), self.var("r")
+            self.line(f"const int32_t {bits} = bits_of_f32({x});")
+            special = f"(({bits} & 0x7F800000) == 0x7F800000)"
+            if codec.fmt == "bf16":
+                self.line(f"const int32_t {r} = {special} ? {bits} : {bits} + 0x80;")
+                hi, lo = self.ptr(f"{role}__hi"), self.ptr(f"{role}__lo")
+                self.line(f"{guard}{{ {hi}[i] = (uint16_t)({r} >> 16); {lo}[i] = (uint8_t)(({r} >> 8) & 0xFF); }}")
+                return
+            u = self.random("uniform", ScalarRef(codec.key), node)
+            self.line(f"const int32_t {r} = {special} ? {bits} : {bits} + (int32_t)({u.name} * 65536.0f);")
+            self.line(f"{guard}{self.ptr(f'{role}__value')}[i] = (uint16_t)({r} >> 16);")
+            return
+        # int8: the item's new values kept in a local array, then per quantization block (they
+        # divide the item: block_size divides BLOCK) its absmax and its codes, from L1.
+        bs, buf = codec.block_size, self.var("qb")
+        self.pre_line(f"float {buf}[BLOCK];")
+        self.line(f"{buf}[i - start] = {x};")
+        codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
+        ctype = "uint8_t" if codec.unsigned else "int8_t"
+        mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
+        scale = "top" if codec.unsigned else "top / 127.0f"
+        if codec.unsigned:
+            code = "q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; q = sqrtf(sqrtf(q)) * 255.0f;"
+        else:
+            code = "q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q;"
+        self.post += [
+            f"{guard}for (int64_t b0 = start; b0 < end; b0 += {bs}) {{",
+            f"    const int64_t b1 = b0 + {bs} < end ? b0 + {bs} : end;",
+            f"    float top = b1 - b0 < {bs} ? 0.0f : -INFINITY;  /* (zero padding past the leaf, as eager) */",
+            "    int nan = 0;",
+            "    #pragma omp simd reduction(max:top) reduction(|:nan)",
+            f"    for (int64_t j = b0; j < b1; ++j) {{ const float a = {mag}; nan |= a != a; top = a > top ? a : top; }}",
+            f"    const float scale = nan ? NAN : {scale};",
+            "    const float safe = scale > 0.0f ? scale : 1.0f;",
+            "    #pragma omp simd",
+            "    for (int64_t j = b0; j < b1; ++j) {",
+            f"        float q = {buf}[j - start] / safe;",
+            f"        q = q != q ? 0.0f : q; {code}",
+            f"        q = (q + 12582912.0f) - 12582912.0f;  /* to the nearest integer, ties to even */",
+            f"        {codes}[j] = ({ctype})q;",
+            "    }",
+            f"    {scales}[b0 / {bs}] = scale;",
+            "}",
+        ]
 
     def window_sum(self, slot: str, w: int, role: str, total: str, newest: G.Value) -> None:
         ring, dst = self.ptr(role), self.ptr(total)

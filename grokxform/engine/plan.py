@@ -8,8 +8,9 @@ that know their state objects and the leaves they act on, in the chain's own ord
   index of its reduction pass;
 - :class:`Whole`: a whole-leaf stage (:class:`~grokxform.declarations.Leafwise`: Muon's
   Newton–Schulz iteration) with the index of the pass that ends at it and its buffers;
-- :class:`Amp`, :class:`Mask`, :class:`Part`, :class:`Inject`, :class:`Accum`, :class:`Finite` and
-  :class:`Seq` for the combinators.
+- :class:`Amp`, :class:`Mask`, :class:`Part`, :class:`Inject`, :class:`Accum`, :class:`Finite`,
+  :class:`Pack` (``compress_state``: which state columns of its members are stored compressed,
+  each a :class:`Codec`) and :class:`Seq` for the combinators.
 
 Each node type carries everything the engine does with it, once: its planning (``plan``), this
 step's declaration (``rebind``), its scalars and state updates (``scalars``), its per-leaf state
@@ -38,10 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, Protocol, Union
 
 import torch
+import torch.utils._pytree as pytree
 
 from grokxform import declarations as D
 from grokxform import tree as _tree
-from grokxform.elements import TracedRule
+from grokxform.elements import TracedRule, leaf_keys
 
 SLOT = "__slot"
 """The scalar holding each leaf's ring slot of a member's window (its oldest value)."""
@@ -53,6 +55,26 @@ class Unsupported(ValueError):
 
 class TupleWindow(Unsupported):
     """A window in the eager layout (a tuple of trees): the engine takes the ring layout only."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one state tensor of a member is stored under ``compress_state``: ``fmt`` (``"bf16"``:
+    parts ``hi``, ``lo``; ``"bf16_sr"``: ``value``; ``"int8"``: ``codes``, ``scales``),
+    ``unsigned`` (int8's fourth-root code of a non-negative field), ``block_size`` (int8's
+    quantization block) and ``key``, the member's scalar holding each leaf's stochastic rounding
+    key (``"bf16_sr"``). The runners load such a column as decode(parts) and store encode(value),
+    the codecs of :mod:`grokxform.transforms.compress`."""
+
+    fmt: str
+    unsigned: bool
+    block_size: int
+    key: str
+
+
+def is_packed(x: Any) -> bool:
+    """Whether ``x`` is a compressed state tensor (:data:`grokxform.transforms.compress.Packed`)."""
+    return isinstance(x, tuple) and getattr(type(x), "_packed", False)
 
 
 class Runner(Protocol):
@@ -145,6 +167,8 @@ class _Ctx:
 
     def leaf_list(self, tree: Any, where: str, what: str) -> list[Any]:
         leaves, spec = _tree.flatten(tree)
+        if spec != self.spec:  # (compressed tensors in the tensors' places: one leaf each)
+            leaves, spec = pytree.tree_flatten(tree, is_leaf=lambda x: x is None or is_packed(x))
         if spec != self.spec:
             raise Unsupported(f"{where}: the state's {what} does not have the structure of the params")
         return leaves
@@ -183,6 +207,10 @@ class Node(ABC):
     def scalars(self, env: StepEnv) -> dict[str, Any]:
         """This step's scalars of the node; its state updates go to ``env``."""
         return {}
+
+    def codec(self, leaf: int, name: str) -> Codec | None:
+        """How its column ``name`` is stored at ``leaf`` (``None``: a plain tensor)."""
+        return None
 
     def columns(self) -> dict[str, list[torch.Tensor]]:
         """Its per-leaf state tensors that the element programs read, by name, one per leaf of its
@@ -254,6 +282,11 @@ class Member(Node):
     reduction: int | None = None
     summed: tuple[str, ...] = ()
     """The names of its per-leaf sums (read once, at planning: the step reads them every call)."""
+    codecs: dict[str, list[Codec | None]] = field(default_factory=dict)
+    """Its compressed fields (under :class:`Pack`): per leaf of :attr:`leaves`, how it is stored."""
+    keys: dict[str, tuple[Pack, list[int]]] = field(default_factory=dict)
+    """Per stochastically rounded field: the :class:`Pack` whose count keys it and each leaf's
+    position among the leaves of that wrapper's inner state."""
 
     @classmethod
     def plan(cls, decl: D.Elementwise, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
@@ -344,6 +377,9 @@ class Member(Node):
         values = dict(values)
         if self.window is not None and counts is not None and decl.window is not None:
             values[SLOT] = torch.remainder(counts, decl.window.size)
+        for f, (pack, positions) in self.keys.items():
+            codec = next(c for c in self.codecs[f] if c is not None)
+            values[codec.key] = leaf_keys(pack.decl.seed, pack.state.count, positions).to(torch.float64)
         env.write(self.state, dict(new), self.guards)
         if self.counts:
             env.bumps.append((self.counts, env.count_vectors[id(self)], self.guards))
@@ -354,6 +390,10 @@ class Member(Node):
 
     def state_tensors(self) -> list[list[torch.Tensor]]:
         return [*self.columns().values(), *([self.counts] if self.counts else [])]
+
+    def codec(self, leaf: int, name: str) -> Codec | None:
+        codecs = self.codecs.get(name)
+        return None if codecs is None else codecs[self.leaves.index(leaf)]
 
     def computes(self, active: list[int]) -> Iterable[int]:
         return self.leaves
@@ -619,6 +659,69 @@ class Finite(Node):
 
 
 @dataclass(eq=False)
+class Pack(Node):
+    """``compress_state``: the inner transform, its members' packed state columns marked with
+    their :class:`Codec` (the runners decode them where they load them and encode where they
+    store them: one pass over the compressed bytes). Its count (the stochastic rounding's keys
+    derive from it) is bumped by its scalars."""
+
+    declares: ClassVar[type] = D.Compressed
+    inner: Node
+    decl: D.Compressed
+    state: Any
+    guards: tuple[Flag, ...]
+    where: str
+    stage: int = 0
+
+    @classmethod
+    def plan(cls, decl: D.Compressed, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx,
+             where: str) -> Node:
+        if not hasattr(state, "count") or not hasattr(state, "inner"):
+            raise Unsupported(f"{where}: the state is a {type(state).__name__}, not compress_state's")
+        node = cls(Seq([]), decl, state, guards, where)
+        node.stage = len(ctx.reductions)
+        ctx.nodes.append(node)
+        first = len(ctx.members)
+        try:
+            node.inner = _plan(decl.inner, state.inner, active, guards, ctx, where)
+        except TupleWindow:
+            raise Unsupported(f"{where}: compress_state over an MA window (its compressed slots and running sum"
+                              " run on tx.update: decode, the chain's kernels, encode)") from None
+        leaves = pytree.tree_leaves(state.inner, is_leaf=is_packed)
+        position = {id(x): j for j, x in enumerate(leaves)}
+        for m in ctx.members[first:]:
+            for f, col in m.fields.items():
+                if not any(is_packed(t) for t in col):
+                    continue
+                key = f"__key_{f}"
+                m.codecs[f] = [
+                    Codec(decl.fmt, t[0].dtype == torch.uint8, decl.block_size, key) if is_packed(t) else None
+                    for t in col
+                ]
+                if decl.fmt == "bf16_sr":
+                    m.keys[f] = (node, [position.get(id(t), 0) for t in col])
+        return node
+
+    def rebind(self, decl: D.Compressed, state: Any) -> Iterator[tuple[Node, Any]]:
+        yield self, decl
+        yield from self.inner.rebind(decl.inner, state.inner)
+
+    def apply(self, run: Runner, x: Any) -> Any:
+        return self.inner.apply(run, x)
+
+    def scalars(self, env: StepEnv) -> dict[str, Any]:
+        env.writes.append((self.state.count, self.state.count + 1, self.guards))
+        return {}
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, Pack)
+        self.state = other.state
+
+    def release(self) -> None:
+        self.state = None
+
+
+@dataclass(eq=False)
 class Whole(Node):
     """A whole-leaf stage (:class:`~grokxform.declarations.Leafwise`) over the leaves it selects
     among those with a gradient (``leaves``). Pass :attr:`index` ends at it, storing its input into
@@ -689,11 +792,11 @@ class Whole(Node):
 
 
 _NODES: dict[type, type[Node]] = {
-    kind.declares: kind for kind in (Seq, Member, Amp, Mask, Part, Inject, Accum, Finite, Whole)
+    kind.declares: kind for kind in (Seq, Member, Amp, Mask, Part, Inject, Accum, Finite, Pack, Whole)
 }
 """The node type of each declaration type."""
 
-Staged = Union[Member, Amp, Inject, Accum, Finite]
+Staged = Union[Member, Amp, Inject, Accum, Finite, Pack]
 """The nodes that have scalars (a stage)."""
 Reduction = Union[Member, Finite]
 """The nodes that reduce their input (a pass ends at each)."""

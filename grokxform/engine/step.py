@@ -358,10 +358,20 @@ class EngineStep:
             if not p.is_contiguous() or not g.is_contiguous():
                 raise P.Unsupported(f"the param or gradient at {name!r} is not contiguous")
         for m in plan.members:
-            tensors = [t for v in m.fields.values() for t in v] + (m.window or [])
+            tensors = [t for v in m.fields.values() for t in v if not P.is_packed(t)] + (m.window or [])
             for t in tensors:
                 if t.device != dev or t.dtype not in _STATE_FLOATS or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a state tensor is not a contiguous float tensor on {dev}")
+            for t in (part for v in m.fields.values() for x in v if P.is_packed(x) for part in x):
+                if t.device != dev or not t.is_contiguous():
+                    raise P.Unsupported(f"{m.where}: a compressed state tensor is not contiguous on {dev}")
+        for node in plan.nodes:
+            if isinstance(node, P.Pack) and node.decl.fmt == "int8" and self.backend != "foreach" and (
+                    self.block % node.decl.block_size):
+                raise P.Unsupported(
+                    f"{node.where}: int8 blocks of {node.decl.block_size} elements do not divide the kernels' tile"
+                    f" of {self.block} (a quantization block must lie in one tile, whose absmax it reduces):"
+                    " block_size must divide it (a power of two up to it)")
         for t in _tree.flatten(state)[0]:
             if isinstance(t, torch.Tensor) and t.device != dev:
                 raise P.Unsupported(f"a state tensor is on {t.device}, the params on {dev}")
@@ -379,7 +389,12 @@ class EngineStep:
             at = self._position.get(id(node))
             inside = leaf in at if at is not None else node.acts_on(leaf)
             if inside and at is not None:
-                roles.update({self._role(node, name): col[at[leaf]] for name, col in node.columns().items()})
+                for name, col in node.columns().items():
+                    t = col[at[leaf]]
+                    if P.is_packed(t):  # one role per part: "N3_mu__codes", "N3_mu__scales"
+                        roles.update({f"{self._role(node, name)}__{part}": x for part, x in zip(t._fields, t)})
+                    else:
+                        roles[self._role(node, name)] = t
             key.append(inside)
         key.extend((r, t.dtype) for r, t in sorted(roles.items()))
         return roles, tuple(key)
@@ -533,10 +548,11 @@ class EngineStep:
         if role == "U":
             return [self.updates[leaf] for leaf in grp.leaves]
         k, _, name = role[1:].partition("_")
+        name, _, part = name.partition("__")
         node = plan.nodes[int(k)]
         col = node.columns()[name]
         at = self._position[id(node)]
-        return [col[at[leaf]] for leaf in grp.leaves]
+        return [getattr(col[at[leaf]], part) if part else col[at[leaf]] for leaf in grp.leaves]
 
     def release(self) -> None:
         """Drop the references to the tensors the step was last pointed at (:meth:`bind` points

@@ -32,12 +32,14 @@ class Bf16Pair(NamedTuple):
 
     hi: Any
     lo: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 class Bf16Stochastic(NamedTuple):
     """A float32 tensor rounded stochastically to bfloat16 (``value``)."""
 
     value: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 class Int8Blocks(NamedTuple):
@@ -48,6 +50,7 @@ class Int8Blocks(NamedTuple):
 
     codes: Any
     scales: Any
+    _packed = True  # (the engine's plan: a compressed tensor in a tensor's place)
 
 
 Packed = (Bf16Pair, Bf16Stochastic, Int8Blocks)
@@ -173,6 +176,8 @@ def _members(decl: Any, state: Any, path: tuple[Any, ...] = (), guarded: bool = 
         yield from _members(inner, state.inner_state, (*path, "inner_state"), guarded)
     elif isinstance(decl, (D.Accumulate, D.IfFinite)):
         yield from _members(decl.inner, state.inner_state, (*path, "inner_state"), True)
+    elif isinstance(decl, D.Compressed):
+        yield from _members(decl.inner, state.inner, (*path, "inner"), guarded)
 
 
 def _ids(tree: Any) -> set[int]:
@@ -191,7 +196,13 @@ def compress_state(
     tx: GradientTransformation, fmt: Format = "bf16", *, block_size: int = 256, min_size: int = 4096
 ) -> GradientTransformation:
     """``tx`` with its large state tensors kept compressed between steps: ``update`` decodes
-    them, runs ``tx.update`` and encodes the new state (pure; works under ``torch.func``).
+    them, runs ``tx.update`` and encodes the new state (pure; works under ``torch.func``). The
+    in-place engine (:class:`~grokxform.fused.FusedStep`, ``gx.Optimizer(..., state_format=)``)
+    runs it in its kernels instead: a packed field is decoded where the kernel loads it and its
+    new value encoded where it stores it, in registers (the C, Triton and foreach backends store
+    the codes and scales this function stores, bit for bit). There ``"int8"`` needs a
+    ``block_size`` that divides the kernels' tile of 1024 elements, and a chain with an MA window
+    runs this ``update``.
 
     Compressed: every float32 state tensor of ``min_size`` elements or more (Adam's m and v,
     EMA μ, momentum traces, the MA window's slots, AdEMAMix's slow EMA...). Kept as they are:
@@ -407,7 +418,9 @@ def compress_state(
         return lazy
 
     update.__qualname__ = update.__name__ = "compress_state.update"
-    return GradientTransformation(init_fn, update)
+    # (declared for the in-place engine, which decodes and encodes in its kernels; a call of
+    # update decodes, runs tx.update, encodes)
+    return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
 
 
 def _replace_at(state: Any, path: tuple[Any, ...], value: Any) -> Any:

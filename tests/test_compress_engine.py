@@ -1,0 +1,199 @@
+"""compress_state on the in-place engine: packed state decoded where the kernels load it and
+encoded where they store it, against the eager ``compress_state.update`` (torch's ops).
+
+The C kernels, the foreach backend and Triton's kernels (its CPU interpreter here,
+``TRITON_INTERPRET=1``; compiled on a GPU) store the very codes and scales the eager codecs store:
+the state is compared bit for bit (a global norm, summed in another order, to rounding). The
+params differ from the eager path's as the uncompressed kernels' do (the last bit of a step's
+division or square root).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import grokxform as gx  # noqa: E402
+from grokxform.engine import native  # noqa: E402
+from grokxform.fused import EngineUnavailable, FusedStep  # noqa: E402
+from grokxform.transforms.compress import decode  # noqa: E402
+
+FORMATS = ("bf16", "bf16_sr", "int8")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_c = pytest.mark.skipif(DEVICE != "cpu" or not native.compiler()[0], reason="the C kernels run on the CPU")
+
+
+def _chain(name: str) -> gx.GradientTransformation:
+    return {
+        "adamw": lambda: gx.adamw(1e-2, weight_decay=0.1),
+        "grokadamw": lambda: gx.grokadamw(1e-2),
+        "grokfast_ema": lambda: gx.grokfast_ema(1e-2),
+        # a user's chain: a reduction first (two passes: the first decodes, the last encodes)
+        "user": lambda: gx.chain(gx.clip_by_global_norm(100.0), gx.trace(0.9, nesterov=True), gx.scale(-1e-2)),
+    }[name]()
+
+
+def _params() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    # "w": whole blocks of 64; "v": 340 elements, a partial last block; "b": too small to compress
+    return {k: torch.randn(s, generator=g).to(DEVICE) for k, s in (("w", (40, 32)), ("b", (30,)), ("v", (20, 17)))}
+
+
+def _grads(t: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(1000 + t)
+    out: dict[str, torch.Tensor | None] = {k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in like.items()}
+    if t % 4 == 3:
+        out["v"] = None  # (its state is left as it is, codes and all)
+    return out
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    return [x for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _eager(tx: gx.GradientTransformation, steps: int) -> tuple[dict, object]:
+    params = _params()
+    state = tx.init(params)
+    with gx.kernels(False):
+        for t in range(steps):
+            u, state = tx.update(_grads(t, params), state, params)
+            params = gx.apply_updates(params, u)
+    return params, state
+
+
+def _engine(tx: gx.GradientTransformation, steps: int, backend: str) -> FusedStep:
+    fs = FusedStep(tx, _params(), backend=backend)  # type: ignore[arg-type]
+    for t in range(steps):
+        fs(_grads(t, _params()))
+    assert fs.engine == (backend if steps else None)
+    return fs
+
+
+def _check(fs: FusedStep, eager: tuple[dict, object]) -> None:
+    params, state = eager
+    for a, b in zip(_tensors(state), _tensors(fs.state)):
+        if a.is_floating_point() and a.dim() == 0:  # (a global norm: summed in another order)
+            torch.testing.assert_close(a, b)
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b)  # codes, scales, counters: bit for bit
+    for k in params:  # the kernels' own rounding (an ulp of a step), larger where a decoded v is near 0
+        torch.testing.assert_close(fs.params[k], params[k], rtol=1e-4, atol=1e-5)
+
+
+BACKENDS = [pytest.param("c", marks=needs_c), "foreach"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["adamw", "grokadamw", "grokfast_ema", "user"])
+def test_engine_stores_the_eager_codes(name: str, fmt: str, backend: str) -> None:
+    tx = gx.compress_state(_chain(name), fmt, min_size=64, block_size=64)
+    _check(_engine(tx, 20, backend), _eager(tx, 20))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["adamw", "user"])
+def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
+    """(Not grokadamw: its clip binds, and the Triton kernels sum its norm in their own order, so
+    its input differs by an ulp, as without compression; the C kernels take torch's norm.)"""
+    pytest.importorskip("triton")
+    steps = 20 if DEVICE == "cuda" else 6  # (the interpreter is slow)
+    tx = gx.compress_state(_chain(name), fmt, min_size=64, block_size=64)
+    _check(_engine(tx, steps, "triton"), _eager(tx, steps))
+
+
+def test_block_size_must_divide_the_tile() -> None:
+    tx = gx.compress_state(gx.adamw(1e-2), "int8", min_size=64, block_size=100)
+    _check(_engine(tx, 5, "foreach"), _eager(tx, 5))  # (the foreach backend codes whole tensors)
+    kernels = "triton" if DEVICE == "cuda" else "c"
+    with pytest.raises(EngineUnavailable, match="block_size must divide"):
+        _engine(tx, 1, kernels)
+
+
+@pytest.mark.parametrize("fmt,bound", [("bf16", 2.0**-16), ("bf16_sr", 2.0**-7), ("int8", 1 / 254)])
+def test_decoded_state_stays_close_to_float32(fmt: str, bound: float) -> None:
+    """After a few steps the decoded moments are within a few codec steps of the float32 run's."""
+    plain = FusedStep(gx.adam(1e-2), _params(), backend="foreach" if DEVICE == "cpu" else "triton")
+    packed = _engine(gx.compress_state(gx.adam(1e-2), fmt, min_size=64, block_size=64), 0,
+                     "foreach" if DEVICE == "cpu" else "triton")
+    for t in range(3):
+        plain(_grads(t, _params()))
+        packed(_grads(t, _params()))
+    for field in ("mu", "nu"):
+        want = getattr(plain.state["adam"], field)["w"]
+        got = decode(getattr(packed.state.inner["adam"], field)["w"], 64)
+        if fmt == "int8" and field == "nu":  # the fourth-root code: within 3 codes of ⁴√(v/max)
+            top = want.reshape(-1, 64).amax(1, keepdim=True)
+            assert ((got.reshape(-1, 64) / top).pow(0.25) - (want.reshape(-1, 64) / top).pow(0.25)).abs().max() <= 3 / 255
+        elif fmt == "int8":  # within 3 codes of each block's scale
+            top = want.reshape(-1, 64).abs().amax(1, keepdim=True)
+            assert ((got - want).reshape(-1, 64).abs() <= 3 * top * bound).all()
+        else:  # within 3 roundings of the tensor's largest value (an error carries over into the next step)
+            assert ((got - want).abs() <= 3 * want.abs().max() * bound).all()
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.ReLU(), torch.nn.Linear(80, 1))
+
+
+def _train(m: torch.nn.Module, opt: gx.Optimizer, k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    for _ in range(k):
+        x, y = torch.randn(32, 64, generator=g), torch.randn(32, 1, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimizer_runs_compressed_state_on_the_engine(fmt: str) -> None:
+    m, ref = _model(), _model()
+    opt = gx.Optimizer(m.named_parameters(), gx.grokadamw, lr=1e-3, state_format=fmt)
+    eager = gx.Optimizer(ref.named_parameters(), gx.grokadamw, lr=1e-3, state_format=fmt, fused=False)
+    _train(m, opt, 1)
+    _train(ref, eager, 1)
+    assert opt.engines == ["c" if native.compiler()[0] else "foreach"] and opt.fallback_reasons == [None]
+    assert eager.engines == ["tx.update"]
+    for a, b in zip(_tensors(opt.tx_states), _tensors(eager.tx_states)):
+        assert torch.equal(a, b)  # the state the engine keeps is the eager one, bit for bit
+    _train(m, opt, 3)  # (then the gradients differ as the params do: by the kernels' rounding)
+    _train(ref, eager, 3)
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    opt2 = gx.Optimizer(m2.named_parameters(), gx.grokadamw, lr=1e-3, state_format=fmt)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _train(m, opt, 3)
+    _train(m2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(opt.tx_states), _tensors(opt2.tx_states)))
+
+
+def test_ma_window_runs_tx_update() -> None:
+    m = _model()
+    opt = gx.Optimizer(m.parameters(), gx.grokfast_ma, lr=1e-3, window_size=3, state_format="int8")
+    _train(m, opt, 2)
+    assert opt.engines == ["tx.update"] and "MA window" in (opt.fallback_reasons[0] or "")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_captured_in_a_cuda_graph(fmt: str) -> None:
+    tx = gx.compress_state(gx.grokadamw(1e-2), fmt, min_size=64, block_size=64)
+    fs = FusedStep(tx, _params(), backend="triton", cuda_graph=True)
+    for t in range(6):
+        fs(_grads(t, _params()))
+    assert fs.captures >= 1
+    _check(fs, _eager(tx, 6))
