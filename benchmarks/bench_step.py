@@ -28,7 +28,10 @@ Rows (``--rows`` takes comma-separated glob patterns over the row names), per pi
 - beside other methods: ``gx-sgd-*`` (momentum 0.9) against ``torch-sgd-fused``
   (``torch.optim.SGD(fused=True)``), ``gx-lion-*`` and ``gx-ademamix-*`` (their fraction of the
   bandwidth floor), and ``gx-muon-optim`` against ``torch-muon`` (``torch.optim.Muon``, lr 0.02),
-  both over the set's matrices only.
+  both over the set's matrices only;
+- compressed state: ``gx-<pipeline>-int8-optim`` and ``-bf16-optim`` (``gx.Optimizer(...,
+  state_format=fmt)``) beside ``torchao-adamw8bit`` and ``bnb-adamw8bit`` (torchao's and
+  bitsandbytes' ``AdamW8bit``, where installed).
 
 ``--cold`` points Triton's and grokxform's kernel caches at empty folders first, so first steps
 include every compile.
@@ -270,6 +273,23 @@ def row_gx_muon(ctx: Ctx) -> Built:
     return Built(step=opt.step, numel=numel, optim=opt, keep=(named, opt))
 
 
+def row_adamw8bit(package: str) -> Callable[[Ctx], Built]:
+    """An 8-bit AdamW of the prior art (lr 1e-3, wd 0.01): torchao's ``AdamW8bit`` (``"torchao"``)
+    or bitsandbytes' (``"bnb"``), each with its default block size."""
+
+    def build(ctx: Ctx) -> Built:
+        if package == "torchao":
+            from torchao.optim import AdamW8bit
+        else:
+            from bitsandbytes.optim import AdamW8bit
+        params, grads = make_tree(ctx.shapes, ctx.dtype, ctx.device, 0)
+        model = _Holder(params, grads)
+        opt = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return Built(step=opt.step, keep=(model, opt))
+
+    return build
+
+
 def row_official(kind: str) -> Callable[[Ctx], Built]:
     def build(ctx: Ctx) -> Built:
         from pytorch_optimizer.optimizer.grokfast import gradfilter_ema, gradfilter_ma
@@ -448,6 +468,8 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: float) -> float:
         return 2 * pb + gb + 4 * pb + 4 * gb  # one slot in, one out, a running sum (grad dtype)
     if row == "grokfast-pytorch":
         return 2 * pb + gb + 6 * pb
+    if row in ("torchao-adamw8bit", "bnb-adamw8bit"):
+        return 2 * pb + gb + 4 * 1  # m and v in one byte each (their block scales left out)
     if row in ("torch-sgd-fused", "torch-muon"):
         return 2 * pb + gb + 2 * pb  # one buffer, in the param dtype
     if row == "gx-muon-optim":
@@ -489,6 +511,8 @@ def all_rows(variants: list[str], variant_pipelines: list[str]) -> dict[str, Cal
     for name in COMPRESSED:
         for fmt in ("int8", "bf16"):
             rows[f"gx-{name}-{fmt}-optim"] = row_gx_optim(name, fmt)
+    rows["torchao-adamw8bit"] = row_adamw8bit("torchao")
+    rows["bnb-adamw8bit"] = row_adamw8bit("bnb")
     for name in PIPELINES:
         rows[f"gx-{name}-fused"] = row_gx_fused(name, "")
         if name in variant_pipelines:
