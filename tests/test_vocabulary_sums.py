@@ -310,8 +310,15 @@ def test_centralize_is_gradient_centralization() -> None:
             want = x64 - x64.mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x64
             assert u[n].dtype == dtype and torch.allclose(u[n].double(), want, rtol=0, atol=tol * 4), (dtype, n)
     assert tx.update({"v": None, "w": g64["matrix"]}, tx.init(g64))[0]["v"] is None
-    model = torch.nn.Linear(4, 3)
-    opt = gx.Optimizer(model.parameters(), gx.chain(gx.centralize(), gx.scale_by_adam(), gx.scale_by_learning_rate(0.1)))
-    model(torch.ones(2, 4)).sum().backward()
-    opt.step()
-    assert opt.engines == ["tx.update+c"]
+    chain = gx.chain(gx.centralize(), gx.scale_by_adam(), gx.scale_by_learning_rate(0.1))
+    models = [torch.nn.Linear(4, 3, dtype=F64) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [gx.Optimizer(m.parameters(), chain, fused=f) for m, f in zip(models, (None, False))]
+    for t in range(3):
+        for m, opt in zip(models, opts):
+            m(torch.full((2, 4), float(t + 1), dtype=F64)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert opts[0].engines == ["c"] and opts[1].engines == ["tx.update"]  # the stage on the engine
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)

@@ -3,13 +3,9 @@ made zero-mean."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from grokxform import _common as C
-from grokxform import tree as _tree
-from grokxform.base import EmptyState, GradientTransformation, Params, Updates
+from grokxform.base import GradientTransformation, leafwise
 
 
 def centralize() -> GradientTransformation:
@@ -18,10 +14,9 @@ def centralize() -> GradientTransformation:
     channel of a convolution), ``u = g − mean_{1..n−1}(g)``; vectors and scalars pass unchanged.
 
     The mean and the difference are computed in float32 (float64 for float64 gradients) and
-    rounded to the gradient's dtype. A per-row mean is no per-leaf sum, so this primitive is
-    not one of the engine's: in ``gx.Optimizer`` and ``compile_step`` the rest of a chain still
-    runs as kernels, this member by its own ``update`` between them (``opt.engines == ["c+tx.update+c"]``
-    on the CPU, or ``"tx.update+c"`` when it comes first). Stateless.
+    rounded to the gradient's dtype. A per-row mean is no element rule: this is a whole-leaf
+    stage (:func:`~grokxform.base.leafwise`), which the engine runs between the kernels of the
+    members around it, leaves of one shape stacked (``opt.engines == ["c"]`` on the CPU). Stateless.
 
     Examples:
         >>> tx = gx.centralize()
@@ -31,21 +26,14 @@ def centralize() -> GradientTransformation:
         (tensor([[-1.,  1.],
                 [-2.,  2.]]), tensor([1., 2.]))
     """
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
-        del params, extra
-        C.check_gradients(updates, "centralize")
-        return _tree.tree_map(_centralize, updates), state
-
-    return GradientTransformation(init, update)
+    return leafwise("centralize", _centralize, select=_has_rows)
 
 
-def _centralize(g: torch.Tensor | None) -> torch.Tensor | None:
-    if g is None or g.dim() < 2:
-        return g
-    wide = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
-    return (wide - wide.mean(dim=tuple(range(1, g.dim())), keepdim=True)).to(g.dtype)
+def _has_rows(leaf: torch.Tensor) -> bool:
+    return leaf.dim() >= 2
+
+
+def _centralize(stacked: torch.Tensor) -> torch.Tensor:
+    """Leaves stacked as ``[n, *shape]``: each leaf's rows (its first dimension) minus their means."""
+    wide = stacked.to(torch.float64 if stacked.dtype == torch.float64 else torch.float32)
+    return (wide - wide.mean(dim=tuple(range(2, stacked.dim())), keepdim=True)).to(stacked.dtype)
