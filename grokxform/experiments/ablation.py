@@ -56,7 +56,7 @@ SHORT = {
 
 
 class Program(NamedTuple):
-    """One vmapped sweep: a pipeline of :data:`~grokxform.experiments.sweep.SWEEP_FACTORIES`,
+    """One vmapped sweep: a method of :data:`~grokxform.experiments.methods.METHODS`,
     the arguments fixed for all its members, and its configurations (each × every seed)."""
 
     pipeline: str
