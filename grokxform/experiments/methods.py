@@ -67,7 +67,7 @@ PAPER_B2 = 0.98
 MatrixLabel = Callable[[str, torch.Tensor], bool]
 """``matrices(name, param) -> bool``: whether a leaf is one of the blocks' matrices (Muon's)."""
 
-STATIC_ARGS = ("window_size", "gamma", "warmup_steps", "matrices")
+STATIC_ARGS = ("window_size", "gamma", "warmup_steps", "matrices", "ns_dtype")
 """Arguments held fixed for every member of a sweep (they set a pipeline's structure)."""
 
 
@@ -139,13 +139,15 @@ def blocks_matrices(name: str, param: torch.Tensor) -> bool:
 
 
 def muon_adamw(lr: Any = 1e-3, momentum: Any = 0.95, weight_decay: Any = 0.1, warmup_steps: int = 10,
-               matrices: MatrixLabel = blocks_matrices) -> GradientTransformation:
+               matrices: MatrixLabel = blocks_matrices,
+               ns_dtype: torch.dtype | None = torch.bfloat16) -> GradientTransformation:
     """Muon for the leaves that ``matrices`` names, AdamW β = (0.9, 0.98) for the others, through
     :func:`~grokxform.partition`. Muon's lr is scaled to AdamW's update RMS
     (``adjust_lr_fn="match_rms_adamw"``, Liu et al. 2025), so one lr and one weight decay serve
-    both, as in that paper."""
+    both, as in that paper. ``ns_dtype``: the Newton–Schulz iteration's dtype (bfloat16, as torch's)."""
     lr = warmed_up(lr, warmup_steps)
-    return partition({"muon": muon(lr=lr, momentum=momentum, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+    return partition({"muon": muon(lr=lr, momentum=momentum, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                                   ns_dtype=ns_dtype),
                       "adamw": adamw(lr, (0.9, PAPER_B2), weight_decay=weight_decay)},
                      lambda name, p: "muon" if matrices(name, p) else "adamw")
 

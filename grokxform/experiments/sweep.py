@@ -436,7 +436,7 @@ def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], bud
                 continue
             got = [steps[k] for k in mine if steps[k] is not None]
             if got:
-                cells[j][i] = float(sorted(got)[len(got) // 2])
+                cells[j][i] = float(_median(got))
                 labels[j][i] = f"{cells[j][i]:.0f}\n({len(got)}/{len(mine)})"
             else:
                 unreached[j][i] = True
