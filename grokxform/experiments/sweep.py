@@ -103,7 +103,8 @@ class SweepResult:
         return {
             "pipeline": self.pipeline,
             "task": self.task,
-            "static": {k: v for k, v in self.static.items() if k != "matrices"},
+            "static": {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                       for k, v in self.static.items() if k != "matrices"},
             "device": self.device,
             "members": self.members,
             "target": self.target,
