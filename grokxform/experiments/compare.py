@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from grokxform.experiments.lm import CONTEXT
 from grokxform.experiments.methods import METHODS, get_method, grid_size
 from grokxform.experiments.sweep import SweepResult, environment, median_and_spread, sweep
 from grokxform.experiments.tasks import TASKS, get_task
@@ -95,6 +96,7 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     grid = {k: list(v) for k, v in get_method(method).grid.items()}
     log(f"[{method} / {task}] grid: {grid_size(method)} configurations x seeds {list(grid_seeds)}, {steps} steps")
     shrink: dict[str, Any] = {"batch_size": SMALL_BATCH, "val_points": SMALL_VAL_POINTS} if small else {}
+    batch = SMALL_BATCH if small else t.batch_size
     first = sweep(method, grid, seeds=grid_seeds, steps=steps, task=task, device=device, data_root=data_root,
                   compile=compile, **shrink)
     table = config_table(first)
@@ -102,7 +104,7 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     log(f"[{method} / {task}] best {best['config']}: rerun over seeds {list(seeds)}")
     members = [{**best["config"], "seed": int(s)} for s in seeds]
     final = sweep(method, {}, members=members, steps=steps, task=task, device=device, data_root=data_root,
-                  compile=compile, stop_when_all_reached=False, **shrink)
+                  compile=compile, **shrink)
     raw = final.to_json()
     return {
         "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
@@ -115,7 +117,7 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
         "state_bytes": final.state_bytes, "seconds": final.seconds,
         "member_steps_per_second": final.member_steps_per_second,
         "eval_steps": final.eval_steps, "val_acc": final.val_acc, "val_loss": final.val_loss,
-        "batch_size": SMALL_BATCH if small else t.batch_size, "small": small,
+        "batch_size": batch, "small": small, "tokens_budget": steps * batch * CONTEXT if task == "lm" else None,
     }
 
 
