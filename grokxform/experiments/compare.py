@@ -203,7 +203,8 @@ def summary_lines(payloads: Sequence[dict[str, Any]]) -> list[str]:
 def task_figure(payloads: Sequence[dict[str, Any]]) -> Any:
     """One task's methods side by side (a matplotlib figure, one panel): per method, each seed's
     steps to the target as a dot (a cross at the budget: not reached) and the median as a bar; on
-    the language model each seed's final validation loss. Okabe–Ito colours, large labels."""
+    the language model each seed's final validation loss and a tick at the median. Okabe–Ito
+    colours, large labels."""
     import matplotlib.pyplot as plt
 
     first = payloads[0]
@@ -212,8 +213,8 @@ def task_figure(payloads: Sequence[dict[str, Any]]) -> Any:
     for i, p in enumerate(payloads):
         color = OKABE_ITO[list(METHODS).index(p["method"]) % len(OKABE_ITO)]
         if first["metric"] == "loss":
-            values = p["final_val_loss"]
-            ax.barh(i, _median(values), color=color, alpha=0.45)
+            values = p["final_val_loss"]  # a bar from 0 would hide the differences: a tick at the median
+            ax.scatter([_median(values)], [i], marker="|", s=900, linewidths=3, color=color, zorder=2)
             ax.scatter(values, [i] * len(values), color=color, edgecolor="k", s=60, zorder=3)
             continue
         reached = [s for s in p["steps_to_target"] if s is not None]

@@ -119,7 +119,8 @@ class GPT(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] > self.position_embeddings.num_embeddings:
             raise ValueError(f"GPT: tokens must have shape (batch, <= {self.position_embeddings.num_embeddings}),"
                              f" got {tuple(tokens.shape)}")
-        h = self.token_embeddings(tokens) + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.token_embeddings(tokens) + self.position_embeddings(positions)
         for layer in self.layers:
             h = layer(h)
         return self.head(self.ln_f(h))

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import NamedTuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn as nn
 
 from grokxform.experiments.data import TaskData
 
@@ -256,8 +256,10 @@ def make_mlp(
 
 
 def mse_one_hot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``mean((logits − onehot(targets))²)`` over the batch and the classes (``nn.MSELoss()``)."""
-    one_hot = F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    """``mean((logits − onehot(targets))²)`` over the batch and the classes (``nn.MSELoss()``). The
+    one-hot rows compare the targets with ``arange(classes)`` (``F.one_hot`` reads the targets'
+    maximum, which ``torch.func.vmap`` cannot)."""
+    one_hot = (targets.unsqueeze(-1) == torch.arange(logits.shape[-1], device=targets.device)).to(logits.dtype)
     return F.mse_loss(logits, one_hot)
 
 

@@ -39,7 +39,8 @@ HIDDEN = 1000
 """Hidden ReLU units of the MLP."""
 
 
-def parity_points(bits: torch.Tensor, count: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def parity_points(bits: torch.Tensor, count: int, n: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` uniform points of ``{−1, +1}^n`` (float32) and their labels: 1 where the product
     of the coordinates ``bits`` is −1 (an odd number of −1s among them), else 0."""
     x = torch.randint(0, 2, (count, n), generator=generator).to(torch.float32) * 2 - 1

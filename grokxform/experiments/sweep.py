@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -443,7 +444,7 @@ def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], bud
                 unreached[j][i] = True
                 labels[j][i] = (f"{_median([final[k] for k in mine]):.2f}\n(0/{len(mine)})" if final is not None
                                 else f"none in\n{budget}\n(0/{len(mine)})")
-    finite = [v for row in cells for v in row if v == v]
+    finite = [v for row in cells for v in row if math.isfinite(v)]
     vmin, vmax = (0.0, float(budget)) if metric != "loss" else (min(finite, default=0.0), max(finite, default=1.0))
     if vmax <= vmin:
         vmax = vmin + 1.0
