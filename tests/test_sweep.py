@@ -55,6 +55,10 @@ def test_sweep_rejects_unknown_names():
         sweep("sgd", {"lr": [1.0]})
     with pytest.raises(ValueError, match="sweepable"):
         sweep("grokfast_ema", {"window_size": [3.0]}, steps=1)
+    with pytest.raises(ValueError, match="unknown task 'pow'"):
+        sweep("adam", {"lr": [1e-3]}, steps=1, task="pow")
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
+        sweep("adam", {"lr": [1e-3]}, steps=1, eval_every=0)
 
 
 def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):

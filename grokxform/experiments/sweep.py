@@ -247,6 +247,9 @@ def sweep(
     t = get_task(task)
     batch_size = t.batch_size if batch_size is None else batch_size
     eval_every = t.eval_every if eval_every is None else eval_every
+    for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("val_points", val_points)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"sweep: {name} must be an int >= 1, got {value!r}")
     factory = get_method(method).factory
     fixed = fixed_call_args(method, t.warmup_steps, t.matrices, static)
     hyper_names = [k for k in member_list[0] if k != "seed"]
