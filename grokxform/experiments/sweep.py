@@ -275,8 +275,8 @@ def sweep(
     # --- one transform, per-member hyperparameters in its (stacked) state
     first = {k: member_list[0][k] for k in hyper_names}
     tx = inject_hyperparams(factory, static_args=STATIC_ARGS)(**first, **fixed)
-    one = _tree.tree_map(lambda x: x[0], params)
-    state = _stack([tx.init(one) for _ in member_list])
+    members_params = [_tree.tree_map(lambda x, i=i: x[i], params) for i in range(n_members)]
+    state = _stack([tx.init(p) for p in members_params])  # each from its own params
     for k in hyper_names:
         state.hyperparams[k].copy_(torch.tensor([m[k] for m in member_list], dtype=torch.float64, device=device))
 
@@ -313,7 +313,7 @@ def sweep(
 
     result = SweepResult(method, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
                          task=task, static=fixed, target=target_accuracy)
-    result.state_bytes = state_bytes(factory(**first, **fixed).init(one))
+    result.state_bytes = state_bytes(factory(**first, **fixed).init(members_params[0]))
     per_epoch = steps_per_epoch(n, batch_size)
     rows = torch.arange(n_members, device=device)[:, None]
     val_loss: torch.Tensor | None = None
