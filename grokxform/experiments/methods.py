@@ -30,13 +30,13 @@ method              pipeline (defaults)                         grid: lr × knob
                     β = (0.9, 0.98) on the rest, one lr and wd
 ``ademamix``        AdEMAMix β = (0.9, 0.98, 0.9999), α = 5,    lr × alpha {5, 8} × b3 {0.999, 0.9999}
                     no decay, no α/β3 warm-up
-``lion``            Lion β = (0.9, 0.99), wd 0.1                {1e-4, 3e-4, 1e-3} × weight_decay
-                                                                {0.01, 0.1, 0.3, 1}
+``lion``            Lion β = (0.9, 0.99), wd 1                  {1e-4, 3e-4, 1e-3} × weight_decay
+                                                                {0.3, 1, 3, 10}
 ==================  ==========================================  ======================================
 
 Why these knobs: the learning rate for every method; for the plain Adam family the one that
-moves grokking most, weight decay (AdamW, Lion: the range where AdamW groks, and 3-10x more for
-Lion as its paper advises), β1 where there is no decay (Adam, ⊥Grad, whose paper trains without
+moves grokking most, weight decay (AdamW: the range where it groks; Lion: 3-10x AdamW's, as its
+paper advises, since its learning rate is 3-10x lower), β1 where there is no decay (Adam, ⊥Grad, whose paper trains without
 decay); each accelerator's own amplifier and memory (Grokfast's λ and α, GrokAdamW's λ with its
 decay, AdEMAMix's α and β3, Muon's momentum with its decay). The learning rates are Adam's usual
 range around the paper's 1e-3 (Lion: 3-10x lower, as its paper advises; Muon with
@@ -159,7 +159,7 @@ def ademamix_no_warmup(lr: Any = 1e-3, alpha: Any = 5.0, b3: Any = 0.9999, b1: A
     return ademamix(warmed_up(lr, warmup_steps), b1, PAPER_B2, b3, alpha)
 
 
-def lion_decoupled(lr: Any = 1e-4, weight_decay: Any = 0.1, b1: Any = 0.9, b2: Any = 0.99,
+def lion_decoupled(lr: Any = 3e-4, weight_decay: Any = 1.0, b1: Any = 0.9, b2: Any = 0.99,
                    warmup_steps: int = 10) -> GradientTransformation:
     """Lion (:func:`~grokxform.lion`) with its paper's betas and decoupled weight decay."""
     return lion(warmed_up(lr, warmup_steps), b1, b2, weight_decay)
@@ -198,7 +198,7 @@ METHODS: dict[str, Method] = {
     "muon": Method("Muon", muon_adamw, {"lr": ADAM_LRS, "momentum": (0.9, 0.95), "weight_decay": (0.01, 0.1)},
                    partitioned=True),
     "ademamix": Method("AdEMAMix", ademamix_no_warmup, {"lr": ADAM_LRS, "alpha": (5.0, 8.0), "b3": (0.999, 0.9999)}),
-    "lion": Method("Lion", lion_decoupled, {"lr": (1e-4, 3e-4, 1e-3), "weight_decay": (0.01, 0.1, 0.3, 1.0)}),
+    "lion": Method("Lion", lion_decoupled, {"lr": (1e-4, 3e-4, 1e-3), "weight_decay": (0.3, 1.0, 3.0, 10.0)}),
 }
 """Name → :class:`Method`, in the order of the comparison's tables."""
 
