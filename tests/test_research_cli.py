@@ -81,8 +81,8 @@ def test_sweep_rejects_bad_seeds_with_an_argparse_error(seeds, capsys):
     (["sweep", "--threads", "0"], "argument --threads"),
     (["demo", "--device", "nowhere"], "argument --device: device 'nowhere' is not usable"),
     (["demo", "--runs", "baseline,baseline"], "argument --runs: a run is named twice"),
-    (["sweep", "--gamma", "0.1"], "argument --gamma: the pipeline grokfast_ema has no γ (grokadamw has)"),
-    (["sweep", "--pipeline", "grokadamw", "--kappa", "-1"], "argument --kappa: "),
+    (["sweep", "--gamma", "0.1"], "argument --gamma: the method grokfast_ema has no γ (grokadamw has)"),
+    (["sweep", "grokadamw", "--kappa", "-1"], "argument --kappa: "),
     (["ablation", "run", "--program", "sgd"], "argument --program: invalid choice: 'sgd'"),
     (["ablation", "run", "--program", "adamw", "--seeds", "0,x"], "argument --seeds"),
     (["ablation", "run", "--program", "adamw", "--steps", "0"], "argument --steps: expected a positive integer"),
@@ -93,6 +93,11 @@ def test_sweep_rejects_bad_seeds_with_an_argparse_error(seeds, capsys):
     (["reproduce", "--compile", "all"], "argument --compile: unknown phase 'all'"),
     (["reproduce", "--baseline-steps", "-1"], "argument --baseline-steps"),
     (["reproduce", "--phases", "paper"], "the following arguments are required: --out"),
+    (["sweep", "--task", "mnist", "--steps", "1"], "argument --data-root: the mnist task needs the folder"),
+    (["sweep", "lion", "--alpha", "0.9"], "argument --alpha: the method lion has no hyperparameter alpha"),
+    (["compare", "--methods", "sgd", "--out", "o"], "argument --methods: unknown method 'sgd'"),
+    (["compare", "--tasks", "mnist", "--out", "o"], "argument --data-root: the mnist task needs the folder"),
+    (["compare", "--seeds", "0,1", "--out", "o"], "argument --seeds: the best configuration is rerun over 5 seeds"),
 ])
 def test_bad_values_are_argparse_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the default --out of a sweep is checked
@@ -156,7 +161,8 @@ def test_heatmap_names_members_and_stays_readable_when_none_reach():
 def test_grokadamw_sweep_member_matches_grokadamw_alone():
     """The sweep's clip / signal knobs are grokadamw's own: clip 0 (off) and κ, past the first
     evaluation (where the loss signal starts), equal a single run of ``grokadamw``."""
-    from grokxform.experiments.sweep import PAPER_B2, sweep
+    from grokxform.experiments.methods import PAPER_B2
+    from grokxform.experiments.sweep import sweep
     from grokxform.experiments.train import train
     from grokxform.pipelines import grokadamw
     from grokxform.transforms.schedules import linear_warmup
@@ -164,7 +170,7 @@ def test_grokadamw_sweep_member_matches_grokadamw_alone():
     members = [{"clip": c, "grokking_signal_decay_rate": 1.0, "seed": 0} for c in (0.0, 1.0)]
     steps = 11  # one past the first evaluation, from which on the signal reads the losses
     res = sweep("grokadamw", {}, members=members, steps=steps, static={"gamma": 0.0})
-    assert res.static == {"gamma": 0.0}
+    assert res.static == {"gamma": 0.0, "warmup_steps": 10}
     setup = paper_setup(0)  # the clip-off member (the clip-on path is grokadamw's own, tested in test_sweep)
     tx = grokadamw(lr=linear_warmup(1e-3, 10), betas=(0.9, PAPER_B2), gamma=0.0,
                    grokking_signal_decay_rate=1.0, gradient_clipping=0.0)
@@ -244,18 +250,20 @@ def _unwritable_outs(tmp_path):
     return outs
 
 
-@pytest.mark.parametrize("command", ["demo", "sweep", "ablation", "reproduce"])
+@pytest.mark.parametrize("command", ["demo", "sweep", "ablation", "reproduce", "compare"])
 def test_an_unwritable_out_is_refused_before_any_training(tmp_path, monkeypatch, capsys, command):
     monkeypatch.setattr(demo, "train", _never_trains)
     monkeypatch.setattr(sweep_module, "sweep", _never_trains)
     monkeypatch.setattr(ablation, "sweep", _never_trains)
     monkeypatch.setattr(reproduce, "paper_rows", _never_trains)
+    monkeypatch.setattr(cli, "run_compare", _never_trains)
     argv = {
         "demo": lambda out: ["demo", "--steps", "1", "--out", str(out / "demo.png"), "--no-progress-bar"],
         "sweep": lambda out: ["sweep", "--alpha", "0.9", "--steps", "1", "--device", "cpu", "--out", str(out / "grid")],
         "ablation": lambda out: ["ablation", "run", "--program", "adamw", "--out", str(out), "--steps", "1",
                                  "--device", "cpu"],
         "reproduce": lambda out: ["reproduce", "--out", str(out), "--phases", "paper", "--device", "cpu"],
+        "compare": lambda out: ["compare", "--out", str(out), "--small", "--device", "cpu"],
     }[command]
     for out, reason in _unwritable_outs(tmp_path):
         with pytest.raises(SystemExit) as exit_:

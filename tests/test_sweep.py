@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
+from grokxform.experiments.methods import build
 from grokxform.experiments.modular import paper_setup
-from grokxform.experiments.sweep import SWEEP_FACTORIES, grid_members, median_and_spread, sweep
+from grokxform.experiments.sweep import grid_members, median_and_spread, sweep
 from grokxform.experiments.train import train
-from grokxform.transforms.schedules import linear_warmup
 
 
 def test_grid_members_is_the_product_with_seeds():
@@ -21,7 +24,7 @@ def test_grid_members_is_the_product_with_seeds():
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline,grid", [
     ("grokfast_ema", {"alpha": [0.9, 0.98], "weight_decay": [0.005]}),
-    ("baseline", {"b1": [0.8], "weight_decay": [0.0, 0.1]}),
+    ("adam", {"b1": [0.8], "weight_decay": [0.0, 0.1]}),
 ])
 def test_each_member_matches_its_single_run(pipeline, grid):
     steps = 3
@@ -30,7 +33,7 @@ def test_each_member_matches_its_single_run(pipeline, grid):
     for i, member in enumerate(result.members):
         setup = paper_setup(member["seed"])
         hyper = {k: v for k, v in member.items() if k != "seed"}
-        tx = SWEEP_FACTORIES[pipeline](lr=linear_warmup(1e-3, 10), **hyper)
+        tx = build(pipeline, hyper, warmup_steps=10)
         alone = train(setup.model, tx, setup.data, steps=steps, generator=setup.generator)
         for name, p in alone.params.items():
             got = result.params[name][i]
@@ -48,10 +51,14 @@ def test_each_member_matches_its_single_run(pipeline, grid):
 
 
 def test_sweep_rejects_unknown_names():
-    with pytest.raises(ValueError, match="pipeline"):
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
         sweep("sgd", {"lr": [1.0]})
     with pytest.raises(ValueError, match="sweepable"):
         sweep("grokfast_ema", {"window_size": [3.0]}, steps=1)
+    with pytest.raises(ValueError, match="unknown task 'pow'"):
+        sweep("adam", {"lr": [1e-3]}, steps=1, task="pow")
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
+        sweep("adam", {"lr": [1e-3]}, steps=1, eval_every=0)
 
 
 def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
@@ -67,12 +74,16 @@ def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
     assert "2 members" in printed and "member-steps/s" in printed
     payload = json.loads(prefix.with_suffix(".json").read_text())
     assert [m["alpha"] for m in payload["members"]] == [0.9, 0.98] and payload["steps"] == 2
+    head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip() or None  # None: tested outside a checkout
+    assert payload["git_commit"] == head and payload["torch"] == torch.__version__
+    assert payload["device_name"] == "cpu" and payload["date"] and payload["state_bytes"] > 0
     assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["sweep", "--pipeline", "baseline", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
+        cli.main(["sweep", "adam", "--alpha", "0.9", "--steps", "1", "--device", "cpu",
                   "--out", str(prefix)])
     assert exit_.value.code == 2
-    assert "argument --alpha: the pipeline baseline has no hyperparameter alpha" in capsys.readouterr().err
+    assert "argument --alpha: the method adam has no hyperparameter alpha" in capsys.readouterr().err
 
 
 def test_median_and_spread():

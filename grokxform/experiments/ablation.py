@@ -56,7 +56,7 @@ SHORT = {
 
 
 class Program(NamedTuple):
-    """One vmapped sweep: a pipeline of :data:`~grokxform.experiments.sweep.SWEEP_FACTORIES`,
+    """One vmapped sweep: a method of :data:`~grokxform.experiments.methods.METHODS`,
     the arguments fixed for all its members, and its configurations (each × every seed)."""
 
     pipeline: str
@@ -147,6 +147,7 @@ def config_rows(payloads: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for m, s, acc in zip(p["members"], p["steps_to_target"], p["final_val_acc"] or [None] * len(p["members"])):
             config = {**p["static"], **{k: v for k, v in m.items() if k != "seed"}}
             config.pop("window_size", None)
+            config.pop("warmup_steps", None)
             key = (p["pipeline"], tuple(sorted(config.items())))
             row = rows.setdefault(key, {"pipeline": p["pipeline"], "config": config, "per_seed": [], "final": [],
                                         "steps_run": p["steps"]})

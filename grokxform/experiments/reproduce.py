@@ -28,9 +28,9 @@ import torch
 
 from grokxform.experiments.modular import paper_setup
 from grokxform.experiments.optimizers import modular_optimizer
-from grokxform.experiments.sweep import SWEEP_FACTORIES, median_and_spread, sweep
+from grokxform.experiments.methods import build
+from grokxform.experiments.sweep import median_and_spread, sweep
 from grokxform.experiments.train import train
-from grokxform.transforms.schedules import linear_warmup
 
 PAPER_TABLE = {
     "baseline": {"steps": 39890, "seconds": 5984},
@@ -87,7 +87,7 @@ def _sweep_or_eager(name: str, grid: dict[str, list[Any]], **kw: Any) -> tuple[A
 def baseline_row(device: torch.device, seeds: list[int], steps: int, seconds: float | None,
                  compile: bool, task: str = "mul") -> dict[str, Any]:
     """The Adam baseline (wd 0) for all seeds at once, as one vmapped program, capped."""
-    base, compile = _sweep_or_eager("baseline", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
+    base, compile = _sweep_or_eager("adam", {"weight_decay": [0.0]}, seeds=seeds, steps=steps, device=device,
                                     compile=compile, max_seconds=seconds, task=task)
     print("baseline", base.steps_to_target, base.steps, base.seconds, flush=True)
     return {"vmapped": True, "compiled": compile, "steps_run": base.steps, "seconds": base.seconds,
@@ -107,8 +107,7 @@ def sweep_throughput(device: torch.device, steps: int, single_steps: int, compil
     singles = []
     for m in res.members[:3]:
         setup = paper_setup(m["seed"], device=device, task=task)
-        tx = SWEEP_FACTORIES["grokfast_ema"](lr=linear_warmup(1e-3, 10), alpha=m["alpha"], lamb=m["lamb"],
-                                              weight_decay=m["weight_decay"])
+        tx = build("grokfast_ema", {k: v for k, v in m.items() if k != "seed"}, warmup_steps=10)
         t0 = time.perf_counter()
         r = train(setup.model, tx, setup.data, steps=single_steps, generator=setup.generator)
         loop_s = time.perf_counter() - t0

@@ -1,8 +1,8 @@
-"""Hyperparameter sweeps of the modular task as ONE program: every member of a grid (α × λ × weight
-decay × β1 × seeds ...) is trained at once under ``torch.func.vmap`` over stacked models.
+"""Hyperparameter sweeps as ONE program: every member of a grid (learning rate × a method's knobs
+× seeds ...) is trained at once under ``torch.func.vmap`` over stacked models.
 
-Each member m has its own params θ_m (the decoder of ``paper_setup(seed_m)``), its own split and
-shuffle stream, and its own hyperparameters, held as batched 0-d tensors in the state of
+Each member m has its own params θ_m (the model of its task's setup for seed_m), its own split
+and shuffle stream, and its own hyperparameters, held as batched 0-d tensors in the state of
 ``inject_hyperparams(factory)``; one vmapped step computes, for all m at once::
 
     (L_m, g_m) = value_and_grad(loss(θ_m; x_m, y_m))
@@ -10,22 +10,25 @@ shuffle stream, and its own hyperparameters, held as batched 0-d tensors in the 
     θ_m        = θ_m + u_m
 
 so a member's numbers are those of training it alone with :func:`~grokxform.experiments.train.train`
-(up to float reassociation in batched kernels), while the GPU sees E-times larger kernels.
+(up to float reassociation in batched kernels), while the GPU sees E-times larger kernels. Any
+method of :data:`~grokxform.experiments.methods.METHODS` runs on any task of
+:data:`~grokxform.experiments.tasks.TASKS`.
 
 Example::
 
     result = sweep("grokfast_ema", {"alpha": [0.9, 0.98], "lamb": [1.0, 2.0, 5.0]}, seeds=[0, 1], steps=3000)
     print(result.table())
 
-``grokxform sweep`` is :func:`run_sweep`: the same with a progress bar, a table of the members, their
-JSON and a heatmap.
+``grokxform sweep METHOD`` is :func:`run_sweep`: the same with a progress bar, a table of the
+members, their JSON and a heatmap.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
+import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,72 +37,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
 from grokxform import tree as _tree
-from grokxform.base import GradientTransformation, apply_updates, named_chain
-from grokxform.experiments.modular import check_task, paper_setup, steps_per_epoch, task_name
-from grokxform.pipelines import grokadamw, grokfast_ema, grokfast_ma
-from grokxform.transforms.adam import scale_by_adam
-from grokxform.transforms.schedules import linear_warmup, scale_by_learning_rate
-from grokxform.transforms.weight_decay import decoupled_weight_decay
+from grokxform.base import apply_updates
+from grokxform.experiments.methods import STATIC_ARGS, fixed_arguments, fixed_call_args, get_method, knobs
+from grokxform.experiments.modular import steps_per_epoch
+from grokxform.experiments.tasks import get_task, method_loss
 from grokxform.transforms.wrappers import inject_hyperparams
-
-PAPER_B2 = 0.98
-
-
-def adam_l2(lr: Any, b1: Any = 0.9, weight_decay: Any = 0.0, decoupled: bool = False) -> GradientTransformation:
-    """The paper's baseline optimizer: Adam, β2 = 0.98, with coupled L2 ``g + wd·θ`` (or AdamW's
-    decoupled decay with ``decoupled=True``)."""
-    decay = ("weight_decay", decoupled_weight_decay(weight_decay))
-    return named_chain(
-        *([] if decoupled else [decay]),
-        ("adam", scale_by_adam(b1, PAPER_B2)),
-        *([decay] if decoupled else []),
-        ("lr", scale_by_learning_rate(lr)),
-    )
-
-
-def _ema(lr: Any, alpha: Any = 0.98, lamb: Any = 2.0, b1: Any = 0.9, weight_decay: Any = 0.005) -> GradientTransformation:
-    return grokfast_ema(lr=lr, alpha=alpha, lamb=lamb, betas=(b1, PAPER_B2), weight_decay=weight_decay,
-                        weight_decay_mode="coupled")
-
-
-def _ma(lr: Any, lamb: Any = 5.0, b1: Any = 0.9, weight_decay: Any = 0.01, window_size: int = 100) -> GradientTransformation:
-    return grokfast_ma(lr=lr, window_size=window_size, lamb=lamb, betas=(b1, PAPER_B2), weight_decay=weight_decay,
-                       weight_decay_mode="coupled")
-
-
-def _grokadamw(lr: Any, alpha_init: Any = 0.98, lamb: Any = 2.0, b1: Any = 0.9, weight_decay: Any = 0.01,
-               grokking_signal_decay_rate: Any = 0.1, clip: Any = 1.0,
-               gamma: float = 0.1) -> GradientTransformation:
-    """:func:`grokadamw` with the paper's β2. ``clip`` is its ``gradient_clipping`` under a name
-    a sweep may vary: 0 switches the clip off also as a (batched) tensor, whose threshold then
-    becomes +∞, and ``min(1, ∞/‖g‖) = 1`` leaves g exactly as it is."""
-    if isinstance(clip, torch.Tensor):
-        clip = torch.where(clip > 0, clip, float("inf"))
-    return grokadamw(lr=lr, betas=(b1, PAPER_B2), alpha_init=alpha_init, lamb=lamb, weight_decay=weight_decay,
-                     gamma=gamma, grokking_signal_decay_rate=grokking_signal_decay_rate, gradient_clipping=clip)
-
-
-def _adamw(lr: Any, b1: Any = 0.9, weight_decay: Any = 0.01) -> GradientTransformation:
-    return adam_l2(lr, b1, weight_decay, decoupled=True)
-
-
-SWEEP_FACTORIES: dict[str, Callable[..., GradientTransformation]] = {
-    "baseline": adam_l2,
-    "adamw": _adamw,
-    "grokfast_ema": _ema,
-    "grokfast_ma": _ma,
-    "grokadamw": _grokadamw,
-}
-"""Pipelines a sweep can run, with the paper's settings as defaults; the keyword arguments other
-than ``lr`` (and ``window_size`` and grokadamw's ``gamma``, fixed per sweep: they set the
-pipeline's structure) are the sweepable hyperparameters."""
-
-STATIC_ARGS = ("window_size", "gamma")
-"""Arguments a sweep holds fixed for all its members (pass them as ``static=``)."""
 
 
 @dataclass
@@ -124,7 +69,13 @@ class SweepResult:
     """Steps and wall seconds up to the first evaluation (they hold a compile, if any)."""
     task: str = "mul"
     static: dict[str, Any] = field(default_factory=dict)
-    """The arguments held fixed for every member (``gamma``, ``window_size``)."""
+    """The arguments held fixed for every member (``gamma``, ``window_size``, ``warmup_steps``)."""
+    val_loss: list[list[float]] = field(default_factory=list)
+    """The validation loss of every member at each evaluation (the member's training loss)."""
+    state_bytes: int = 0
+    """Bytes of one member's optimizer state (its transform's state without the injected
+    hyperparameters)."""
+    target: float = 0.95
 
     @property
     def member_steps_per_second(self) -> float:
@@ -133,26 +84,31 @@ class SweepResult:
 
     @property
     def steady_member_steps_per_second(self) -> float:
-        """Throughput after the first epoch: members × steps / wall seconds, evaluations included,
-        the one-time compile and warm-up of the first epoch left out."""
+        """Throughput after the first evaluation: members × steps / wall seconds, evaluations
+        included, the one-time compile and warm-up of the first evaluation's steps left out."""
         steps, secs = self.steps - self.first_epoch_steps, self.seconds - self.first_epoch_seconds
         return len(self.members) * steps / secs if steps > 0 and secs > 0 else float("nan")
 
     def table(self) -> str:
-        """One line per member: hyperparameters and steps to the target."""
+        """One line per member: hyperparameters, steps to the target and the final val accuracy and loss."""
         keys = list(self.members[0]) if self.members else []
-        lines = [" ".join(f"{k:>12}" for k in keys) + f" {'steps':>8}"]
-        for m, s in zip(self.members, self.steps_to_target):
-            lines.append(" ".join(f"{m[k]:>12g}" for k in keys) + f" {('-' if s is None else s):>8}")
+        lines = [" ".join(f"{k:>12}" for k in keys) + f" {'steps':>8} {'val acc':>8} {'val loss':>9}"]
+        for i, (m, s) in enumerate(zip(self.members, self.steps_to_target)):
+            acc = self.val_acc[-1][i] if self.val_acc else float("nan")
+            loss = self.val_loss[-1][i] if self.val_loss else float("nan")
+            lines.append(" ".join(f"{m[k]:>12g}" for k in keys) + f" {('-' if s is None else s):>8} {acc:>8.3f}"
+                         f" {loss:>9.4f}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
             "task": self.task,
-            "static": self.static,
+            "static": {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                       for k, v in self.static.items() if k != "matrices"},
             "device": self.device,
             "members": self.members,
+            "target": self.target,
             "steps_to_target": self.steps_to_target,
             "seconds_to_target": self.seconds_to_target,
             "steps": self.steps,
@@ -161,8 +117,10 @@ class SweepResult:
             "steady_member_steps_per_second": self.steady_member_steps_per_second,
             "first_epoch_steps": self.first_epoch_steps,
             "first_epoch_seconds": self.first_epoch_seconds,
+            "state_bytes": self.state_bytes,
             "eval_steps": self.eval_steps,
             "val_acc": self.val_acc,
+            "val_loss": self.val_loss,
             "train_acc": self.train_acc,
         }
 
@@ -181,70 +139,83 @@ def _stack(trees: Sequence[Any]) -> Any:
     return _tree.tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs), *trees)
 
 
-def sweepable(pipeline: str) -> list[str]:
-    """The hyperparameters that a sweep of ``pipeline`` (of :data:`SWEEP_FACTORIES`) can vary."""
-    signature = inspect.signature(SWEEP_FACTORIES[pipeline]).parameters
-    return sorted(set(signature) - {"lr", "decoupled", *STATIC_ARGS})
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors of ``state`` (a pytree)."""
+    leaves = [x for x in _tree.flatten(state)[0] if isinstance(x, torch.Tensor)]
+    return sum(x.numel() * x.element_size() for x in leaves)
 
 
-def fixed_arguments(pipeline: str) -> list[str]:
-    """The arguments of :data:`STATIC_ARGS` that ``pipeline`` takes (fixed for all members of a sweep)."""
-    return sorted(set(inspect.signature(SWEEP_FACTORIES[pipeline]).parameters) & set(STATIC_ARGS))
+def git_commit() -> str | None:
+    """The commit checked out where grokxform is imported from, when that is a git checkout
+    (``None`` otherwise, or without git)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result file records of where it ran: device, torch and Python versions, date, commit."""
+    return {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit()}
 
 
 def check_sweep(
-    pipeline: str,
+    method: str,
     grid: Mapping[str, Sequence[float]],
     seeds: Sequence[int] = (0,),
     *,
     members: Sequence[Mapping[str, float]] | None = None,
     steps: int = 1,
-    lr: float = 1e-3,
-    window_size: int = 100,
     task: str = "mul",
     static: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """The members of a :func:`sweep` with these arguments, checked as it checks them before it
-    trains anything: the pipeline, the step count, the task, the fixed and the swept names, and
+    trains anything: the method, the step count, the task, the fixed and the swept names, and
     every configuration's values (each builds its transform once). A ``ValueError`` names the
     first bad one."""
-    if pipeline not in SWEEP_FACTORIES:
-        raise ValueError(f"sweep: unknown pipeline {pipeline!r}; choose from {sorted(SWEEP_FACTORIES)}")
+    get_method(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be an int >= 1, got {steps!r}")
-    factory = SWEEP_FACTORIES[pipeline]
-    check_task(task)
-    allowed = sweepable(pipeline)
-    fixed = fixed_arguments(pipeline)
+    t = get_task(task)
+    allowed = knobs(method)
+    fixed = fixed_arguments(method)
     static = dict(static or {})
-    bad_static = sorted(k for k in static if k not in fixed)
+    bad_static = sorted(k for k in static if k not in fixed or k in ("warmup_steps", "matrices"))
     if bad_static:
-        raise ValueError(f"sweep: {pipeline} takes no fixed argument {bad_static}; it has {fixed or 'none'}")
+        raise ValueError(f"sweep: {method} takes no fixed argument {bad_static}; it has"
+                         f" {[f for f in fixed if f not in ('warmup_steps', 'matrices')] or 'none'}")
     member_list = [dict(m) for m in members] if members is not None else grid_members(grid, seeds)
     if not member_list:
         raise ValueError("sweep: the grid is empty")
     hyper_names = [k for k in member_list[0] if k != "seed"]
     for name in hyper_names:
         if name not in allowed:
-            raise ValueError(f"sweep: {pipeline} has no sweepable hyperparameter {name!r}; choose from {sorted(allowed)}")
+            raise ValueError(f"sweep: {method} has no sweepable hyperparameter {name!r}; choose from {allowed}")
     for m in member_list:
         if "seed" not in m or sorted(k for k in m if k != "seed") != sorted(hyper_names):
             raise ValueError(f"sweep: every member needs a seed and the hyperparameters {hyper_names}, got {m}")
+    factory = get_method(method).factory
     for config in {tuple((k, m[k]) for k in hyper_names) for m in member_list}:  # each value's own checks
-        factory(lr=lr, **dict(config), **({"window_size": window_size} if pipeline == "grokfast_ma" else {}), **static)
+        factory(**dict(config), **fixed_call_args(method, t.warmup_steps, t.matrices, static))
     return member_list
 
 
 def sweep(
-    pipeline: str,
+    method: str,
     grid: Mapping[str, Sequence[float]],
     seeds: Sequence[int] = (0,),
     *,
     steps: int = 2000,
-    lr: float = 1e-3,
-    warmup_steps: int = 10,
-    window_size: int = 100,
-    batch_size: int = 512,
+    task: str = "mul",
+    batch_size: int | None = None,
+    eval_every: int | None = None,
     device: str | torch.device = "cpu",
     target_accuracy: float = 0.95,
     stop_when_all_reached: bool = True,
@@ -252,53 +223,66 @@ def sweep(
     on_eval: Callable[[int, list[float]], None] | None = None,
     compile: bool = False,
     max_seconds: float | None = None,
-    task: str = "mul",
     static: Mapping[str, Any] | None = None,
+    data_root: str | Path | None = None,
+    val_points: int | None = None,
 ) -> SweepResult:
     """Train every member of ``grid`` × ``seeds`` (or the explicit ``members``) at once.
 
-    The learning rate is the paper's ``lr·min(1, t/warmup_steps)`` for all members. Validation
-    accuracy is measured over the full validation split after every epoch; a member's "steps to
-    target" is the step count of its first evaluation ≥ ``target_accuracy``. ``compile=True``
-    compiles the vmapped step with ``torch.compile`` (one graph per batch shape). ``max_seconds``
-    stops at the first evaluation past that wall time (members not yet at the target are
-    reported as not reached by ``result.steps``). ``task`` is the operation of
-    :data:`~grokxform.experiments.modular.TASKS`; ``static`` fixes arguments of
-    :data:`STATIC_ARGS` for every member (``{"gamma": 0.0}``).
+    ``method`` names a :data:`~grokxform.experiments.methods.METHODS` entry and the grid its knobs
+    (``lr`` included; a knob not in the grid keeps the method's default); ``task`` a
+    :data:`~grokxform.experiments.tasks.TASKS` entry, whose batch size, evaluation cadence (steps)
+    and learning-rate warm-up apply unless ``batch_size`` or ``eval_every`` say otherwise;
+    ``data_root`` is the MNIST folder of the ``mnist`` task; ``val_points`` keeps only the first
+    rows of the validation split (a smoke test's shortcut; default all). Validation accuracy and loss are
+    measured over the task's validation split every ``eval_every`` steps and at the last step; a
+    member's "steps to target" is the step count of its first evaluation ≥ ``target_accuracy``
+    (accuracy tasks only: the ``lm`` task is ranked by its loss, and never stops early).
+    ``compile=True`` compiles the vmapped step with ``torch.compile`` (one graph per batch
+    shape). ``max_seconds`` stops at the first evaluation past that wall time (members not yet at
+    the target are reported as not reached by ``result.steps``). ``static`` fixes arguments of
+    :data:`~grokxform.experiments.methods.STATIC_ARGS` for every member (``{"gamma": 0.0}``).
     """
-    member_list = check_sweep(pipeline, grid, seeds, members=members, steps=steps, lr=lr, window_size=window_size,
-                              task=task, static=static)
-    factory = SWEEP_FACTORIES[pipeline]
-    static = dict(static or {})
+    member_list = check_sweep(method, grid, seeds, members=members, steps=steps, task=task, static=static)
+    t = get_task(task)
+    batch_size = t.batch_size if batch_size is None else batch_size
+    eval_every = t.eval_every if eval_every is None else eval_every
+    for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("val_points", val_points)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"sweep: {name} must be an int >= 1, got {value!r}")
+    factory = get_method(method).factory
+    fixed = fixed_call_args(method, t.warmup_steps, t.matrices, static)
     hyper_names = [k for k in member_list[0] if k != "seed"]
     device = torch.device(device)
+    loss_fn = method_loss(task, method)
+    ranks_accuracy = t.metric == "accuracy"
 
     # --- the members' models, data and shuffle streams, as the single-run setup draws them
-    setups = [paper_setup(int(m["seed"]), task=task) for m in member_list]
+    setups = [t.setup(int(m["seed"]), data_root) for m in member_list]
     params = _stack([{k: v.detach() for k, v in s.model.named_parameters()} for s in setups])
-    params = _tree.tree_map(lambda t: t.to(device), params)
+    params = _tree.tree_map(lambda x: x.to(device), params)
     base = setups[0].model.to(device)  # only its structure is used: functional_call swaps in params
-    x_tr = torch.stack([s.data.train_inputs for s in setups]).to(device)
-    y_tr = torch.stack([s.data.train_targets for s in setups]).to(device)
-    x_va = torch.stack([s.data.val_inputs for s in setups]).to(device)
-    y_va = torch.stack([s.data.val_targets for s in setups]).to(device)
+    n_members = len(member_list)
+    if t.shared_data:  # one copy, seen by every member
+        x_tr, y_tr, x_va, y_va = (x.to(device).expand(n_members, *x.shape) for x in setups[0].data)
+    else:
+        x_tr, y_tr, x_va, y_va = (torch.stack(xs).to(device) for xs in zip(*(s.data for s in setups)))
+    if val_points is not None:
+        x_va, y_va = x_va[:, :val_points], y_va[:, :val_points]
     gens = [s.generator for s in setups]
-    n_members, n = y_tr.shape
+    n = y_tr.shape[1]
 
     # --- one transform, per-member hyperparameters in its (stacked) state
-    extra_static = {"window_size": window_size} if pipeline == "grokfast_ma" else {}
-    extra_static.update(static)
     first = {k: member_list[0][k] for k in hyper_names}
-    tx = inject_hyperparams(factory, static_args=STATIC_ARGS)(lr=linear_warmup(lr, warmup_steps), **first,
-                                                              **extra_static)
-    one = _tree.tree_map(lambda t: t[0], params)
-    state = _stack([tx.init(one) for _ in member_list])
+    tx = inject_hyperparams(factory, static_args=STATIC_ARGS)(**first, **fixed)
+    members_params = [_tree.tree_map(lambda x, i=i: x[i], params) for i in range(n_members)]
+    state = _stack([tx.init(p) for p in members_params])  # each from its own params
     for k in hyper_names:
         state.hyperparams[k].copy_(torch.tensor([m[k] for m in member_list], dtype=torch.float64, device=device))
 
     def loss_and_logits(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(base, p, (x,))
-        return F.cross_entropy(logits, y), logits.detach()
+        return loss_fn(logits, y), logits.detach()
 
     grad_fn = grad_and_value(loss_and_logits, has_aux=True)
 
@@ -311,21 +295,25 @@ def sweep(
         correct = (logits.argmax(-1) == y).sum()
         return apply_updates(p, u), s, correct
 
-    uses_losses = pipeline == "grokadamw"  # the only pipeline here that reads val_loss (one graph less)
-    step_first = torch.func.vmap(lambda p, s, x, y: member_step(p, s, x, y, None))
-    step_later = torch.func.vmap(member_step)
+    uses_losses = method == "grokadamw"  # the only method here that reads val_loss (one graph less)
+    # a None leaf of the state (a partition's leaves of another label) is not batched
+    s_dims = _tree.tree_map(lambda x: None if x is None else 0, state)
+    step_first = torch.func.vmap(lambda p, s, x, y: member_step(p, s, x, y, None), in_dims=(0, s_dims, 0, 0),
+                                 out_dims=(0, s_dims, 0))
+    step_later = torch.func.vmap(member_step, in_dims=(0, s_dims, 0, 0, 0), out_dims=(0, s_dims, 0))
     if compile:
         step_first = torch.compile(step_first, fullgraph=True, dynamic=False)
         step_later = torch.compile(step_later, fullgraph=True, dynamic=False)
 
     def member_eval(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(base, p, (x,))
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
+        return loss_fn(logits, y), (logits.argmax(-1) == y).float().mean()
 
     evaluate = torch.func.vmap(member_eval)
 
-    result = SweepResult(pipeline, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
-                         task=task, static=extra_static)
+    result = SweepResult(method, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
+                         task=task, static=fixed, target=target_accuracy)
+    result.state_bytes = state_bytes(factory(**first, **fixed).init(members_params[0]))
     per_epoch = steps_per_epoch(n, batch_size)
     rows = torch.arange(n_members, device=device)[:, None]
     val_loss: torch.Tensor | None = None
@@ -333,12 +321,11 @@ def sweep(
     correct_sum = torch.zeros(n_members, dtype=torch.int64, device=device)
     seen = 0
     start = time.perf_counter()
+    done = False
     with torch.no_grad():
-        while step < steps:
+        while not done:
             order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
             for b in range(per_epoch):
-                if step >= steps:
-                    break
                 idx = order[:, b * batch_size : (b + 1) * batch_size]
                 x, y = x_tr[rows, idx], y_tr[rows, idx]
                 with torch.enable_grad():
@@ -347,28 +334,34 @@ def sweep(
                     else:
                         params, state, correct = step_later(params, state, x, y, val_loss)
                 correct_sum += correct
-                seen += idx.shape[1]
+                seen += y[0].numel()
                 step += 1
-            v_loss, v_acc = evaluate(params, x_va, y_va)
-            val_loss = v_loss.to(torch.float64)
-            accs = v_acc.tolist()
-            now = time.perf_counter() - start
-            if not result.eval_steps:
-                result.first_epoch_steps, result.first_epoch_seconds = step, now
-            result.eval_steps.append(step)
-            result.val_acc.append(accs)
-            result.train_acc.append((correct_sum.double() / seen).tolist())
-            correct_sum.zero_()
-            seen = 0
-            for i, a in enumerate(accs):
-                if result.steps_to_target[i] is None and a >= target_accuracy:
-                    result.steps_to_target[i], result.seconds_to_target[i] = step, now
-            if on_eval is not None:
-                on_eval(step, accs)
-            if stop_when_all_reached and all(s is not None for s in result.steps_to_target):
-                break
-            if max_seconds is not None and now > max_seconds:
-                break
+                if step % eval_every and step < steps:
+                    continue
+                v_loss, v_acc = evaluate(params, x_va, y_va)
+                val_loss = v_loss.to(torch.float64)
+                accs = v_acc.tolist()
+                now = time.perf_counter() - start
+                if not result.eval_steps:
+                    result.first_epoch_steps, result.first_epoch_seconds = step, now
+                result.eval_steps.append(step)
+                result.val_acc.append(accs)
+                result.val_loss.append(val_loss.tolist())
+                result.train_acc.append((correct_sum.double() / seen).tolist())
+                correct_sum.zero_()
+                seen = 0
+                if ranks_accuracy:
+                    for i, a in enumerate(accs):
+                        if result.steps_to_target[i] is None and a >= target_accuracy:
+                            result.steps_to_target[i], result.seconds_to_target[i] = step, now
+                if on_eval is not None:
+                    on_eval(step, accs)
+                done = (step >= steps
+                        or (ranks_accuracy and stop_when_all_reached
+                            and all(s is not None for s in result.steps_to_target))
+                        or (max_seconds is not None and now > max_seconds))
+                if done:
+                    break
     result.steps = step
     result.seconds = time.perf_counter() - start
     result.params = params
@@ -388,14 +381,18 @@ def median_and_spread(values: Sequence[int | None]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- grokxform sweep
 
 
-def _cell_label(value: float, reached: int, of: int, budget: int) -> str:
-    if reached == 0:
-        return f"none in\n{budget}\n(0/{of})"
-    return f"{value:.0f}\n({reached}/{of})"
+def _median(values: Sequence[float]) -> float:
+    got = sorted(values)
+    mid = len(got) // 2
+    return got[mid] if len(got) % 2 else 0.5 * (got[mid - 1] + got[mid])
 
 
-def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path,
-                 title: str) -> bool:
+UNREACHED_COLOR = "#d9d9d9"
+"""Background of a heatmap cell whose members all missed the target (hatched)."""
+
+
+def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budget: int, path: Path, title: str,
+                 final: Sequence[float] | None = None, metric: str = "accuracy") -> bool:
     """Write :func:`heatmap_figure` to ``path``; False, writing nothing, when matplotlib is missing."""
     try:
         import matplotlib
@@ -404,58 +401,86 @@ def plot_heatmap(members: list[dict[str, float]], steps: list[int | None], budge
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig = heatmap_figure(members, steps, budget, title)
+    fig = heatmap_figure(members, steps, budget, title, final=final, metric=metric)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], budget: int, title: str) -> Any:
-    """Median steps to the target of each configuration (over the seeds that reached it; the
-    count reached/seeds in each cell), as a matplotlib figure. The first swept axis runs along x,
-    the others together along y, so every configuration has a cell named on the axes. A cell no
-    seed brought to the target is hatched grey and reads "none in <budget>"; text is dark or
-    light to suit its cell."""
+def heatmap_figure(members: list[dict[str, float]], steps: list[int | None], budget: int, title: str,
+                   final: Sequence[float] | None = None, metric: str = "accuracy") -> Any:
+    """One cell per configuration, as a matplotlib figure; the first swept axis runs along x, the
+    others together along y, so every configuration has a cell named on the axes.
+
+    ``metric="accuracy"``: a cell reads the median steps to the target over the seeds that reached
+    it and the count reached/seeds (``"950\\n(2/2)"``), coloured by those steps (viridis, light =
+    fast: a colour-blind-safe map). A cell where no seed reached it is hatched grey and reads, in
+    italics, the median over its seeds of ``final`` (their last validation accuracy:
+    ``"0.41\\n(0/2)"``), or "none in <budget>" without ``final``. ``metric="loss"``: every cell
+    reads the median of ``final`` (the validation loss at the budget), coloured by it (light = low).
+    Text is dark or light to suit its cell; labels are large."""
     import textwrap
 
     import matplotlib.pyplot as plt
 
     names = [k for k in members[0] if k != "seed"]
-    xk, yks = names[0], names[1:]
+    xk, yks = (names[0], names[1:]) if names else ("seed", [])
     xs = sorted({m[xk] for m in members})
     ys = sorted({tuple(m[k] for k in yks) for m in members})
     cells = [[float("nan")] * len(xs) for _ in ys]
-    counts = [[(0, 0)] * len(xs) for _ in ys]
+    labels = [[""] * len(xs) for _ in ys]
+    unreached = [[False] * len(xs) for _ in ys]
     for j, yv in enumerate(ys):
         for i, xv in enumerate(xs):
-            mine = [s for m, s in zip(members, steps) if m[xk] == xv and tuple(m[k] for k in yks) == yv]
-            got = sorted(s for s in mine if s is not None)
-            counts[j][i] = (len(got), len(mine))
+            mine = [k for k, m in enumerate(members) if m[xk] == xv and tuple(m[q] for q in yks) == yv]
+            if not mine:
+                continue
+            if metric == "loss":
+                value = _median([final[k] for k in mine]) if final is not None else float("nan")
+                cells[j][i], labels[j][i] = value, f"{value:.3f}"
+                continue
+            got = [steps[k] for k in mine if steps[k] is not None]
             if got:
-                cells[j][i] = float(got[len(got) // 2])
-    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 3.2, 0.75 * len(ys) + 2.2))
-    ax.set_facecolor("0.88")
+                cells[j][i] = float(_median(got))
+                labels[j][i] = f"{cells[j][i]:.0f}\n({len(got)}/{len(mine)})"
+            else:
+                unreached[j][i] = True
+                labels[j][i] = (f"{_median([final[k] for k in mine]):.2f}\n(0/{len(mine)})" if final is not None
+                                else f"none in\n{budget}\n(0/{len(mine)})")
+    finite = [v for row in cells for v in row if math.isfinite(v)]
+    vmin, vmax = (0.0, float(budget)) if metric != "loss" else (min(finite, default=0.0), max(finite, default=1.0))
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    fig, ax = plt.subplots(figsize=(1.7 * len(xs) + 3.8, 1.0 * len(ys) + 2.6))
+    ax.set_facecolor(UNREACHED_COLOR)
     cmap = plt.get_cmap("viridis_r")
-    im = ax.imshow(cells, cmap=cmap, vmin=0, vmax=budget, aspect="auto")
+    im = ax.imshow(cells, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     for j in range(len(ys)):
         for i in range(len(xs)):
-            v, (reached, of) = cells[j][i], counts[j][i]
-            if of == 0:
+            if not labels[j][i]:
                 continue
-            if reached == 0:
-                ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, facecolor="0.88", hatch="//", edgecolor="0.7"))
-                color = "k"
-            else:
-                r, g, b, _ = cmap(v / budget)
-                color = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
-            ax.text(i, j, _cell_label(v, reached, of, budget), ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(len(xs)), [f"{xk}={x:g}" for x in xs])
-    ax.set_yticks(range(len(ys)), [", ".join(f"{k}={v:g}" for k, v in zip(yks, y)) or "-" for y in ys])
-    ax.set_xlabel(xk)
-    ax.set_ylabel(", ".join(yks))
-    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
-    fig.colorbar(im, ax=ax, label="median steps to target (seeds that reached it)")
-    fig.tight_layout()
+            if unreached[j][i]:
+                ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, facecolor=UNREACHED_COLOR, hatch="//",
+                                           edgecolor="0.65"))
+                ax.text(i, j, labels[j][i], ha="center", va="center", color="k", fontsize=12, style="italic",
+                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+                continue
+            r, g, b, _ = cmap((cells[j][i] - vmin) / (vmax - vmin))
+            color = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+            ax.text(i, j, labels[j][i], ha="center", va="center", color=color, fontsize=12, fontweight="bold")
+    ax.set_xticks(range(len(xs)), [f"{xk}={x:g}" for x in xs], fontsize=12)
+    ax.set_yticks(range(len(ys)), [", ".join(f"{k}={v:g}" for k, v in zip(yks, y)) or "-" for y in ys], fontsize=12)
+    ax.set_xlabel(xk, fontsize=13)
+    ax.set_ylabel(", ".join(yks), fontsize=13)
+    ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=13)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label("validation loss at the budget" if metric == "loss"
+                  else "median steps to target (seeds that reached it)", fontsize=12)
+    bar.ax.tick_params(labelsize=11)
+    if metric != "loss" and final is not None and any(v for row in unreached for v in row):
+        fig.text(0.01, 0.01, "hatched, italic: no seed reached the target; the median final validation accuracy",
+                 fontsize=10, style="italic")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
 
@@ -493,35 +518,36 @@ class _SweepProgress:
             self.bar.close()
 
 
-def run_sweep(pipeline: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
+def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
               device: torch.device, out: Path, task: str = "mul", static: Mapping[str, Any] | None = None,
-              compile: bool = False, progress_bar: bool = True, target_accuracy: float = 0.95) -> SweepResult:
+              compile: bool = False, progress_bar: bool = True, target_accuracy: float = 0.95,
+              data_root: str | Path | None = None) -> SweepResult:
     """:func:`sweep` with a progress bar on stderr (lines without ``progress_bar`` or tqdm); prints
-    the members' table and throughput, writes ``<out>.json`` (the result with torch's version, the
-    date and the device) and, with two swept names or more (a hyperparameter and the seeds),
-    the heatmap ``<out>.png``."""
+    the members' table and throughput, writes ``<out>.json`` (the result with the device, torch's
+    and Python's versions, the date and the git commit: :func:`environment`) and, with two swept
+    names or more (a hyperparameter and the seeds), the heatmap ``<out>.png``."""
+    t = get_task(task)
     n = len(seeds)
     for values in grid.values():
         n *= len(values)
-    print(f"grokxform sweep: {pipeline} on {task_name(task)}, {n} members"
+    print(f"grokxform sweep: {method} on {t.title}, {n} members"
           f" ({' x '.join(f'{k} {v}' for k, v in grid.items())} x seeds {list(seeds)}) as one vmapped program on"
           f" {device} ({torch.get_num_threads()} CPU thread(s)), budget {steps} steps", flush=True)
     bar = _SweepProgress(steps, sys.stderr, use_tqdm=progress_bar, target=target_accuracy)
     try:
-        result = sweep(pipeline, grid, seeds=seeds, steps=steps, device=device, task=task, static=static,
-                       compile=compile, on_eval=bar.update, target_accuracy=target_accuracy)
+        result = sweep(method, grid, seeds=seeds, steps=steps, device=device, task=task, static=static,
+                       compile=compile, on_eval=bar.update, target_accuracy=target_accuracy, data_root=data_root)
     finally:
         bar.close()
     print(result.table())
     print(f"{result.member_steps_per_second:.1f} member-steps/s over {result.steps} steps, {result.seconds:.1f} s")
-    payload = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               **result.to_json()}
+    payload = {**environment(device), **result.to_json()}
     Path(f"{out}.json").write_text(json.dumps(payload, indent=1))
-    title = (f"{pipeline} on {task_name(task)}: median steps to {target_accuracy:.0%} val acc,"
-             f" seeds {list(seeds)}")
+    what = "validation loss at the budget" if t.metric == "loss" else f"median steps to {target_accuracy:.0%} val acc"
+    title = f"{get_method(method).title} on {t.title}: {what}, seeds {list(seeds)}"
+    final = result.val_loss[-1] if t.metric == "loss" else result.val_acc[-1]
     if len(result.members[0]) >= 2 and plot_heatmap(result.members, result.steps_to_target, result.steps,
-                                                     Path(f"{out}.png"), title):
+                                                     Path(f"{out}.png"), title, final=final, metric=t.metric):
         print(f"heatmap written to {out}.png, results to {out}.json")
     else:
         print(f"results written to {out}.json (no heatmap: matplotlib missing or nothing swept)")
@@ -529,17 +555,15 @@ def run_sweep(pipeline: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequ
 
 
 __all__ = [
-    "STATIC_ARGS",
-    "SWEEP_FACTORIES",
     "SweepResult",
-    "adam_l2",
     "check_sweep",
-    "fixed_arguments",
+    "environment",
+    "git_commit",
     "grid_members",
     "heatmap_figure",
     "median_and_spread",
     "plot_heatmap",
     "run_sweep",
+    "state_bytes",
     "sweep",
-    "sweepable",
 ]

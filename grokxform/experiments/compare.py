@@ -1,0 +1,262 @@
+"""The comparison of grokking accelerators with the same tuning budget per method
+(``grokxform compare``, :func:`run_compare`).
+
+For every method × task of the lists given, in two vmapped sweeps (:func:`~grokxform.experiments.sweep.sweep`):
+
+1. the method's default grid (:data:`~grokxform.experiments.methods.METHODS`: 12 configurations
+   each) over ``grid_seeds``, at the task's step budget;
+2. the best configuration rerun over ``seeds`` (five or more): on an accuracy task the one whose
+   seeds reached the target most often, then in the fewest median steps, then with the highest
+   median final validation accuracy; on the language model the lowest median validation loss at
+   the budget.
+
+Each pair writes ``OUT/<method>__<task>.json`` (the environment, both sweeps' members and results,
+the chosen configuration, the rerun's steps and seconds to the target per seed, final validation
+accuracy and loss, the state's bytes per member and the curves); a pair whose file exists is
+skipped, so an interrupted run resumes where it stopped. Then ``OUT/summary.md`` tabulates every
+pair found in ``OUT`` and ``OUT/<task>.png`` draws each task's methods side by side.
+
+Example::
+
+    grokxform compare --methods adamw,grokfast_ema,lion --tasks mul,parity --out results/compare --device cuda
+    grokxform compare --methods adam,lion --tasks mul,lm --out /tmp/smoke --small    # a few steps of everything
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grokxform.experiments.lm import CONTEXT
+from grokxform.experiments.methods import METHODS, get_method, grid_size
+from grokxform.experiments.sweep import SweepResult, environment, median_and_spread, sweep
+from grokxform.experiments.tasks import TASKS, get_task
+
+SMALL_STEPS = 2
+"""The step budget of each sweep with ``small=True`` (a smoke test of every stage)."""
+SMALL_BATCH = 4
+"""The batch size of every task with ``small=True``."""
+SMALL_VAL_POINTS = 16
+"""The validation rows of every task with ``small=True``."""
+
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999")
+"""Okabe and Ito's colour-blind-safe palette, one colour per method in :data:`METHODS` order."""
+
+
+def result_path(out: Path, method: str, task: str) -> Path:
+    """Where the pair's JSON goes: ``out/<method>__<task>.json``."""
+    return out / f"{method}__{task}.json"
+
+
+def _config_key(member: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple((k, v) for k, v in member.items() if k != "seed")
+
+
+def config_table(res: SweepResult) -> list[dict[str, Any]]:
+    """One row per configuration of a sweep: the configuration, steps to the target over its seeds
+    (:func:`~grokxform.experiments.sweep.median_and_spread`), and the medians of the final
+    validation accuracy and loss."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for i, m in enumerate(res.members):
+        row = rows.setdefault(_config_key(m), {"config": dict(_config_key(m)), "steps": [], "acc": [], "loss": []})
+        row["steps"].append(res.steps_to_target[i])
+        row["acc"].append(res.val_acc[-1][i])
+        row["loss"].append(res.val_loss[-1][i])
+    return [{"config": r["config"], **median_and_spread(r["steps"]), "final_val_acc": _median(r["acc"]),
+             "final_val_loss": _median(r["loss"])} for r in rows.values()]
+
+
+def _median(values: Sequence[float]) -> float:
+    got = sorted(float(v) for v in values)
+    mid = len(got) // 2
+    return got[mid] if len(got) % 2 else 0.5 * (got[mid - 1] + got[mid])
+
+
+def best_config(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The row of ``table`` (:func:`config_table`) that the comparison reruns: see the module's
+    docstring. A NaN loss (a diverged configuration) ranks last."""
+    if metric == "loss":
+        return min(table, key=lambda r: (r["final_val_loss"] != r["final_val_loss"], r["final_val_loss"]))
+    return min(table, key=lambda r: (-r["reached"], float("inf") if r["median"] is None else r["median"],
+                                     -r["final_val_acc"]))
+
+
+def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int], seeds: Sequence[int],
+                 device: torch.device, data_root: str | None = None, compile: bool = False, small: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The two sweeps of one (method, task) pair; returns the payload of its JSON. ``small``:
+    batches of :data:`SMALL_BATCH` rows, :data:`SMALL_VAL_POINTS` validation rows."""
+    t = get_task(task)
+    grid = {k: list(v) for k, v in get_method(method).grid.items()}
+    log(f"[{method} / {task}] grid: {grid_size(method)} configurations x seeds {list(grid_seeds)}, {steps} steps")
+    shrink: dict[str, Any] = {"batch_size": SMALL_BATCH, "val_points": SMALL_VAL_POINTS} if small else {}
+    batch = SMALL_BATCH if small else t.batch_size
+    first = sweep(method, grid, seeds=grid_seeds, steps=steps, task=task, device=device, data_root=data_root,
+                  compile=compile, **shrink)
+    table = config_table(first)
+    best = best_config(table, t.metric)
+    log(f"[{method} / {task}] best {best['config']}: rerun over seeds {list(seeds)}")
+    members = [{**best["config"], "seed": int(s)} for s in seeds]
+    final = sweep(method, {}, members=members, steps=steps, task=task, device=device, data_root=data_root,
+                  compile=compile, **shrink)
+    raw = final.to_json()
+    return {
+        "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
+        **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
+        "seeds": list(seeds), "static": raw["static"], "grid_table": table, "best": best["config"],
+        "grid_result": {k: v for k, v in first.to_json().items() if k not in ("train_acc",)},
+        "steps_to_target": final.steps_to_target, "seconds_to_target": final.seconds_to_target,
+        "summary": median_and_spread(final.steps_to_target),
+        "final_val_acc": final.val_acc[-1], "final_val_loss": final.val_loss[-1],
+        "state_bytes": final.state_bytes, "seconds": final.seconds,
+        "member_steps_per_second": final.member_steps_per_second,
+        "eval_steps": final.eval_steps, "val_acc": final.val_acc, "val_loss": final.val_loss,
+        "batch_size": batch, "small": small, "tokens_budget": steps * batch * CONTEXT if task == "lm" else None,
+    }
+
+
+def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, device: torch.device,
+                grid_seeds: Sequence[int] = (0, 1), seeds: Sequence[int] = (0, 1, 2, 3, 4), steps: int | None = None,
+                small: bool = False, data_root: str | None = None, compile: bool = False,
+                log: Callable[[str], None] = print) -> list[str]:
+    """Every pair of ``methods`` × ``tasks`` not yet in ``out`` (:func:`compare_pair`), then the
+    summary and figures of all the pairs in ``out``; returns the summary's lines. ``steps``: the
+    budget of every task (default: each task's own, :data:`~grokxform.experiments.tasks.TASKS`);
+    ``small``: :data:`SMALL_STEPS` steps of small batches (:func:`compare_pair`)."""
+    for name in methods:
+        get_method(name)
+    for name in tasks:
+        get_task(name)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        budget = SMALL_STEPS if small else steps if steps is not None else get_task(task).steps
+        for method in methods:
+            path = result_path(out, method, task)
+            if path.is_file():
+                log(f"[{method} / {task}] done already: {path}")
+                continue
+            t0 = time.perf_counter()
+            payload = compare_pair(method, task, steps=budget, grid_seeds=grid_seeds, seeds=seeds, device=device,
+                                   data_root=data_root, compile=compile, small=small, log=log)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, path)  # a file is there only when its pair is complete
+            log(f"[{method} / {task}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
+    return report(out)
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    """Every pair's JSON in ``out``, in :data:`METHODS` × :data:`TASKS` order."""
+    found = []
+    for task in TASKS:
+        for method in METHODS:
+            path = result_path(out, method, task)
+            if path.is_file():
+                found.append(json.loads(path.read_text()))
+    return found
+
+
+def _cell(p: dict[str, Any]) -> str:
+    if p["metric"] == "loss":
+        losses = sorted(p["final_val_loss"])
+        return f"{_median(losses):.3f} [{losses[0]:.3f}–{losses[-1]:.3f}]"
+    s = p["summary"]
+    if s["median"] is None:
+        return f"not reached ({s['reached']}/{s['of']}; val acc {_median(p['final_val_acc']):.2f})"
+    return f"{s['median']:g} [{s['min']:g}–{s['max']:g}] ({s['reached']}/{s['of']})"
+
+
+def _seconds(p: dict[str, Any]) -> str:
+    got = [s for s in p["seconds_to_target"] if s is not None]
+    return f"{_median(got):.1f}" if got and p["metric"] == "accuracy" else f"({p['seconds']:.1f})"
+
+
+def summary_lines(payloads: Sequence[dict[str, Any]]) -> list[str]:
+    """The markdown of ``summary.md``: per task, one row per method."""
+    lines = ["# Comparison of grokking accelerators", ""]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for p in payloads:
+        by_task.setdefault(p["task"], []).append(p)
+    for task, rows in by_task.items():
+        first = rows[0]
+        what = ("validation loss at the budget, median [min–max] over seeds" if first["metric"] == "loss"
+                else f"steps to {0.95:.0%} validation accuracy, median [min–max] (reached/seeds)")
+        lines += [f"## {first['task_title']} ({task}), budget {first['steps_budget']} steps", "",
+                  f"| method | best configuration | {what} | wall s to target (vmapped seeds) | state MiB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for p in rows:
+            config = ", ".join(f"{k}={v:g}" for k, v in p["best"].items())
+            lines.append(f"| {p['title']} | {config} | {_cell(p)} | {_seconds(p)} |"
+                         f" {p['state_bytes'] / 2**20:.2f} |")
+        envs = sorted({f"{p['device_name']}, torch {p['torch']}, commit {p['git_commit']}" for p in rows})
+        lines += ["", "Ran on: " + "; ".join(envs) + ". Wall seconds in parentheses: the whole rerun (no target).",
+                  ""]
+    return lines
+
+
+def task_figure(payloads: Sequence[dict[str, Any]]) -> Any:
+    """One task's methods side by side (a matplotlib figure, one panel): per method, each seed's
+    steps to the target as a dot (a cross at the budget: not reached) and the median as a bar; on
+    the language model each seed's final validation loss and a tick at the median. Okabe–Ito
+    colours, large labels."""
+    import matplotlib.pyplot as plt
+
+    first = payloads[0]
+    fig, ax = plt.subplots(figsize=(9, 0.7 * len(payloads) + 2.4))
+    names = [p["title"] for p in payloads]
+    for i, p in enumerate(payloads):
+        color = OKABE_ITO[list(METHODS).index(p["method"]) % len(OKABE_ITO)]
+        if first["metric"] == "loss":
+            values = p["final_val_loss"]  # a bar from 0 would hide the differences: a tick at the median
+            ax.scatter([_median(values)], [i], marker="|", s=900, linewidths=3, color=color, zorder=2)
+            ax.scatter(values, [i] * len(values), color=color, edgecolor="k", s=60, zorder=3)
+            continue
+        reached = [s for s in p["steps_to_target"] if s is not None]
+        missed = len(p["steps_to_target"]) - len(reached)
+        if reached:
+            ax.barh(i, _median(reached), color=color, alpha=0.45)
+            ax.scatter(reached, [i] * len(reached), color=color, edgecolor="k", s=60, zorder=3)
+        if missed:
+            ax.scatter([p["steps_budget"]] * missed, [i] * missed, marker="x", color="k", s=80, zorder=3)
+    if first["metric"] == "accuracy":
+        ax.set_xlim(0, first["steps_budget"] * 1.08)
+    ax.set_yticks(range(len(names)), names, fontsize=13)
+    ax.invert_yaxis()
+    ax.tick_params(axis="x", labelsize=12)
+    ax.set_xlabel("validation loss at the budget" if first["metric"] == "loss"
+                  else "steps to 95% validation accuracy (x: not reached in the budget)", fontsize=13)
+    ax.set_title(f"{first['task_title']}: best configuration of each method, seeds {first['seeds']}", fontsize=14)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def report(out: Path) -> list[str]:
+    """Write ``out/summary.md`` and, with matplotlib, ``out/<task>.png`` from the pairs in ``out``."""
+    payloads = load_results(out)
+    lines = summary_lines(payloads)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    for task in TASKS:
+        mine = [p for p in payloads if p["task"] == task]
+        if mine:
+            fig = task_figure(mine)
+            fig.savefig(out / f"{task}.png", dpi=110)
+            plt.close(fig)
+    return lines
+
+
+__all__ = ["OKABE_ITO", "SMALL_STEPS", "best_config", "compare_pair", "config_table", "load_results", "report",
+           "result_path", "run_compare", "summary_lines", "task_figure"]

