@@ -129,7 +129,10 @@ def orthogonalize(
     scalars, convolution kernels) pass through unchanged, and ``None`` stays ``None``. Leaves of
     one shape and dtype are stacked and iterated together (one batched Newton–Schulz per shape,
     ``torch.baddbmm``): for each leaf the same numbers as torch's iteration on it alone. Works under
-    ``torch.func.vmap`` (each member's numbers; bit for bit in bfloat16). ``ns_dtype=None`` iterates in the update's own dtype (torch always uses
+    ``torch.func.vmap``: each member's numbers, up to the rounding of a bfloat16 element where the
+    batched product sums its float32 terms in another order (bit for bit for small matrices; at
+    64×64 about a quarter of the elements differ by a bfloat16 ulp; ``ns_dtype=torch.float32``
+    for members that match to float32 rounding). ``ns_dtype=None`` iterates in the update's own dtype (torch always uses
     bfloat16; float32 or float64 for a reference). Stateless; defaults are torch's.
 
     A whole-leaf stage (:func:`grokxform.base.leafwise`: matrix products are not element
