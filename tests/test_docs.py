@@ -89,11 +89,37 @@ def test_every_notebook_and_page_is_in_the_site_nav() -> None:
         assert f": {page.name}" in nav, f"docs/{page.name} is not in the site nav"
 
 
-def test_notebooks_are_committed_without_outputs() -> None:
+def published_as_committed() -> list[str]:
+    """The notebooks the site shows as committed (mkdocs-jupyter's ``execute_ignore``)."""
+    text = (ROOT / "mkdocs.yml").read_text()
+    block = text[text.index("execute_ignore:"):].splitlines()[1:]
+    names = []
+    for line in block:
+        if not line.strip().startswith("- "):
+            break
+        names.append(line.strip()[2:].removeprefix("notebooks/"))
+    return names
+
+
+def test_notebooks_are_committed_without_outputs_or_with_a_full_run() -> None:
+    """A notebook the site build executes has no outputs; one it shows as committed has the
+    outputs of a full run (every code cell run, in order, none in the short mode)."""
     import json
 
+    committed = published_as_committed()
+    assert committed and all((ROOT / "notebooks" / n).exists() for n in committed), committed
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        cells = json.loads(path.read_text())["cells"]
-        assert not [c for c in cells if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])], (
-            f"{path.name}: clear its outputs (the site build executes it)"
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        if path.name not in committed:
+            assert not [c for c in cells if c["outputs"] or c["execution_count"]], (
+                f"{path.name}: clear its outputs (the site build executes it)"
+            )
+            continue
+        assert [c["execution_count"] for c in cells] == list(range(1, len(cells) + 1)), (
+            f"{path.name}: commit the outputs of one full run, every cell in order"
         )
+        text = json.dumps([c["outputs"] for c in cells])
+        assert "Traceback" not in text and '"output_type": "error"' not in text, path.name
+        assert "up to 20 steps" not in text, f"{path.name}: its outputs are from the short mode"
+
+
