@@ -64,7 +64,6 @@ class CompressedState(NamedTuple):
 
     count: torch.Tensor
     inner: Any
-    _own_layout = True  # (the engine's layout code leaves it whole: its packed leaves are not a ring)
 
     @property
     def hyperparams(self) -> dict[str, torch.Tensor]:
@@ -127,6 +126,20 @@ def encode(
     safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
     codes = torch.round(b / safe).clamp(-127.0, 127.0)
     return Int8Blocks(_unblock(torch.nan_to_num(codes).to(torch.int8), x), scale)
+
+
+def _zeros(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> NamedTuple:
+    """:func:`encode` of zeros shaped as ``like`` (every format codes 0 as zero bits), made with
+    ``torch.zeros``: within the engine's lazy init (:class:`~grokxform._memory.LazyZeros`) it
+    takes no memory until the state is laid out (an MA window's slots go straight into a ring)."""
+    shape, dev = like.shape, like.device
+    if fmt == "bf16":
+        return Bf16Pair(torch.zeros(shape, dtype=torch.bfloat16, device=dev), torch.zeros(shape, dtype=torch.uint8, device=dev))
+    if fmt == "bf16_sr":
+        return Bf16Stochastic(torch.zeros(shape, dtype=torch.bfloat16, device=dev))
+    blocks = -(-like.numel() // block_size)
+    codes = torch.zeros(shape, dtype=torch.uint8 if nonnegative else torch.int8, device=dev)
+    return Int8Blocks(codes, torch.zeros(blocks, dtype=torch.float32, device=dev))
 
 
 def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
@@ -289,9 +302,9 @@ def compress_state(
         position = {id(x): j for j, x in enumerate(leaves)}
         return lambda x: keys[position[id(x)]]
 
-    def pack(inner: Any, count: torch.Tensor, reuse: dict[int, Any]) -> Any:
+    def pack(inner: Any, count: torch.Tensor, reuse: dict[int, Any], zeros: dict[int, Any] | None = None) -> Any:
         """The state ``inner`` with its packable tensors compressed (``reuse``: tensors whose
-        compressed form is known, by id)."""
+        compressed form is known, by id; ``zeros``: lazy zeros of the init, by id)."""
         keep, nonneg = roles(inner)
         leaves, spec = pytree.tree_flatten(inner, is_leaf=_is_packed)
         key = keys_of(leaves, count)
@@ -303,6 +316,8 @@ def compress_state(
                     " tensors (a block must not straddle shards): compress the state of unsharded params only")
             if id(x) in reuse:
                 out.append(reuse[id(x)])
+            elif packable(x, keep) and zeros is not None and id(x) in zeros:
+                out.append(_zeros(x, fmt, id(x) in nonneg, block_size))
             elif packable(x, keep):
                 out.append(encode(x, fmt, nonnegative=id(x) in nonneg, block_size=block_size, key=key(x)))
             elif isinstance(x, torch.Tensor) and x.dim() > 0 and 0 in x.stride() and x.numel() > 1:
@@ -314,10 +329,10 @@ def compress_state(
     def init_fn(params: Params) -> CompressedState:
         per_element = bytes_per_element(fmt, block_size)
         with _memory.state_format(lambda dtype, numel: per_element if dtype == torch.float32 and numel >= min_size
-                                  else None), torch.no_grad(), _memory.LazyZeros():
+                                  else None), torch.no_grad(), _memory.LazyZeros() as lazy:
             inner = tx.init(params)
         count = C.counter(_tree.first_device(params) if _tree.flatten(params)[0] else torch.device("cpu"))
-        return CompressedState(count, pack(inner, count, {}))
+        return CompressedState(count, pack(inner, count, {}, lazy.lazy))
 
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, CompressedState]:
         C.check_state(state, CompressedState, "compress_state")
