@@ -21,7 +21,7 @@ import torch
 
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
-from grokxform._memory import LazyZeros
+from grokxform._memory import LazyZeros, is_lazy
 from grokxform.base import GradientTransformation, Params, State
 from grokxform.declarations import RingWindow, window_fields
 
@@ -31,7 +31,7 @@ def _materialize(x: Any, lazy: dict[int, torch.Tensor]) -> Any:
     the fused step writes each state tensor in place."""
     if not isinstance(x, torch.Tensor):
         return x
-    if id(x) in lazy:
+    if is_lazy(x, lazy):
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
         return x.contiguous()
@@ -88,7 +88,7 @@ def _ring_from_slots(slots: list[Any], count: int, lazy: dict[int, torch.Tensor]
     w, first = len(slots), slots[0]
     if _is_packed(first):
         return type(first)(*(_ring_from_slots([s[j] for s in slots], count, lazy) for j in range(len(first))))
-    if all(id(s) in lazy for s in slots):
+    if all(is_lazy(s, lazy) for s in slots):
         return torch.zeros((w, *first.shape), dtype=first.dtype, device=first.device)
     ring = torch.empty((w, *first.shape), dtype=first.dtype, device=first.device)
     for k, s in enumerate(slots):

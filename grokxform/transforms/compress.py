@@ -316,7 +316,7 @@ def compress_state(
                     " tensors (a block must not straddle shards): compress the state of unsharded params only")
             if id(x) in reuse:
                 out.append(reuse[id(x)])
-            elif packable(x, keep) and zeros is not None and id(x) in zeros:
+            elif packable(x, keep) and zeros is not None and _memory.is_lazy(x, zeros):
                 out.append(_zeros(x, fmt, id(x) in nonneg, block_size))
             elif packable(x, keep):
                 out.append(encode(x, fmt, nonnegative=id(x) in nonneg, block_size=block_size, key=key(x)))
