@@ -212,6 +212,23 @@ def test_triton_runs_a_compressed_ma_window(fmt: str) -> None:
     _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "bf16_sr"])
+def test_traced_step_runs_a_compressed_ring(fmt: str) -> None:
+    """The traced fallback (``make_fx``, op by op) on the engine's layout: ``tx.update`` gathers the
+    rings' slots oldest first on the device and writes the newest one back. (Its re-sum, which
+    cannot read the counts on the host, adds g and then q − g: the running sums to rounding.)"""
+    tx = _ma(fmt)
+    fs = _engine(tx, MA_STEPS, "eager")
+    params, state = _eager(tx, MA_STEPS)
+    want, got = state.inner["grokfast"], fs.eager_state().inner["grokfast"]
+    for a, b in zip(_tensors((want.window, want.count)), _tensors((got.window, got.count))):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # the slots: codes and scales
+    for a, b in zip(_tensors(want.total), _tensors(got.total)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k in params:
+        torch.testing.assert_close(fs.params[k], params[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_running_sum_is_the_sum_of_the_decoded_slots(fmt: str) -> None:
     """After many steps (mid-window), each running sum is the float64 sum of what its slots hold,

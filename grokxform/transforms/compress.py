@@ -336,6 +336,11 @@ def compress_state(
 
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, CompressedState]:
         C.check_state(state, CompressedState, "compress_state")
+        rings = [(path, st) for m, st, path, _ in _members(decl, state.inner)
+                 if m.window is not None and isinstance(getattr(st, m.window.name), D.RingWindow)]
+        if rings:  # (the engine's layout, in a traced step: its windows gathered oldest first, put back after)
+            out, new = update(updates, CompressedState(state.count, _gathered(decl, state.inner)), params, **extra)
+            return out, CompressedState(new.count, _scattered(decl, new.inner, state.inner))
         origin: dict[int, Any] = {}
         lazy = lazy_slots(state.inner)
 
@@ -436,6 +441,67 @@ def compress_state(
     # (declared for the in-place engine, which decodes and encodes in its kernels; a call of
     # update decodes, runs tx.update, encodes)
     return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
+
+
+def _ring_leaves(tree: Any) -> tuple[list[Any], Any]:
+    return pytree.tree_flatten(tree, is_leaf=lambda x: x is None or _is_packed(x))
+
+
+def _gathered(decl: Any, inner: Any) -> Any:
+    """``inner`` with each window in the ring layout (:class:`~grokxform.declarations.RingWindow`,
+    of compressed rings) as the eager tuple of w trees, oldest first: slot ``(count + k) % w`` of
+    each leaf's ring (copies, indexed on the device: traceable)."""
+    for m, st, path, _ in list(_members(decl, inner)):
+        wf = m.window
+        window = getattr(st, wf.name) if wf is not None else None
+        if not isinstance(window, D.RingWindow):
+            continue
+        assert wf is not None and m.count is not None  # (a window is declared with a count)
+        counts = _tree.flatten(getattr(st, m.count))[0]
+        rings, spec = _ring_leaves(window.buffers)
+
+        def slot(ring: Any, c: torch.Tensor, k: int) -> Any:
+            at = torch.remainder(c + k, wf.size).reshape(1)
+            if _is_packed(ring):
+                return type(ring)(*(part.index_select(0, at).squeeze(0) for part in ring))
+            return ring.index_select(0, at).squeeze(0)
+
+        trees = tuple(pytree.tree_unflatten([None if r is None else slot(r, c, k) for r, c in zip(rings, counts)], spec)
+                      for k in range(wf.size))
+        inner = _replace_at(inner, path, type(st)(*(trees if f == wf.name else v for f, v in zip(st._fields, st))))
+    return inner
+
+
+def _scattered(decl: Any, new: Any, old: Any) -> Any:
+    """The new state ``new`` (windows oldest first, from :func:`_gathered`'s) with each window put
+    back in the rings of ``old``: each leaf that moved on writes its newest value into the slot
+    its old count names."""
+    olds = {path: st for _, st, path, _ in _members(decl, old)}
+    for m, st, path, _ in list(_members(decl, new)):
+        wf = m.window
+        if wf is None or not isinstance(getattr(olds[path], wf.name), D.RingWindow):
+            continue
+        assert m.count is not None
+        before = _tree.flatten(getattr(olds[path], m.count))[0]
+        after = _tree.flatten(getattr(st, m.count))[0]
+        rings, spec = _ring_leaves(getattr(olds[path], wf.name).buffers)
+        newest = _ring_leaves(getattr(st, wf.name)[-1])[0]
+
+        def put(ring: torch.Tensor, value: torch.Tensor, c: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+            at = torch.remainder(c, wf.size).reshape(1)
+            return ring.index_put((at,), torch.where(moved, value.unsqueeze(0), ring.index_select(0, at)))
+
+        out = []
+        for r, v, c0, c1 in zip(rings, newest, before, after):
+            if r is None:
+                out.append(None)
+            elif _is_packed(r):
+                out.append(type(r)(*(put(a, b, c0, c1 != c0) for a, b in zip(r, v))))
+            else:
+                out.append(put(r, v, c0, c1 != c0))
+        ring = D.RingWindow(pytree.tree_unflatten(out, spec))
+        new = _replace_at(new, path, type(st)(*(ring if f == wf.name else v for f, v in zip(st._fields, st))))
+    return new
 
 
 def _replace_at(state: Any, path: tuple[Any, ...], value: Any) -> Any:
