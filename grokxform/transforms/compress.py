@@ -214,8 +214,13 @@ def compress_state(
     runs it in its kernels instead: a packed field is decoded where the kernel loads it and its
     new value encoded where it stores it, in registers (the C, Triton and foreach backends store
     the codes and scales this function stores, bit for bit). There ``"int8"`` needs a
-    ``block_size`` that divides the kernels' tile of 1024 elements, and a chain with an MA window
-    runs this ``update``.
+    ``block_size`` that divides the kernels' tile of 1024 elements. An MA window is there a ring
+    of compressed slots (one ``[w, ...]`` buffer per part, :mod:`grokxform.engine.layout`): a
+    step decodes the oldest slot where it reads it, encodes the new value into that slot and
+    corrects the running sum by what the slot stores, as below; its state round-trips through
+    ``state_dict`` bit for bit (the slots in slot order). This ``update`` takes that layout too
+    (the traced fallback): the slots are gathered oldest first on the device and the newest one
+    is put back.
 
     Compressed: every float32 state tensor of ``min_size`` elements or more (Adam's m and v,
     EMA μ, momentum traces, the MA window's slots, AdEMAMix's slow EMA...). Kept as they are:
@@ -251,9 +256,11 @@ def compress_state(
     (q − g is added to the sum on the step that writes the slot), so that the decoded oldest
     value removed later cancels what was added; the exact re-sum every w steps sums the decoded
     slots (under ``torch.func`` transforms, where the counts are not read on the host, the
-    re-sum's newest value is g, corrected by q − g). Only the oldest slot (and, on a leaf's re-sum step, the whole
-    window) is decoded at a step, so a step's temporaries are one float32 copy of the
-    gradient-sized fields, not of the window.
+    re-sum's newest value is g, corrected by q − g). Here only the oldest slot (and, on a leaf's
+    re-sum step, the whole window) is decoded at a step, so a step's temporaries are one float32
+    copy of the gradient-sized fields, not of the window; the engine decodes no slot into memory
+    (its re-sum adds the decoded slots one by one in registers; the foreach backend decodes one
+    slot of the due leaves at a time).
 
     A NaN or infinity in a tensor makes its value NaN (``"int8"``: its whole block) after
     decoding. State: :class:`CompressedState`. Sharded (DTensor) params are refused
@@ -460,8 +467,8 @@ def _gathered(decl: Any, inner: Any) -> Any:
         counts = _tree.flatten(getattr(st, m.count))[0]
         rings, spec = _ring_leaves(window.buffers)
 
-        def slot(ring: Any, c: torch.Tensor, k: int) -> Any:
-            at = torch.remainder(c + k, wf.size).reshape(1)
+        def slot(ring: Any, c: torch.Tensor, k: int, w: int = wf.size) -> Any:
+            at = torch.remainder(c + k, w).reshape(1)
             if _is_packed(ring):
                 return type(ring)(*(part.index_select(0, at).squeeze(0) for part in ring))
             return ring.index_select(0, at).squeeze(0)
@@ -487,8 +494,9 @@ def _scattered(decl: Any, new: Any, old: Any) -> Any:
         rings, spec = _ring_leaves(getattr(olds[path], wf.name).buffers)
         newest = _ring_leaves(getattr(st, wf.name)[-1])[0]
 
-        def put(ring: torch.Tensor, value: torch.Tensor, c: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-            at = torch.remainder(c, wf.size).reshape(1)
+        def put(ring: torch.Tensor, value: torch.Tensor, c: torch.Tensor, moved: torch.Tensor,
+                w: int = wf.size) -> torch.Tensor:
+            at = torch.remainder(c, w).reshape(1)
             return ring.index_put((at,), torch.where(moved, value.unsqueeze(0), ring.index_select(0, at)))
 
         out = []
