@@ -485,7 +485,8 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: float) -> float:
         return 2 * pb + gb + 6 * sb  # m, the slow m and v
     if pipe == "grokfast_ema":
         return adamw + 2 * sb
-    # MA: a ring slot in and out, the running sum in and out (float32, or float64 with f64sum), and
+    # MA: a ring slot in and out (compressed: the oldest decoded, the newest encoded), the running
+    # sum in and out (float32, or float64 with f64sum), and
     # the re-sum, which reads the whole window once every w steps: one slot per step on average
     if pipe == "grokfast_ma":
         return adamw + 3 * slot + 2 * 4

@@ -138,6 +138,8 @@ class LazyZeros(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.lazy: dict[int, torch.Tensor] = {}
+        """The lazy zeros made, by the address of their one-element storage (the Python object a
+        mode returns is not always the one it made: :func:`is_lazy` looks a tensor up)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -156,6 +158,12 @@ class LazyZeros(TorchDispatchMode):
                 numel *= int(s)
             if numel > 1:
                 out = torch.zeros((), dtype=dtype, device=device).expand(shape)
-                self.lazy[id(out)] = out
+                self.lazy[out.untyped_storage().data_ptr()] = out
                 return out
         return func(*args, **kwargs)
+
+
+def is_lazy(x: Any, lazy: dict[int, torch.Tensor]) -> bool:
+    """Whether ``x`` is one of the lazy zeros ``lazy`` (:attr:`LazyZeros.lazy`) or a view of one."""
+    return (type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.numel() > 1
+            and 0 in x.stride() and x.untyped_storage().data_ptr() in lazy)

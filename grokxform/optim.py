@@ -170,8 +170,7 @@ class Optimizer(torch.optim.Optimizer):
       ``"bf16"``, ``"bf16_sr"``, ``"int8"``: the transformation wrapped in
       :func:`~grokxform.compress_state` with that format (its large state tensors stored
       compressed). The engine runs such a group in place, decoding and encoding the packed
-      state in its kernels (``docs/memory.md``); a chain with an MA window runs ``tx.update``
-      (decode, the chain's kernels on the decoded state, encode) and ``fallback_reasons`` says so.
+      state in its kernels (``docs/memory.md``), MA windows as rings of compressed slots.
     - ``module``: the ``nn.Module`` the parameters belong to; unnamed parameters given here take
       their names from ``module.named_parameters()`` (for depth rules and masks that read paths).
 

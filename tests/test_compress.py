@@ -216,7 +216,7 @@ def test_optimizer_resume_is_bit_for_bit(fmt: str) -> None:
     m = model()
     opt = gx.Optimizer(m.named_parameters(), gx.grokfast_ma, lr=1e-3, window_size=3, state_format=fmt)
     steps(m, opt, 4)
-    assert opt.engines == ["tx.update"] and "MA window" in opt.fallback_reasons[0]
+    assert opt.engines[0] in ("c", "foreach") and opt.fallback_reasons == [None]  # (the MA window on the engine)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 import grokxform as gx  # noqa: E402
 from grokxform.engine import native  # noqa: E402
+from grokxform.engine.layout import init_state  # noqa: E402
 from grokxform.fused import EngineUnavailable, FusedStep  # noqa: E402
 from grokxform.transforms.compress import decode  # noqa: E402
 
@@ -78,7 +79,7 @@ def _engine(tx: gx.GradientTransformation, steps: int, backend: str) -> FusedSte
 
 def _check(fs: FusedStep, eager: tuple[dict, object]) -> None:
     params, state = eager
-    for a, b in zip(_tensors(state), _tensors(fs.state)):
+    for a, b in zip(_tensors(state), _tensors(fs.eager_state())):  # (MA windows oldest first)
         if a.is_floating_point() and a.dim() == 0:  # (a global norm: summed in another order)
             torch.testing.assert_close(a, b)
         else:
@@ -181,11 +182,102 @@ def test_optimizer_runs_compressed_state_on_the_engine(fmt: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(_tensors(opt.tx_states), _tensors(opt2.tx_states)))
 
 
-def test_ma_window_runs_tx_update() -> None:
-    m = _model()
-    opt = gx.Optimizer(m.parameters(), gx.grokfast_ma, lr=1e-3, window_size=3, state_format="int8")
-    _train(m, opt, 2)
-    assert opt.engines == ["tx.update"] and "MA window" in (opt.fallback_reasons[0] or "")
+# -- MA windows: a ring of compressed slots, the running sum corrected by what each slot stores --
+
+W = 4
+MA_STEPS = 3 * W + 1  # three re-sums of each leaf ("v", without a gradient every 4th step, lags)
+
+
+def _ma(fmt: str, accumulator_dtype: torch.dtype | None = None) -> gx.GradientTransformation:
+    return gx.compress_state(gx.grokfast_ma(1e-2, window_size=W, accumulator_dtype=accumulator_dtype), fmt,
+                             min_size=64, block_size=64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt,acc", [*((f, None) for f in FORMATS), ("int8", torch.float64)])
+def test_engine_runs_a_compressed_ma_window(fmt: str, acc: torch.dtype | None, backend: str) -> None:
+    """The slots' codes and scales and the running sums (re-sums included) as the eager update's,
+    bit for bit."""
+    tx = _ma(fmt, acc)
+    fs = _engine(tx, MA_STEPS, backend)
+    assert type(fs.state.inner["grokfast"].window.buffers["w"]).__name__ == {
+        "bf16": "Bf16Pair", "bf16_sr": "Bf16Stochastic", "int8": "Int8Blocks"}[fmt]
+    _check(fs, _eager(tx, MA_STEPS))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_runs_a_compressed_ma_window(fmt: str) -> None:
+    pytest.importorskip("triton")
+    tx = _ma(fmt)
+    _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16_sr"])
+def test_traced_step_runs_a_compressed_ring(fmt: str) -> None:
+    """The traced fallback (``make_fx``, op by op) on the engine's layout: ``tx.update`` gathers the
+    rings' slots oldest first on the device and writes the newest one back. (Its re-sum, which
+    cannot read the counts on the host, adds g and then q − g: the running sums to rounding.)"""
+    tx = _ma(fmt)
+    fs = _engine(tx, MA_STEPS, "eager")
+    params, state = _eager(tx, MA_STEPS)
+    want, got = state.inner["grokfast"], fs.eager_state().inner["grokfast"]
+    for a, b in zip(_tensors((want.window, want.count)), _tensors((got.window, got.count))):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # the slots: codes and scales
+    for a, b in zip(_tensors(want.total), _tensors(got.total)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k in params:
+        torch.testing.assert_close(fs.params[k], params[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_running_sum_is_the_sum_of_the_decoded_slots(fmt: str) -> None:
+    """After many steps (mid-window), each running sum is the float64 sum of what its slots hold,
+    to the rounding of a few float32 additions since the last re-sum."""
+    tx = gx.compress_state(gx.grokfast_ma(1e-2, window_size=8), fmt, min_size=64, block_size=64)
+    fs = _engine(tx, 45, "c" if DEVICE == "cpu" and native.compiler()[0] else "foreach" if DEVICE == "cpu" else "triton")
+    st = fs.eager_state().inner["grokfast"]
+    for k in ("w", "v"):
+        want = sum(decode(slot[k], 64).double() for slot in st.window)
+        torch.testing.assert_close(st.total[k].double(), want, rtol=0, atol=8 * 2.0**-24 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimizer_runs_a_compressed_ma_window_on_the_engine(fmt: str) -> None:
+    m, ref = _model(), _model()
+    kwargs = {"lr": 1e-3, "window_size": W, "state_format": fmt}
+    opt = gx.Optimizer(m.named_parameters(), gx.grokfast_ma, **kwargs)
+    eager = gx.Optimizer(ref.named_parameters(), gx.grokfast_ma, fused=False, **kwargs)
+    _train(m, opt, 1)
+    _train(ref, eager, 1)
+    assert opt.engines == ["c" if native.compiler()[0] else "foreach"] and opt.fallback_reasons == [None]
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(opt.tx_states), _tensors(eager.tx_states)))
+    _train(m, opt, 5)  # (mid-window: the ring's oldest slot is not its first)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    opt2 = gx.Optimizer(m2.named_parameters(), gx.grokfast_ma, **kwargs)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _train(m, opt, 2 * W)
+    _train(m2, opt2, 2 * W)
+    assert opt2.fallback_reasons == [None]
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(opt.tx_states), _tensors(opt2.tx_states)))
+
+
+def test_compressed_window_bytes_per_param(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's state (the window a ring of packed slots, made without a float32 copy): an
+    int8 window of 100 slots takes 100 · (1 + 4/256) bytes per param; the memory check counts them."""
+    params = {"w": torch.zeros(256, 256), "v": torch.zeros(128, 256)}
+    n = sum(p.numel() for p in params.values())
+    monkeypatch.setattr(gx._memory, "available_bytes", lambda device: 120 * n)  # (float32: 400 bytes per param)
+    with pytest.raises(gx._memory.StateTooLargeError):
+        init_state(gx.grokfast_ma(window_size=100), params)
+    state = init_state(gx.compress_state(gx.grokfast_ma(window_size=100), "int8"), params)
+    window = state.inner["grokfast"].window.buffers
+    assert sum(x.nbytes for x in _tensors(window)) / n == 100 * (1 + 4 / 256)
+    assert sum(x.nbytes for x in _tensors(state)) / n <= 108  # (+ the float32 sum, Adam's m and v in int8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

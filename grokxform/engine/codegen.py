@@ -30,7 +30,10 @@ from grokxform.elements import (
     interpret,
 )
 from grokxform.engine import plan as P
+from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, Int8Blocks
 
+_PARTS = {"bf16": Bf16Pair._fields, "bf16_sr": Bf16Stochastic._fields, "int8": Int8Blocks._fields}
+"""The parts of a compressed tensor of each format."""
 _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
        torch.float64: "tl.float64"}
 
@@ -97,6 +100,9 @@ class Emitter:
         """The per-leaf sums this pass takes, in the order of the reduction buffer's values."""
         self.wide_sums = False
         """Whether a sum is of float64 values (the reduction buffer is then float64)."""
+        self.shifts: dict[str, str] = {}
+        """Per role of a packed part: the offset (in its elements) of the slot that the codecs
+        read and write (a compressed window's ring: :meth:`at_slot`)."""
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -465,7 +471,9 @@ class Emitter:
 
     def part(self, role: str, part: str, dtype: str) -> str:
         """A pointer of Triton type ``dtype`` to this item's leaf of the packed ``role``'s ``part``."""
-        return f"pointer({self.table(f'{role}__{part}')}, leaf, {dtype})"
+        name = f"{role}__{part}"
+        at = f"pointer({self.table(name)}, leaf, {dtype})"
+        return at if name not in self.shifts else f"({at} + {self.shifts[name]})"
 
     def decode(self, role: str, codec: P.Codec) -> Value:
         """The float32 value the packed ``role`` holds at each element (``decode``)."""
@@ -533,14 +541,86 @@ class Emitter:
         self.line(f"tl.store({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
                   f" {scale.name}, mask={written.name})")
 
+    # -- windows: a ring of w slots per leaf (compressed: one ring per part) ----------------------
+
+    blocks_of_n = "((n + {m}) // {bs})"
+    """The text of a leaf's number of int8 blocks of ``bs`` elements (``m`` = bs − 1)."""
+
+    @contextmanager
+    def at_slot(self, role: str, codec: P.Codec, slot: str) -> Iterator[None]:
+        """Within: the codecs read and write slot ``slot`` (text) of the compressed ring ``role``
+        (its codes or bfloat16 parts ``[w, n]``, its scales ``[w, blocks]``)."""
+        blocks = self.blocks_of_n.format(m=codec.block_size - 1, bs=codec.block_size)
+        saved = dict(self.shifts)
+        for part in _PARTS[codec.fmt]:
+            self.shifts[f"{role}__{part}"] = f"{slot} * {blocks if part == 'scales' else 'n'}"
+        try:
+            yield
+        finally:
+            self.shifts = saved
+
     def oldest(self, m: P.Member) -> Value:
         role = self.role_of(m, "window")
+        codec = m.codec(self.leaf, "window")
+        if codec is not None:
+            with self.at_slot(role, codec, self._slot(m)):
+                return self.decode(role, codec)
         return self.load(role, self.dtype_of(role), f"{self._slot(m)} * n + ")
 
-    def push(self, m: P.Member, newest: Value, out: Value) -> Value:
-        self.store(self.role_of(m, "window"), newest, f"{self._slot(m)} * n + ")
-        self.resum(m, newest)
+    def push(self, m: P.Member, newest: Value, out: Value, total: Value | None) -> Value:
+        codec = m.codec(self.leaf, "window")
+        if codec is None:
+            self.store(self.role_of(m, "window"), newest, f"{self._slot(m)} * n + ")
+            self.resum(m, newest)
+            return out
+        role = self.role_of(m, "window")
+        with self.at_slot(role, codec, self._slot(m)):
+            self.encode(role=role, codec=codec, value=newest, node=m)
+        wf = m.decl.window
+        if wf is not None and wf.total is not None and total is not None:
+            self.packed_total(m, codec, newest, total, self.role_of(m, wf.total), wf.size)
         return out
+
+    def packed_total(self, m: P.Member, codec: P.Codec, newest: Value, total: Value, role: str, w: int) -> None:
+        """The running sum of a compressed window: ``total + (q − newest)`` in its dtype, q what the
+        slot now holds (decoded after a barrier: every thread sees the block's codes and scale);
+        on the update due for the re-sum, its decoded slots summed (:meth:`packed_window_sum`)."""
+        self.line("tl.debug_barrier()")
+        ring, slot = self.role_of(m, "window"), self._slot(m)
+        with self.at_slot(ring, codec, slot):
+            q = self.decode(ring, codec)
+        acc = total.dtype
+        fixed = self.rounded(f"{total.name} + ({self.widen(q.name, acc)} - {self.widen(newest.name, acc)})", acc)
+        self.store(role, fixed)
+        self.packed_window_sum(ring, codec, slot, w, role, q)
+
+    def _decoded(self, ring: str, codec: P.Codec, slot: str) -> tuple[list[str], Value]:
+        """The lines that decode slot ``slot`` of the compressed ``ring`` (to emit in a block), and the value."""
+        saved, self.lines = self.lines, []
+        with self.at_slot(ring, codec, slot):
+            v = self.decode(ring, codec)
+        lines, self.lines = self.lines, saved
+        return lines, v
+
+    def packed_window_sum(self, ring: str, codec: P.Codec, slot: str, w: int, total: str, q: Value) -> None:
+        """On the update due for it, the running sum ``total`` becomes the sum of the decoded slots
+        of the compressed ``ring`` (the w − 1 older, then ``q``), added one by one in float64."""
+        dst = f"pointer({self.table(total)}, leaf, {tl_name(self.dtype_of(total))})"
+        mask = " & ".join(["msk", *self.guards])
+        acc, j = self.var("acc"), self.var("j")
+        self.line(f"if {slot} == {w - 1}:")
+        if w == 1:
+            self.line(f"    {acc} = {q.name}.to(tl.float64)")
+        else:
+            first, v0 = self._decoded(ring, codec, "0")
+            later, vj = self._decoded(ring, codec, j)
+            self.lines += [f"    {x}" for x in first]
+            self.line(f"    {acc} = {v0.name}.to(tl.float64)")
+            self.line(f"    for {j} in range(1, {w - 1}):")
+            self.lines += [f"        {x}" for x in later]
+            self.line(f"        {acc} += {vj.name}.to(tl.float64)")
+            self.line(f"    {acc} += {q.name}.to(tl.float64)")
+        self.line(f"    tl.store({dst} + offs, {acc}.to({tl_name(self.dtype_of(total))}), mask={mask})")
 
     def reached(self, x: Value, sums: dict[str, Value]) -> NoReturn:
         self.reduced, self.sum_names = x, tuple(sums)

@@ -24,6 +24,11 @@ from grokxform.engine import plan as P
 from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, Int8Blocks, decode, encode
 
 
+def _slot(ring: Any, k: int) -> Any:
+    """Slot ``k`` of a compressed ring (views of its parts)."""
+    return type(ring)(*(part[k] for part in ring))
+
+
 class Reached(Exception):
     """The pass's reduction point: ``x`` is the value reduced there, ``sums`` the values summed."""
 
@@ -132,15 +137,51 @@ class GroupPass:
     def oldest(self, m: P.Member) -> Vals:
         slot = self.scalars[id(m)].values[P.SLOT]
         where = self._slots[id(m)] = [int(s) for s in slot[self._idx(m)].tolist()]
+        codec = m.codec(self.leaf, "window")
+        if codec is not None:  # the oldest slot decoded into temporaries of this pass
+            rings = self._packed(m, "window", codec)
+            return Vals([decode(_slot(ring, k), codec.block_size) for ring, k in zip(rings, where)], True)
         rings = self.grp.roles[self.step._role(m, "window")]
         return Vals([ring[k] for ring, k in zip(rings, where)], False)
 
-    def push(self, m: P.Member, newest: Vals, out: Vals) -> Vals:
-        rings = self.grp.roles[self.step._role(m, "window")]
+    def push(self, m: P.Member, newest: Vals, out: Vals, total: Vals | None) -> Vals:
         slots = self._slots[id(m)]
+        codec = m.codec(self.leaf, "window")
+        if codec is not None:
+            self.push_packed(m, codec, slots, newest.ts, total)
+            return out
+        rings = self.grp.roles[self.step._role(m, "window")]
         self.store([ring[k] for ring, k in zip(rings, slots)], newest.ts)
         resummed = self.resum(m, slots, out.ts)
         return out if resummed is out.ts else Vals(resummed, True)
+
+    def push_packed(self, m: P.Member, codec: P.Codec, slots: list[int], newest: list[torch.Tensor],
+                    total: Vals | None) -> None:
+        """``newest`` encoded into the oldest slots of the compressed rings; the running sums
+        ``total + (q − newest)`` (q: what the slots now hold, decoded), or on a leaf due for its
+        re-sum its decoded slots summed oldest first (:func:`~grokxform._resum.window_sum`'s order),
+        one slot of every due leaf at a time."""
+        rings = self._packed(m, "window", codec)
+        keys = self.scalars[id(m)].values[codec.key][self._idx(m)] if codec.fmt == "bf16_sr" else [0] * len(rings)
+        new = [encode(x, codec.fmt, block_size=codec.block_size, key=k) for x, k in zip(newest, keys)]
+        for j in range(len(new[0])):
+            self.store([ring[j][k] for ring, k in zip(rings, slots)], [p[j] for p in new])
+        wf = m.decl.window
+        if wf is None or wf.total is None or total is None:
+            return
+        totals = self.grp.roles[self.step._role(m, wf.total)]
+        q = [decode(p, codec.block_size) for p in new]
+        acc = totals[0].dtype
+        self.store(totals, [t + (a.to(acc) - g.to(acc)) for t, a, g in zip(total.ts, q, newest)])
+        due = [k for k, s in enumerate(slots) if s == wf.size - 1]
+        if not due:
+            return
+        sums = [q[k].to(torch.float64) if wf.size == 1 else decode(_slot(rings[k], 0), codec.block_size).to(torch.float64)
+                for k in due]
+        for j in range(1, wf.size):
+            torch._foreach_add_(sums, [q[k] if j == wf.size - 1 else decode(_slot(rings[k], j), codec.block_size)
+                                       for k in due])
+        self.store([totals[k] for k in due], [v.to(totals[k].dtype) for v, k in zip(sums, due)])
 
     def reached(self, x: Vals, sums: dict[str, Vals]) -> NoReturn:
         raise Reached(x.ts, {name: v.ts for name, v in sums.items()})

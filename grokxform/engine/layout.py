@@ -2,8 +2,10 @@
 
 The eager window of :func:`~grokxform.ma_filter` is a tuple of w trees (oldest first), so that a
 pure update rotates references. An in-place step writes one slot of a ``[w, *shape]`` ring buffer
-instead (:class:`~grokxform.declarations.RingWindow`, slot ``count % w`` oldest). Every other
-state leaf is used as it is.
+instead (:class:`~grokxform.declarations.RingWindow`, slot ``count % w`` oldest). A window of
+compressed slots (:func:`~grokxform.compress_state`) becomes a compressed ring: one ``[w, ...]``
+buffer per part (int8's codes ``[w, *shape]`` and scales ``[w, blocks]``), each slot a view.
+Every other state leaf is used as it is.
 
 A state owned in the fused layout can also be stepped by the pure ``tx.update``, in place:
 :func:`to_eager_layout` with ``ring_order=True`` gives its windows as the ring's slots (views, in
@@ -19,7 +21,7 @@ import torch
 
 from grokxform import distributed as _dist
 from grokxform import tree as _tree
-from grokxform._memory import LazyZeros
+from grokxform._memory import LazyZeros, is_lazy
 from grokxform.base import GradientTransformation, Params, State
 from grokxform.declarations import RingWindow, window_fields
 
@@ -29,7 +31,7 @@ def _materialize(x: Any, lazy: dict[int, torch.Tensor]) -> Any:
     the fused step writes each state tensor in place."""
     if not isinstance(x, torch.Tensor):
         return x
-    if id(x) in lazy:
+    if is_lazy(x, lazy):
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
         return x.contiguous()
@@ -41,8 +43,31 @@ def _is_windowed(x: Any) -> bool:
     return window_fields(x) is not None
 
 
-def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf; a compressed
-    return x is None or _is_windowed(x) or getattr(x, "_own_layout", False)  # state keeps its own layout)
+def _stops(x: Any) -> bool:  # (a windowed state is handled whole; ``None`` is a leaf)
+    return x is None or _is_windowed(x)
+
+
+def _is_packed(x: Any) -> bool:
+    """Whether ``x`` is a compressed tensor (:mod:`grokxform.transforms.compress`: a NamedTuple of
+    its parts, one leaf of a window's tree)."""
+    return isinstance(x, tuple) and getattr(type(x), "_packed", False)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """The leaves of one tree of a window (or of a ring's buffers): ``None`` and compressed
+    tensors are leaves."""
+    if _tree.flat_dict(tree):
+        return list(tree.values())
+    return torch.utils._pytree.tree_flatten(tree, is_leaf=lambda x: x is None or _is_packed(x))[0]
+
+
+def _unflatten_like(leaves: list[Any], tree: Any) -> Any:
+    """``leaves`` in the structure of ``tree`` (compressed tensors are leaves)."""
+    if type(tree) is dict and not torch.compiler.is_compiling() and all(
+            v is None or isinstance(v, torch.Tensor) or _is_packed(v) for v in tree.values()):
+        return dict(zip(tree, leaves))
+    spec = torch.utils._pytree.tree_flatten(tree, is_leaf=lambda x: x is None or _is_packed(x))[1]
+    return torch.utils._pytree.tree_unflatten(leaves, spec)
 
 
 def _with(st: Any, **fields: Any) -> Any:
@@ -56,10 +81,14 @@ def _others(st: Any) -> tuple[Any, ...]:
     return tuple(v for f, v in zip(st._fields, st) if f != w)
 
 
-def _ring_from_slots(slots: list[torch.Tensor], count: int, lazy: dict[int, torch.Tensor]) -> torch.Tensor:
-    """One ``[w, *shape]`` buffer: slot ``(count + k) % w`` holds window slot k (k = 0 oldest)."""
+def _ring_from_slots(slots: list[Any], count: int, lazy: dict[int, torch.Tensor]) -> Any:
+    """One ``[w, *shape]`` buffer: slot ``(count + k) % w`` holds window slot k (k = 0 oldest). Of
+    compressed slots, the compressed ring: one ``[w, *shape]`` buffer per part (int8's scales
+    ``[w, blocks]``)."""
     w, first = len(slots), slots[0]
-    if all(id(s) in lazy for s in slots):
+    if _is_packed(first):
+        return type(first)(*(_ring_from_slots([s[j] for s in slots], count, lazy) for j in range(len(first))))
+    if all(is_lazy(s, lazy) for s in slots):
         return torch.zeros((w, *first.shape), dtype=first.dtype, device=first.device)
     ring = torch.empty((w, *first.shape), dtype=first.dtype, device=first.device)
     for k, s in enumerate(slots):
@@ -83,16 +112,23 @@ def _to_ring(st: Any, lazy: dict[int, torch.Tensor], ring_order: bool) -> Any:
     materialized = {f: _tree.tree_map(lambda x: _materialize(x, lazy), v) for f, v in zip(st._fields, st) if f != wname}
     if not isinstance(window, tuple) or not window:
         raise ValueError(f"a {type(st).__name__}'s {wname} must be a non-empty tuple of trees")
-    counts, spec = _tree.flatten(getattr(st, cname))
+    counts = _tree.flatten(getattr(st, cname))[0]
     starts = [0] * len(counts) if ring_order else _host_counts(counts)
-    slot_leaves = [_tree.flatten(t)[0] for t in window]
-    rings: list[torch.Tensor | None] = []
+    slot_leaves = [_leaves(t) for t in window]
+    rings: list[Any] = []
     for i, c in enumerate(counts):
         if c is None:
             rings.append(None)
             continue
         rings.append(_ring_from_slots([s[i] for s in slot_leaves], starts[i], lazy))
-    return _with(st, **{**materialized, wname: RingWindow(_tree.unflatten(rings, spec))})
+    return _with(st, **{**materialized, wname: RingWindow(_unflatten_like(rings, window[0]))})
+
+
+def _unbind(ring: Any) -> Any:
+    """The slots of a ring buffer (views); of a compressed ring, compressed slots of views."""
+    if _is_packed(ring):
+        return [type(ring)(*parts) for parts in zip(*(r.unbind(0) for r in ring))]
+    return ring.unbind(0)
 
 
 def _to_eager(st: Any, ring_order: bool) -> Any:
@@ -100,15 +136,15 @@ def _to_eager(st: Any, ring_order: bool) -> Any:
     window = getattr(st, wname)
     if not isinstance(window, RingWindow):
         return st
-    counts, spec = _tree.flatten(getattr(st, cname))
-    rings = _tree.flatten(window.buffers)[0]
-    w = next((r.shape[0] for r in rings if r is not None), 0)
+    counts = _tree.flatten(getattr(st, cname))[0]
+    rings = _leaves(window.buffers)
+    unbound = [None if r is None else _unbind(r) for r in rings]
+    w = next((len(u) for u in unbound if u is not None), 0)
     starts = [0] * len(counts) if ring_order else _host_counts(counts)
-    unbound = [None if r is None else r.unbind(0) for r in rings]
     slots = [
         [None if u is None else u[(c + k) % w] for c, u in zip(starts, unbound)] for k in range(w)
     ]
-    return _with(st, **{wname: tuple(_tree.unflatten(s, spec) for s in slots)})
+    return _with(st, **{wname: tuple(_unflatten_like(s, window.buffers) for s in slots)})
 
 
 def to_fused_layout(
@@ -193,10 +229,11 @@ def has_windows(state: State) -> bool:
 
 def _slot_leaves(window: tuple[Any, ...], like: Any) -> list[list[Any]]:
     """The leaves of each tree of a window, whose trees have the structure of ``like`` (the
-    counts): for a flat ``{name: tensor}`` dict, its values (no check per slot)."""
+    counts; compressed tensors are leaves): for a flat ``{name: tensor}`` dict, its values (no
+    check per slot)."""
     if _tree.flat_dict(like):
         return [list(t.values()) for t in window]
-    return [_tree.flatten(t)[0] for t in window]
+    return [_leaves(t) for t in window]
 
 
 def oldest_first(state: State) -> State:
@@ -211,12 +248,11 @@ def oldest_first(state: State) -> State:
         window, count = getattr(st, wname), getattr(st, cname)
         if not isinstance(window, tuple) or isinstance(window, RingWindow):
             return st
-        counts, spec = _tree.flatten(count)
-        starts = _host_counts(counts)
+        starts = _host_counts(_tree.flatten(count)[0])
         slots = _slot_leaves(window, count)
         w = len(slots)
         return _with(st, **{wname: tuple(
-            _tree.unflatten([slots[(c + k) % w][i] for i, c in enumerate(starts)], spec) for k in range(w)
+            _unflatten_like([slots[(c + k) % w][i] for i, c in enumerate(starts)], window[0]) for k in range(w)
         )})
 
     return torch.utils._pytree.tree_map(rotate, state, is_leaf=_stops)
@@ -246,8 +282,8 @@ def _window_pairs(dst: Any, src: Any) -> list[tuple[Any, Any]]:
         for k in range(w):
             d, x = ring[(c + k) % w][i], logical[k][i]
             if x is not d:
-                pairs.append((d, x))
-    return pairs
+                pairs.extend(zip(d, x) if _is_packed(d) else [(d, x)])  # (a compressed slot: its parts)
+    return [(d, x) for d, x in pairs if x is not d]
 
 
 class Owned:

@@ -110,7 +110,8 @@ class CEmitter(G.Emitter):
         self.pre.append(text)
 
     def ptr(self, role: str) -> str:
-        """The pointer to this item's leaf of ``role`` (typed by the role's dtype)."""
+        """The pointer to this item's leaf of ``role`` (typed by the role's dtype), at the slot
+        :meth:`~grokxform.engine.codegen.Emitter.at_slot` gives (a compressed ring's part)."""
         table = self.table(role)
 
         def make() -> str:
@@ -119,7 +120,8 @@ class CEmitter(G.Emitter):
             self.pre_line(f"{ct}* {v} = ({ct}*)(intptr_t){table}[leaf];")
             return v
 
-        return self.cached(("ptr", role), make)
+        base = self.cached(("ptr", role), make)
+        return base if role not in self.shifts else f"({base} + {self.shifts[role]})"
 
     def invariant(self, prefix: str, expr: str, ctype: str) -> str:
         v = self.var(prefix)
@@ -297,6 +299,56 @@ class CEmitter(G.Emitter):
             f"        {codes}[j] = ({ctype})q;",
             "    }",
             f"    {scales}[b0 / {bs}] = scale;",
+            "}",
+        ]
+
+    blocks_of_n = "((n + {m}) / {bs})"
+
+    def packed_total(self, m: Any, codec: Any, newest: G.Value, total: G.Value, role: str, w: int) -> None:
+        """As the Triton kernel's, after the item's elements (its int8 codes and scales are
+        written there): the new values and the rule's sums kept in local arrays, then per element
+        q decoded from the slot, ``total + (q − newest)``, or on the re-sum update the decoded
+        slots summed in float64."""
+        acc = total.dtype
+        gb, tb = self.var("gb"), self.var("tb")
+        self.pre_line(f"float {gb}[BLOCK];")
+        self.pre_line(f"{_ctype(acc)} {tb}[BLOCK];")
+        self.line(f"{gb}[i - start] = {newest.name};")
+        self.line(f"{tb}[i - start] = {total.name};")
+        ring, slot, dst = self.role_of(m, "window"), self._slot(m), self.ptr(role)
+        saved, self.lines = self.lines, []
+        with self.at_slot(ring, codec, slot):
+            q = self.decode(ring, codec)
+        fixed = self.rounded(f"{tb}[i - start] + ({self.widen(q.name, acc)} - {self.widen(f'{gb}[i - start]', acc)})", acc)
+        self.line(f"{dst}[i] = {self._stored(fixed)};")
+        running, self.lines = self.lines, []
+        with self.at_slot(ring, codec, slot):
+            q = self.decode(ring, codec)
+        a, j = self.var("acc"), self.var("j")
+        if w == 1:
+            self.line(f"double {a} = (double){q.name};")
+        else:
+            first, v0 = self._decoded(ring, codec, "0")
+            later, vj = self._decoded(ring, codec, j)
+            self.lines += [*first, f"double {a} = (double){v0.name};", f"for (int64_t {j} = 1; {j} < {w - 1}; ++{j}) {{",
+                           *(f"    {x}" for x in later), f"    {a} += (double){vj.name};", "}",
+                           f"{a} += (double){q.name};"]
+        summed = self.rounded(f"(double){a}" if acc == torch.float64 else f"(float){a}", acc)
+        self.line(f"{dst}[i] = {self._stored(summed)};")
+        resum, self.lines = self.lines, saved
+        guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
+        self.post += [
+            f"{guard}{{",
+            f"    if ({slot} == {w - 1}) {{",
+            "        for (int64_t i = start; i < end; ++i) {",
+            *(f"            {x}" for x in resum),
+            "        }",
+            "    } else {",
+            "        #pragma omp simd",
+            "        for (int64_t i = start; i < end; ++i) {",
+            *(f"            {x}" for x in running),
+            "        }",
+            "    }",
             "}",
         ]
 

@@ -102,9 +102,13 @@ class Runner(Protocol):
     def oldest(self, member: Member) -> Any:
         """The oldest value of ``member``'s window."""
 
-    def push(self, member: Member, newest: Any, out: Any) -> Any:
+    def push(self, member: Member, newest: Any, out: Any, total: Any) -> Any:
         """Store ``newest`` in the window's oldest slot, re-sum the window where due
-        (:class:`~grokxform.declarations.WindowField`); return ``out`` (a copy if it was re-summed)."""
+        (:class:`~grokxform.declarations.WindowField`); return ``out`` (a copy if it was re-summed).
+        A compressed window (``member.codec(leaf, "window")``): the slot stores encode(newest),
+        and the running sum (``total``: the rule's new value, not written yet) is written as
+        ``total + (q − newest)`` in its dtype, q = decode(encode(newest)), what the slot holds (the
+        eager ``compress_state``'s correction), its re-sum summing the decoded slots."""
 
     def reached(self, x: Any, sums: dict[str, Any]) -> NoReturn:
         """The pass's reduction point: reduce ``x`` (its norm and finiteness) and sum each of
@@ -350,9 +354,14 @@ class Member(Node):
         got = run.rule(self, decl.rule, inputs)
         if not run.main:
             return got["out"]
+        # (a running sum of a compressed window is written by push: corrected by what the slot stores)
+        total = decl.window.total if decl.window is not None and self.codec(run.leaf, "window") is not None else None
         for f in decl.fields:
-            run.write(self, f, got[f])
-        return run.push(self, got["window"], got["out"]) if decl.window is not None else got["out"]
+            if f != total:
+                run.write(self, f, got[f])
+        if decl.window is None:
+            return got["out"]
+        return run.push(self, got["window"], got["out"], None if total is None else got[total])
 
     def _inputs(self, run: Runner, x: Any) -> dict[str, Any]:
         """``x``, the param (if it reads it) and its state fields: the inputs of its rules but the window."""
@@ -685,12 +694,11 @@ class Pack(Node):
         try:
             node.inner = _plan(decl.inner, state.inner, active, guards, ctx, where)
         except TupleWindow:
-            raise Unsupported(f"{where}: compress_state over an MA window (its compressed slots and running sum"
-                              " run on tx.update: decode, the chain's kernels, encode)") from None
-        leaves = pytree.tree_leaves(state.inner, is_leaf=is_packed)
-        position = {id(x): j for j, x in enumerate(leaves)}
+            raise Unsupported(f"{where}: compress_state over an MA window in the eager layout (the engine takes"
+                              " its compressed ring: to_fused_layout)") from None
+        position = _eager_positions(state.inner) if decl.fmt == "bf16_sr" else {}
         for m in ctx.members[first:]:
-            for f, col in m.fields.items():
+            for f, col in {**m.fields, **({"window": m.window} if m.window is not None else {})}.items():
                 if not any(is_packed(t) for t in col):
                     continue
                 key = f"__key_{f}"
@@ -719,6 +727,26 @@ class Pack(Node):
 
     def release(self) -> None:
         self.state = None
+
+
+def _eager_positions(inner: Any) -> dict[int, int]:
+    """The position of each tensor of the state ``inner`` (fused layout) among the leaves of its
+    eager layout, where the eager ``compress_state`` keys its stochastic rounding (compressed
+    tensors are leaves). A window's ring: the position of its newest value (its slot in the last
+    of the eager window's w trees)."""
+    position: dict[int, int] = {}
+    at = 0
+    for x in pytree.tree_leaves(inner, is_leaf=lambda y: is_packed(y) or isinstance(y, D.RingWindow)):
+        if not isinstance(x, D.RingWindow):
+            position[id(x)] = at
+            at += 1
+            continue
+        rings = pytree.tree_leaves(x.buffers, is_leaf=is_packed)
+        w = (rings[0][0] if is_packed(rings[0]) else rings[0]).shape[0] if rings else 0
+        for j, ring in enumerate(rings):
+            position[id(ring)] = at + (w - 1) * len(rings) + j
+        at += w * len(rings)
+    return position
 
 
 @dataclass(eq=False)

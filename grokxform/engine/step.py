@@ -358,11 +358,11 @@ class EngineStep:
             if not p.is_contiguous() or not g.is_contiguous():
                 raise P.Unsupported(f"the param or gradient at {name!r} is not contiguous")
         for m in plan.members:
-            tensors = [t for v in m.fields.values() for t in v if not P.is_packed(t)] + (m.window or [])
-            for t in tensors:
+            columns = [*m.fields.values(), m.window or []]
+            for t in (t for v in columns for t in v if not P.is_packed(t)):
                 if t.device != dev or t.dtype not in _STATE_FLOATS or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a state tensor is not a contiguous float tensor on {dev}")
-            for t in (part for v in m.fields.values() for x in v if P.is_packed(x) for part in x):
+            for t in (part for v in columns for x in v if P.is_packed(x) for part in x):
                 if t.device != dev or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a compressed state tensor is not contiguous on {dev}")
         for node in plan.nodes:

@@ -64,7 +64,6 @@ class CompressedState(NamedTuple):
 
     count: torch.Tensor
     inner: Any
-    _own_layout = True  # (the engine's layout code leaves it whole: its packed leaves are not a ring)
 
     @property
     def hyperparams(self) -> dict[str, torch.Tensor]:
@@ -127,6 +126,20 @@ def encode(
     safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
     codes = torch.round(b / safe).clamp(-127.0, 127.0)
     return Int8Blocks(_unblock(torch.nan_to_num(codes).to(torch.int8), x), scale)
+
+
+def _zeros(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> NamedTuple:
+    """:func:`encode` of zeros shaped as ``like`` (every format codes 0 as zero bits), made with
+    ``torch.zeros``: within the engine's lazy init (:class:`~grokxform._memory.LazyZeros`) it
+    takes no memory until the state is laid out (an MA window's slots go straight into a ring)."""
+    shape, dev = like.shape, like.device
+    if fmt == "bf16":
+        return Bf16Pair(torch.zeros(shape, dtype=torch.bfloat16, device=dev), torch.zeros(shape, dtype=torch.uint8, device=dev))
+    if fmt == "bf16_sr":
+        return Bf16Stochastic(torch.zeros(shape, dtype=torch.bfloat16, device=dev))
+    blocks = -(-like.numel() // block_size)
+    codes = torch.zeros(shape, dtype=torch.uint8 if nonnegative else torch.int8, device=dev)
+    return Int8Blocks(codes, torch.zeros(blocks, dtype=torch.float32, device=dev))
 
 
 def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
@@ -201,8 +214,13 @@ def compress_state(
     runs it in its kernels instead: a packed field is decoded where the kernel loads it and its
     new value encoded where it stores it, in registers (the C, Triton and foreach backends store
     the codes and scales this function stores, bit for bit). There ``"int8"`` needs a
-    ``block_size`` that divides the kernels' tile of 1024 elements, and a chain with an MA window
-    runs this ``update``.
+    ``block_size`` that divides the kernels' tile of 1024 elements. An MA window is there a ring
+    of compressed slots (one ``[w, ...]`` buffer per part, :mod:`grokxform.engine.layout`): a
+    step decodes the oldest slot where it reads it, encodes the new value into that slot and
+    corrects the running sum by what the slot stores, as below; its state round-trips through
+    ``state_dict`` bit for bit (the slots in slot order). This ``update`` takes that layout too
+    (the traced fallback): the slots are gathered oldest first on the device and the newest one
+    is put back.
 
     Compressed: every float32 state tensor of ``min_size`` elements or more (Adam's m and v,
     EMA μ, momentum traces, the MA window's slots, AdEMAMix's slow EMA...). Kept as they are:
@@ -238,9 +256,11 @@ def compress_state(
     (q − g is added to the sum on the step that writes the slot), so that the decoded oldest
     value removed later cancels what was added; the exact re-sum every w steps sums the decoded
     slots (under ``torch.func`` transforms, where the counts are not read on the host, the
-    re-sum's newest value is g, corrected by q − g). Only the oldest slot (and, on a leaf's re-sum step, the whole
-    window) is decoded at a step, so a step's temporaries are one float32 copy of the
-    gradient-sized fields, not of the window.
+    re-sum's newest value is g, corrected by q − g). Here only the oldest slot (and, on a leaf's
+    re-sum step, the whole window) is decoded at a step, so a step's temporaries are one float32
+    copy of the gradient-sized fields, not of the window; the engine decodes no slot into memory
+    (its re-sum adds the decoded slots one by one in registers; the foreach backend decodes one
+    slot of the due leaves at a time).
 
     A NaN or infinity in a tensor makes its value NaN (``"int8"``: its whole block) after
     decoding. State: :class:`CompressedState`. Sharded (DTensor) params are refused
@@ -289,9 +309,9 @@ def compress_state(
         position = {id(x): j for j, x in enumerate(leaves)}
         return lambda x: keys[position[id(x)]]
 
-    def pack(inner: Any, count: torch.Tensor, reuse: dict[int, Any]) -> Any:
+    def pack(inner: Any, count: torch.Tensor, reuse: dict[int, Any], zeros: dict[int, Any] | None = None) -> Any:
         """The state ``inner`` with its packable tensors compressed (``reuse``: tensors whose
-        compressed form is known, by id)."""
+        compressed form is known, by id; ``zeros``: lazy zeros of the init, by id)."""
         keep, nonneg = roles(inner)
         leaves, spec = pytree.tree_flatten(inner, is_leaf=_is_packed)
         key = keys_of(leaves, count)
@@ -303,6 +323,8 @@ def compress_state(
                     " tensors (a block must not straddle shards): compress the state of unsharded params only")
             if id(x) in reuse:
                 out.append(reuse[id(x)])
+            elif packable(x, keep) and zeros is not None and _memory.is_lazy(x, zeros):
+                out.append(_zeros(x, fmt, id(x) in nonneg, block_size))
             elif packable(x, keep):
                 out.append(encode(x, fmt, nonnegative=id(x) in nonneg, block_size=block_size, key=key(x)))
             elif isinstance(x, torch.Tensor) and x.dim() > 0 and 0 in x.stride() and x.numel() > 1:
@@ -314,13 +336,18 @@ def compress_state(
     def init_fn(params: Params) -> CompressedState:
         per_element = bytes_per_element(fmt, block_size)
         with _memory.state_format(lambda dtype, numel: per_element if dtype == torch.float32 and numel >= min_size
-                                  else None), torch.no_grad(), _memory.LazyZeros():
+                                  else None), torch.no_grad(), _memory.LazyZeros() as lazy:
             inner = tx.init(params)
         count = C.counter(_tree.first_device(params) if _tree.flatten(params)[0] else torch.device("cpu"))
-        return CompressedState(count, pack(inner, count, {}))
+        return CompressedState(count, pack(inner, count, {}, lazy.lazy))
 
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, CompressedState]:
         C.check_state(state, CompressedState, "compress_state")
+        rings = [(path, st) for m, st, path, _ in _members(decl, state.inner)
+                 if m.window is not None and isinstance(getattr(st, m.window.name), D.RingWindow)]
+        if rings:  # (the engine's layout, in a traced step: its windows gathered oldest first, put back after)
+            out, new = update(updates, CompressedState(state.count, _gathered(decl, state.inner)), params, **extra)
+            return out, CompressedState(new.count, _scattered(decl, new.inner, state.inner))
         origin: dict[int, Any] = {}
         lazy = lazy_slots(state.inner)
 
@@ -421,6 +448,68 @@ def compress_state(
     # (declared for the in-place engine, which decodes and encodes in its kernels; a call of
     # update decodes, runs tx.update, encodes)
     return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
+
+
+def _ring_leaves(tree: Any) -> tuple[list[Any], Any]:
+    return pytree.tree_flatten(tree, is_leaf=lambda x: x is None or _is_packed(x))
+
+
+def _gathered(decl: Any, inner: Any) -> Any:
+    """``inner`` with each window in the ring layout (:class:`~grokxform.declarations.RingWindow`,
+    of compressed rings) as the eager tuple of w trees, oldest first: slot ``(count + k) % w`` of
+    each leaf's ring (copies, indexed on the device: traceable)."""
+    for m, st, path, _ in list(_members(decl, inner)):
+        wf = m.window
+        window = getattr(st, wf.name) if wf is not None else None
+        if not isinstance(window, D.RingWindow):
+            continue
+        assert wf is not None and m.count is not None  # (a window is declared with a count)
+        counts = _tree.flatten(getattr(st, m.count))[0]
+        rings, spec = _ring_leaves(window.buffers)
+
+        def slot(ring: Any, c: torch.Tensor, k: int, w: int = wf.size) -> Any:
+            at = torch.remainder(c + k, w).reshape(1)
+            if _is_packed(ring):
+                return type(ring)(*(part.index_select(0, at).squeeze(0) for part in ring))
+            return ring.index_select(0, at).squeeze(0)
+
+        trees = tuple(pytree.tree_unflatten([None if r is None else slot(r, c, k) for r, c in zip(rings, counts)], spec)
+                      for k in range(wf.size))
+        inner = _replace_at(inner, path, type(st)(*(trees if f == wf.name else v for f, v in zip(st._fields, st))))
+    return inner
+
+
+def _scattered(decl: Any, new: Any, old: Any) -> Any:
+    """The new state ``new`` (windows oldest first, from :func:`_gathered`'s) with each window put
+    back in the rings of ``old``: each leaf that moved on writes its newest value into the slot
+    its old count names."""
+    olds = {path: st for _, st, path, _ in _members(decl, old)}
+    for m, st, path, _ in list(_members(decl, new)):
+        wf = m.window
+        if wf is None or not isinstance(getattr(olds[path], wf.name), D.RingWindow):
+            continue
+        assert m.count is not None
+        before = _tree.flatten(getattr(olds[path], m.count))[0]
+        after = _tree.flatten(getattr(st, m.count))[0]
+        rings, spec = _ring_leaves(getattr(olds[path], wf.name).buffers)
+        newest = _ring_leaves(getattr(st, wf.name)[-1])[0]
+
+        def put(ring: torch.Tensor, value: torch.Tensor, c: torch.Tensor, moved: torch.Tensor,
+                w: int = wf.size) -> torch.Tensor:
+            at = torch.remainder(c, w).reshape(1)
+            return ring.index_put((at,), torch.where(moved, value.unsqueeze(0), ring.index_select(0, at)))
+
+        out = []
+        for r, v, c0, c1 in zip(rings, newest, before, after):
+            if r is None:
+                out.append(None)
+            elif _is_packed(r):
+                out.append(type(r)(*(put(a, b, c0, c1 != c0) for a, b in zip(r, v))))
+            else:
+                out.append(put(r, v, c0, c1 != c0))
+        ring = D.RingWindow(pytree.tree_unflatten(out, spec))
+        new = _replace_at(new, path, type(st)(*(ring if f == wf.name else v for f, v in zip(st._fields, st))))
+    return new
 
 
 def _replace_at(state: Any, path: tuple[Any, ...], value: Any) -> Any:
