@@ -26,8 +26,9 @@ Rows (``--rows`` takes comma-separated glob patterns over the row names), per pi
 - ``torch-foreach``, ``torch-fused``, ``torch-compiled``, ``official-ema``, ``official-ma``,
   ``grokadamw-0.1.2``, ``grokfast-pytorch``;
 - beside other methods: ``gx-sgd-*`` (momentum 0.9) against ``torch-sgd-fused``
-  (``torch.optim.SGD(fused=True)``), ``gx-lion-*`` and ``gx-ademamix-*`` (their fraction of the
-  bandwidth floor), and ``gx-muon-optim`` against ``torch-muon`` (``torch.optim.Muon``, lr 0.02),
+  (``torch.optim.SGD(fused=True)``); ``gx-lion-*``, ``gx-ademamix-*``, ``gx-adam-*``,
+  ``gx-nadam-*``, ``gx-rmsprop-*`` (momentum 0.9), ``gx-lamb-*`` and ``gx-orthograd_sgd-*`` (⊥Grad
+  in front of SGD with momentum) against the bandwidth floor of their bytes; and ``gx-muon-optim`` against ``torch-muon`` (``torch.optim.Muon``, lr 0.02),
   both over the set's matrices only;
 - compressed state: ``gx-<pipeline>-int8-optim`` and ``-bf16-optim`` (``gx.Optimizer(...,
   state_format=fmt)``) beside ``torchao-adamw8bit`` and ``bnb-adamw8bit`` (torchao's and
@@ -354,6 +355,16 @@ def pipeline(name: str, window: int) -> gx.GradientTransformation:
         return gx.lion(lr=1e-4)
     if name == "ademamix":
         return gx.ademamix(lr=1e-3)
+    if name == "adam":
+        return gx.adam(lr=1e-3)
+    if name == "nadam":
+        return gx.nadam(lr=1e-3)
+    if name == "rmsprop":
+        return gx.rmsprop(lr=1e-3, momentum=0.9)
+    if name == "lamb":
+        return gx.lamb(lr=1e-3, weight_decay=0.01)
+    if name == "orthograd_sgd":
+        return orthograd_sgd()
     raise ValueError(f"unknown pipeline {name!r}")
 
 
@@ -363,6 +374,11 @@ def user_chain() -> gx.GradientTransformation:
         gx.amplify(gx.ema_filter(0.95), 1.5), gx.clip_by_global_norm(1.0), gx.scale_by_adam(0.9, 0.98),
         gx.decoupled_weight_decay(0.01), gx.scale_by_learning_rate(1e-3),
     )
+
+
+def orthograd_sgd() -> gx.GradientTransformation:
+    """⊥Grad in front of SGD with momentum (``pytorch_optimizer.OrthoGrad(SGD)``'s optimizer)."""
+    return gx.chain(gx.orthograd(), gx.sgd(1e-3, momentum=0.9))
 
 
 FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, Any]]] = {
@@ -377,13 +393,17 @@ FACTORIES: dict[str, tuple[Callable[..., gx.GradientTransformation], dict[str, A
     "sgd": (gx.sgd, {"lr": 1e-3, "momentum": 0.9}),
     "lion": (gx.lion, {"lr": 1e-4}),
     "ademamix": (gx.ademamix, {"lr": 1e-3}),
+    "adam": (gx.adam, {"lr": 1e-3}),
+    "nadam": (gx.nadam, {"lr": 1e-3}),
+    "rmsprop": (gx.rmsprop, {"lr": 1e-3, "momentum": 0.9}),
+    "lamb": (gx.lamb, {"lr": 1e-3, "weight_decay": 0.01}),
 }
 
 PIPELINES = ("grokadamw", "adamw", "grokfast_ema", "grokfast_ma", "grokfast_ma_bf16w", "grokfast_ma_f64sum", "grokadamw_compat",
              "userchain")
 COMPRESSED = ("grokadamw", "adamw", "grokfast_ma")
 """Pipelines with ``gx.Optimizer(..., state_format=fmt)`` rows (``gx-grokadamw-int8-optim``...)."""
-VOCABULARY = ("sgd", "lion", "ademamix")
+VOCABULARY = ("sgd", "lion", "ademamix", "adam", "nadam", "rmsprop", "lamb", "orthograd_sgd")
 """Methods beside the Grokfast family: a default ``gx.Optimizer`` row and a ``tx.update`` row each."""
 SIGNAL = {"train_loss": 1.0, "val_loss": 2.5}
 
@@ -438,6 +458,8 @@ def row_gx_optim(name: str, state_format: str | None = None) -> Callable[[Ctx], 
             named.append((n, param))
         if name == "userchain":
             opt = gx.Optimizer(named, user_chain())
+        elif name == "orthograd_sgd":
+            opt = gx.Optimizer(named, orthograd_sgd())
         else:
             factory, kwargs = FACTORIES[name]
             kwargs = {**kwargs, "window_size": ctx.window} if factory is gx.grokfast_ma else kwargs
@@ -483,6 +505,12 @@ def bytes_per_param(row: str, pb: int, gb: int, sb: float) -> float:
         return 2 * pb + gb + 2 * sb  # one momentum buffer in and out
     if pipe == "ademamix":
         return 2 * pb + gb + 6 * sb  # m, the slow m and v
+    if pipe in ("adam", "nadam", "rmsprop"):
+        return 2 * pb + gb + 4 * sb  # two moments (rmsprop: the square average and the momentum)
+    if pipe == "lamb":
+        return adamw + pb + gb + 2 * sb  # the norms' pass reads θ, g and the moments again
+    if pipe == "orthograd_sgd":
+        return 2 * pb + gb + 2 * sb + pb + gb  # the sums' pass reads θ and g, then SGD's buffer
     if pipe == "grokfast_ema":
         return adamw + 2 * sb
     # MA: a ring slot in and out (compressed: the oldest decoded, the newest encoded), the running
