@@ -45,8 +45,9 @@ class Bf16Stochastic(NamedTuple):
 class Int8Blocks(NamedTuple):
     """A float32 tensor in 8 bits per element and one float32 per block of ``block_size``
     elements (in the tensor's flat order). ``codes`` int8, signed linear: value = code·scale,
-    scale = absmax/127. ``codes`` uint8, for a non-negative field: value =
-    scale·(code/255)⁴, scale = the block's max (the fourth root of value/max, coded linearly)."""
+    scale = absmax·fl(1/127). ``codes`` uint8, for a non-negative field: value =
+    scale·(code/255)⁴, scale = the block's max (the fourth root of value/max, coded linearly).
+    A scale is at least 2⁻¹²⁶ (float32's least normal number; :func:`encode`)."""
 
     codes: Any
     scales: Any
@@ -265,7 +266,8 @@ def compress_state(
       counter-based ones of :func:`~grokxform.elements.uniform`: keys from the wrapper's step
       count and the tensor's position in the state, so a resumed run draws the same bits.
     - ``"int8"`` (1 + 4/``block_size``): per block of ``block_size`` elements one float32
-      scale (the block's absmax, as bitsandbytes' and torchao's 8-bit optimizers). Signed
+      scale (from the block's absmax, as bitsandbytes' and torchao's 8-bit optimizers; codes by
+      multiplication with its reciprocal, :func:`encode`). Signed
       state: a linear code in [−127, 127]. A field its primitive declares non-negative
       (``nonnegative=``: Adam's, NAdam's, AdEMAMix's and RMSprop's ``nu``): the fourth root of
       value/max coded linearly in [0, 255], so small second moments keep their relative
