@@ -30,6 +30,7 @@ from grokxform.elements import (
     interpret,
 )
 from grokxform.engine import plan as P
+from grokxform.transforms.compress import SCALE_FLOOR
 
 _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16",
        torch.float64: "tl.float64"}
@@ -491,6 +492,8 @@ class Emitter:
             t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
             t = self.value(f"{t.name} * {t.name}", f32)
             code = self.value(f"{t.name} * {t.name}", f32)
+        else:  # (code·fl(1/127))·scale
+            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
         return self.value(f"tl.reshape(tl.reshape({code.name}, [BLOCK // {bs}, {bs}]) * {scale.name}[:, None], [BLOCK])", f32)
 
     def block_starts(self, bs: int) -> str:
@@ -526,11 +529,11 @@ class Emitter:
         a = self.value(f"tl.reshape(tl.where(msk, {x}, 0.0), {shape})", f32)
         mag = f"tl.abs({a.name})" if not codec.unsigned else a.name
         top = self.value(f"tl.reduce({mag}, 1, max_nan)", f32)
-        if not codec.unsigned:
-            top = self.value(f"{top.name} * {self.number(1.0 / 127.0, f32)}", f32)
-        tiny = self.number(2.0**-126, f32)
+        tiny = self.number(SCALE_FLOOR, f32)
         scale = self.value(f"tl.where({top.name} < {tiny}, {tiny}, {top.name})", f32)  # (a NaN stays)
         inv = self.value(self.div(self.number(1.0, f32), scale.name, f32), f32)
+        if not codec.unsigned:
+            inv = self.value(f"{inv.name} * {self.number(127.0, f32)}", f32)
         q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
         q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
         if codec.unsigned:  # √√q·255

@@ -37,6 +37,7 @@ import torch
 
 from grokxform.elements import ScalarRef
 from grokxform.engine import codegen as G
+from grokxform.transforms.compress import SCALE_FLOOR
 
 _CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t",
           torch.int8: "int8_t", torch.uint8: "uint8_t"}
@@ -258,6 +259,8 @@ class CEmitter(G.Emitter):
             t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
             t = self.value(f"{t.name} * {t.name}", f32)
             code = self.value(f"{t.name} * {t.name}", f32)
+        else:  # (code·fl(1/127))·scale
+            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
         return self.value(f"{code.name} * {scale}", f32)
 
     def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> None:
@@ -284,8 +287,8 @@ class CEmitter(G.Emitter):
         codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
         ctype = "uint8_t" if codec.unsigned else "int8_t"
         mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
-        scale = "top" if codec.unsigned else f"top * {self.number(1.0 / 127.0, torch.float32)}"
-        tiny = self.number(2.0**-126, torch.float32)
+        inv = "1.0f / scale" if codec.unsigned else f"(1.0f / scale) * {self.number(127.0, torch.float32)}"
+        tiny = self.number(SCALE_FLOOR, torch.float32)
         if codec.unsigned:
             code = "q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; q = sqrtf(sqrtf(q)) * 255.0f;"
         else:
@@ -297,9 +300,9 @@ class CEmitter(G.Emitter):
             "    int nan = 0;",
             "    #pragma omp simd reduction(max:top) reduction(|:nan)",
             f"    for (int64_t j = b0; j < b1; ++j) {{ const float a = {mag}; nan |= a != a; top = a > top ? a : top; }}",
-            f"    float scale = nan ? NAN : {scale};",
+            "    float scale = nan ? NAN : top;",
             f"    scale = scale < {tiny} ? {tiny} : scale;  /* (a NaN stays) */",
-            "    const float inv = 1.0f / scale;",
+            f"    const float inv = {inv};",
             "    #pragma omp simd",
             "    for (int64_t j = b0; j < b1; ++j) {",
             f"        float q = {buf}[j - start] * inv;",

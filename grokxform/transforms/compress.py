@@ -44,10 +44,10 @@ class Bf16Stochastic(NamedTuple):
 
 class Int8Blocks(NamedTuple):
     """A float32 tensor in 8 bits per element and one float32 per block of ``block_size``
-    elements (in the tensor's flat order). ``codes`` int8, signed linear: value = code·scale,
-    scale = absmax·fl(1/127). ``codes`` uint8, for a non-negative field: value =
+    elements (in the tensor's flat order). ``codes`` int8, signed linear: value =
+    scale·code/127, scale = the block's absmax. ``codes`` uint8, for a non-negative field: value =
     scale·(code/255)⁴, scale = the block's max (the fourth root of value/max, coded linearly).
-    A scale is at least 2⁻¹²⁶ (float32's least normal number; :func:`encode`)."""
+    A scale is at least 2⁻¹²⁰ (:data:`SCALE_FLOOR`, :func:`encode`)."""
 
     codes: Any
     scales: Any
@@ -124,15 +124,16 @@ def _bitcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.view(dtype)
 
 
-_TINY = 2.0**-126
-"""The least scale of an int8 block (float32's least normal number): its reciprocal is finite."""
+SCALE_FLOOR = 2.0**-120
+"""The least scale of an int8 block: its reciprocal times 127 is a finite float32 (the engine's
+kernels use it too)."""
 
 
 def _block_scales(b: torch.Tensor, nonnegative: bool) -> torch.Tensor:
-    """The scale of each block (row) of ``b``: its max (``nonnegative``) or its absmax·fl(1/127),
-    at least :data:`_TINY`; NaN where the block holds a NaN."""
-    top = b.amax(dim=1) if nonnegative else b.abs().amax(dim=1) * (1.0 / 127.0)
-    return torch.where(top < _TINY, _TINY, top)
+    """The scale of each block (row) of ``b``: its max (``nonnegative``) or its absmax, at least
+    :data:`SCALE_FLOOR`; NaN where the block holds a NaN."""
+    top = b.amax(dim=1) if nonnegative else b.abs().amax(dim=1)
+    return torch.where(top < SCALE_FLOOR, SCALE_FLOOR, top)
 
 
 def encode(
@@ -142,16 +143,17 @@ def encode(
     ``nonnegative``: ``x`` holds no negative value (``"int8"`` then uses its unsigned code);
     ``key``: the stochastic rounding's key (``"bf16_sr"``: an integer, or an int64 0-d tensor).
 
-    ``"int8"``, per block: the scale s (its absmax·fl(1/127), or its max for the unsigned code;
-    at least 2⁻¹²⁶), r = 1/s (correctly rounded), then per element q = x·r (NaN → 0), the code
-    round(clamp(q, −127, 127)), or round(√√clamp(q, 0, 1)·255) (unsigned). Every operation is
-    correctly rounded and none is fused, so the engine's kernels (C, Triton on a GPU) store these
-    codes and scales bit for bit.
+    ``"int8"``, per block: the scale s (its absmax, or its max for the unsigned code; at least
+    2⁻¹²⁰) and r = 1/s (correctly rounded), then per element the code round(clamp(x·(r·127),
+    −127, 127)), or round(√√clamp(x·r, 0, 1)·255) (unsigned; a NaN product codes 0). Every
+    operation is correctly rounded and none is fused, so the engine's kernels (C, Triton on a
+    GPU) store these codes and scales bit for bit. Coding a decoded tensor again gives the same
+    codes and scales (the block's largest code decodes to s exactly).
 
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
         >>> p.codes, p.scales
-        (tensor([127, -64,  32], dtype=torch.int8), tensor([0.0079]))
+        (tensor([127, -64,  32], dtype=torch.int8), tensor([1.]))
         >>> gx.transforms.compress.decode(p)
         tensor([ 1.0000, -0.5039,  0.2520])
     """
@@ -166,7 +168,8 @@ def encode(
         return Bf16Stochastic(_bitcast((r >> 16).to(torch.int16), torch.bfloat16))
     b = _blocks(x, block_size)
     scale = _block_scales(b, nonnegative)
-    q = torch.nan_to_num(b * torch.reciprocal(scale).unsqueeze(1), nan=0.0)
+    r = torch.reciprocal(scale)
+    q = torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0)
     if nonnegative:
         codes = torch.round(q.clamp(0.0, 1.0).sqrt().sqrt() * 255.0)
         return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
@@ -176,7 +179,7 @@ def encode(
 
 def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
     """The float32 tensor that ``packed`` (from :func:`encode`, with this ``block_size``) holds:
-    ``"int8"``, code·scale, or for the unsigned code t = code·fl(1/255), (t·t)·(t·t)·scale
+    ``"int8"``, (code·fl(1/127))·scale, or for the unsigned code t = code·fl(1/255), (t·t)·(t·t)·scale
     (multiplications only: the same numbers in the engine's kernels). A block whose scale is not
     finite (a NaN or an infinity was encoded in it) decodes to NaN."""
     if isinstance(packed, Bf16Pair):
@@ -191,7 +194,7 @@ def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
         t = codes * (1.0 / 255.0)
         t = t * t
         return _unblock(t * t * packed.scales.unsqueeze(1), packed.codes)
-    return _unblock(codes * packed.scales.unsqueeze(1), packed.codes)
+    return _unblock(codes * (1.0 / 127.0) * packed.scales.unsqueeze(1), packed.codes)
 
 
 def bytes_per_element(fmt: str, block_size: int = 256) -> float:
