@@ -283,9 +283,43 @@ def test_compressed_window_bytes_per_param(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_captured_in_a_cuda_graph(fmt: str) -> None:
-    tx = gx.compress_state(gx.grokadamw(1e-2), fmt, min_size=64, block_size=64)
+    """adamw: against eager, bit for bit; grokadamw (whose clip binds, its norm summed in the
+    kernels' order): against the same kernels uncaptured, bit for bit."""
+    tx = gx.compress_state(_chain("adamw"), fmt, min_size=64, block_size=64)
     fs = FusedStep(tx, _params(), backend="triton", cuda_graph=True)
     for t in range(6):
         fs(_grads(t, _params()))
     assert fs.captures >= 1
     _check(fs, _eager(tx, 6))
+    tx = gx.compress_state(gx.grokadamw(1e-2), fmt, min_size=64, block_size=64)
+    fs = FusedStep(tx, _params(), backend="triton", cuda_graph=True)
+    for t in range(6):
+        fs(_grads(t, _params()))
+    assert fs.captures >= 1
+    plain = _engine(tx, 6, "triton")
+    for a, b in zip(_tensors((fs.params, fs.state)), _tensors((plain.params, plain.state))):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_triton_int8_codec_is_multiplications(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 codec in the Triton kernel: per quantization block one absmax (a NaN-propagating
+    max over the tile's row) and one correctly rounded reciprocal; per element multiplications
+    (and the unsigned code's two square roots): no division, no gather of the scales."""
+    pytest.importorskip("triton")
+    from grokxform.engine import codegen
+
+    sources: list[str] = []
+    real = codegen.kernel_source
+
+    def keep(*args: object) -> str:
+        sources.append(real(*args))  # type: ignore[arg-type]
+        return sources[-1]
+
+    monkeypatch.setattr(codegen, "kernel_source", keep)
+    params = {"w": torch.randn(64, 64, device=DEVICE)}
+    for tx in (gx.adamw(1e-2), gx.compress_state(gx.adamw(1e-2), "int8", min_size=64, block_size=64)):
+        FusedStep(tx, params, backend="triton")({"w": torch.randn(64, 64, device=DEVICE)})
+    plain, packed = sources
+    assert packed.count("tl.div_rn(") == plain.count("tl.div_rn(") + 2  # 1/scale of m's and v's blocks
+    assert packed.count("tl.sqrt_rn(") == plain.count("tl.sqrt_rn(") + 2  # v's code: √√q
+    assert packed.count("tl.reduce(") == 2 and "tl.max(" not in packed and "offs //" not in packed

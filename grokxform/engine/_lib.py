@@ -38,6 +38,12 @@ def pointer(table, leaf, DT: tl.constexpr):
 
 
 @triton.jit
+def max_nan(a, b):
+    """The larger of ``a`` and ``b``, NaN where either is (a reduction's combine: ``torch.amax``)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def log_f32(x):
     """ln x of a float32 ``x``: libdevice's ``logf`` (within 1 ulp) when compiled (``tl.log`` may
     lower to a faster approximation); numpy's in the interpreter (which has no libdevice)."""

@@ -30,7 +30,7 @@ from grokxform.elements import (
     interpret,
 )
 from grokxform.engine import plan as P
-from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, Int8Blocks
+from grokxform.transforms.compress import SCALE_FLOOR, Bf16Pair, Bf16Stochastic, Int8Blocks
 
 _PARTS = {"bf16": Bf16Pair._fields, "bf16_sr": Bf16Stochastic._fields, "int8": Int8Blocks._fields}
 """The parts of a compressed tensor of each format."""
@@ -94,6 +94,8 @@ class Emitter:
         self._n = 0
         self._cache: dict[Any, str] = {}
         self.guards: list[str] = []
+        self.gates: list[tuple[Any, str]] = []
+        """The flags (node, scalar name) of the wrappers that gate the stores (``guards``: as lanes)."""
         self.reduced: Value | None = None
         """The value this pass reduces (the loaded gradient when the reduction reads it as it is)."""
         self.sum_names: tuple[str, ...] = ()
@@ -485,15 +487,26 @@ class Emitter:
         if codec.fmt == "bf16_sr":
             return self.value(f"tl.load({self.part(role, 'value', 'tl.bfloat16')} + offs, mask=msk, other=0.0)"
                               ".to(tl.float32)", f32)
+        # int8: the tile as [BLOCK // bs, bs], one row per quantization block (block_size divides
+        # BLOCK; a leaf's items start at multiples of BLOCK), each row times its block's scale.
+        bs = codec.block_size
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
         code = self.value(f"tl.load({self.part(role, 'codes', kind)} + offs, mask=msk, other=0).to(tl.float32)", f32)
-        scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + offs // {codec.block_size},"
-                           " mask=msk, other=0.0)", f32)
-        if not codec.unsigned:  # code·scale
-            return self.value(f"{code.name} * {scale.name}", f32)
-        t = self.value(self.div(code.name, self.number(255.0, f32), f32), f32)  # scale·(code/255)⁴
-        t = self.value(f"{t.name} * {t.name}", f32)
-        return self.value(f"{t.name} * {t.name} * {scale.name}", f32)
+        first = self.block_starts(bs)
+        scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
+                           f" mask={first} < n, other=0.0)", f32)
+        if codec.unsigned:  # t = code·fl(1/255), (t·t)·(t·t)·scale
+            t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
+            t = self.value(f"{t.name} * {t.name}", f32)
+            code = self.value(f"{t.name} * {t.name}", f32)
+        else:  # (code·fl(1/127))·scale
+            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
+        return self.value(f"tl.reshape(tl.reshape({code.name}, [BLOCK // {bs}, {bs}]) * {scale.name}[:, None], [BLOCK])", f32)
+
+    def block_starts(self, bs: int) -> str:
+        """The index of the first element of each quantization block of ``bs`` elements in this item."""
+        return self.cached(("block starts", bs), lambda: self.invariant(
+            "qb", f"start + tl.arange(0, BLOCK // {bs}).to(tl.int64) * {bs}", "int64_t"))
 
     def encode(self, *, role: str, codec: P.Codec, value: Value, node: Any) -> None:
         """Store ``value`` (float32) into the packed ``role`` (``encode``), where the store mask
@@ -514,32 +527,35 @@ class Emitter:
             r = self.value(f"tl.where({special}, {bits.name}, {bits.name} + {noise.name})", torch.int32)
             self.line(f"tl.store({self.part(role, 'value', 'tl.int16')} + offs, ({r.name} >> 16).to(tl.int16), mask={mask})")
             return
-        # int8: per quantization block (block_size divides BLOCK; a leaf's items start at
-        # multiples of BLOCK), its absmax (max) over the tile reshaped [BLOCK // bs, bs].
+        # int8: per quantization block (a row of the tile as [BLOCK // bs, bs]): its scale (the
+        # absmax with NaN propagated, zero beyond the leaf as the eager padding) and the scale's
+        # reciprocal; per element a multiplication (encode's definition).
         bs = codec.block_size
         shape = f"[BLOCK // {bs}, {bs}]"
-        a = self.value(f"tl.where(msk, {x}, 0.0)", torch.float32)  # (zero beyond the leaf, as the eager padding)
+        f32 = torch.float32
+        a = self.value(f"tl.reshape(tl.where(msk, {x}, 0.0), {shape})", f32)
         mag = f"tl.abs({a.name})" if not codec.unsigned else a.name
-        top = self.value(f"tl.max(tl.reshape({mag}, {shape}), axis=1)", torch.float32)
-        nan = self.value(f"tl.max(tl.reshape(({a.name} != {a.name}).to(tl.int32), {shape}), axis=1)", torch.int32)
-        top = self.value(f"tl.where({nan.name} > 0, float('nan'), {top.name})", torch.float32)
-        scale = top if codec.unsigned else self.value(self.div(top.name, self.number(127.0, torch.float32), torch.float32),
-                                                      torch.float32)
-        safe = self.value(f"tl.where({scale.name} > 0, {scale.name}, 1.0)", torch.float32)
-        q = self.value(f"tl.reshape({self.div(f'tl.reshape({a.name}, {shape})', f'{safe.name}[:, None]', torch.float32)},"
-                       " [BLOCK])", torch.float32)
-        q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", torch.float32)
-        if codec.unsigned:  # ⁴√(x/max)·255
-            q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", torch.float32)
-            q = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", torch.float32)
+        top = self.value(f"tl.reduce({mag}, 1, max_nan)", f32)
+        tiny = self.number(SCALE_FLOOR, f32)
+        scale = self.value(f"tl.where({top.name} < {tiny}, {tiny}, {top.name})", f32)  # (a NaN stays)
+        inv = self.value(self.div(self.number(1.0, f32), scale.name, f32), f32)
+        if not codec.unsigned:
+            inv = self.value(f"{inv.name} * {self.number(127.0, f32)}", f32)
+        q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
+        q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
+        if codec.unsigned:  # √√q·255
+            q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
+            q = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", f32)
         else:
-            q = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", torch.float32)
-        q = self.value(f"({q.name} + 12582912.0) - 12582912.0", torch.float32)  # to the nearest integer, ties to even
+            q = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", f32)
+        q = self.value(f"({q.name} + 12582912.0) - 12582912.0", f32)  # to the nearest integer, ties to even
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
         self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {q.name}.to({kind}), mask={mask})")
-        written = self.value(f"tl.max(tl.reshape(({mask}).to(tl.int32), {shape}), axis=1) > 0", torch.bool)
+        first = self.block_starts(bs)  # a block is written where its first element is
+        written = " & ".join([f"({first} < n)", *(f"(({first} * 0 + {self.raw_scalar(gate, flag)}) != 0)"
+                                                  for gate, flag in self.gates)])
         self.line(f"tl.store({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
-                  f" {scale.name}, mask={written.name})")
+                  f" {scale.name}, mask={written})")
 
     # -- windows: a ring of w slots per leaf (compressed: one ring per part) ----------------------
 
@@ -647,10 +663,12 @@ class Emitter:
     @contextmanager
     def gated(self, node: Any, flag: str) -> Iterator[None]:
         self.guards.append(self.lanes(node, flag))
+        self.gates.append((node, flag))
         try:
             yield
         finally:
             self.guards.pop()
+            self.gates.pop()
 
     def resum(self, m: P.Member, newest: Value) -> None:
         """On the update due for it (slot ``w − 1``: the ring is in order, the newest value goes
@@ -714,7 +732,7 @@ def kernel_source(name: str, em: Emitter, passes: int) -> str:
     text = [
         "import triton",
         "import triton.language as tl",
-        "from grokxform.engine._lib import cast_to, cos_f32, log_f32, pointer, round_to",
+        "from grokxform.engine._lib import cast_to, cos_f32, log_f32, max_nan, pointer, round_to",
         "",
         "",
         "@triton.jit",

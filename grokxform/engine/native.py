@@ -37,6 +37,7 @@ import torch
 
 from grokxform.elements import ScalarRef
 from grokxform.engine import codegen as G
+from grokxform.transforms.compress import SCALE_FLOOR
 
 _CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t",
           torch.int8: "int8_t", torch.uint8: "uint8_t"}
@@ -98,12 +99,18 @@ def _round(expr: str, dtype: torch.dtype) -> str:
 class CEmitter(G.Emitter):
     """The body of one C kernel: the program of leaf ``leaf`` (the group's program) for one pass.
     ``pre`` holds what a work item computes once (its pointers and scalars), ``lines`` what each
-    element computes, ``post`` what the item stores after its elements (a reduction's sums)."""
+    element computes, ``post`` what the item stores after its elements (a reduction's sums).
+    Where the pass decodes int8 state, the item's elements run in chunks of ``chunk`` elements
+    (the least block size: a chunk lies in one quantization block of each packed field), and
+    ``per_chunk`` holds what a chunk computes once (its blocks' scales; the element loop stays a
+    vector loop)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pre: list[str] = []
         self.post: list[str] = []
+        self.per_chunk: list[str] = []
+        self.chunk: int | None = None
         self.reduces = False
 
     def pre_line(self, text: str) -> None:
@@ -245,13 +252,18 @@ class CEmitter(G.Emitter):
             return self.value(f"f32_of_bits(((uint32_t)(int32_t)(int16_t){hi}[i] << 16) | ((uint32_t){lo}[i] << 8))", f32)
         if codec.fmt == "bf16_sr":
             return self.value(f"bf16_to_f32({self.ptr(f'{role}__value')}[i])", f32)
+        bs = codec.block_size
+        self.chunk = min(self.chunk or bs, bs)
+        scale = self.var("sc")
+        self.per_chunk.append(f"const float {scale} = {self.ptr(f'{role}__scales')}[q0 / {bs}];")
         code = self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32)
-        scale = self.value(f"{self.ptr(f'{role}__scales')}[i / {codec.block_size}]", f32)
-        if not codec.unsigned:
-            return self.value(f"{code.name} * {scale.name}", f32)
-        t = self.value(f"{code.name} / {self.number(255.0, f32)}", f32)
-        t = self.value(f"{t.name} * {t.name}", f32)
-        return self.value(f"{t.name} * {t.name} * {scale.name}", f32)
+        if codec.unsigned:  # t = code·fl(1/255), (t·t)·(t·t)·scale
+            t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
+            t = self.value(f"{t.name} * {t.name}", f32)
+            code = self.value(f"{t.name} * {t.name}", f32)
+        else:  # (code·fl(1/127))·scale
+            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
+        return self.value(f"{code.name} * {scale}", f32)
 
     def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> None:
         guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
@@ -277,7 +289,8 @@ class CEmitter(G.Emitter):
         codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
         ctype = "uint8_t" if codec.unsigned else "int8_t"
         mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
-        scale = "top" if codec.unsigned else "top / 127.0f"
+        inv = "1.0f / scale" if codec.unsigned else f"(1.0f / scale) * {self.number(127.0, torch.float32)}"
+        tiny = self.number(SCALE_FLOOR, torch.float32)
         if codec.unsigned:
             code = "q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; q = sqrtf(sqrtf(q)) * 255.0f;"
         else:
@@ -289,11 +302,12 @@ class CEmitter(G.Emitter):
             "    int nan = 0;",
             "    #pragma omp simd reduction(max:top) reduction(|:nan)",
             f"    for (int64_t j = b0; j < b1; ++j) {{ const float a = {mag}; nan |= a != a; top = a > top ? a : top; }}",
-            f"    const float scale = nan ? NAN : {scale};",
-            "    const float safe = scale > 0.0f ? scale : 1.0f;",
+            "    float scale = nan ? NAN : top;",
+            f"    scale = scale < {tiny} ? {tiny} : scale;  /* (a NaN stays) */",
+            f"    const float inv = {inv};",
             "    #pragma omp simd",
             "    for (int64_t j = b0; j < b1; ++j) {",
-            f"        float q = {buf}[j - start] / safe;",
+            f"        float q = {buf}[j - start] * inv;",
             f"        q = q != q ? 0.0f : q; {code}",
             f"        q = (q + 12582912.0f) - 12582912.0f;  /* to the nearest integer, ties to even */",
             f"        {codes}[j] = ({ctype})q;",
@@ -401,15 +415,30 @@ def function_source(name: str, em: CEmitter, passes: int, block: int, rsq: torch
         "        const int64_t end = start + BLOCK < n ? start + BLOCK : n;",
         "        (void)n;",
         *(f"        {x}" for x in em.pre),
-        "        #pragma omp simd" + (f" reduction(+:{', '.join(_accumulators(em))})" if em.reduces else ""),
-        "        for (int64_t i = start; i < end; ++i) {",
-        *(f"            {x}" for x in em.lines),
-        "        }",
+        *_element_loop(em),
         *(f"        {x}" for x in em.post),
         "    }",
         "}",
     ]
     return "\n".join(lines)
+
+
+def _element_loop(em: CEmitter) -> list[str]:
+    """The loop over an item's elements (in chunks where :attr:`CEmitter.chunk` is set)."""
+    simd = "#pragma omp simd" + (f" reduction(+:{', '.join(_accumulators(em))})" if em.reduces else "")
+    if em.chunk is None:
+        return [f"        {simd}", "        for (int64_t i = start; i < end; ++i) {",
+                *(f"            {x}" for x in em.lines), "        }"]
+    return [
+        f"        for (int64_t q0 = start; q0 < end; q0 += {em.chunk}) {{",
+        f"            const int64_t q1 = q0 + {em.chunk} < end ? q0 + {em.chunk} : end;",
+        *(f"            {x}" for x in em.per_chunk),
+        f"            {simd}",
+        "            for (int64_t i = q0; i < q1; ++i) {",
+        *(f"                {x}" for x in em.lines),
+        "            }",
+        "        }",
+    ]
 
 
 def _accumulators(em: CEmitter) -> list[str]:

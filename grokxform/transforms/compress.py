@@ -44,9 +44,10 @@ class Bf16Stochastic(NamedTuple):
 
 class Int8Blocks(NamedTuple):
     """A float32 tensor in 8 bits per element and one float32 per block of ``block_size``
-    elements (in the tensor's flat order). ``codes`` int8, signed linear: value = code·scale,
-    scale = absmax/127. ``codes`` uint8, for a non-negative field: value =
-    scale·(code/255)⁴, scale = the block's max (the fourth root of value/max, coded linearly)."""
+    elements (in the tensor's flat order). ``codes`` int8, signed linear: value =
+    scale·code/127, scale = the block's absmax. ``codes`` uint8, for a non-negative field: value =
+    scale·(code/255)⁴, scale = the block's max (the fourth root of value/max, coded linearly).
+    A scale is at least 2⁻¹²⁰ (:data:`SCALE_FLOOR`, :func:`encode`)."""
 
     codes: Any
     scales: Any
@@ -93,6 +94,47 @@ def _special(bits: torch.Tensor) -> torch.Tensor:
     return (bits & 0x7F800000) == 0x7F800000
 
 
+@torch.library.custom_op("grokxform::bitcast", mutates_args=())
+def _bitcast_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x``'s bits read as ``dtype`` (of ``x``'s element size), a new tensor: ``Tensor.view(dtype)``
+    as an elementwise operator, which ``vmap`` maps on every torch (2.11 has no batching rule for
+    ``view(dtype)``)."""
+    return x.view(dtype).clone()
+
+
+@_bitcast_op.register_fake
+def _(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _bitcast_vmap(info, in_dims, x, dtype):  # type: ignore[no-untyped-def]
+    """Elementwise: the mapped dimension stays where it is (the op again, for an outer ``vmap``)."""
+    return _bitcast_op(x, dtype), in_dims[0]
+
+
+_bitcast_op.register_vmap(_bitcast_vmap)
+
+
+def _bitcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x``'s bits as ``dtype`` (same element size): a view, or under ``torch.func`` transforms the
+    operator :func:`_bitcast_op` (a copy)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return _bitcast_op(x, dtype)
+    return x.view(dtype)
+
+
+SCALE_FLOOR = 2.0**-120
+"""The least scale of an int8 block: its reciprocal times 127 is a finite float32 (the engine's
+kernels use it too)."""
+
+
+def _block_scales(b: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """The scale of each block (row) of ``b``: its max (``nonnegative``) or its absmax, at least
+    :data:`SCALE_FLOOR`; NaN where the block holds a NaN."""
+    top = b.amax(dim=1) if nonnegative else b.abs().amax(dim=1)
+    return torch.where(top < SCALE_FLOOR, SCALE_FLOOR, top)
+
+
 def encode(
     x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256, key: Any = 0
 ) -> NamedTuple:
@@ -100,32 +142,38 @@ def encode(
     ``nonnegative``: ``x`` holds no negative value (``"int8"`` then uses its unsigned code);
     ``key``: the stochastic rounding's key (``"bf16_sr"``: an integer, or an int64 0-d tensor).
 
+    ``"int8"``, per block: the scale s (its absmax, or its max for the unsigned code; at least
+    2⁻¹²⁰) and r = 1/s (correctly rounded), then per element the code round(clamp(x·(r·127),
+    −127, 127)), or round(√√clamp(x·r, 0, 1)·255) (unsigned; a NaN product codes 0). Every
+    operation is correctly rounded and none is fused, so the engine's kernels (C, Triton on a
+    GPU) store these codes and scales bit for bit. Coding a decoded tensor again gives the same
+    codes and scales (the block's largest code decodes to s exactly).
+
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
         >>> p.codes, p.scales
-        (tensor([127, -64,  32], dtype=torch.int8), tensor([0.0079]))
+        (tensor([127, -64,  32], dtype=torch.int8), tensor([1.]))
         >>> gx.transforms.compress.decode(p)
         tensor([ 1.0000, -0.5039,  0.2520])
     """
     if fmt == "bf16":
-        bits = x.contiguous().view(torch.int32)
+        bits = _bitcast(x.contiguous(), torch.int32)
         r = torch.where(_special(bits), bits, bits + 0x80)
-        return Bf16Pair((r >> 16).to(torch.int16).view(torch.bfloat16), ((r >> 8) & 0xFF).to(torch.uint8))
+        return Bf16Pair(_bitcast((r >> 16).to(torch.int16), torch.bfloat16), ((r >> 8) & 0xFF).to(torch.uint8))
     if fmt == "bf16_sr":
-        bits = x.contiguous().view(torch.int32)
+        bits = _bitcast(x.contiguous(), torch.int32)
         noise = (random_like("uniform", x, key) * 65536.0).to(torch.int32)  # 16 random bits
         r = torch.where(_special(bits), bits, bits + noise)
-        return Bf16Stochastic((r >> 16).to(torch.int16).view(torch.bfloat16))
+        return Bf16Stochastic(_bitcast((r >> 16).to(torch.int16), torch.bfloat16))
     b = _blocks(x, block_size)
+    scale = _block_scales(b, nonnegative)
+    r = torch.reciprocal(scale)
+    q = torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0)
     if nonnegative:
-        top = b.amax(dim=1)
-        safe = torch.where(top > 0, top, 1.0).unsqueeze(1)
-        codes = torch.round((b / safe).clamp(0.0, 1.0).sqrt().sqrt() * 255.0)
-        return Int8Blocks(_unblock(torch.nan_to_num(codes).to(torch.uint8), x), top)
-    scale = b.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-    codes = torch.round(b / safe).clamp(-127.0, 127.0)
-    return Int8Blocks(_unblock(torch.nan_to_num(codes).to(torch.int8), x), scale)
+        codes = torch.round(q.clamp(0.0, 1.0).sqrt().sqrt() * 255.0)
+        return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
+    codes = torch.round(q.clamp(-127.0, 127.0))
+    return Int8Blocks(_unblock(codes.to(torch.int8), x), scale)
 
 
 def _zeros(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> NamedTuple:
@@ -143,21 +191,23 @@ def _zeros(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> 
 
 
 def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
-    """The float32 tensor that ``packed`` (from :func:`encode`, with this ``block_size``) holds.
-    A block whose scale is not finite (a NaN or an infinity was encoded in it) decodes to NaN."""
+    """The float32 tensor that ``packed`` (from :func:`encode`, with this ``block_size``) holds:
+    ``"int8"``, (code·fl(1/127))·scale, or for the unsigned code t = code·fl(1/255), (t·t)·(t·t)·scale
+    (multiplications only: the same numbers in the engine's kernels). A block whose scale is not
+    finite (a NaN or an infinity was encoded in it) decodes to NaN."""
     if isinstance(packed, Bf16Pair):
-        hi = packed.hi.view(torch.int16).to(torch.int32)
-        return ((hi << 16) | (packed.lo.to(torch.int32) << 8)).view(torch.float32)
+        hi = _bitcast(packed.hi, torch.int16).to(torch.int32)
+        return _bitcast((hi << 16) | (packed.lo.to(torch.int32) << 8), torch.float32)
     if isinstance(packed, Bf16Stochastic):
         return packed.value.to(torch.float32)
     if not isinstance(packed, Int8Blocks):
         raise TypeError(f"decode: expected a compressed tensor, got {type(packed).__name__}")
     codes = _blocks(packed.codes, block_size).to(torch.float32)
     if packed.codes.dtype == torch.uint8:
-        t = codes / 255.0
+        t = codes * (1.0 / 255.0)
         t = t * t
         return _unblock(t * t * packed.scales.unsqueeze(1), packed.codes)
-    return _unblock(codes * packed.scales.unsqueeze(1), packed.codes)
+    return _unblock(codes * (1.0 / 127.0) * packed.scales.unsqueeze(1), packed.codes)
 
 
 def bytes_per_element(fmt: str, block_size: int = 256) -> float:
@@ -237,7 +287,8 @@ def compress_state(
       counter-based ones of :func:`~grokxform.elements.uniform`: keys from the wrapper's step
       count and the tensor's position in the state, so a resumed run draws the same bits.
     - ``"int8"`` (1 + 4/``block_size``): per block of ``block_size`` elements one float32
-      scale (the block's absmax, as bitsandbytes' and torchao's 8-bit optimizers). Signed
+      scale (from the block's absmax, as bitsandbytes' and torchao's 8-bit optimizers; codes by
+      multiplication with its reciprocal, :func:`encode`). Signed
       state: a linear code in [−127, 127]. A field its primitive declares non-negative
       (``nonnegative=``: Adam's, NAdam's, AdEMAMix's and RMSprop's ``nu``): the fourth root of
       value/max coded linearly in [0, 255], so small second moments keep their relative
