@@ -112,6 +112,9 @@ class CEmitter(G.Emitter):
         self.per_chunk: list[str] = []
         self.chunk: int | None = None
         self.reduces = False
+        self.after_elements = False
+        """Whether :meth:`decode` emits for a loop after the element loop (its int8 scales read
+        per element there, not per chunk)."""
 
     def pre_line(self, text: str) -> None:
         self.pre.append(text)
@@ -253,9 +256,12 @@ class CEmitter(G.Emitter):
         if codec.fmt == "bf16_sr":
             return self.value(f"bf16_to_f32({self.ptr(f'{role}__value')}[i])", f32)
         bs = codec.block_size
-        self.chunk = min(self.chunk or bs, bs)
-        scale = self.var("sc")
-        self.per_chunk.append(f"const float {scale} = {self.ptr(f'{role}__scales')}[q0 / {bs}];")
+        if self.after_elements:
+            scale = self.value(f"{self.ptr(f'{role}__scales')}[i / {bs}]", f32).name
+        else:
+            self.chunk = min(self.chunk or bs, bs)
+            scale = self.var("sc")
+            self.per_chunk.append(f"const float {scale} = {self.ptr(f'{role}__scales')}[q0 / {bs}];")
         code = self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32)
         if codec.unsigned:  # t = code·fl(1/255), (t·t)·(t·t)·scale
             t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
@@ -331,6 +337,7 @@ class CEmitter(G.Emitter):
         self.line(f"{tb}[i - start] = {total.name};")
         ring, slot, dst = self.role_of(m, "window"), self._slot(m), self.ptr(role)
         saved, self.lines = self.lines, []
+        self.after_elements = True
         with self.at_slot(ring, codec, slot):
             q = self.decode(ring, codec)
         fixed = self.rounded(f"{tb}[i - start] + ({self.widen(q.name, acc)} - {self.widen(f'{gb}[i - start]', acc)})", acc)
@@ -350,6 +357,7 @@ class CEmitter(G.Emitter):
         summed = self.rounded(f"(double){a}" if acc == torch.float64 else f"(float){a}", acc)
         self.line(f"{dst}[i] = {self._stored(summed)};")
         resum, self.lines = self.lines, saved
+        self.after_elements = False
         guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
         self.post += [
             f"{guard}{{",
