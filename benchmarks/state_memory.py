@@ -7,7 +7,10 @@ Memory: the state of each pipeline for a model of 2·1024·1024 float32 params (
 leaves), made by ``tx.init`` on the CPU, every tensor's ``nbytes`` summed (counters and 0-d values
 included) and divided by the number of params. Codec errors: a 64→256→1 MLP trained 500 steps
 with float32 Adam (lr 1e-3, batches of 64); its final m and v coded and decoded: the relative
-2-norm error of m, of √v, and of Adam's direction m/(√v + 1e-8).
+2-norm error of m, of √v, and of Adam's direction m/(√v + 1e-8). Trajectories: the same MLP
+trained 500 steps by ``gx.adamw`` (lr 1e-3, no weight decay) with float32 state and with each
+format (``gx.compress_state``), from the same init and batches: the distance of the final params
+from the float32 run's, relative to how far the float32 run moved them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,47 @@ def adam_state(steps: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     return st["exp_avg"].clone(), st["exp_avg_sq"].clone()
 
 
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64)
+    return x, torch.tanh(x @ torch.randn(64, 1) / 8 * 3) + 0.1 * torch.randn(2048, 1)
+
+
+def trajectories(steps: int = 500) -> dict[str, float]:
+    x, y = _data()
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def run(fmt: str | None) -> dict[str, torch.Tensor]:
+        params = {n: p.clone() for n, p in start.items()}
+        tx = gx.adamw(1e-3, weight_decay=0.0)
+        tx = tx if fmt is None else gx.compress_state(tx, fmt, min_size=1)
+        state = tx.init(params)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(steps):
+            idx = torch.randint(0, 2048, (64,), generator=g)
+
+            def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.nn.functional.mse_loss(torch.func.functional_call(model, p, (x[idx],)), y[idx])
+
+            grads = torch.func.grad(loss)(params)
+            u, state = tx.update(grads, state, params)
+            params = gx.apply_updates(params, u)
+        return params
+
+    def flat(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([v.reshape(-1) for v in t.values()])
+
+    ref = flat(run(None))
+    moved = (ref - flat(start)).norm()
+    out = {}
+    for fmt in FORMATS:
+        out[fmt] = ((flat(run(fmt)) - ref).norm() / moved).item()
+        print("trajectory", fmt, f"{out[fmt]:.2e}")
+    return out
+
+
 def codec_errors() -> dict[str, dict[str, float]]:
     m, v = adam_state()
 
@@ -91,6 +135,7 @@ def main() -> None:
         "block_size": 256,
         "bytes_per_param": memory(),
         "codec_errors": codec_errors(),
+        "trajectory_distance": trajectories(),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
