@@ -294,14 +294,10 @@ def compress_state(
       value/max coded linearly in [0, 255], so small second moments keep their relative
       precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes).
 
-    Measured (a 64→256→1 MLP, Adam lr 1e-3, 500 steps of batches of 64, every state tensor
-    coded after each step; distance of the params from the float32 run's, relative to how far
-    that run moved): bfloat16 rounded to nearest 2.7e-2, stochastic rounding 2.7e-2,
-    bf16 + compensation byte 3.2e-3, hence ``"bf16"`` is the compensated format. int8 with
-    v coded linearly: NaN (v decoded as 0); with √v coded: 0.21; with ⁴√v coded: 0.13 (the
-    code chosen; final loss 0.062 against float32's 0.064). fp8 (e4m3, per-block scales) is not
-    offered: it was worse than int8 on m (round-trip error 2.6e-2 against 9.3e-3) and on v
-    (√v error 1.3e-2 against 3.5e-3; trajectory 0.19 with int8 m). (``benchmarks/state_memory.py``)
+    Measured by ``benchmarks/state_memory.py`` (a 64→256→1 MLP, ``gx.adamw`` lr 1e-3, 500 steps
+    of batches of 64, every state tensor compressed; the distance of the final params from the
+    float32 run's, relative to how far that run moved): 1.8e-2 (``"bf16"``), 5.8e-2
+    (``"bf16_sr"``), 0.14 (``"int8"``). fp8 formats are not offered.
 
     MA windows: a slot stores q = decode(encode(g)); the running sum adds what the slot stores
     (q − g is added to the sum on the step that writes the slot), so that the decoded oldest
