@@ -46,8 +46,10 @@ def state_format(per_element: Callable[[torch.dtype, int], float | None]) -> Ite
 
 
 def _item_bytes(dtype: torch.dtype, numel: int) -> float:
-    """The bytes one element of a new state tensor takes (compressed within :func:`state_format`)."""
-    fmt = _FORMAT.get()
+    """The bytes one element of a new state tensor takes (compressed within :func:`state_format`;
+    not read under ``torch.compile``, which cannot trace a context variable, and where no state
+    is checked)."""
+    fmt = None if torch.compiler.is_compiling() else _FORMAT.get()
     got = fmt(dtype, numel) if fmt is not None else None
     return dtype.itemsize if got is None else got
 
