@@ -194,3 +194,17 @@ def test_compare_small_runs_every_method_on_every_task(tmp_path):
             payload = json.loads((out / f"{method}__{task}.json").read_text())
             assert len(payload["grid_table"]) == 12 and payload["steps_budget"] == 2, (method, task)
     assert all((out / f"{task}.png").is_file() for task in TASKS)
+
+
+def test_thin_curves_keeps_the_last_evaluation_and_at_most_the_points_asked() -> None:
+    from grokxform.experiments.compare import thin_curves
+
+    steps = list(range(10, 10_010, 10))  # 1000 evaluations
+    acc = [[s / 10_000, 1 - s / 10_000] for s in steps]
+    got = thin_curves({"eval_steps": steps, "val_acc": acc, "other": 1}, points=100)
+    assert len(got["eval_steps"]) <= 100 and got["eval_steps"][-1] == 10_000
+    assert got["val_acc"][-1] == [1.0, 0.0] and got["other"] == 1
+    for k, s in enumerate(got["eval_steps"]):  # each kept row is its evaluation's, to 5 digits
+        assert got["val_acc"][k] == pytest.approx([s / 10_000, 1 - s / 10_000], rel=1e-5)
+    short = {"eval_steps": [1, 2], "val_acc": [[0.123456789], [0.5]]}
+    assert thin_curves(short)["val_acc"] == [[0.12346], [0.5]]

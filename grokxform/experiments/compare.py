@@ -87,6 +87,29 @@ def best_config(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:
                                      -r["final_val_acc"]))
 
 
+CURVE_POINTS = 250
+"""The most evaluations of a curve a pair's JSON keeps (evenly spaced, the last one included)."""
+
+
+def thin_curves(result: dict[str, Any], points: int = CURVE_POINTS) -> dict[str, Any]:
+    """``result`` (a sweep's JSON, or a pair's) with its per-evaluation curves (``eval_steps`` and
+    the ``val_acc`` / ``val_loss`` / ``train_acc`` rows beside it) cut to at most ``points``
+    evaluations, evenly spaced and the last kept, their values rounded to 5 significant digits:
+    the figures and the steps to the target are read elsewhere, and a 10,000-step grid would
+    otherwise write megabytes."""
+    steps = result.get("eval_steps") or []
+    if len(steps) <= points:
+        keep = list(range(len(steps)))
+    else:
+        stride = -(-len(steps) // points)
+        keep = sorted({*range(len(steps) - 1, -1, -stride)})
+    out = dict(result, eval_steps=[steps[i] for i in keep])
+    for name in ("val_acc", "val_loss", "train_acc"):
+        if name in result and result[name] is not None and len(result[name]) == len(steps):
+            out[name] = [[float(f"{v:.5g}") for v in result[name][i]] for i in keep]
+    return out
+
+
 def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int], seeds: Sequence[int],
                  device: torch.device, data_root: str | None = None, compile: bool = False, small: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -110,13 +133,13 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
         "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
         **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
         "seeds": list(seeds), "static": raw["static"], "grid_table": table, "best": best["config"],
-        "grid_result": {k: v for k, v in first.to_json().items() if k not in ("train_acc",)},
+        "grid_result": thin_curves({k: v for k, v in first.to_json().items() if k not in ("train_acc",)}),
         "steps_to_target": final.steps_to_target, "seconds_to_target": final.seconds_to_target,
         "summary": median_and_spread(final.steps_to_target),
         "final_val_acc": final.val_acc[-1], "final_val_loss": final.val_loss[-1],
         "state_bytes": final.state_bytes, "seconds": final.seconds,
         "member_steps_per_second": final.member_steps_per_second,
-        "eval_steps": final.eval_steps, "val_acc": final.val_acc, "val_loss": final.val_loss,
+        **thin_curves({"eval_steps": final.eval_steps, "val_acc": final.val_acc, "val_loss": final.val_loss}),
         "batch_size": batch, "small": small, "tokens_budget": steps * batch * CONTEXT if task == "lm" else None,
     }
 
@@ -145,7 +168,7 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
             payload = compare_pair(method, task, steps=budget, grid_seeds=grid_seeds, seeds=seeds, device=device,
                                    data_root=data_root, compile=compile, small=small, log=log)
             tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, indent=1))
+            tmp.write_text(json.dumps(payload, separators=(",", ":")))
             os.replace(tmp, path)  # a file is there only when its pair is complete
             log(f"[{method} / {task}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
     return report(out)
