@@ -315,9 +315,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert status == 0
     printed = capsys.readouterr()
-    for name in MODULAR_OPTIMIZERS:
+    for name in demo.DEMO_RUNS:
         assert name in printed.out
-    assert printed.out.count("not reached in 20 steps") == 4 and "1 CPU thread(s)," in printed.out
+    assert printed.out.count("not reached in 20 steps") == 2 and "1 CPU thread(s)," in printed.out
     assert "[baseline] step     20/20" in printed.err
     try:
         import matplotlib  # noqa: F401
@@ -340,6 +340,16 @@ def test_demo_selects_runs_and_rejects_unknown_ones(tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out.split("\n")
     assert any(line.startswith("grokfast_ma") for line in table)
     assert not any(line.startswith("baseline") for line in table)
+
+
+def test_demo_defaults_and_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default Adam and Grokfast-EMA, 1,200 steps each; ``--full`` the paper's four, 1,800 steps;
+    ``--runs`` and ``--steps`` given win over either."""
+    seen: list[tuple[list[str], int]] = []
+    monkeypatch.setattr(cli, "run_demo", lambda runs, *, steps, **kw: seen.append((list(runs), steps)))
+    for argv in (["demo"], ["demo", "--full"], ["demo", "--full", "--steps", "50", "--runs", "grokadamw"]):
+        assert cli.main(argv) == 0
+    assert seen == [(["baseline", "grokfast_ema"], 1200), (list(MODULAR_OPTIMIZERS), 1800), (["grokadamw"], 50)]
 
 
 def test_auto_threads_falls_back_to_one_on_a_busy_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""``grokxform demo``: the four optimizers of the paper's comparison on the modular task.
+"""``grokxform demo``: Adam against Grokfast-EMA on the paper's modular task (``--full``: the four
+optimizers of its comparison).
 
 It trains the paper's modular-arithmetic decoder (x·y mod 97, 50 % of the equations; ``task``
 picks another operation) with the optimizers of
@@ -22,8 +23,13 @@ from grokxform.experiments.modular import paper_setup, task_name
 from grokxform.experiments.optimizers import MODULAR_OPTIMIZERS
 from grokxform.experiments.train import EvalRecord, TrainResult, train
 
-DEMO_STEPS = 1800
-"""Default step budget of each demo run (the baseline needs ~40k and is reported as not reached)."""
+DEMO_RUNS = ("baseline", "grokfast_ema")
+"""The runs of the default demo: the paper's Adam baseline and its Grokfast-EMA."""
+DEMO_STEPS = 1200
+"""Default step budget of each demo run: Grokfast-EMA reaches 95% in 960–970 steps with seed 0;
+the baseline needs ~40k and is reported as not reached."""
+FULL_STEPS = 1800
+"""Step budget of each run of ``--full`` (all four; Grokfast-MA needs 1,650–1,690 steps)."""
 DEMO_TARGET = 0.95
 """Validation accuracy that counts as generalised."""
 
