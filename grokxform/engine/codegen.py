@@ -495,13 +495,19 @@ class Emitter:
         first = self.block_starts(bs)
         scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
                            f" mask={first} < n, other=0.0)", f32)
-        if codec.unsigned:  # t = code·fl(1/255), (t·t)·(t·t)·scale
+        code = self.unit_of_code(code, codec)
+        return self.value(f"tl.reshape(tl.reshape({code.name}, [BLOCK // {bs}, {bs}]) * {scale.name}[:, None], [BLOCK])", f32)
+
+    def unit_of_code(self, code: Value, codec: P.Codec) -> Value:
+        """An int8 code (as float32) decoded up to its block's scale, by multiplications only
+        (``decode``'s definition, in every dialect): ``t = code·fl(1/255)``, ``(t·t)·(t·t)`` for
+        the unsigned code; ``code·fl(1/127)`` for the signed one."""
+        f32 = torch.float32
+        if codec.unsigned:
             t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
             t = self.value(f"{t.name} * {t.name}", f32)
-            code = self.value(f"{t.name} * {t.name}", f32)
-        else:  # (code·fl(1/127))·scale
-            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
-        return self.value(f"tl.reshape(tl.reshape({code.name}, [BLOCK // {bs}, {bs}]) * {scale.name}[:, None], [BLOCK])", f32)
+            return self.value(f"{t.name} * {t.name}", f32)
+        return self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
 
     def block_starts(self, bs: int) -> str:
         """The index of the first element of each quantization block of ``bs`` elements in this item."""

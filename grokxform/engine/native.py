@@ -262,13 +262,7 @@ class CEmitter(G.Emitter):
             self.chunk = min(self.chunk or bs, bs)
             scale = self.var("sc")
             self.per_chunk.append(f"const float {scale} = {self.ptr(f'{role}__scales')}[q0 / {bs}];")
-        code = self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32)
-        if codec.unsigned:  # t = code·fl(1/255), (t·t)·(t·t)·scale
-            t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
-            t = self.value(f"{t.name} * {t.name}", f32)
-            code = self.value(f"{t.name} * {t.name}", f32)
-        else:  # (code·fl(1/127))·scale
-            code = self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
+        code = self.unit_of_code(self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32), codec)
         return self.value(f"{code.name} * {scale}", f32)
 
     def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> None:

@@ -232,6 +232,20 @@ class Node(ABC):
         """Drop the references to tensors and state (:meth:`bind` gives them again)."""
 
 
+class _StateWrapper(Node):
+    """A wrapper node whose only tensors are its state's (``state``: counters, injected
+    hyperparameters, flags), bound and released whole."""
+
+    state: Any
+
+    def bind(self, other: Node) -> None:
+        assert isinstance(other, type(self))
+        self.state = other.state
+
+    def release(self) -> None:
+        self.state = None
+
+
 def _plan(decl: Any, state: Any, active: list[int], guards: tuple[Flag, ...], ctx: _Ctx, where: str) -> Node:
     if decl is None:
         raise Unsupported(f"{where} has no declaration (a transform with its own update function)")
@@ -499,7 +513,7 @@ class Part(Node):
 
 
 @dataclass(eq=False)
-class Inject(Node):
+class Inject(_StateWrapper):
     """``inject_hyperparams``: the inner transform built from this step's hyperparameters."""
 
     declares: ClassVar[type] = D.Injected
@@ -540,13 +554,6 @@ class Inject(Node):
         env.writes.append((st.count, st.count + 1, self.guards))
         env.writes.extend((st.hyperparams[n], hp[n], self.guards) for n in self.decl.schedules)
         return {}
-
-    def bind(self, other: Node) -> None:
-        assert isinstance(other, Inject)
-        self.state = other.state
-
-    def release(self) -> None:
-        self.state = None
 
 
 @dataclass(eq=False)
@@ -609,7 +616,7 @@ class Accum(Node):
 
 
 @dataclass(eq=False)
-class Finite(Node):
+class Finite(_StateWrapper):
     """``apply_if_finite``: the inner transform's step where every gradient is finite."""
 
     declares: ClassVar[type] = D.IfFinite
@@ -659,16 +666,9 @@ class Finite(Node):
         env.write(self.state, D.IfFinite.advance(self.state, finite), self.guards)
         return {"finite": finite}
 
-    def bind(self, other: Node) -> None:
-        assert isinstance(other, Finite)
-        self.state = other.state
-
-    def release(self) -> None:
-        self.state = None
-
 
 @dataclass(eq=False)
-class Pack(Node):
+class Pack(_StateWrapper):
     """``compress_state``: the inner transform, its members' packed state columns marked with
     their :class:`Codec` (the runners decode them where they load them and encode where they
     store them: one pass over the compressed bytes). Its count (the stochastic rounding's keys
@@ -720,13 +720,6 @@ class Pack(Node):
     def scalars(self, env: StepEnv) -> dict[str, Any]:
         env.writes.append((self.state.count, self.state.count + 1, self.guards))
         return {}
-
-    def bind(self, other: Node) -> None:
-        assert isinstance(other, Pack)
-        self.state = other.state
-
-    def release(self) -> None:
-        self.state = None
 
 
 def _eager_positions(inner: Any) -> dict[int, int]:
