@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from grokxform.experiments.data import TaskData, TaskSetup
-from grokxform.experiments.modular import CausalSelfAttention
+from grokxform.experiments.modular import CausalSelfAttention, Decoder
 
 CONTEXT = 128
 """Bytes of context of a training window."""
@@ -103,27 +103,17 @@ class GPTBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """A byte-level causal transformer: ``(B, T)`` bytes to ``(B, T, 256)`` next-byte logits."""
+class GPT(Decoder):
+    """A byte-level causal transformer: ``(B, T)`` bytes to ``(B, T, 256)`` next-byte logits (the
+    paper's :class:`~grokxform.experiments.modular.Decoder` with :class:`GPTBlock` layers, every
+    position's logits)."""
 
     def __init__(self, dim: int = 128, num_layers: int = 2, num_heads: int = 4, context: int = CONTEXT,
                  vocab: int = 256) -> None:
-        super().__init__()
-        self.token_embeddings = nn.Embedding(vocab, dim)
-        self.position_embeddings = nn.Embedding(context, dim)
-        self.layers = nn.ModuleList([GPTBlock(dim, num_heads) for _ in range(num_layers)])
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
+        super().__init__(dim, num_layers, num_heads, num_tokens=vocab, seq_len=context, block=GPTBlock)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[1] > self.position_embeddings.num_embeddings:
-            raise ValueError(f"GPT: tokens must have shape (batch, <= {self.position_embeddings.num_embeddings}),"
-                             f" got {tuple(tokens.shape)}")
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.token_embeddings(tokens) + self.position_embeddings(positions)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.ln_f(h))
+    def forward(self, tokens: torch.Tensor, all_positions: bool = True) -> torch.Tensor:
+        return super().forward(tokens, all_positions)
 
 
 def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

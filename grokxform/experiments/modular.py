@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -134,7 +135,8 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     """The paper's causal decoder; ``forward(tokens)`` maps ``(B, T)`` tokens to the logits of the
-    last position ``(B, V)``, or of every position ``(B, T, V)`` with ``all_positions=True``."""
+    last position ``(B, V)``, or of every position ``(B, T, V)`` with ``all_positions=True``.
+    ``block(dim, num_heads)`` makes each layer (default: the paper's :class:`Block`)."""
 
     def __init__(
         self,
@@ -143,20 +145,23 @@ class Decoder(nn.Module):
         num_heads: int = 4,
         num_tokens: int = VOCAB_SIZE,
         seq_len: int = SEQ_LEN,
+        *,
+        block: Callable[[int, int], nn.Module] = Block,
     ) -> None:
         super().__init__()
         self.token_embeddings = nn.Embedding(num_tokens, dim)
         self.position_embeddings = nn.Embedding(seq_len, dim)
-        self.layers = nn.ModuleList([Block(dim, num_heads) for _ in range(num_layers)])
+        self.layers = nn.ModuleList([block(dim, num_heads) for _ in range(num_layers)])
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_tokens, bias=False)
 
     def forward(self, tokens: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        name = type(self).__name__
         if tokens.dim() != 2:
-            raise ValueError(f"Decoder: tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+            raise ValueError(f"{name}: tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.position_embeddings.num_embeddings:
             raise ValueError(
-                f"Decoder: sequences of {tokens.shape[1]} tokens exceed the position table"
+                f"{name}: sequences of {tokens.shape[1]} tokens exceed the position table"
                 f" ({self.position_embeddings.num_embeddings})"
             )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
