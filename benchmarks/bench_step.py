@@ -349,22 +349,11 @@ def pipeline(name: str, window: int) -> gx.GradientTransformation:
         return gx.grokadamw_compat(lr=1e-3)
     if name == "userchain":
         return user_chain()
-    if name == "sgd":
-        return gx.sgd(lr=1e-3, momentum=0.9)
-    if name == "lion":
-        return gx.lion(lr=1e-4)
-    if name == "ademamix":
-        return gx.ademamix(lr=1e-3)
-    if name == "adam":
-        return gx.adam(lr=1e-3)
-    if name == "nadam":
-        return gx.nadam(lr=1e-3)
-    if name == "rmsprop":
-        return gx.rmsprop(lr=1e-3, momentum=0.9)
-    if name == "lamb":
-        return gx.lamb(lr=1e-3, weight_decay=0.01)
     if name == "orthograd_sgd":
         return orthograd_sgd()
+    if name in VOCABULARY:  # the method as its gx.Optimizer row builds it
+        factory, kwargs = FACTORIES[name]
+        return factory(**kwargs)
     raise ValueError(f"unknown pipeline {name!r}")
 
 
