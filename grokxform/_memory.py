@@ -46,10 +46,8 @@ def state_format(per_element: Callable[[torch.dtype, int], float | None]) -> Ite
 
 
 def _item_bytes(dtype: torch.dtype, numel: int) -> float:
-    """The bytes one element of a new state tensor takes (compressed within :func:`state_format`;
-    not read under ``torch.compile``, which cannot trace a context variable, and where no state
-    is checked)."""
-    fmt = None if torch.compiler.is_compiling() else _FORMAT.get()
+    """The bytes one element of a new state tensor takes (compressed within :func:`state_format`)."""
+    fmt = _FORMAT.get()
     got = fmt(dtype, numel) if fmt is not None else None
     return dtype.itemsize if got is None else got
 
@@ -108,8 +106,11 @@ def check_ma_window(
     Per device: ``w × Σ numel × size(window dtype)`` for the window, plus
     ``Σ numel × size(accumulator dtype)`` for the running sum (``None``: float32, float64 for
     float64 params). Within :func:`state_format` (a compressed state) the window's slots count
-    the compressed bytes.
+    the compressed bytes. Nothing is checked while ``torch.compile`` traces (as :func:`check_fits`:
+    the host's memory is no graph code, nor is the compressed-state context).
     """
+    if torch.compiler.is_compiling():
+        return
     numel: dict[torch.device, int] = {}
     window: dict[torch.device, int] = {}
     total: dict[torch.device, int] = {}
