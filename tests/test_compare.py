@@ -20,19 +20,22 @@ from grokxform.experiments.parity import parity_setup
 from grokxform.experiments.sweep import heatmap_figure, sweep
 from grokxform.experiments.tasks import TASKS, get_task, method_loss
 from grokxform.experiments.train import train
+from grokxform.transforms.compress import compress_state
 
 VAL_POINTS = 32
 """Validation rows of these short runs (the last step evaluates them)."""
 
 
 def _alone(method: str, task: str, member: dict[str, float], steps: int, batch_size: int,
-           static: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+           static: dict[str, Any] | None = None, state_format: str | None = None) -> dict[str, torch.Tensor]:
     t = get_task(task)
     setup = t.setup(int(member["seed"]), None)
     data = setup.data._replace(val_inputs=setup.data.val_inputs[:VAL_POINTS],
                                val_targets=setup.data.val_targets[:VAL_POINTS])
     tx = build(method, {k: v for k, v in member.items() if k != "seed"}, warmup_steps=t.warmup_steps,
                matrices=t.matrices, static=static)
+    if state_format is not None:
+        tx = compress_state(tx, state_format)
     return train(setup.model, tx, data, steps=steps, batch_size=batch_size, generator=setup.generator,
                  loss_fn=method_loss(task, method)).params
 
@@ -63,6 +66,25 @@ def _check_members(method: str, task: str, steps: int, batch: int) -> None:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_vmapped_member_equals_training_it_alone(method):
     _check_members(method, "parity", steps=3, batch=32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16_sr"])
+def test_a_compressed_member_equals_training_it_alone(fmt):
+    """``state_format``: each member's state compressed as ``compress_state`` keeps one run's (the
+    MA window's slots among them), and the state's bytes counted compressed."""
+    members = [{"lr": 1e-3, "lamb": 5.0, "seed": 0}, {"lr": 3e-3, "lamb": 2.0, "seed": 1}]
+    static = {"window_size": 3}
+    res = sweep("grokfast_ma", {}, members=members, steps=4, task="parity", batch_size=32, static=static,
+                val_points=VAL_POINTS, state_format=fmt)
+    alone = _alone("grokfast_ma", "parity", members[1], 4, 32, static, state_format=fmt)
+    for name, p in alone.items():
+        torch.testing.assert_close(res.params[name][1], p, rtol=1e-5, atol=1e-6, msg=name)
+    full = sweep("grokfast_ma", {}, members=members[:1], steps=1, task="parity", batch_size=32, static=static,
+                 val_points=VAL_POINTS)
+    assert res.state_format == fmt and full.state_format is None
+    assert res.state_bytes < full.state_bytes * (0.5 if fmt == "int8" else 0.7)  # (small leaves stay float32)
+    with pytest.raises(ValueError, match="state_format"):
+        sweep("grokfast_ma", {}, members=members, steps=1, task="parity", static=static, state_format="fp8")
 
 
 def test_muon_on_the_decoders_blocks_vmapped_equals_alone():

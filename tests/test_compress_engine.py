@@ -38,6 +38,8 @@ def _chain(name: str) -> gx.GradientTransformation:
         "grokfast_ema": lambda: gx.grokfast_ema(1e-2),
         # a user's chain: a reduction first (two passes: the first decodes, the last encodes)
         "user": lambda: gx.chain(gx.clip_by_global_norm(100.0), gx.trace(0.9, nesterov=True), gx.scale(-1e-2)),
+        # a reduction of decoded state (the pass that sums decodes, the last pass decodes and encodes)
+        "user_norm_after": lambda: gx.chain(gx.trace(0.9), gx.clip_by_global_norm(100.0), gx.scale(-1e-2)),
     }[name]()
 
 
@@ -93,14 +95,14 @@ BACKENDS = [pytest.param("c", marks=needs_c), "foreach"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", ["adamw", "grokadamw", "grokfast_ema", "user"])
+@pytest.mark.parametrize("name", ["adamw", "grokadamw", "grokfast_ema", "user", "user_norm_after"])
 def test_engine_stores_the_eager_codes(name: str, fmt: str, backend: str) -> None:
     tx = gx.compress_state(_chain(name), fmt, min_size=64, block_size=64)
     _check(_engine(tx, 20, backend), _eager(tx, 20))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", ["adamw", "user"])
+@pytest.mark.parametrize("name", ["adamw", "user", "user_norm_after"])
 def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
     """(Not grokadamw: its clip binds, and the Triton kernels sum its norm in their own order, so
     its input differs by an ulp, as without compression; the C kernels take torch's norm.)"""

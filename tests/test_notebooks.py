@@ -4,6 +4,7 @@ its short mode (``GROKXFORM_NOTEBOOK_SMALL=1``) in a kernel, its outputs thrown 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -26,4 +27,5 @@ def test_notebook_runs_in_its_short_mode(name: str, monkeypatch: pytest.MonkeyPa
             cell.outputs, cell.execution_count = [], None
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
-    assert "up to 20 steps" in text, "the notebook did not run in its short mode"
+    budgets = [int(n) for n in re.findall(r"up to (\d+) steps", text)]  # (every notebook prints its budget)
+    assert budgets and max(budgets) <= 20, f"the notebook did not run in its short mode ({budgets})"

@@ -265,7 +265,9 @@ class CEmitter(G.Emitter):
         code = self.unit_of_code(self.value(f"(float){self.ptr(f'{role}__codes')}[i]", f32), codec)
         return self.value(f"{code.name} * {scale}", f32)
 
-    def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> None:
+    def encode(self, *, role: str, codec: Any, value: G.Value, node: Any) -> G.Value | None:
+        """As Triton's; returns None: an int8 block is encoded after the item's elements
+        (:meth:`packed_total` decodes the slot there)."""
         guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
         x = value.name
         if codec.fmt in ("bf16", "bf16_sr"):
@@ -276,11 +278,11 @@ class CEmitter(G.Emitter):
                 self.line(f"const int32_t {r} = {special} ? {bits} : {bits} + 0x80;")
                 hi, lo = self.ptr(f"{role}__hi"), self.ptr(f"{role}__lo")
                 self.line(f"{guard}{{ {hi}[i] = (uint16_t)({r} >> 16); {lo}[i] = (uint8_t)(({r} >> 8) & 0xFF); }}")
-                return
+                return None
             u = self.random("uniform", ScalarRef(codec.key), node)
             self.line(f"const int32_t {r} = {special} ? {bits} : {bits} + (int32_t)({u.name} * 65536.0f);")
             self.line(f"{guard}{self.ptr(f'{role}__value')}[i] = (uint16_t)({r} >> 16);")
-            return
+            return None
         # int8: the item's new values kept in a local array, then per quantization block (they
         # divide the item: block_size divides BLOCK) its absmax and its codes, from L1.
         bs, buf = codec.block_size, self.var("qb")
@@ -315,10 +317,12 @@ class CEmitter(G.Emitter):
             f"    {scales}[b0 / {bs}] = scale;",
             "}",
         ]
+        return None
 
     blocks_of_n = "((n + {m}) / {bs})"
 
-    def packed_total(self, m: Any, codec: Any, newest: G.Value, total: G.Value, role: str, w: int) -> None:
+    def packed_total(self, m: Any, codec: Any, newest: G.Value, total: G.Value, role: str, w: int,
+                     q: G.Value | None) -> None:
         """As the Triton kernel's, after the item's elements (its int8 codes and scales are
         written there): the new values and the rule's sums kept in local arrays, then per element
         q decoded from the slot, ``total + (q − newest)``, or on the re-sum update the decoded

@@ -43,6 +43,7 @@ from grokxform.experiments.reproduce import PHASES, run_phases
 from grokxform.experiments.methods import METHODS, fixed_arguments, get_method, knobs
 from grokxform.experiments.sweep import check_sweep, run_sweep
 from grokxform.experiments.tasks import TASKS as ALL_TASKS
+from grokxform.transforms.compress import FORMATS
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """The device of ``sweep``, ``ablation run`` and ``reproduce`` when ``--device`` is not given
@@ -359,6 +360,9 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
                              " grokxform_sweep.json and .png in (default ./grokxform_sweep)")
     _add_device(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
+    parser.add_argument("--state-format", default=None, choices=list(FORMATS),
+                        help="keep the optimizer state compressed (gx.compress_state): bf16 (3 bytes an element),"
+                             " bf16_sr (2) or int8 (1, with a scale per 256); default: float32")
     _add_threads(parser)
     _add_progress_bar(parser)
 
@@ -392,7 +396,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     with _cpu_threads(args.device, args.threads):
         run_sweep(args.method, grid, seeds=args.seeds, steps=args.steps, device=args.device, out=args.out,
                   task=args.task, static=static, compile=args.compile, progress_bar=not args.no_progress_bar,
-                  data_root=args.data_root)
+                  data_root=args.data_root, state_format=args.state_format)
 
 
 # --------------------------------------------------------------------------- compare

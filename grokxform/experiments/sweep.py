@@ -25,6 +25,7 @@ members, their JSON and a heatmap.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -44,6 +45,7 @@ from grokxform.base import apply_updates
 from grokxform.experiments.methods import STATIC_ARGS, fixed_arguments, fixed_call_args, get_method, knobs
 from grokxform.experiments.modular import steps_per_epoch
 from grokxform.experiments.tasks import get_task, method_loss
+from grokxform.transforms.compress import FORMATS, compress_state
 from grokxform.transforms.wrappers import inject_hyperparams
 
 
@@ -76,6 +78,8 @@ class SweepResult:
     """Bytes of one member's optimizer state (its transform's state without the injected
     hyperparameters)."""
     target: float = 0.95
+    state_format: str | None = None
+    """The optimizer state's storage format (``None``: the method's own)."""
 
     @property
     def member_steps_per_second(self) -> float:
@@ -118,11 +122,25 @@ class SweepResult:
             "first_epoch_steps": self.first_epoch_steps,
             "first_epoch_seconds": self.first_epoch_seconds,
             "state_bytes": self.state_bytes,
+            "state_format": self.state_format,
             "eval_steps": self.eval_steps,
             "val_acc": self.val_acc,
             "val_loss": self.val_loss,
             "train_acc": self.train_acc,
         }
+
+
+def compressed(factory: Callable[..., Any], fmt: str) -> Callable[..., Any]:
+    """``factory`` whose transform keeps its state in ``fmt`` (:func:`~grokxform.compress_state`),
+    with ``factory``'s signature and static markings (what :func:`~grokxform.inject_hyperparams` reads)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"sweep: state_format must be None or one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
+
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> Any:
+        return compress_state(factory(*args, **kwargs), fmt)
+
+    return make
 
 
 def grid_members(grid: Mapping[str, Sequence[float]], seeds: Sequence[int]) -> list[dict[str, float]]:
@@ -226,6 +244,7 @@ def sweep(
     static: Mapping[str, Any] | None = None,
     data_root: str | Path | None = None,
     val_points: int | None = None,
+    state_format: str | None = None,
 ) -> SweepResult:
     """Train every member of ``grid`` × ``seeds`` (or the explicit ``members``) at once.
 
@@ -242,6 +261,8 @@ def sweep(
     shape). ``max_seconds`` stops at the first evaluation past that wall time (members not yet at
     the target are reported as not reached by ``result.steps``). ``static`` fixes arguments of
     :data:`~grokxform.experiments.methods.STATIC_ARGS` for every member (``{"gamma": 0.0}``).
+    ``state_format`` (``"bf16"``, ``"bf16_sr"`` or ``"int8"``) keeps every member's optimizer state
+    compressed (:func:`~grokxform.compress_state` with its defaults); ``None``: as the method keeps it.
     """
     member_list = check_sweep(method, grid, seeds, members=members, steps=steps, task=task, static=static)
     t = get_task(task)
@@ -251,6 +272,8 @@ def sweep(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"sweep: {name} must be an int >= 1, got {value!r}")
     factory = get_method(method).factory
+    if state_format is not None:
+        factory = compressed(factory, state_format)
     fixed = fixed_call_args(method, t.warmup_steps, t.matrices, static)
     hyper_names = [k for k in member_list[0] if k != "seed"]
     device = torch.device(device)
@@ -312,7 +335,7 @@ def sweep(
     evaluate = torch.func.vmap(member_eval)
 
     result = SweepResult(method, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
-                         task=task, static=fixed, target=target_accuracy)
+                         task=task, static=fixed, target=target_accuracy, state_format=state_format)
     result.state_bytes = state_bytes(factory(**first, **fixed).init(members_params[0]))
     per_epoch = steps_per_epoch(n, batch_size)
     rows = torch.arange(n_members, device=device)[:, None]
@@ -521,7 +544,7 @@ class _SweepProgress:
 def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
               device: torch.device, out: Path, task: str = "mul", static: Mapping[str, Any] | None = None,
               compile: bool = False, progress_bar: bool = True, target_accuracy: float = 0.95,
-              data_root: str | Path | None = None) -> SweepResult:
+              data_root: str | Path | None = None, state_format: str | None = None) -> SweepResult:
     """:func:`sweep` with a progress bar on stderr (lines without ``progress_bar`` or tqdm); prints
     the members' table and throughput, writes ``<out>.json`` (the result with the device, torch's
     and Python's versions, the date and the git commit: :func:`environment`) and, with two swept
@@ -532,11 +555,13 @@ def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequen
         n *= len(values)
     print(f"grokxform sweep: {method} on {t.title}, {n} members"
           f" ({' x '.join(f'{k} {v}' for k, v in grid.items())} x seeds {list(seeds)}) as one vmapped program on"
-          f" {device} ({torch.get_num_threads()} CPU thread(s)), budget {steps} steps", flush=True)
+          f" {device} ({torch.get_num_threads()} CPU thread(s)), budget {steps} steps"
+          + ("" if state_format is None else f", state in {state_format}"), flush=True)
     bar = _SweepProgress(steps, sys.stderr, use_tqdm=progress_bar, target=target_accuracy)
     try:
         result = sweep(method, grid, seeds=seeds, steps=steps, device=device, task=task, static=static,
-                       compile=compile, on_eval=bar.update, target_accuracy=target_accuracy, data_root=data_root)
+                       compile=compile, on_eval=bar.update, target_accuracy=target_accuracy, data_root=data_root,
+                       state_format=state_format)
     finally:
         bar.close()
     print(result.table())
@@ -557,6 +582,7 @@ def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequen
 __all__ = [
     "SweepResult",
     "check_sweep",
+    "compressed",
     "environment",
     "git_commit",
     "grid_members",
