@@ -230,3 +230,14 @@ def test_thin_curves_keeps_the_last_evaluation_and_at_most_the_points_asked() ->
         assert got["val_acc"][k] == pytest.approx([s / 10_000, 1 - s / 10_000], rel=1e-5)
     short = {"eval_steps": [1, 2], "val_acc": [[0.123456789], [0.5]]}
     assert thin_curves(short)["val_acc"] == [[0.12346], [0.5]]
+
+
+def test_compare_jobs_train_pairs_side_by_side(tmp_path):
+    """``--jobs 2``: the pairs in two processes, each JSON whole and marked with the job count."""
+    out = tmp_path / "results"
+    argv = ["compare", "--methods", "adam,lion", "--tasks", "parity", "--small", "--grid-seeds", "0",
+            "--out", str(out), "--device", "cpu", "--jobs", "2"]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["adam__parity.json", "lion__parity.json"]
+    assert all(json.loads(p.read_text())["jobs"] == 2 for p in out.glob("*.json"))
+    assert not list(out.glob("*.tmp"))

@@ -427,6 +427,8 @@ def _register_compare(parser: argparse.ArgumentParser) -> None:
     _add_data_root(parser)
     _add_device(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped steps")
+    parser.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                        help="pairs trained side by side, each in its own process (default 1; a GPU holds several)")
     _add_threads(parser)
 
 
@@ -439,7 +441,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     with _cpu_threads(args.device, args.threads):
         lines = run_compare(args.methods, args.tasks, args.out, device=args.device, grid_seeds=args.grid_seeds,
                             seeds=args.seeds, steps=args.steps, small=args.small, data_root=args.data_root,
-                            compile=args.compile)
+                            compile=args.compile, jobs=args.jobs)
     print("\n".join(lines))
 
 

@@ -25,8 +25,11 @@ Example::
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,17 +149,22 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
 
 def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, device: torch.device,
                 grid_seeds: Sequence[int] = (0, 1), seeds: Sequence[int] = (0, 1, 2, 3, 4), steps: int | None = None,
-                small: bool = False, data_root: str | None = None, compile: bool = False,
+                small: bool = False, data_root: str | None = None, compile: bool = False, jobs: int = 1,
                 log: Callable[[str], None] = print) -> list[str]:
     """Every pair of ``methods`` × ``tasks`` not yet in ``out`` (:func:`compare_pair`), then the
     summary and figures of all the pairs in ``out``; returns the summary's lines. ``steps``: the
     budget of every task (default: each task's own, :data:`~grokxform.experiments.tasks.TASKS`);
-    ``small``: :data:`SMALL_STEPS` steps of small batches (:func:`compare_pair`)."""
+    ``small``: :data:`SMALL_STEPS` steps of small batches (:func:`compare_pair`); ``jobs``: pairs
+    trained side by side, each in its own process (one GPU holds several of these small models;
+    their wall times then share it, which each pair's JSON records as ``jobs``)."""
     for name in methods:
         get_method(name)
     for name in tasks:
         get_task(name)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"run_compare: jobs must be an int >= 1, got {jobs!r}")
     out.mkdir(parents=True, exist_ok=True)
+    pending = []
     for task in tasks:
         budget = SMALL_STEPS if small else steps if steps is not None else get_task(task).steps
         for method in methods:
@@ -164,14 +172,48 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
             if path.is_file():
                 log(f"[{method} / {task}] done already: {path}")
                 continue
-            t0 = time.perf_counter()
-            payload = compare_pair(method, task, steps=budget, grid_seeds=grid_seeds, seeds=seeds, device=device,
-                                   data_root=data_root, compile=compile, small=small, log=log)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, separators=(",", ":")))
-            os.replace(tmp, path)  # a file is there only when its pair is complete
-            log(f"[{method} / {task}] wrote {path} ({time.perf_counter() - t0:.1f} s)")
+            pending.append(_PairJob(method, task, budget, tuple(grid_seeds), tuple(seeds), str(device), data_root,
+                                    compile, small, str(out), jobs))
+    if jobs == 1:
+        for job in pending:
+            log(_run_pair(job, log))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:
+            for line in pool.map(_run_pair, pending):
+                log(line)
     return report(out)
+
+
+@dataclass(frozen=True)
+class _PairJob:
+    method: str
+    task: str
+    steps: int
+    grid_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    device: str
+    data_root: str | None
+    compile: bool
+    small: bool
+    out: str
+    jobs: int
+
+
+def _run_pair(job: _PairJob, log: Callable[[str], None] | None = None) -> str:
+    """One pair's sweeps, its JSON written (whole, or not at all); returns the closing log line
+    (``log``: the progress lines; none from a worker process)."""
+    t0 = time.perf_counter()
+    payload = compare_pair(job.method, job.task, steps=job.steps, grid_seeds=job.grid_seeds, seeds=job.seeds,
+                           device=torch.device(job.device), data_root=job.data_root, compile=job.compile,
+                           small=job.small, log=log or (lambda line: None))
+    payload["jobs"] = job.jobs
+    path = result_path(Path(job.out), job.method, job.task)
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, separators=(",", ":")))
+    os.replace(tmp, path)  # a file is there only when its pair is complete
+    return f"[{job.method} / {job.task}] wrote {path} ({time.perf_counter() - t0:.1f} s)"
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
