@@ -373,21 +373,28 @@ class CEmitter(G.Emitter):
         ]
 
     def window_sum(self, slot: str, w: int, role: str, total: str, newest: G.Value) -> None:
+        """As Triton's, in a loop of its own after the item's elements (the ring's slots, the
+        newest one stored, in order): inside the element loop it would keep that loop from
+        vectorising."""
         ring, dst = self.ptr(role), self.ptr(total)
         tdt = self.dtype_of(total)
         load = {torch.bfloat16: "(double)bf16_to_f32({})", torch.float16: "(double)f16_to_f32({})"}.get(
             self.dtype_of(role), "(double){}")
         acc = self.var("acc")
-        if w == 1:
-            self.line(f"if ({slot} == 0) {{ double {acc} = (double){newest.name};")
-        else:
-            self.line(f"if ({slot} == {w - 1}) {{ double {acc} = {load.format(f'{ring}[i]')};")
-            self.line(f"    for (int64_t j = 1; j < {w - 1}; ++j) {acc} += {load.format(f'{ring}[j * n + i]')};")
-            self.line(f"    {acc} += (double){newest.name};")
-        total_value = self.rounded(f"(double){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
-        text = f"{dst}[i] = {self._stored(total_value)};"
-        self.line(f"    if ({' && '.join(self.guards)}) {text}" if self.guards else f"    {text}")
-        self.line("}")
+        saved, self.lines = self.lines, []
+        summed = self.rounded(f"(double){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
+        rounding, self.lines = self.lines, saved
+        guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
+        self.post += [
+            f"{guard}if ({slot} == {w - 1}) {{",
+            "    for (int64_t i = start; i < end; ++i) {",
+            f"        double {acc} = {load.format(f'{ring}[i]')};",
+            f"        for (int64_t j = 1; j < {w}; ++j) {acc} += {load.format(f'{ring}[j * n + i]')};",
+            *(f"        {x}" for x in rounding),
+            f"        {dst}[i] = {self._stored(summed)};",
+            "    }",
+            "}",
+        ]
 
     def index(self, expr: str) -> str:
         return f"(int64_t){expr}"
