@@ -29,6 +29,8 @@ import functools
 import itertools
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -177,9 +179,22 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_name() -> str:
+    """``"cpu"`` with the processor's model and core count where the system says them
+    (``"cpu (AMD EPYC, 2 cores)"``)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    parts = [x for x in (model, f"{os.cpu_count()} cores" if os.cpu_count() else "") if x]
+    return f"cpu ({', '.join(parts)})" if parts else "cpu"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What a result file records of where it ran: device, torch and Python versions, date, commit."""
-    return {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    return {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "torch": torch.__version__, "python": sys.version.split()[0],
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit()}
 
