@@ -28,9 +28,9 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
