@@ -3,7 +3,7 @@
 # archive, results.tgz, of every JSON written: a machine returns only a few files). In order:
 # the CUDA tests of compressed state; the default gx.Optimizer step with state_format="int8"/"bf16"
 # on GPT-2 beside float32 rows and torchao's and bitsandbytes' AdamW8bit (wheels in .wheels/, if
-# present); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
+# present); the kernels' registers and spills, and the int8 rows with smaller tiles; then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
@@ -18,6 +18,16 @@ PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --ste
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim,gx-*-bf16-optim,torchao-adamw8bit,bnb-adamw8bit' \
   --out "$OUT/json/compress_gpt2.json" > "$OUT/compress_gpt2.txt" 2>&1
 tail -16 "$OUT/compress_gpt2.txt"
+# registers, spills and shared memory of the kernels, then the int8 rows with smaller tiles
+PYTHONPATH="$PWD" timeout 90 python3 benchmarks/kernel_resources.py --out "$OUT/json/kernel_resources.json" \
+  > "$OUT/kernel_resources.txt" 2>&1
+tail -12 "$OUT/kernel_resources.txt"
+for bw in "512 4" "512 2" "256 2" "256 1"; do set -- $bw
+  PYTHONPATH="$PWD" timeout 60 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
+    --rows 'torch-fused,gx-adamw-int8-optim,gx-grokadamw-int8-optim' --block "$1" --warps "$2" \
+    --out "$OUT/json/int8_b$1_w$2.json" > "$OUT/int8_b$1_w$2.txt" 2>&1
+  echo "block $1 warps $2"; tail -3 "$OUT/int8_b$1_w$2.txt"
+done
 pack
 cp benchmarks/results/compress_quality/*.json "$OUT/quality/" 2>/dev/null
 (while sleep 20; do pack; done) &
