@@ -10,7 +10,7 @@ import torch
 
 from grokxform.experiments.methods import build
 from grokxform.experiments.modular import paper_setup
-from grokxform.experiments.sweep import grid_members, median_and_spread, sweep
+from grokxform.experiments.sweep import cpu_name, grid_members, median_and_spread, sweep
 from grokxform.experiments.train import train
 
 
@@ -77,7 +77,7 @@ def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
     head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip() or None  # None: tested outside a checkout
     assert payload["git_commit"] == head and payload["torch"] == torch.__version__
-    assert payload["device_name"] == "cpu" and payload["date"] and payload["state_bytes"] > 0
+    assert payload["device_name"] == cpu_name() and payload["date"] and payload["state_bytes"] > 0
     assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", "adam", "--alpha", "0.9", "--steps", "1", "--device", "cpu",

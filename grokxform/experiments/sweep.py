@@ -598,6 +598,7 @@ __all__ = [
     "SweepResult",
     "check_sweep",
     "compressed",
+    "cpu_name",
     "environment",
     "git_commit",
     "grid_members",
