@@ -242,3 +242,27 @@ def test_compare_jobs_train_pairs_side_by_side(tmp_path):
     assert sorted(p.name for p in out.glob("*.json")) == ["adam__parity.json", "lion__parity.json"]
     assert all(json.loads(p.read_text())["jobs"] == 2 for p in out.glob("*.json"))
     assert not list(out.glob("*.tmp"))
+
+
+def test_compare_a_failing_pair_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    """The other pairs are written and summarised; the command then exits 1 naming the failed pair."""
+    import grokxform.experiments.compare as compare
+
+    real = compare.compare_pair
+
+    def failing(method: str, task: str, **kwargs: Any) -> dict[str, Any]:
+        if method == "adam":
+            raise FloatingPointError("diverged")
+        return real(method, task, **kwargs)
+
+    monkeypatch.setattr(compare, "compare_pair", failing)
+    out = tmp_path / "results"
+    argv = ["compare", "--methods", "adam,lion", "--tasks", "parity", "--small", "--grid-seeds", "0",
+            "--out", str(out), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 1
+    assert sorted(p.name for p in out.glob("*.json")) == ["lion__parity.json"]
+    assert "| Lion |" in (out / "summary.md").read_text()
+    err = capsys.readouterr().err
+    assert "1 pair(s) failed" in err and "adam / parity: FloatingPointError: diverged" in err

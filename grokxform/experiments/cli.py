@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from grokxform.experiments.ablation import PROGRAMS, report, run_program
-from grokxform.experiments.compare import run_compare
+from grokxform.experiments.compare import PairsFailed, run_compare
 from grokxform.experiments.demo import DEMO_RUNS, DEMO_STEPS, FULL_STEPS, run_demo
 from grokxform.experiments.modular import TASKS
 from grokxform.experiments.optimizers import MODULAR_OPTIMIZERS
@@ -439,9 +440,13 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise CommandError(f"argument --seeds: the best configuration is rerun over {MIN_SEEDS} seeds or more,"
                            f" got {len(args.seeds)}")
     with _cpu_threads(args.device, args.threads):
-        lines = run_compare(args.methods, args.tasks, args.out, device=args.device, grid_seeds=args.grid_seeds,
-                            seeds=args.seeds, steps=args.steps, small=args.small, data_root=args.data_root,
-                            compile=args.compile, jobs=args.jobs)
+        try:
+            lines = run_compare(args.methods, args.tasks, args.out, device=args.device, grid_seeds=args.grid_seeds,
+                                seeds=args.seeds, steps=args.steps, small=args.small, data_root=args.data_root,
+                                compile=args.compile, jobs=args.jobs)
+        except PairsFailed as err:
+            print(err, file=sys.stderr)
+            raise SystemExit(1) from None
     print("\n".join(lines))
 
 

@@ -29,7 +29,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,10 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     }
 
 
+class PairsFailed(RuntimeError):
+    """Raised by :func:`run_compare` after every other pair ran: which pairs failed, and why."""
+
+
 def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, device: torch.device,
                 grid_seeds: Sequence[int] = (0, 1), seeds: Sequence[int] = (0, 1, 2, 3, 4), steps: int | None = None,
                 small: bool = False, data_root: str | None = None, compile: bool = False, jobs: int = 1,
@@ -156,7 +160,9 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
     budget of every task (default: each task's own, :data:`~grokxform.experiments.tasks.TASKS`);
     ``small``: :data:`SMALL_STEPS` steps of small batches (:func:`compare_pair`); ``jobs``: pairs
     trained side by side, each in its own process (one GPU holds several of these small models;
-    their wall times then share it, which each pair's JSON records as ``jobs``)."""
+    their wall times then share it, which each pair's JSON records as ``jobs``). A pair that fails
+    does not stop the others: the summary covers those written, then :class:`PairsFailed` names the
+    failed pairs."""
     for name in methods:
         get_method(name)
     for name in tasks:
@@ -174,16 +180,30 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
                 continue
             pending.append(_PairJob(method, task, budget, tuple(grid_seeds), tuple(seeds), str(device), data_root,
                                     compile, small, str(out), jobs))
+    failed: list[str] = []
     if jobs == 1:
         for job in pending:
-            log(_run_pair(job, log))
+            try:
+                log(_run_pair(job, log))
+            except Exception as err:  # the other pairs still run; the failures are raised at the end
+                failed.append(f"{job.method} / {job.task}: {type(err).__name__}: {err}")
+                log(f"[{job.method} / {job.task}] failed: {type(err).__name__}: {err}")
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(threads,)) as pool:
-            for line in pool.map(_run_pair, pending):
-                log(line)
-    return report(out)
+            futures = {pool.submit(_run_pair, job): job for job in pending}
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    log(future.result())
+                except Exception as err:
+                    failed.append(f"{job.method} / {job.task}: {type(err).__name__}: {err}")
+                    log(f"[{job.method} / {job.task}] failed: {type(err).__name__}: {err}")
+    lines = report(out)
+    if failed:
+        raise PairsFailed(f"compare: {len(failed)} pair(s) failed (the others are in {out}): " + "; ".join(failed))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -326,5 +346,5 @@ def report(out: Path) -> list[str]:
     return lines
 
 
-__all__ = ["OKABE_ITO", "SMALL_STEPS", "best_config", "compare_pair", "config_table", "load_results", "report",
+__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "load_results", "report",
            "result_path", "run_compare", "summary_lines", "task_figure"]
