@@ -124,3 +124,19 @@ def test_notebooks_are_committed_without_outputs_or_with_a_full_run() -> None:
         assert budgets and min(budgets) >= 1000, f"{path.name}: its outputs are from the short mode ({budgets})"
 
 
+
+
+def test_notebook_cache_keys_on_the_short_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executed notebooks' cache folder (docs/_ext/hooks.py) differs between a short and a full
+    build, so that neither reuses the other's outputs."""
+    import importlib.util
+
+    pytest.importorskip("mkdocs")
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "_ext" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    monkeypatch.setenv("GROKXFORM_NOTEBOOK_SMALL", "1")
+    short = hooks.outputs_key()
+    monkeypatch.delenv("GROKXFORM_NOTEBOOK_SMALL")
+    assert hooks.outputs_key() != short and hooks.outputs_key() == hooks.outputs_key()
