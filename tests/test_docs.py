@@ -124,8 +124,6 @@ def test_notebooks_are_committed_without_outputs_or_with_a_full_run() -> None:
         assert budgets and min(budgets) >= 1000, f"{path.name}: its outputs are from the short mode ({budgets})"
 
 
-
-
 def test_notebook_cache_keys_on_the_short_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The executed notebooks' cache folder (docs/_ext/hooks.py) differs between a short and a full
     build, so that neither reuses the other's outputs."""
