@@ -102,11 +102,6 @@ class Emitter:
         """The per-leaf sums this pass takes, in the order of the reduction buffer's values."""
         self.wide_sums = False
         """Whether a sum is of float64 values (the reduction buffer is then float64)."""
-        self.tile: int | None = None
-        """The columns of the kernel's tile: ``None``, a row of ``BLOCK`` elements; an int8 block
-        size ``bs`` (set by the first int8 codec), ``[BLOCK // bs, bs]``, one row per quantization
-        block, so that a block's absmax and scale need no reshape of the tile (a reshape moves it
-        through shared memory)."""
         self.shifts: dict[str, str] = {}
         """Per role of a packed part: the offset (in its elements) of the slot that the codecs
         read and write (a compressed window's ring: :meth:`at_slot`)."""
@@ -421,19 +416,15 @@ class Emitter:
         when a sum is), and the count of non-finite values of ``x`` in this block."""
         width = 1 + len(sums)
         self.line(f"r = tl.where(msk, {x.name}, 0.0).to(tl.float32)")
-        self.line(f"rsq = {self.total('r * r')}")
+        self.line("rsq = tl.sum(r * r, axis=0)")
         bad = f"(({x.name} != {x.name}) | (tl.abs({x.name}) == float('inf'))) & msk"
-        self.line(f"rbad = {self.total(f'({bad}).to(tl.int32)')}")
+        self.line(f"rbad = tl.sum(({bad}).to(tl.int32), axis=0)")
         self.line("rslot = leaf * CHUNKS + start // BLOCK")
         self.line(f"tl.store(RSQ + rslot * {width}, rsq)")
         for j, v in enumerate(sums.values(), start=1):
             wide = _compute(v.dtype)
-            self.line(f"tl.store(RSQ + rslot * {width} + {j}, {self.total(f'tl.where(msk, {v.name}, 0.0).to({wide})')})")
+            self.line(f"tl.store(RSQ + rslot * {width} + {j}, tl.sum(tl.where(msk, {v.name}, 0.0).to({wide}), axis=0))")
         self.line("tl.store(RBAD + rslot, rbad)")
-
-    def total(self, expr: str) -> str:
-        """The sum of the tile ``expr`` (every element, whatever the tile's shape)."""
-        return f"tl.sum({expr}, axis=0)" if self.tile is None else f"tl.sum(tl.sum({expr}, axis=1), axis=0)"
 
     def finish(self, u: Value) -> None:
         """θ ← θ + u, in the param's dtype (as ``apply_updates``); or u stored as it is."""
@@ -496,34 +487,23 @@ class Emitter:
         if codec.fmt == "bf16_sr":
             return self.value(f"tl.load({self.part(role, 'value', 'tl.bfloat16')} + offs, mask=msk, other=0.0)"
                               ".to(tl.float32)", f32)
-        # int8: each row of the tile [BLOCK // bs, bs] is one quantization block (block_size divides
-        # BLOCK; a leaf's items start at multiples of BLOCK), times its block's scale.
-        bs = self.blocks_of(codec)
+        # int8: the tile as [BLOCK // bs, bs], one row per quantization block (block_size divides
+        # BLOCK; a leaf's items start at multiples of BLOCK), each row times its block's scale.
+        bs = codec.block_size
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
         code = self.value(f"tl.load({self.part(role, 'codes', kind)} + offs, mask=msk, other=0).to(tl.float32)", f32)
         first = self.block_starts(bs)
         scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
                            f" mask={first} < n, other=0.0)", f32)
         code = self.unit_of_code(code, codec)
-        return self.value(self.from_rows(f"{self.to_rows(code.name, bs)} * {scale.name}[:, None]", bs), f32)
+        return self.scaled(code, scale, bs)
 
-    def blocks_of(self, codec: P.Codec) -> int:
-        """The int8 ``codec``'s block size; the first sets the kernel's tile (:attr:`tile`)."""
-        if self.tile is None:
-            self.tile = codec.block_size
-        return codec.block_size
-
-    def to_rows(self, x: str, bs: int) -> str:
-        """The tile ``x`` as ``[BLOCK // bs, bs]`` (itself where the tile has that shape)."""
-        return x if self.tile == bs else f"tl.reshape({x}, [BLOCK // {bs}, {bs}])"
-
-    def from_rows(self, x: str, bs: int) -> str:
-        """``x`` of shape ``[BLOCK // bs, bs]`` as the tile."""
-        return x if self.tile == bs else f"tl.reshape({x}, {self.tile_shape})"
-
-    @property
-    def tile_shape(self) -> str:
-        return "[BLOCK]" if self.tile is None else f"[BLOCK // {self.tile}, {self.tile}]"
+    def scaled(self, unit: Value, scale: Value, bs: int) -> Value:
+        """Each block of ``bs`` elements of ``unit`` (a code decoded up to its scale) times its
+        block's ``scale``: ``decode``'s last step. (Triton folds the reshapes: the kernel compiles
+        to the instructions of a tile held as ``[BLOCK // bs, bs]`` from the start.)"""
+        return self.value(f"tl.reshape(tl.reshape({unit.name}, [BLOCK // {bs}, {bs}]) * {scale.name}[:, None],"
+                          " [BLOCK])", torch.float32)
 
     def unit_of_code(self, code: Value, codec: P.Codec) -> Value:
         """An int8 code (as float32) decoded up to its block's scale, by multiplications only
@@ -564,8 +544,8 @@ class Emitter:
         # int8: per quantization block (a row of the tile as [BLOCK // bs, bs]): its scale (the
         # absmax with NaN propagated, zero beyond the leaf as the eager padding) and the scale's
         # reciprocal; per element a multiplication (encode's definition).
-        bs = self.blocks_of(codec)
-        a = self.value(self.to_rows(f"tl.where(msk, {x}, 0.0)", bs), f32)
+        bs = codec.block_size
+        a = self.value(f"tl.reshape(tl.where(msk, {x}, 0.0), [BLOCK // {bs}, {bs}])", f32)
         mag = f"tl.abs({a.name})" if not codec.unsigned else a.name
         top = self.value(f"tl.reduce({mag}, 1, max_nan)", f32)
         tiny = self.number(SCALE_FLOOR, f32)
@@ -573,7 +553,7 @@ class Emitter:
         inv = self.value(self.div(self.number(1.0, f32), scale.name, f32), f32)
         if not codec.unsigned:
             inv = self.value(f"{inv.name} * {self.number(127.0, f32)}", f32)
-        q = self.value(self.from_rows(f"{a.name} * {inv.name}[:, None]", bs), f32)
+        q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
         q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
         if codec.unsigned:  # √√q·255
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
@@ -588,8 +568,7 @@ class Emitter:
                                                   for gate, flag in self.gates)])
         self.line(f"tl.store({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
                   f" {scale.name}, mask={written})")
-        unit = self.unit_of_code(q, codec)
-        return self.value(self.from_rows(f"{self.to_rows(unit.name, bs)} * {scale.name}[:, None]", bs), f32)
+        return self.scaled(self.unit_of_code(q, codec), scale, bs)
 
     # -- windows: a ring of w slots per leaf (compressed: one ring per part) ----------------------
 
@@ -758,9 +737,7 @@ def kernel_source(name: str, em: Emitter, passes: int) -> str:
         "leaf = tl.load(ITEM_LEAF + item)",
         "start = tl.load(ITEM_START + item)",
         "n = tl.load(NUMEL + leaf)",
-        "offs = start + tl.arange(0, BLOCK).to(tl.int64)" if em.tile is None else (
-            f"offs = start + (tl.arange(0, BLOCK // {em.tile})[:, None] * {em.tile}"
-            f" + tl.arange(0, {em.tile})[None, :]).to(tl.int64)"),
+        "offs = start + tl.arange(0, BLOCK).to(tl.int64)",
         "msk = offs < n",
         *em.lines,
     ]
