@@ -181,25 +181,25 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
             pending.append(_PairJob(method, task, budget, tuple(grid_seeds), tuple(seeds), str(device), data_root,
                                     compile, small, str(out), jobs))
     failed: list[str] = []
+
+    def finish(job: _PairJob, result: Callable[[], str]) -> None:
+        """Log the pair's closing line, or keep its failure (the other pairs still run)."""
+        try:
+            log(result())
+        except Exception as err:
+            failed.append(f"{job.method} / {job.task}: {type(err).__name__}: {err}")
+            log(f"[{job.method} / {job.task}] failed: {type(err).__name__}: {err}")
+
     if jobs == 1:
         for job in pending:
-            try:
-                log(_run_pair(job, log))
-            except Exception as err:  # the other pairs still run; the failures are raised at the end
-                failed.append(f"{job.method} / {job.task}: {type(err).__name__}: {err}")
-                log(f"[{job.method} / {job.task}] failed: {type(err).__name__}: {err}")
+            finish(job, lambda job=job: _run_pair(job, log))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(threads,)) as pool:
             futures = {pool.submit(_run_pair, job): job for job in pending}
             for future in as_completed(futures):
-                job = futures[future]
-                try:
-                    log(future.result())
-                except Exception as err:
-                    failed.append(f"{job.method} / {job.task}: {type(err).__name__}: {err}")
-                    log(f"[{job.method} / {job.task}] failed: {type(err).__name__}: {err}")
+                finish(futures[future], future.result)
     lines = report(out)
     if failed:
         raise PairsFailed(f"compare: {len(failed)} pair(s) failed (the others are in {out}): " + "; ".join(failed))
