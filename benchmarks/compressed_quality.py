@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("float32", "int8", "bf16", "bf16_sr")
+from grokxform.transforms.compress import FORMATS as COMPRESSED
+
+FORMATS = ("float32", *COMPRESSED)
+"""float32 (the state as the method keeps it), then every format of ``gx.compress_state``."""
 METHODS: dict[str, dict[str, float]] = {
     "grokfast_ema": {"lr": 1e-3},  # α 0.98, λ 2, L2 wd 0.005: the paper's
     "grokfast_ma": {"lr": 1e-3},  # w 100, λ 5, L2 wd 0.01: the paper's

@@ -29,6 +29,7 @@ from grokxform.engine import step as engine_step  # noqa: E402
 PIPELINES = {
     "adamw": lambda: gx.adamw(1e-3, weight_decay=0.01),
     "grokadamw": lambda: gx.grokadamw(1e-3),
+    "grokfast_ema": lambda: gx.grokfast_ema(1e-3),
     "grokfast_ma": lambda: gx.grokfast_ma(1e-3, window_size=100),
 }
 
