@@ -381,16 +381,13 @@ class CEmitter(G.Emitter):
         load = {torch.bfloat16: "(double)bf16_to_f32({})", torch.float16: "(double)f16_to_f32({})"}.get(
             self.dtype_of(role), "(double){}")
         acc = self.var("acc")
-        saved, self.lines = self.lines, []
-        summed = self.rounded(f"(double){acc}" if tdt == torch.float64 else f"(float){acc}", tdt)
-        rounding, self.lines = self.lines, saved
+        summed = G.Value(f"(double){acc}" if tdt == torch.float64 else _round(f"(float){acc}", tdt), tdt)
         guard = f"if ({' && '.join(self.guards)}) " if self.guards else ""
         self.post += [
             f"{guard}if ({slot} == {w - 1}) {{",
             "    for (int64_t i = start; i < end; ++i) {",
             f"        double {acc} = {load.format(f'{ring}[i]')};",
             f"        for (int64_t j = 1; j < {w}; ++j) {acc} += {load.format(f'{ring}[j * n + i]')};",
-            *(f"        {x}" for x in rounding),
             f"        {dst}[i] = {self._stored(summed)};",
             "    }",
             "}",
