@@ -749,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip rows once this much time has passed")
     ap.add_argument("--block", type=int, default=None, help="elements per program of the engine's kernels")
     ap.add_argument("--warps", type=int, default=None, help="warps per program of the engine's kernels")
+    ap.add_argument("--int8-tiles", default="", metavar="ELEMENTSxWARPS[xREGS],...",
+                    help="tiles of the engine's passes that write int8 codes, e.g. 1024x4,256x1x64: the int8 rows"
+                         " run once per tile (default: the engine's own)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
     ap.add_argument("--interleave", action="store_true",
@@ -758,6 +761,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     engine_step.BLOCK = args.block or engine_step.BLOCK
     engine_step.NUM_WARPS = args.warps or engine_step.NUM_WARPS
+    tiles: list[tuple[int, int, int | None] | None] = []
+    for text in (t for t in args.int8_tiles.split(",") if t):
+        parts = [int(x) for x in text.split("x")]
+        if len(parts) not in (2, 3):
+            ap.error(f"--int8-tiles: {text!r} is not ELEMENTSxWARPS or ELEMENTSxWARPSxREGS")
+        tiles.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+    default_tile = engine_step.INT8_TILE
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cold:
@@ -790,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "kernel_block": engine_step.BLOCK,
         "kernel_warps": engine_step.NUM_WARPS,
+        "int8_tile": default_tile,
         "threads": torch.get_num_threads(),
         "cold_caches": args.cold,
     }
@@ -829,22 +840,27 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s} {d} {r['row']}: {r['ms']:.3f} ms (interleaved)", flush=True)
                 save()
                 continue
-            for name in chosen:
+            for name, tile in ((n, t) for n in chosen for t in (tiles if tiles and "int8" in n else [default_tile])):
+                engine_step.INT8_TILE = tile
                 base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
+                if tiles and "int8" in name:
+                    base["int8_tile"] = tile
+                label = name if not (tiles and "int8" in name) else f"{name}@{'x'.join(str(x) for x in tile if x)}"
                 if time.perf_counter() - start > args.budget_s:
-                    results.append({**base, "row": name, "skipped": "time budget"})
+                    results.append({**base, "row": label, "skipped": "time budget"})
                     continue
                 try:
                     r = run_row(name, rows[name], ctx, bw, n_params)
+                    r["row"] = label
                 except Exception as e:  # noqa: BLE001 - a row's failure is a result, the others go on
-                    r = {"row": name, "error": f"{type(e).__name__}: {e}"[:2000]}
+                    r = {"row": label, "error": f"{type(e).__name__}: {e}"[:2000]}
                     traceback.print_exc()
                     gc.collect()
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                 results.append({**base, **r})
                 msg = f"{r['ms']:.3f} ms" if "ms" in r else r.get("error", "")[:200]
-                print(f"[{time.perf_counter() - start:6.0f}s] {s} {d} {name}: {msg}", flush=True)
+                print(f"[{time.perf_counter() - start:6.0f}s] {s} {d} {label}: {msg}", flush=True)
                 save()
     if args.profile and dev.type == "cuda":
         shapes = SETS[sets[0]]()

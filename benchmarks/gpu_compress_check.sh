@@ -3,32 +3,38 @@
 # archive, results.tgz, of every JSON written: a machine returns only a few files). In order:
 # the CUDA tests of compressed state; the default gx.Optimizer step with state_format="int8"/"bf16"
 # on GPT-2 beside float32 rows and torchao's and bitsandbytes' AdamW8bit (wheels in .wheels/, if
-# present); the kernels' registers and spills, and the int8 rows with smaller tiles; then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
+# present), the int8 rows once per tile of TILES; the kernels' registers and spills (part
+# "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
+# PARTS (default "tests speed quality") picks among them.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
 pack() { tar -czf "$OUT/results.tgz" -C "$OUT" json quality 2>/dev/null; }
 if ls .wheels/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-deps .wheels/*.whl > "$OUT/pip.txt" 2>&1; fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+parts=" ${PARTS:-tests speed quality} "
+if [[ $parts == *" tests "* ]]; then
 PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
   tests/test_compress_engine.py tests/test_compress.py > "$OUT/gpu_tests.txt" 2>&1
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
-PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
+fi
+if [[ $parts == *" speed "* ]]; then
+# the int8 rows once per tile of the passes that write codes (INT8_TILE: elements x warps [x registers])
+PYTHONPATH="$PWD" timeout 330 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim,gx-*-bf16-optim,torchao-adamw8bit,bnb-adamw8bit' \
+  --int8-tiles "${TILES:-1024x4,256x1,256x1x64,256x1x80,512x2}" \
   --out "$OUT/json/compress_gpt2.json" > "$OUT/compress_gpt2.txt" 2>&1
-tail -16 "$OUT/compress_gpt2.txt"
-# registers, spills and shared memory of the kernels, then the int8 rows with smaller tiles
+tail -30 "$OUT/compress_gpt2.txt"
+pack
+fi
+if [[ $parts == *" resources "* ]]; then  # registers, spills and shared memory of the kernels
 PYTHONPATH="$PWD" timeout 90 python3 benchmarks/kernel_resources.py --out "$OUT/json/kernel_resources.json" \
   > "$OUT/kernel_resources.txt" 2>&1
 tail -12 "$OUT/kernel_resources.txt"
-for bw in "512 4" "512 2" "256 2" "256 1"; do set -- $bw
-  PYTHONPATH="$PWD" timeout 60 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
-    --rows 'torch-fused,gx-adamw-int8-optim,gx-grokadamw-int8-optim' --block "$1" --warps "$2" \
-    --out "$OUT/json/int8_b$1_w$2.json" > "$OUT/int8_b$1_w$2.txt" 2>&1
-  echo "block $1 warps $2"; tail -3 "$OUT/int8_b$1_w$2.txt"
-done
 pack
+fi
+[[ $parts == *" quality "* ]] || { echo "elapsed $SECONDS s"; exit 0; }
 cp benchmarks/results/compress_quality/*.json "$OUT/quality/" 2>/dev/null
 (while sleep 20; do pack; done) &
 packer=$!

@@ -112,6 +112,31 @@ def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
 
 
+@pytest.mark.parametrize("tile", [(256, 1, None), (512, 2, 64), (64, 1, None)])
+def test_int8_tile_keeps_the_codes(tile: tuple[int, int, int | None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes that write int8 codes on their own tile (``INT8_TILE``: elements, warps, registers)
+    store the eager codes; a step mixing them with float32 leaves (``"b"``) and an MA window too."""
+    pytest.importorskip("triton")
+    from grokxform.engine import step as engine_step
+
+    monkeypatch.setattr(engine_step, "INT8_TILE", tile)
+    tiles: set[tuple[int, int, int | None]] = set()
+    make_groups = engine_step.EngineStep._make_groups
+
+    def keep(self: engine_step.EngineStep, plan: object) -> list:
+        groups = make_groups(self, plan)  # type: ignore[arg-type]
+        tiles.update(g.tile for g in groups)
+        return groups
+
+    monkeypatch.setattr(engine_step.EngineStep, "_make_groups", keep)
+    steps = 20 if DEVICE == "cuda" else 6
+    tx = gx.compress_state(_chain("user"), "int8", min_size=64, block_size=64)
+    _check(_engine(tx, steps, "triton"), _eager(tx, steps))
+    assert tiles == {tile, (engine_step.BLOCK, engine_step.NUM_WARPS, None)}
+    tx = _ma("int8")
+    _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
+
+
 def test_block_size_must_divide_the_tile() -> None:
     tx = gx.compress_state(gx.adamw(1e-2), "int8", min_size=64, block_size=100)
     _check(_engine(tx, 5, "foreach"), _eager(tx, 5))  # (the foreach backend codes whole tensors)

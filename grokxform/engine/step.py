@@ -50,6 +50,11 @@ BLOCK = 1024
 REDUCE_BLOCK = 4096
 """Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
+INT8_TILE: tuple[int, int, int | None] | None = (256, 1, 80)
+"""The tile of a Triton pass that writes int8 codes: (elements, warps, registers per thread at
+most, ``None``: the compiler's choice); ``None``: ``BLOCK`` and ``NUM_WARPS``, as every other pass.
+One warp per 256-element quantization block reduces each block's absmax with shuffles alone (no
+shared memory, no barrier), and 80 registers let more warps share an SM."""
 THREAD_ELEMENTS = 1 << 15
 """Elements per thread of a C kernel, at least."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -199,6 +204,8 @@ class _Group:
     numel: torch.Tensor
     items: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]]
     """Per block size: the work items (leaf, start), their count and the most blocks of one leaf."""
+    tile: tuple[int, int, int | None]
+    """The pass that writes: elements per program, warps, registers per thread at most (Triton)."""
     pos: torch.Tensor
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     kernels: dict[int, tuple[Any, list[str]]] = field(default_factory=dict)
@@ -291,6 +298,11 @@ class EngineStep:
         self.block = block or BLOCK
         self.reduce_block = REDUCE_BLOCK
         self.num_warps = num_warps or NUM_WARPS
+        self.int8_tile: tuple[int, int, int | None] = (
+            INT8_TILE if INT8_TILE is not None and backend == "triton" and block is None and num_warps is None
+            else (self.block, self.num_warps, None))
+        """The tile of a group whose pass writes int8 codes (:data:`INT8_TILE` unless the step
+        was given its block or warps)."""
         present = [grads[i] for i in plan.leaves]
         self.device = present[0].device
         self._check_tensors(plan, state)
@@ -366,11 +378,12 @@ class EngineStep:
                 if t.device != dev or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a compressed state tensor is not contiguous on {dev}")
         for node in plan.nodes:
+            tile = self.int8_tile[0]
             if isinstance(node, P.Pack) and node.decl.fmt == "int8" and self.backend != "foreach" and (
-                    self.block % node.decl.block_size):
+                    tile % node.decl.block_size):
                 raise P.Unsupported(
                     f"{node.where}: int8 blocks of {node.decl.block_size} elements do not divide the kernels' tile"
-                    f" of {self.block} (a quantization block must lie in one tile, whose absmax it reduces):"
+                    f" of {tile} (a quantization block must lie in one tile, whose absmax it reduces):"
                     " block_size must divide it (a power of two up to it)")
         for t in _tree.flatten(state)[0]:
             if isinstance(t, torch.Tensor) and t.device != dev:
@@ -405,7 +418,7 @@ class EngineStep:
             leaf_roles, key = self._leaf_roles(plan, leaf)
             by.setdefault(key, []).append((leaf, leaf_roles))
         groups = []
-        dev, block = self.device, self.block
+        dev = self.device
         for entries in by.values():
             leaves = [leaf for leaf, _ in entries]
             role_names = list(entries[0][1])
@@ -418,11 +431,15 @@ class EngineStep:
                     where = self._position[id(m)].get(leaf)
                     if where is not None:
                         pos[j][k] = where
+            dtypes = {r: ts[0].dtype for r, ts in roles.items()}
+            codes = any(dt in (torch.int8, torch.uint8) for dt in dtypes.values())
+            tile = self.int8_tile if codes else (self.block, self.num_warps, None)
             grp = _Group(
-                leaves=leaves, roles=roles, dtypes={r: ts[0].dtype for r, ts in roles.items()},
+                leaves=leaves, roles=roles, dtypes=dtypes,
                 numel=torch.tensor(numels, dtype=torch.int64, device=dev),
                 pos=torch.tensor(pos, dtype=torch.int64, device=dev),
-                items={b: _items(numels, b, dev) for b in {block, self.reduce_block}}, elements=sum(numels),
+                items={b: _items(numels, b, dev) for b in {tile[0], self.reduce_block}}, tile=tile,
+                elements=sum(numels),
             )
             grp.idx = {
                 id(node): [self._position[id(node)][leaf] if id(node) in self._position else j
@@ -455,7 +472,7 @@ class EngineStep:
                 if not main:
                     grp.reads_gradient[p] = em.reduced is em.gradient and not em.sum_names
                 name = f"group{len(self._c_functions)}_pass{p}"
-                block = self.block if main else self.reduce_block
+                block = grp.tile[0] if main else self.reduce_block
                 self._c_functions.append((grp, p, name, native.function_source(name, em, plan.passes, block, rsq)))
                 grp.kernels[p] = (None, list(em.roles))
             else:
@@ -479,7 +496,7 @@ class EngineStep:
         for grp, p, name, _ in self._c_functions:
             roles = grp.kernels[p][1]
             main = p == self.plan.passes - 1
-            item_leaf, item_start, n_items, chunks = grp.items[self.block if main else self.reduce_block]
+            item_leaf, item_start, n_items, chunks = grp.items[grp.tile[0] if main else self.reduce_block]
             addr = [item_leaf, item_start, grp.numel, grp.pos, grp.pos.shape[1], self.const, *self._sc,
                     *(grp.tables[r] for r in roles), grp.rsq.get(p, self.const), grp.rbad.get(p, self.const), chunks,
                     self._threads(grp)]  # (the threads: set again when torch's number changes, _launch)
@@ -785,7 +802,7 @@ class EngineStep:
                 grp.kernels[p][0](grp.c_args[p].data_ptr())
             return
         main = p == self.plan.passes - 1
-        block, warps = (self.block, self.num_warps) if main else (self.reduce_block, 2 * self.num_warps)
+        block, warps, regs = grp.tile if main else (self.reduce_block, 2 * self.num_warps, None)
         item_leaf, item_start, n_items, chunks = grp.items[block]
         if p not in grp.kernels or n_items == 0:
             return
@@ -793,7 +810,9 @@ class EngineStep:
         tables = [grp.tables[r] for r in roles]
         rsq = grp.rsq.get(p, self.const)
         rbad = grp.rbad.get(p, self.const)
-        extra = {} if self._interp else {"enable_fp_fusion": False}
+        extra: dict[str, Any] = {} if self._interp else {"enable_fp_fusion": False}
+        if regs is not None and not self._interp:
+            extra["maxnreg"] = regs
         fn[(n_items,)](
             item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
             chunks, NPOS=grp.pos.shape[1], BLOCK=block, num_warps=warps, **extra,
