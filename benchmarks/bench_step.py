@@ -749,9 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip rows once this much time has passed")
     ap.add_argument("--block", type=int, default=None, help="elements per program of the engine's kernels")
     ap.add_argument("--warps", type=int, default=None, help="warps per program of the engine's kernels")
-    ap.add_argument("--int8-tiles", default="", metavar="ELEMENTSxWARPS[xREGS],...",
-                    help="tiles of the engine's passes that write int8 codes, e.g. 1024x4,256x1x64: the int8 rows"
-                         " run once per tile (default: the engine's own)")
+    ap.add_argument("--int8-tiles", default="", metavar="ELEMENTSxWARPS[xREGS[xITEMS]],...",
+                    help="tiles of the engine's passes that write int8 codes (REGS 0: the compiler's choice; ITEMS:"
+                         " work items a program takes), e.g. 1024x4,256x1x80x4: the int8 rows run once per tile"
+                         " (default: the engine's own)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
     ap.add_argument("--interleave", action="store_true",
@@ -761,12 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     engine_step.BLOCK = args.block or engine_step.BLOCK
     engine_step.NUM_WARPS = args.warps or engine_step.NUM_WARPS
-    tiles: list[tuple[int, int, int | None] | None] = []
+    tiles: list[tuple[int, int, int | None, int] | None] = []
     for text in (t for t in args.int8_tiles.split(",") if t):
         parts = [int(x) for x in text.split("x")]
-        if len(parts) not in (2, 3):
-            ap.error(f"--int8-tiles: {text!r} is not ELEMENTSxWARPS or ELEMENTSxWARPSxREGS")
-        tiles.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+        if len(parts) not in (2, 3, 4):
+            ap.error(f"--int8-tiles: {text!r} is not ELEMENTSxWARPS[xREGS[xITEMS]]")
+        parts += [0, 1][len(parts) - 2:]
+        tiles.append((parts[0], parts[1], parts[2] or None, parts[3]))
     default_tile = engine_step.INT8_TILE
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -845,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
                 if tiles and "int8" in name:
                     base["int8_tile"] = tile
-                label = name if not (tiles and "int8" in name) else f"{name}@{'x'.join(str(x) for x in tile if x)}"
+                label = name if not (tiles and "int8" in name) else f"{name}@{'x'.join(str(x or 0) for x in tile)}"
                 if time.perf_counter() - start > args.budget_s:
                     results.append({**base, "row": label, "skipped": "time budget"})
                     continue

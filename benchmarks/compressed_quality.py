@@ -121,17 +121,21 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--jobs", type=int, default=8, help="sweeps run side by side, each in its own process")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of " + ", ".join(TASKS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     ap.add_argument("--steps", type=int, default=None, help="cap every budget (a smoke test)")
     ap.add_argument("--summarize", action="store_true", help="only write the summary of what OUT holds")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize:
-        tasks = args.tasks.split(",")
+        tasks, methods = args.tasks.split(","), args.methods.split(",")
         unknown = sorted(set(tasks) - set(TASKS))
         if unknown:
             ap.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         # by task (x·y, the one with 10 seeds, first), the MA window's first within a task
-        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in METHODS for f in FORMATS
+        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in FORMATS
                        if not job_path(args.out, t, m, f).exists()),
                       key=lambda j: (list(TASKS).index(j[0]), j[1] != "grokfast_ma"))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # (a time limit: the pool's workers end too)

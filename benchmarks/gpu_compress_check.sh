@@ -6,7 +6,7 @@
 # present), the int8 rows once per tile of TILES; the kernels' registers and spills (part
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
-# PARTS (default "tests speed quality") picks among them.
+# PARTS (default "tests speed quality") picks among them; TASKS, METHODS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -20,10 +20,10 @@ PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
 fi
 if [[ $parts == *" speed "* ]]; then
-# the int8 rows once per tile of the passes that write codes (INT8_TILE: elements x warps [x registers])
+# the int8 rows once per tile of the passes that write codes (INT8_TILE: elements x warps [x registers [x items]])
 PYTHONPATH="$PWD" timeout 330 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim,gx-*-bf16-optim,torchao-adamw8bit,bnb-adamw8bit' \
-  --int8-tiles "${TILES:-1024x4,256x1,256x1x64,256x1x80,512x2}" \
+  --int8-tiles "${TILES:-256x1x80x1,256x1x80x2,256x1x80x4,256x1x80x8,1024x4}" \
   --out "$OUT/json/compress_gpt2.json" > "$OUT/compress_gpt2.txt" 2>&1
 tail -30 "$OUT/compress_gpt2.txt"
 pack
@@ -39,7 +39,8 @@ cp benchmarks/results/compress_quality/*.json "$OUT/quality/" 2>/dev/null
 (while sleep 20; do pack; done) &
 packer=$!
 PYTHONPATH="$PWD" timeout $(( ${SECONDS_LEFT:-570} - SECONDS )) python3 benchmarks/compressed_quality.py --device cuda \
-  --out "$OUT/quality" --jobs 14 > "$OUT/quality.txt" 2>&1
+  --out "$OUT/quality" --jobs "${JOBS:-14}" --tasks "${TASKS:-mul,sub,div,lm}" \
+  --methods "${METHODS:-grokfast_ema,grokfast_ma,grokadamw}" > "$OUT/quality.txt" 2>&1
 kill $packer 2>/dev/null
 pack
 grep -v "^|" "$OUT/quality.txt" | tail -20

@@ -112,15 +112,11 @@ def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
 
 
-@pytest.mark.parametrize("tile", [(256, 1, None), (512, 2, 64), (64, 1, None)])
-def test_int8_tile_keeps_the_codes(tile: tuple[int, int, int | None], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The passes that write int8 codes on their own tile (``INT8_TILE``: elements, warps, registers)
-    store the eager codes; a step mixing them with float32 leaves (``"b"``) and an MA window too."""
-    pytest.importorskip("triton")
+def _tiles_used(monkeypatch: pytest.MonkeyPatch) -> set[tuple[int, int, int | None, int]]:
+    """The set that collects the main-pass tile of every group the engine makes from now on."""
     from grokxform.engine import step as engine_step
 
-    monkeypatch.setattr(engine_step, "INT8_TILE", tile)
-    tiles: set[tuple[int, int, int | None]] = set()
+    tiles: set[tuple[int, int, int | None, int]] = set()
     make_groups = engine_step.EngineStep._make_groups
 
     def keep(self: engine_step.EngineStep, plan: object) -> list:
@@ -129,12 +125,39 @@ def test_int8_tile_keeps_the_codes(tile: tuple[int, int, int | None], monkeypatc
         return groups
 
     monkeypatch.setattr(engine_step.EngineStep, "_make_groups", keep)
+    return tiles
+
+
+@pytest.mark.parametrize("tile", [(256, 1, None, 1), (512, 2, 64, 1), (64, 1, None, 1), (64, 1, 80, 4), (128, 1, None, 3)])
+def test_int8_tile_keeps_the_codes(tile: tuple[int, int, int | None, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes that write int8 codes on their own tile (``INT8_TILE``: elements, warps,
+    registers, items a program takes in turn) store the eager codes; a step mixing them with
+    float32 leaves (``"b"``) and an MA window too."""
+    pytest.importorskip("triton")
+    from grokxform.engine import step as engine_step
+
+    monkeypatch.setattr(engine_step, "INT8_TILE", tile)
+    tiles = _tiles_used(monkeypatch)
     steps = 20 if DEVICE == "cuda" else 6
     tx = gx.compress_state(_chain("user"), "int8", min_size=64, block_size=64)
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
-    assert tiles == {tile, (engine_step.BLOCK, engine_step.NUM_WARPS, None)}
+    assert tiles == {tile, (engine_step.BLOCK, engine_step.NUM_WARPS, None, 1)}
     tx = _ma("int8")
     _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
+
+
+def test_int8_blocks_larger_than_the_int8_tile_take_the_other_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantization block of 512 elements does not fit the int8 tile of 256: its passes run on
+    the float32 passes' tile of 1024 (on the engine, with the eager codes)."""
+    pytest.importorskip("triton")
+    from grokxform.engine import step as engine_step
+
+    monkeypatch.setattr(engine_step, "INT8_TILE", (256, 1, 80, 1))
+    tiles = _tiles_used(monkeypatch)
+    tx = gx.compress_state(gx.adamw(1e-2, weight_decay=0.1), "int8", min_size=64, block_size=512)
+    steps = 6
+    _check(_engine(tx, steps, "triton"), _eager(tx, steps))
+    assert tiles == {(engine_step.BLOCK, engine_step.NUM_WARPS, None, 1)}
 
 
 def test_block_size_must_divide_the_tile() -> None:

@@ -724,16 +724,16 @@ class Emitter:
         return Value(self.cached("param", lambda: self.load("P", dtype).name), dtype)
 
 
-def kernel_source(name: str, em: Emitter, passes: int) -> str:
+def kernel_source(name: str, em: Emitter, passes: int, items: int = 1) -> str:
     """The module text of the kernel ``name`` whose body ``em`` emitted. Arguments: the work
     items, the position and scalar tables, one address table per role (``em.roles``), the
-    reduction buffers and their row length."""
+    reduction buffers and their row length. A program takes ``items`` consecutive work items in
+    turn (the item tables then hold a multiple of ``items``)."""
     tables = "".join(f"T_{r}, " for r in em.roles)
     scs = "".join(f"SC{k}, " for k in range(passes))
     args = (f"ITEM_LEAF, ITEM_START, NUMEL, POS, CONST, {scs}{tables}RSQ, RBAD, CHUNKS, "
             "NPOS: tl.constexpr, BLOCK: tl.constexpr")
-    body = [
-        "item = tl.program_id(0)",
+    per_item = [
         "leaf = tl.load(ITEM_LEAF + item)",
         "start = tl.load(ITEM_START + item)",
         "n = tl.load(NUMEL + leaf)",
@@ -741,6 +741,11 @@ def kernel_source(name: str, em: Emitter, passes: int) -> str:
         "msk = offs < n",
         *em.lines,
     ]
+    if items == 1:
+        body = ["item = tl.program_id(0)", *per_item]
+    else:
+        body = [f"for k in range({items}):", f"    item = tl.program_id(0) * {items} + k",
+                *(f"    {line}" for line in per_item)]
     text = [
         "import triton",
         "import triton.language as tl",

@@ -50,9 +50,10 @@ BLOCK = 1024
 REDUCE_BLOCK = 4096
 """Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
-INT8_TILE: tuple[int, int, int | None] | None = (256, 1, 80)
+INT8_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
 """The tile of a Triton pass that writes int8 codes: (elements, warps, registers per thread at
-most, ``None``: the compiler's choice); ``None``: ``BLOCK`` and ``NUM_WARPS``, as every other pass.
+most or ``None`` for the compiler's choice, work items a program takes in turn); ``None``:
+``BLOCK`` and ``NUM_WARPS``, one item a program, as every other pass.
 One warp per 256-element quantization block reduces each block's absmax with shuffles alone (no
 shared memory, no barrier), and 80 registers let more warps share an SM."""
 THREAD_ELEMENTS = 1 << 15
@@ -204,8 +205,9 @@ class _Group:
     numel: torch.Tensor
     items: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]]
     """Per block size: the work items (leaf, start), their count and the most blocks of one leaf."""
-    tile: tuple[int, int, int | None]
-    """The pass that writes: elements per program, warps, registers per thread at most (Triton)."""
+    tile: tuple[int, int, int | None, int]
+    """The pass that writes: elements per item, warps, registers per thread at most (Triton), items
+    per program."""
     pos: torch.Tensor
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     kernels: dict[int, tuple[Any, list[str]]] = field(default_factory=dict)
@@ -223,14 +225,19 @@ class _Group:
     """Per reduction pass of the C backend: whether it reduces the gradient as it comes."""
 
 
-def _items(numels: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _items(numels: list[int], block: int, device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The work items of leaves of ``numels`` elements in blocks of ``block``: (leaf, start) tables,
-    their count and the most blocks of one leaf (the row length of the reduction buffers)."""
+    their count and the most blocks of one leaf (the row length of the reduction buffers). The
+    tables are padded to a ``multiple`` of items with items past the end of the first leaf (no
+    element of theirs is read or written)."""
     leaf, start = [], []
     for j, n in enumerate(numels):
         for c in range(math.ceil(n / block)):
             leaf.append(j)
             start.append(c * block)
+    while len(leaf) % multiple:
+        leaf.append(0)
+        start.append(math.ceil(numels[0] / block) * block)
     chunks = max(1, max((math.ceil(n / block) for n in numels), default=1))
     leaf_t = torch.tensor(leaf or [0], dtype=torch.int64, device=device)
     return leaf_t, torch.tensor(start or [0], dtype=torch.int64, device=device), len(leaf), chunks
@@ -298,11 +305,14 @@ class EngineStep:
         self.block = block or BLOCK
         self.reduce_block = REDUCE_BLOCK
         self.num_warps = num_warps or NUM_WARPS
-        self.int8_tile: tuple[int, int, int | None] = (
+        sizes = {node.decl.block_size for node in plan.nodes if isinstance(node, P.Pack) and node.decl.fmt == "int8"}
+        self.int8_tile: tuple[int, int, int | None, int] = (
             INT8_TILE if INT8_TILE is not None and backend == "triton" and block is None and num_warps is None
-            else (self.block, self.num_warps, None))
-        """The tile of a group whose pass writes int8 codes (:data:`INT8_TILE` unless the step
-        was given its block or warps)."""
+            and INT8_TILE[0] != self.reduce_block and all(INT8_TILE[0] % size == 0 for size in sizes)
+            else (self.block, self.num_warps, None, 1))
+        """The tile of a group whose pass writes int8 codes: :data:`INT8_TILE`, unless the step was
+        given its block or warps or a quantization block is larger than that tile (then the other
+        passes' tile)."""
         present = [grads[i] for i in plan.leaves]
         self.device = present[0].device
         self._check_tensors(plan, state)
@@ -433,13 +443,14 @@ class EngineStep:
                         pos[j][k] = where
             dtypes = {r: ts[0].dtype for r, ts in roles.items()}
             codes = any(dt in (torch.int8, torch.uint8) for dt in dtypes.values())
-            tile = self.int8_tile if codes else (self.block, self.num_warps, None)
+            tile = self.int8_tile if codes else (self.block, self.num_warps, None, 1)
+            items = {self.reduce_block: _items(numels, self.reduce_block, dev)}
+            items[tile[0]] = _items(numels, tile[0], dev, tile[3])  # (tile[3] > 1: not the reduce block)
             grp = _Group(
                 leaves=leaves, roles=roles, dtypes=dtypes,
                 numel=torch.tensor(numels, dtype=torch.int64, device=dev),
                 pos=torch.tensor(pos, dtype=torch.int64, device=dev),
-                items={b: _items(numels, b, dev) for b in {tile[0], self.reduce_block}}, tile=tile,
-                elements=sum(numels),
+                items=items, tile=tile, elements=sum(numels),
             )
             grp.idx = {
                 id(node): [self._position[id(node)][leaf] if id(node) in self._position else j
@@ -477,7 +488,8 @@ class EngineStep:
                 grp.kernels[p] = (None, list(em.roles))
             else:
                 name = f"step_pass{p}"
-                grp.kernels[p] = (load_kernel(G.kernel_source(name, em, plan.passes), name), list(em.roles))
+                items = grp.tile[3] if main else 1
+                grp.kernels[p] = (load_kernel(G.kernel_source(name, em, plan.passes, items), name), list(em.roles))
             if not main and not isinstance(plan.reductions[p], P.Whole):
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]
@@ -802,7 +814,7 @@ class EngineStep:
                 grp.kernels[p][0](grp.c_args[p].data_ptr())
             return
         main = p == self.plan.passes - 1
-        block, warps, regs = grp.tile if main else (self.reduce_block, 2 * self.num_warps, None)
+        block, warps, regs, per_program = grp.tile if main else (self.reduce_block, 2 * self.num_warps, None, 1)
         item_leaf, item_start, n_items, chunks = grp.items[block]
         if p not in grp.kernels or n_items == 0:
             return
@@ -813,7 +825,7 @@ class EngineStep:
         extra: dict[str, Any] = {} if self._interp else {"enable_fp_fusion": False}
         if regs is not None and not self._interp:
             extra["maxnreg"] = regs
-        fn[(n_items,)](
+        fn[(n_items // per_program,)](
             item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
             chunks, NPOS=grp.pos.shape[1], BLOCK=block, num_warps=warps, **extra,
         )
