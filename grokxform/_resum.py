@@ -60,6 +60,17 @@ def _due_on_host(due: torch.Tensor) -> list[int]:
     return [k for k, d in enumerate(due.tolist()) if d]
 
 
+def _any_due(counts: torch.Tensor, size: int) -> bool:
+    """Whether any leaf is due (of any member, under ``torch.vmap``): the counts read on the host
+    through ``torch.func``'s wrappers, once; ``True`` while a CUDA graph is being captured (the
+    host cannot read them)."""
+    if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    while torch._C._functorch.is_functorch_wrapped_tensor(counts):
+        counts = torch._C._functorch.get_unwrapped(counts)
+    return any(c % size == size - 1 for c in counts.reshape(-1).tolist())
+
+
 def _needs_grad(running: list[torch.Tensor], windows: list[Any], newest: list[torch.Tensor]) -> bool:
     """Whether autograd records the re-sum: grad mode is on and a sum or a window value requires
     a gradient."""
@@ -207,8 +218,9 @@ def window_sums(
     that differentiates the sums (a window or a sum requires a gradient) computes every leaf's
     sum with ``grokxform::window_sum``, which has an autograd rule, and selects it with
     ``where``. Under an eager ``torch.func`` transform (grad, jvp, vmap: the counts are then
-    wrapped too) and while a CUDA graph is being captured, every leaf's sum is computed with
-    plain torch ops, which every transform differentiates and batches, and selected with
+    wrapped too) the counts are read through the wrappers, and on an update where any leaf of any
+    member is due (and always while a CUDA graph is being captured) every leaf's sum is computed
+    with plain torch ops, which every transform differentiates and batches, and selected with
     ``where``."""
     n = len(running)
     if traced():
@@ -231,6 +243,8 @@ def window_sums(
             out[k] = v
         return out
     else:
+        if not _any_due(counts, size):
+            return running
         sums = [window_sum(_values(older(k), newest[k], size), running[k].dtype) for k in range(n)]
     due = resum_due(counts, size)
     return [torch.where(due[k], s, r) for k, (s, r) in enumerate(zip(sums, running))]

@@ -188,6 +188,35 @@ def test_eager_kernels_and_vmap_agree(fmt: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_window_decodes_its_oldest_slot(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step decodes a compressed window's oldest slot only, and the whole window on the step
+    that re-sums it; under vmap too, where the members step together."""
+    import grokxform.transforms.compress as compress
+
+    tx = gx.compress_state(gx.ma_filter(window_size=5), fmt, min_size=64, block_size=64)
+    params = {"w": _params()["w"]}  # (one compressed leaf)
+    decoded: list[int] = []
+    real = compress.decode
+    monkeypatch.setattr(compress, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+
+    def step(g: dict, s: object) -> tuple:
+        return tx.update(g, s, params)
+
+    state = tx.init(params)
+    batch = torch.func.vmap(tx.init)({k: torch.stack([v, v]) for k, v in params.items()})
+    for t in range(10):
+        g = _grads(t, params)
+        for mapped in (False, True):
+            decoded.clear()
+            if mapped:
+                _, batch = torch.func.vmap(step)({k: torch.stack([v, -v]) for k, v in g.items()}, batch)
+            else:
+                _, state = step(g, state)
+            # oldest slot + the new slot's decode(encode(g)); a re-sum: every slot
+            assert len(decoded) == (5 + 1 if t % 5 == 4 else 2), (t, mapped, len(decoded))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_update_is_pure(fmt: str) -> None:
     tx = gx.compress_state(gx.grokfast_ma(1e-2, window_size=3), fmt, min_size=64, block_size=64)
     params = _params()

@@ -248,6 +248,38 @@ def test_vmap_over_an_ensemble_with_per_member_learning_rates():
     assert not torch.allclose(params["head"][0], params["head"][2])
 
 
+def test_vmap_over_ma_members_at_different_counts(monkeypatch):
+    """A vmapped MA filter re-sums each member's window on that member's own schedule (the
+    members here are one step apart), as one member at a time does; on a step where no member is
+    due no window is summed."""
+    import grokxform._resum as R
+
+    tx = gx.ma_filter(window_size=3)
+    p = param_tree(dtype=F64, seed=0)
+    states, singles = [], []
+    for lag in (0, 1):
+        s = tx.init(p)
+        for t in range(lag):
+            _, s = tx.update(grad_tree(p, 100 + t), s, p)
+        states.append(s)
+    stack = lambda trees: T.tree_map(lambda *xs: torch.stack(xs), *trees)  # noqa: E731
+    batched = stack(states)
+    calls = []
+    real = R.window_sum
+    monkeypatch.setattr(R, "window_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    update = torch.func.vmap(lambda g, s: tx.update(g, s, p), in_dims=(None, 0))
+    for t in range(7):
+        g = grad_tree(p, 10 * t)
+        calls.clear()
+        u, batched = update(g, batched)
+        counts = [int(T.flatten(s.count)[0][0]) for s in states]  # (before this update)
+        assert bool(calls) == any(c % 3 == 2 for c in counts)
+        for i, s in enumerate(states):
+            ui, states[i] = tx.update(g, s, p)
+            assert _max_diff({k: v[i] for k, v in u.items()}, ui) == 0.0
+    assert len({int(T.flatten(s.count)[0][0]) for s in states}) == 2
+
+
 def test_grad_through_an_update_matches_finite_differences():
     p0 = {"w": torch.tensor([[0.3, -0.2], [0.1, 0.4]], dtype=F64), "b": torch.tensor([0.05, -0.1], dtype=F64)}
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -0.7]], dtype=F64)

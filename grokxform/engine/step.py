@@ -225,7 +225,9 @@ class _Group:
     """Per reduction pass of the C backend: whether it reduces the gradient as it comes."""
 
 
-def _items(numels: list[int], block: int, device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _items(
+    numels: list[int], block: int, device: torch.device, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The work items of leaves of ``numels`` elements in blocks of ``block``: (leaf, start) tables,
     their count and the most blocks of one leaf (the row length of the reduction buffers). The
     tables are padded to a ``multiple`` of items with items past the end of the first leaf (no
@@ -387,8 +389,8 @@ class EngineStep:
             for t in (part for v in columns for x in v if P.is_packed(x) for part in x):
                 if t.device != dev or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a compressed state tensor is not contiguous on {dev}")
+        tile = self.int8_tile[0]
         for node in plan.nodes:
-            tile = self.int8_tile[0]
             if isinstance(node, P.Pack) and node.decl.fmt == "int8" and self.backend != "foreach" and (
                     tile % node.decl.block_size):
                 raise P.Unsupported(
@@ -488,8 +490,8 @@ class EngineStep:
                 grp.kernels[p] = (None, list(em.roles))
             else:
                 name = f"step_pass{p}"
-                items = grp.tile[3] if main else 1
-                grp.kernels[p] = (load_kernel(G.kernel_source(name, em, plan.passes, items), name), list(em.roles))
+                source = G.kernel_source(name, em, plan.passes, grp.tile[3] if main else 1)
+                grp.kernels[p] = (load_kernel(source, name), list(em.roles))
             if not main and not isinstance(plan.reductions[p], P.Whole):
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
                 red = plan.reductions[p]

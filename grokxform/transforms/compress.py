@@ -450,17 +450,15 @@ def compress_state(
     def resummed(st: Any, m: D.Elementwise, i: int) -> bool:
         """Whether leaf ``i`` of the windowed state ``st`` (after the step) was re-summed this step."""
         assert m.window is not None and m.count is not None  # (a window is declared with a count)
-        c = _tree.flatten(getattr(st, m.count))[0][i]
-        if traced() or torch._C._functorch.is_functorch_wrapped_tensor(c):
-            return False
-        return int(c) % m.window.size == 0
+        c = _host_count(_tree.flatten(getattr(st, m.count))[0][i])
+        return c is not None and c % m.window.size == 0
 
     def lazy_slots(inner: Any) -> dict[int, torch.Tensor]:
         """The window slots a step does not read, by the id of their compressed form, with a
         stand-in (a zero view that takes no memory): every slot but the oldest, on a leaf that
         is not due for its re-sum this step. Decoded whole: windows under apply_if_finite or
-        MultiSteps (which select between states), and under ``torch.func`` transforms or tracing
-        (the counts are not read on the host)."""
+        MultiSteps (which select between states), in a traced graph (the host cannot read the
+        counts), and under ``torch.vmap`` where the members' counts differ."""
         lazy: dict[int, torch.Tensor] = {}
         for m, st, _, guarded in _members(decl, inner):
             wf = m.window
@@ -470,14 +468,11 @@ def compress_state(
             if not isinstance(window, tuple) or isinstance(window, D.RingWindow):
                 continue
             counts = _tree.flatten(getattr(st, m.count))[0]
-            if traced() or any(isinstance(c, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(c)
-                               for c in counts):
-                continue  # (counts the host cannot read: the window is decoded whole)
-            slots = [_tree.flatten(t)[0] for t in window]
-            host = [None if c is None else int(c) for c in counts]
+            host = [None if c is None else _host_count(c) for c in counts]
+            slots = [_ring_leaves(t)[0] for t in window]  # (a compressed tensor is one leaf)
             for i, c in enumerate(host):
                 if c is None or (c + 1) % wf.size == 0:
-                    continue
+                    continue  # (no count, one the host cannot read, or a re-sum: decoded whole)
                 for k in range(1, len(slots)):
                     p = slots[k][i]
                     if isinstance(p, Int8Blocks):
@@ -495,6 +490,20 @@ def compress_state(
     # (declared for the in-place engine, which decodes and encodes in its kernels; a call of
     # update decodes, runs tx.update, encodes)
     return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
+
+
+def _host_count(c: torch.Tensor) -> int | None:
+    """A leaf's step count read on the host: under ``torch.vmap`` the count every member shares
+    (read through the wrapper), ``None`` where the members' counts differ, in a traced graph and
+    while a CUDA graph is being captured."""
+    if not isinstance(c, torch.Tensor):
+        return int(c)
+    if traced() or (c.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(c):
+        c = torch._C._functorch.get_unwrapped(c)
+    values = c.reshape(-1).tolist()
+    return int(values[0]) if values and all(v == values[0] for v in values) else None
 
 
 def _ring_leaves(tree: Any) -> tuple[list[Any], Any]:
