@@ -41,8 +41,8 @@ if fmt != "none":
     tx = gx.compress_state(tx, fmt, min_size=1)
 written = []
 source = G.kernel_source
-def keep(kname, em, passes):
-    text = source(kname, em, passes)
+def keep(kname, em, passes, items=1):
+    text = source(kname, em, passes, items)
     path = os.path.join(folder, f"{name}__{fmt}__{kname}.py")
     open(path, "w").write(text)
     written.append(path)
@@ -132,7 +132,17 @@ def main() -> None:
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"arch": f"sm_{args.arch}", "rows": rows}, indent=1))
+        import datetime
+
+        import triton
+
+        from grokxform.experiments.sweep import cpu_name
+
+        doc = {"triton": triton.__version__, "date": datetime.date.today().isoformat(),
+               "machine": f"{cpu_name()}: compiled, not run",
+               "command": " ".join(["python benchmarks/kernel_sass.py", *sys.argv[1:]]),
+               "arch": f"sm_{args.arch}", "rows": rows}
+        Path(args.out).write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

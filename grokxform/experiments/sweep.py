@@ -324,18 +324,22 @@ def sweep(
 
     grad_fn = grad_and_value(loss_and_logits, has_aux=True)
 
-    def member_step(p: dict, s: Any, x: torch.Tensor, y: torch.Tensor, val_loss: torch.Tensor | None):
+    # The state crosses vmap as its list of leaves: vmap's own walks of a deep tree (an MA
+    # window: w trees of compressed tensors) cost more per step than the members' arithmetic.
+    state, s_spec = _tree.flatten(state)
+
+    def member_step(p: dict, s: list[Any], x: torch.Tensor, y: torch.Tensor, val_loss: torch.Tensor | None):
         grads, (loss, logits) = grad_fn(p, x, y)
         extra = {"train_loss": loss.detach()}
         if val_loss is not None:
             extra["val_loss"] = val_loss
-        u, s = tx.update(grads, s, p, **extra)
+        u, new = tx.update(grads, _tree.unflatten(s, s_spec), p, **extra)
         correct = (logits.argmax(-1) == y).sum()
-        return apply_updates(p, u), s, correct
+        return apply_updates(p, u), _tree.flatten(new)[0], correct
 
     uses_losses = method == "grokadamw"  # the only method here that reads val_loss (one graph less)
     # a None leaf of the state (a partition's leaves of another label) is not batched
-    s_dims = _tree.tree_map(lambda x: None if x is None else 0, state)
+    s_dims = [None if x is None else 0 for x in state]
     step_first = torch.func.vmap(lambda p, s, x, y: member_step(p, s, x, y, None), in_dims=(0, s_dims, 0, 0),
                                  out_dims=(0, s_dims, 0))
     step_later = torch.func.vmap(member_step, in_dims=(0, s_dims, 0, 0, 0), out_dims=(0, s_dims, 0))
