@@ -193,7 +193,7 @@ def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
     assert len(payload["grid_table"]) == 12 and len(payload["steps_to_target"]) == 5
     assert payload["best"] in [row["config"] for row in payload["grid_table"]]
     assert {"device_name", "torch", "date", "git_commit", "state_bytes"} <= set(payload)
-    assert payload["device_name"].startswith("cpu") and payload["jobs"] == 1
+    assert payload["device_name"].startswith("cpu") and payload["jobs"] == 1 and payload["compiled"] is False
     summary = (out / "summary.md").read_text()
     assert "| Muon |" in summary and "validation loss at the budget" in summary
     capsys.readouterr()

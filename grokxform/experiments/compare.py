@@ -228,7 +228,7 @@ def _run_pair(job: _PairJob, log: Callable[[str], None] | None = None) -> str:
     payload = compare_pair(job.method, job.task, steps=job.steps, grid_seeds=job.grid_seeds, seeds=job.seeds,
                            device=torch.device(job.device), data_root=job.data_root, compile=job.compile,
                            small=job.small, log=log or (lambda line: None))
-    payload["jobs"] = job.jobs
+    payload["jobs"], payload["compiled"] = job.jobs, job.compile
     path = result_path(Path(job.out), job.method, job.task)
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, separators=(",", ":")))
@@ -258,8 +258,11 @@ def _cell(p: dict[str, Any]) -> str:
 
 
 def _seconds(p: dict[str, Any]) -> str:
+    """The wall seconds to the target (median over seeds), or of the whole rerun in parentheses;
+    marked where the sweeps were compiled (their seconds then include the compile)."""
     got = [s for s in p["seconds_to_target"] if s is not None]
-    return f"{_median(got):.1f}" if got and p["metric"] == "accuracy" else f"({p['seconds']:.1f})"
+    text = f"{_median(got):.1f}" if got and p["metric"] == "accuracy" else f"({p['seconds']:.1f})"
+    return text + (", compiled" if p.get("compiled") else "")
 
 
 def summary_lines(payloads: Sequence[dict[str, Any]]) -> list[str]:
