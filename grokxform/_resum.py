@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import torch
 
-from grokxform.elements import foreach_ok, traced, wrapped
+from grokxform.elements import foreach_ok, traced, unwrapped, wrapped
 
 Older = Callable[[int], Union[torch.Tensor, list[torch.Tensor]]]
 """``older(k)``: the older values of leaf k's window, as a list of tensors or a ring buffer."""
@@ -66,9 +66,7 @@ def _any_due(counts: torch.Tensor, size: int) -> bool:
     host cannot read them)."""
     if counts.is_cuda and torch.cuda.is_current_stream_capturing():
         return True
-    while torch._C._functorch.is_functorch_wrapped_tensor(counts):
-        counts = torch._C._functorch.get_unwrapped(counts)
-    return any(c % size == size - 1 for c in counts.reshape(-1).tolist())
+    return any(c % size == size - 1 for c in unwrapped(counts).reshape(-1).tolist())
 
 
 def _needs_grad(running: list[torch.Tensor], windows: list[Any], newest: list[torch.Tensor]) -> bool:

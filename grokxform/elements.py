@@ -670,6 +670,14 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor inside ``torch.func``'s wrappers (vmap's batched tensors, grad's tracked ones):
+    under ``vmap``, every member's values, which the host may read where it is not tracing."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def wrapped(t: Any) -> bool:
     """Whether ``t`` is a tensor wrapped by a ``torch.func`` transform (vmap, grad) or tracked by
     autograd."""

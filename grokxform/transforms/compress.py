@@ -15,7 +15,7 @@ from grokxform import distributed as _dist
 from grokxform import tree as _tree
 from grokxform._resum import window_sum
 from grokxform.base import GradientTransformation, Params, State, Updates, with_extra_args_support
-from grokxform.elements import leaf_keys, random_like, traced
+from grokxform.elements import leaf_keys, random_like, traced, unwrapped
 
 Format = Literal["bf16", "bf16_sr", "int8"]
 FORMATS: tuple[str, ...] = ("bf16", "bf16_sr", "int8")
@@ -500,9 +500,7 @@ def _host_count(c: torch.Tensor) -> int | None:
         return int(c)
     if traced() or (c.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    while torch._C._functorch.is_functorch_wrapped_tensor(c):
-        c = torch._C._functorch.get_unwrapped(c)
-    values = c.reshape(-1).tolist()
+    values = unwrapped(c).reshape(-1).tolist()
     return int(values[0]) if values and all(v == values[0] for v in values) else None
 
 
