@@ -753,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiles of the engine's passes that write int8 codes (REGS 0: the compiler's choice; ITEMS:"
                          " work items a program takes), e.g. 1024x4,256x1x80x4: the int8 rows run once per tile"
                          " (default: the engine's own)")
+    ap.add_argument("--hoist-loads", action="store_true",
+                    help="the engine's Triton kernels issue their element loads as early as they may be")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
     ap.add_argument("--interleave", action="store_true",
@@ -770,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         parts += [0, 1][len(parts) - 2:]
         tiles.append((parts[0], parts[1], parts[2] or None, parts[3]))
     default_tile = engine_step.INT8_TILE
+    engine_step.HOIST_LOADS = args.hoist_loads
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cold:
@@ -803,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_block": engine_step.BLOCK,
         "kernel_warps": engine_step.NUM_WARPS,
         "int8_tile": default_tile,
+        "hoist_loads": args.hoist_loads,
         "threads": torch.get_num_threads(),
         "cold_caches": args.cold,
     }

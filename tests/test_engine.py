@@ -139,6 +139,40 @@ def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
     _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
 
 
+@pytest.mark.parametrize("name", ["grokfast_ma", "grokadamw", "user_chain", "apply_if_finite", "amplify_ma_then_clip"])
+def test_hoisted_loads_give_the_same_numbers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels whose element loads come first (``HOIST_LOADS``) give the plain kernels' params
+    and state bit for bit (an MA window's ring too, over a wrap of its slots)."""
+    from grokxform.engine import step as engine_step
+
+    case = CASES[name]
+    _, _, p_plain, plain = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
+    monkeypatch.setattr(engine_step, "HOIST_LOADS", True)
+    _, _, p_hoisted, hoisted = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
+    assert hoisted.engine == "triton"
+    _close(p_plain, p_hoisted, exact=True)
+    _close(plain.eager_state(), hoisted.eager_state(), exact=True)
+
+
+def test_hoist_loads_moves_a_load_up_to_what_it_needs() -> None:
+    from grokxform.engine.codegen import hoist_loads
+
+    body = [
+        "x1 = tl.load(pointer(T_G, leaf, tl.float32) + offs, mask=msk, other=0.0)",
+        "tl.store(pointer(T_A, leaf, tl.float32) + offs, x1, mask=msk)",
+        "s2 = tl.load(SC0 + 1)",
+        "slot3 = s2.to(tl.int64)",
+        "if slot3 == 3:",
+        "    v4 = tl.load(pointer(T_B, leaf, tl.float32) + offs, mask=msk, other=0.0)",
+        "    tl.store(pointer(T_C, leaf, tl.float32) + offs, v4, mask=msk)",
+        "x5 = tl.load(pointer(T_A, leaf, tl.float32) + offs, mask=msk, other=0.0)",  # after A's store
+        "x6 = tl.load((pointer(T_D, leaf, tl.float32) + slot3 * n) + offs, mask=msk, other=0.0)",  # after slot3
+        "x7 = tl.load(pointer(T_E, leaf, tl.float32) + offs, mask=msk, other=0.0)",  # to the top
+        "x8 = tl.load(pointer(T_C, leaf, tl.float32) + offs, mask=msk, other=0.0)",  # after C's store (indented)
+    ]
+    assert hoist_loads(body) == [body[0], body[9], body[1], body[7], body[2], body[3], body[8], *body[4:7], body[10]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_foreach_backend_is_eager_bit_for_bit(name: str, dtype: torch.dtype) -> None:

@@ -18,6 +18,7 @@ and the element's index ``offs`` with ``uint32`` operations, the steps of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -724,11 +725,43 @@ class Emitter:
         return Value(self.cached("param", lambda: self.load("P", dtype).name), dtype)
 
 
-def kernel_source(name: str, em: Emitter, passes: int, items: int = 1) -> str:
+_ELEMENT_LOAD = re.compile(r"^(\w+) = tl\.load\(.*pointer\(T_")
+_TABLE = re.compile(r"\bT_\w+")
+_NAME = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def hoist_loads(lines: list[str]) -> list[str]:
+    """``lines`` (a kernel body) with each element load moved up to just after what it needs: the
+    lines that define its names and any store to its tensor (so it reads what it read before).
+    A load of a later member then no longer waits for an earlier member's store, which the
+    compiler cannot reorder (the tensors come from address tables: they may alias, for all it
+    knows). Only unindented loads move, and only to unindented positions."""
+    out: list[str] = []
+    moved: set[str] = set()
+    for line in lines:
+        if _ELEMENT_LOAD.match(line):
+            tables = set(_TABLE.findall(line))
+            names = set(_NAME.findall(line.split("=", 1)[1]))
+            pos = 0
+            for k, prior in enumerate(out):
+                defines = prior.strip().split(" = ", 1)[0] if " = " in prior else None
+                if defines in names or ("tl.store(" in prior and tables & set(_TABLE.findall(prior))):
+                    pos = k + 1
+            while pos < len(out) and (out[pos].startswith(" ") or out[pos] in moved):
+                pos += 1  # (not into an indented block; after the loads moved before it, in order)
+            out.insert(pos, line)
+            moved.add(line)
+        else:
+            out.append(line)
+    return out
+
+
+def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bool = False) -> str:
     """The module text of the kernel ``name`` whose body ``em`` emitted. Arguments: the work
     items, the position and scalar tables, one address table per role (``em.roles``), the
     reduction buffers and their row length. A program takes ``items`` consecutive work items in
-    turn (the item tables then hold a multiple of ``items``)."""
+    turn (the item tables then hold a multiple of ``items``); ``hoist``: the element loads as
+    early as they may be (:func:`hoist_loads`)."""
     tables = "".join(f"T_{r}, " for r in em.roles)
     scs = "".join(f"SC{k}, " for k in range(passes))
     args = (f"ITEM_LEAF, ITEM_START, NUMEL, POS, CONST, {scs}{tables}RSQ, RBAD, CHUNKS, "
@@ -739,7 +772,7 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1) -> str:
         "n = tl.load(NUMEL + leaf)",
         "offs = start + tl.arange(0, BLOCK).to(tl.int64)",
         "msk = offs < n",
-        *em.lines,
+        *(hoist_loads(em.lines) if hoist else em.lines),
     ]
     if items == 1:
         body = ["item = tl.program_id(0)", *per_item]

@@ -56,6 +56,9 @@ most or ``None`` for the compiler's choice, work items a program takes in turn);
 ``BLOCK`` and ``NUM_WARPS``, one item a program, as every other pass.
 One warp per 256-element quantization block reduces each block's absmax with shuffles alone (no
 shared memory, no barrier), and 80 registers let more warps share an SM."""
+HOIST_LOADS = False
+"""Whether the Triton kernels issue each element load as early as it may be
+(:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
 THREAD_ELEMENTS = 1 << 15
 """Elements per thread of a C kernel, at least."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -490,7 +493,7 @@ class EngineStep:
                 grp.kernels[p] = (None, list(em.roles))
             else:
                 name = f"step_pass{p}"
-                source = G.kernel_source(name, em, plan.passes, grp.tile[3] if main else 1)
+                source = G.kernel_source(name, em, plan.passes, grp.tile[3] if main else 1, HOIST_LOADS)
                 grp.kernels[p] = (load_kernel(source, name), list(em.roles))
             if not main and not isinstance(plan.reductions[p], P.Whole):
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
