@@ -429,6 +429,8 @@ def compress_state(
             newest, spec = _tree.flatten(window[-1])
             totals = _tree.flatten(getattr(st, wf.total))[0] if wf.total is not None else None
             new_totals = list(totals) if totals is not None else None
+            assert m.count is not None  # (a window is declared with a count)
+            counts = _host_counts(_tree.flatten(getattr(st, m.count))[0]) if totals is not None else []
             for i, g in enumerate(newest):
                 if not isinstance(g, torch.Tensor) or id(g) in origin or g.dtype != torch.float32 or g.numel() < min_size:
                     continue
@@ -436,7 +438,7 @@ def compress_state(
                 fresh[id(g)] = packed
                 if new_totals is not None and new_totals[i] is not None:
                     acc, q = new_totals[i].dtype, decode(packed, block_size)
-                    if resummed(st, m, i):  # the window's exact sum, of what its slots hold
+                    if counts[i] is not None and counts[i] % wf.size == 0:  # re-summed: the exact sum of the slots
                         new_totals[i] = window_sum([_tree.flatten(t)[0][i] for t in window[:-1]] + [q], acc)
                     else:
                         new_totals[i] = new_totals[i] + (q.to(acc) - g.to(acc))
@@ -446,12 +448,6 @@ def compress_state(
                     for f, v in zip(st._fields, st)))
                 new = _replace_at(new, path, member)
         return new
-
-    def resummed(st: Any, m: D.Elementwise, i: int) -> bool:
-        """Whether leaf ``i`` of the windowed state ``st`` (after the step) was re-summed this step."""
-        assert m.window is not None and m.count is not None  # (a window is declared with a count)
-        c = _host_count(_tree.flatten(getattr(st, m.count))[0][i])
-        return c is not None and c % m.window.size == 0
 
     def lazy_slots(inner: Any) -> dict[int, torch.Tensor]:
         """The window slots a step does not read, by the id of their compressed form, with a
@@ -468,7 +464,7 @@ def compress_state(
             if not isinstance(window, tuple) or isinstance(window, D.RingWindow):
                 continue
             counts = _tree.flatten(getattr(st, m.count))[0]
-            host = [None if c is None else _host_count(c) for c in counts]
+            host = _host_counts(counts)
             slots = [_ring_leaves(t)[0] for t in window]  # (a compressed tensor is one leaf)
             for i, c in enumerate(host):
                 if c is None or (c + 1) % wf.size == 0:
@@ -492,16 +488,26 @@ def compress_state(
     return D.declare(GradientTransformation(init_fn, update), D.Compressed(decl, fmt, block_size, _SEED), offer=False)
 
 
-def _host_count(c: torch.Tensor) -> int | None:
-    """A leaf's step count read on the host: under ``torch.vmap`` the count every member shares
-    (read through the wrapper), ``None`` where the members' counts differ, in a traced graph and
-    while a CUDA graph is being captured."""
-    if not isinstance(c, torch.Tensor):
-        return int(c)
-    if traced() or (c.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
-    values = unwrapped(c).reshape(-1).tolist()
-    return int(values[0]) if values and all(v == values[0] for v in values) else None
+def _host_counts(counts: list[Any]) -> list[int | None]:
+    """The leaves' step counts read on the host, in one read: under ``torch.vmap`` the count every
+    member shares (read through the wrappers); ``None`` for a leaf without one or where the
+    members' counts differ, and for every leaf in a traced graph and while a CUDA graph is being
+    captured."""
+    if traced():
+        return [None] * len(counts)
+    present = [unwrapped(torch.as_tensor(c)).reshape(-1) for c in counts if c is not None]
+    if not present or (present[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return [None] * len(counts)
+    flat, sizes, at = torch.cat(present).tolist(), iter(len(v) for v in present), 0
+    out: list[int | None] = []
+    for c in counts:
+        if c is None:
+            out.append(None)
+            continue
+        n = next(sizes)
+        row, at = flat[at:at + n], at + n
+        out.append(int(row[0]) if all(v == row[0] for v in row) else None)
+    return out
 
 
 def _ring_leaves(tree: Any) -> tuple[list[Any], Any]:
