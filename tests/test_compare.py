@@ -5,6 +5,7 @@ cells, and ``grokxform compare --small`` end to end."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 from grokxform.experiments import cli
-from grokxform.experiments.compare import best_config, task_figure
+from grokxform.experiments.compare import best_config, ranking_decided, task_figure
 from grokxform.experiments.lm import byte_corpus, is_validation, stdlib_files
 from grokxform.experiments.methods import METHODS, build, grid_size, knobs
 from grokxform.experiments.mnist import load_mnist, mnist_data
 from grokxform.experiments.parity import parity_setup
-from grokxform.experiments.sweep import heatmap_figure, sweep
+from grokxform.experiments.sweep import heatmap_figure, median_and_spread, sweep
 from grokxform.experiments.tasks import TASKS, get_task, method_loss
 from grokxform.experiments.train import train
 from grokxform.transforms.compress import compress_state
@@ -181,6 +182,63 @@ def test_best_config_ranks_reached_then_steps_then_accuracy():
     assert best_config(rows, "loss")["config"] == {"lr": 3}
 
 
+def test_ranking_decided_waits_until_no_configuration_can_overtake():
+    members = [{"lr": lr, "seed": s} for lr in (1.0, 2.0) for s in (0, 1)]
+    decided = ranking_decided(members)
+    assert not decided([None] * 4, 100)
+    # lr=1 done at median 400; lr=2 has one seed at 100: its median is at least (100 + next) / 2
+    assert not decided([300, 500, 100, None], 500)
+    assert not decided([300, 500, 100, None], 699)
+    assert decided([300, 500, 100, None], 700)
+    # lr=2 has no seed at the target: decided once the next evaluation is past lr=1's median
+    assert not decided([300, 500, None, None], 399)
+    assert decided([300, 500, None, None], 400)
+    assert decided([300, 500, 100, 200], 500)  # everything known
+
+
+def test_a_grid_stopped_when_decided_chooses_what_the_whole_budget_chooses():
+    """Random grids of steps to the target (some never reached): the configuration chosen from
+    what was known where :func:`ranking_decided` stopped equals the one chosen at the budget."""
+    rng = random.Random(0)
+    stopped_early = 0
+    for _ in range(500):
+        n_configs, n_seeds, every, budget = rng.randint(1, 6), rng.randint(1, 3), 10, 1000
+        members = [{"lr": float(c), "seed": s} for c in range(n_configs) for s in range(n_seeds)]
+        final = [rng.choice([None, rng.randrange(every, budget + 1, every)]) for _ in members]
+        decided = ranking_decided(members)
+
+        def table(steps):
+            by_config: dict[float, list] = {}
+            for m, got in zip(members, steps):
+                by_config.setdefault(m["lr"], []).append(got)
+            return [{"config": {"lr": lr}, **median_and_spread(got), "final_val_acc": 0.5}
+                    for lr, got in by_config.items()]
+
+        stop = budget
+        for step in range(every, budget + 1, every):
+            known = [s if s is not None and s <= step else None for s in final]
+            if decided(known, step):
+                stop = step
+                break
+        known = [s if s is not None and s <= stop else None for s in final]
+        stopped_early += stop < budget
+        assert best_config(table(known), "accuracy") == best_config(table(final), "accuracy")
+    assert stopped_early > 100
+
+
+def test_sweep_stops_when_asked(tmp_path):
+    calls = []
+
+    def stop_when(steps_to_target, step):
+        calls.append((list(steps_to_target), step))
+        return step >= 4
+
+    res = sweep("adam", {"lr": [1e-3]}, seeds=[0, 1], steps=50, task="parity", batch_size=4, eval_every=2,
+                val_points=VAL_POINTS, stop_when=stop_when)
+    assert res.steps == 4 and res.eval_steps == [2, 4]
+    assert calls == [([None, None], 2), ([None, None], 4)]
+
+
 def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["compare", "--methods", "adam,muon", "--tasks", "parity,lm", "--small", "--grid-seeds", "0",
@@ -191,6 +249,7 @@ def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
                      "parity.png", "summary.md"]
     payload = json.loads((out / "muon__parity.json").read_text())
     assert len(payload["grid_table"]) == 12 and len(payload["steps_to_target"]) == 5
+    assert payload["grid_steps"] == 2  # nothing reached: the grid ran its whole (small) budget
     assert payload["best"] in [row["config"] for row in payload["grid_table"]]
     assert {"device_name", "torch", "date", "git_commit", "state_bytes"} <= set(payload)
     assert payload["device_name"].startswith("cpu") and payload["jobs"] == 1 and payload["compiled"] is False

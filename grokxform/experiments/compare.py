@@ -4,11 +4,12 @@
 For every method × task of the lists given, in two vmapped sweeps (:func:`~grokxform.experiments.sweep.sweep`):
 
 1. the method's default grid (:data:`~grokxform.experiments.methods.METHODS`: 12 configurations
-   each) over ``grid_seeds``, at the task's step budget;
+   each) over ``grid_seeds``, at the task's step budget; on an accuracy task it stops as soon as
+   the best configuration is known (:func:`ranking_decided`);
 2. the best configuration rerun over ``seeds`` (five or more): on an accuracy task the one whose
    seeds reached the target most often, then in the fewest median steps, then with the highest
-   median final validation accuracy; on the language model the lowest median validation loss at
-   the budget.
+   median validation accuracy where the grid stopped; on the language model the lowest median
+   validation loss at the budget. The rerun stops when every seed has reached the target.
 
 Each pair writes ``OUT/<method>__<task>.json`` (the environment, both sweeps' members and results,
 the chosen configuration, the rerun's steps and seconds to the target per seed, final validation
@@ -38,7 +39,7 @@ import torch
 
 from grokxform.experiments.lm import CONTEXT
 from grokxform.experiments.methods import METHODS, get_method, grid_size
-from grokxform.experiments.sweep import SweepResult, environment, median_and_spread, sweep
+from grokxform.experiments.sweep import SweepResult, environment, grid_members, median_and_spread, sweep
 from grokxform.experiments.tasks import TASKS, get_task
 
 SMALL_STEPS = 2
@@ -79,6 +80,31 @@ def _median(values: Sequence[float]) -> float:
     got = sorted(float(v) for v in values)
     mid = len(got) // 2
     return got[mid] if len(got) % 2 else 0.5 * (got[mid - 1] + got[mid])
+
+
+def ranking_decided(members: Sequence[dict[str, float]]) -> Callable[[list[int | None], int], bool]:
+    """A ``stop_when`` for :func:`~grokxform.experiments.sweep.sweep` over ``members`` (a grid ×
+    seeds) that stops once :func:`best_config` can no longer change: some configuration has reached
+    the target on every seed, and every configuration still short of it on some seed would have a
+    larger median even if those seeds reached it at the next evaluation. A configuration that
+    reaches the target on all its seeds outranks one that does not, so the choice is the one the
+    whole budget would make, except that a tie in median steps is broken by the accuracy where
+    the grid stopped rather than at the budget."""
+    configs: dict[tuple, list[int]] = {}
+    for i, m in enumerate(members):
+        configs.setdefault(_config_key(m), []).append(i)
+
+    def decided(steps_to_target: list[int | None], step: int) -> bool:
+        complete, pending = [], []
+        for idx in configs.values():
+            got = [steps_to_target[i] for i in idx]
+            if all(s is not None for s in got):
+                complete.append(_median(got))
+            else:  # the soonest its other seeds can reach the target: after this step
+                pending.append(_median([step + 1 if s is None else s for s in got]))
+        return bool(complete) and all(low > min(complete) for low in pending)
+
+    return decided
 
 
 def best_config(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -123,11 +149,12 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     log(f"[{method} / {task}] grid: {grid_size(method)} configurations x seeds {list(grid_seeds)}, {steps} steps")
     shrink: dict[str, Any] = {"batch_size": SMALL_BATCH, "val_points": SMALL_VAL_POINTS} if small else {}
     batch = SMALL_BATCH if small else t.batch_size
-    first = sweep(method, grid, seeds=grid_seeds, steps=steps, task=task, device=device, data_root=data_root,
-                  compile=compile, **shrink)
+    tried = grid_members(grid, grid_seeds)
+    first = sweep(method, {}, members=tried, steps=steps, task=task, device=device, data_root=data_root,
+                  compile=compile, stop_when=ranking_decided(tried), **shrink)
     table = config_table(first)
     best = best_config(table, t.metric)
-    log(f"[{method} / {task}] best {best['config']}: rerun over seeds {list(seeds)}")
+    log(f"[{method} / {task}] best {best['config']} (grid stopped at step {first.steps}): rerun over seeds {list(seeds)}")
     members = [{**best["config"], "seed": int(s)} for s in seeds]
     final = sweep(method, {}, members=members, steps=steps, task=task, device=device, data_root=data_root,
                   compile=compile, **shrink)
@@ -135,7 +162,8 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     return {
         "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
         **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
-        "seeds": list(seeds), "static": raw["static"], "grid_table": table, "best": best["config"],
+        "seeds": list(seeds), "static": raw["static"], "grid_steps": first.steps, "grid_table": table,
+        "best": best["config"],
         "grid_result": thin_curves({k: v for k, v in first.to_json().items() if k not in ("train_acc",)}),
         "steps_to_target": final.steps_to_target, "seconds_to_target": final.seconds_to_target,
         "summary": median_and_spread(final.steps_to_target),
@@ -349,5 +377,5 @@ def report(out: Path) -> list[str]:
     return lines
 
 
-__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "load_results", "report",
-           "result_path", "run_compare", "summary_lines", "task_figure"]
+__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "load_results",
+           "ranking_decided", "report", "result_path", "run_compare", "summary_lines", "task_figure"]

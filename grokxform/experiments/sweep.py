@@ -252,6 +252,7 @@ def sweep(
     device: str | torch.device = "cpu",
     target_accuracy: float = 0.95,
     stop_when_all_reached: bool = True,
+    stop_when: Callable[[list[int | None], int], bool] | None = None,
     members: Sequence[Mapping[str, float]] | None = None,
     on_eval: Callable[[int, list[float]], None] | None = None,
     compile: bool = False,
@@ -272,6 +273,9 @@ def sweep(
     measured over the task's validation split every ``eval_every`` steps and at the last step; a
     member's "steps to target" is the step count of its first evaluation ≥ ``target_accuracy``
     (accuracy tasks only: the ``lm`` task is ranked by its loss, and never stops early).
+    ``stop_when_all_reached`` stops at the first evaluation where every member has reached the
+    target; ``stop_when(steps_to_target, step)``, called after each evaluation of an accuracy task
+    with every member's steps to the target so far (``None``: not yet), stops when it returns True.
     ``compile=True`` compiles the vmapped step with ``torch.compile`` (one graph per batch
     shape). ``max_seconds`` stops at the first evaluation past that wall time (members not yet at
     the target are reported as not reached by ``result.steps``). ``static`` fixes arguments of
@@ -401,6 +405,7 @@ def sweep(
                 done = (step >= steps
                         or (ranks_accuracy and stop_when_all_reached
                             and all(s is not None for s in result.steps_to_target))
+                        or (ranks_accuracy and stop_when is not None and stop_when(list(result.steps_to_target), step))
                         or (max_seconds is not None and now > max_seconds))
                 if done:
                     break
