@@ -19,7 +19,7 @@ from grokxform.experiments.methods import METHODS, build, grid_size, knobs
 from grokxform.experiments.mnist import load_mnist, mnist_data
 from grokxform.experiments.parity import parity_setup
 from grokxform.experiments.sweep import heatmap_figure, median_and_spread, sweep
-from grokxform.experiments.tasks import TASKS, get_task, method_loss
+from grokxform.experiments.tasks import MNIST_TARGET, TASKS, get_task, method_loss
 from grokxform.experiments.train import train
 from grokxform.transforms.compress import compress_state
 
@@ -275,7 +275,12 @@ def test_compare_small_runs_every_method_on_every_task(tmp_path):
         for task in TASKS:
             payload = json.loads((out / f"{method}__{task}.json").read_text())
             assert len(payload["grid_table"]) == 12 and payload["steps_budget"] == 2, (method, task)
+            assert payload["target"] == (MNIST_TARGET if task == "mnist" else 0.95), (method, task)
     assert all((out / f"{task}.png").is_file() for task in TASKS)
+    summary = (out / "summary.md").read_text()
+    mnist_part = summary[summary.index("(mnist)"):]
+    assert "steps to 90% validation accuracy" in mnist_part.split("## ")[0]
+    assert "steps to 95% validation accuracy" in summary[summary.index("(parity)"):].split("## ")[0]
 
 
 def test_thin_curves_keeps_the_last_evaluation_and_at_most_the_points_asked() -> None:

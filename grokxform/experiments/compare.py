@@ -161,7 +161,7 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
     raw = final.to_json()
     return {
         "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
-        **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
+        "target": t.target, **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
         "seeds": list(seeds), "static": raw["static"], "grid_steps": first.steps, "grid_table": table,
         "best": best["config"],
         "grid_result": thin_curves({k: v for k, v in first.to_json().items() if k not in ("train_acc",)}),
@@ -302,7 +302,7 @@ def summary_lines(payloads: Sequence[dict[str, Any]]) -> list[str]:
     for task, rows in by_task.items():
         first = rows[0]
         what = ("validation loss at the budget, median [min–max] over seeds" if first["metric"] == "loss"
-                else f"steps to {0.95:.0%} validation accuracy, median [min–max] (reached/seeds)")
+                else f"steps to {first.get('target', 0.95):.0%} validation accuracy, median [min–max] (reached/seeds)")
         lines += [f"## {first['task_title']} ({task}), budget {first['steps_budget']} steps", "",
                   f"| method | best configuration | {what} | wall s to target (vmapped seeds) | state MiB |",
                   "| --- | --- | --- | --- | --- |"]
@@ -349,7 +349,8 @@ def task_figure(payloads: Sequence[dict[str, Any]]) -> Any:
     ax.invert_yaxis()
     ax.tick_params(axis="x", labelsize=12)
     ax.set_xlabel("validation loss at the budget" if first["metric"] == "loss"
-                  else "steps to 95% validation accuracy (x: not reached in the budget)", fontsize=13)
+                  else f"steps to {first.get('target', 0.95):.0%} validation accuracy (x: not reached in the budget)",
+                  fontsize=13)
     ax.set_title(f"{first['task_title']}\nbest configuration of each method, {len(first['seeds'])} seeds", fontsize=14)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -250,7 +250,7 @@ def sweep(
     batch_size: int | None = None,
     eval_every: int | None = None,
     device: str | torch.device = "cpu",
-    target_accuracy: float = 0.95,
+    target_accuracy: float | None = None,
     stop_when_all_reached: bool = True,
     stop_when: Callable[[list[int | None], int], bool] | None = None,
     members: Sequence[Mapping[str, float]] | None = None,
@@ -272,6 +272,7 @@ def sweep(
     rows of the validation split (a smoke test's shortcut; default all). Validation accuracy and loss are
     measured over the task's validation split every ``eval_every`` steps and at the last step; a
     member's "steps to target" is the step count of its first evaluation ≥ ``target_accuracy``
+    (default: the task's, :attr:`~grokxform.experiments.tasks.Task.target`)
     (accuracy tasks only: the ``lm`` task is ranked by its loss, and never stops early).
     ``stop_when_all_reached`` stops at the first evaluation where every member has reached the
     target; ``stop_when(steps_to_target, step)``, called after each evaluation of an accuracy task
@@ -287,6 +288,7 @@ def sweep(
     t = get_task(task)
     batch_size = t.batch_size if batch_size is None else batch_size
     eval_every = t.eval_every if eval_every is None else eval_every
+    target_accuracy = t.target if target_accuracy is None else target_accuracy
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("val_points", val_points)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"sweep: {name} must be an int >= 1, got {value!r}")
@@ -567,13 +569,14 @@ class _SweepProgress:
 
 def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
               device: torch.device, out: Path, task: str = "mul", static: Mapping[str, Any] | None = None,
-              compile: bool = False, progress_bar: bool = True, target_accuracy: float = 0.95,
+              compile: bool = False, progress_bar: bool = True, target_accuracy: float | None = None,
               data_root: str | Path | None = None, state_format: str | None = None) -> SweepResult:
     """:func:`sweep` with a progress bar on stderr (lines without ``progress_bar`` or tqdm); prints
     the members' table and throughput, writes ``<out>.json`` (the result with the device, torch's
     and Python's versions, the date and the git commit: :func:`environment`) and, with two swept
     names or more (a hyperparameter and the seeds), the heatmap ``<out>.png``."""
     t = get_task(task)
+    target_accuracy = t.target if target_accuracy is None else target_accuracy
     n = len(seeds)
     for values in grid.values():
         n *= len(values)

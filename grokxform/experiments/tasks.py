@@ -12,7 +12,8 @@ task        setting
 ``parity``  (20, 3)-sparse parity (:mod:`.parity`): 1000 training points, MLP 20-1000-2,
             batch 32, evaluated every epoch (32 steps) on 2000 fresh points, no warm-up
 ``mnist``   MNIST-1k (:mod:`.mnist`): MLP 784-200-200-10 at init scale 8, MSE on one-hot
-            targets, batch 200, evaluated every 100 steps, no warm-up; needs ``data_root``
+            targets, batch 200, evaluated every 100 steps, no warm-up, target 90%
+            (:data:`MNIST_TARGET`); needs ``data_root``
 ``lm``      a byte-level GPT on the standard library's ``.py`` files (:mod:`.lm`): batch 32
             windows of 128 bytes (4096 tokens a step), evaluated every 100 steps on 256
             windows, warm-up 100 steps; ranked by the validation loss at the step budget
@@ -60,7 +61,8 @@ class Task:
     ``batch_size``, ``eval_every`` (steps) and ``warmup_steps`` its training setting; ``metric``
     what a comparison ranks by: ``"accuracy"`` (steps to the target validation accuracy) or
     ``"loss"`` (validation loss at the step budget); ``shared_data``: every seed has the same data;
-    ``matrices``: Muon's leaves; ``steps``: the comparison's default step budget."""
+    ``matrices``: Muon's leaves; ``steps``: the comparison's default step budget; ``target``: the
+    validation accuracy whose first step a sweep reports (accuracy tasks)."""
 
     title: str
     setup: Callable[[int, Any], TaskSetup]
@@ -73,6 +75,7 @@ class Task:
     shared_data: bool
     matrices: MatrixLabel
     steps: int
+    target: float = 0.95
 
 
 def _modular(op: str) -> Callable[[int, Any], TaskSetup]:
@@ -102,13 +105,18 @@ def _lm(seed: int, data_root: Any = None) -> TaskSetup:
     return lm_setup(seed)
 
 
+MNIST_TARGET = 0.90
+"""MNIST-1k's target validation accuracy: with 1,000 training images the MLP levels off near 93%
+(AdamW, lr 1e-3, weight decay 1: 92.1% at step 2,000, 93.3% at 5,000, 93.1% at 6,000), so the 95%
+of the other tasks is out of reach."""
+
 TASKS: dict[str, Task] = {
     **{op: Task(task_name(op), _modular(op), F.cross_entropy, True, 512, 10, 10, "accuracy", False, blocks_matrices,
                 10_000) for op in ("mul", "add", "sub", "div")},
     "parity": Task("(20, 3)-sparse parity", _parity, F.cross_entropy, True, 32, 32, 0, "accuracy", False,
                    head_excluded("2.weight"), 20_000),
     "mnist": Task("MNIST-1k, init scale 8", _mnist, mse_one_hot, False, 200, 100, 0, "accuracy", True,
-                  head_excluded("5.weight"), 20_000),
+                  head_excluded("5.weight"), 20_000, MNIST_TARGET),
     "lm": Task("byte-level LM, stdlib .py", _lm, next_byte_loss, True, 32, 100, 100, "loss", True, blocks_matrices,
                2000),
 }
