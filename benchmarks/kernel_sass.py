@@ -33,7 +33,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch, grokxform as gx
 from grokxform.engine import codegen as G
 from grokxform.fused import FusedStep
-name, fmt, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+name, fmt, folder, hoist = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5] == "1"
 sys.path.insert(0, sys.argv[4])
 from kernel_resources import PIPELINES
 tx = PIPELINES[name]()
@@ -41,8 +41,8 @@ if fmt != "none":
     tx = gx.compress_state(tx, fmt, min_size=1)
 written = []
 source = G.kernel_source
-def keep(kname, em, passes, items=1):
-    text = source(kname, em, passes, items)
+def keep(kname, em, passes, items=1, engine_hoist=False):  # the command line chooses, not the engine
+    text = source(kname, em, passes, items, hoist)
     path = os.path.join(folder, f"{name}__{fmt}__{kname}.py")
     open(path, "w").write(text)
     written.append(path)
@@ -54,10 +54,13 @@ print(json.dumps(sorted(set(written))))
 """
 
 
-def capture(pipeline: str, fmt: str, folder: str) -> list[str]:
-    """The kernel sources that ``pipeline`` with state ``fmt`` generates (files in ``folder``)."""
-    out = subprocess.run([sys.executable, "-c", CAPTURE, pipeline, fmt, folder, str(Path(__file__).resolve().parent)],
-                         capture_output=True, text=True, check=True)
+def capture(pipeline: str, fmt: str, folder: str, hoist: bool = False) -> list[str]:
+    """The kernel sources that ``pipeline`` with state ``fmt`` generates (files in ``folder``);
+    ``hoist``: with the element loads moved up (``codegen.hoist_loads``)."""
+    out = subprocess.run([sys.executable, "-c", CAPTURE, pipeline, fmt, folder, str(Path(__file__).resolve().parent),
+                          "1" if hoist else "0"], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"capturing {pipeline} ({fmt}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--formats", default="none,bf16,int8")
     ap.add_argument("--tiles", default="engine",
                     help="comma list of BLOCKxWARPS[xREGS] of the last pass, or 'engine': the engine's own tile")
+    ap.add_argument("--hoist-loads", action="store_true", help="the kernels with their element loads moved up")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -121,13 +125,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for pipeline in args.pipelines.split(","):
             for fmt in args.formats.split(","):
-                sources = capture(pipeline, fmt, folder)
+                sources = capture(pipeline, fmt, folder, args.hoist_loads)
                 last = max(sources)  # step_passN with the largest N writes the state
                 for tile in args.tiles.split(","):
                     block, warps, regs = engine_tile(fmt) if tile == "engine" else (
                         [int(x) for x in tile.split("x")] + [None])[:3]
                     row = {"pipeline": pipeline, "format": fmt, "kernel": Path(last).stem.split("__")[-1],
-                           "block": block, "warps": warps, "max_registers": regs,
+                           "hoist_loads": args.hoist_loads, "block": block, "warps": warps, "max_registers": regs,
                            **compile_kernel(last, block, warps, args.arch, regs)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)

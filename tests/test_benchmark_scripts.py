@@ -1,0 +1,33 @@
+"""The benchmark scripts that run without a GPU: ``benchmarks/kernel_sass.py`` compiles the
+engine's kernels for sm_90 with Triton's own ptxas and reads their machine code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(not (TOOLS / "ptxas").is_file() or not (TOOLS / "cuobjdump").is_file(),
+                    reason="this Triton ships no ptxas / cuobjdump")
+def test_kernel_sass_reads_the_engines_int8_kernel_plain_and_hoisted(tmp_path: Path) -> None:
+    rows = []
+    for flags in ([], ["--hoist-loads"]):
+        out = tmp_path / f"sass{len(flags)}.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--pipelines", "adamw",
+                        "--formats", "int8", "--tiles", "engine", "--out", str(out), *flags],
+                       check=True, capture_output=True, text=True, cwd=ROOT)
+        doc = json.loads(out.read_text())
+        assert doc["arch"] == "sm_90" and doc["command"].startswith("python benchmarks/kernel_sass.py")
+        (row,) = doc["rows"]
+        assert row["hoist_loads"] == bool(flags) and row["local_bytes"] == 0
+        assert row["registers"] <= row["max_registers"] and row["instructions"] > 0 and row["shuffles"] > 0
+        rows.append(row)
+    assert rows[0]["instructions"] != rows[1]["instructions"]  # the hoisted kernel is another program
