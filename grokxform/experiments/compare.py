@@ -187,7 +187,7 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
     summary and figures of all the pairs in ``out``; returns the summary's lines. ``steps``: the
     budget of every task (default: each task's own, :data:`~grokxform.experiments.tasks.TASKS`);
     ``small``: :data:`SMALL_STEPS` steps of small batches (:func:`compare_pair`); ``jobs``: pairs
-    trained side by side, each in its own process (one GPU holds several of these small models;
+    trained side by side, each pair in a process of its own (one GPU holds several of these small models;
     their wall times then share it, which each pair's JSON records as ``jobs``). A pair that fails
     does not stop the others: the summary covers those written, then :class:`PairsFailed` names the
     failed pairs."""
@@ -223,8 +223,9 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
             finish(job, lambda job=job: _run_pair(job, log))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
+        # a process per pair: each starts with a bare device (no memory the pair before it cached)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads,), max_tasks_per_child=1) as pool:
             futures = {pool.submit(_run_pair, job): job for job in pending}
             for future in as_completed(futures):
                 finish(futures[future], future.result)

@@ -34,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,8 +351,7 @@ def sweep(
                                  out_dims=(0, s_dims, 0))
     step_later = torch.func.vmap(member_step, in_dims=(0, s_dims, 0, 0, 0), out_dims=(0, s_dims, 0))
     if compile:
-        step_first = torch.compile(step_first, fullgraph=True, dynamic=False)
-        step_later = torch.compile(step_later, fullgraph=True, dynamic=False)
+        step_first, step_later = _compiled(step_first), _compiled(step_later)
 
     def member_eval(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(base, p, (x,))
@@ -415,6 +415,24 @@ def sweep(
     result.seconds = time.perf_counter() - start
     result.params = params
     return result
+
+
+def _compiled(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` (a vmapped step returning params, state leaves and counts) compiled behind a
+    function with a code object of its own, its state leaves returned contiguous. torch.compile
+    keeps the graphs of one code object together and stops at a limit of them; every
+    ``torch.func.vmap`` wrapper shares one code object, so without a fresh one each sweep's steps
+    would count against those of every sweep before it in the process (the ninth graph fails). A
+    leaf the graph would return broadcast (a value the same for every member) would change the
+    strides of the next call's input and compile the step a second time."""
+
+    def contiguous_step(*args: Any) -> Any:
+        params, state, correct = step(*args)
+        return params, [None if x is None else x.contiguous() for x in state], correct
+
+    code = contiguous_step.__code__.replace()  # a new code object: its own cache of graphs
+    own = types.FunctionType(code, contiguous_step.__globals__, "sweep_step", None, contiguous_step.__closure__)
+    return torch.compile(own, fullgraph=True, dynamic=False)
 
 
 def median_and_spread(values: Sequence[int | None]) -> dict[str, Any]:
