@@ -567,8 +567,9 @@ COMMANDS: tuple[Command, ...] = (
         ("sweep",),
         "train a grid x seeds of any task as one vmapped program; heatmap of steps to 95% (MNIST-1k: 90%)",
         "Train every member of a grid (the comma-separated values of each swept option) × seeds at once, as one"
-        " torch.func.vmap program; print the steps to the task's target validation accuracy (95%; MNIST-1k: 90%) of each member and write them"
-        " with the curves to PREFIX.json, and a heatmap of the median over the seeds to PREFIX.png.",
+        " torch.func.vmap program; print the steps to the task's target validation accuracy (95%; MNIST-1k:"
+        " 90%) of each member and write them with the curves to PREFIX.json, and a heatmap of the median over"
+        " the seeds to PREFIX.png.",
         _register_sweep,
         _run_sweep,
     ),
@@ -576,9 +577,9 @@ COMMANDS: tuple[Command, ...] = (
         ("compare",),
         "the methods' grids on each task, the best configuration rerun over 5 seeds: JSON, summary, figures",
         "For every method x task: train the method's default grid (12 configurations) over --grid-seeds as one"
-        " vmapped sweep, pick the best configuration (steps to the task's target validation accuracy; the language model: the"
-        " validation loss at the budget), rerun it over --seeds, and write FOLDER/<method>__<task>.json; pairs"
-        " already there are skipped. Then FOLDER/summary.md and one figure per task, FOLDER/<task>.png.",
+        " vmapped sweep, pick the best configuration (steps to the task's target validation accuracy; the"
+        " language model: the validation loss at the budget), rerun it over --seeds, and write"
+        " FOLDER/<method>__<task>.json; pairs already there are skipped. Then FOLDER/summary.md and one figure per task, FOLDER/<task>.png.",
         _register_compare,
         _run_compare,
     ),

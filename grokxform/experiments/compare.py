@@ -154,7 +154,8 @@ def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int
                   compile=compile, stop_when=ranking_decided(tried), **shrink)
     table = config_table(first)
     best = best_config(table, t.metric)
-    log(f"[{method} / {task}] best {best['config']} (grid stopped at step {first.steps}): rerun over seeds {list(seeds)}")
+    log(f"[{method} / {task}] best {best['config']} (grid stopped at step {first.steps}):"
+        f" rerun over seeds {list(seeds)}")
     members = [{**best["config"], "seed": int(s)} for s in seeds]
     final = sweep(method, {}, members=members, steps=steps, task=task, device=device, data_root=data_root,
                   compile=compile, **shrink)
@@ -303,7 +304,8 @@ def summary_lines(payloads: Sequence[dict[str, Any]]) -> list[str]:
     for task, rows in by_task.items():
         first = rows[0]
         what = ("validation loss at the budget, median [min–max] over seeds" if first["metric"] == "loss"
-                else f"steps to {first.get('target', 0.95):.0%} validation accuracy, median [min–max] (reached/seeds)")
+                else f"steps to {first.get('target', 0.95):.0%} validation accuracy, median [min–max]"
+                     " (reached/seeds)")
         lines += [f"## {first['task_title']} ({task}), budget {first['steps_budget']} steps", "",
                   f"| method | best configuration | {what} | wall s to target (vmapped seeds) | state MiB |",
                   "| --- | --- | --- | --- | --- |"]

@@ -273,8 +273,8 @@ def sweep(
     rows of the validation split (a smoke test's shortcut; default all). Validation accuracy and loss are
     measured over the task's validation split every ``eval_every`` steps and at the last step; a
     member's "steps to target" is the step count of its first evaluation ≥ ``target_accuracy``
-    (default: the task's, :attr:`~grokxform.experiments.tasks.Task.target`)
-    (accuracy tasks only: the ``lm`` task is ranked by its loss, and never stops early).
+    (default: the task's, :attr:`~grokxform.experiments.tasks.Task.target`; accuracy tasks only:
+    the ``lm`` task is ranked by its loss, and never stops early).
     ``stop_when_all_reached`` stops at the first evaluation where every member has reached the
     target; ``stop_when(steps_to_target, step)``, called after each evaluation of an accuracy task
     with every member's steps to the target so far (``None``: not yet), stops when it returns True.
