@@ -112,6 +112,8 @@ def engine_tile(fmt: str) -> tuple[int, int, int | None]:
 
 
 def main() -> None:
+    # the kernels are compiled here, not interpreted (the capture sets its own interpreter mode)
+    os.environ.pop("TRITON_INTERPRET", None)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pipelines", default="adamw,grokadamw,grokfast_ma")
     ap.add_argument("--formats", default="none,bf16,int8")
