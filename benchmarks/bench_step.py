@@ -755,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                          " (default: the engine's own)")
     ap.add_argument("--hoist-loads", action="store_true",
                     help="the engine's Triton kernels issue their element loads as early as they may be")
+    ap.add_argument("--no-vector-access", action="store_true",
+                    help="the engine's Triton kernels launched ALIGNED=False whatever the addresses (one element per"
+                         " load and store)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--cold", action="store_true", help="empty kernel caches (Triton's and grokxform's) first")
     ap.add_argument("--interleave", action="store_true",
@@ -773,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         tiles.append((parts[0], parts[1], parts[2] or None, parts[3]))
     default_tile = engine_step.INT8_TILE
     engine_step.HOIST_LOADS = args.hoist_loads
+    engine_step.VECTOR_ACCESS = not args.no_vector_access
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cold:
@@ -807,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_warps": engine_step.NUM_WARPS,
         "int8_tile": default_tile,
         "hoist_loads": args.hoist_loads,
+        "vector_access": not args.no_vector_access,
         "threads": torch.get_num_threads(),
         "cold_caches": args.cold,
     }

@@ -7,7 +7,8 @@
 # (--hoist-loads); the kernels' registers and spills (part
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
-# PARTS (default "tests speed quality") picks among them; TASKS, METHODS and JOBS narrow the sweeps.
+# PARTS (default "tests speed quality") picks among them; TESTS (default the two compressed-state
+# modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -17,7 +18,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 parts=" ${PARTS:-tests speed quality} "
 if [[ $parts == *" tests "* ]]; then
 PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
-  tests/test_compress_engine.py tests/test_compress.py > "$OUT/gpu_tests.txt" 2>&1
+  ${TESTS:-tests/test_compress_engine.py tests/test_compress.py} > "$OUT/gpu_tests.txt" 2>&1
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
 fi
 if [[ $parts == *" speed "* ]]; then
@@ -28,11 +29,11 @@ PYTHONPATH="$PWD" timeout 330 python3 benchmarks/bench_step.py --sets gpt2 --ste
   --out "$OUT/json/compress_gpt2.json" > "$OUT/compress_gpt2.txt" 2>&1
 tail -30 "$OUT/compress_gpt2.txt"
 # the same float32 and int8 rows with the element loads first in each kernel (HOIST_LOADS)
-PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
+[ "${HOIST:-1}" = 0 ] || PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim' --hoist-loads \
   --int8-tiles "${TILES:-256x1x80x1,256x1x80x2,256x1x80x4,256x1x80x8,1024x4}" \
   --out "$OUT/json/compress_gpt2_hoisted.json" > "$OUT/compress_gpt2_hoisted.txt" 2>&1
-tail -16 "$OUT/compress_gpt2_hoisted.txt"
+[ "${HOIST:-1}" = 0 ] || tail -16 "$OUT/compress_gpt2_hoisted.txt"
 pack
 fi
 if [[ $parts == *" resources "* ]]; then  # registers, spills and shared memory of the kernels

@@ -1,8 +1,9 @@
 """The engine's Triton kernels compiled for a GPU on a machine without one: per kernel, the
 registers per thread, shared memory, barriers, and machine instructions per element (Triton's own
 ptxas and cuobjdump; no driver needed). The instructions per element are the kernel's static
-count over the elements a thread holds: they include the slow paths of the correctly rounded
-divisions and square roots, which rarely run, so they overstate what issues. On an H100 (132 SMs,
+count over the elements a thread holds, in the body that a whole tile runs (every item but a
+leaf's last): they include the slow paths of the correctly rounded divisions and square roots,
+which rarely run, so they overstate what issues. On an H100 (132 SMs,
 4 schedulers each, ~1.98 GHz) a kernel issuing I instructions per element over N elements takes at
 least N·I / (32 · 132 · 4 · 1.98e9) seconds.
 
@@ -64,7 +65,13 @@ def capture(pipeline: str, fmt: str, folder: str, hoist: bool = False) -> list[s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compile_kernel(path: str, block: int, warps: int, arch: int, regs: int | None = None) -> dict[str, Any]:
+WHOLE_TILE = "if start + BLOCK <= n:"
+"""The branch of the kernels' body for an item of ``BLOCK`` elements (``codegen.kernel_source``)."""
+
+
+def _machine_code(path: str, block: int, warps: int, arch: int, regs: int | None,
+                  aligned: bool) -> tuple[Any, str, str]:
+    """The compiled kernel of ``path``, its SASS and its resource usage (cuobjdump)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -74,13 +81,13 @@ def compile_kernel(path: str, block: int, warps: int, arch: int, regs: int | Non
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fn = getattr(mod, next(n for n in dir(mod) if n.startswith("step_pass")))
-    sig = {a: ("constexpr" if a in ("NPOS", "BLOCK") else "i64" if a == "CHUNKS"
+    sig = {a: ("constexpr" if a in ("NPOS", "BLOCK", "ALIGNED") else "i64" if a == "CHUNKS"
                else "*fp64" if a == "CONST" or re.fullmatch(r"SC\d+", a) else "*fp32" if a == "RSQ"
                else "*i32" if a == "RBAD" else "*i64") for a in fn.arg_names}
     options: dict[str, Any] = {"num_warps": warps, "enable_fp_fusion": False}
     if regs is not None:
         options["maxnreg"] = regs
-    kernel = triton.compile(ASTSource(fn, sig, constexprs={"NPOS": 4, "BLOCK": block}),
+    kernel = triton.compile(ASTSource(fn, sig, constexprs={"NPOS": 4, "BLOCK": block, "ALIGNED": aligned}),
                             target=GPUTarget("cuda", arch, 32), options=options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
@@ -90,16 +97,40 @@ def compile_kernel(path: str, block: int, warps: int, arch: int, regs: int | Non
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
+    return kernel, sass, usage
+
+
+def _opcodes(sass: str) -> list[str]:
+    """The opcodes (with their modifiers) of the SASS listing's instructions, predicates dropped."""
     ins = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-    ops = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
-                              for line in ins)
+    return [re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].rstrip(";") for line in ins]
+
+
+def compile_kernel(path: str, block: int, warps: int, arch: int, regs: int | None = None,
+                   aligned: bool = True) -> dict[str, Any]:
+    """The machine code of the kernel of ``path``, launched as the engine does when every address
+    of its tables is 16-byte aligned (``aligned``, ``ALIGNED=True``) or not. ``instructions``
+    counts the whole kernel; ``instructions_per_element``, ``memory`` (the global loads and
+    stores by width), ``barriers`` and ``shuffles`` count the body of a whole tile alone (compiled
+    with the partial tile's branch taken out): the path of every item but a leaf's last."""
+    kernel, sass, usage = _machine_code(path, block, warps, arch, regs, aligned)
+    whole = Path(path).with_name(f"{Path(path).stem}_whole.py")
+    text = Path(path).read_text()
+    if WHOLE_TILE not in text:
+        raise RuntimeError(f"{path}: no whole-tile branch ({WHOLE_TILE!r})")
+    whole.write_text(text.replace(WHOLE_TILE, "if True:"))
+    _, whole_sass, _ = _machine_code(str(whole), block, warps, arch, regs, aligned)
+    ops = _opcodes(whole_sass)
+    kinds = collections.Counter(op.split(".")[0] for op in ops)
+    regs_used = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
     per_thread = block // (32 * warps)
-    return {"registers": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None,
-            "shared": kernel.metadata.shared, "instructions": len(ins), "elements_per_thread": per_thread,
-            "instructions_per_element": round(len(ins) / max(1, per_thread), 1),
-            "barriers": ops.get("BAR", 0), "shuffles": ops.get("SHFL", 0)}
+    return {"registers": int(regs_used.group(1)) if regs_used else None,
+            "local_bytes": int(local.group(1)) if local else None, "shared": kernel.metadata.shared,
+            "instructions": len(_opcodes(sass)), "elements_per_thread": per_thread,
+            "instructions_per_element": round(len(ops) / max(1, per_thread), 1),
+            "memory": dict(sorted(collections.Counter(op for op in ops if op.startswith(("LDG", "STG"))).items())),
+            "barriers": kinds.get("BAR", 0), "shuffles": kinds.get("SHFL", 0)}
 
 
 def engine_tile(fmt: str) -> tuple[int, int, int | None]:
@@ -120,6 +151,8 @@ def main() -> None:
     ap.add_argument("--tiles", default="engine",
                     help="comma list of BLOCKxWARPS[xREGS] of the last pass, or 'engine': the engine's own tile")
     ap.add_argument("--hoist-loads", action="store_true", help="the kernels with their element loads moved up")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="the kernels as launched when an address is not 16-byte aligned (ALIGNED=False)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -133,8 +166,8 @@ def main() -> None:
                     block, warps, regs = engine_tile(fmt) if tile == "engine" else (
                         [int(x) for x in tile.split("x")] + [None])[:3]
                     row = {"pipeline": pipeline, "format": fmt, "kernel": Path(last).stem.split("__")[-1],
-                           "hoist_loads": args.hoist_loads, "block": block, "warps": warps, "max_registers": regs,
-                           **compile_kernel(last, block, warps, args.arch, regs)}
+                           "hoist_loads": args.hoist_loads, "aligned": not args.unaligned, "block": block, "warps": warps, "max_registers": regs,
+                           **compile_kernel(last, block, warps, args.arch, regs, not args.unaligned)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:

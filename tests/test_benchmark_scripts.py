@@ -23,9 +23,12 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 @pytest.mark.skipif(not (TOOLS / "ptxas").is_file() or not (TOOLS / "cuobjdump").is_file(),
                     reason="this Triton ships no ptxas / cuobjdump")
-def test_kernel_sass_reads_the_engines_int8_kernel_plain_and_hoisted(tmp_path: Path) -> None:
+def test_kernel_sass_reads_the_engines_int8_kernel_aligned_and_not_hoisted_and_not(tmp_path: Path) -> None:
+    """With every address 16-byte aligned a thread's eight elements of a tile move as vectors (two
+    128-bit loads of a float32 tensor, one 64-bit load of an int8 code tensor); without, one
+    element per instruction."""
     rows = []
-    for flags in ([], ["--hoist-loads"]):
+    for flags in ([], ["--hoist-loads", "--unaligned"]):
         out = tmp_path / f"sass{len(flags)}.json"
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--pipelines", "adamw",
                               "--formats", "int8", "--tiles", "engine", "--out", str(out), *flags],
@@ -34,7 +37,10 @@ def test_kernel_sass_reads_the_engines_int8_kernel_plain_and_hoisted(tmp_path: P
         doc = json.loads(out.read_text())
         assert doc["arch"] == "sm_90" and doc["command"].startswith("python benchmarks/kernel_sass.py")
         (row,) = doc["rows"]
-        assert row["hoist_loads"] == bool(flags) and row["local_bytes"] == 0
+        assert row["hoist_loads"] == bool(flags) and row["aligned"] == (not flags) and row["local_bytes"] == 0
         assert row["registers"] <= row["max_registers"] and row["instructions"] > 0 and row["shuffles"] > 0
         rows.append(row)
-    assert rows[0]["instructions"] != rows[1]["instructions"]  # the hoisted kernel is another program
+    aligned, unaligned = (row["memory"] for row in rows)
+    assert aligned.get("LDG.E.128") and aligned.get("STG.E.128") and not any(".U8" in op for op in aligned)
+    assert unaligned.get("LDG.E.U8") and unaligned.get("STG.E.U8") and not any(".128" in op for op in unaligned)
+    assert sum(aligned.values()) * 2 < sum(unaligned.values())  # (41 memory instructions against 88)

@@ -254,6 +254,46 @@ def test_one_pass_over_memory_two_with_a_reduction(name: str, passes: int) -> No
     assert {p for grp in fn.step._groups for p in grp.kernels} == set(range(passes))
 
 
+def _offset_by(tree: dict[str, torch.Tensor], elements: int) -> dict[str, torch.Tensor]:
+    """Copies of ``tree``'s tensors that start ``elements`` elements into a buffer of their own."""
+    out = {}
+    for n, x in tree.items():
+        buf = torch.zeros(x.numel() + elements, dtype=x.dtype, device=x.device)
+        out[n] = buf[elements:].view(x.shape)
+        out[n].copy_(x)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["none", "int8"])
+def test_tensors_not_16_byte_aligned_run_kernels_without_vector_access(fmt: str) -> None:
+    """A parameter or gradient 4 bytes into its buffer (a bucket view, a flat buffer's slice)
+    turns ``ALIGNED`` off for its group, and back on when the tables point at aligned tensors
+    again; the numbers are eager's either way (on a GPU a vector access there would fault)."""
+    tx = gx.grokadamw(lr=1e-2)
+    if fmt != "none":
+        tx = gx.compress_state(tx, fmt, min_size=64, block_size=64)
+    params = _params(torch.float32)
+    p_e, s_e = dict(params), tx.init(params)
+    p_f = _offset_by(params, 1)
+    fused = FusedStep(tx, p_f, backend="triton")
+    seen = []
+    for t in range(4):
+        g = _grads(params, t)
+        with gx.kernels(False):
+            u, s_e = tx.update(g, s_e, p_e)
+        p_e = gx.apply_updates(p_e, u)
+        fused(_offset_by(g, 1) if t % 2 else g)
+        (fn,) = fused._fns.values()
+        seen.append(set().union(*(grp.unaligned for grp in fn.step._groups)))
+    assert seen == [{"P"}, {"P", "G"}, {"P"}, {"P", "G"}]
+    _close(p_e, p_f, exact=False)
+    _close(s_e, fused.eager_state(), exact=False, rtol=1e-5, atol=1e-6)
+    aligned = FusedStep(tx, {n: p.clone() for n, p in params.items()}, backend="triton")
+    aligned(_grads(params, 0))
+    (fn,) = aligned._fns.values()
+    assert all(not grp.unaligned for grp in fn.step._groups)
+
+
 def test_optimizer_fused_triton_follows_a_scheduler() -> None:
     def model() -> torch.nn.Module:
         torch.manual_seed(0)

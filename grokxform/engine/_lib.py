@@ -32,9 +32,14 @@ def round_to(x, DT: tl.constexpr):
 
 
 @triton.jit
-def pointer(table, leaf, DT: tl.constexpr):
-    """The address of leaf ``leaf`` in an int64 address table, as a pointer to ``DT``."""
-    return tl.load(table + leaf).to(tl.pointer_type(DT))
+def pointer(table, leaf, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address of leaf ``leaf`` in an int64 address table, as a pointer to ``DT``. ``ALIGNED``:
+    every address of the table is a multiple of 16 bytes, so a thread's consecutive elements may
+    move as one vector load or store."""
+    at = tl.load(table + leaf).to(tl.pointer_type(DT))
+    if ALIGNED:
+        at = tl.multiple_of(at, 16)
+    return at
 
 
 @triton.jit

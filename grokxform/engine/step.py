@@ -59,6 +59,9 @@ shared memory, no barrier), and 80 registers let more warps share an SM."""
 HOIST_LOADS = False
 """Whether the Triton kernels issue each element load as early as it may be
 (:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
+VECTOR_ACCESS = True
+"""Whether the Triton kernels are launched ``ALIGNED=True`` (vector loads and stores) when every
+address of a group's tables is 16-byte aligned; ``False``: never."""
 THREAD_ELEMENTS = 1 << 15
 """Elements per thread of a C kernel, at least."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -213,6 +216,9 @@ class _Group:
     per program."""
     pos: torch.Tensor
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
+    unaligned: set[str] = field(default_factory=set)
+    """The roles whose table holds an address that is not a multiple of 16 bytes: while there is
+    one, the Triton kernels run with ``ALIGNED=False`` (no vector loads or stores)."""
     kernels: dict[int, tuple[Any, list[str]]] = field(default_factory=dict)
     rsq: dict[int, torch.Tensor] = field(default_factory=dict)
     rbad: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -265,10 +271,6 @@ def _records(values: dict[int, dict[str, Any]], writes: list[tuple[Any, Any, Any
     grad mode on refuses them: the kernels would cut the graph)."""
     return any(isinstance(v, torch.Tensor) and v.requires_grad for vs in values.values() for v in vs.values()) or any(
         isinstance(src, torch.Tensor) and src.requires_grad for _, src, _ in writes)
-
-
-def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
 
 class EngineStep:
@@ -465,7 +467,7 @@ class EngineStep:
             if self.backend != "foreach":
                 for r, ts in roles.items():
                     if r != "G":
-                        grp.tables[r] = _addresses(ts, dev)
+                        self._point(grp, r, [t.data_ptr() for t in ts])
                 self._point_grads(grp, roles["G"])
                 self._codegen(grp)
             groups.append(grp)
@@ -567,9 +569,9 @@ class EngineStep:
             grp.roles = {r: self._role_tensors(grp, r) for r in grp.roles}
             if self.backend == "foreach":
                 continue
-            for r, table in grp.tables.items():
+            for r in grp.tables:
                 if r != "G":
-                    self._write_table(table, [t.data_ptr() for t in grp.roles[r]])
+                    self._point(grp, r, [t.data_ptr() for t in grp.roles[r]])
             self._point_grads(grp, grp.roles["G"])
 
     def _role_tensors(self, grp: _Group, role: str) -> list[torch.Tensor]:
@@ -600,9 +602,19 @@ class EngineStep:
             grp.roles = {r: [] for r in grp.roles}
             grp.grad_key = ()
 
-    def _write_table(self, table: torch.Tensor, addresses: list[int]) -> None:
+    def _point(self, grp: _Group, role: str, addresses: list[int]) -> None:
+        """Make or rewrite the group's address table of ``role`` (on CUDA from page-locked memory,
+        in stream order: no synchronisation), and note whether every address is 16-byte aligned."""
+        if all(a % 16 == 0 for a in addresses):
+            grp.unaligned.discard(role)
+        else:
+            grp.unaligned.add(role)
+        table = grp.tables.get(role)
+        if table is None:
+            grp.tables[role] = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+            return
         host = torch.tensor(addresses, dtype=torch.int64)
-        if table.device.type == "cuda":  # from page-locked memory, in stream order: no synchronisation
+        if table.device.type == "cuda":
             table.copy_(host.pin_memory(), non_blocking=True)
         else:
             table.copy_(host)
@@ -631,10 +643,7 @@ class EngineStep:
                     f"a gradient of {g.dtype}{list(g.shape)} on {g.device} meets a step built for"
                     f" {dt}{list(p.shape)} on {self.device} (contiguous)"
                 )
-        if "G" not in grp.tables:
-            grp.tables["G"] = torch.tensor(key, dtype=torch.int64, device=self.device)
-        else:
-            self._write_table(grp.tables["G"], list(key))
+        self._point(grp, "G", list(key))
         grp.grad_key = key
 
     def __call__(self, extras: dict[str, torch.Tensor]) -> None:
@@ -832,7 +841,8 @@ class EngineStep:
             extra["maxnreg"] = regs
         fn[(n_items // per_program,)](
             item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
-            chunks, NPOS=grp.pos.shape[1], BLOCK=block, num_warps=warps, **extra,
+            chunks, NPOS=grp.pos.shape[1], BLOCK=block, ALIGNED=VECTOR_ACCESS and not grp.unaligned,
+            num_warps=warps, **extra,
         )
 
     def _threads(self, grp: _Group) -> int:
