@@ -765,9 +765,9 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bo
     early as they may be (:func:`hoist_loads`).
 
     An item starts at a multiple of ``BLOCK`` (``_items``). The body is written twice: for an
-    item of ``BLOCK`` elements with a mask the compiler knows to be all true, so that with
-    ``ALIGNED`` a thread's elements move in vector loads and stores (a byte-wide code, a fifth of
-    the instructions of an int8 step otherwise), and for a leaf's last, partial item, masked."""
+    item of ``BLOCK`` elements, with a mask the compiler knows to be all true (no bounds test per
+    element; with ``ALIGNED`` a thread's elements move in vector loads and stores), and, masked,
+    for a leaf's last, partial item."""
     tables = "".join(f"T_{r}, " for r in em.roles)
     scs = "".join(f"SC{k}, " for k in range(passes))
     args = (f"ITEM_LEAF, ITEM_START, NUMEL, POS, CONST, {scs}{tables}RSQ, RBAD, CHUNKS, "
