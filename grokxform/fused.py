@@ -106,6 +106,9 @@ class _EngineFn:
     def prepare(self, grads: list[torch.Tensor]) -> None:
         self.step.prepare(grads)
 
+    def launch_flags(self) -> tuple[bool, ...]:
+        return self.step.launch_flags()
+
     def __call__(self, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> None:
         self.step(dict(zip(self.names, extras)))
 
@@ -203,12 +206,19 @@ class _TracedFn:
         self.fn(*self.args(grads, extras))
 
 
+def _launch_flags(fn: Any) -> tuple[bool, ...]:
+    """The engine kernels' ``ALIGNED`` flags of ``fn`` as it would launch now (a traced step: none)."""
+    return fn.launch_flags() if isinstance(fn, _EngineFn) else ()
+
+
 class _Captured:
     """A CUDA graph of one step, with the gradient tensors it read (traced steps read them in
-    place; engine steps read them through their address tables)."""
+    place; engine steps read them through their address tables) and the engine kernels'
+    ``ALIGNED`` flags it launches (:meth:`~grokxform.engine.EngineStep.launch_flags`)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, grads: list[torch.Tensor], engine: bool) -> None:
-        self.graph, self.grads, self.engine = graph, grads, engine
+    def __init__(self, graph: torch.cuda.CUDAGraph, grads: list[torch.Tensor], engine: bool,
+                 flags: tuple[bool, ...] = ()) -> None:
+        self.graph, self.grads, self.engine, self.flags = graph, grads, engine, flags
 
 
 class FusedStep:
@@ -417,8 +427,10 @@ class FusedStep:
         cap = self._graphs.get(key)
         if cap is not None:
             self._stage_grads(cap, present, fn)
-            cap.graph.replay()
-            return
+            if cap.flags == _launch_flags(fn):
+                cap.graph.replay()
+                return
+            del self._graphs[key]  # a gradient's alignment changed the kernels to launch: captured again
         runs = self._runs.get(key, 0)
         if self._cuda_graph and runs >= self._warmup and getattr(fn, "capturable", True):
             self._check_grads(g_leaves)
@@ -601,7 +613,7 @@ class FusedStep:
         with torch.no_grad(), torch.cuda.graph(graph):
             fn(grads, extras)
         self.captures += 1
-        return _Captured(graph, list(grads), engine)
+        return _Captured(graph, list(grads), engine, _launch_flags(fn))
 
     def _stage_grads(self, cap: _Captured, grads: list[torch.Tensor], fn: Any) -> None:
         if len(grads) != len(cap.grads):

@@ -264,20 +264,22 @@ def _offset_by(tree: dict[str, torch.Tensor], elements: int) -> dict[str, torch.
     return out
 
 
+@pytest.mark.parametrize("params_offset", [0, 1])
 @pytest.mark.parametrize("fmt", ["none", "int8"])
-def test_tensors_not_16_byte_aligned_run_kernels_without_vector_access(fmt: str) -> None:
+def test_tensors_not_16_byte_aligned_run_kernels_without_vector_access(fmt: str, params_offset: int) -> None:
     """A parameter or gradient 4 bytes into its buffer (a bucket view, a flat buffer's slice)
     turns ``ALIGNED`` off for its group, and back on when the tables point at aligned tensors
-    again; the numbers are eager's either way (on a GPU a vector access there would fault)."""
+    again; the numbers are eager's either way (on a GPU a vector access there would fault). A
+    CUDA graph captured under one setting is captured again when it changes."""
     tx = gx.grokadamw(lr=1e-2)
     if fmt != "none":
         tx = gx.compress_state(tx, fmt, min_size=64, block_size=64)
     params = _params(torch.float32)
     p_e, s_e = dict(params), tx.init(params)
-    p_f = _offset_by(params, 1)
+    p_f = _offset_by(params, params_offset)
     fused = FusedStep(tx, p_f, backend="triton")
-    seen = []
-    for t in range(4):
+    seen, flags = [], []
+    for t in range(6):
         g = _grads(params, t)
         with gx.kernels(False):
             u, s_e = tx.update(g, s_e, p_e)
@@ -285,13 +287,14 @@ def test_tensors_not_16_byte_aligned_run_kernels_without_vector_access(fmt: str)
         fused(_offset_by(g, 1) if t % 2 else g)
         (fn,) = fused._fns.values()
         seen.append(set().union(*(grp.unaligned for grp in fn.step._groups)))
-    assert seen == [{"P"}, {"P", "G"}, {"P"}, {"P", "G"}]
+        flags.append(set(fn.step.launch_flags()))
+    p = {"P"} if params_offset else set()
+    assert seen == [p, p | {"G"}] * 3
+    assert flags == ([{False}] * 6 if params_offset else [{True}, {False}] * 3)
+    if fused.uses_cuda_graph:  # captured after the first call; again at each flip of the flags
+        assert fused.captures == (1 if params_offset else 5)
     _close(p_e, p_f, exact=False)
     _close(s_e, fused.eager_state(), exact=False, rtol=1e-5, atol=1e-6)
-    aligned = FusedStep(tx, {n: p.clone() for n, p in params.items()}, backend="triton")
-    aligned(_grads(params, 0))
-    (fn,) = aligned._fns.values()
-    assert all(not grp.unaligned for grp in fn.step._groups)
 
 
 def test_optimizer_fused_triton_follows_a_scheduler() -> None:

@@ -632,6 +632,15 @@ class EngineStep:
             else:
                 self._point_grads(grp, [by_leaf[leaf] for leaf in grp.leaves])
 
+    def launch_flags(self) -> tuple[bool, ...]:
+        """The ``ALIGNED`` argument each group's Triton kernels are launched with now: a CUDA graph
+        captured under other flags launches other kernels, and must be captured again."""
+        return tuple(self._aligned(grp) for grp in self._groups)
+
+    @staticmethod
+    def _aligned(grp: _Group) -> bool:
+        return VECTOR_ACCESS and not grp.unaligned
+
     def _point_grads(self, grp: _Group, grads: list[torch.Tensor]) -> None:
         key = tuple(g.data_ptr() for g in grads)
         if key == grp.grad_key:
@@ -841,7 +850,7 @@ class EngineStep:
             extra["maxnreg"] = regs
         fn[(n_items // per_program,)](
             item_leaf, item_start, grp.numel, grp.pos, self.const, *self._sc, *tables, rsq, rbad,
-            chunks, NPOS=grp.pos.shape[1], BLOCK=block, ALIGNED=VECTOR_ACCESS and not grp.unaligned,
+            chunks, NPOS=grp.pos.shape[1], BLOCK=block, ALIGNED=self._aligned(grp),
             num_warps=warps, **extra,
         )
 
