@@ -297,6 +297,35 @@ def test_tensors_not_16_byte_aligned_run_kernels_without_vector_access(fmt: str,
     _close(s_e, fused.eager_state(), exact=False, rtol=1e-5, atol=1e-6)
 
 
+def test_a_captured_step_is_captured_again_when_its_alignment_flags_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a CUDA graph the kernels' ``ALIGNED`` argument is baked in: a replay runs only while the
+    gradients give the flags it was captured with (here on any device, with a stand-in graph)."""
+    from grokxform import fused as fused_module
+
+    params = _params(torch.float32)
+    fused = FusedStep(gx.adamw(1e-2), {n: p.clone() for n, p in params.items()}, backend="triton")
+    fused(_grads(params, 0))  # built, not captured
+    (fn,) = fused._fns.values()
+    replays: list[set[bool]] = []
+    captures: list[set[bool]] = []
+
+    class Graph:
+        def replay(self) -> None:
+            replays.append(set(fn.launch_flags()))
+
+    def capture(fn_: Any, grads: list[torch.Tensor], extras: list[torch.Tensor]) -> Any:
+        fn_.prepare(grads)
+        captures.append(set(fn_.launch_flags()))
+        return fused_module._Captured(Graph(), list(grads), True, fused_module._launch_flags(fn_))
+
+    monkeypatch.setattr(fused, "_capture", capture)
+    monkeypatch.setattr(fused, "_cuda_graph", True)
+    for t, offset in enumerate([1, 0, 0, 1, 1], start=1):
+        fused(_offset_by(_grads(params, t), offset))
+    assert captures == [{False}, {True}, {False}]
+    assert replays == [{False}, {True}, {True}, {False}, {False}]
+
+
 def test_optimizer_fused_triton_follows_a_scheduler() -> None:
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
