@@ -166,7 +166,8 @@ def main() -> None:
                     block, warps, regs = engine_tile(fmt) if tile == "engine" else (
                         [int(x) for x in tile.split("x")] + [None])[:3]
                     row = {"pipeline": pipeline, "format": fmt, "kernel": Path(last).stem.split("__")[-1],
-                           "hoist_loads": args.hoist_loads, "aligned": not args.unaligned, "block": block, "warps": warps, "max_registers": regs,
+                           "hoist_loads": args.hoist_loads, "aligned": not args.unaligned, "block": block,
+                           "warps": warps, "max_registers": regs,
                            **compile_kernel(last, block, warps, args.arch, regs, not args.unaligned)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)

@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ RUNS = {**MNIST_OPTIMIZERS, "baseline_wd2": lambda: adamw(lr=1e-3, weight_decay=
 """The paper's two runs, and its baseline at the Grokfast run's weight decay."""
 
 
-def run(name: str, seed: int, args: argparse.Namespace) -> dict:
+def run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     model, data = mnist_setup(args.data_root, seed=seed)
     t0 = time.perf_counter()
     result = train(model, RUNS[name](), data, steps=args.steps, batch_size=200, loss_fn=mse_one_hot,

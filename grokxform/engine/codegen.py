@@ -351,7 +351,8 @@ class Emitter:
         mask = " & ".join(["msk", *self.guards])
         store = value.name if value.dtype in (torch.float32, torch.float64) else (
             f"cast_to({value.name}, {tl_name(value.dtype)})")
-        self.line(f"tl.store(pointer({table}, leaf, {tl_name(value.dtype)}, ALIGNED) + {offset}offs, {store}, mask={mask})")
+        at = f"pointer({table}, leaf, {tl_name(value.dtype)}, ALIGNED)"
+        self.line(f"tl.store({at} + {offset}offs, {store}, mask={mask})")
 
     # -- element programs -----------------------------------------------------------------------
 

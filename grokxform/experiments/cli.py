@@ -579,7 +579,8 @@ COMMANDS: tuple[Command, ...] = (
         "For every method x task: train the method's default grid (12 configurations) over --grid-seeds as one"
         " vmapped sweep, pick the best configuration (steps to the task's target validation accuracy; the"
         " language model: the validation loss at the budget), rerun it over --seeds, and write"
-        " FOLDER/<method>__<task>.json; pairs already there are skipped. Then FOLDER/summary.md and one figure per task, FOLDER/<task>.png.",
+        " FOLDER/<method>__<task>.json; pairs already there are skipped. Then FOLDER/summary.md and one"
+        " figure per task, FOLDER/<task>.png.",
         _register_compare,
         _run_compare,
     ),
