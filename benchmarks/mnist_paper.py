@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--summarize", action="store_true", help="only write OUT/summary.md from the JSON there")
     args = ap.parse_args()
     if args.summarize:
+        if not any(args.out.glob("*__seed*.json")):
+            ap.error(f"--summarize: no run JSON (<run>__seed<k>.json) in {args.out}")
         print(summarize(args.out), end="")
         return
     if args.data_root is None:
