@@ -263,6 +263,48 @@ def test_compare_small_end_to_end_and_resumable(tmp_path, capsys):
     assert TASKS["parity"].metric == "accuracy"
 
 
+def test_a_pair_stopped_in_its_rerun_resumes_without_training_its_grid_again(tmp_path, monkeypatch):
+    """The grid's outcome is kept beside the results until the pair is written; a run stopped
+    during the rerun trains only the rerun next time, a kept grid of other seeds is trained anew."""
+    import grokxform.experiments.compare as compare
+
+    real = compare.sweep
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["members"]))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # the call's time limit, say
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "sweep", counted)
+    out = tmp_path / "results"
+    argv = ["compare", "--methods", "lion", "--tasks", "parity", "--small", "--grid-seeds", "0",
+            "--out", str(out), "--device", "cpu", "--threads", "1"]
+    fail_at: int | None = 2  # the rerun
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    kept = out / "lion__parity.grid.json"
+    assert calls == [12, 5] and kept.is_file() and not (out / "lion__parity.json").exists()
+    grid = json.loads(kept.read_text())
+    fail_at = None
+    calls.clear()
+    assert cli.main(argv) == 0
+    assert calls == [5]  # the rerun alone
+    payload = json.loads((out / "lion__parity.json").read_text())
+    assert payload["grid_resumed"] is True and payload["grid_environment"]["device_name"].startswith("cpu")
+    assert payload["best"] == grid["best"] and payload["grid_table"] == grid["grid_table"]
+    assert not kept.exists() and not list(out.glob("*.tmp"))
+
+    (out / "lion__parity.json").unlink()  # a grid kept for other grid seeds stands for nothing
+    kept.write_text(json.dumps(grid))
+    calls.clear()
+    assert cli.main([*argv[:7], "0,1", *argv[8:]]) == 0
+    assert calls == [24, 5]
+    payload = json.loads((out / "lion__parity.json").read_text())
+    assert payload["grid_resumed"] is False and "grid_environment" not in payload and not kept.exists()
+
+
 @pytest.mark.slow
 def test_compare_small_runs_every_method_on_every_task(tmp_path):
     """What CI runs of the comparison: two steps of every stage, every method on every task (MNIST

@@ -14,7 +14,9 @@ For every method × task of the lists given, in two vmapped sweeps (:func:`~grok
 Each pair writes ``OUT/<method>__<task>.json`` (the environment, both sweeps' members and results,
 the chosen configuration, the rerun's steps and seconds to the target per seed, final validation
 accuracy and loss, the state's bytes per member and the curves); a pair whose file exists is
-skipped, so an interrupted run resumes where it stopped. Then ``OUT/summary.md`` tabulates every
+skipped, so an interrupted run resumes where it stopped. The grid's outcome is kept in
+``OUT/<method>__<task>.grid.json`` until its pair is written: a pair interrupted during its rerun
+resumes there, without training its grid again. Then ``OUT/summary.md`` tabulates every
 pair found in ``OUT`` and ``OUT/<task>.png`` draws each task's methods side by side.
 
 Example::
@@ -56,6 +58,11 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 def result_path(out: Path, method: str, task: str) -> Path:
     """Where the pair's JSON goes: ``out/<method>__<task>.json``."""
     return out / f"{method}__{task}.json"
+
+
+def grid_path(out: Path, method: str, task: str) -> Path:
+    """Where a pair's grid outcome waits for its rerun: ``out/<method>__<task>.grid.json``."""
+    return out / f"{method}__{task}.grid.json"
 
 
 def _config_key(member: dict[str, float]) -> tuple[tuple[str, float], ...]:
@@ -139,33 +146,66 @@ def thin_curves(result: dict[str, Any], points: int = CURVE_POINTS) -> dict[str,
     return out
 
 
+def _grid_key(method: str, task: str, steps: int, grid: dict[str, list[float]], grid_seeds: Sequence[int],
+              small: bool) -> dict[str, Any]:
+    """What a kept grid outcome must match to stand for the grid sweep a pair would train now."""
+    return {"method": method, "task": task, "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
+            "small": small}
+
+
+def _kept_grid(path: Path | None, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The grid outcome kept at ``path`` when it was trained for ``key``; otherwise ``None``."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and kept.get("key") == json.loads(json.dumps(key)) else None
+
+
 def compare_pair(method: str, task: str, *, steps: int, grid_seeds: Sequence[int], seeds: Sequence[int],
                  device: torch.device, data_root: str | None = None, compile: bool = False, small: bool = False,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 grid_file: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The two sweeps of one (method, task) pair; returns the payload of its JSON. ``small``:
-    batches of :data:`SMALL_BATCH` rows, :data:`SMALL_VAL_POINTS` validation rows."""
+    batches of :data:`SMALL_BATCH` rows, :data:`SMALL_VAL_POINTS` validation rows. ``grid_file``:
+    where the grid's outcome is kept once trained (written whole, or not at all), and read instead
+    of training the grid again when it holds the same grid of the same method, task, budget, seeds
+    and size; the payload then says so (``grid_resumed``, and the environment that trained it)."""
     t = get_task(task)
     grid = {k: list(v) for k, v in get_method(method).grid.items()}
-    log(f"[{method} / {task}] grid: {grid_size(method)} configurations x seeds {list(grid_seeds)}, {steps} steps")
     shrink: dict[str, Any] = {"batch_size": SMALL_BATCH, "val_points": SMALL_VAL_POINTS} if small else {}
     batch = SMALL_BATCH if small else t.batch_size
-    tried = grid_members(grid, grid_seeds)
-    first = sweep(method, {}, members=tried, steps=steps, task=task, device=device, data_root=data_root,
-                  compile=compile, stop_when=ranking_decided(tried), **shrink)
-    table = config_table(first)
-    best = best_config(table, t.metric)
-    log(f"[{method} / {task}] best {best['config']} (grid stopped at step {first.steps}):"
+    key = _grid_key(method, task, steps, grid, grid_seeds, small)
+    kept = _kept_grid(grid_file, key)
+    if kept is None:
+        log(f"[{method} / {task}] grid: {grid_size(method)} configurations x seeds {list(grid_seeds)}, {steps} steps")
+        tried = grid_members(grid, grid_seeds)
+        first = sweep(method, {}, members=tried, steps=steps, task=task, device=device, data_root=data_root,
+                      compile=compile, stop_when=ranking_decided(tried), **shrink)
+        table = config_table(first)
+        kept = {"key": key, "environment": environment(device), "grid_steps": first.steps, "grid_table": table,
+                "best": best_config(table, t.metric)["config"],
+                "grid_result": thin_curves({k: v for k, v in first.to_json().items() if k not in ("train_acc",)})}
+        if grid_file is not None:
+            _write_whole(grid_file, kept)
+        resumed = False
+    else:
+        log(f"[{method} / {task}] grid kept in {grid_file}")
+        resumed = True
+    best = kept["best"]
+    log(f"[{method} / {task}] best {best} (grid stopped at step {kept['grid_steps']}):"
         f" rerun over seeds {list(seeds)}")
-    members = [{**best["config"], "seed": int(s)} for s in seeds]
+    members = [{**best, "seed": int(s)} for s in seeds]
     final = sweep(method, {}, members=members, steps=steps, task=task, device=device, data_root=data_root,
                   compile=compile, **shrink)
     raw = final.to_json()
     return {
         "method": method, "task": task, "title": get_method(method).title, "task_title": t.title, "metric": t.metric,
         "target": t.target, **environment(device), "steps_budget": steps, "grid": grid, "grid_seeds": list(grid_seeds),
-        "seeds": list(seeds), "static": raw["static"], "grid_steps": first.steps, "grid_table": table,
-        "best": best["config"],
-        "grid_result": thin_curves({k: v for k, v in first.to_json().items() if k not in ("train_acc",)}),
+        "seeds": list(seeds), "static": raw["static"], "grid_steps": kept["grid_steps"],
+        "grid_table": kept["grid_table"], "best": best, "grid_result": kept["grid_result"],
+        "grid_resumed": resumed, **({"grid_environment": kept["environment"]} if resumed else {}),
         "steps_to_target": final.steps_to_target, "seconds_to_target": final.seconds_to_target,
         "summary": median_and_spread(final.steps_to_target),
         "final_val_acc": final.val_acc[-1], "final_val_loss": final.val_loss[-1],
@@ -255,15 +295,22 @@ def _run_pair(job: _PairJob, log: Callable[[str], None] | None = None) -> str:
     """One pair's sweeps, its JSON written (whole, or not at all); returns the closing log line
     (``log``: the progress lines; none from a worker process)."""
     t0 = time.perf_counter()
+    kept = grid_path(Path(job.out), job.method, job.task)
     payload = compare_pair(job.method, job.task, steps=job.steps, grid_seeds=job.grid_seeds, seeds=job.seeds,
                            device=torch.device(job.device), data_root=job.data_root, compile=job.compile,
-                           small=job.small, log=log or (lambda line: None))
+                           small=job.small, grid_file=kept, log=log or (lambda line: None))
     payload["jobs"], payload["compiled"] = job.jobs, job.compile
     path = result_path(Path(job.out), job.method, job.task)
+    _write_whole(path, payload)  # a file is there only when its pair is complete
+    kept.unlink(missing_ok=True)  # the pair's JSON holds the grid's outcome now
+    return f"[{job.method} / {job.task}] wrote {path} ({time.perf_counter() - t0:.1f} s)"
+
+
+def _write_whole(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as JSON at ``path``, through a temporary file: the file is whole or absent."""
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, separators=(",", ":")))
-    os.replace(tmp, path)  # a file is there only when its pair is complete
-    return f"[{job.method} / {job.task}] wrote {path} ({time.perf_counter() - t0:.1f} s)"
+    os.replace(tmp, path)
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
@@ -381,5 +428,5 @@ def report(out: Path) -> list[str]:
     return lines
 
 
-__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "load_results",
-           "ranking_decided", "report", "result_path", "run_compare", "summary_lines", "task_figure"]
+__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "grid_path",
+           "load_results", "ranking_decided", "report", "result_path", "run_compare", "summary_lines", "task_figure"]
