@@ -295,14 +295,14 @@ def _run_pair(job: _PairJob, log: Callable[[str], None] | None = None) -> str:
     """One pair's sweeps, its JSON written (whole, or not at all); returns the closing log line
     (``log``: the progress lines; none from a worker process)."""
     t0 = time.perf_counter()
-    kept = grid_path(Path(job.out), job.method, job.task)
+    grid_file = grid_path(Path(job.out), job.method, job.task)
     payload = compare_pair(job.method, job.task, steps=job.steps, grid_seeds=job.grid_seeds, seeds=job.seeds,
                            device=torch.device(job.device), data_root=job.data_root, compile=job.compile,
-                           small=job.small, grid_file=kept, log=log or (lambda line: None))
+                           small=job.small, grid_file=grid_file, log=log or (lambda line: None))
     payload["jobs"], payload["compiled"] = job.jobs, job.compile
     path = result_path(Path(job.out), job.method, job.task)
     _write_whole(path, payload)  # a file is there only when its pair is complete
-    kept.unlink(missing_ok=True)  # the pair's JSON holds the grid's outcome now
+    grid_file.unlink(missing_ok=True)  # the pair's JSON holds the grid's outcome now
     return f"[{job.method} / {job.task}] wrote {path} ({time.perf_counter() - t0:.1f} s)"
 
 
