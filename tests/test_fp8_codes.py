@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_codes.py"
 
 
 @pytest.fixture(scope="module")
-def script():  # type: ignore[no-untyped-def]
+def script() -> Iterator[ModuleType]:
     spec = importlib.util.spec_from_file_location("fp8_codes", PATH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -24,7 +26,7 @@ def script():  # type: ignore[no-untyped-def]
     del sys.modules["fp8_codes"]
 
 
-def test_e4m3_blocks_keep_three_significand_bits_and_decode_the_absmax_exactly(script) -> None:  # type: ignore[no-untyped-def]
+def test_e4m3_blocks_keep_three_significand_bits_and_decode_the_absmax_exactly(script: ModuleType) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * 256 + 17, generator=g) * torch.logspace(-3, 3, 3 * 256 + 17)
     y = script.fp8(x)
@@ -42,7 +44,7 @@ def test_e4m3_blocks_keep_three_significand_bits_and_decode_the_absmax_exactly(s
 
 
 @pytest.mark.parametrize("chain", ["adamw", "grokfast_ema"])
-def test_the_hand_written_int8_chain_is_the_packages(script, chain: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_hand_written_int8_chain_is_the_packages(script: ModuleType, chain: str) -> None:
     """Three steps of the script's int8 run against ``gx.compress_state(..., "int8")`` on the same
     chain, and its float32 run's first step against the float32 one: the script measures the
     package's codes, not an imitation of them."""
