@@ -1,5 +1,7 @@
-"""fp8 (e4m3 with a per-block scale) against the int8 codes of ``gx.compress_state``, per kind of
-state, on the x·y mod 97 task: does fp8 hold any state better than int8?
+"""fp8 (e4m3, per-block scales) against the int8 codes of compressed state on x·y mod 97.
+
+Does fp8 hold any kind of state (EMA μ, Adam's m and v, an MA slot's gradient) better than the
+int8 codes of ``gx.compress_state``?
 
     python benchmarks/fp8_codes.py [--steps 2000] [--out benchmarks/results/cpu_fp8_codes.json]
 

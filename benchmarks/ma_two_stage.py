@@ -1,13 +1,15 @@
-"""The Grokfast paper's Table 1 on x·y mod 97: Grokfast-MA (w 100, λ 5) without weight decay, from
-the first step (the paper: 2,940 iterations to 95% validation accuracy) and in two stages (its
-``main.py --two_stage``: the window fills from the first step but amplifies nothing for the first
-500 updates; the paper: 1,920). The paper's model, split, Adam β = (0.9, 0.98) and learning-rate
-warm-up (:func:`~grokxform.experiments.modular.paper_setup`, the reproduction's training loop);
-the second stage is a schedule of λ through ``gx.inject_hyperparams``: 0 for the first 500
-updates, then 5. Per run and seed the steps (evaluated every epoch of 10 steps) and seconds to
-95% in ``OUT/<run>__seed<k>.json``.
+"""The Grokfast paper's Table 1 Grokfast-MA runs on x·y mod 97, from the start and in two stages.
 
-    python benchmarks/ma_two_stage.py --seeds 0,1,2 --out benchmarks/results/ma_two_stage
+Grokfast-MA (w 100, λ 5) without weight decay, from the first step (the paper: 2,940 iterations to
+95% validation accuracy) and in two stages (its ``main.py --two_stage``: the window fills from the
+first step but amplifies nothing for the first 500 updates; the paper: 1,920). The paper's model,
+split, Adam β = (0.9, 0.98) and learning-rate warm-up
+(:func:`~grokxform.experiments.modular.paper_setup`, the reproduction's training loop); the second
+stage is a schedule of λ through ``gx.inject_hyperparams``: 0 for the first 500 updates, then 5. Per
+run and seed the steps (evaluated every epoch of 10 steps) and seconds to 95% in
+``OUT/<run>__seed<k>.json``.
+
+    python benchmarks/ma_two_stage.py --seeds 0,1,2,3,4 --out benchmarks/results/ma_two_stage
     python benchmarks/ma_two_stage.py --summarize --out benchmarks/results/ma_two_stage   # summary.md
 """
 
