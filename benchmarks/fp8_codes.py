@@ -45,7 +45,7 @@ import grokxform as gx
 from grokxform.experiments.methods import warmed_up
 from grokxform.experiments.modular import paper_setup
 from grokxform.experiments.sweep import environment
-from grokxform.transforms.compress import decode, encode
+from grokxform.transforms.compress import SCALE_FLOOR, _blocks, _unblock, decode, encode
 
 BLOCK = 256
 E4M3_MAX = 448.0
@@ -59,18 +59,12 @@ CHAINS = {  # name: (the filter's in it, weight decay, coupled (L2) or decoupled
 Codec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK
-    return F.pad(flat, (0, pad)).reshape(-1, BLOCK)
-
-
 def fp8(x: torch.Tensor) -> torch.Tensor:
-    """e4m3 with one scale per block of :data:`BLOCK`, coded and decoded."""
-    b = _blocks(x)
-    scale = (b.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(2.0**-120)
+    """e4m3 with one scale per block of :data:`BLOCK` (the int8 code's blocks), coded and decoded."""
+    b = _blocks(x, BLOCK)
+    scale = (b.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(SCALE_FLOOR)
     coded = (b / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # e4m3fn has no infinity
-    return (coded.to(torch.float32) * scale).reshape(-1)[: x.numel()].reshape(x.shape)
+    return _unblock(coded.to(torch.float32) * scale, x)
 
 
 def fp8_root(x: torch.Tensor) -> torch.Tensor:

@@ -3,27 +3,17 @@ code is what it says, and its hand-written chains are the package's."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_codes.py"
+from scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def script() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("fp8_codes", PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fp8_codes"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["fp8_codes"]
+    yield from benchmark_script("fp8_codes")
 
 
 def test_e4m3_blocks_keep_three_significand_bits_and_decode_the_absmax_exactly(script: ModuleType) -> None:

@@ -3,29 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 import grokxform as gx
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ma_two_stage.py"
+from scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def script() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("ma_two_stage", PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ma_two_stage"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["ma_two_stage"]
+    yield from benchmark_script("ma_two_stage")
 
 
 def test_the_first_stage_is_adam_and_the_second_amplifies_the_full_window(script: ModuleType,
