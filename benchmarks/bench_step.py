@@ -775,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         parts += [0, 1][len(parts) - 2:]
         tiles.append((parts[0], parts[1], parts[2] or None, parts[3]))
     default_tile = engine_step.INT8_TILE
+    default_window_tile = engine_step.INT8_WINDOW_TILE
     engine_step.HOIST_LOADS = args.hoist_loads
     engine_step.VECTOR_ACCESS = not args.no_vector_access
     if args.threads:
@@ -810,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_block": engine_step.BLOCK,
         "kernel_warps": engine_step.NUM_WARPS,
         "int8_tile": default_tile,
+        "int8_window_tile": default_window_tile,
         "hoist_loads": args.hoist_loads,
         "vector_access": not args.no_vector_access,
         "threads": torch.get_num_threads(),
@@ -851,8 +853,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s} {d} {r['row']}: {r['ms']:.3f} ms (interleaved)", flush=True)
                 save()
                 continue
-            for name, tile in ((n, t) for n in chosen for t in (tiles if tiles and "int8" in n else [default_tile])):
-                engine_step.INT8_TILE = tile
+            for name, tile in ((n, t) for n in chosen for t in (tiles if tiles and "int8" in n else [None])):
+                # a row of the sweep runs every int8 pass on its tile; the others, on the defaults
+                engine_step.INT8_TILE = tile if tile is not None else default_tile
+                engine_step.INT8_WINDOW_TILE = tile if tile is not None else default_window_tile
                 base = {"set": s, "dtype": d, "params": n_params, "tensors": len(shapes)}
                 if tiles and "int8" in name:
                     base["int8_tile"] = tile

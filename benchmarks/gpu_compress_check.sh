@@ -3,8 +3,8 @@
 # archive, results.tgz, of every JSON written: a machine returns only a few files). In order:
 # the CUDA tests of compressed state; the default gx.Optimizer step with state_format="int8"/"bf16"
 # on GPT-2 beside float32 rows and torchao's and bitsandbytes' AdamW8bit (wheels in .wheels/, if
-# present), the int8 rows once per tile of TILES, then again with the element loads hoisted
-# (--hoist-loads); the kernels' registers and spills (part
+# present), the int8 rows on the engine's tiles or, given TILES, once per tile of TILES, then again
+# with the element loads hoisted (--hoist-loads); the kernels' registers and spills (part
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
 # PARTS (default "tests speed quality") picks among them; TESTS (default the two compressed-state
@@ -22,16 +22,18 @@ PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
 fi
 if [[ $parts == *" speed "* ]]; then
-# the int8 rows once per tile of the passes that write codes (INT8_TILE: elements x warps [x registers [x items]])
+# TILES: the int8 rows once per tile of the passes that write codes (elements x warps [x registers [x items]])
+tiles=()
+[ -n "${TILES:-}" ] && tiles=(--int8-tiles "$TILES")
 PYTHONPATH="$PWD" timeout 330 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim,gx-*-bf16-optim,torchao-adamw8bit,bnb-adamw8bit' \
-  --int8-tiles "${TILES:-256x1x80x1,256x1x80x2,256x1x80x4,256x1x80x8,1024x4}" \
+  "${tiles[@]}" \
   --out "$OUT/json/compress_gpt2.json" > "$OUT/compress_gpt2.txt" 2>&1
 tail -30 "$OUT/compress_gpt2.txt"
 if [ "${HOIST:-1}" != 0 ]; then  # the same float32 and int8 rows with the element loads first (HOIST_LOADS)
 PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
   --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-grokfast_ma-optim,gx-*-int8-optim' --hoist-loads \
-  --int8-tiles "${TILES:-256x1x80x1,256x1x80x2,256x1x80x4,256x1x80x8,1024x4}" \
+  "${tiles[@]}" \
   --out "$OUT/json/compress_gpt2_hoisted.json" > "$OUT/compress_gpt2_hoisted.txt" 2>&1
 tail -16 "$OUT/compress_gpt2_hoisted.txt"
 fi

@@ -133,12 +133,14 @@ def compile_kernel(path: str, block: int, warps: int, arch: int, regs: int | Non
             "barriers": kinds.get("BAR", 0), "shuffles": kinds.get("SHFL", 0)}
 
 
-def engine_tile(fmt: str) -> tuple[int, int, int | None]:
-    """The tile the engine gives the last pass of a chain with state ``fmt`` (int8: its own)."""
+def engine_tile(fmt: str, pipeline: str) -> tuple[int, int, int | None]:
+    """The tile the engine gives the last pass of ``pipeline`` with state ``fmt`` (int8: its own,
+    the window's for an MA window)."""
     from grokxform.engine import step as engine_step
 
-    if fmt == "int8" and engine_step.INT8_TILE is not None:
-        return engine_step.INT8_TILE[:3]
+    tile = engine_step.INT8_WINDOW_TILE if pipeline.endswith("_ma") else engine_step.INT8_TILE
+    if fmt == "int8" and tile is not None:
+        return tile[:3]
     return engine_step.BLOCK, engine_step.NUM_WARPS, None
 
 
@@ -163,7 +165,7 @@ def main() -> None:
                 sources = capture(pipeline, fmt, folder, args.hoist_loads)
                 last = max(sources)  # step_passN with the largest N writes the state
                 for tile in args.tiles.split(","):
-                    block, warps, regs = engine_tile(fmt) if tile == "engine" else (
+                    block, warps, regs = engine_tile(fmt, pipeline) if tile == "engine" else (
                         [int(x) for x in tile.split("x")] + [None])[:3]
                     row = {"pipeline": pipeline, "format": fmt, "kernel": Path(last).stem.split("__")[-1],
                            "hoist_loads": args.hoist_loads, "aligned": not args.unaligned, "block": block,

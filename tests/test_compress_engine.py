@@ -131,19 +131,42 @@ def _tiles_used(monkeypatch: pytest.MonkeyPatch) -> set[tuple[int, int, int | No
 @pytest.mark.parametrize("tile", [(256, 1, None, 1), (512, 2, 64, 1), (64, 1, None, 1), (64, 1, 80, 4), (128, 1, None, 3)])
 def test_int8_tile_keeps_the_codes(tile: tuple[int, int, int | None, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """The passes that write int8 codes on their own tile (``INT8_TILE``: elements, warps,
-    registers, items a program takes in turn) store the eager codes; a step mixing them with
-    float32 leaves (``"b"``) and an MA window too."""
+    registers, items a program takes in turn; ``INT8_WINDOW_TILE`` where the pass holds an MA
+    window) store the eager codes; a step mixing them with float32 leaves (``"b"``) and an MA
+    window too."""
     pytest.importorskip("triton")
     from grokxform.engine import step as engine_step
 
     monkeypatch.setattr(engine_step, "INT8_TILE", tile)
+    monkeypatch.setattr(engine_step, "INT8_WINDOW_TILE", tile)
     tiles = _tiles_used(monkeypatch)
     steps = 20 if DEVICE == "cuda" else 6
     tx = gx.compress_state(_chain("user"), "int8", min_size=64, block_size=64)
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
     assert tiles == {tile, (engine_step.BLOCK, engine_step.NUM_WARPS, None, 1)}
+    tiles.clear()
     tx = _ma("int8")
     _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
+    assert tile in tiles
+
+
+def test_a_pass_holding_an_ma_window_takes_the_window_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int8 passes over an MA window run on ``INT8_WINDOW_TILE``, the others on ``INT8_TILE``
+    (the defaults: 256 and 512 elements a warp), each storing the eager codes."""
+    pytest.importorskip("triton")
+    from grokxform.engine import step as engine_step
+
+    plain, windowed = (512, 1, 80, 1), (256, 1, 80, 1)
+    assert (engine_step.INT8_TILE, engine_step.INT8_WINDOW_TILE) == (plain, windowed)
+    monkeypatch.setattr(engine_step, "INT8_WINDOW_TILE", (128, 1, None, 1))  # (a tile of its own)
+    tiles = _tiles_used(monkeypatch)
+    tx = _ma("int8")
+    _check(_engine(tx, MA_STEPS, "triton"), _eager(tx, MA_STEPS))
+    assert (128, 1, None, 1) in tiles and plain not in tiles
+    tiles.clear()
+    tx = gx.compress_state(gx.adamw(1e-2, weight_decay=0.1), "int8", min_size=64, block_size=64)
+    _check(_engine(tx, 6, "triton"), _eager(tx, 6))
+    assert tiles == {plain, (engine_step.BLOCK, engine_step.NUM_WARPS, None, 1)}  # (and the float32 leaves')
 
 
 def test_int8_blocks_larger_than_the_int8_tile_take_the_other_tile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,6 +176,7 @@ def test_int8_blocks_larger_than_the_int8_tile_take_the_other_tile(monkeypatch: 
     from grokxform.engine import step as engine_step
 
     monkeypatch.setattr(engine_step, "INT8_TILE", (256, 1, 80, 1))
+    monkeypatch.setattr(engine_step, "INT8_WINDOW_TILE", (256, 1, 80, 1))
     tiles = _tiles_used(monkeypatch)
     tx = gx.compress_state(gx.adamw(1e-2, weight_decay=0.1), "int8", min_size=64, block_size=512)
     steps = 6
