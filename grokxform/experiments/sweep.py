@@ -331,25 +331,30 @@ def sweep(
 
     grad_fn = grad_and_value(loss_and_logits, has_aux=True)
 
-    # The state crosses vmap as its list of leaves: vmap's own walks of a deep tree (an MA
-    # window: w trees of compressed tensors) cost more per step than the members' arithmetic.
-    state, s_spec = _tree.flatten(state)
+    # The state crosses vmap as the list of its tensors (its None leaves, a partition's leaves of
+    # another label, stay outside): vmap's own walks of a deep tree (an MA window: w trees of
+    # compressed tensors), or of a per-leaf in_dims list, cost more per step than the members'
+    # arithmetic.
+    leaves, s_spec = _tree.flatten(state)
+    present = [i for i, x in enumerate(leaves) if x is not None]
+    state = [leaves[i] for i in present]
 
     def member_step(p: dict, s: list[Any], x: torch.Tensor, y: torch.Tensor, val_loss: torch.Tensor | None):
         grads, (loss, logits) = grad_fn(p, x, y)
         extra = {"train_loss": loss.detach()}
         if val_loss is not None:
             extra["val_loss"] = val_loss
-        u, new = tx.update(grads, _tree.unflatten(s, s_spec), p, **extra)
+        whole: list[Any] = [None] * len(leaves)
+        for i, t in zip(present, s):
+            whole[i] = t
+        u, new = tx.update(grads, _tree.unflatten(whole, s_spec), p, **extra)
         correct = (logits.argmax(-1) == y).sum()
-        return apply_updates(p, u), _tree.flatten(new)[0], correct
+        flat = _tree.flatten(new)[0]
+        return apply_updates(p, u), [flat[i] for i in present], correct
 
     uses_losses = method == "grokadamw"  # the only method here that reads val_loss (one graph less)
-    # a None leaf of the state (a partition's leaves of another label) is not batched
-    s_dims = [None if x is None else 0 for x in state]
-    step_first = torch.func.vmap(lambda p, s, x, y: member_step(p, s, x, y, None), in_dims=(0, s_dims, 0, 0),
-                                 out_dims=(0, s_dims, 0))
-    step_later = torch.func.vmap(member_step, in_dims=(0, s_dims, 0, 0, 0), out_dims=(0, s_dims, 0))
+    step_first = torch.func.vmap(lambda p, s, x, y: member_step(p, s, x, y, None))
+    step_later = torch.func.vmap(member_step)
     if compile:
         step_first, step_later = _compiled(step_first), _compiled(step_later)
 

@@ -458,6 +458,7 @@ def compress_state(
         MultiSteps (which select between states), in a traced graph (the host cannot read the
         counts), and under ``torch.vmap`` where the members' counts differ."""
         lazy: dict[int, torch.Tensor] = {}
+        zero: dict[torch.device, torch.Tensor] = {}  # (one 0-d zero a device: a view of it per slot)
         for m, st, _, guarded in _members(decl, inner):
             wf = m.window
             if wf is None or guarded or m.count is None:
@@ -481,7 +482,9 @@ def compress_state(
                         like = p.value
                     else:
                         continue
-                    lazy[id(p)] = torch.zeros((), dtype=torch.float32, device=like.device).expand(like.shape)
+                    if like.device not in zero:
+                        zero[like.device] = torch.zeros((), dtype=torch.float32, device=like.device)
+                    lazy[id(p)] = zero[like.device].expand(like.shape)
         return lazy
 
     update.__qualname__ = update.__name__ = "compress_state.update"
