@@ -402,14 +402,15 @@ class EngineStep:
             for t in (part for v in columns for x in v if P.is_packed(x) for part in x):
                 if t.device != dev or not t.is_contiguous():
                     raise P.Unsupported(f"{m.where}: a compressed state tensor is not contiguous on {dev}")
-        tile = min(t[0] for t in self.int8_tiles.values())
         for node in plan.nodes:
-            if isinstance(node, P.Pack) and node.decl.fmt == "int8" and self.backend != "foreach" and (
-                    any(t[0] % node.decl.block_size for t in self.int8_tiles.values())):
-                raise P.Unsupported(
-                    f"{node.where}: int8 blocks of {node.decl.block_size} elements do not divide the kernels' tile"
-                    f" of {tile} (a quantization block must lie in one tile, whose absmax it reduces):"
-                    " block_size must divide it (a power of two up to it)")
+            if not (isinstance(node, P.Pack) and node.decl.fmt == "int8" and self.backend != "foreach"):
+                continue
+            for tile, *_ in self.int8_tiles.values():
+                if tile % node.decl.block_size:
+                    raise P.Unsupported(
+                        f"{node.where}: int8 blocks of {node.decl.block_size} elements do not divide the kernels'"
+                        f" tile of {tile} (a quantization block must lie in one tile, whose absmax it reduces):"
+                        " block_size must divide it (a power of two up to it)")
         for t in _tree.flatten(state)[0]:
             if isinstance(t, torch.Tensor) and t.device != dev:
                 raise P.Unsupported(f"a state tensor is on {t.device}, the params on {dev}")
