@@ -7,12 +7,14 @@ its step budget (2 seeds).
 Each (task, method, format) is one vmapped sweep over its seeds (``grokxform.experiments.sweep``
 with ``state_format=``), written to ``OUT/<task>__<method>__<format>.json``; a file that exists is
 skipped, so an interrupted run resumes. Sweeps run in ``--jobs`` processes side by side (one GPU
-holds several of these small models). Then ``OUT/summary.json`` and ``OUT/summary.md`` put each
-compressed format beside float32.
+holds several of these small models). ``--block-size N`` (other than the default 256) runs the int8
+format with blocks of N as the format ``int8_bN``. Then ``OUT/summary.json`` and ``OUT/summary.md``
+put each compressed format beside float32.
 
 Usage:
     python benchmarks/compressed_quality.py --device cuda --out benchmarks/results/compress_quality --jobs 8
     python benchmarks/compressed_quality.py --summarize --out benchmarks/results/compress_quality
+    python benchmarks/compressed_quality.py --device cpu --tasks lm --methods grokfast_ma --block-size 128 --out OUT
 """
 
 from __future__ import annotations
@@ -49,8 +51,30 @@ def job_path(out: Path, task: str, method: str, fmt: str) -> Path:
     return out / f"{task}__{method}__{fmt}.json"
 
 
+def format_label(fmt: str, block_size: int) -> str:
+    """The name of ``fmt`` at ``block_size`` in file names and tables: ``int8_b128`` for int8
+    blocks other than the default 256, else ``fmt``."""
+    return f"{fmt}_b{block_size}" if fmt == "int8" and block_size != 256 else fmt
+
+
+def parse_label(label: str) -> tuple[str, int]:
+    """The format and the block size that :func:`format_label` named ``label``."""
+    fmt, _, block = label.partition("_b")
+    return (fmt, int(block)) if fmt == "int8" and block else (label, 256)
+
+
+def labels_in(out: Path, task: str, method: str) -> list[str]:
+    """The formats with a result in ``out`` for ``task`` and ``method``: float32 and the formats
+    in :data:`FORMATS` order, then any other int8 block sizes, smallest block last."""
+    prefix = f"{task}__{method}__"
+    found = {p.name[len(prefix):-len(".json")] for p in out.glob(f"{prefix}*.json")}
+    extra = sorted((f for f in found if f not in FORMATS), key=lambda f: -parse_label(f)[1])
+    return [f for f in FORMATS if f in found] + extra
+
+
 def run_job(job: tuple[str, str, str, str, str, int | None]) -> str:
-    task, method, fmt, device, out, cap = job
+    task, method, label, device, out, cap = job
+    fmt, block_size = parse_label(label)
     import torch
 
     from grokxform.experiments.sweep import environment, sweep
@@ -61,9 +85,9 @@ def run_job(job: tuple[str, str, str, str, str, int | None]) -> str:
     config = METHODS[method]
     t0 = time.perf_counter()
     res = sweep(method, {k: [v] for k, v in config.items()}, seeds=seeds, steps=steps, task=task, device=device,
-                state_format=None if fmt == "float32" else fmt)
-    payload = {**environment(torch.device(device)), **res.to_json(), "config": config, "format": fmt}
-    path = job_path(Path(out), task, method, fmt)
+                state_format=None if fmt == "float32" else fmt, state_block_size=block_size)
+    payload = {**environment(torch.device(device)), **res.to_json(), "config": config, "format": label}
+    path = job_path(Path(out), task, method, label)
     path.write_text(json.dumps(payload))
     return f"{path.name}: {res.steps} steps, {time.perf_counter() - t0:.0f} s, to 95%: {res.steps_to_target}"
 
@@ -80,8 +104,7 @@ def summarize(out: Path) -> dict[str, Any]:
              "|---|---|---|---:|---:|---|---|"]
     for task in TASKS:
         for method in METHODS:
-            runs = {f: json.loads(job_path(out, task, method, f).read_text())
-                    for f in FORMATS if job_path(out, task, method, f).exists()}
+            runs = {f: json.loads(job_path(out, task, method, f).read_text()) for f in labels_in(out, task, method)}
             if "float32" not in runs:
                 continue
             base = runs["float32"]
@@ -123,6 +146,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of " + ", ".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     ap.add_argument("--steps", type=int, default=None, help="cap every budget (a smoke test)")
+    ap.add_argument("--block-size", type=int, default=256,
+                    help="the int8 format's block size (default 256; another runs only float32 and int8_bN)")
     ap.add_argument("--summarize", action="store_true", help="only write the summary of what OUT holds")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +159,11 @@ def main() -> None:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        if args.block_size < 1:
+            ap.error(f"--block-size must be >= 1, got {args.block_size}")
+        labels = FORMATS if args.block_size == 256 else ("float32", format_label("int8", args.block_size))
         # by task (x·y, the one with 10 seeds, first), the MA window's first within a task
-        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in FORMATS
+        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in labels
                        if not job_path(args.out, t, m, f).exists()),
                       key=lambda j: (list(TASKS).index(j[0]), j[1] != "grokfast_ma"))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # (a time limit: the pool's workers end too)

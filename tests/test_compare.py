@@ -4,6 +4,7 @@ cells, and ``grokxform compare --small`` end to end."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -28,7 +29,8 @@ VAL_POINTS = 32
 
 
 def _alone(method: str, task: str, member: dict[str, float], steps: int, batch_size: int,
-           static: dict[str, Any] | None = None, state_format: str | None = None) -> dict[str, torch.Tensor]:
+           static: dict[str, Any] | None = None, state_format: str | None = None,
+           block_size: int = 256) -> dict[str, torch.Tensor]:
     t = get_task(task)
     setup = t.setup(int(member["seed"]), None)
     data = setup.data._replace(val_inputs=setup.data.val_inputs[:VAL_POINTS],
@@ -36,7 +38,7 @@ def _alone(method: str, task: str, member: dict[str, float], steps: int, batch_s
     tx = build(method, {k: v for k, v in member.items() if k != "seed"}, warmup_steps=t.warmup_steps,
                matrices=t.matrices, static=static)
     if state_format is not None:
-        tx = compress_state(tx, state_format)
+        tx = compress_state(tx, state_format, block_size=block_size)
     return train(setup.model, tx, data, steps=steps, batch_size=batch_size, generator=setup.generator,
                  loss_fn=method_loss(task, method)).params
 
@@ -86,6 +88,27 @@ def test_a_compressed_member_equals_training_it_alone(fmt):
     assert res.state_bytes < full.state_bytes * (0.5 if fmt == "int8" else 0.7)  # (small leaves stay float32)
     with pytest.raises(ValueError, match="state_format"):
         sweep("grokfast_ma", {}, members=members, steps=1, task="parity", static=static, state_format="fp8")
+
+
+def test_a_sweep_codes_int8_state_in_blocks_of_its_state_block_size():
+    """``state_block_size``: every member's int8 state in blocks of that size (one scale each), as
+    ``compress_state(..., block_size=)`` keeps one run's; recorded in the result."""
+    members = [{"lr": 1e-3, "lamb": 5.0, "seed": 0}, {"lr": 3e-3, "lamb": 2.0, "seed": 1}]
+    static = {"window_size": 3}
+    run = functools.partial(sweep, "grokfast_ma", {}, members=members, task="parity", batch_size=32,
+                            static=static, val_points=VAL_POINTS, state_format="int8")
+    res, default = run(steps=4, state_block_size=64), run(steps=1)
+    alone = _alone("grokfast_ma", "parity", members[1], 4, 32, static, state_format="int8", block_size=64)
+    for name, p in alone.items():
+        torch.testing.assert_close(res.params[name][1], p, rtol=1e-5, atol=1e-6, msg=name)
+    other = _alone("grokfast_ma", "parity", members[1], 4, 32, static, state_format="int8")
+    assert any(not torch.equal(p, other[name]) for name, p in alone.items())  # the block size matters
+    assert res.to_json()["state_block_size"] == 64 and default.state_block_size == 256
+    assert res.state_bytes > default.state_bytes  # four scale bytes per 64 elements, not per 256
+    assert sweep("grokfast_ma", {}, members=members[:1], steps=1, task="parity", batch_size=32, static=static,
+                 val_points=VAL_POINTS).state_block_size is None
+    with pytest.raises(ValueError, match="state_block_size"):
+        run(steps=1, state_block_size=0)
 
 
 def test_muon_on_the_decoders_blocks_vmapped_equals_alone():

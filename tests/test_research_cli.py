@@ -95,6 +95,7 @@ def test_sweep_rejects_bad_seeds_with_an_argparse_error(seeds, capsys):
     (["reproduce", "--phases", "paper"], "the following arguments are required: --out"),
     (["sweep", "--task", "mnist", "--steps", "1"], "argument --data-root: the mnist task needs the folder"),
     (["sweep", "lion", "--alpha", "0.9"], "argument --alpha: the method lion has no hyperparameter alpha"),
+    (["sweep", "--state-format", "int8", "--state-block-size", "0"], "argument --state-block-size: must be an int >= 1"),
     (["compare", "--methods", "sgd", "--out", "o"], "argument --methods: unknown method 'sgd'"),
     (["compare", "--tasks", "mnist", "--out", "o"], "argument --data-root: the mnist task needs the folder"),
     (["compare", "--seeds", "0,1", "--out", "o"], "argument --seeds: the best configuration is rerun over 5 seeds"),

@@ -363,7 +363,9 @@ def _register_sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
     parser.add_argument("--state-format", default=None, choices=list(FORMATS),
                         help="keep the optimizer state compressed (gx.compress_state): bf16 (3 bytes an element),"
-                             " bf16_sr (2) or int8 (1, with a scale per 256); default: float32")
+                             " bf16_sr (2) or int8 (1, with a scale per block); default: float32")
+    parser.add_argument("--state-block-size", type=int, default=256, metavar="N",
+                        help="elements per scale of --state-format int8 (default 256)")
     _add_threads(parser)
     _add_progress_bar(parser)
 
@@ -390,6 +392,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
         grid = {k: list(v) for k, v in get_method(args.method).grid.items()}
     if args.task == "mnist" and args.data_root is None:
         raise CommandError("argument --data-root: the mnist task needs the folder of the MNIST files")
+    if args.state_block_size < 1:
+        raise CommandError(f"argument --state-block-size: must be an int >= 1, got {args.state_block_size}")
     try:
         check_sweep(args.method, grid, args.seeds, steps=args.steps, task=args.task, static=static)
     except ValueError as err:
@@ -397,7 +401,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     with _cpu_threads(args.device, args.threads):
         run_sweep(args.method, grid, seeds=args.seeds, steps=args.steps, device=args.device, out=args.out,
                   task=args.task, static=static, compile=args.compile, progress_bar=not args.no_progress_bar,
-                  data_root=args.data_root, state_format=args.state_format)
+                  data_root=args.data_root, state_format=args.state_format,
+                  state_block_size=args.state_block_size)
 
 
 # --------------------------------------------------------------------------- compare

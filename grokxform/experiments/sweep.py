@@ -44,6 +44,7 @@ import torch
 from torch.func import functional_call, grad_and_value
 
 from grokxform import tree as _tree
+from grokxform._common import check_int
 from grokxform.base import apply_updates
 from grokxform.experiments.methods import STATIC_ARGS, fixed_arguments, fixed_call_args, get_method, knobs
 from grokxform.experiments.modular import steps_per_epoch
@@ -83,6 +84,8 @@ class SweepResult:
     target: float = 0.95
     state_format: str | None = None
     """The optimizer state's storage format (``None``: the method's own)."""
+    state_block_size: int | None = None
+    """The ``"int8"`` format's block size (``None`` without a ``state_format``)."""
 
     @property
     def member_steps_per_second(self) -> float:
@@ -126,6 +129,7 @@ class SweepResult:
             "first_epoch_seconds": self.first_epoch_seconds,
             "state_bytes": self.state_bytes,
             "state_format": self.state_format,
+            "state_block_size": self.state_block_size,
             "eval_steps": self.eval_steps,
             "val_acc": self.val_acc,
             "val_loss": self.val_loss,
@@ -133,15 +137,17 @@ class SweepResult:
         }
 
 
-def compressed(factory: Callable[..., Any], fmt: str) -> Callable[..., Any]:
-    """``factory`` whose transform keeps its state in ``fmt`` (:func:`~grokxform.compress_state`),
-    with ``factory``'s signature and static markings (what :func:`~grokxform.inject_hyperparams` reads)."""
+def compressed(factory: Callable[..., Any], fmt: str, block_size: int = 256) -> Callable[..., Any]:
+    """``factory`` whose transform keeps its state in ``fmt`` (:func:`~grokxform.compress_state`,
+    with ``block_size``), with ``factory``'s signature and static markings (what
+    :func:`~grokxform.inject_hyperparams` reads)."""
     if fmt not in FORMATS:
         raise ValueError(f"sweep: state_format must be None or one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
+    block_size = check_int("sweep", "state_block_size", block_size, low=1)
 
     @functools.wraps(factory)
     def make(*args: Any, **kwargs: Any) -> Any:
-        return compress_state(factory(*args, **kwargs), fmt)
+        return compress_state(factory(*args, **kwargs), fmt, block_size=block_size)
 
     return make
 
@@ -262,6 +268,7 @@ def sweep(
     data_root: str | Path | None = None,
     val_points: int | None = None,
     state_format: str | None = None,
+    state_block_size: int = 256,
 ) -> SweepResult:
     """Train every member of ``grid`` × ``seeds`` (or the explicit ``members``) at once.
 
@@ -283,7 +290,8 @@ def sweep(
     the target are reported as not reached by ``result.steps``). ``static`` fixes arguments of
     :data:`~grokxform.experiments.methods.STATIC_ARGS` for every member (``{"gamma": 0.0}``).
     ``state_format`` (``"bf16"``, ``"bf16_sr"`` or ``"int8"``) keeps every member's optimizer state
-    compressed (:func:`~grokxform.compress_state` with its defaults); ``None``: as the method keeps it.
+    compressed (:func:`~grokxform.compress_state` with ``block_size=state_block_size``, default
+    256); ``None``: as the method keeps it.
     """
     member_list = check_sweep(method, grid, seeds, members=members, steps=steps, task=task, static=static)
     t = get_task(task)
@@ -295,7 +303,7 @@ def sweep(
             raise ValueError(f"sweep: {name} must be an int >= 1, got {value!r}")
     factory = get_method(method).factory
     if state_format is not None:
-        factory = compressed(factory, state_format)
+        factory = compressed(factory, state_format, state_block_size)
     fixed = fixed_call_args(method, t.warmup_steps, t.matrices, static)
     hyper_names = [k for k in member_list[0] if k != "seed"]
     device = torch.device(device)
@@ -365,7 +373,8 @@ def sweep(
     evaluate = torch.func.vmap(member_eval)
 
     result = SweepResult(method, member_list, [None] * n_members, [None] * n_members, 0, 0.0, device=str(device),
-                         task=task, static=fixed, target=target_accuracy, state_format=state_format)
+                         task=task, static=fixed, target=target_accuracy, state_format=state_format,
+                         state_block_size=None if state_format is None else state_block_size)
     result.state_bytes = state_bytes(factory(**first, **fixed).init(members_params[0]))
     per_epoch = steps_per_epoch(n, batch_size)
     rows = torch.arange(n_members, device=device)[:, None]
@@ -593,7 +602,8 @@ class _SweepProgress:
 def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequence[int], steps: int,
               device: torch.device, out: Path, task: str = "mul", static: Mapping[str, Any] | None = None,
               compile: bool = False, progress_bar: bool = True, target_accuracy: float | None = None,
-              data_root: str | Path | None = None, state_format: str | None = None) -> SweepResult:
+              data_root: str | Path | None = None, state_format: str | None = None,
+              state_block_size: int = 256) -> SweepResult:
     """:func:`sweep` with a progress bar on stderr (lines without ``progress_bar`` or tqdm); prints
     the members' table and throughput, writes ``<out>.json`` (the result with the device, torch's
     and Python's versions, the date and the git commit: :func:`environment`) and, with two swept
@@ -606,12 +616,13 @@ def run_sweep(method: str, grid: Mapping[str, Sequence[float]], *, seeds: Sequen
     print(f"grokxform sweep: {method} on {t.title}, {n} members"
           f" ({' x '.join(f'{k} {v}' for k, v in grid.items())} x seeds {list(seeds)}) as one vmapped program on"
           f" {device} ({torch.get_num_threads()} CPU thread(s)), budget {steps} steps"
-          + ("" if state_format is None else f", state in {state_format}"), flush=True)
+          + ("" if state_format is None else f", state in {state_format}")
+          + ("" if state_format != "int8" else f" (blocks of {state_block_size})"), flush=True)
     bar = _SweepProgress(steps, sys.stderr, use_tqdm=progress_bar, target=target_accuracy)
     try:
         result = sweep(method, grid, seeds=seeds, steps=steps, device=device, task=task, static=static,
                        compile=compile, on_eval=bar.update, target_accuracy=target_accuracy, data_root=data_root,
-                       state_format=state_format)
+                       state_format=state_format, state_block_size=state_block_size)
     finally:
         bar.close()
     print(result.table())
