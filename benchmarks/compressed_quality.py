@@ -51,14 +51,9 @@ def job_path(out: Path, task: str, method: str, fmt: str) -> Path:
     return out / f"{task}__{method}__{fmt}.json"
 
 
-def format_label(fmt: str, block_size: int) -> str:
-    """The name of ``fmt`` at ``block_size`` in file names and tables: ``int8_b128`` for int8
-    blocks other than the default 256, else ``fmt``."""
-    return f"{fmt}_b{block_size}" if fmt == "int8" and block_size != 256 else fmt
-
-
 def parse_label(label: str) -> tuple[str, int]:
-    """The format and the block size that :func:`format_label` named ``label``."""
+    """The format and the block size a label of a file or table names: ``int8_bN`` (``--block-size
+    N``) is int8 in blocks of N; any other label is its format at the default 256."""
     fmt, _, block = label.partition("_b")
     return (fmt, int(block)) if fmt == "int8" and block else (label, 256)
 
@@ -161,7 +156,7 @@ def main() -> None:
             ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         if args.block_size < 1:
             ap.error(f"--block-size must be >= 1, got {args.block_size}")
-        labels = FORMATS if args.block_size == 256 else ("float32", format_label("int8", args.block_size))
+        labels = FORMATS if args.block_size == 256 else ("float32", f"int8_b{args.block_size}")
         # by task (x·y, the one with 10 seeds, first), the MA window's first within a task
         jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in labels
                        if not job_path(args.out, t, m, f).exists()),
