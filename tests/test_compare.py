@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,30 @@ def test_compare_a_failing_pair_does_not_stop_the_others(tmp_path, monkeypatch, 
     assert "| Lion |" in (out / "summary.md").read_text()
     err = capsys.readouterr().err
     assert "1 pair(s) failed" in err and "adam / parity: FloatingPointError: diverged" in err
+
+
+class _Unpicklable(RuntimeError):
+    """An exception that holds a closure, as a compiler's may."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.hook = lambda: message
+
+
+def test_a_worker_failure_reaches_the_parent_whatever_the_exception_holds(tmp_path, monkeypatch):
+    """A pair that fails in a worker process raises a picklable ``PairError`` naming the original
+    exception and its traceback, even when that exception holds a closure (which cannot cross)."""
+    import grokxform.experiments.compare as compare
+
+    def failing(method: str, task: str, **kwargs: Any) -> dict[str, Any]:
+        raise _Unpicklable("compile failed")
+
+    with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+        pickle.dumps(_Unpicklable("x"))
+    monkeypatch.setattr(compare, "compare_pair", failing)
+    job = compare._PairJob("adam", "parity", 4, (0,), (0,), "cpu", None, False, True, str(tmp_path), 2)
+    with pytest.raises(compare.PairError) as raised:
+        compare._run_pair_in_worker(job)
+    crossed = pickle.loads(pickle.dumps(raised.value))
+    assert str(crossed).startswith("_Unpicklable: compile failed\n")
+    assert "in failing" in str(crossed)  # the worker's traceback

@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -267,7 +268,7 @@ def run_compare(methods: Sequence[str], tasks: Sequence[str], out: Path, *, devi
         # a process per pair: each starts with a bare device (no memory the pair before it cached)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(threads,), max_tasks_per_child=1) as pool:
-            futures = {pool.submit(_run_pair, job): job for job in pending}
+            futures = {pool.submit(_run_pair_in_worker, job): job for job in pending}
             for future in as_completed(futures):
                 finish(futures[future], future.result)
     lines = report(out)
@@ -304,6 +305,20 @@ def _run_pair(job: _PairJob, log: Callable[[str], None] | None = None) -> str:
     _write_whole(path, payload)  # a file is there only when its pair is complete
     grid_file.unlink(missing_ok=True)  # the pair's JSON holds the grid's outcome now
     return f"[{job.method} / {job.task}] wrote {path} ({time.perf_counter() - t0:.1f} s)"
+
+
+class PairError(RuntimeError):
+    """A pair's failure in a worker process, as text: the worker's exception may hold objects
+    that cannot cross to the parent (a compiled function's closure), its message and traceback can."""
+
+
+def _run_pair_in_worker(job: _PairJob) -> str:
+    """:func:`_run_pair` in a worker process, any failure re-raised as a :class:`PairError` that
+    names the original exception and carries its traceback."""
+    try:
+        return _run_pair(job)
+    except Exception as err:
+        raise PairError(f"{type(err).__name__}: {err}\n{traceback.format_exc()}") from None
 
 
 def _write_whole(path: Path, payload: dict[str, Any]) -> None:
@@ -428,5 +443,6 @@ def report(out: Path) -> list[str]:
     return lines
 
 
-__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairsFailed", "best_config", "compare_pair", "config_table", "grid_path",
-           "load_results", "ranking_decided", "report", "result_path", "run_compare", "summary_lines", "task_figure"]
+__all__ = ["OKABE_ITO", "SMALL_STEPS", "PairError", "PairsFailed", "best_config", "compare_pair", "config_table",
+           "grid_path", "load_results", "ranking_decided", "report", "result_path", "run_compare", "summary_lines",
+           "task_figure"]
