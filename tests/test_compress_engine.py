@@ -10,6 +10,7 @@ division or square root).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 
@@ -110,6 +111,28 @@ def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
     steps = 20 if DEVICE == "cuda" else 6  # (the interpreter is slow)
     tx = gx.compress_state(_chain(name), fmt, min_size=64, block_size=64)
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
+
+
+def _window_int8_adam_bf16_sr() -> gx.GradientTransformation:
+    """Formats nested per part, as the memory page advises for Grokfast-MA: the window's slots in
+    int8, Adam's state in bf16 with stochastic rounding (a window of 5: 20 steps re-sum it)."""
+    return gx.named_chain(
+        ("grokfast", gx.compress_state(gx.amplify(gx.ma_filter(5), 5.0), "int8", min_size=64, block_size=64)),
+        ("adam", gx.compress_state(gx.scale_by_adam(0.9, 0.98), "bf16_sr", min_size=64)),
+        ("lr", gx.scale_by_learning_rate(1e-2)),
+    )
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton"))])
+def test_engine_stores_the_eager_codes_of_formats_nested_per_part(backend: str) -> None:
+    tx = _window_int8_adam_bf16_sr()
+    steps = 20 if backend != "triton" or DEVICE == "cuda" else 6
+    fs = _engine(tx, steps, backend)
+    state = fs.eager_state()
+    assert state["grokfast"].inner.window[0]["w"].codes.dtype == torch.int8
+    assert state["adam"].inner.nu["w"].value.dtype == torch.bfloat16
+    _check(fs, _eager(tx, steps))
 
 
 def _tiles_used(monkeypatch: pytest.MonkeyPatch) -> set[tuple[int, int, int | None, int]]:
