@@ -15,6 +15,8 @@ role            compressed
 ``v_ceil``      as ``adam``, v's fourth-root code rounded up instead of to nearest
 ``v_near``      as ``adam``, v's code the one whose value is nearest to v
 ``v_near_sqrt`` as ``adam``, v's code the one whose value's square root is nearest to √v
+``v_pow2``      as ``adam``, v in a square-root code: value = max·(code/255)² (not the fourth power)
+``v_b32``       as ``adam``, v's fourth-root code in blocks of 32 (m's stay 256)
 ==============  ===========================================================================
 
 ``m`` and ``v`` hold one field of the same ``compress_state(adam, "int8")`` near float32 by
@@ -45,7 +47,7 @@ from grokxform import amplify, decoupled_weight_decay, ma_filter, scale_by_adam,
 from grokxform.base import GradientTransformation, named_chain
 from grokxform.experiments.sweep import environment, sweep
 
-ROLES = ("float32", "window", "adam", "m", "v", "mixed", "v_ceil", "v_near", "v_near_sqrt")
+ROLES = ("float32", "window", "adam", "m", "v", "mixed", "v_ceil", "v_near", "v_near_sqrt", "v_pow2", "v_b32")
 STEPS = 2000
 
 
@@ -111,17 +113,43 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
     return compress.Int8Blocks(compress._unblock(codes.to(torch.uint8), x), scale)
 
 
+V_BLOCK = 32
+"""``v_b32``'s block size for v."""
+
+
 def swap_codes(role: str) -> None:
-    """Code v another way for a ``v_*`` role (:func:`v_codes`)."""
-    encode = compress.encode
+    """Code v another way for a ``v_*`` role (:func:`v_codes`; ``v_pow2``: the square-root code,
+    decoded as such; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`)."""
+    encode, decode, zeros = compress.encode, compress.decode, compress._zeros
+    rule = role[2:]
 
     def encode_v(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
                  key: Any = 0) -> Any:
-        if fmt == "int8" and nonnegative:
-            return v_codes(x, role[2:], block_size)
-        return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
+        if fmt != "int8" or not nonnegative:
+            return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
+        if rule == "b32":
+            return encode(x, fmt, nonnegative=True, block_size=V_BLOCK)
+        if rule == "pow2":
+            b = compress._blocks(x, block_size)
+            scale = compress._block_scales(b, True)
+            q = torch.nan_to_num(b * torch.reciprocal(scale).unsqueeze(1), nan=0.0).clamp(0.0, 1.0)
+            return compress.Int8Blocks(compress._unblock(torch.round(q.sqrt() * 255.0).to(torch.uint8), x), scale)
+        return v_codes(x, rule, block_size)
 
-    compress.encode = encode_v  # type: ignore[assignment]
+    def decode_v(packed: Any, block_size: int = 256) -> torch.Tensor:
+        if not isinstance(packed, compress.Int8Blocks) or packed.codes.dtype != torch.uint8:
+            return decode(packed, block_size)
+        if rule == "b32":
+            return decode(packed, V_BLOCK)
+        if rule == "pow2":
+            t = compress._blocks(packed.codes, block_size).to(torch.float32) * (1.0 / 255.0)
+            return compress._unblock(t * t * packed.scales.unsqueeze(1), packed.codes)
+        return decode(packed, block_size)
+
+    def zeros_v(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> Any:
+        return zeros(like, fmt, nonnegative, V_BLOCK if rule == "b32" and nonnegative else block_size)
+
+    compress.encode, compress.decode, compress._zeros = encode_v, decode_v, zeros_v  # type: ignore[assignment]
 
 
 def run(role: str, seed: int, out: Path) -> str:
@@ -129,7 +157,7 @@ def run(role: str, seed: int, out: Path) -> str:
     if path.exists():
         return f"{path.name}: done already"
     torch.set_num_threads(1)
-    saved = methods.grokfast_ma, compress.encode, compress._zeros
+    saved = methods.grokfast_ma, compress.encode, compress.decode, compress._zeros
     methods.grokfast_ma = chain_for(role)  # type: ignore[assignment]
     if role in ("m", "v"):
         keep_near_float32(role)
@@ -139,7 +167,7 @@ def run(role: str, seed: int, out: Path) -> str:
     try:
         res = sweep("grokfast_ma", {"lr": [1e-3]}, seeds=[seed], steps=STEPS, task="lm", device="cpu")
     finally:
-        methods.grokfast_ma, compress.encode, compress._zeros = saved  # type: ignore[assignment]
+        methods.grokfast_ma, compress.encode, compress.decode, compress._zeros = saved  # type: ignore[assignment]
     payload = {**environment(torch.device("cpu")), **res.to_json(), "role": role, "seed": seed,
                "seconds_total": time.perf_counter() - t0}
     path.write_text(json.dumps(payload))
