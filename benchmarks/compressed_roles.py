@@ -21,7 +21,7 @@ role            compressed
 
 ``m`` and ``v`` hold one field of the same ``compress_state(adam, "int8")`` near float32 by
 coding it in ``"bf16"`` instead; the ``v_*`` roles code v another way (the codec's choice per
-field, swapped in for this run: :func:`swap_codes`). Each
+field, swapped in for the run: :func:`swap_codes`). Each
 (role, seed) is one sweep on the CPU, written to ``OUT/<role>__s<seed>.json`` (skipped when it
 exists); then ``OUT/summary.md`` puts each role beside float32, seed by seed.
 
@@ -72,35 +72,23 @@ def chain_for(role: str) -> Any:
     return build
 
 
-def keep_near_float32(role: str) -> None:
-    """For ``m`` (``v``): code the other field, v (m), in ``"bf16"`` where int8 would code it."""
-    exact_nonnegative = role == "m"
-    encode, zeros = compress.encode, compress._zeros
-
-    def encode_field(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
-                     key: Any = 0) -> Any:
-        if fmt == "int8" and nonnegative == exact_nonnegative:
-            return encode(x, "bf16", block_size=block_size, key=key)
-        return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
-
-    def zeros_field(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> Any:
-        if fmt == "int8" and nonnegative == exact_nonnegative:
-            return zeros(like, "bf16", nonnegative, block_size)
-        return zeros(like, fmt, nonnegative, block_size)
-
-    compress.encode, compress._zeros = encode_field, zeros_field  # type: ignore[assignment]
+V_BLOCK = 32
+"""``v_b32``'s block size for v."""
 
 
 def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
-    """v (non-negative) in the unsigned fourth-root code of ``"int8"``, each code chosen by
-    ``rule``: ``"ceil"`` (rounded up), ``"near"`` (the code whose value is nearest to v) or
-    ``"near_sqrt"`` (whose value's square root is nearest to √v); the codec rounds to nearest in
-    the code's own (fourth-root) domain."""
+    """v (non-negative) in ``"int8"``'s unsigned code, each code chosen by ``rule``: ``"ceil"``
+    (the fourth-root code rounded up), ``"near"`` (the code whose value is nearest to v),
+    ``"near_sqrt"`` (whose value's square root is nearest to √v) or ``"pow2"`` (a square-root
+    code: value = max·(code/255)², :func:`swap_codes` decodes it); the codec rounds to nearest in
+    the fourth-root domain."""
     b = compress._blocks(x, block_size)
     scale = compress._block_scales(b, True)
     q = torch.nan_to_num(b * torch.reciprocal(scale).unsqueeze(1), nan=0.0).clamp(0.0, 1.0)
     t = q.sqrt().sqrt() * 255.0
-    if rule == "ceil":
+    if rule == "pow2":
+        codes = torch.round(q.sqrt() * 255.0)
+    elif rule == "ceil":
         codes = torch.ceil(t).clamp(0.0, 255.0)
     else:
         lo = torch.floor(t).clamp(0.0, 254.0)
@@ -113,43 +101,39 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
     return compress.Int8Blocks(compress._unblock(codes.to(torch.uint8), x), scale)
 
 
-V_BLOCK = 32
-"""``v_b32``'s block size for v."""
-
-
 def swap_codes(role: str) -> None:
-    """Code v another way for a ``v_*`` role (:func:`v_codes`; ``v_pow2``: the square-root code,
-    decoded as such; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`)."""
+    """The codecs of ``role`` in place of ``compress``'s: for ``m`` (``v``) the other field, v
+    (m), in ``"bf16"`` where int8 would code it; for a ``v_*`` role v coded by its rule
+    (:func:`v_codes`; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`)."""
     encode, decode, zeros = compress.encode, compress.decode, compress._zeros
-    rule = role[2:]
+    exact = {"m": True, "v": False}.get(role)  # the field kept near float32: v (non-negative) or m
+    rule = role[2:] if role.startswith("v_") else None
 
-    def encode_v(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
-                 key: Any = 0) -> Any:
-        if fmt != "int8" or not nonnegative:
-            return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
-        if rule == "b32":
+    def encode_field(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
+                     key: Any = 0) -> Any:
+        if fmt == "int8" and nonnegative == exact:
+            return encode(x, "bf16", block_size=block_size, key=key)
+        if fmt == "int8" and nonnegative and rule == "b32":
             return encode(x, fmt, nonnegative=True, block_size=V_BLOCK)
-        if rule == "pow2":
-            b = compress._blocks(x, block_size)
-            scale = compress._block_scales(b, True)
-            q = torch.nan_to_num(b * torch.reciprocal(scale).unsqueeze(1), nan=0.0).clamp(0.0, 1.0)
-            return compress.Int8Blocks(compress._unblock(torch.round(q.sqrt() * 255.0).to(torch.uint8), x), scale)
-        return v_codes(x, rule, block_size)
+        if fmt == "int8" and nonnegative and rule is not None:
+            return v_codes(x, rule, block_size)
+        return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
 
-    def decode_v(packed: Any, block_size: int = 256) -> torch.Tensor:
-        if not isinstance(packed, compress.Int8Blocks) or packed.codes.dtype != torch.uint8:
-            return decode(packed, block_size)
-        if rule == "b32":
-            return decode(packed, V_BLOCK)
-        if rule == "pow2":
+    def decode_field(packed: Any, block_size: int = 256) -> torch.Tensor:
+        if rule in ("b32", "pow2") and isinstance(packed, compress.Int8Blocks) and packed.codes.dtype == torch.uint8:
+            if rule == "b32":
+                return decode(packed, V_BLOCK)
             t = compress._blocks(packed.codes, block_size).to(torch.float32) * (1.0 / 255.0)
             return compress._unblock(t * t * packed.scales.unsqueeze(1), packed.codes)
         return decode(packed, block_size)
 
-    def zeros_v(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> Any:
+    def zeros_field(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> Any:
+        if fmt == "int8" and nonnegative == exact:
+            return zeros(like, "bf16", nonnegative, block_size)
         return zeros(like, fmt, nonnegative, V_BLOCK if rule == "b32" and nonnegative else block_size)
 
-    compress.encode, compress.decode, compress._zeros = encode_v, decode_v, zeros_v  # type: ignore[assignment]
+    compress.encode, compress.decode = encode_field, decode_field  # type: ignore[assignment]
+    compress._zeros = zeros_field  # type: ignore[assignment]
 
 
 def run(role: str, seed: int, out: Path) -> str:
@@ -159,9 +143,7 @@ def run(role: str, seed: int, out: Path) -> str:
     torch.set_num_threads(1)
     saved = methods.grokfast_ma, compress.encode, compress.decode, compress._zeros
     methods.grokfast_ma = chain_for(role)  # type: ignore[assignment]
-    if role in ("m", "v"):
-        keep_near_float32(role)
-    if role.startswith("v_"):
+    if role in ("m", "v") or role.startswith("v_"):
         swap_codes(role)
     t0 = time.perf_counter()
     try:
