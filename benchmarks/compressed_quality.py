@@ -7,8 +7,8 @@ its step budget (2 seeds).
 Each (task, method, format) is one vmapped sweep over its seeds (``grokxform.experiments.sweep``
 with ``state_format=``), written to ``OUT/<task>__<method>__<format>.json``; a file that exists is
 skipped, so an interrupted run resumes. Sweeps run in ``--jobs`` processes side by side (one GPU
-holds several of these small models). ``--block-size N`` (other than the default 256) runs the int8
-format with blocks of N as the format ``int8_bN``. Then ``OUT/summary.json`` and ``OUT/summary.md``
+holds several of these small models). ``--formats`` narrows the formats; ``--block-size N`` (other
+than the default 256) runs the int8 format with blocks of N as the format ``int8_bN`` (and float32). Then ``OUT/summary.json`` and ``OUT/summary.md``
 put each compressed format beside float32.
 
 Usage:
@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8, help="sweeps run side by side, each in its own process")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of " + ", ".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, of " + ", ".join(FORMATS))
     ap.add_argument("--steps", type=int, default=None, help="cap every budget (a smoke test)")
     ap.add_argument("--block-size", type=int, default=256,
                     help="the int8 format's block size (default 256; another runs only float32 and int8_bN)")
@@ -154,9 +155,14 @@ def main() -> None:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        formats = args.formats.split(",")
+        unknown = sorted(set(formats) - set(FORMATS))
+        if unknown:
+            ap.error(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
         if args.block_size < 1:
             ap.error(f"--block-size must be >= 1, got {args.block_size}")
-        labels = FORMATS if args.block_size == 256 else ("float32", f"int8_b{args.block_size}")
+        labels = formats if args.block_size == 256 else [
+            f if f != "int8" else f"int8_b{args.block_size}" for f in formats if f in ("float32", "int8")]
         # by task (x·y, the one with 10 seeds, first), the MA window's first within a task
         jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in labels
                        if not job_path(args.out, t, m, f).exists()),

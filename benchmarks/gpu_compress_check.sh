@@ -8,7 +8,7 @@
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
 # PARTS (default "tests speed quality") picks among them; TESTS (default the two compressed-state
-# modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS and JOBS narrow the sweeps.
+# modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -51,7 +51,8 @@ cp benchmarks/results/compress_quality/*.json "$OUT/quality/" 2>/dev/null
 packer=$!
 PYTHONPATH="$PWD" timeout $(( ${SECONDS_LEFT:-570} - SECONDS )) python3 benchmarks/compressed_quality.py --device cuda \
   --out "$OUT/quality" --jobs "${JOBS:-14}" --tasks "${TASKS:-mul,sub,div,lm}" \
-  --methods "${METHODS:-grokfast_ema,grokfast_ma,grokadamw}" > "$OUT/quality.txt" 2>&1
+  --methods "${METHODS:-grokfast_ema,grokfast_ma,grokadamw}" --formats "${FORMATS:-float32,bf16,bf16_sr,int8}" \
+  > "$OUT/quality.txt" 2>&1
 kill $packer 2>/dev/null
 pack
 grep -v "^|" "$OUT/quality.txt" | tail -20

@@ -58,26 +58,53 @@ def test_bf16_sr_is_unbiased_within_one_ulp() -> None:
 
 @pytest.mark.parametrize("block_size", [256, 100])
 def test_int8_block_bounds(block_size: int) -> None:
+    """Each element codes one of the two codes around it: within one code of the block's scale
+    (signed), within one code of the fourth root of value/max (unsigned); a code point stays."""
     x = torch.randn(1000) * torch.linspace(0.01, 10.0, 1000)
-    p = encode(x, "int8", block_size=block_size)
+    p = encode(x, "int8", block_size=block_size, key=5)
     assert p.codes.dtype == torch.int8 and p.codes.shape == x.shape
     assert p.scales.shape == (math.ceil(1000 / block_size),)
     d = decode(p, block_size)
     scale = p.scales.repeat_interleave(block_size)[:1000] / 127
-    assert ((d - x).abs() <= scale * 0.5 * (1 + 1e-6)).all()
-    assert all(torch.equal(a, b) for a, b in zip(encode(d, "int8", block_size=block_size), p))  # coded again: the same
+    assert ((d - x).abs() <= scale * (1 + 1e-6)).all()
+    assert ((d - x).abs() > scale * 0.5 * (1 + 1e-6)).any()  # (not always the nearest: stochastic)
+    assert all(torch.equal(a, b) for a, b in zip(encode(d, "int8", block_size=block_size, key=6), p))  # coded again: the same
     v = x * x
-    q = encode(v, "int8", nonnegative=True, block_size=block_size)
+    q = encode(v, "int8", nonnegative=True, block_size=block_size, key=5)
     assert q.codes.dtype == torch.uint8
     dv = decode(q, block_size)
     top = q.scales.repeat_interleave(block_size)[:1000]
-    assert ((dv.pow(0.25) - v.pow(0.25)).abs() <= top.pow(0.25) / 510 * (1 + 1e-5)).all()
-    assert all(torch.equal(a, b) for a, b in zip(encode(dv, "int8", nonnegative=True, block_size=block_size), q))
+    assert ((dv.pow(0.25) - v.pow(0.25)).abs() <= top.pow(0.25) / 255 * (1 + 1e-5)).all()
+    assert all(torch.equal(a, b) for a, b in zip(encode(dv, "int8", nonnegative=True, block_size=block_size, key=6), q))
     assert torch.equal(decode(encode(torch.zeros(7), "int8")), torch.zeros(7))
     nan = x.clone()
     nan[3] = float("nan")
     got = decode(encode(nan, "int8", block_size=block_size), block_size)
     assert got[:block_size].isnan().all() and not got[block_size:].isnan().any()
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_int8_rounds_stochastically_without_bias(nonnegative: bool) -> None:
+    """A value between two codes takes the upper one with the probability of its distance from the
+    lower one, in the value's own units (the unsigned code too, though its codes are not evenly
+    spaced): the mean of many codings is the value. A value that moves by less than half a code a
+    step (an EMA with β near 1) therefore still moves on average; rounding to nearest holds it."""
+    top = torch.tensor([1.0])
+    lo, hi = (torch.tensor([100.0 / 255.0]) ** 4, torch.tensor([101.0 / 255.0]) ** 4) if nonnegative else (
+        torch.tensor([40.0 / 127.0]), torch.tensor([41.0 / 127.0]))
+    x = torch.cat([top, lo + 0.3 * (hi - lo), torch.zeros(254)]).repeat(64)
+    d = torch.stack([decode(encode(x, "int8", nonnegative=nonnegative, key=k)) for k in range(64)])
+    mid = d.reshape(64, 64, 256)[:, :, 1]
+    assert mid.unique().tolist() == pytest.approx([lo.item(), hi.item()], rel=1e-5)  # the two codes around it
+    assert abs(mid.mean().item() - x[1].item()) < 0.03 * (hi - lo).item()
+    assert torch.equal(encode(x, "int8", nonnegative=nonnegative, key=3).codes,
+                       encode(x, "int8", nonnegative=nonnegative, key=3).codes)  # a key gives the same codes
+    assert not torch.equal(encode(x, "int8", nonnegative=nonnegative, key=3).codes,
+                           encode(x, "int8", nonnegative=nonnegative, key=4).codes)
+    v = torch.cat([top, torch.full((255,), 0.3)])  # decays by 1% a step, under half a code near 0.3
+    for k in range(100):
+        v = torch.cat([top, 0.99 * decode(encode(v, "int8", nonnegative=nonnegative, key=k))[1:]])
+    assert v[1:].mean().item() == pytest.approx(0.3 * 0.99**100, rel=0.03)
 
 
 class _Ops(TorchDispatchMode):

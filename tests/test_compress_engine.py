@@ -215,7 +215,7 @@ def test_block_size_must_divide_the_tile() -> None:
         _engine(tx, 1, kernels)
 
 
-@pytest.mark.parametrize("fmt,bound", [("bf16", 2.0**-16), ("bf16_sr", 2.0**-7), ("int8", 1 / 254)])
+@pytest.mark.parametrize("fmt,bound", [("bf16", 2.0**-16), ("bf16_sr", 2.0**-7), ("int8", 1 / 127)])
 def test_decoded_state_stays_close_to_float32(fmt: str, bound: float) -> None:
     """After a few steps the decoded moments are within a few codec steps of the float32 run's."""
     plain = FusedStep(gx.adam(1e-2), _params(), backend="foreach" if DEVICE == "cpu" else "triton")
@@ -227,10 +227,10 @@ def test_decoded_state_stays_close_to_float32(fmt: str, bound: float) -> None:
     for field in ("mu", "nu"):
         want = getattr(plain.state["adam"], field)["w"]
         got = decode(getattr(packed.state.inner["adam"], field)["w"], 64)
-        if fmt == "int8" and field == "nu":  # the fourth-root code: within 3 codes of ⁴√(v/max)
+        if fmt == "int8" and field == "nu":  # the fourth-root code: within 3 codes of ⁴√(v/max) (one a step)
             top = want.reshape(-1, 64).amax(1, keepdim=True)
             assert ((got.reshape(-1, 64) / top).pow(0.25) - (want.reshape(-1, 64) / top).pow(0.25)).abs().max() <= 3 / 255
-        elif fmt == "int8":  # within 3 codes of each block's scale
+        elif fmt == "int8":  # within 3 codes of each block's scale (one a step: stochastic rounding)
             top = want.reshape(-1, 64).abs().amax(1, keepdim=True)
             assert ((got - want).reshape(-1, 64).abs() <= 3 * top * bound).all()
         else:  # within 3 roundings of the tensor's largest value (an error carries over into the next step)

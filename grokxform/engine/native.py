@@ -285,18 +285,26 @@ class CEmitter(G.Emitter):
             return None
         # int8: the item's new values kept in a local array, then per quantization block (they
         # divide the item: block_size divides BLOCK) its absmax and its codes, from L1.
-        bs, buf = codec.block_size, self.var("qb")
+        bs, buf, noise = codec.block_size, self.var("qb"), self.var("ub")
         self.pre_line(f"float {buf}[BLOCK];")
+        self.pre_line(f"float {noise}[BLOCK];")
         self.line(f"{buf}[i - start] = {x};")
+        self.line(f"{noise}[i - start] = {self.random('uniform', ScalarRef(codec.key), node).name};")
         codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
         ctype = "uint8_t" if codec.unsigned else "int8_t"
         mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
         inv = "1.0f / scale" if codec.unsigned else f"(1.0f / scale) * {self.number(127.0, torch.float32)}"
         tiny = self.number(SCALE_FLOOR, torch.float32)
-        if codec.unsigned:
-            code = "q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; q = sqrtf(sqrtf(q)) * 255.0f;"
+        u, k = f"{noise}[j - start]", self.number(1.0 / 255.0, torch.float32)
+        if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
+            code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q;"
+                    " float lo = floorf(sqrtf(sqrtf(q)) * 255.0f); lo = lo > 254.0f ? 254.0f : lo;"
+                    f" float below = lo * {k}, above = (lo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
+                    " below = below * below; below = below * below; above = above * above; above = above * above;"
+                    f" q = lo + (float)({u} * (above - below) < q - below);")
         else:
-            code = "q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q;"
+            code = ("q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q;"
+                    f" const float lo = floorf(q); q = lo + (float)({u} < q - lo);")
         self.post += [
             f"{guard}for (int64_t b0 = start; b0 < end; b0 += {bs}) {{",
             f"    const int64_t b1 = b0 + {bs} < end ? b0 + {bs} : end;",
@@ -311,7 +319,6 @@ class CEmitter(G.Emitter):
             "    for (int64_t j = b0; j < b1; ++j) {",
             f"        float q = {buf}[j - start] * inv;",
             f"        q = q != q ? 0.0f : q; {code}",
-            f"        q = (q + 12582912.0f) - 12582912.0f;  /* to the nearest integer, ties to even */",
             f"        {codes}[j] = ({ctype})q;",
             "    }",
             f"    {scales}[b0 / {bs}] = scale;",

@@ -44,6 +44,7 @@ import torch.utils._pytree as pytree
 from grokxform import declarations as D
 from grokxform import tree as _tree
 from grokxform.elements import TracedRule, leaf_keys
+from grokxform.transforms.compress import STOCHASTIC
 
 SLOT = "__slot"
 """The scalar holding each leaf's ring slot of a member's window (its oldest value)."""
@@ -63,8 +64,8 @@ class Codec:
     parts ``hi``, ``lo``; ``"bf16_sr"``: ``value``; ``"int8"``: ``codes``, ``scales``),
     ``unsigned`` (int8's fourth-root code of a non-negative field), ``block_size`` (int8's
     quantization block) and ``key``, the member's scalar holding each leaf's stochastic rounding
-    key (``"bf16_sr"``). The runners load such a column as decode(parts) and store encode(value),
-    the codecs of :mod:`grokxform.transforms.compress`."""
+    key (``"bf16_sr"``, ``"int8"``). The runners load such a column as decode(parts) and store
+    encode(value), the codecs of :mod:`grokxform.transforms.compress`."""
 
     fmt: str
     unsigned: bool
@@ -696,7 +697,7 @@ class Pack(_StateWrapper):
         except TupleWindow:
             raise Unsupported(f"{where}: compress_state over an MA window in the eager layout (the engine takes"
                               " its compressed ring: to_fused_layout)") from None
-        position = _eager_positions(state.inner) if decl.fmt == "bf16_sr" else {}
+        position = _eager_positions(state.inner) if decl.fmt in STOCHASTIC else {}
         for m in ctx.members[first:]:
             for f, col in {**m.fields, **({"window": m.window} if m.window is not None else {})}.items():
                 if not any(is_packed(t) for t in col):
@@ -706,7 +707,7 @@ class Pack(_StateWrapper):
                     Codec(decl.fmt, t[0].dtype == torch.uint8, decl.block_size, key) if is_packed(t) else None
                     for t in col
                 ]
-                if decl.fmt == "bf16_sr":
+                if decl.fmt in STOCHASTIC:
                     m.keys[f] = (node, [position.get(id(t), 0) for t in col])
         return node
 

@@ -20,6 +20,8 @@ from grokxform.elements import leaf_keys, random_like, traced, unwrapped
 Format = Literal["bf16", "bf16_sr", "int8"]
 FORMATS: tuple[str, ...] = ("bf16", "bf16_sr", "int8")
 """The formats of :func:`compress_state`."""
+STOCHASTIC: tuple[str, ...] = ("bf16_sr", "int8")
+"""The formats that round stochastically (:func:`encode` takes a ``key``)."""
 
 _SEED = 0x5EED_C0DE
 """The seed of the stochastic rounding's keys (``leaf_keys(_SEED, step, leaf)``)."""
@@ -140,14 +142,24 @@ def encode(
 ) -> NamedTuple:
     """The compressed form of the float32 tensor ``x`` in ``fmt`` (see :func:`compress_state`).
     ``nonnegative``: ``x`` holds no negative value (``"int8"`` then uses its unsigned code);
-    ``key``: the stochastic rounding's key (``"bf16_sr"``: an integer, or an int64 0-d tensor).
+    ``key``: the stochastic rounding's key (``"bf16_sr"``, ``"int8"``: an integer, or an int64
+    0-d tensor).
 
     ``"int8"``, per block: the scale s (its absmax, or its max for the unsigned code; at least
-    2⁻¹²⁰) and r = 1/s (correctly rounded), then per element the code round(clamp(x·(r·127),
-    −127, 127)), or round(√√clamp(x·r, 0, 1)·255) (unsigned; a NaN product codes 0). Every
-    operation is correctly rounded and none is fused, so the engine's kernels (C, Triton on a
-    GPU) store these codes and scales bit for bit. Coding a decoded tensor again gives the same
-    codes and scales (the block's largest code decodes to s exactly).
+    2⁻¹²⁰) and r = 1/s (correctly rounded); per element u, the :func:`~grokxform.elements.uniform`
+    of ``key`` at the element, and the code, rounded stochastically in the value's own units:
+
+    - signed: q = clamp(x·(r·127), −127, 127), the code ⌊q⌋ + [u < q − ⌊q⌋];
+    - unsigned: q = clamp(x·r, 0, 1), c = min(⌊√√q·255⌋, 254), the code
+      c + [u·(f(c+1) − f(c)) < q − f(c)] with f(c) = (c/255)⁴ as :func:`decode` computes it.
+
+    So a value between two codes takes the upper one with the probability of its distance from
+    the lower one, and the mean of its codings is the value: a state that moves by less than
+    half a code a step (an EMA with β near 1) still moves, where rounding to nearest would hold
+    it. A NaN product codes 0. Every operation is correctly rounded and none is fused, so the
+    engine's kernels (C, Triton on a GPU) store these codes and scales bit for bit. Coding a
+    decoded tensor again gives its scales, and its codes but where a decoded value lies a
+    rounding below its code (then, with that rounding's small probability, the code below).
 
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
@@ -169,11 +181,24 @@ def encode(
     scale = _block_scales(b, nonnegative)
     r = torch.reciprocal(scale)
     q = torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0)
+    u = _blocks(random_like("uniform", x, key), block_size)
     if nonnegative:
-        codes = torch.round(q.clamp(0.0, 1.0).sqrt().sqrt() * 255.0)
+        q = q.clamp(0.0, 1.0)
+        lo = torch.floor(q.sqrt().sqrt() * 255.0).clamp(max=254.0)
+        below, above = _fourth(lo), _fourth(lo + 1.0)
+        codes = lo + (u * (above - below) < q - below).to(torch.float32)
         return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
-    codes = torch.round(q.clamp(-127.0, 127.0))
+    q = q.clamp(-127.0, 127.0)
+    lo = torch.floor(q)
+    codes = lo + (u < q - lo).to(torch.float32)
     return Int8Blocks(_unblock(codes.to(torch.int8), x), scale)
+
+
+def _fourth(code: torch.Tensor) -> torch.Tensor:
+    """The value/scale of the unsigned code ``code`` (float32): t = code·fl(1/255), (t·t)·(t·t)."""
+    t = code * (1.0 / 255.0)
+    t = t * t
+    return t * t
 
 
 def _zeros(like: torch.Tensor, fmt: str, nonnegative: bool, block_size: int) -> NamedTuple:
@@ -204,9 +229,7 @@ def decode(packed: NamedTuple, block_size: int = 256) -> torch.Tensor:
         raise TypeError(f"decode: expected a compressed tensor, got {type(packed).__name__}")
     codes = _blocks(packed.codes, block_size).to(torch.float32)
     if packed.codes.dtype == torch.uint8:
-        t = codes * (1.0 / 255.0)
-        t = t * t
-        return _unblock(t * t * packed.scales.unsqueeze(1), packed.codes)
+        return _unblock(_fourth(codes) * packed.scales.unsqueeze(1), packed.codes)
     return _unblock(codes * (1.0 / 127.0) * packed.scales.unsqueeze(1), packed.codes)
 
 
@@ -292,7 +315,10 @@ def compress_state(
       state: a linear code in [−127, 127]. A field its primitive declares non-negative
       (``nonnegative=``: Adam's, NAdam's, AdEMAMix's and RMSprop's ``nu``): the fourth root of
       value/max coded linearly in [0, 255], so small second moments keep their relative
-      precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes).
+      precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes). Codes
+      round stochastically, unbiased in the value's units, with the keys of ``"bf16_sr"``: a
+      second moment with β₂ = 0.999 moves 0.1% a step, less than half a code, and rounding to
+      nearest would hold it where it is.
 
     Measured by ``benchmarks/state_memory.py`` (a 64→256→1 MLP, ``gx.adamw`` lr 1e-3, 500 steps
     of batches of 64, every state tensor compressed; the distance of the final params from the
@@ -352,7 +378,7 @@ def compress_state(
     def keys_of(leaves: list[Any], count: torch.Tensor) -> Callable[[Any], Any]:
         """The stochastic rounding's key of each tensor of the state (by id): from the step count
         and the tensor's position among the state's leaves."""
-        if fmt != "bf16_sr":
+        if fmt not in STOCHASTIC:
             return lambda x: 0
         keys = leaf_keys(_SEED, count, range(len(leaves)))
         position = {id(x): j for j, x in enumerate(leaves)}
