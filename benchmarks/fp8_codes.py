@@ -8,7 +8,8 @@ int8 codes of ``gx.compress_state``?
 Both codes take one byte an element and one float32 scale per block of 256 elements.
 
 - int8: :func:`grokxform.transforms.compress.encode` / ``decode`` (signed linear code of the
-  block's absmax; Adam's v in the unsigned fourth-root code).
+  block's absmax; Adam's v in the unsigned fourth-root code; both rounded stochastically, with the
+  keys ``gx.compress_state`` gives each tensor at each step).
 - fp8: per block, s = absmax / 448 (e4m3's largest finite value), the element x / s rounded to
   ``torch.float8_e4m3fn``, decoded as code · s. For Adam's v two variants: v itself, and √v
   (the root squared on decode; a square root spreads v's range as the int8 code's fourth root does).
@@ -40,12 +41,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 import grokxform as gx
 from grokxform.experiments.methods import warmed_up
 from grokxform.experiments.modular import paper_setup
 from grokxform.experiments.sweep import environment
-from grokxform.transforms.compress import SCALE_FLOOR, _blocks, _unblock, decode, encode
+from grokxform.elements import leaf_keys
+from grokxform.transforms.compress import _SEED, SCALE_FLOOR, Int8Blocks, _blocks, _unblock, decode, encode
 
 BLOCK = 256
 E4M3_MAX = 448.0
@@ -56,31 +59,33 @@ CHAINS = {  # name: (the filter's in it, weight decay, coupled (L2) or decoupled
     "grokfast_ema": (True, 0.005, True, 10),
 }
 
-Codec = Callable[[torch.Tensor], torch.Tensor]
+Codec = Callable[[torch.Tensor, Any], torch.Tensor]
+"""A code, coded and decoded: (tensor, its stochastic rounding's key) → tensor."""
 
 
-def fp8(x: torch.Tensor) -> torch.Tensor:
-    """e4m3 with one scale per block of :data:`BLOCK` (the int8 code's blocks), coded and decoded."""
+def fp8(x: torch.Tensor, key: Any = 0) -> torch.Tensor:
+    """e4m3 with one scale per block of :data:`BLOCK` (the int8 code's blocks), coded and decoded
+    (rounded to nearest: ``key`` is not used)."""
     b = _blocks(x, BLOCK)
     scale = (b.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(SCALE_FLOOR)
     coded = (b / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # e4m3fn has no infinity
     return _unblock(coded.to(torch.float32) * scale, x)
 
 
-def fp8_root(x: torch.Tensor) -> torch.Tensor:
+def fp8_root(x: torch.Tensor, key: Any = 0) -> torch.Tensor:
     """A non-negative tensor stored as e4m3 of its square root (squared on decode)."""
     return fp8(x.sqrt()).square()
 
 
-def int8(x: torch.Tensor) -> torch.Tensor:
-    return decode(encode(x, "int8"))
+def int8(x: torch.Tensor, key: Any = 0) -> torch.Tensor:
+    return decode(encode(x, "int8", key=key))
 
 
-def int8_nonnegative(x: torch.Tensor) -> torch.Tensor:
-    return decode(encode(x, "int8", nonnegative=True))
+def int8_nonnegative(x: torch.Tensor, key: Any = 0) -> torch.Tensor:
+    return decode(encode(x, "int8", nonnegative=True, key=key))
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
+def identity(x: torch.Tensor, key: Any = 0) -> torch.Tensor:
     return x
 
 
@@ -130,10 +135,12 @@ class Run:
 
 
 def train(steps: int, chain: str, code: str) -> Run:
-    """The chain written out, its state stored in ``code``."""
+    """The chain written out, its state stored in ``code`` (int8: with the stochastic rounding's keys
+    of ``package_int8``'s state, :func:`keys_of`)."""
     signed, positive = CODES[code]
     filtered, wd, coupled, warmup = CHAINS[chain]
     model, params, order, data = _batches(steps)
+    key = keys_of(chain)
     mu = {k: torch.zeros_like(v) for k, v in params.items()}
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -148,12 +155,12 @@ def train(steps: int, chain: str, code: str) -> Run:
             # each step computes in float32 from the decoded state and stores its new state coded
             if filtered:  # the paper's filter starts from the first gradient
                 new_mu = g if t == 1 else ALPHA * mu[k] + (1 - ALPHA) * g
-                mu[k] = signed(new_mu)
+                mu[k] = signed(new_mu, key(t, "grokfast", "mu", k))
                 g = g + LAMB * new_mu
             if coupled:
                 g = g + wd * params[k]
             new_m, new_v = b1 * m[k] + (1 - b1) * g, b2 * v[k] + (1 - b2) * g * g
-            m[k], v[k] = signed(new_m), positive(new_v)
+            m[k], v[k] = signed(new_m, key(t, "adam", "mu", k)), positive(new_v, key(t, "adam", "nu", k))
             step = (new_m / (1 - b1**t)) / ((new_v / (1 - b2**t)).sqrt() + EPS)
             params[k] = params[k] - lr * (step if coupled else step + wd * params[k])
         early = dict(params) if t == EARLY else early
@@ -166,17 +173,38 @@ def train(steps: int, chain: str, code: str) -> Run:
                _accuracy(model, params, data.val_inputs, data.val_targets), reached)
 
 
-def package_int8(steps: int, chain: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The same chain from the package, its state compressed to int8: the params at step
-    :data:`EARLY` and at the end."""
-    model, params, order, data = _batches(steps)
+def package_chain(chain: str) -> gx.GradientTransformation:
+    """The chain from the package, its state compressed to int8."""
     filtered, wd, coupled, warmup = CHAINS[chain]
     if filtered:
         tx = gx.grokfast_ema(warmed_up(LR, warmup), ALPHA, LAMB, betas=BETAS, eps=EPS, weight_decay=wd,
                              weight_decay_mode="coupled" if coupled else "decoupled")
     else:
         tx = gx.adamw(warmed_up(LR, warmup), betas=BETAS, eps=EPS, weight_decay=wd)
-    tx = gx.compress_state(tx, "int8", min_size=1)
+    return gx.compress_state(tx, "int8", min_size=1)
+
+
+def keys_of(chain: str) -> Callable[[int, str, str, str], torch.Tensor]:
+    """The stochastic rounding's key of step t's (from 1) new value of the state tensor
+    ``part``.``field``[param] (``"adam"``, ``"nu"``, a param's name) in :func:`package_chain`'s
+    state: the keys of ``compress_state``, from its step count and the tensor's position among
+    the state's leaves."""
+    params = _batches(1)[1]
+    inner = package_chain(chain).init(params).inner
+    leaves = pytree.tree_flatten_with_path(inner, is_leaf=lambda x: isinstance(x, Int8Blocks))[0]
+    position = {pytree.keystr(path): j for j, (path, _) in enumerate(leaves)}
+
+    def key(t: int, part: str, field: str, name: str) -> torch.Tensor:
+        return leaf_keys(_SEED, torch.tensor(t - 1), [position[f"[{part!r}].{field}[{name!r}]"]])[0]
+
+    return key
+
+
+def package_int8(steps: int, chain: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same chain from the package, its state compressed to int8: the params at step
+    :data:`EARLY` and at the end."""
+    model, params, order, data = _batches(steps)
+    tx = package_chain(chain)
     state = tx.init(params)
     early: dict[str, torch.Tensor] = {}
     for t, idx in enumerate(order, start=1):
