@@ -16,6 +16,7 @@ import grokxform as gx
 from grokxform import _memory
 from grokxform.engine.functional import explain
 from grokxform.transforms.compress import Bf16Pair, Int8Blocks, bytes_per_element, decode, encode
+from grokxform.transforms import compress
 
 FORMATS = ("bf16", "bf16_sr", "int8")
 
@@ -105,6 +106,27 @@ def test_int8_rounds_stochastically_without_bias(nonnegative: bool) -> None:
     for k in range(100):
         v = torch.cat([top, 0.99 * decode(encode(v, "int8", nonnegative=nonnegative, key=k))[1:]])
     assert v[1:].mean().item() == pytest.approx(0.3 * 0.99**100, rel=0.03)
+
+
+def test_int8_decoded_state_codes_again_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoded value coded again keeps its code whatever the key (a step that a wrapper skips
+    re-codes the old state): it lies within a few roundings of its code, and the snap to a code
+    within 2⁻¹² catches it. Without the snap, stochastic rounding moves a few codes in a million."""
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.0, 1.0, 1_000_000) ** 3
+
+    def moved() -> int:
+        n = 0
+        for nonnegative, v in ((False, x), (True, x * x)):
+            p = encode(v, "int8", nonnegative=nonnegative, key=1)
+            for k in range(3):
+                again = encode(decode(p), "int8", nonnegative=nonnegative, key=7 + k)
+                assert torch.equal(again.scales, p.scales)
+                n += int((again.codes != p.codes).sum())
+        return n
+
+    assert moved() == 0
+    monkeypatch.setattr(compress, "SNAP", 0.0)
+    assert moved() > 0
 
 
 class _Ops(TorchDispatchMode):

@@ -31,7 +31,7 @@ from grokxform.elements import (
     interpret,
 )
 from grokxform.engine import plan as P
-from grokxform.transforms.compress import SCALE_FLOOR, Bf16Pair, Bf16Stochastic, Int8Blocks
+from grokxform.transforms.compress import SCALE_FLOOR, SNAP, Bf16Pair, Bf16Stochastic, Int8Blocks
 
 _PARTS = {"bf16": Bf16Pair._fields, "bf16_sr": Bf16Stochastic._fields, "int8": Int8Blocks._fields}
 """The parts of a compressed tensor of each format."""
@@ -560,15 +560,18 @@ class Emitter:
         u = self.random("uniform", ScalarRef(codec.key), node)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
-            lo = self.value(f"tl.minimum(tl.floor(tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0), 254.0)", f32)
+            t = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", f32)
+            lo = self.value(f"tl.minimum(tl.floor({t.name}), 254.0)", f32)
             below = self.unit_of_code(lo, codec)
             above = self.unit_of_code(self.value(f"{lo.name} + 1.0", f32), codec)
             up = f"({u.name} * ({above.name} - {below.name}) < {q.name} - {below.name})"
         else:
-            q = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", f32)
+            q = t = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", f32)
             lo = self.value(f"tl.floor({q.name})", f32)
             up = f"({u.name} < {q.name} - {lo.name})"
-        q = self.value(f"{lo.name} + {up}.to(tl.float32)", f32)
+        near = self.value(f"({t.name} + 12582912.0) - 12582912.0", f32)  # (within SNAP of a code: that code)
+        q = self.value(f"tl.where(tl.abs({t.name} - {near.name}) < {self.f32_text(SNAP)}, {near.name},"
+                       f" {lo.name} + {up}.to(tl.float32))", f32)
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
         self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {q.name}.to({kind}), mask={mask})")
         first = self.block_starts(bs)  # a block is written where its first element is

@@ -37,7 +37,7 @@ import torch
 
 from grokxform.elements import ScalarRef
 from grokxform.engine import codegen as G
-from grokxform.transforms.compress import SCALE_FLOOR
+from grokxform.transforms.compress import SCALE_FLOOR, SNAP
 
 _CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t",
           torch.int8: "int8_t", torch.uint8: "uint8_t"}
@@ -296,15 +296,16 @@ class CEmitter(G.Emitter):
         inv = "1.0f / scale" if codec.unsigned else f"(1.0f / scale) * {self.number(127.0, torch.float32)}"
         tiny = self.number(SCALE_FLOOR, torch.float32)
         u, k = f"{noise}[j - start]", self.number(1.0 / 255.0, torch.float32)
+        snap = f"const float qn = (qt + 12582912.0f) - 12582912.0f; q = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn : "
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
-            code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q;"
-                    " float lo = floorf(sqrtf(sqrtf(q)) * 255.0f); lo = lo > 254.0f ? 254.0f : lo;"
-                    f" float below = lo * {k}, above = (lo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
-                    " below = below * below; below = below * below; above = above * above; above = above * above;"
-                    f" q = lo + (float)({u} * (above - below) < q - below);")
+            code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; const float qt = sqrtf(sqrtf(q)) * 255.0f;"
+                    " float qlo = floorf(qt); qlo = qlo > 254.0f ? 254.0f : qlo;"
+                    f" float qbe = qlo * {k}, qab = (qlo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
+                    " qbe = qbe * qbe; qbe = qbe * qbe; qab = qab * qab; qab = qab * qab;"
+                    f" {snap}qlo + (float)({u} * (qab - qbe) < q - qbe);")
         else:
-            code = ("q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q;"
-                    f" const float lo = floorf(q); q = lo + (float)({u} < q - lo);")
+            code = ("q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; const float qt = q;"
+                    f" const float qlo = floorf(q); {snap}qlo + (float)({u} < q - qlo);")
         self.post += [
             f"{guard}for (int64_t b0 = start; b0 < end; b0 += {bs}) {{",
             f"    const int64_t b1 = b0 + {bs} < end ? b0 + {bs} : end;",

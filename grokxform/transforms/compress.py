@@ -125,6 +125,11 @@ def _bitcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.view(dtype)
 
 
+SNAP = 2.0**-12
+"""An int8 element within this of a code (in code units: of q, or of √√q·255 for the unsigned
+code) takes that code: a decoded value, coded again, lies within 2⁻¹⁴ of its code (six roundings
+of its way there and back), and keeps it."""
+
 SCALE_FLOOR = 2.0**-120
 """The least scale of an int8 block: its reciprocal times 127 is a finite float32 (the engine's
 kernels use it too)."""
@@ -149,17 +154,19 @@ def encode(
     2⁻¹²⁰) and r = 1/s (correctly rounded); per element u, the :func:`~grokxform.elements.uniform`
     of ``key`` at the element, and the code, rounded stochastically in the value's own units:
 
-    - signed: q = clamp(x·(r·127), −127, 127), the code ⌊q⌋ + [u < q − ⌊q⌋];
-    - unsigned: q = clamp(x·r, 0, 1), c = min(⌊√√q·255⌋, 254), the code
-      c + [u·(f(c+1) − f(c)) < q − f(c)] with f(c) = (c/255)⁴ as :func:`decode` computes it.
+    - signed: t = q = clamp(x·(r·127), −127, 127), the code ⌊q⌋ + [u < q − ⌊q⌋];
+    - unsigned: q = clamp(x·r, 0, 1), t = √√q·255, c = min(⌊t⌋, 254), the code
+      c + [u·(f(c+1) − f(c)) < q − f(c)] with f(c) = (c/255)⁴ as :func:`decode` computes it;
+    - either: where t lies within 2⁻¹² of an integer (:data:`SNAP`), that integer.
 
     So a value between two codes takes the upper one with the probability of its distance from
     the lower one, and the mean of its codings is the value: a state that moves by less than
     half a code a step (an EMA with β near 1) still moves, where rounding to nearest would hold
-    it. A NaN product codes 0. Every operation is correctly rounded and none is fused, so the
-    engine's kernels (C, Triton on a GPU) store these codes and scales bit for bit. Coding a
-    decoded tensor again gives its scales, and its codes but where a decoded value lies a
-    rounding below its code (then, with that rounding's small probability, the code below).
+    it. A decoded tensor coded again gives the same codes and scales (the block's largest code
+    decodes to its scale exactly, and every decoded value snaps back to its code), so a step
+    that a wrapper skips leaves a compressed state as it was. A NaN product codes 0. Every
+    operation is correctly rounded and none is fused, so the engine's kernels (C, Triton on a
+    GPU) store these codes and scales bit for bit.
 
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
@@ -184,14 +191,17 @@ def encode(
     u = _blocks(random_like("uniform", x, key), block_size)
     if nonnegative:
         q = q.clamp(0.0, 1.0)
-        lo = torch.floor(q.sqrt().sqrt() * 255.0).clamp(max=254.0)
+        t = q.sqrt().sqrt() * 255.0
+        lo = torch.floor(t).clamp(max=254.0)
         below, above = _fourth(lo), _fourth(lo + 1.0)
-        codes = lo + (u * (above - below) < q - below).to(torch.float32)
-        return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
-    q = q.clamp(-127.0, 127.0)
-    lo = torch.floor(q)
-    codes = lo + (u < q - lo).to(torch.float32)
-    return Int8Blocks(_unblock(codes.to(torch.int8), x), scale)
+        up = u * (above - below) < q - below
+    else:
+        q = t = q.clamp(-127.0, 127.0)
+        lo = torch.floor(q)
+        up = u < q - lo
+    near = torch.round(t)
+    codes = torch.where((t - near).abs() < SNAP, near, lo + up.to(torch.float32))
+    return Int8Blocks(_unblock(codes.to(torch.uint8 if nonnegative else torch.int8), x), scale)
 
 
 def _fourth(code: torch.Tensor) -> torch.Tensor:
