@@ -19,6 +19,11 @@ role            compressed
 ``v_b32``       as ``adam``, v's fourth-root code in blocks of 32 (m's stay 256)
 ==============  ===========================================================================
 
+The committed results (``benchmarks/results/compress_quality/cpu_lm_roles/``) were measured when
+``"int8"`` rounded to nearest (commit acd33bf and before): they found the loss in v's rounding,
+and ``"int8"`` now rounds stochastically (:func:`grokxform.transforms.compress.encode`); the
+``v_*`` roles' codes round to nearest (or up) still.
+
 ``m`` and ``v`` hold one field of the same ``compress_state(adam, "int8")`` near float32 by
 coding it in ``"bf16"`` instead; the ``v_*`` roles code v another way (the codec's choice per
 field, swapped in for the run: :func:`swap_codes`). Each
@@ -114,7 +119,7 @@ def swap_codes(role: str) -> None:
         if fmt == "int8" and nonnegative == exact:
             return encode(x, "bf16", block_size=block_size, key=key)
         if fmt == "int8" and nonnegative and rule == "b32":
-            return encode(x, fmt, nonnegative=True, block_size=V_BLOCK)
+            return encode(x, fmt, nonnegative=True, block_size=V_BLOCK, key=key)
         if fmt == "int8" and nonnegative and rule is not None:
             return v_codes(x, rule, block_size)
         return encode(x, fmt, nonnegative=nonnegative, block_size=block_size, key=key)
