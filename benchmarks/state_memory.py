@@ -22,6 +22,7 @@ import platform
 import torch
 
 import grokxform as gx
+from grokxform.experiments.sweep import environment
 from grokxform.transforms.compress import FORMATS, decode, encode
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/cpu_state_memory.json")
     args = ap.parse_args()
     result = {
-        "torch": torch.__version__,
+        **environment(torch.device("cpu")),
         "machine": platform.machine(),
         "params": 2 * 1024 * 1024,
         "block_size": 256,
