@@ -17,6 +17,9 @@ role            compressed
 ``v_near_sqrt`` as ``adam``, v's code the one whose value's square root is nearest to √v
 ``v_pow2``      as ``adam``, v in a square-root code: value = max·(code/255)² (not the fourth power)
 ``v_b32``       as ``adam``, v's fourth-root code in blocks of 32 (m's stay 256)
+``sr_v``        int8 throughout (the window and Adam), the signed codes (the window's slots,
+                m) rounded to nearest, v's rounded stochastically and a positive v never
+                coded 0
 ==============  ===========================================================================
 
 The committed results (``benchmarks/results/compress_quality/cpu_lm_roles/``) were measured when
@@ -52,7 +55,8 @@ from grokxform import amplify, decoupled_weight_decay, ma_filter, scale_by_adam,
 from grokxform.base import GradientTransformation, named_chain
 from grokxform.experiments.sweep import environment, sweep
 
-ROLES = ("float32", "window", "adam", "m", "v", "mixed", "v_ceil", "v_near", "v_near_sqrt", "v_pow2", "v_b32")
+ROLES = ("float32", "window", "adam", "m", "v", "mixed", "v_ceil", "v_near", "v_near_sqrt", "v_pow2", "v_b32",
+         "sr_v")
 STEPS = 2000
 
 
@@ -65,9 +69,9 @@ def chain_for(role: str) -> Any:
         assert weight_decay_mode == "coupled"
         pre = amplify(ma_filter(window_size, "mean", True), lamb)
         adam = scale_by_adam(betas[0], betas[1], 1e-8)
-        if role in ("window", "mixed"):
+        if role in ("window", "mixed", "sr_v"):
             pre = compress.compress_state(pre, "int8")
-        if role in ("adam", "m", "v") or role.startswith("v_"):
+        if role in ("adam", "m", "v", "sr_v") or role.startswith("v_"):
             adam = compress.compress_state(adam, "int8")
         if role == "mixed":
             adam = compress.compress_state(adam, "bf16_sr")
@@ -106,16 +110,32 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
     return compress.Int8Blocks(compress._unblock(codes.to(torch.uint8), x), scale)
 
 
+def nearest_signed(x: torch.Tensor, block_size: int) -> Any:
+    """``"int8"``'s signed code rounded to nearest (ties to even): round(clamp(x·(r·127)))."""
+    b = compress._blocks(x, block_size)
+    scale = compress._block_scales(b, False)
+    q = torch.nan_to_num(b * (torch.reciprocal(scale) * 127.0).unsqueeze(1), nan=0.0)
+    codes = torch.round(q.clamp(-127.0, 127.0))
+    return compress.Int8Blocks(compress._unblock(codes.to(torch.int8), x), scale)
+
+
 def swap_codes(role: str) -> None:
     """The codecs of ``role`` in place of ``compress``'s: for ``m`` (``v``) the other field, v
     (m), in ``"bf16"`` where int8 would code it; for a ``v_*`` role v coded by its rule
-    (:func:`v_codes`; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`)."""
+    (:func:`v_codes`; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`); for ``sr_v``
+    the signed codes rounded to nearest (:func:`nearest_signed`) and v's stochastic ones, a
+    positive value's code at least 1."""
     encode, decode, zeros = compress.encode, compress.decode, compress._zeros
     exact = {"m": True, "v": False}.get(role)  # the field kept near float32: v (non-negative) or m
     rule = role[2:] if role.startswith("v_") else None
 
     def encode_field(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
                      key: Any = 0) -> Any:
+        if role == "sr_v" and fmt == "int8" and not nonnegative:
+            return nearest_signed(x, block_size)
+        if role == "sr_v" and fmt == "int8":
+            p = encode(x, fmt, nonnegative=True, block_size=block_size, key=key)
+            return p._replace(codes=torch.where((p.codes == 0) & (x > 0), 1, p.codes).to(torch.uint8))
         if fmt == "int8" and nonnegative == exact:
             return encode(x, "bf16", block_size=block_size, key=key)
         if fmt == "int8" and nonnegative and rule == "b32":
@@ -148,7 +168,7 @@ def run(role: str, seed: int, out: Path) -> str:
     torch.set_num_threads(1)
     saved = methods.grokfast_ma, compress.encode, compress.decode, compress._zeros
     methods.grokfast_ma = chain_for(role)  # type: ignore[assignment]
-    if role in ("m", "v") or role.startswith("v_"):
+    if role in ("m", "v", "sr_v") or role.startswith("v_"):
         swap_codes(role)
     t0 = time.perf_counter()
     try:

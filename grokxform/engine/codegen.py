@@ -307,8 +307,10 @@ class Emitter:
         keyed = self.cached(("stream", id(node), key.name, stream), lambda: self.mix(self.invariant(
             "h", f"{k} ^ {self.u32_const(STREAMS[stream])}", "uint32_t"), True))
         lo = self.cached(("index", "lo"), lambda: self.u32_value(self.u32(self.element_index)))
-        hi = self.cached(("index", "hi"), lambda: self.u32_value(self.u32(f"{self.element_index} >> 32")))
-        base = self.mix(self.u32_value(f"{keyed} ^ {hi}"), False)
+        # the index's high word, the item's: an item starts at a multiple of BLOCK, which divides 2³²
+        hi = self.cached(("index", "hi"), lambda: self.invariant("h", self.u32("start >> 32"), "uint32_t"))
+        base = self.cached(("base", id(node), key.name, stream), lambda: self.mix(self.invariant(
+            "h", f"{keyed} ^ {hi}", "uint32_t"), True))
         inner = self.mix(self.u32_value(f"{lo} + {base}"), False)
         return self.mix(self.u32_value(f"{inner} ^ {k}"), False)
 

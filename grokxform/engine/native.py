@@ -5,7 +5,9 @@ system's C compiler, for steps on the CPU.
 elements of one leaf each) and, inside it, over their elements: the element programs of the
 chain in its order, each operation in float32 (float64 for float64 values) and rounded to its
 value's dtype, as the eager op rounds (bfloat16 and float16 to nearest even, written out in
-integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``);
+integer operations). The compiler may not contract a multiply and an add (``-ffp-contract=off``),
+and may assume no floating-point trap (``-fno-trapping-math``: a conditional conversion or
+division then vectorizes; no result changes);
 division and square root are IEEE's. ``uniform`` and ``normal`` hash the key and the element's
 index ``i`` in ``uint32_t`` operations (``normal``'s log and cosine: the C library's ``logf`` and
 ``cosf``). The element loops carry ``#pragma omp simd`` (vectorised) and the work items are shared
@@ -191,7 +193,7 @@ class CEmitter(G.Emitter):
         return f"{x!r}f"
 
     def to_f32(self, expr: str) -> str:
-        return f"(float)({expr})"
+        return f"(float)(int32_t)({expr})"  # (below 2²⁴: a signed conversion, which vectorizes)
 
     def log_f32(self, x: str) -> str:
         return f"logf({x})"
@@ -297,15 +299,20 @@ class CEmitter(G.Emitter):
         tiny = self.number(SCALE_FLOOR, torch.float32)
         u, k = f"{noise}[j - start]", self.number(1.0 / 255.0, torch.float32)
         snap = f"const float qn = (qt + 12582912.0f) - 12582912.0f; q = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn : "
+
+        def floor(x: str) -> str:  # ⌊x⌋ (|x| ≤ 255) in float operations: an int conversion keeps the loop scalar
+            return (f"float qlo = (({x} - 0.5f) + 12582912.0f) - 12582912.0f;"
+                    f" qlo -= (float)(qlo > {x}); qlo += (float)(qlo + 1.0f <= {x});")
+
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
             code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; const float qt = sqrtf(sqrtf(q)) * 255.0f;"
-                    " float qlo = floorf(qt); qlo = qlo > 254.0f ? 254.0f : qlo;"
+                    f" {floor('qt')} qlo = qlo > 254.0f ? 254.0f : qlo;"
                     f" float qbe = qlo * {k}, qab = (qlo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
                     " qbe = qbe * qbe; qbe = qbe * qbe; qab = qab * qab; qab = qab * qab;"
                     f" {snap}qlo + (float)({u} * (qab - qbe) < q - qbe);")
         else:
             code = ("q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; const float qt = q;"
-                    f" const float qlo = floorf(q); {snap}qlo + (float)({u} < q - qlo);")
+                    f" {floor('q')} {snap}qlo + (float)({u} < q - qlo);")
         self.post += [
             f"{guard}for (int64_t b0 = start; b0 < end; b0 += {bs}) {{",
             f"    const int64_t b1 = b0 + {bs} < end ? b0 + {bs} : end;",
@@ -467,7 +474,7 @@ def _accumulators(em: CEmitter) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The compiler and the libraries.
 
-_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-w"]
+_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-w"]
 _THREADS = (["-fopenmp"], ["-fopenmp-simd"])
 """Threads and vector loops (OpenMP's runtime, which torch's CPU builds load too), else vector loops
 alone (a compiler without that runtime)."""
