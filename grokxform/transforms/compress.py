@@ -334,7 +334,7 @@ def compress_state(
     of batches of 64, every state tensor compressed; the distance of the final params from the
     float32 run's, relative to how far that run moved): 1.8e-2 (``"bf16"``), 5.8e-2
     (``"bf16_sr"``), 0.17 (``"int8"``). There is no fp8 format: e4m3 with the same block scales
-    measured 2-8x the int8 code's error on μ, m, √v and gradients, and no run nearer the float32
+    measured 1.1-2.8x the int8 code's error on μ, m, √v and gradients, and no run nearer the float32
     one (``benchmarks/fp8_codes.py``).
 
     MA windows: a slot stores q = decode(encode(g)); the running sum adds what the slot stores
