@@ -8,8 +8,9 @@ Each (task, method, format) is one vmapped sweep over its seeds (``grokxform.exp
 with ``state_format=``), written to ``OUT/<task>__<method>__<format>.json``; a file that exists is
 skipped, so an interrupted run resumes. Sweeps run in ``--jobs`` processes side by side (one GPU
 holds several of these small models). ``--formats`` narrows the formats; ``--block-size N`` (other
-than the default 256) runs the int8 format with blocks of N as the format ``int8_bN`` (and float32). Then ``OUT/summary.json`` and ``OUT/summary.md``
-put each compressed format beside float32.
+than the default 256) runs the int8 format with blocks of N as the format ``int8_bN`` (and
+float32). Then ``OUT/summary.json`` and ``OUT/summary.md`` put each compressed format beside
+float32.
 
 Usage:
     python benchmarks/compressed_quality.py --device cuda --out benchmarks/results/compress_quality --jobs 8
