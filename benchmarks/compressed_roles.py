@@ -89,11 +89,9 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
     """v (non-negative) in ``"int8"``'s unsigned code, each code chosen by ``rule``: ``"ceil"``
     (the fourth-root code rounded up), ``"near"`` (the code whose value is nearest to v),
     ``"near_sqrt"`` (whose value's square root is nearest to √v) or ``"pow2"`` (a square-root
-    code: value = max·(code/255)², :func:`swap_codes` decodes it); the codec rounds to nearest in
-    the fourth-root domain."""
-    b = compress._blocks(x, block_size)
-    scale = compress._block_scales(b, True)
-    q = torch.nan_to_num(b * torch.reciprocal(scale).unsqueeze(1), nan=0.0).clamp(0.0, 1.0)
+    code: value = max·(code/255)², :func:`swap_codes` decodes it)."""
+    q, scale = compress._scaled(x, block_size, True)
+    q = q.clamp(0.0, 1.0)
     t = q.sqrt().sqrt() * 255.0
     if rule == "pow2":
         codes = torch.round(q.sqrt() * 255.0)
@@ -112,9 +110,7 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
 
 def nearest_signed(x: torch.Tensor, block_size: int) -> Any:
     """``"int8"``'s signed code rounded to nearest (ties to even): round(clamp(x·(r·127)))."""
-    b = compress._blocks(x, block_size)
-    scale = compress._block_scales(b, False)
-    q = torch.nan_to_num(b * (torch.reciprocal(scale) * 127.0).unsqueeze(1), nan=0.0)
+    q, scale = compress._scaled(x, block_size, False)
     codes = torch.round(q.clamp(-127.0, 127.0))
     return compress.Int8Blocks(compress._unblock(codes.to(torch.int8), x), scale)
 

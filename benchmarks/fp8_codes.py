@@ -140,7 +140,7 @@ def train(steps: int, chain: str, code: str) -> Run:
     signed, positive = CODES[code]
     filtered, wd, coupled, warmup = CHAINS[chain]
     model, params, order, data = _batches(steps)
-    key = keys_of(chain)
+    key = keys_of(chain, params)
     mu = {k: torch.zeros_like(v) for k, v in params.items()}
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -184,12 +184,11 @@ def package_chain(chain: str) -> gx.GradientTransformation:
     return gx.compress_state(tx, "int8", min_size=1)
 
 
-def keys_of(chain: str) -> Callable[[int, str, str, str], torch.Tensor]:
+def keys_of(chain: str, params: dict[str, torch.Tensor]) -> Callable[[int, str, str, str], torch.Tensor]:
     """The stochastic rounding's key of step t's (from 1) new value of the state tensor
     ``part``.``field``[param] (``"adam"``, ``"nu"``, a param's name) in :func:`package_chain`'s
     state: the keys of ``compress_state``, from its step count and the tensor's position among
-    the state's leaves."""
-    params = _batches(1)[1]
+    the state's leaves (``params``: the model's, which the state's layout follows)."""
     inner = package_chain(chain).init(params).inner
     leaves = pytree.tree_flatten_with_path(inner, is_leaf=lambda x: isinstance(x, Int8Blocks))[0]
     position = {pytree.keystr(path): j for j, (path, _) in enumerate(leaves)}

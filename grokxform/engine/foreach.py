@@ -122,7 +122,7 @@ class GroupPass:
             self.store(self.grp.roles[self.step._role(node, name)], value.ts)
             return
         packed = self._packed(node, name, codec)
-        keys = self.scalars[id(node)].values[codec.key][self._idx(node)] if codec.fmt in STOCHASTIC else [0] * len(packed)
+        keys = self._keys(node, codec, len(packed))
         new = [encode(x, codec.fmt, nonnegative=codec.unsigned, block_size=codec.block_size, key=k)
                for x, k in zip(value.ts, keys)]
         for j in range(len(packed[0])):
@@ -162,7 +162,7 @@ class GroupPass:
         re-sum its decoded slots summed oldest first (:func:`~grokxform._resum.window_sum`'s order),
         one slot of every due leaf at a time."""
         rings = self._packed(m, "window", codec)
-        keys = self.scalars[id(m)].values[codec.key][self._idx(m)] if codec.fmt in STOCHASTIC else [0] * len(rings)
+        keys = self._keys(m, codec, len(rings))
         new = [encode(x, codec.fmt, block_size=codec.block_size, key=k) for x, k in zip(newest, keys)]
         for j in range(len(new[0])):
             self.store([ring[j][k] for ring, k in zip(rings, slots)], [p[j] for p in new])
@@ -241,4 +241,9 @@ class GroupPass:
 
     def _idx(self, node: Any) -> list[int]:
         return self.grp.idx[id(node)]
+
+    def _keys(self, node: Any, codec: P.Codec, n: int) -> Any:
+        """The stochastic rounding's key of each of the ``n`` leaves ``node`` codes (0 where the
+        format rounds to nearest)."""
+        return self.scalars[id(node)].values[codec.key][self._idx(node)] if codec.fmt in STOCHASTIC else [0] * n
 

@@ -184,10 +184,7 @@ def encode(
         noise = (random_like("uniform", x, key) * 65536.0).to(torch.int32)  # 16 random bits
         r = torch.where(_special(bits), bits, bits + noise)
         return Bf16Stochastic(_bitcast((r >> 16).to(torch.int16), torch.bfloat16))
-    b = _blocks(x, block_size)
-    scale = _block_scales(b, nonnegative)
-    r = torch.reciprocal(scale)
-    q = torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0)
+    q, scale = _scaled(x, block_size, nonnegative)
     u = _blocks(random_like("uniform", x, key), block_size)
     if nonnegative:
         q = q.clamp(0.0, 1.0)
@@ -202,6 +199,15 @@ def encode(
     near = torch.round(t)
     codes = torch.where((t - near).abs() < SNAP, near, lo + up.to(torch.float32))
     return Int8Blocks(_unblock(codes.to(torch.uint8 if nonnegative else torch.int8), x), scale)
+
+
+def _scaled(x: torch.Tensor, block_size: int, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in blocks (``[blocks, block_size]``) times its block's r = 1/scale (the signed code:
+    r·127; a NaN product 0), and the scales: what :func:`encode` codes."""
+    b = _blocks(x, block_size)
+    scale = _block_scales(b, nonnegative)
+    r = torch.reciprocal(scale)
+    return torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0), scale
 
 
 def _fourth(code: torch.Tensor) -> torch.Tensor:
