@@ -17,15 +17,16 @@ role            compressed
 ``v_near_sqrt`` as ``adam``, v's code the one whose value's square root is nearest to √v
 ``v_pow2``      as ``adam``, v in a square-root code: value = max·(code/255)² (not the fourth power)
 ``v_b32``       as ``adam``, v's fourth-root code in blocks of 32 (m's stay 256)
-``sr_v``        int8 throughout (the window and Adam), the signed codes (the window's slots,
-                m) rounded to nearest, v's rounded stochastically and a positive v never
-                coded 0
+``sr_v``        int8 throughout (the window and Adam) in the package's codes: the signed ones
+                (the window's slots, m) rounded to nearest, v's rounded stochastically and a
+                positive v never coded 0
 ==============  ===========================================================================
 
-The committed results (``benchmarks/results/compress_quality/cpu_lm_roles/``) were measured when
-``"int8"`` rounded to nearest (commit acd33bf and before): they found the loss in v's rounding,
-and ``"int8"`` now rounds stochastically (:func:`grokxform.transforms.compress.encode`); the
-``v_*`` roles' codes round to nearest (or up) still.
+The committed results (``benchmarks/results/compress_quality/cpu_lm_roles/``) of every role but
+``sr_v`` were measured when ``"int8"`` rounded every code to nearest (commit acd33bf and before):
+they found the loss in v's rounding. ``sr_v`` was measured with its codes written into this
+script (the same codes as :func:`grokxform.transforms.compress.encode`'s now; the same losses to
+the bit over 60 steps). The ``v_*`` roles' codes round to nearest (or up) still.
 
 ``m`` and ``v`` hold one field of the same ``compress_state(adam, "int8")`` near float32 by
 coding it in ``"bf16"`` instead; the ``v_*`` roles code v another way (the codec's choice per
@@ -108,30 +109,16 @@ def v_codes(x: torch.Tensor, rule: str, block_size: int) -> Any:
     return compress.Int8Blocks(compress._unblock(codes.to(torch.uint8), x), scale)
 
 
-def nearest_signed(x: torch.Tensor, block_size: int) -> Any:
-    """``"int8"``'s signed code rounded to nearest (ties to even): round(clamp(x·(r·127)))."""
-    q, scale = compress._scaled(x, block_size, False)
-    codes = torch.round(q.clamp(-127.0, 127.0))
-    return compress.Int8Blocks(compress._unblock(codes.to(torch.int8), x), scale)
-
-
 def swap_codes(role: str) -> None:
     """The codecs of ``role`` in place of ``compress``'s: for ``m`` (``v``) the other field, v
     (m), in ``"bf16"`` where int8 would code it; for a ``v_*`` role v coded by its rule
-    (:func:`v_codes`; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`); for ``sr_v``
-    the signed codes rounded to nearest (:func:`nearest_signed`) and v's stochastic ones, a
-    positive value's code at least 1."""
+    (:func:`v_codes`; ``v_b32``: the fourth-root code in blocks of :data:`V_BLOCK`)."""
     encode, decode, zeros = compress.encode, compress.decode, compress._zeros
     exact = {"m": True, "v": False}.get(role)  # the field kept near float32: v (non-negative) or m
     rule = role[2:] if role.startswith("v_") else None
 
     def encode_field(x: torch.Tensor, fmt: str, *, nonnegative: bool = False, block_size: int = 256,
                      key: Any = 0) -> Any:
-        if role == "sr_v" and fmt == "int8" and not nonnegative:
-            return nearest_signed(x, block_size)
-        if role == "sr_v" and fmt == "int8":
-            p = encode(x, fmt, nonnegative=True, block_size=block_size, key=key)
-            return p._replace(codes=torch.where((p.codes == 0) & (x > 0), 1, p.codes).to(torch.uint8))
         if fmt == "int8" and nonnegative == exact:
             return encode(x, "bf16", block_size=block_size, key=key)
         if fmt == "int8" and nonnegative and rule == "b32":
@@ -164,7 +151,7 @@ def run(role: str, seed: int, out: Path) -> str:
     torch.set_num_threads(1)
     saved = methods.grokfast_ma, compress.encode, compress.decode, compress._zeros
     methods.grokfast_ma = chain_for(role)  # type: ignore[assignment]
-    if role in ("m", "v", "sr_v") or role.startswith("v_"):
+    if role in ("m", "v") or role.startswith("v_"):
         swap_codes(role)
     t0 = time.perf_counter()
     try:

@@ -559,21 +559,20 @@ class Emitter:
             inv = self.value(f"{inv.name} * {self.number(127.0, f32)}", f32)
         q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
         q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
-        u = self.random("uniform", ScalarRef(codec.key), node)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
+            u = self.random("uniform", ScalarRef(codec.key), node)
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
             t = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", f32)
             lo = self.value(f"tl.minimum(tl.floor({t.name}), 254.0)", f32)
             below = self.unit_of_code(lo, codec)
             above = self.unit_of_code(self.value(f"{lo.name} + 1.0", f32), codec)
             up = f"({u.name} * ({above.name} - {below.name}) < {q.name} - {below.name})"
-        else:
-            q = t = self.value(f"tl.minimum(tl.maximum({q.name}, -127.0), 127.0)", f32)
-            lo = self.value(f"tl.floor({q.name})", f32)
-            up = f"({u.name} < {q.name} - {lo.name})"
-        near = self.value(f"({t.name} + 12582912.0) - 12582912.0", f32)  # (within SNAP of a code: that code)
-        q = self.value(f"tl.where(tl.abs({t.name} - {near.name}) < {self.f32_text(SNAP)}, {near.name},"
-                       f" {lo.name} + {up}.to(tl.float32))", f32)
+            near = self.value(f"({t.name} + 12582912.0) - 12582912.0", f32)  # (within SNAP of a code: that code)
+            c = self.value(f"tl.where(tl.abs({t.name} - {near.name}) < {self.f32_text(SNAP)}, {near.name},"
+                           f" {lo.name} + {up}.to(tl.float32))", f32)
+            q = self.value(f"tl.where({q.name} > 0.0, tl.maximum({c.name}, 1.0), {c.name})", f32)  # (a positive v: not 0)
+        else:  # rounded to nearest, ties to even
+            q = self.value(f"(tl.minimum(tl.maximum({q.name}, -127.0), 127.0) + 12582912.0) - 12582912.0", f32)
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
         self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {q.name}.to({kind}), mask={mask})")
         first = self.block_starts(bs)  # a block is written where its first element is

@@ -21,7 +21,7 @@ import torch
 from grokxform._resum import sum_windows
 from grokxform.elements import Scalars, TracedRule, run_foreach
 from grokxform.engine import plan as P
-from grokxform.transforms.compress import STOCHASTIC, Bf16Pair, Bf16Stochastic, Int8Blocks, decode, encode
+from grokxform.transforms.compress import Bf16Pair, Bf16Stochastic, Int8Blocks, decode, encode, stochastic
 
 
 def _slot(ring: Any, k: int) -> Any:
@@ -244,6 +244,8 @@ class GroupPass:
 
     def _keys(self, node: Any, codec: P.Codec, n: int) -> Any:
         """The stochastic rounding's key of each of the ``n`` leaves ``node`` codes (0 where the
-        format rounds to nearest)."""
-        return self.scalars[id(node)].values[codec.key][self._idx(node)] if codec.fmt in STOCHASTIC else [0] * n
+        field rounds to nearest)."""
+        if not stochastic(codec.fmt, codec.unsigned):
+            return [0] * n
+        return self.scalars[id(node)].values[codec.key][self._idx(node)]
 

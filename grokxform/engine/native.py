@@ -289,30 +289,28 @@ class CEmitter(G.Emitter):
         # divide the item: block_size divides BLOCK) its absmax and its codes, from L1.
         bs, buf, noise = codec.block_size, self.var("qb"), self.var("ub")
         self.pre_line(f"float {buf}[BLOCK];")
-        self.pre_line(f"float {noise}[BLOCK];")
         self.line(f"{buf}[i - start] = {x};")
-        self.line(f"{noise}[i - start] = {self.random('uniform', ScalarRef(codec.key), node).name};")
+        if codec.unsigned:
+            self.pre_line(f"float {noise}[BLOCK];")
+            self.line(f"{noise}[i - start] = {self.random('uniform', ScalarRef(codec.key), node).name};")
         codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
         ctype = "uint8_t" if codec.unsigned else "int8_t"
         mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
         inv = "1.0f / scale" if codec.unsigned else f"(1.0f / scale) * {self.number(127.0, torch.float32)}"
         tiny = self.number(SCALE_FLOOR, torch.float32)
         u, k = f"{noise}[j - start]", self.number(1.0 / 255.0, torch.float32)
-        snap = f"const float qn = (qt + 12582912.0f) - 12582912.0f; q = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn : "
-
-        def floor(x: str) -> str:  # ⌊x⌋ (|x| ≤ 255) in float operations: an int conversion keeps the loop scalar
-            return (f"float qlo = (({x} - 0.5f) + 12582912.0f) - 12582912.0f;"
-                    f" qlo -= (float)(qlo > {x}); qlo += (float)(qlo + 1.0f <= {x});")
-
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
+            # (⌊qt⌋ in float operations: an int conversion keeps the loop scalar)
             code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; const float qt = sqrtf(sqrtf(q)) * 255.0f;"
-                    f" {floor('qt')} qlo = qlo > 254.0f ? 254.0f : qlo;"
+                    " const float qn = (qt + 12582912.0f) - 12582912.0f;"
+                    " float qlo = qn - (float)(qn > qt); qlo = qlo > 254.0f ? 254.0f : qlo;"
                     f" float qbe = qlo * {k}, qab = (qlo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
                     " qbe = qbe * qbe; qbe = qbe * qbe; qab = qab * qab; qab = qab * qab;"
-                    f" {snap}qlo + (float)({u} * (qab - qbe) < q - qbe);")
-        else:
-            code = ("q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; const float qt = q;"
-                    f" {floor('q')} {snap}qlo + (float)({u} < q - qlo);")
+                    f" const float qc = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn"
+                    f" : qlo + (float)({u} * (qab - qbe) < q - qbe);"
+                    " q = q > 0.0f && qc < 1.0f ? 1.0f : qc;")  # (a positive v: not 0)
+        else:  # rounded to nearest, ties to even
+            code = "q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; q = (q + 12582912.0f) - 12582912.0f;"
         self.post += [
             f"{guard}for (int64_t b0 = start; b0 < end; b0 += {bs}) {{",
             f"    const int64_t b1 = b0 + {bs} < end ? b0 + {bs} : end;",

@@ -44,7 +44,7 @@ import torch.utils._pytree as pytree
 from grokxform import declarations as D
 from grokxform import tree as _tree
 from grokxform.elements import TracedRule, leaf_keys
-from grokxform.transforms.compress import STOCHASTIC
+from grokxform.transforms.compress import STOCHASTIC, stochastic
 
 SLOT = "__slot"
 """The scalar holding each leaf's ring slot of a member's window (its oldest value)."""
@@ -64,7 +64,7 @@ class Codec:
     parts ``hi``, ``lo``; ``"bf16_sr"``: ``value``; ``"int8"``: ``codes``, ``scales``),
     ``unsigned`` (int8's fourth-root code of a non-negative field), ``block_size`` (int8's
     quantization block) and ``key``, the member's scalar holding each leaf's stochastic rounding
-    key (``"bf16_sr"``, ``"int8"``). The runners load such a column as decode(parts) and store
+    key (where it rounds stochastically: ``"bf16_sr"``, ``"int8"``'s unsigned code). The runners load such a column as decode(parts) and store
     encode(value), the codecs of :mod:`grokxform.transforms.compress`."""
 
     fmt: str
@@ -707,7 +707,7 @@ class Pack(_StateWrapper):
                     Codec(decl.fmt, t[0].dtype == torch.uint8, decl.block_size, key) if is_packed(t) else None
                     for t in col
                 ]
-                if decl.fmt in STOCHASTIC:
+                if any(c is not None and stochastic(c.fmt, c.unsigned) for c in m.codecs[f]):
                     m.keys[f] = (node, [position.get(id(t), 0) for t in col])
         return node
 

@@ -21,7 +21,13 @@ Format = Literal["bf16", "bf16_sr", "int8"]
 FORMATS: tuple[str, ...] = ("bf16", "bf16_sr", "int8")
 """The formats of :func:`compress_state`."""
 STOCHASTIC: tuple[str, ...] = ("bf16_sr", "int8")
-"""The formats that round stochastically (:func:`encode` takes a ``key``)."""
+"""The formats with a field that rounds stochastically (:func:`encode` takes a ``key``)."""
+
+
+def stochastic(fmt: str, nonnegative: bool) -> bool:
+    """Whether :func:`encode` in ``fmt`` draws random numbers for a field (``nonnegative``: one
+    its primitive declares non-negative): ``"bf16_sr"``, and ``"int8"``'s unsigned code."""
+    return fmt == "bf16_sr" or (fmt == "int8" and nonnegative)
 
 _SEED = 0x5EED_C0DE
 """The seed of the stochastic rounding's keys (``leaf_keys(_SEED, step, leaf)``)."""
@@ -126,9 +132,9 @@ def _bitcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 SNAP = 2.0**-12
-"""An int8 element within this of a code (in code units: of q, or of √√q·255 for the unsigned
-code) takes that code: a decoded value, coded again, lies within 2⁻¹⁴ of its code (six roundings
-of its way there and back), and keeps it."""
+"""An element of the unsigned int8 code whose √√q·255 lies within this of a code takes that
+code: a decoded value, coded again, lies within 2⁻¹⁴ of its code (six roundings of its way there
+and back), and keeps it."""
 
 SCALE_FLOOR = 2.0**-120
 """The least scale of an int8 block: its reciprocal times 127 is a finite float32 (the engine's
@@ -147,26 +153,31 @@ def encode(
 ) -> NamedTuple:
     """The compressed form of the float32 tensor ``x`` in ``fmt`` (see :func:`compress_state`).
     ``nonnegative``: ``x`` holds no negative value (``"int8"`` then uses its unsigned code);
-    ``key``: the stochastic rounding's key (``"bf16_sr"``, ``"int8"``: an integer, or an int64
-    0-d tensor).
+    ``key``: the stochastic rounding's key (``"bf16_sr"``, ``"int8"``'s unsigned code: an
+    integer, or an int64 0-d tensor; :func:`stochastic`).
 
     ``"int8"``, per block: the scale s (its absmax, or its max for the unsigned code; at least
-    2⁻¹²⁰) and r = 1/s (correctly rounded); per element u, the :func:`~grokxform.elements.uniform`
-    of ``key`` at the element, and the code, rounded stochastically in the value's own units:
+    2⁻¹²⁰) and r = 1/s (correctly rounded); per element the code:
 
-    - signed: t = q = clamp(x·(r·127), −127, 127), the code ⌊q⌋ + [u < q − ⌊q⌋];
-    - unsigned: q = clamp(x·r, 0, 1), t = √√q·255, c = min(⌊t⌋, 254), the code
-      c + [u·(f(c+1) − f(c)) < q − f(c)] with f(c) = (c/255)⁴ as :func:`decode` computes it;
-    - either: where t lies within 2⁻¹² of an integer (:data:`SNAP`), that integer.
+    - signed, rounded to nearest (ties to even): q = clamp(x·(r·127), −127, 127), the code
+      round(q);
+    - unsigned, rounded stochastically in the value's own units: u the
+      :func:`~grokxform.elements.uniform` of ``key`` at the element, q = clamp(x·r, 0, 1),
+      t = √√q·255, c = min(⌊t⌋, 254), the code c + [u·(f(c+1) − f(c)) < q − f(c)] with
+      f(c) = (c/255)⁴ as :func:`decode` computes it; where t lies within 2⁻¹² of an integer
+      (:data:`SNAP`), that integer; where q > 0, at least 1.
 
-    So a value between two codes takes the upper one with the probability of its distance from
-    the lower one, and the mean of its codings is the value: a state that moves by less than
-    half a code a step (an EMA with β near 1) still moves, where rounding to nearest would hold
-    it. A decoded tensor coded again gives the same codes and scales (the block's largest code
-    decodes to its scale exactly, and every decoded value snaps back to its code), so a step
-    that a wrapper skips leaves a compressed state as it was. A NaN product codes 0. Every
-    operation is correctly rounded and none is fused, so the engine's kernels (C, Triton on a
-    GPU) store these codes and scales bit for bit.
+    A second moment between two codes takes the upper one with the probability of its distance
+    from the lower one, so the mean of its codings is the value: v, which moves by less than half
+    a code a step (an EMA with β₂ near 1), still moves, where rounding to nearest would hold it.
+    A positive v never decodes to 0 (m/(√v + ε) would grow by up to 1/ε). The signed codes
+    (m, EMA μ, window slots) round to nearest: a stochastic code would give a value far below
+    its block's scale a whole code (m/√v then grows by as much where v is as small). A decoded
+    tensor coded again gives the same codes and scales (the block's largest code decodes to its
+    scale exactly, and every decoded value rounds or snaps back to its code), so a step that a
+    wrapper skips leaves a compressed state as it was. A NaN product codes 0. Every operation is
+    correctly rounded and none is fused, so the engine's kernels (C, Triton on a GPU) store
+    these codes and scales bit for bit.
 
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
@@ -185,20 +196,17 @@ def encode(
         r = torch.where(_special(bits), bits, bits + noise)
         return Bf16Stochastic(_bitcast((r >> 16).to(torch.int16), torch.bfloat16))
     q, scale = _scaled(x, block_size, nonnegative)
+    if not nonnegative:
+        return Int8Blocks(_unblock(torch.round(q.clamp(-127.0, 127.0)).to(torch.int8), x), scale)
     u = _blocks(random_like("uniform", x, key), block_size)
-    if nonnegative:
-        q = q.clamp(0.0, 1.0)
-        t = q.sqrt().sqrt() * 255.0
-        lo = torch.floor(t).clamp(max=254.0)
-        below, above = _fourth(lo), _fourth(lo + 1.0)
-        up = u * (above - below) < q - below
-    else:
-        q = t = q.clamp(-127.0, 127.0)
-        lo = torch.floor(q)
-        up = u < q - lo
+    q = q.clamp(0.0, 1.0)
+    t = q.sqrt().sqrt() * 255.0
+    lo = torch.floor(t).clamp(max=254.0)
+    below, above = _fourth(lo), _fourth(lo + 1.0)
     near = torch.round(t)
-    codes = torch.where((t - near).abs() < SNAP, near, lo + up.to(torch.float32))
-    return Int8Blocks(_unblock(codes.to(torch.uint8 if nonnegative else torch.int8), x), scale)
+    codes = torch.where((t - near).abs() < SNAP, near, lo + (u * (above - below) < q - below).to(torch.float32))
+    codes = torch.where(q > 0.0, codes.clamp(min=1.0), codes)
+    return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
 
 
 def _scaled(x: torch.Tensor, block_size: int, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,10 +339,11 @@ def compress_state(
       state: a linear code in [−127, 127]. A field its primitive declares non-negative
       (``nonnegative=``: Adam's, NAdam's, AdEMAMix's and RMSprop's ``nu``): the fourth root of
       value/max coded linearly in [0, 255], so small second moments keep their relative
-      precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes). Codes
-      round stochastically, unbiased in the value's units, with the keys of ``"bf16_sr"``: a
-      second moment with β₂ = 0.999 moves 0.1% a step, less than half a code, and rounding to
-      nearest would hold it where it is.
+      precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes). The
+      signed codes round to nearest. The unsigned ones round stochastically, unbiased in the
+      value's units, with the keys of ``"bf16_sr"`` (a second moment with β₂ = 0.999 moves
+      0.1% a step, less than half a code, and rounding to nearest would hold it where it is),
+      and a positive value codes at least 1.
 
     Measured by ``benchmarks/state_memory.py`` (a 64→256→1 MLP, ``gx.adamw`` lr 1e-3, 500 steps
     of batches of 64, every state tensor compressed; the distance of the final params from the
