@@ -72,8 +72,8 @@ def main() -> None:
     rows = []
     for name in args.pipelines.split(","):
         for fmt in args.formats.split(","):
-            params = [torch.zeros(s, device="cuda", requires_grad=True) for _, s in shapes]
-            for p in params:
+            params = [(n, torch.zeros(s, device="cuda", requires_grad=True)) for n, s in shapes]
+            for _, p in params:
                 p.grad = torch.randn_like(p) * 1e-3
             opt = gx.Optimizer(params, PIPELINES[name](), state_format=None if fmt == "none" else fmt)
             before = set(engine_step._MODULES)

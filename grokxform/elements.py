@@ -545,10 +545,12 @@ MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 """The 32-bit mixer (Chris Wellons' lowbias32): ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
 x *= 0x846CA68B; x ^= x >> 16``, modulo 2³²: a bijection of 32-bit words."""
 STREAMS = {"uniform": 0x9E3779B9, "normal_radius": 0x3C6EF372, "normal_angle": 0xDAA66D2B,
-           "leaf_keys": 0x78DDE6E4}
+           "leaf_keys": 0x78DDE6E4, "dither": 0x1715609D}
 """The word each use of the hash mixes into its key (the first multiples of 0x9E3779B9, 2³²/φ,
-modulo 2³²), so that :func:`uniform`, the two uniforms of :func:`normal` and :func:`leaf_keys` of
-one key are independent streams."""
+modulo 2³²), so that :func:`uniform`, the two uniforms of :func:`normal`, :func:`leaf_keys` and
+:func:`counter_dither` of one key are independent streams."""
+WEYL = 0x9E3779B9
+"""The step of :func:`counter_dither`'s sequence over the elements (2³²/φ, odd)."""
 TWO_PI_F32 = 6.2831854820251465
 """2π rounded to float32 (the angle of :func:`normal` is ``float32(TWO_PI_F32 · u)``)."""
 
@@ -585,6 +587,24 @@ def counter_bits(key: int, index: int, stream: int = STREAMS["uniform"]) -> int:
     return int(_counter_bits(key & MASK32, index & MASK32, index >> 32, stream))
 
 
+def _dither_bits(key: IntLike, lo: IntLike, hi: IntLike) -> IntLike:
+    """The 32 bits of :func:`counter_dither` (``lo``, ``hi``: the words of the index):
+    ``(lo·WEYL + mix(mix(key ^ stream) ^ hi)) mod 2³²``."""
+    return (_mul32(lo, WEYL) + mix32(mix32(key ^ STREAMS["dither"]) ^ hi)) & MASK32
+
+
+def counter_dither(key: int, index: int) -> float:
+    """A float32 value in [0, 1) for element ``index`` (an int in [0, 2⁶⁴)) under ``key`` (taken
+    modulo 2³²), cheaper than :func:`counter_uniform`: the top 24 bits of
+    ``(lo·WEYL + b) mod 2³²`` times 2⁻²⁴, with ``lo`` the index's low word and ``b`` the hash of
+    the key and the index's high word. One key's values are the Weyl sequence of the golden ratio,
+    shifted by b: each element's value is uniform over keys (b is), and independent from key to
+    key, while the elements of one key are spread evenly over [0, 1) rather than independent. What
+    stochastic rounding needs of its random number (one multiplication and one addition an
+    element; ``compress_state``'s int8 second moments), not a source of noise."""
+    return (int(_dither_bits(key & MASK32, index & MASK32, index >> 32)) >> 8) * 2.0**-24
+
+
 def counter_uniform(key: int, index: int) -> float:
     """:func:`uniform` of element ``index`` under ``key``: the top 24 bits of
     :func:`counter_bits` times 2⁻²⁴, a float32 value in [0, 1) (exact in float32)."""
@@ -609,9 +629,10 @@ def counter_normal(key: int, index: int) -> float:
 
 
 def random_like(kind: str, like: torch.Tensor, key: IntLike | float) -> torch.Tensor:
-    """:func:`uniform` (``kind`` ``"uniform"``) or :func:`normal` values of ``key`` (an integer as
-    a number or an integer tensor, 0-d) for every element of ``like`` (float32, ``like``'s shape and
-    device; its values are not read), with torch's int64 ops: the bits of :func:`counter_bits`.
+    """:func:`uniform` (``kind`` ``"uniform"``), :func:`normal` or :func:`counter_dither`
+    (``"dither"``) values of ``key`` (an integer as a number or an integer tensor, 0-d) for every
+    element of ``like`` (float32, ``like``'s shape and device; its values are not read), with
+    torch's int64 ops: the bits of :func:`counter_bits` (:func:`counter_dither`'s).
     Works under ``torch.func`` transforms and ``torch.compile``."""
     key = (int(key) if not isinstance(key, torch.Tensor) else key.to(torch.int64)) & MASK32
     n = like.numel()
@@ -624,6 +645,8 @@ def random_like(kind: str, like: torch.Tensor, key: IntLike | float) -> torch.Te
 
     if kind == "uniform":
         return top24("uniform")
+    if kind == "dither":
+        return (_dither_bits(key, lo, hi) >> 8).to(torch.float32) * 2.0**-24
     radius = torch.sqrt(torch.log(top24("normal_radius", 1)) * -2.0)
     return radius * torch.cos(top24("normal_angle") * TWO_PI_F32)
 

@@ -141,22 +141,22 @@ def test_engine_codes_small_moments_as_the_eager_codecs(backend: str) -> None:
     """Gradients far below their blocks' largest: m rounds to 0 and v codes 1 where the fourth-root
     code would round it below its first code (a positive v never codes 0), in every backend."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(40, 32, generator=g)
+    w = torch.randn(40, 32, generator=g).to(DEVICE)
     grads = []
     for _ in range(4):
         x = torch.randn(40, 32, generator=g) * 1e-4
         x.view(-1)[::64] = 1e3  # (each block's largest)
         x.view(-1)[1::64] = 0.0  # (a v of 0 codes 0)
-        grads.append(x)
+        grads.append(x.to(DEVICE))
     tx = gx.compress_state(gx.adam(1e-2), "int8", min_size=64, block_size=64)
     params, state = {"w": w.clone()}, tx.init({"w": w.clone()})
     with gx.kernels(False):
         for x in grads:
             u, state = tx.update({"w": x.clone()}, state, params)
             params = gx.apply_updates(params, u)
-    fs = FusedStep(tx, {"w": w.clone().to(DEVICE)}, backend=backend)  # type: ignore[arg-type]
+    fs = FusedStep(tx, {"w": w.clone()}, backend=backend)  # type: ignore[arg-type]
     for x in grads:
-        fs({"w": x.to(DEVICE)})
+        fs({"w": x})
     nu = state.inner["adam"].nu["w"].codes.view(-1)
     assert (nu[1::64] == 0).all() and (nu.reshape(-1, 64)[:, 2:] == 1).all()
     assert (state.inner["adam"].mu["w"].codes.view(-1).reshape(-1, 64)[:, 1:] == 0).all()

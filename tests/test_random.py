@@ -22,8 +22,8 @@ import grokxform as gx  # noqa: E402
 from grokxform import _common as C  # noqa: E402
 from grokxform import tree as T  # noqa: E402
 from grokxform.elements import (  # noqa: E402
-    ScalarRef, Scalars, TracedRule, counter_bits, counter_normal, counter_uniform, leaf_keys, mix32, normal,
-    run_foreach, run_leaf, uniform,
+    ScalarRef, Scalars, TracedRule, counter_bits, counter_dither, counter_normal, counter_uniform, leaf_keys, mix32,
+    normal, random_like, run_foreach, run_leaf, uniform,
 )
 from grokxform.engine import functional, native  # noqa: E402
 from grokxform.fused import FusedStep  # noqa: E402
@@ -77,6 +77,22 @@ def test_uniforms_are_24_bit_fractions_in_the_unit_interval() -> None:
     assert all((u * 2**24).is_integer() for u in us)
     assert max(us) > 1 - 1e-3 and min(us) < 1e-3  # the whole interval is reached
     assert len(set(us)) > 0.99 * len(us)
+
+
+def test_the_dither_is_uniform_over_keys_and_even_over_elements() -> None:
+    """:func:`counter_dither`: each element's value uniform over keys (an unbiased stochastic
+    rounding), one key's values a shifted Weyl sequence (spread evenly), the eager values equal to
+    the reference."""
+    assert counter_dither(0, 0) == 4792828 * 2.0**-24 and counter_dither(123456789, 1000) == 0.1521090865135193
+    assert counter_dither(2**32 + 7, 3) == counter_dither(7, 3)  # a key is taken modulo 2³²
+    assert counter_dither(5, 2**32 + 3) != counter_dither(5, 3)  # the index's high word is mixed in
+    over_keys = torch.tensor([counter_dither(k, 17) for k in range(20_000)])
+    assert abs(over_keys.mean().item() - 0.5) < 0.01 and abs(over_keys.var().item() - 1 / 12) < 0.003
+    assert torch.histc(over_keys, 10, 0.0, 1.0).min() > 1_800  # (2,000 a bin)
+    one_key = random_like("dither", torch.zeros(100_000), 11)
+    assert one_key.tolist()[:50] == [counter_dither(11, i) for i in range(50)]
+    assert torch.histc(one_key, 100, 0.0, 1.0).sub(1_000).abs().max() <= 2  # (far more even than independent draws)
+    assert not torch.equal(one_key, random_like("dither", torch.zeros(100_000), 12))
 
 
 def test_the_streams_of_keys_and_leaves_differ_and_repeat() -> None:

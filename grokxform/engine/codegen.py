@@ -27,8 +27,8 @@ from typing import Any, NoReturn
 import torch
 
 from grokxform.elements import (
-    ARITHMETIC, COMPARISONS, MIX_MULTIPLIERS, MIX_SHIFTS, RANDOM, STREAMS, TWO_PI_F32, Op, Program, ScalarRef,
-    interpret,
+    ARITHMETIC, COMPARISONS, MIX_MULTIPLIERS, MIX_SHIFTS, RANDOM, STREAMS, TWO_PI_F32, WEYL, Op, Program,
+    ScalarRef, interpret,
 )
 from grokxform.engine import plan as P
 from grokxform.transforms.compress import SCALE_FLOOR, SNAP, Bf16Pair, Bf16Stochastic, Int8Blocks
@@ -301,7 +301,8 @@ class Emitter:
 
     def bits(self, node: Any, key: ScalarRef, stream: str) -> str:
         """The 32 random bits of the element in ``stream`` of the scalar ``key``: the steps of
-        :func:`~grokxform.elements.counter_bits` (the key's and the stream's part once per item)."""
+        :func:`~grokxform.elements.counter_bits` (the key's and the stream's part once per item);
+        for ``stream`` ``"dither"``, :func:`~grokxform.elements.counter_dither`'s."""
         k = self.cached(("key", id(node), key.name), lambda: self.invariant(
             "k", self.u32(self.index(self.raw_scalar(node, key.name))), "uint32_t"))
         keyed = self.cached(("stream", id(node), key.name, stream), lambda: self.mix(self.invariant(
@@ -311,15 +312,18 @@ class Emitter:
         hi = self.cached(("index", "hi"), lambda: self.invariant("h", self.u32("start >> 32"), "uint32_t"))
         base = self.cached(("base", id(node), key.name, stream), lambda: self.mix(self.invariant(
             "h", f"{keyed} ^ {hi}", "uint32_t"), True))
+        if stream == "dither":
+            return self.u32_value(f"{lo} * {self.u32_const(WEYL)} + {base}")
         inner = self.mix(self.u32_value(f"{lo} + {base}"), False)
         return self.mix(self.u32_value(f"{inner} ^ {k}"), False)
 
     def random(self, kind: str, key: ScalarRef, node: Any) -> Value:
-        """:func:`~grokxform.elements.uniform` or :func:`~grokxform.elements.normal` of ``key`` at
-        this element (float32), as :func:`~grokxform.elements.counter_normal` computes it."""
+        """:func:`~grokxform.elements.uniform`, :func:`~grokxform.elements.normal` (as
+        :func:`~grokxform.elements.counter_normal` computes it) or ``"dither"``
+        (:func:`~grokxform.elements.counter_dither`) of ``key`` at this element (float32)."""
         f32, scale = torch.float32, self.f32_text(2.0**-24)
-        if kind == "uniform":
-            return self.value(f"{self.to_f32(self.bits(node, key, 'uniform') + ' >> 8')} * {scale}", f32)
+        if kind in ("uniform", "dither"):
+            return self.value(f"{self.to_f32(self.bits(node, key, kind) + ' >> 8')} * {scale}", f32)
         radius_bits, angle_bits = self.bits(node, key, "normal_radius"), self.bits(node, key, "normal_angle")
         u1 = self.value(f"{self.to_f32(f'({radius_bits} >> 8) + 1')} * {scale}", f32)
         u2 = self.value(f"{self.to_f32(f'{angle_bits} >> 8')} * {scale}", f32)
@@ -560,7 +564,7 @@ class Emitter:
         q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
         q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
-            u = self.random("uniform", ScalarRef(codec.key), node)
+            u = self.random("dither", ScalarRef(codec.key), node)
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
             t = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", f32)
             lo = self.value(f"tl.minimum(tl.floor({t.name}), 254.0)", f32)

@@ -292,7 +292,7 @@ class CEmitter(G.Emitter):
         self.line(f"{buf}[i - start] = {x};")
         if codec.unsigned:
             self.pre_line(f"float {noise}[BLOCK];")
-            self.line(f"{noise}[i - start] = {self.random('uniform', ScalarRef(codec.key), node).name};")
+            self.line(f"{noise}[i - start] = {self.random('dither', ScalarRef(codec.key), node).name};")
         codes, scales = self.ptr(f"{role}__codes"), self.ptr(f"{role}__scales")
         ctype = "uint8_t" if codec.unsigned else "int8_t"
         mag = f"{buf}[j - start]" if codec.unsigned else f"fabsf({buf}[j - start])"
