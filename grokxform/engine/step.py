@@ -50,19 +50,20 @@ BLOCK = 1024
 REDUCE_BLOCK = 4096
 """Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
-INT8_TILE: tuple[int, int, int | None, int] | None = (512, 1, 80, 1)
+INT8_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
 """The tile of a Triton pass that writes int8 codes: (elements, warps, registers per thread at
 most or ``None`` for the compiler's choice, work items a program takes in turn); ``None``:
 ``BLOCK`` and ``NUM_WARPS``, one item a program, as every other pass.
 One warp reduces the absmax of each quantization block it holds with shuffles alone (no shared
-memory, no barrier), 80 registers let more warps share an SM, and 16 elements a thread hide the
-latency of the loads (on an H100, GPT-2 small: grokadamw's int8 step 1.125 ms against 1.176 ms
-with 256 elements a warp)."""
+memory, no barrier), and 80 registers let more warps share an SM. 8 elements a thread: the
+stochastic code of second moments keeps more values live than 16 a thread fit under 80 registers
+(on an H100, GPT-2 small: grokadamw's int8 step 1.341 ms, against 1.683 ms with 512 elements a
+warp, in one run: ``benchmarks/results/h100_compress_gpt2_dither.json``)."""
 INT8_WINDOW_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
 """The tile of such a pass that also reads and writes an MA window (``None``: as for
-:data:`INT8_TILE`): 8 elements a thread, since under 80 registers the window's values do not fit
-16 (on the H100 above, grokfast_ma(100)'s int8 step took 3.38 ms on :data:`INT8_TILE`'s tile and
-1.52 ms on this one)."""
+:data:`INT8_TILE`), set apart since the window's values add to what the registers hold: 8
+elements a thread (on the H100 above, grokfast_ma(100)'s int8 step took 3.648 ms with 16 elements
+a thread and 1.719 ms with 8)."""
 HOIST_LOADS = False
 """Whether the Triton kernels issue each element load as early as it may be
 (:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
