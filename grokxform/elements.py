@@ -599,9 +599,9 @@ def counter_dither(key: int, index: int) -> float:
     ``(lo·WEYL + b) mod 2³²`` times 2⁻²⁴, with ``lo`` the index's low word and ``b`` the hash of
     the key and the index's high word. One key's values are the Weyl sequence of the golden ratio,
     shifted by b: each element's value is uniform over keys (b is), and independent from key to
-    key, while the elements of one key are spread evenly over [0, 1) rather than independent. What
-    stochastic rounding needs of its random number (one multiplication and one addition an
-    element; ``compress_state``'s int8 second moments), not a source of noise."""
+    key, while the elements of one key are spread evenly over [0, 1) rather than independent.
+    Made for stochastic rounding (``compress_state``'s int8 second moments: one multiplication and
+    one addition an element), not as a source of noise."""
     return (int(_dither_bits(key & MASK32, index & MASK32, index >> 32)) >> 8) * 2.0**-24
 
 

@@ -64,8 +64,9 @@ class Codec:
     parts ``hi``, ``lo``; ``"bf16_sr"``: ``value``; ``"int8"``: ``codes``, ``scales``),
     ``unsigned`` (int8's fourth-root code of a non-negative field), ``block_size`` (int8's
     quantization block) and ``key``, the member's scalar holding each leaf's stochastic rounding
-    key (where it rounds stochastically: ``"bf16_sr"``, ``"int8"``'s unsigned code). The runners load such a column as decode(parts) and store
-    encode(value), the codecs of :mod:`grokxform.transforms.compress`."""
+    key (where it rounds stochastically: ``"bf16_sr"``, ``"int8"``'s unsigned code). The runners
+    load such a column as decode(parts) and store encode(value), the codecs of
+    :mod:`grokxform.transforms.compress`."""
 
     fmt: str
     unsigned: bool

@@ -341,10 +341,10 @@ def compress_state(
       value/max coded linearly in [0, 255], so small second moments keep their relative
       precision (a linear code rounds most of them to 0, and m/(√v+ε) then explodes). The
       signed codes round to nearest. The unsigned ones round stochastically, unbiased in the
-      value's units, with the keys of ``"bf16_sr"`` and a cheaper random number
-      (:func:`~grokxform.elements.counter_dither`) (a second moment with β₂ = 0.999 moves
-      0.1% a step, less than half a code, and rounding to nearest would hold it where it is),
-      and a positive value codes at least 1.
+      value's units: a second moment with β₂ = 0.999 moves 0.1% a step, less than half a code,
+      and rounding to nearest would hold it where it is. Their random numbers are a dither
+      (:func:`~grokxform.elements.counter_dither`) of the keys of ``"bf16_sr"``, and a
+      positive value codes at least 1.
 
     Measured by ``benchmarks/state_memory.py`` (a 64→256→1 MLP, ``gx.adamw`` lr 1e-3, 500 steps
     of batches of 64, every state tensor compressed; the distance of the final params from the
