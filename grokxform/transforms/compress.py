@@ -349,7 +349,7 @@ def compress_state(
     Measured by ``benchmarks/state_memory.py`` (a 64→256→1 MLP, ``gx.adamw`` lr 1e-3, 500 steps
     of batches of 64, every state tensor compressed; the distance of the final params from the
     float32 run's, relative to how far that run moved): 1.8e-2 (``"bf16"``), 5.8e-2
-    (``"bf16_sr"``), 0.13 (``"int8"``). There is no fp8 format: e4m3 with the same block scales
+    (``"bf16_sr"``), 0.12 (``"int8"``). There is no fp8 format: e4m3 with the same block scales
     measured 1.1-2.8x the int8 code's error on μ, m, √v and gradients, and no run nearer the float32
     one (``benchmarks/fp8_codes.py``).
 
