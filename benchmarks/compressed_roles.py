@@ -25,8 +25,9 @@ role            compressed
 The committed results (``benchmarks/results/compress_quality/cpu_lm_roles/``) of every role but
 ``sr_v`` were measured when ``"int8"`` rounded every code to nearest (commit acd33bf and before):
 they found the loss in v's rounding. ``sr_v`` was measured with its codes written into this
-script (the same codes as :func:`grokxform.transforms.compress.encode`'s now; the same losses to
-the bit over 60 steps). The ``v_*`` roles' codes round to nearest (or up) still.
+script, v's random numbers the counter-based hash of ``"bf16_sr"``; the package's codes
+(:func:`grokxform.transforms.compress.encode`) now take a dither instead, and the role runs them.
+The ``v_*`` roles' codes round to nearest (or up) still.
 
 ``m`` and ``v`` hold one field of the same ``compress_state(adam, "int8")`` near float32 by
 coding it in ``"bf16"`` instead; the ``v_*`` roles code v another way (the codec's choice per

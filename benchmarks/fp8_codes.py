@@ -9,7 +9,7 @@ Both codes take one byte an element and one float32 scale per block of 256 eleme
 
 - int8: :func:`grokxform.transforms.compress.encode` / ``decode`` (signed linear code of the
   block's absmax, rounded to nearest; Adam's v in the unsigned fourth-root code, rounded
-  stochastically with the keys ``gx.compress_state`` gives each tensor at each step).
+  stochastically by a dither of the keys ``gx.compress_state`` gives each tensor at each step).
 - fp8: per block, s = absmax / 448 (e4m3's largest finite value), the element x / s rounded to
   ``torch.float8_e4m3fn``, decoded as code · s. For Adam's v two variants: v itself, and √v
   (the root squared on decode; a square root spreads v's range as the int8 code's fourth root does).

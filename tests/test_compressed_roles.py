@@ -47,4 +47,3 @@ def test_the_float32_role_is_the_comparisons_grokfast_ma(roles: ModuleType, tmp_
     alone = sweep("grokfast_ma", {"lr": [1e-3]}, seeds=[0], steps=20, task="lm", device="cpu")
     assert loss["float32"] == alone.val_loss[-1]
     assert loss["adam"] != loss["float32"]
-
