@@ -7,8 +7,8 @@
 # with the element loads hoisted (--hoist-loads); the kernels' registers and spills (part
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
-# PARTS (default "tests speed quality") picks among them; TESTS (default the two compressed-state
-# modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
+# PARTS (default "tests speed quality") picks among them; TESTS (default the compressed-state and random-number
+# test modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -18,7 +18,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 parts=" ${PARTS:-tests speed quality} "
 if [[ $parts == *" tests "* ]]; then
 PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
-  ${TESTS:-tests/test_compress_engine.py tests/test_compress.py} > "$OUT/gpu_tests.txt" 2>&1
+  ${TESTS:-tests/test_compress_engine.py tests/test_compress.py tests/test_random.py} > "$OUT/gpu_tests.txt" 2>&1
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
 fi
 if [[ $parts == *" speed "* ]]; then
