@@ -308,7 +308,7 @@ class CEmitter(G.Emitter):
                     " qbe = qbe * qbe; qbe = qbe * qbe; qab = qab * qab; qab = qab * qab;"
                     f" const float qc = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn"
                     f" : qlo + (float)({u} * (qab - qbe) < q - qbe);"
-                    " q = q > 0.0f && qc < 1.0f ? 1.0f : qc;")  # (a positive v: not 0)
+                    " const float qm = (float)(q > 0.0f); q = qc > qm ? qc : qm;")  # (a positive v: not 0)
         else:  # rounded to nearest, ties to even
             code = "q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; q = (q + 12582912.0f) - 12582912.0f;"
         self.post += [

@@ -350,8 +350,8 @@ def compress_state(
     of batches of 64, every state tensor compressed; the distance of the final params from the
     float32 run's, relative to how far that run moved): 1.8e-2 (``"bf16"``), 5.8e-2
     (``"bf16_sr"``), 0.12 (``"int8"``). There is no fp8 format: e4m3 with the same block scales
-    measured 1.1-2.8x the int8 code's error on μ, m, √v and gradients, and no run nearer the float32
-    one (``benchmarks/fp8_codes.py``).
+    measured 1.7-3.0x the int8 code's error on μ, m and gradients and 2.4-5.8x on √v, and every fp8
+    run ended farther from the float32 one (``benchmarks/fp8_codes.py``).
 
     MA windows: a slot stores q = decode(encode(g)); the running sum adds what the slot stores
     (q − g is added to the sum on the step that writes the slot), so that the decoded oldest
