@@ -55,15 +55,15 @@ INT8_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
 most or ``None`` for the compiler's choice, work items a program takes in turn); ``None``:
 ``BLOCK`` and ``NUM_WARPS``, one item a program, as every other pass.
 One warp reduces the absmax of each quantization block it holds with shuffles alone (no shared
-memory, no barrier), and 80 registers let more warps share an SM. 8 elements a thread: the
-stochastic code of second moments keeps more values live than 16 a thread fit under 80 registers
-(on an H100, GPT-2 small: grokadamw's int8 step 1.341 ms, against 1.683 ms with 512 elements a
-warp, in one run: ``benchmarks/results/h100_compress_gpt2_dither.json``)."""
+memory, no barrier), and 80 registers let more warps share an SM. 8 elements a thread: with
+the stochastic code of second moments it is the faster tile (on an H100, GPT-2 small:
+grokadamw's int8 step 1.341 ms, against 1.683 ms with 512 elements a warp, in one run:
+``benchmarks/results/h100_compress_gpt2_dither.json``)."""
 INT8_WINDOW_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
 """The tile of such a pass that also reads and writes an MA window (``None``: as for
-:data:`INT8_TILE`), set apart since the window's values add to what the registers hold: 8
-elements a thread (on the H100 above, grokfast_ma(100)'s int8 step took 3.648 ms with 16 elements
-a thread and 1.719 ms with 8)."""
+:data:`INT8_TILE`), a knob of its own since the window's values add to what the registers hold:
+8 elements a thread (on the H100 above, grokfast_ma(100)'s int8 step took 3.648 ms with 16
+elements a thread and 1.719 ms with 8)."""
 HOIST_LOADS = False
 """Whether the Triton kernels issue each element load as early as it may be
 (:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
