@@ -401,14 +401,21 @@ def compress_state(
         return (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() >= 1
                 and x.numel() >= min_size and id(x) not in keep)
 
-    def keys_of(leaves: list[Any], count: torch.Tensor) -> Callable[[Any], Any]:
-        """The stochastic rounding's key of each tensor of the state (by id): from the step count
-        and the tensor's position among the state's leaves."""
-        if fmt not in STOCHASTIC:
-            return lambda x: 0
-        keys = leaf_keys(_SEED, count, range(len(leaves)))
-        position = {id(x): j for j, x in enumerate(leaves)}
-        return lambda x: keys[position[id(x)]]
+    def keys_of(leaves: list[Any], count: torch.Tensor) -> Callable[[Any, bool], Any]:
+        """The stochastic rounding's key of each tensor of the state (by id; 0 for a field that
+        rounds to nearest): from the step count and the tensor's position among the state's
+        leaves, made at the first field that rounds stochastically."""
+        made: list[tuple[torch.Tensor, dict[int, int]]] = []
+
+        def key(x: Any, nonnegative: bool) -> Any:
+            if not stochastic(fmt, nonnegative):
+                return 0
+            if not made:
+                made.append((leaf_keys(_SEED, count, range(len(leaves))), {id(y): j for j, y in enumerate(leaves)}))
+            keys, position = made[0]
+            return keys[position[id(x)]]
+
+        return key
 
     def pack(inner: Any, count: torch.Tensor, reuse: dict[int, Any], zeros: dict[int, Any] | None = None) -> Any:
         """The state ``inner`` with its packable tensors compressed (``reuse``: tensors whose
@@ -427,7 +434,8 @@ def compress_state(
             elif packable(x, keep) and zeros is not None and _memory.is_lazy(x, zeros):
                 out.append(_zeros(x, fmt, id(x) in nonneg, block_size))
             elif packable(x, keep):
-                out.append(encode(x, fmt, nonnegative=id(x) in nonneg, block_size=block_size, key=key(x)))
+                unsigned = id(x) in nonneg
+                out.append(encode(x, fmt, nonnegative=unsigned, block_size=block_size, key=key(x, unsigned)))
             elif isinstance(x, torch.Tensor) and x.dim() > 0 and 0 in x.stride() and x.numel() > 1:
                 out.append(x.contiguous())  # (a lazy zero of the engine's init: a real tensor)
             else:
@@ -488,7 +496,7 @@ def compress_state(
             for i, g in enumerate(newest):
                 if not isinstance(g, torch.Tensor) or id(g) in origin or g.dtype != torch.float32 or g.numel() < min_size:
                     continue
-                packed = encode(g, fmt, block_size=block_size, key=key(g))
+                packed = encode(g, fmt, block_size=block_size, key=key(g, False))
                 fresh[id(g)] = packed
                 if new_totals is not None and new_totals[i] is not None:
                     acc, q = new_totals[i].dtype, decode(packed, block_size)
