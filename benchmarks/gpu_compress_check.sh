@@ -8,7 +8,7 @@
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
 # PARTS (default "tests speed quality") picks among them; TESTS (default the compressed-state and random-number
-# test modules) names the test files; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
+# test modules) names the test files and TESTS_SECONDS (default 240) bounds them; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -17,7 +17,7 @@ if ls .wheels/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-deps .
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 parts=" ${PARTS:-tests speed quality} "
 if [[ $parts == *" tests "* ]]; then
-PYTHONPATH="$PWD" timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
+PYTHONPATH="$PWD" timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -m "gpu or not gpu" \
   ${TESTS:-tests/test_compress_engine.py tests/test_compress.py tests/test_random.py} > "$OUT/gpu_tests.txt" 2>&1
 grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -12
 fi
