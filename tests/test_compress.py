@@ -128,11 +128,31 @@ def test_int8_small_values_code_safely() -> None:
     assert (encode(torch.zeros(256), "int8", nonnegative=True, key=1).codes == 0).all()
 
 
+def test_int8_code_below_needs_only_a_guess_of_the_root() -> None:
+    """The unsigned code's lower neighbour is the largest c ≤ 254 with f(c) ≤ q, found exactly
+    from any fourth root that is off by less than 1/64 of a code below or 0.98 above (a GPU's
+    approximate roots): checked against a search of f's table on every code's value and its
+    float32 neighbours, and on values spread over [0, 1]."""
+    table = compress._fourth(torch.arange(256, dtype=torch.float32))
+    near = torch.cat([table, torch.nextafter(table, torch.ones(())), torch.nextafter(table, torch.zeros(()))])
+    spread = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) ** 4
+    q = torch.cat([near, spread, torch.tensor([0.0, 1e-45, 1e-38, 1.0])]).clamp(0.0, 1.0)
+    want = (torch.searchsorted(table, q, right=True) - 1).clamp(max=254).to(torch.float32)
+    exact = q.double() ** 0.25
+    for off in (0.0, -0.0155, 0.97, 0.5, -0.01):
+        root = (exact + off / 255.0).clamp(min=0.0).to(torch.float32)
+        lo, below, above = compress._code_below(q, root)
+        assert torch.equal(lo, want), off
+        assert torch.equal(below, table[want.long()]) and torch.equal(above, table[want.long() + 1])
+    lo, _, _ = compress._code_below(q, (exact - 0.03 / 255.0).clamp(min=0.0).to(torch.float32))
+    assert not torch.equal(lo, want)  # (a guess off by more than the slack misses)
+
+
 def test_int8_decoded_state_codes_again_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoded value coded again keeps its code whatever the key (a step that a wrapper skips
-    re-codes the old state): it lies within a few roundings of its code, and the snap to a code
-    within 2⁻¹² catches it (the unsigned code; the signed one rounds to nearest). Without the
-    snap, stochastic rounding moves a few codes in ten million."""
+    re-codes the old state): it lies within a few roundings of its code, inside the code's dead
+    zone (u held within [2⁻¹², 1 − 2⁻¹²]; the signed code rounds to nearest). Without the dead
+    zone, stochastic rounding moves a few codes in ten million."""
     x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.0, 1.0, 1_000_000) ** 3
 
     def moved(keys: int) -> int:
@@ -146,7 +166,7 @@ def test_int8_decoded_state_codes_again_to_itself(monkeypatch: pytest.MonkeyPatc
         return n
 
     assert moved(20) == 0
-    monkeypatch.setattr(compress, "SNAP", 0.0)
+    monkeypatch.setattr(compress, "DEAD_ZONE", 0.0)
     assert moved(20) > 0
 
 

@@ -31,7 +31,7 @@ from grokxform.elements import (
     ScalarRef, interpret,
 )
 from grokxform.engine import plan as P
-from grokxform.transforms.compress import SCALE_FLOOR, SNAP, Bf16Pair, Bf16Stochastic, Int8Blocks
+from grokxform.transforms.compress import DEAD_ZONE, ROOT_SLACK, SCALE_FLOOR, Bf16Pair, Bf16Stochastic, Int8Blocks
 
 _PARTS = {"bf16": Bf16Pair._fields, "bf16_sr": Bf16Stochastic._fields, "int8": Int8Blocks._fields}
 """The parts of a compressed tensor of each format."""
@@ -564,17 +564,21 @@ class Emitter:
         q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
         q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
+            dead = self.f32_text(DEAD_ZONE)
             u = self.random("dither", ScalarRef(codec.key), node)
+            u = self.value(f"tl.minimum(tl.maximum({u.name}, {dead}), {self.f32_text(1.0 - DEAD_ZONE)})", f32)
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
-            t = self.value(f"tl.sqrt_rn(tl.sqrt_rn({q.name})) * 255.0", f32)
-            lo = self.value(f"tl.minimum(tl.floor({t.name}), 254.0)", f32)
-            below = self.unit_of_code(lo, codec)
-            above = self.unit_of_code(self.value(f"{lo.name} + 1.0", f32), codec)
+            root = self.value(f"tl.rsqrt(tl.rsqrt({q.name}))", f32)  # q^¼, approximate (the comparison below decides)
+            guess = self.value(f"tl.minimum(tl.floor({root.name} * 255.0 + {self.f32_text(ROOT_SLACK)}), 254.0)", f32)
+            at_guess = self.unit_of_code(guess, codec)
+            down = self.value(f"{at_guess.name} > {q.name}", torch.bool)
+            other = self.value(f"{guess.name} + tl.where({down.name}, -1.0, 1.0)", f32)
+            at_other = self.unit_of_code(other, codec)
+            lo = self.value(f"tl.where({down.name}, {other.name}, {guess.name})", f32)
+            below = self.value(f"tl.where({down.name}, {at_other.name}, {at_guess.name})", f32)
+            above = self.value(f"tl.where({down.name}, {at_guess.name}, {at_other.name})", f32)
             up = f"({u.name} * ({above.name} - {below.name}) < {q.name} - {below.name})"
-            near = self.value(f"({t.name} + 12582912.0) - 12582912.0", f32)  # (within SNAP of a code: that code)
-            c = self.value(f"tl.where(tl.abs({t.name} - {near.name}) < {self.f32_text(SNAP)}, {near.name},"
-                           f" {lo.name} + {up}.to(tl.float32))", f32)
-            q = self.value(f"tl.where({q.name} > 0.0, tl.maximum({c.name}, 1.0), {c.name})", f32)  # (a positive v: not 0)
+            q = self.value(f"tl.maximum({lo.name} + {up}.to(tl.float32), ({q.name} > 0.0).to(tl.float32))", f32)
         else:  # rounded to nearest, ties to even
             q = self.value(f"(tl.minimum(tl.maximum({q.name}, -127.0), 127.0) + 12582912.0) - 12582912.0", f32)
         kind = "tl.uint8" if codec.unsigned else "tl.int8"

@@ -39,7 +39,7 @@ import torch
 
 from grokxform.elements import ScalarRef
 from grokxform.engine import codegen as G
-from grokxform.transforms.compress import SCALE_FLOOR, SNAP
+from grokxform.transforms.compress import DEAD_ZONE, ROOT_SLACK, SCALE_FLOOR
 
 _CTYPE = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t", torch.float16: "uint16_t",
           torch.int8: "int8_t", torch.uint8: "uint8_t"}
@@ -301,13 +301,17 @@ class CEmitter(G.Emitter):
         u, k = f"{noise}[j - start]", self.number(1.0 / 255.0, torch.float32)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
             # (⌊qt⌋ in float operations: an int conversion keeps the loop scalar)
-            code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q; const float qt = sqrtf(sqrtf(q)) * 255.0f;"
+            code = ("q = q < 0.0f ? 0.0f : q; q = q > 1.0f ? 1.0f : q;"
+                    f" const float qt = sqrtf(sqrtf(q)) * 255.0f + {self.f32_text(ROOT_SLACK)};"
                     " const float qn = (qt + 12582912.0f) - 12582912.0f;"
-                    " float qlo = qn - (float)(qn > qt); qlo = qlo > 254.0f ? 254.0f : qlo;"
-                    f" float qbe = qlo * {k}, qab = (qlo + 1.0f) * {k};"  # (decode's (t·t)·(t·t))
-                    " qbe = qbe * qbe; qbe = qbe * qbe; qab = qab * qab; qab = qab * qab;"
-                    f" const float qc = fabsf(qt - qn) < {self.f32_text(SNAP)} ? qn"
-                    f" : qlo + (float)({u} * (qab - qbe) < q - qbe);"
+                    " float qg = qn - (float)(qn > qt); qg = qg > 254.0f ? 254.0f : qg;"
+                    f" float qa = qg * {k}; qa = qa * qa; qa = qa * qa;"  # (decode's (t·t)·(t·t))
+                    " const float qo = qa > q ? qg - 1.0f : qg + 1.0f;"
+                    f" float qb = qo * {k}; qb = qb * qb; qb = qb * qb;"
+                    " const float qlo = qa > q ? qo : qg, qbe = qa > q ? qb : qa, qab = qa > q ? qa : qb;"
+                    f" float qu = {u} < {self.f32_text(DEAD_ZONE)} ? {self.f32_text(DEAD_ZONE)} : {u};"
+                    f" qu = qu > {self.f32_text(1.0 - DEAD_ZONE)} ? {self.f32_text(1.0 - DEAD_ZONE)} : qu;"
+                    " const float qc = qlo + (float)(qu * (qab - qbe) < q - qbe);"
                     " const float qm = (float)(q > 0.0f); q = qc > qm ? qc : qm;")  # (a positive v: not 0)
         else:  # rounded to nearest, ties to even
             code = "q = q < -127.0f ? -127.0f : q; q = q > 127.0f ? 127.0f : q; q = (q + 12582912.0f) - 12582912.0f;"

@@ -131,10 +131,15 @@ def _bitcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.view(dtype)
 
 
-SNAP = 2.0**-12
-"""An element of the unsigned int8 code whose √√q·255 lies within this of a code takes that
-code: a decoded value, coded again, lies within 2⁻¹⁴ of its code (six roundings of its way there
-and back), and keeps it."""
+DEAD_ZONE = 2.0**-12
+"""The unsigned int8 code's random number u is held within [2⁻¹², 1 − 2⁻¹²]: a value within this
+fraction of a step from a code takes that code, so a decoded value, coded again (within 3 ulp of
+its code's value, under 2⁻¹⁶ of a step), keeps its code."""
+
+ROOT_SLACK = 1.0 / 64.0
+"""What the unsigned code's guess ⌊255·q^¼ + this⌋ adds to the fourth root (in codes): an
+engine's root may be off by less than this (Triton's is two approximate reciprocal square roots),
+and the code below q is then the guess or the one under it (:func:`_code_below`)."""
 
 SCALE_FLOOR = 2.0**-120
 """The least scale of an int8 block: its reciprocal times 127 is a finite float32 (the engine's
@@ -161,11 +166,12 @@ def encode(
 
     - signed, rounded to nearest (ties to even): q = clamp(x·(r·127), −127, 127), the code
       round(q);
-    - unsigned, rounded stochastically in the value's own units: u the
-      :func:`~grokxform.elements.counter_dither` of ``key`` at the element, q = clamp(x·r, 0, 1),
-      t = √√q·255, c = min(⌊t⌋, 254), the code c + [u·(f(c+1) − f(c)) < q − f(c)] with
-      f(c) = (c/255)⁴ as :func:`decode` computes it; where t lies within 2⁻¹² of an integer
-      (:data:`SNAP`), that integer; where q > 0, at least 1.
+    - unsigned, rounded stochastically in the value's own units: q = clamp(x·r, 0, 1), f(c) =
+      (c/255)⁴ as :func:`decode` computes it, lo the largest c ≤ 254 with f(c) ≤ q (from the
+      guess g = min(⌊255·q^¼ + 1/64⌋, 254), lo = g − [f(g) > q]: :data:`ROOT_SLACK`), u the
+      :func:`~grokxform.elements.counter_dither` of ``key`` at the element held within
+      [2⁻¹², 1 − 2⁻¹²] (:data:`DEAD_ZONE`), the code lo + [u·(f(lo+1) − f(lo)) < q − f(lo)];
+      where q > 0, at least 1.
 
     A second moment between two codes takes the upper one with the probability of its distance
     from the lower one, so the mean of its codings is the value: v, which moves by less than half
@@ -174,10 +180,11 @@ def encode(
     (m, EMA μ, window slots) round to nearest: a stochastic code would give a value far below
     its block's scale a whole code (m/√v then grows by as much where v is as small). A decoded
     tensor coded again gives the same codes and scales (the block's largest code decodes to its
-    scale exactly, and every decoded value rounds or snaps back to its code), so a step that a
-    wrapper skips leaves a compressed state as it was. A NaN product codes 0. Every operation is
-    correctly rounded and none is fused, so the engine's kernels (C, Triton on a GPU) store
-    these codes and scales bit for bit.
+    scale exactly, and every decoded value rounds back to its code or lies in its dead zone), so
+    a step that a wrapper skips leaves a compressed state as it was. A NaN product codes 0. Every
+    operation a code depends on is correctly rounded and none is fused (the fourth root only
+    guesses), so the engine's kernels (C, Triton on a GPU) store these codes and scales bit for
+    bit.
 
     Examples:
         >>> p = gx.transforms.compress.encode(torch.tensor([1.0, -0.5, 0.25]), "int8")
@@ -198,14 +205,10 @@ def encode(
     q, scale = _scaled(x, block_size, nonnegative)
     if not nonnegative:
         return Int8Blocks(_unblock(torch.round(q.clamp(-127.0, 127.0)).to(torch.int8), x), scale)
-    u = _blocks(random_like("dither", x, key), block_size)
+    u = _blocks(random_like("dither", x, key), block_size).clamp(DEAD_ZONE, 1.0 - DEAD_ZONE)
     q = q.clamp(0.0, 1.0)
-    t = q.sqrt().sqrt() * 255.0
-    lo = torch.floor(t).clamp(max=254.0)
-    below, above = _fourth(lo), _fourth(lo + 1.0)
-    near = torch.round(t)
-    codes = torch.where((t - near).abs() < SNAP, near, lo + (u * (above - below) < q - below).to(torch.float32))
-    codes = torch.where(q > 0.0, codes.clamp(min=1.0), codes)
+    lo, below, above = _code_below(q, q.sqrt().sqrt())
+    codes = torch.maximum(lo + (u * (above - below) < q - below).to(torch.float32), (q > 0.0).to(torch.float32))
     return Int8Blocks(_unblock(codes.to(torch.uint8), x), scale)
 
 
@@ -216,6 +219,20 @@ def _scaled(x: torch.Tensor, block_size: int, nonnegative: bool) -> tuple[torch.
     scale = _block_scales(b, nonnegative)
     r = torch.reciprocal(scale)
     return torch.nan_to_num(b * (r if nonnegative else r * 127.0).unsqueeze(1), nan=0.0), scale
+
+
+def _code_below(q: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The largest unsigned code c ≤ 254 with f(c) ≤ q (q in [0, 1]), f(c) and f(c + 1), given
+    ``root``, a guess of q^¼ that 255·root puts less than :data:`ROOT_SLACK` (1/64 of a code)
+    below or 0.98 of a code above 255·q^¼: the guess g = min(⌊255·root + 1/64⌋, 254) is c or
+    c + 1, and f(g) > q tells which."""
+    guess = torch.floor(root * 255.0 + ROOT_SLACK).clamp(max=254.0)
+    at_guess = _fourth(guess)
+    down = at_guess > q
+    other = guess + torch.where(down, -1.0, 1.0)
+    at_other = _fourth(other)
+    return (torch.where(down, other, guess), torch.where(down, at_other, at_guess),
+            torch.where(down, at_guess, at_other))
 
 
 def _fourth(code: torch.Tensor) -> torch.Tensor:
