@@ -50,20 +50,20 @@ BLOCK = 1024
 REDUCE_BLOCK = 4096
 """Elements per program of a reduction pass (it reads and sums: larger blocks, fewer partial sums)."""
 NUM_WARPS = 4
-INT8_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
+INT8_TILE: tuple[int, int, int | None, int] | None = (256, 1, 64, 1)
 """The tile of a Triton pass that writes int8 codes: (elements, warps, registers per thread at
 most or ``None`` for the compiler's choice, work items a program takes in turn); ``None``:
 ``BLOCK`` and ``NUM_WARPS``, one item a program, as every other pass.
 One warp reduces the absmax of each quantization block it holds with shuffles alone (no shared
-memory, no barrier), and 80 registers let more warps share an SM. 8 elements a thread: with
-the stochastic code of second moments it is the faster tile (on an H100, GPT-2 small:
-grokadamw's int8 step 1.341 ms, against 1.683 ms with 512 elements a warp, in one run:
-``benchmarks/results/h100_compress_gpt2_dither.json``)."""
-INT8_WINDOW_TILE: tuple[int, int, int | None, int] | None = (256, 1, 80, 1)
+memory, no barrier), 8 elements a thread. On an H200, GPT-2 small, grokadamw's int8 step took
+1.089 ms with at most 64 registers a thread, 1.182 ms with 80, 1.689 ms with the compiler's
+choice, and adamw's 0.771, 0.830 and 1.029 ms, in one run
+(``benchmarks/results/h200_compress_gpt2_tiles.json``)."""
+INT8_WINDOW_TILE: tuple[int, int, int | None, int] | None = (256, 1, 96, 1)
 """The tile of such a pass that also reads and writes an MA window (``None``: as for
 :data:`INT8_TILE`), a knob of its own since the window's values add to what the registers hold:
-8 elements a thread (on the H100 above, grokfast_ma(100)'s int8 step took 3.648 ms with 16
-elements a thread and 1.719 ms with 8)."""
+in the run above grokfast_ma(100)'s int8 step took 1.304 ms with at most 96 registers a thread,
+1.390 ms with 80 and 1.739 ms with 64."""
 HOIST_LOADS = False
 """Whether the Triton kernels issue each element load as early as it may be
 (:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
