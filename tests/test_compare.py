@@ -75,14 +75,20 @@ def test_a_vmapped_member_equals_training_it_alone(method):
 @pytest.mark.parametrize("fmt", ["int8", "bf16_sr"])
 def test_a_compressed_member_equals_training_it_alone(fmt):
     """``state_format``: each member's state compressed as ``compress_state`` keeps one run's (the
-    MA window's slots among them), and the state's bytes counted compressed."""
+    MA window's slots among them), and the state's bytes counted compressed. On some CPUs (an
+    Intel Xeon) the batched matmuls put a few parameters an ulp of float32 away from the
+    unbatched ones after one step; ``"bf16_sr"`` then rounds a few state values a whole bfloat16
+    step apart, which moves those parameters by up to about 1e-5 in four steps (the members
+    differ by 0.44)."""
     members = [{"lr": 1e-3, "lamb": 5.0, "seed": 0}, {"lr": 3e-3, "lamb": 2.0, "seed": 1}]
     static = {"window_size": 3}
     res = sweep("grokfast_ma", {}, members=members, steps=4, task="parity", batch_size=32, static=static,
                 val_points=VAL_POINTS, state_format=fmt)
     alone = _alone("grokfast_ma", "parity", members[1], 4, 32, static, state_format=fmt)
+    atol = 5e-5 if fmt == "bf16_sr" else 1e-6
     for name, p in alone.items():
-        torch.testing.assert_close(res.params[name][1], p, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(res.params[name][1], p, rtol=1e-5, atol=atol, msg=name)
+    assert max(float((res.params[n][0] - p).abs().max()) for n, p in alone.items()) > 1e3 * atol
     full = sweep("grokfast_ma", {}, members=members[:1], steps=1, task="parity", batch_size=32, static=static,
                  val_points=VAL_POINTS)
     assert res.state_format == fmt and full.state_format is None
