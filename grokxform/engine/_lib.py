@@ -66,3 +66,14 @@ def cos_f32(x):
         return libdevice.cos(x)
     else:
         return tl.cos(x)
+
+
+@triton.jit
+def fourth_root_guess(x):
+    """x^¼ of a float32 ``x`` in [0, 1], approximately: two approximate reciprocal square roots
+    when compiled (rsqrt(0) = ∞, rsqrt(∞) = 0); numpy's square roots in the interpreter (whose
+    reciprocal square root of 0 warns). Only a guess: the int8 code compares its result exactly."""
+    if _LIBDEVICE:
+        return tl.rsqrt(tl.rsqrt(x))
+    else:
+        return tl.sqrt(tl.sqrt(x))

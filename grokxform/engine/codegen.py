@@ -568,7 +568,7 @@ class Emitter:
             u = self.random("dither", ScalarRef(codec.key), node)
             u = self.value(f"tl.minimum(tl.maximum({u.name}, {dead}), {self.f32_text(1.0 - DEAD_ZONE)})", f32)
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
-            root = self.value(f"tl.rsqrt(tl.rsqrt({q.name}))", f32)  # q^¼, approximate (the comparison below decides)
+            root = self.value(f"fourth_root_guess({q.name})", f32)  # q^¼, approximate (the comparison below decides)
             guess = self.value(f"tl.minimum(tl.floor({root.name} * 255.0 + {self.f32_text(ROOT_SLACK)}), 254.0)", f32)
             at_guess = self.unit_of_code(guess, codec)
             down = self.value(f"{at_guess.name} > {q.name}", torch.bool)
@@ -812,7 +812,7 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bo
     text = [
         "import triton",
         "import triton.language as tl",
-        "from grokxform.engine._lib import cast_to, cos_f32, log_f32, max_nan, pointer, round_to",
+        "from grokxform.engine._lib import cast_to, cos_f32, fourth_root_guess, log_f32, max_nan, pointer, round_to",
         "",
         "",
         "@triton.jit",
