@@ -155,14 +155,13 @@ def test_int8_unsigned_code_is_the_earlier_derivations() -> None:
     about 2⁻¹² of a code and u within 2⁻¹² of 0 or 1, none among these 4,000,000 codings."""
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(1_000_000, generator=g) * torch.rand(1_000_000, generator=g) ** 4) ** 2
+    q = compress._scaled(x, 256, True)[0].clamp(0.0, 1.0)
+    t = q.sqrt().sqrt() * 255.0
+    lo = torch.floor(t).clamp(max=254.0)
+    below, above = compress._fourth(lo), compress._fourth(lo + 1.0)
+    near = torch.round(t)
     for key in range(4):
-        q, _ = compress._scaled(x, 256, True)
-        q = q.clamp(0.0, 1.0)
         u = compress._blocks(compress.random_like("dither", x, key), 256)
-        t = q.sqrt().sqrt() * 255.0
-        lo = torch.floor(t).clamp(max=254.0)
-        below, above = compress._fourth(lo), compress._fourth(lo + 1.0)
-        near = torch.round(t)
         old = torch.where((t - near).abs() < 2.0**-12, near, lo + (u * (above - below) < q - below).to(torch.float32))
         old = torch.where(q > 0.0, old.clamp(min=1.0), old)
         assert torch.equal(encode(x, "int8", nonnegative=True, key=key).codes, compress._unblock(old, x).to(torch.uint8))

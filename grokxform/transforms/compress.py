@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -422,14 +423,14 @@ def compress_state(
         """The stochastic rounding's key of each tensor of the state (by id; 0 for a field that
         rounds to nearest): from the step count and the tensor's position among the state's
         leaves, made at the first field that rounds stochastically."""
-        made: list[tuple[torch.Tensor, dict[int, int]]] = []
+        @functools.cache
+        def table() -> tuple[torch.Tensor, dict[int, int]]:
+            return leaf_keys(_SEED, count, range(len(leaves))), {id(y): j for j, y in enumerate(leaves)}
 
         def key(x: Any, nonnegative: bool) -> Any:
             if not stochastic(fmt, nonnegative):
                 return 0
-            if not made:
-                made.append((leaf_keys(_SEED, count, range(len(leaves))), {id(y): j for j, y in enumerate(leaves)}))
-            keys, position = made[0]
+            keys, position = table()
             return keys[position[id(x)]]
 
         return key
