@@ -755,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                          " (default: the engine's own)")
     ap.add_argument("--hoist-loads", action="store_true",
                     help="the engine's Triton kernels issue their element loads as early as they may be")
+    ap.add_argument("--rounding-in-line", action="store_true",
+                    help="the engine's Triton kernels compute square roots and divisions with no branch per element"
+                         " (ROUNDING_IN_LINE)")
     ap.add_argument("--no-vector-access", action="store_true",
                     help="the engine's Triton kernels launched ALIGNED=False whatever the addresses (one element per"
                          " load and store)")
@@ -777,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     default_tile = engine_step.INT8_TILE
     default_window_tile = engine_step.INT8_WINDOW_TILE
     engine_step.HOIST_LOADS = args.hoist_loads
+    engine_step.ROUNDING_IN_LINE = args.rounding_in_line
     engine_step.VECTOR_ACCESS = not args.no_vector_access
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -813,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8_tile": default_tile,
         "int8_window_tile": default_window_tile,
         "hoist_loads": args.hoist_loads,
+        "rounding_in_line": args.rounding_in_line,
         "vector_access": not args.no_vector_access,
         "threads": torch.get_num_threads(),
         "cold_caches": args.cold,

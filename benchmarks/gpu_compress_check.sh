@@ -4,11 +4,13 @@
 # the CUDA tests of compressed state; the default gx.Optimizer step with state_format="int8"/"bf16"
 # on GPT-2 beside float32 rows and torchao's and bitsandbytes' AdamW8bit (wheels in .wheels/, if
 # present), the int8 rows on the engine's tiles or, given TILES, once per tile of TILES, then again
-# with the element loads hoisted (--hoist-loads); the kernels' registers and spills (part
+# with the element loads hoisted (--hoist-loads), then with square roots and divisions in line
+# (--rounding-in-line), plain and hoisted; the kernels' registers and spills (part
 # "resources", not by default); then the quality sweeps (benchmarks/compressed_quality.py, resuming from the committed
 # benchmarks/results/compress_quality/) until SECONDS_LEFT (default 570) seconds have passed.
 # PARTS (default "tests speed quality") picks among them; TESTS (default the compressed-state and random-number
-# test modules) names the test files and TESTS_SECONDS (default 240) bounds them; HOIST=0 skips the hoisted rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
+# test modules) names the test files and TESTS_SECONDS (default 240) bounds them; HOIST=0 skips the hoisted
+# rows, IN_LINE=0 the in-line ones; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
@@ -36,6 +38,17 @@ PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --ste
   "${tiles[@]}" \
   --out "$OUT/json/compress_gpt2_hoisted.json" > "$OUT/compress_gpt2_hoisted.txt" 2>&1
 tail -16 "$OUT/compress_gpt2_hoisted.txt"
+fi
+# the rows with square roots and divisions in line (ROUNDING_IN_LINE), plain and hoisted
+if [ "${IN_LINE:-1}" != 0 ]; then
+for flags in "--rounding-in-line" "--rounding-in-line --hoist-loads"; do
+name=$(echo "$flags" | tr -d ' -')
+PYTHONPATH="$PWD" timeout 200 python3 benchmarks/bench_step.py --sets gpt2 --steps 100 --recompile-steps 0 \
+  --rows 'torch-fused,gx-adamw-optim,gx-grokadamw-optim,gx-*-int8-optim' $flags \
+  "${tiles[@]}" \
+  --out "$OUT/json/compress_gpt2_$name.json" > "$OUT/compress_gpt2_$name.txt" 2>&1
+tail -12 "$OUT/compress_gpt2_$name.txt"
+done
 fi
 pack
 fi

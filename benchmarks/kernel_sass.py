@@ -34,7 +34,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch, grokxform as gx
 from grokxform.engine import codegen as G
 from grokxform.fused import FusedStep
-name, fmt, folder, hoist = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5] == "1"
+name, fmt, folder, hoist, in_line = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5] == "1", sys.argv[6] == "1"
 sys.path.insert(0, sys.argv[4])
 from kernel_resources import PIPELINES
 tx = PIPELINES[name]()
@@ -42,8 +42,8 @@ if fmt != "none":
     tx = gx.compress_state(tx, fmt, min_size=1)
 written = []
 source = G.kernel_source
-def keep(kname, em, passes, items=1, engine_hoist=False):  # the command line chooses, not the engine
-    text = source(kname, em, passes, items, hoist)
+def keep(kname, em, passes, items=1, engine_hoist=False, engine_in_line=False):  # the command line chooses
+    text = source(kname, em, passes, items, hoist, in_line)
     path = os.path.join(folder, f"{name}__{fmt}__{kname}.py")
     open(path, "w").write(text)
     written.append(path)
@@ -55,11 +55,12 @@ print(json.dumps(sorted(set(written))))
 """
 
 
-def capture(pipeline: str, fmt: str, folder: str, hoist: bool = False) -> list[str]:
+def capture(pipeline: str, fmt: str, folder: str, hoist: bool = False, in_line: bool = False) -> list[str]:
     """The kernel sources that ``pipeline`` with state ``fmt`` generates (files in ``folder``);
-    ``hoist``: with the element loads moved up (``codegen.hoist_loads``)."""
+    ``hoist``: with the element loads moved up (``codegen.hoist_loads``); ``in_line``: with the
+    square roots and divisions in line (``codegen.rounding_in_line``)."""
     out = subprocess.run([sys.executable, "-c", CAPTURE, pipeline, fmt, folder, str(Path(__file__).resolve().parent),
-                          "1" if hoist else "0"], capture_output=True, text=True)
+                          "1" if hoist else "0", "1" if in_line else "0"], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"capturing {pipeline} ({fmt}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--tiles", default="engine",
                     help="comma list of BLOCKxWARPS[xREGS] of the last pass, or 'engine': the engine's own tile")
     ap.add_argument("--hoist-loads", action="store_true", help="the kernels with their element loads moved up")
+    ap.add_argument("--rounding-in-line", action="store_true",
+                    help="the kernels with their square roots and divisions in line (ROUNDING_IN_LINE)")
     ap.add_argument("--unaligned", action="store_true",
                     help="the kernels as launched when an address is not 16-byte aligned (ALIGNED=False)")
     ap.add_argument("--arch", type=int, default=90)
@@ -162,13 +165,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for pipeline in args.pipelines.split(","):
             for fmt in args.formats.split(","):
-                sources = capture(pipeline, fmt, folder, args.hoist_loads)
+                sources = capture(pipeline, fmt, folder, args.hoist_loads, args.rounding_in_line)
                 last = max(sources)  # step_passN with the largest N writes the state
                 for tile in args.tiles.split(","):
                     block, warps, regs = engine_tile(fmt, pipeline) if tile == "engine" else (
                         [int(x) for x in tile.split("x")] + [None])[:3]
                     row = {"pipeline": pipeline, "format": fmt, "kernel": Path(last).stem.split("__")[-1],
-                           "hoist_loads": args.hoist_loads, "aligned": not args.unaligned, "block": block,
+                           "hoist_loads": args.hoist_loads, "rounding_in_line": args.rounding_in_line,
+                           "aligned": not args.unaligned, "block": block,
                            "warps": warps, "max_registers": regs,
                            **compile_kernel(last, block, warps, args.arch, regs, not args.unaligned)}
                     rows.append(row)

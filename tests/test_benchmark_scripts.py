@@ -28,7 +28,7 @@ def test_kernel_sass_reads_the_engines_int8_kernel_aligned_and_not_hoisted_and_n
     128-bit loads of a float32 tensor, one 64-bit load of an int8 code tensor); without, one
     element per instruction."""
     rows = []
-    for flags in ([], ["--hoist-loads", "--unaligned"]):
+    for flags in ([], ["--hoist-loads", "--rounding-in-line", "--unaligned"]):
         out = tmp_path / f"sass{len(flags)}.json"
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--pipelines", "adamw",
                               "--formats", "int8", "--tiles", "engine", "--out", str(out), *flags],
@@ -37,7 +37,8 @@ def test_kernel_sass_reads_the_engines_int8_kernel_aligned_and_not_hoisted_and_n
         doc = json.loads(out.read_text())
         assert doc["arch"] == "sm_90" and doc["command"].startswith("python benchmarks/kernel_sass.py")
         (row,) = doc["rows"]
-        assert row["hoist_loads"] == bool(flags) and row["aligned"] == (not flags) and row["local_bytes"] == 0
+        assert row["hoist_loads"] == row["rounding_in_line"] == bool(flags) and row["aligned"] == (not flags)
+        assert row["local_bytes"] == 0
         assert row["registers"] <= row["max_registers"] and row["instructions"] > 0 and row["shuffles"] > 0
         rows.append(row)
     aligned, unaligned = (row["memory"] for row in rows)

@@ -113,6 +113,25 @@ def test_triton_stores_the_eager_codes(name: str, fmt: str) -> None:
     _check(_engine(tx, steps, "triton"), _eager(tx, steps))
 
 
+@pytest.mark.parametrize("knob", ["HOIST_LOADS", "ROUNDING_IN_LINE"])
+def test_triton_kernel_variants_store_the_same_codes(knob: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's kernel variants (element loads first; square roots and divisions in line) store
+    the plain kernels' codes, scales and params, bit for bit: an int8 Adam and an int8 MA window."""
+    pytest.importorskip("triton")
+    from grokxform.engine import step as engine_step
+
+    steps = 20 if DEVICE == "cuda" else 6
+    for tx in (gx.compress_state(_chain("grokadamw"), "int8", min_size=64, block_size=64),
+               _window_int8_adam_bf16_sr()):
+        plain = _engine(tx, steps, "triton")
+        with monkeypatch.context() as m:
+            m.setattr(engine_step, knob, True)
+            variant = _engine(tx, steps, "triton")
+        pairs = zip(_tensors((plain.params, plain.eager_state())), _tensors((variant.params, variant.eager_state())))
+        for a, b in pairs:
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def _window_int8_adam_bf16_sr() -> gx.GradientTransformation:
     """Formats nested per part, as the memory page advises for Grokfast-MA: the window's slots in
     int8, Adam's state in bf16 with stochastic rounding (a window of 5: 20 steps re-sum it)."""
@@ -161,6 +180,34 @@ def test_engine_codes_small_moments_as_the_eager_codecs(backend: str) -> None:
     assert (nu[1::64] == 0).all() and (nu.reshape(-1, 64)[:, 2:] == 1).all()
     assert (state.inner["adam"].mu["w"].codes.view(-1).reshape(-1, 64)[:, 1:] == 0).all()
     _check(fs, (params, state))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (inf·0 in the interpreter)
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton"))])
+def test_engine_codes_nonfinite_blocks_as_the_eager_codecs(backend: str) -> None:
+    """A block holding a NaN has a NaN scale and codes 0; an infinity's block has scale inf and
+    codes 0 (inf·0 is NaN: code 0); the other blocks code as usual; in every backend, with every
+    code (−127..127, 0..255) in use."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 64, generator=g).to(DEVICE)
+    x = torch.randn(8, 64, generator=g)
+    x[0, 0] = float("nan")  # (m's and v's block 0)
+    x[1, 5], x[2, 7] = float("inf"), -float("inf")  # (blocks 1 and 2)
+    x[3] = torch.linspace(-1.0, 1.0, 64)  # (a ramp: many codes)
+    tx = gx.compress_state(gx.adam(1e-2), "int8", min_size=64, block_size=64)
+    state = tx.init({"w": w.clone()})
+    with gx.kernels(False):
+        _, state = tx.update({"w": x.to(DEVICE)}, state, {"w": w.clone()})
+    fs = FusedStep(tx, {"w": w.clone()}, backend=backend)  # type: ignore[arg-type]
+    fs({"w": x.to(DEVICE)})
+    got = fs.eager_state()
+    for field in ("mu", "nu"):
+        want, have = getattr(state.inner["adam"], field)["w"], getattr(got.inner["adam"], field)["w"]
+        assert torch.equal(want.codes, have.codes)
+        torch.testing.assert_close(have.scales, want.scales, rtol=0, atol=0, equal_nan=True)
+        assert want.scales[0].isnan() and want.scales[1:3].isinf().all()
+        assert (want.codes[:3] == 0).all() and want.codes[3:].unique().numel() > 30
 
 
 def _tiles_used(monkeypatch: pytest.MonkeyPatch) -> set[tuple[int, int, int | None, int]]:

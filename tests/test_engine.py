@@ -154,6 +154,97 @@ def test_hoisted_loads_give_the_same_numbers(name: str, monkeypatch: pytest.Monk
     _close(plain.eager_state(), hoisted.eager_state(), exact=True)
 
 
+@pytest.mark.parametrize("name", ["grokadamw", "adamw", "grokfast_ma", "user_chain"])
+def test_rounding_in_line_gives_the_same_numbers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels whose square roots and divisions run with no branch per element
+    (``ROUNDING_IN_LINE``) give the plain kernels' params and state bit for bit."""
+    from grokxform.engine import step as engine_step
+
+    case = CASES[name]
+    _, _, p_plain, plain = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
+    monkeypatch.setattr(engine_step, "ROUNDING_IN_LINE", True)
+    _, _, p_in_line, in_line = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
+    assert in_line.engine == "triton"
+    _close(p_plain, p_in_line, exact=True)
+    _close(plain.eager_state(), in_line.eager_state(), exact=True)
+
+
+def test_rounding_in_line_replaces_the_element_roots_and_divisions() -> None:
+    from grokxform.engine.codegen import rounding_in_line
+
+    body = ["v1 = tl.sqrt_rn(x1 * s2)", "v2 = tl.div_rn(v1, tl.sqrt_rn(x3))", "v3 = tl.div_rn(1.0, v2)",
+            "v4 = tl.sqrt(x5)", "v5 = (a / b)"]
+    assert rounding_in_line(body) == ["v1 = sqrt_f32(x1 * s2)", "v2 = div_f32(v1, sqrt_f32(x3))", body[2], *body[3:]]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_in_line_roots_and_divisions_are_correctly_rounded() -> None:
+    """``_lib.sqrt_f32`` equals ``tl.sqrt_rn`` on every float32 (NaN for NaN); ``_lib.div_f32``
+    equals ``tl.div_rn`` on 2²⁹ pairs whose tile takes its fast sequence (|a| and |b| in
+    [2⁻⁶⁰, 2⁶⁰), a = ±0) and on pairs of special values (NaN, ±inf, ±0, subnormals, extremes),
+    whose tile takes ``tl.div_rn``: quotients near a midpoint, exact ones, and random ones."""
+    import triton
+    import triton.language as tl
+
+    from grokxform.engine._lib import div_f32, sqrt_f32
+
+    @triton.jit
+    def roots(X, OUT, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs)
+        fast, plain = sqrt_f32(x), tl.sqrt_rn(x)
+        same = fast.to(tl.int32, bitcast=True) == plain.to(tl.int32, bitcast=True)
+        same = same | ((fast != fast) & (plain != plain))
+        tl.store(OUT + offs, same.to(tl.int8))
+
+    @triton.jit
+    def quotients(A, B, OUT, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        a, b = tl.load(A + offs), tl.load(B + offs)
+        fast, plain = div_f32(a, b), tl.div_rn(a, b)
+        same = fast.to(tl.int32, bitcast=True) == plain.to(tl.int32, bitcast=True)
+        same = same | ((fast != fast) & (plain != plain))
+        tl.store(OUT + offs, same.to(tl.int8))
+
+    n = 1 << 28
+    out = torch.empty(n, dtype=torch.int8, device="cuda")
+    for c in range(16):  # every bit pattern
+        x = torch.arange(c * n, (c + 1) * n, dtype=torch.int64, device="cuda").to(torch.int32).view(torch.float32)
+        roots[(n // 1024,)](x, out, BLOCK=1024)
+        assert bool(out.all()), x[out == 0][:8].tolist()
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def floats(m: int, lo: int = -60, hi: int = 59) -> torch.Tensor:
+        e = torch.randint(lo + 127, hi + 128, (m,), device="cuda", generator=g)
+        bits = (torch.randint(0, 2, (m,), device="cuda", generator=g) << 31) | (e << 23)
+        bits |= torch.randint(0, 1 << 23, (m,), device="cuda", generator=g)
+        return bits.to(torch.int32).view(torch.float32)
+
+    m = 1 << 27
+    for kind in ("random", "midpoints", "exact", "zeros"):
+        a, b = floats(m), floats(m)
+        if kind == "midpoints":  # a/b within float32 rounding of halfway between two float32s
+            a = (b.double() * floats(m, -30, 30).double() * (1 + 2.0**-24)).float().clamp(-(2.0**59), 2.0**59)
+            a = torch.where(a.abs() < 2.0**-60, 2.0**-60, a)
+        elif kind == "exact":
+            a = b * torch.randint(-4096, 4097, (m,), device="cuda", generator=g).float()
+            a = torch.where((a.abs() >= 2.0**-60) & (a.abs() < 2.0**60) | (a == 0), a, 1.0)
+        elif kind == "zeros":
+            a = torch.where(torch.rand(m, device="cuda", generator=g) < 0.3, a * 0.0, a)
+        o = torch.empty(m, dtype=torch.int8, device="cuda")
+        quotients[(m // 256,)](a, b, o, BLOCK=256)
+        assert bool(o.all()), (kind, a[o == 0][:4].tolist(), b[o == 0][:4].tolist())
+    x, y = special_pairs(torch.float32, True)
+    x, y = x.to("cuda"), y.to("cuda")
+    k = len(x) // 256 * 256
+    o = torch.empty(k, dtype=torch.int8, device="cuda")
+    for a, b in ((x, y), (y, x)):
+        quotients[(k // 256,)](a[:k].contiguous(), b[:k].contiguous(), o, BLOCK=256)
+        assert bool(o.all())
+
+
 def test_hoist_loads_moves_a_load_up_to_what_it_needs() -> None:
     from grokxform.engine.codegen import hoist_loads
 

@@ -77,3 +77,50 @@ def fourth_root_guess(x):
         return tl.rsqrt(tl.rsqrt(x))
     else:
         return tl.sqrt(tl.sqrt(x))
+
+
+@triton.jit
+def sqrt_f32(x):
+    """√x of a float32 ``x``, correctly rounded, with no branch when compiled: the compiler's own
+    sequence for ``sqrt.rn`` on its fast range [2⁻¹⁰¹, max] (r = rsqrt.approx(x), y = x·r, then
+    y + (x − y²)·r/2 by two fused multiply-adds), with an x below 2⁻¹⁰⁰ scaled by 2⁶⁴ into that
+    range and its root back by 2⁻³² (both exact), and ±0 and +∞ (where the sequence gives NaN)
+    passed through. (``tl.sqrt_rn`` compiles to a branch around each element's slow path.)
+    numpy's correctly rounded root in the interpreter."""
+    if _LIBDEVICE:
+        tiny = x < 7.888609052210118e-31  # 2⁻¹⁰⁰
+        s = tl.where(tiny, x * 18446744073709551616.0, x)  # ·2⁶⁴
+        r = tl.inline_asm_elementwise("rsqrt.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        y = s * r
+        y = tl.fma(tl.fma(-y, y, s), r * 0.5, y)
+        y = tl.where(tiny, y * 2.3283064365386963e-10, y)  # ·2⁻³²
+        return tl.where((y != y) & (x >= 0.0), x, y)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def div_f32(a, b):
+    """a / b of float32 tensors, correctly rounded. Compiled: where every |a| (or a = ±0) and |b|
+    of the tile lie in [2⁻⁶⁰, 2⁶⁰), the compiler's own fast sequence for ``div.rn`` (r = rcp(b),
+    one Newton step, q = a·r, one correction by the remainder; a = ±0 gives a·b) for every
+    element with no branch each; otherwise ``tl.div_rn``, which compiles to a branch around each
+    element's slow path. ``tl.div_rn`` in the interpreter."""
+    if _LIBDEVICE:
+        fa = a.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        fb = b.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        # (an exponent field in [67, 187): |x| in [2⁻⁶⁰, 2⁶⁰))
+        fast = ((fb - 0x21800000) < 0x3C000000) & (((fa - 0x21800000) < 0x3C000000) | (fa == 0))
+        if tl.min(fast.to(tl.int32)) == 1:
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            r = tl.fma(tl.fma(-b, r, 1.0), r, r)
+            q = tl.fma(a, r, 0.0)
+            q = tl.fma(tl.fma(-b, q, a), r, q)
+            q = tl.where(fa == 0, a * b, q)
+        else:
+            q = tl.div_rn(a, b)
+        return q
+    else:
+        return tl.div_rn(a, b)

@@ -43,6 +43,11 @@ def tl_name(dtype: torch.dtype) -> str:
     return _TL[dtype]
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest), as a Python float."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
 def _compute(dtype: torch.dtype) -> str:
     return "tl.float64" if dtype == torch.float64 else "tl.float32"
 
@@ -497,9 +502,13 @@ class Emitter:
                               ".to(tl.float32)", f32)
         # int8: the tile as [BLOCK // bs, bs], one row per quantization block (block_size divides
         # BLOCK; a leaf's items start at multiples of BLOCK), each row times its block's scale.
+        # A code's byte b as a float32 by its bits, without a conversion instruction: 2²³ + b
+        # (b = the unsigned code; b ^ 0x80 = the signed code + 128), less 2²³ (+ 128), exactly.
         bs = codec.block_size
-        kind = "tl.uint8" if codec.unsigned else "tl.int8"
-        code = self.value(f"tl.load({self.part(role, 'codes', kind)} + offs, mask=msk, other=0).to(tl.float32)", f32)
+        byte = self.value(f"tl.load({self.part(role, 'codes', 'tl.uint8')} + offs, mask=msk, other=0).to(tl.int32)",
+                          torch.int32)
+        bits, less = ("0x4B000000", 8388608.0) if codec.unsigned else ("0x4B000080", 8388736.0)
+        code = self.value(f"({byte.name} ^ {bits}).to(tl.float32, bitcast=True) - {less!r}", f32)
         first = self.block_starts(bs)
         scale = self.value(f"tl.load({self.part(role, 'scales', 'tl.float32')} + start // {bs} + tl.arange(0, BLOCK // {bs}),"
                            f" mask={first} < n, other=0.0)", f32)
@@ -519,10 +528,10 @@ class Emitter:
         the unsigned code; ``code·fl(1/127)`` for the signed one."""
         f32 = torch.float32
         if codec.unsigned:
-            t = self.value(f"{code.name} * {self.number(1.0 / 255.0, f32)}", f32)
+            t = self.value(f"{code.name} * {self.f32_text(_float32(1.0 / 255.0))}", f32)
             t = self.value(f"{t.name} * {t.name}", f32)
             return self.value(f"{t.name} * {t.name}", f32)
-        return self.value(f"{code.name} * {self.number(1.0 / 127.0, f32)}", f32)
+        return self.value(f"{code.name} * {self.f32_text(_float32(1.0 / 127.0))}", f32)
 
     def block_starts(self, bs: int) -> str:
         """The index of the first element of each quantization block of ``bs`` elements in this item."""
@@ -556,17 +565,17 @@ class Emitter:
         a = self.value(f"tl.reshape(tl.where(msk, {x}, 0.0), [BLOCK // {bs}, {bs}])", f32)
         mag = f"tl.abs({a.name})" if not codec.unsigned else a.name
         top = self.value(f"tl.reduce({mag}, 1, max_nan)", f32)
-        tiny = self.number(SCALE_FLOOR, f32)
+        tiny = self.f32_text(SCALE_FLOOR)
         scale = self.value(f"tl.where({top.name} < {tiny}, {tiny}, {top.name})", f32)  # (a NaN stays)
-        inv = self.value(self.div(self.number(1.0, f32), scale.name, f32), f32)
+        inv = self.value(self.div("1.0", scale.name, f32), f32)
         if not codec.unsigned:
-            inv = self.value(f"{inv.name} * {self.number(127.0, f32)}", f32)
+            inv = self.value(f"{inv.name} * 127.0", f32)
         q = self.value(f"tl.reshape({a.name} * {inv.name}[:, None], [BLOCK])", f32)
-        q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)
         if codec.unsigned:  # the fourth-root code below q, and up with the probability of q's distance from it
             dead = self.f32_text(DEAD_ZONE)
             u = self.random("dither", ScalarRef(codec.key), node)
             u = self.value(f"tl.minimum(tl.maximum({u.name}, {dead}), {self.f32_text(1.0 - DEAD_ZONE)})", f32)
+            # (a NaN product codes 0: tl.maximum returns the number of a NaN and a number)
             q = self.value(f"tl.minimum(tl.maximum({q.name}, 0.0), 1.0)", f32)
             root = self.value(f"fourth_root_guess({q.name})", f32)  # q^¼, approximate (the comparison below decides)
             guess = self.value(f"tl.minimum(tl.floor({root.name} * 255.0 + {self.f32_text(ROOT_SLACK)}), 254.0)", f32)
@@ -579,10 +588,15 @@ class Emitter:
             above = self.value(f"tl.where({down.name}, {at_guess.name}, {at_other.name})", f32)
             up = f"({u.name} * ({above.name} - {below.name}) < {q.name} - {below.name})"
             q = self.value(f"tl.maximum({lo.name} + {up}.to(tl.float32), ({q.name} > 0.0).to(tl.float32))", f32)
-        else:  # rounded to nearest, ties to even
-            q = self.value(f"(tl.minimum(tl.maximum({q.name}, -127.0), 127.0) + 12582912.0) - 12582912.0", f32)
+            magic = self.value(f"{q.name} + 8388608.0", f32)  # 2²³ + the code: its low byte
+        else:  # rounded to nearest, ties to even (|q| ≤ 127·(1 + 2⁻²²): encode's clamp changes nothing)
+            q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)  # (a NaN product codes 0)
+            magic = self.value(f"{q.name} + 12582912.0", f32)  # 1.5·2²³ + the code: its low byte
+            q = self.value(f"{magic.name} - 12582912.0", f32)
+        # the code's byte from the float's bits (no conversion instruction)
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
-        self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {q.name}.to({kind}), mask={mask})")
+        byte = f"{magic.name}.to(tl.int32, bitcast=True).to({kind})"
+        self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {byte}, mask={mask})")
         first = self.block_starts(bs)  # a block is written where its first element is
         written = " & ".join([f"({first} < n)", *(f"(({first} * 0 + {self.raw_scalar(gate, flag)}) != 0)"
                                                   for gate, flag in self.gates)])
@@ -775,13 +789,26 @@ def hoist_loads(lines: list[str]) -> list[str]:
     return out
 
 
-def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bool = False) -> str:
+_ROUNDED = re.compile(r"\btl\.(sqrt_rn|div_rn)\((?!1\.0,)")
+
+
+def rounding_in_line(lines: list[str]) -> list[str]:
+    """``lines`` (a kernel body) with each float32 square root and division of elements
+    (``tl.sqrt_rn``, ``tl.div_rn``; not a block's reciprocal ``tl.div_rn(1.0, ...)``) computed by
+    :func:`~grokxform.engine._lib.sqrt_f32` and :func:`~grokxform.engine._lib.div_f32`: the same
+    correctly rounded numbers, without a branch per element."""
+    return [_ROUNDED.sub(lambda m: "sqrt_f32(" if m.group(1) == "sqrt_rn" else "div_f32(", line) for line in lines]
+
+
+def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bool = False,
+                  in_line: bool = False) -> str:
     """The module text of the kernel ``name`` whose body ``em`` emitted. Arguments: the work
     items, the position and scalar tables, one address table per role (``em.roles``), the
     reduction buffers and their row length, and ``ALIGNED`` (constexpr: every address in the
     tables is a multiple of 16 bytes). A program takes ``items`` consecutive work items in
     turn (the item tables then hold a multiple of ``items``); ``hoist``: the element loads as
-    early as they may be (:func:`hoist_loads`).
+    early as they may be (:func:`hoist_loads`); ``in_line``: square roots and divisions without
+    a branch per element (:func:`rounding_in_line`).
 
     An item starts at a multiple of ``BLOCK`` (``_items``). The body is written twice: for an
     item of ``BLOCK`` elements, with a mask the compiler knows to be all true (no bounds test per
@@ -792,6 +819,7 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bo
     args = (f"ITEM_LEAF, ITEM_START, NUMEL, POS, CONST, {scs}{tables}RSQ, RBAD, CHUNKS, "
             "NPOS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr")
     lines = hoist_loads(em.lines) if hoist else em.lines
+    lines = rounding_in_line(lines) if in_line else lines
     per_item = [
         "leaf = tl.load(ITEM_LEAF + item)",
         "start = tl.multiple_of(tl.load(ITEM_START + item), BLOCK)",
@@ -812,7 +840,8 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bo
     text = [
         "import triton",
         "import triton.language as tl",
-        "from grokxform.engine._lib import cast_to, cos_f32, fourth_root_guess, log_f32, max_nan, pointer, round_to",
+        "from grokxform.engine._lib import (cast_to, cos_f32, div_f32, fourth_root_guess, log_f32, max_nan, pointer,",
+        "                                   round_to, sqrt_f32)",
         "",
         "",
         "@triton.jit",

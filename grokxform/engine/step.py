@@ -67,6 +67,11 @@ in the run above grokfast_ma(100)'s int8 step took 1.304 ms with at most 96 regi
 HOIST_LOADS = False
 """Whether the Triton kernels issue each element load as early as it may be
 (:func:`~grokxform.engine.codegen.hoist_loads`) rather than where the emitter first needs it."""
+ROUNDING_IN_LINE = False
+"""Whether the Triton kernels compute float32 square roots and divisions of elements with the
+compiler's fast sequences in line for a whole tile (``_lib.sqrt_f32``, ``_lib.div_f32``: the same
+correctly rounded numbers) rather than ``tl.sqrt_rn`` and ``tl.div_rn``, which compile to a branch
+around each element's slow path (:func:`~grokxform.engine.codegen.rounding_in_line`)."""
 VECTOR_ACCESS = True
 """Whether the Triton kernels are launched ``ALIGNED=True`` (vector loads and stores) when every
 address of a group's tables is 16-byte aligned; ``False``: never."""
@@ -506,7 +511,8 @@ class EngineStep:
                 grp.kernels[p] = (None, list(em.roles))
             else:
                 name = f"step_pass{p}"
-                source = G.kernel_source(name, em, plan.passes, grp.tile[3] if main else 1, HOIST_LOADS)
+                source = G.kernel_source(name, em, plan.passes, grp.tile[3] if main else 1, HOIST_LOADS,
+                                         ROUNDING_IN_LINE)
                 grp.kernels[p] = (load_kernel(source, name), list(em.roles))
             if not main and not isinstance(plan.reductions[p], P.Whole):
                 n = len(grp.leaves) * grp.items[self.reduce_block][3]
