@@ -611,8 +611,8 @@ def counter_uniform(key: int, index: int) -> float:
     return (counter_bits(key, index) >> 8) * 2.0**-24
 
 
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 (to nearest even)."""
+def to_float32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest even), as a Python float."""
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
@@ -624,8 +624,8 @@ def counter_normal(key: int, index: int) -> float:
     libraries, within a few ulp of this."""
     u1 = ((counter_bits(key, index, STREAMS["normal_radius"]) >> 8) + 1) * 2.0**-24
     u2 = (counter_bits(key, index, STREAMS["normal_angle"]) >> 8) * 2.0**-24
-    radius = _f32(math.sqrt(-2.0 * _f32(math.log(u1))))
-    return _f32(radius * _f32(math.cos(_f32(TWO_PI_F32 * u2))))
+    radius = to_float32(math.sqrt(-2.0 * to_float32(math.log(u1))))
+    return to_float32(radius * to_float32(math.cos(to_float32(TWO_PI_F32 * u2))))
 
 
 def random_like(kind: str, like: torch.Tensor, key: IntLike | float) -> torch.Tensor:

@@ -139,34 +139,23 @@ def test_engine_matches_eager(name: str, dtype: torch.dtype) -> None:
     _close(s_e, fused.eager_state(), exact=False, **_state_tol(bf16))
 
 
-@pytest.mark.parametrize("name", ["grokfast_ma", "grokadamw", "user_chain", "apply_if_finite", "amplify_ma_then_clip"])
-def test_hoisted_loads_give_the_same_numbers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernels whose element loads come first (``HOIST_LOADS``) give the plain kernels' params
-    and state bit for bit (an MA window's ring too, over a wrap of its slots)."""
+@pytest.mark.parametrize("knob, name", [
+    *(("HOIST_LOADS", n) for n in ("grokfast_ma", "grokadamw", "user_chain", "apply_if_finite", "amplify_ma_then_clip")),
+    *(("ROUNDING_IN_LINE", n) for n in ("grokadamw", "adamw", "grokfast_ma", "user_chain")),
+])
+def test_kernel_variants_give_the_same_numbers(knob: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels whose element loads come first (``HOIST_LOADS``) or whose square roots and
+    divisions run with no branch per element (``ROUNDING_IN_LINE``) give the plain kernels'
+    params and state bit for bit (an MA window's ring too, over a wrap of its slots)."""
     from grokxform.engine import step as engine_step
 
     case = CASES[name]
     _, _, p_plain, plain = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
-    monkeypatch.setattr(engine_step, "HOIST_LOADS", True)
-    _, _, p_hoisted, hoisted = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
-    assert hoisted.engine == "triton"
-    _close(p_plain, p_hoisted, exact=True)
-    _close(plain.eager_state(), hoisted.eager_state(), exact=True)
-
-
-@pytest.mark.parametrize("name", ["grokadamw", "adamw", "grokfast_ma", "user_chain"])
-def test_rounding_in_line_gives_the_same_numbers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernels whose square roots and divisions run with no branch per element
-    (``ROUNDING_IN_LINE``) give the plain kernels' params and state bit for bit."""
-    from grokxform.engine import step as engine_step
-
-    case = CASES[name]
-    _, _, p_plain, plain = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
-    monkeypatch.setattr(engine_step, "ROUNDING_IN_LINE", True)
-    _, _, p_in_line, in_line = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
-    assert in_line.engine == "triton"
-    _close(p_plain, p_in_line, exact=True)
-    _close(plain.eager_state(), in_line.eager_state(), exact=True)
+    monkeypatch.setattr(engine_step, knob, True)
+    _, _, p_variant, variant = _run(case.make(), torch.float32, 6, {2: ("h.1.w",)}, case.signal)
+    assert variant.engine == "triton"
+    _close(p_plain, p_variant, exact=True)
+    _close(plain.eager_state(), variant.eager_state(), exact=True)
 
 
 def test_rounding_in_line_replaces_the_element_roots_and_divisions() -> None:

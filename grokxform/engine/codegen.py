@@ -28,7 +28,7 @@ import torch
 
 from grokxform.elements import (
     ARITHMETIC, COMPARISONS, MIX_MULTIPLIERS, MIX_SHIFTS, RANDOM, STREAMS, TWO_PI_F32, WEYL, Op, Program,
-    ScalarRef, interpret,
+    ScalarRef, interpret, to_float32,
 )
 from grokxform.engine import plan as P
 from grokxform.transforms.compress import DEAD_ZONE, ROOT_SLACK, SCALE_FLOOR, Bf16Pair, Bf16Stochastic, Int8Blocks
@@ -41,11 +41,6 @@ _TL = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16
 
 def tl_name(dtype: torch.dtype) -> str:
     return _TL[dtype]
-
-
-def _float32(x: float) -> float:
-    """``x`` rounded to float32 (to nearest), as a Python float."""
-    return torch.tensor(x, dtype=torch.float32).item()
 
 
 def _compute(dtype: torch.dtype) -> str:
@@ -528,10 +523,10 @@ class Emitter:
         the unsigned code; ``code·fl(1/127)`` for the signed one."""
         f32 = torch.float32
         if codec.unsigned:
-            t = self.value(f"{code.name} * {self.f32_text(_float32(1.0 / 255.0))}", f32)
+            t = self.value(f"{code.name} * {self.f32_text(to_float32(1.0 / 255.0))}", f32)
             t = self.value(f"{t.name} * {t.name}", f32)
             return self.value(f"{t.name} * {t.name}", f32)
-        return self.value(f"{code.name} * {self.f32_text(_float32(1.0 / 127.0))}", f32)
+        return self.value(f"{code.name} * {self.f32_text(to_float32(1.0 / 127.0))}", f32)
 
     def block_starts(self, bs: int) -> str:
         """The index of the first element of each quantization block of ``bs`` elements in this item."""
