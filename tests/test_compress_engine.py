@@ -132,6 +132,30 @@ def test_triton_kernel_variants_store_the_same_codes(knob: str, monkeypatch: pyt
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_triton_stores_int8_codes_from_an_integer_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Triton store of int8 codes (an MA window's slot, Adam's signed m and unsigned v) takes
+    its byte from ``low_byte``, an integer instruction when compiled. Truncated straight from a
+    float's bits, the window's byte reached a shared-memory store of the float's register, which
+    the ptxas of Triton 3.6 compiled as a saturating float-to-byte conversion: every code 255 (the
+    CUDA tests of compressed MA windows fail so)."""
+    pytest.importorskip("triton")
+    from grokxform.engine import codegen
+
+    sources: list[str] = []
+    make = codegen.kernel_source
+
+    def keep(*args: object) -> str:
+        sources.append(make(*args))  # type: ignore[arg-type]
+        return sources[-1]
+
+    monkeypatch.setattr(codegen, "kernel_source", keep)
+    _engine(_ma("int8"), 1, "triton")
+    stores = [line for text in sources for line in text.splitlines() if "tl.store(" in line and "__codes" in line]
+    assert {name for line in stores for name in ("N1_window", "N3_mu", "N3_nu") if f"T_{name}__codes" in line} == {
+        "N1_window", "N3_mu", "N3_nu"}
+    assert all(", low_byte(" in line for line in stores), stores
+
+
 def _window_int8_adam_bf16_sr() -> gx.GradientTransformation:
     """Formats nested per part, as the memory page advises for Grokfast-MA: the window's slots in
     int8, Adam's state in bf16 with stochastic rounding (a window of 5: 20 steps re-sum it)."""

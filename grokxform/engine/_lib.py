@@ -80,6 +80,19 @@ def fourth_root_guess(x):
 
 
 @triton.jit
+def low_byte(bits):
+    """The low byte (0 to 255) of int32 ``bits``, by an integer instruction when compiled. An int8
+    code is the low byte of a float32's bits; truncated straight from them, the byte can reach a
+    shared-memory store of the float's own register, which the ptxas of Triton 3.6 compiles as a
+    saturating float-to-u8 conversion (every code 255)."""
+    if _LIBDEVICE:
+        return tl.inline_asm_elementwise("and.b32 $0, $1, 255;", "=r,r", [bits], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        return bits & 0xFF
+
+
+@triton.jit
 def sqrt_f32(x):
     """√x of a float32 ``x``, correctly rounded, with no branch when compiled: the compiler's own
     sequence for ``sqrt.rn`` on its fast range [2⁻¹⁰¹, max] (r = rsqrt.approx(x), y = x·r, then

@@ -588,9 +588,10 @@ class Emitter:
             q = self.value(f"tl.where({q.name} != {q.name}, 0.0, {q.name})", f32)  # (a NaN product codes 0)
             magic = self.value(f"{q.name} + 12582912.0", f32)  # 1.5·2²³ + the code: its low byte
             q = self.value(f"{magic.name} - 12582912.0", f32)
-        # the code's byte from the float's bits (no conversion instruction)
+        # the code's byte from the float's bits (no conversion instruction; low_byte says why it
+        # takes an integer instruction)
         kind = "tl.uint8" if codec.unsigned else "tl.int8"
-        byte = f"{magic.name}.to(tl.int32, bitcast=True).to({kind})"
+        byte = f"low_byte({magic.name}.to(tl.int32, bitcast=True)).to({kind})"
         self.line(f"tl.store({self.part(role, 'codes', kind)} + offs, {byte}, mask={mask})")
         first = self.block_starts(bs)  # a block is written where its first element is
         written = " & ".join([f"({first} < n)", *(f"(({first} * 0 + {self.raw_scalar(gate, flag)}) != 0)"
@@ -835,8 +836,8 @@ def kernel_source(name: str, em: Emitter, passes: int, items: int = 1, hoist: bo
     text = [
         "import triton",
         "import triton.language as tl",
-        "from grokxform.engine._lib import (cast_to, cos_f32, div_f32, fourth_root_guess, log_f32, max_nan, pointer,",
-        "                                   round_to, sqrt_f32)",
+        "from grokxform.engine._lib import (cast_to, cos_f32, div_f32, fourth_root_guess, log_f32, low_byte, max_nan,",
+        "                                   pointer, round_to, sqrt_f32)",
         "",
         "",
         "@triton.jit",
