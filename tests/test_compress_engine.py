@@ -139,16 +139,7 @@ def test_triton_stores_int8_codes_from_an_integer_byte(monkeypatch: pytest.Monke
     the ptxas of Triton 3.6 compiled as a saturating float-to-byte conversion: every code 255 (the
     CUDA tests of compressed MA windows fail so)."""
     pytest.importorskip("triton")
-    from grokxform.engine import codegen
-
-    sources: list[str] = []
-    make = codegen.kernel_source
-
-    def keep(*args: object) -> str:
-        sources.append(make(*args))  # type: ignore[arg-type]
-        return sources[-1]
-
-    monkeypatch.setattr(codegen, "kernel_source", keep)
+    sources = _kernel_sources(monkeypatch)
     _engine(_ma("int8"), 1, "triton")
     stores = [line for text in sources for line in text.splitlines() if "tl.store(" in line and "__codes" in line]
     assert {name for line in stores for name in ("N1_window", "N3_mu", "N3_nu") if f"T_{name}__codes" in line} == {
@@ -232,6 +223,21 @@ def test_engine_codes_nonfinite_blocks_as_the_eager_codecs(backend: str) -> None
         torch.testing.assert_close(have.scales, want.scales, rtol=0, atol=0, equal_nan=True)
         assert want.scales[0].isnan() and want.scales[1:3].isinf().all()
         assert (want.codes[:3] == 0).all() and want.codes[3:].unique().numel() > 30
+
+
+def _kernel_sources(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The list that collects the source of every Triton kernel the engine generates from now on."""
+    from grokxform.engine import codegen
+
+    sources: list[str] = []
+    make = codegen.kernel_source
+
+    def keep(*args: object) -> str:
+        sources.append(make(*args))  # type: ignore[arg-type]
+        return sources[-1]
+
+    monkeypatch.setattr(codegen, "kernel_source", keep)
+    return sources
 
 
 def _tiles_used(monkeypatch: pytest.MonkeyPatch) -> set[tuple[int, int, int | None, int]]:
@@ -503,16 +509,7 @@ def test_triton_int8_codec_is_multiplications(monkeypatch: pytest.MonkeyPatch) -
     (and the unsigned code's guess of a fourth root, two approximate reciprocal square roots): no
     division, no correctly rounded root, no gather of the scales."""
     pytest.importorskip("triton")
-    from grokxform.engine import codegen
-
-    sources: list[str] = []
-    real = codegen.kernel_source
-
-    def keep(*args: object) -> str:
-        sources.append(real(*args))  # type: ignore[arg-type]
-        return sources[-1]
-
-    monkeypatch.setattr(codegen, "kernel_source", keep)
+    sources = _kernel_sources(monkeypatch)
     params = {"w": torch.randn(64, 64, device=DEVICE)}
     for tx in (gx.adamw(1e-2), gx.compress_state(gx.adamw(1e-2), "int8", min_size=64, block_size=64)):
         FusedStep(tx, params, backend="triton")({"w": torch.randn(64, 64, device=DEVICE)})
