@@ -9,13 +9,14 @@ with ``state_format=``), written to ``OUT/<task>__<method>__<format>.json``; a f
 skipped, so an interrupted run resumes. Sweeps run in ``--jobs`` processes side by side (one GPU
 holds several of these small models). ``--formats`` narrows the formats; ``--block-size N`` (other
 than the default 256) runs the int8 format with blocks of N as the format ``int8_bN`` (and
-float32). Then ``OUT/summary.json`` and ``OUT/summary.md`` put each compressed format beside
-float32.
+float32); ``--seeds N`` runs every task with seeds 0..N-1 (into another OUT). Then
+``OUT/summary.json`` and ``OUT/summary.md`` put each compressed format beside float32.
 
 Usage:
     python benchmarks/compressed_quality.py --device cuda --out benchmarks/results/compress_quality --jobs 8
     python benchmarks/compressed_quality.py --summarize --out benchmarks/results/compress_quality
     python benchmarks/compressed_quality.py --device cpu --tasks lm --methods grokfast_ma --block-size 128 --out OUT
+    python benchmarks/compressed_quality.py --device cuda --tasks div --formats float32,int8 --seeds 10 --out OUT
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def labels_in(out: Path, task: str, method: str) -> list[str]:
     return [f for f in FORMATS if f in found] + extra
 
 
-def run_job(job: tuple[str, str, str, str, str, int | None]) -> str:
-    task, method, label, device, out, cap = job
+def run_job(job: tuple[str, str, str, str, str, int | None, int | None]) -> str:
+    task, method, label, device, out, cap, n_seeds = job
     fmt, block_size = parse_label(label)
     import torch
 
@@ -77,6 +78,7 @@ def run_job(job: tuple[str, str, str, str, str, int | None]) -> str:
 
     torch.set_num_threads(2)
     seeds, steps = TASKS[task]
+    seeds = seeds if n_seeds is None else list(range(n_seeds))
     steps = steps if cap is None else min(steps, cap)
     config = METHODS[method]
     t0 = time.perf_counter()
@@ -143,6 +145,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, of " + ", ".join(FORMATS))
     ap.add_argument("--steps", type=int, default=None, help="cap every budget (a smoke test)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="run every task with seeds 0..N-1 instead of its own (write to another OUT)")
     ap.add_argument("--block-size", type=int, default=256,
                     help="the int8 format's block size (default 256; another runs only float32 and int8_bN)")
     ap.add_argument("--summarize", action="store_true", help="only write the summary of what OUT holds")
@@ -160,13 +164,15 @@ def main() -> None:
         unknown = sorted(set(formats) - set(FORMATS))
         if unknown:
             ap.error(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        if args.seeds is not None and args.seeds < 1:
+            ap.error(f"--seeds must be >= 1, got {args.seeds}")
         if args.block_size < 1:
             ap.error(f"--block-size must be >= 1, got {args.block_size}")
         labels = formats if args.block_size == 256 else [
             f if f != "int8" else f"int8_b{args.block_size}" for f in formats if f in ("float32", "int8")]
         # by task (x·y, the one with 10 seeds, first), the MA window's first within a task
-        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps) for t in tasks for m in methods for f in labels
-                       if not job_path(args.out, t, m, f).exists()),
+        jobs = sorted(((t, m, f, args.device, str(args.out), args.steps, args.seeds)
+                       for t in tasks for m in methods for f in labels if not job_path(args.out, t, m, f).exists()),
                       key=lambda j: (list(TASKS).index(j[0]), j[1] != "grokfast_ma"))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # (a time limit: the pool's workers end too)
         print(f"{len(jobs)} sweeps to run, {args.jobs} at a time", flush=True)

@@ -3,6 +3,7 @@ written and put beside float32."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,10 +35,16 @@ def test_an_unknown_format_is_refused(script: ModuleType, tmp_path: Path, monkey
 
 def test_a_sweep_per_format_is_summarized_beside_float32(script: ModuleType, tmp_path: Path) -> None:
     for fmt in ("float32", "int8"):
-        script.run_job(("sub", "grokadamw", fmt, "cpu", str(tmp_path), 2))
+        script.run_job(("sub", "grokadamw", fmt, "cpu", str(tmp_path), 2, None))
     assert script.labels_in(tmp_path, "sub", "grokadamw") == ["float32", "int8"]
     rows = {r["format"]: r for r in script.summarize(tmp_path)["rows"]}
     assert rows.keys() == {"float32", "int8"}
     assert rows["int8"]["seeds"] == [0, 1, 2]
     assert rows["int8"]["state_bytes"] < rows["float32"]["state_bytes"] / 3
     assert "| sub | grokadamw | int8 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_seeds_replaces_the_tasks_seeds(script: ModuleType, tmp_path: Path) -> None:
+    script.run_job(("div", "grokfast_ema", "int8", "cpu", str(tmp_path), 2, 4))
+    payload = json.loads((tmp_path / "div__grokfast_ema__int8.json").read_text())
+    assert [m["seed"] for m in payload["members"]] == [0, 1, 2, 3]
