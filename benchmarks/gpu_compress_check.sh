@@ -8,7 +8,9 @@
 # AdamW and grokadamw's float32 and int8 and adamw's int8 rows under each kernel variant (plain,
 # --hoist-loads, --rounding-in-line, both); part "profile" (not by default): Nsight Compute's
 # sections of grokadamw's int8 pass that writes the codes (PROFILE_FLAGS: bench_step flags); the
-# kernels' registers and spills (part "resources", not by default); then the quality sweeps
+# kernels' registers and spills (part "resources", not by default); part "seeds" (not by default): the quality
+# sweeps of SEEDS_TASKS (default div) with seeds 0..SEEDS-1 (default 10) for Grokfast-EMA and GrokAdamW, float32
+# and int8, into quality_seeds/ of the archive; then the quality sweeps
 # (benchmarks/compressed_quality.py, resuming from the committed benchmarks/results/compress_quality/)
 # until SECONDS_LEFT (default 570) seconds have passed.
 # PARTS (default "tests speed quality") picks among them; TESTS (default the compressed-state and random-number
@@ -17,7 +19,7 @@
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
 mkdir -p "$OUT/json" "$OUT/quality"
-pack() { tar -czf "$OUT/results.tgz" -C "$OUT" json quality 2>/dev/null; }
+pack() { tar -czf "$OUT/results.tgz" -C "$OUT" json quality $(cd "$OUT" && ls -d quality_seeds 2>/dev/null) 2>/dev/null; }
 if ls .wheels/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-deps .wheels/*.whl > "$OUT/pip.txt" 2>&1; fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 parts=" ${PARTS:-tests speed quality} "
@@ -67,6 +69,14 @@ if [[ $parts == *" resources "* ]]; then  # registers, spills and shared memory 
 PYTHONPATH="$PWD" timeout 90 python3 benchmarks/kernel_resources.py --out "$OUT/json/kernel_resources.json" \
   > "$OUT/kernel_resources.txt" 2>&1
 tail -12 "$OUT/kernel_resources.txt"
+pack
+fi
+if [[ $parts == *" seeds "* ]]; then  # more seeds on the three-seed tasks: float32 and int8
+PYTHONPATH="$PWD" timeout "${SEEDS_SECONDS:-300}" python3 benchmarks/compressed_quality.py --device cuda \
+  --out "$OUT/quality_seeds" --jobs 4 --tasks "${SEEDS_TASKS:-div}" --methods grokfast_ema,grokadamw \
+  --formats float32,int8 --seeds "${SEEDS:-10}" > "$OUT/quality_seeds.txt" 2>&1
+grep -v "^|" "$OUT/quality_seeds.txt" | tail -8
+PYTHONPATH="$PWD" python3 benchmarks/compressed_quality.py --summarize --out "$OUT/quality_seeds" | tail -6
 pack
 fi
 [[ $parts == *" quality "* ]] || { echo "elapsed $SECONDS s"; exit 0; }
