@@ -18,8 +18,8 @@
 # rows; TASKS, METHODS, FORMATS and JOBS narrow the sweeps.
 # Usage: OUT=/tmp/out bash benchmarks/gpu_compress_check.sh
 set -uo pipefail
-mkdir -p "$OUT/json" "$OUT/quality"
-pack() { tar -czf "$OUT/results.tgz" -C "$OUT" json quality $(cd "$OUT" && ls -d quality_seeds 2>/dev/null) 2>/dev/null; }
+mkdir -p "$OUT/json" "$OUT/quality" "$OUT/quality_seeds"
+pack() { tar -czf "$OUT/results.tgz" -C "$OUT" json quality quality_seeds 2>/dev/null; }
 if ls .wheels/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-deps .wheels/*.whl > "$OUT/pip.txt" 2>&1; fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 parts=" ${PARTS:-tests speed quality} "
@@ -75,8 +75,7 @@ if [[ $parts == *" seeds "* ]]; then  # more seeds on the three-seed tasks: floa
 PYTHONPATH="$PWD" timeout "${SEEDS_SECONDS:-300}" python3 benchmarks/compressed_quality.py --device cuda \
   --out "$OUT/quality_seeds" --jobs 4 --tasks "${SEEDS_TASKS:-div}" --methods grokfast_ema,grokadamw \
   --formats float32,int8 --seeds "${SEEDS:-10}" > "$OUT/quality_seeds.txt" 2>&1
-grep -v "^|" "$OUT/quality_seeds.txt" | tail -8
-PYTHONPATH="$PWD" python3 benchmarks/compressed_quality.py --summarize --out "$OUT/quality_seeds" | tail -6
+tail -14 "$OUT/quality_seeds.txt"  # the sweeps, then the summary the script writes at its end
 pack
 fi
 [[ $parts == *" quality "* ]] || { echo "elapsed $SECONDS s"; exit 0; }
